@@ -1,0 +1,324 @@
+r"""Device-side client data: padding plan, size buckets, sampling and gathering.
+
+Everything here runs inside the jitted round. A sampled client's examples are
+gathered from the packed device arrays into a static ``[steps, batch, ...]``
+block with an example mask, so shapes never change between rounds.
+
+Padding and buckets. Clients are grouped into a few *size buckets*; a client in
+bucket ``j`` is padded to that bucket's largest client ``L_j``. With one bucket
+every client is padded to the population's largest client, which wastes most of
+the work on power-law client sizes; :func:`choose_buckets` picks bucket limits
+that minimise the padded slots (dynamic programming over the sorted sizes) and
+:func:`padding_report` reports the waste.
+
+Local work. ``LocalWork(batch_size, num_epochs)`` runs ``num_epochs`` passes
+over the client's data in batches of ``batch_size`` (the last batch of a pass
+may be short: it is the masked mean over its valid examples), shuffled each
+pass; ``LocalWork(batch_size, num_steps=S)`` runs exactly ``S`` steps cycling
+through one per-round shuffle of the client's data; ``batch_size=None`` is
+full-batch gradient descent (one step per epoch on all the client's examples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lite.data.federated_dataset import FederatedDataset
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalWork:
+  """How much local training one client does per round (static config).
+
+  Attributes:
+    batch_size: examples per local step; ``None`` = the client's whole data
+      (full-batch gradient descent).
+    num_epochs: passes over the client's data (exclusive with ``num_steps``).
+    num_steps: a fixed number of local steps instead of epochs.
+    shuffle: reshuffle the client's examples every pass.
+  """
+  batch_size: int | None = 10
+  num_epochs: int | None = 1
+  num_steps: int | None = None
+  shuffle: bool = True
+
+  def __post_init__(self):
+    if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                        or self.batch_size < 1):
+      raise ValueError(f"batch_size must be a positive int or None (full "
+                       f"batch), got {self.batch_size!r}.")
+    if self.num_steps is not None:
+      if not isinstance(self.num_steps, int) or self.num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got "
+                         f"{self.num_steps!r}.")
+      object.__setattr__(self, "num_epochs", None)
+    elif self.num_epochs is None or not isinstance(self.num_epochs, int) or (
+        self.num_epochs < 1):
+      raise ValueError(f"num_epochs must be a positive int (or give "
+                       f"num_steps), got {self.num_epochs!r}.")
+
+  def plan(self, max_examples: int) -> tuple[int, int]:
+    """Static ``(num_steps, batch_size)`` for clients of at most ``max_examples``."""
+    b = max_examples if self.batch_size is None else self.batch_size
+    if self.num_steps is not None:
+      return self.num_steps, b
+    return self.num_epochs * math.ceil(max_examples / b), b
+
+  def slots(self, max_examples: int) -> int:
+    steps, b = self.plan(max_examples)
+    return steps * b
+
+  def examples_processed(self, n: np.ndarray) -> np.ndarray:
+    """Example-steps a client of size ``n`` really uses (for waste reports)."""
+    if self.num_steps is not None:
+      b = n if self.batch_size is None else self.batch_size
+      return self.num_steps * np.asarray(b)
+    return self.num_epochs * np.asarray(n)
+
+
+# --------------------------------------------------------------------- buckets
+def choose_buckets(counts: np.ndarray, local_work: LocalWork,
+                   max_buckets: int | str = "auto",
+                   max_waste: float = 0.15) -> tuple[int, ...]:
+  """Upper client sizes of the size buckets, ascending.
+
+  Minimises the total padded example slots over the population with dynamic
+  programming on the distinct client sizes (quantised to at most 256
+  candidates). With ``max_buckets="auto"`` the fewest buckets (at most 8) whose
+  waste is at most ``max_waste`` are used.
+  """
+  counts = np.asarray(counts, np.int64)
+  if isinstance(max_buckets, str):
+    if max_buckets != "auto":
+      raise ValueError(f"max_buckets must be a positive int or 'auto', got "
+                       f"{max_buckets!r}.")
+    limit = 8
+  else:
+    limit = int(max_buckets)
+    if limit < 1:
+      raise ValueError(f"max_buckets must be >= 1, got {max_buckets!r}.")
+  sizes, freq = np.unique(counts, return_counts=True)
+  if sizes.size > 256:
+    cand = np.unique(np.quantile(counts, np.linspace(0, 1, 257),
+                                 method="higher").astype(np.int64))
+    cand[-1] = sizes[-1]
+    idx = np.searchsorted(cand, sizes)
+    freq = np.bincount(idx, weights=freq, minlength=cand.size)
+    sizes = cand
+  u = sizes.size
+  slots = np.array([local_work.slots(int(s)) for s in sizes], np.float64)
+  cum = np.concatenate([[0.0], np.cumsum(freq)])
+  used = float(local_work.examples_processed(counts).sum())
+  # cost[i] (buckets ending at candidate i): min over p of best[p] + slots[i] *
+  # (clients in (p, i]).
+  inf = np.inf
+  best = np.full(u + 1, inf)
+  best[0] = 0.0
+  choice = []
+  results = {}
+  for k in range(1, min(limit, u) + 1):
+    new = np.full(u + 1, inf)
+    arg = np.zeros(u + 1, np.int64)
+    for i in range(1, u + 1):
+      c = best[:i] + slots[i - 1] * (cum[i] - cum[:i])
+      p = int(np.argmin(c))
+      new[i], arg[i] = c[p], p
+    choice.append(arg)
+    best = new
+    # Reconstruct the k-bucket solution.
+    bounds, i = [], u
+    for kk in range(k - 1, -1, -1):
+      bounds.append(int(sizes[i - 1]))
+      i = int(choice[kk][i])
+      if i == 0:
+        break
+    total = best[u]
+    waste = 1.0 - used / total if total > 0 else 0.0
+    results[k] = (tuple(sorted(set(bounds))), waste)
+    if isinstance(max_buckets, str) and waste <= max_waste:
+      return results[k][0]
+  if isinstance(max_buckets, str):
+    return min(results.values(), key=lambda r: r[1])[0]
+  return results[max(results)][0]
+
+
+def padding_report(counts: np.ndarray, local_work: LocalWork,
+                   bucket_sizes: Sequence[int]) -> dict:
+  """Share of padded example slots when every client is sampled equally often."""
+  counts = np.asarray(counts, np.int64)
+  bucket_sizes = tuple(bucket_sizes)
+  b = np.searchsorted(np.asarray(bucket_sizes), counts)
+  slots = np.array([local_work.slots(s) for s in bucket_sizes], np.float64)[b]
+  used = local_work.examples_processed(counts).astype(np.float64)
+  one = float(local_work.slots(int(counts.max())))
+  return {
+      "bucket_sizes": list(bucket_sizes),
+      "clients_per_bucket": np.bincount(b, minlength=len(bucket_sizes)).tolist(),
+      "waste": float(1.0 - used.sum() / slots.sum()),
+      "waste_one_bucket": float(1.0 - used.sum() / (one * counts.size)),
+  }
+
+
+# ----------------------------------------------------------------- device data
+@flax.struct.dataclass
+class DeviceData:
+  """A :class:`FederatedDataset` on device, with its static padding plan.
+
+  Attributes:
+    features: name -> ``[total_examples, ...]`` device array.
+    offsets, counts: int32 ``[num_clients]``.
+    bucket: int32 ``[num_clients]``: each client's size bucket.
+    bucket_sizes: static tuple, the largest client of each bucket.
+  """
+  features: Mapping[str, jax.Array]
+  offsets: jax.Array
+  counts: jax.Array
+  bucket: jax.Array
+  bucket_sizes: tuple = flax.struct.field(pytree_node=False)
+
+  @property
+  def num_clients(self) -> int:
+    return int(self.counts.shape[0])
+
+
+def to_device(dataset: FederatedDataset, local_work: LocalWork,
+              buckets: int | str | Sequence[int] = "auto",
+              sharding: jax.sharding.Sharding | None = None) -> DeviceData:
+  """Uploads a dataset and fixes its padding plan (bucket sizes).
+
+  Args:
+    dataset: the packed dataset.
+    local_work: local training spec (decides what padding costs).
+    buckets: ``"auto"``, a maximum number of buckets, or explicit ascending
+      upper sizes (the last must be >= the largest client).
+    sharding: where to place the arrays (default: replicated on the default
+      mesh of the engine, or the default device).
+  """
+  if not isinstance(dataset, FederatedDataset):
+    raise TypeError(f"dataset must be a FederatedDataset, got "
+                    f"{type(dataset).__name__}. Build one with "
+                    "FederatedDataset.from_clients(...).")
+  counts = dataset.counts
+  if isinstance(buckets, (list, tuple)):
+    sizes = tuple(int(s) for s in buckets)
+    if list(sizes) != sorted(set(sizes)) or sizes[-1] < counts.max():
+      raise ValueError(f"buckets={buckets!r} must be strictly ascending and end "
+                       f">= the largest client ({int(counts.max())}).")
+  else:
+    sizes = choose_buckets(counts, local_work, buckets)
+  bucket = np.searchsorted(np.asarray(sizes), counts).astype(np.int32)
+  put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else (
+      jnp.asarray)
+  if int(counts.sum()) >= 2**31:
+    raise ValueError("datasets with >= 2**31 examples are not supported.")
+  return DeviceData(
+      features={k: put(v) for k, v in dataset.features.items()},
+      offsets=put(dataset.offsets.astype(np.int32)),
+      counts=put(counts.astype(np.int32)),
+      bucket=put(bucket),
+      bucket_sizes=tuple(sizes))
+
+
+# -------------------------------------------------------------------- sampling
+def sample_clients(rng: jax.Array, num_clients: int, num_sampled: int,
+                   weights: jax.Array | None = None,
+                   replace: bool = False) -> jax.Array:
+  """Client indices for one round, int32 ``[num_sampled]``.
+
+  Uniform without replacement uses the top-``k`` of i.i.d. uniform keys;
+  weighted without replacement uses Gumbel-top-``k`` (successive sampling
+  proportional to ``weights``); ``replace=True`` draws i.i.d.
+  """
+  if num_sampled > num_clients and not replace:
+    raise ValueError(f"clients_per_round={num_sampled} is larger than the "
+                     f"population of {num_clients} clients; expected at most "
+                     f"{num_clients} (or sample with replacement).")
+  if replace:
+    p = None if weights is None else weights / jnp.sum(weights)
+    return jax.random.choice(rng, num_clients, (num_sampled,), replace=True,
+                             p=p).astype(jnp.int32)
+  if weights is None:
+    if num_sampled == num_clients:
+      return jax.random.permutation(rng, num_clients).astype(jnp.int32)
+    keys = jax.random.uniform(rng, (num_clients,))
+  else:
+    keys = jnp.log(weights) + jax.random.gumbel(rng, (num_clients,))
+  return jax.lax.top_k(keys, num_sampled)[1].astype(jnp.int32)
+
+
+# -------------------------------------------------------------------- gathering
+@flax.struct.dataclass
+class ClientData:
+  """One client's local data for a round (no client axis).
+
+  Attributes:
+    batches: feature name -> ``[num_steps, batch_size, ...]``.
+    mask: bool ``[num_steps, batch_size]``, True for real examples.
+    num_examples: int32 scalar, the client's dataset size ``n_k``.
+    client_id: int32 scalar index of the client in the population.
+  """
+  batches: Mapping[str, jax.Array]
+  mask: jax.Array
+  num_examples: jax.Array
+  client_id: jax.Array
+
+  @property
+  def num_steps(self) -> int:
+    return self.mask.shape[0]
+
+  def all_examples(self, size: int | None = None) -> tuple[dict, jax.Array]:
+    """The client's examples as one batch ``[size, ...]`` plus mask.
+
+    Only valid for data gathered with one pass and no repeats (evaluation)."""
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.batches.items()}
+    return flat, self.mask.reshape(-1)
+
+
+def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,
+                  local_work: LocalWork, bucket_size: int) -> ClientData:
+  """Gathers one client's examples into ``[steps, batch, ...]`` (traceable)."""
+  steps, b = local_work.plan(bucket_size)
+  n = data.counts[client_id]
+  off = data.offsets[client_id]
+  L = bucket_size
+  if local_work.num_steps is not None:
+    if local_work.shuffle:
+      keys = jax.random.uniform(rng, (L,))
+      keys = jnp.where(jnp.arange(L) < n, keys, 2.0)
+      order = jnp.argsort(keys).astype(jnp.int32)
+    else:
+      order = jnp.arange(L, dtype=jnp.int32)
+    pos = jnp.arange(steps * b, dtype=jnp.int32)
+    if local_work.batch_size is None:
+      # Full batch: every step sees exactly the client's n examples.
+      pos = jnp.tile(jnp.arange(b, dtype=jnp.int32), steps)
+      local = order[pos]
+      mask = (pos < n).reshape(steps, b)
+    else:
+      local = order[pos % n]
+      mask = jnp.ones((steps, b), bool)
+  else:
+    epochs = local_work.num_epochs
+    per_epoch = steps // epochs * b
+    pos = jnp.arange(per_epoch, dtype=jnp.int32)
+    valid = pos < n
+    if local_work.shuffle:
+      keys = jax.random.uniform(rng, (epochs, per_epoch))
+      keys = jnp.where(valid[None], keys, 2.0)
+      local = jnp.argsort(keys, axis=1).astype(jnp.int32)
+    else:
+      local = jnp.broadcast_to(pos, (epochs, per_epoch))
+    local = local.reshape(steps, b)
+    mask = jnp.broadcast_to(valid, (epochs, per_epoch)).reshape(steps, b)
+  rows = off + jnp.minimum(local, n - 1)
+  batches = {k: jnp.take(v, rows, axis=0, mode="clip")
+             for k, v in data.features.items()}
+  return ClientData(batches=batches, mask=mask, num_examples=n,
+                    client_id=client_id.astype(jnp.int32))

@@ -1,0 +1,7 @@
+"""Models: the Model interface, flax wrappers and reference architectures."""
+
+from fedjax_lite.models.core import (Model, accuracy, from_flax, num_params,
+                                     softmax_cross_entropy)
+from fedjax_lite.models.layers import Dense, dense_matmul
+from fedjax_lite.models.simple import (dense_flops_per_example,
+                                       logistic_regression, mlp)

@@ -1,0 +1,161 @@
+"""The model interface the engine trains: init, apply, per-example loss, metrics.
+
+A :class:`Model` works on ONE batch of examples (leading example axis); the
+engine vmaps it over clients. Build one from any flax linen module with
+:func:`from_flax`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example ``-log softmax(logits)[label]``; ``labels`` int ``[b]``.
+
+  Written with a one-hot product rather than an indexed gather so that the
+  backward pass is a dense elementwise op (no scatter) inside vmapped rounds.
+  """
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(onehot * logits, axis=-1)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example 0/1 correctness of ``argmax(logits)``."""
+  return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A supervised model for federated training.
+
+  Attributes:
+    init: ``rng -> params``.
+    apply: ``(params, batch, rng, train) -> predictions`` for one batch; ``rng``
+      may be None (no dropout).
+    loss: ``(predictions, labels) -> [b]`` per-example loss.
+    metrics: name -> ``(predictions, labels) -> [b]`` per-example values.
+    input_key, label_key: the batch features holding inputs and labels.
+    num_classes: number of classes for classification labels (used to
+      validate data), or None.
+    name: a short description.
+  """
+  init: Callable[[jax.Array], Params]
+  apply: Callable[..., jax.Array]
+  loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy
+  metrics: Mapping[str, Callable[[jax.Array, jax.Array], jax.Array]] = (
+      dataclasses.field(default_factory=lambda: {"accuracy": accuracy}))
+  input_key: str = "x"
+  label_key: str = "y"
+  num_classes: int | None = None
+  name: str = "model"
+
+  def batch_loss(self, params: Params, batch: Batch, mask: jax.Array,
+                 rng: jax.Array | None = None, train: bool = True
+                 ) -> tuple[jax.Array, dict]:
+    """Masked mean loss over a batch, plus ``(sum, count)`` metric pairs.
+
+    Args:
+      params: model parameters.
+      batch: features with leading example axis ``[b, ...]``.
+      mask: bool ``[b]``; padded examples are excluded.
+      rng: optional randomness (dropout) for training.
+      train: training mode flag passed to ``apply``.
+
+    Returns:
+      ``(mean_loss, stats)`` where ``stats[name] = (sum over valid, count)``.
+      An all-padding batch has loss 0 and zero gradient.
+    """
+    preds = self.apply(params, batch, rng, train)
+    labels = batch[self.label_key]
+    m = mask.astype(preds.dtype)
+    count = jnp.sum(m)
+    per_example = self.loss(preds, labels)
+    loss_sum = jnp.sum(per_example * m)
+    mean = loss_sum / jnp.maximum(count, 1.0)
+    stats = {"loss": (loss_sum, count)}
+    for name, fn in self.metrics.items():
+      stats[name] = (jnp.sum(fn(preds, labels) * m), count)
+    return mean, jax.tree.map(jax.lax.stop_gradient, stats)
+
+  def evaluate_batch(self, params: Params, batch: Batch, mask: jax.Array
+                     ) -> dict:
+    """``(sum, count)`` of the loss and every metric over a masked batch."""
+    _, stats = self.batch_loss(params, batch, mask, None, train=False)
+    return stats
+
+  def validate_labels(self, labels: np.ndarray, where: str = "data") -> None:
+    """Raises a clear error if ``labels`` are not valid class indices."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+      sample = labels.reshape(-1)[:3]
+      raise ValueError(f"{where}: labels {self.label_key!r} have dtype "
+                       f"{labels.dtype} (e.g. {sample.tolist()}); expected "
+                       "integer class indices. Convert with "
+                       "y.astype(np.int32) if they are whole numbers.")
+    if self.num_classes is not None and labels.size and (
+        labels.min() < 0 or labels.max() >= self.num_classes):
+      raise ValueError(f"{where}: labels {self.label_key!r} range over "
+                       f"[{labels.min()}, {labels.max()}]; expected values in "
+                       f"[0, {self.num_classes}).")
+
+
+def from_flax(module: nn.Module, sample_input: Any, *,
+              num_classes: int | None = None,
+              loss: Callable = softmax_cross_entropy,
+              metrics: Mapping[str, Callable] | None = None,
+              input_key: str = "x", label_key: str = "y",
+              rng_collections: tuple[str, ...] = (),
+              name: str | None = None) -> Model:
+  """Wraps a flax linen module as a :class:`Model`.
+
+  Args:
+    module: maps a batch of inputs ``[b, ...]`` to predictions; may take a
+      ``train`` keyword if it uses dropout.
+    sample_input: an example input batch (only its shape/dtype are used).
+    num_classes: for label validation.
+    loss: per-example loss ``(predictions, labels) -> [b]``.
+    metrics: per-example metrics (default: accuracy).
+    input_key, label_key: batch feature names.
+    rng_collections: flax rng collections used in training (e.g. "dropout").
+    name: a short description.
+  """
+  sample_input = jnp.asarray(sample_input)
+  try:
+    takes_train = "train" in inspect.signature(module.__call__).parameters
+  except (TypeError, ValueError):  # pragma: no cover
+    takes_train = False
+
+  def init(rng):
+    kwargs = {"train": False} if takes_train else {}
+    return module.init(rng, sample_input, **kwargs)["params"]
+
+  def apply(params, batch, rng=None, train=False):
+    kwargs = {"train": train} if takes_train else {}
+    rngs = None
+    if rng is not None and rng_collections:
+      rngs = {c: jax.random.fold_in(rng, i) for i, c in
+              enumerate(rng_collections)}
+    return module.apply({"params": params}, batch[input_key], rngs=rngs,
+                        **kwargs)
+
+  return Model(init=init, apply=apply, loss=loss,
+               metrics=dict(metrics) if metrics is not None else
+               {"accuracy": accuracy},
+               input_key=input_key, label_key=label_key,
+               num_classes=num_classes,
+               name=name or type(module).__name__)
+
+
+def num_params(params: Params) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
