@@ -16,6 +16,7 @@ _runtime.auto_configure()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from fedjax_lite import algorithms
 from fedjax_lite import data
+from fedjax_lite import datasets
 from fedjax_lite import engine
 from fedjax_lite import learning
 from fedjax_lite import models

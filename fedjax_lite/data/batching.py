@@ -172,7 +172,8 @@ class DeviceData:
   """A :class:`FederatedDataset` on device, with its static padding plan.
 
   Attributes:
-    features: name -> ``[total_examples, ...]`` device array.
+    features: name -> ``[total_examples + max(bucket_sizes), ...]`` device
+      array (zero rows at the end so a client's padded slice stays in bounds).
     offsets, counts: int32 ``[num_clients]``.
     bucket: int32 ``[num_clients]``: each client's size bucket.
     bucket_sizes: static tuple, the largest client of each bucket.
@@ -218,8 +219,11 @@ def to_device(dataset: FederatedDataset, local_work: LocalWork,
       jnp.asarray)
   if int(counts.sum()) >= 2**31:
     raise ValueError("datasets with >= 2**31 examples are not supported.")
+  pad = int(max(sizes))
+  feats = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+           for k, v in dataset.features.items()}
   return DeviceData(
-      features={k: put(v) for k, v in dataset.features.items()},
+      features={k: put(v) for k, v in feats.items()},
       offsets=put(dataset.offsets.astype(np.int32)),
       counts=put(counts.astype(np.int32)),
       bucket=put(bucket),
@@ -254,6 +258,29 @@ def sample_clients(rng: jax.Array, num_clients: int, num_sampled: int,
 
 
 # -------------------------------------------------------------------- gathering
+_RANK_SORT_MAX = 128
+
+
+def _random_order(keys: jax.Array) -> jax.Array:
+  """``argsort(keys, axis=-1)`` as int32, ties broken by position.
+
+  Short rows (typical client sizes) use pairwise ranks, O(n^2) vectorised
+  compares that beat XLA's CPU sort by ~10x at n=50; long rows use argsort.
+  """
+  n = keys.shape[-1]
+  if n > _RANK_SORT_MAX:
+    return jnp.argsort(keys, axis=-1).astype(jnp.int32)
+  lead = (1,) * (keys.ndim - 1)
+  idx = jnp.arange(n, dtype=jnp.int32)
+  ki, kj = keys[..., :, None], keys[..., None, :]
+  tie = (idx[None, :] < idx[:, None]).reshape(lead + (n, n))
+  before = (kj < ki) | ((kj == ki) & tie)
+  rank = jnp.sum(before, axis=-1, dtype=jnp.int32)          # [..., n]
+  onehot = rank[..., None, :] == idx.reshape(lead + (n, 1))  # [..., pos, i]
+  return jnp.sum(jnp.where(onehot, idx.reshape(lead + (1, n)), 0), axis=-1,
+                 dtype=jnp.int32)
+
+
 @flax.struct.dataclass
 class ClientData:
   """One client's local data for a round (no client axis).
@@ -292,7 +319,7 @@ def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,
     if local_work.shuffle:
       keys = jax.random.uniform(rng, (L,))
       keys = jnp.where(jnp.arange(L) < n, keys, 2.0)
-      order = jnp.argsort(keys).astype(jnp.int32)
+      order = _random_order(keys)
     else:
       order = jnp.arange(L, dtype=jnp.int32)
     pos = jnp.arange(steps * b, dtype=jnp.int32)
@@ -312,13 +339,18 @@ def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,
     if local_work.shuffle:
       keys = jax.random.uniform(rng, (epochs, per_epoch))
       keys = jnp.where(valid[None], keys, 2.0)
-      local = jnp.argsort(keys, axis=1).astype(jnp.int32)
+      local = _random_order(keys)
     else:
       local = jnp.broadcast_to(pos, (epochs, per_epoch))
     local = local.reshape(steps, b)
     mask = jnp.broadcast_to(valid, (epochs, per_epoch)).reshape(steps, b)
-  rows = off + jnp.minimum(local, n - 1)
-  batches = {k: jnp.take(v, rows, axis=0, mode="clip")
-             for k, v in data.features.items()}
+  # Slice the client's contiguous rows (a cheap block copy; the packed arrays
+  # are padded at the end so the slice never runs out of bounds), then pick
+  # the shuffled rows inside that small, cache-resident block.
+  rows = jnp.minimum(local, n - 1)
+  batches = {}
+  for k, v in data.features.items():
+    block = jax.lax.dynamic_slice_in_dim(v, off, L, axis=0)
+    batches[k] = jnp.take(block, rows, axis=0, mode="clip")
   return ClientData(batches=batches, mask=mask, num_examples=n,
                     client_id=client_id.astype(jnp.int32))
