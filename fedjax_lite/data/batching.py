@@ -290,11 +290,15 @@ class ClientData:
     mask: bool ``[num_steps, batch_size]``, True for real examples.
     num_examples: int32 scalar, the client's dataset size ``n_k``.
     client_id: int32 scalar index of the client in the population.
+    slot: int32 scalar, the client's position in this round's sample
+      (``0 .. clients_per_round-1``); lets an algorithm make round-level
+      choices (e.g. exactly 90% stragglers) from a key it broadcasts.
   """
   batches: Mapping[str, jax.Array]
   mask: jax.Array
   num_examples: jax.Array
   client_id: jax.Array
+  slot: jax.Array = None
 
   @property
   def num_steps(self) -> int:
@@ -309,7 +313,8 @@ class ClientData:
 
 
 def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,
-                  local_work: LocalWork, bucket_size: int) -> ClientData:
+                  local_work: LocalWork, bucket_size: int,
+                  slot: jax.Array | None = None) -> ClientData:
   """Gathers one client's examples into ``[steps, batch, ...]`` (traceable)."""
   steps, b = local_work.plan(bucket_size)
   n = data.counts[client_id]
@@ -353,4 +358,6 @@ def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,
     block = jax.lax.dynamic_slice_in_dim(v, off, L, axis=0)
     batches[k] = jnp.take(block, rows, axis=0, mode="clip")
   return ClientData(batches=batches, mask=mask, num_examples=n,
-                    client_id=client_id.astype(jnp.int32))
+                    client_id=client_id.astype(jnp.int32),
+                    slot=(jnp.zeros((), jnp.int32) if slot is None
+                          else jnp.asarray(slot, jnp.int32)))

@@ -311,7 +311,8 @@ class Engine:
     def one_client(broadcast, cstate, cid, slot, bucket_size):
       k = jax.random.fold_in(k_clients, slot)
       k_data, k_train = jax.random.split(k)
-      cdata = gather_client(data, cid, k_data, cfg.local_work, bucket_size)
+      cdata = gather_client(data, cid, k_data, cfg.local_work, bucket_size,
+                            slot)
       return alg.client_update(broadcast, cstate, cdata, k_train)
 
     # Output structure (for zero accumulators), from one abstract client.
