@@ -90,8 +90,8 @@ def choose_buckets(counts: np.ndarray, local_work: LocalWork,
   """Upper client sizes of the size buckets, ascending.
 
   Minimises the total padded example slots over the population with dynamic
-  programming on the distinct client sizes (quantised to at most 256
-  candidates). With ``max_buckets="auto"`` the fewest buckets (at most 8) whose
+  programming on the distinct client sizes (at most ~256 candidate limits:
+  quantiles plus log-spaced sizes). With ``max_buckets="auto"`` the fewest buckets (at most 8) whose
   waste is at most ``max_waste`` are used.
   """
   counts = np.asarray(counts, np.int64)
@@ -106,9 +106,13 @@ def choose_buckets(counts: np.ndarray, local_work: LocalWork,
       raise ValueError(f"max_buckets must be >= 1, got {max_buckets!r}.")
   sizes, freq = np.unique(counts, return_counts=True)
   if sizes.size > 256:
-    cand = np.unique(np.quantile(counts, np.linspace(0, 1, 257),
-                                 method="higher").astype(np.int64))
-    cand[-1] = sizes[-1]
+    # Candidate limits: quantiles (where the clients are) and log-spaced
+    # sizes (where the padded slots are, on heavy tails), snapped up to
+    # sizes that occur.
+    q = np.quantile(counts, np.linspace(0, 1, 129), method="higher")
+    g = np.geomspace(sizes[0], sizes[-1], 128)
+    snap = sizes[np.minimum(np.searchsorted(sizes, g), sizes.size - 1)]
+    cand = np.unique(np.concatenate([q.astype(np.int64), snap, sizes[-1:]]))
     idx = np.searchsorted(cand, sizes)
     freq = np.bincount(idx, weights=freq, minlength=cand.size)
     sizes = cand

@@ -166,10 +166,25 @@ class Engine:
     return NamedSharding(self.mesh, P())
 
   def put_data(self, dataset: FederatedDataset | DeviceData,
-               buckets: int | str | tuple = "auto") -> DeviceData:
-    """Uploads a dataset, replicated on every device of the mesh."""
+               buckets: int | str | tuple = "auto", *,
+               model=None) -> DeviceData:
+    """Uploads a dataset, replicated on every device of the mesh.
+
+    Args:
+      dataset: the packed federated dataset.
+      buckets: size buckets (``"auto"``, a maximum count, or explicit limits).
+      model: if given, its input and label features are checked (present,
+        integer class labels in range) before upload.
+    """
     if isinstance(dataset, DeviceData):
       return dataset
+    if model is not None:
+      for key in (model.input_key, model.label_key):
+        if key not in dataset.features:
+          raise ValueError(f"dataset has features {sorted(dataset.features)}"
+                           f"; the model needs {key!r}.")
+      if model.num_classes is not None:
+        model.validate_labels(dataset.features[model.label_key], "dataset")
     return to_device(dataset, self.config.local_work, buckets,
                      sharding=self.replicated)
 
