@@ -106,10 +106,9 @@ class IterativeProcess:
     if not isinstance(state, EngineState):
       raise TypeError(f"state must come from initialize(), got "
                       f"{type(state).__name__}.")
-    n = (federated_train_data.num_clients
-         if isinstance(federated_train_data, (FederatedDataset, DeviceData))
-         else len(federated_train_data))
-    engine = self._engine(n)
+    if not isinstance(federated_train_data, DeviceData):
+      federated_train_data = _as_dataset(federated_train_data)
+    engine = self._engine(federated_train_data.num_clients)
     data = self._device_data(engine, federated_train_data)
     state, metrics = engine.round(state, data)
     return state, {k: float(v) for k, v in metrics.items()}
