@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable
 
 import flax.struct
@@ -105,6 +106,21 @@ def default_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
+_WARNED = []
+
+
+def _warn_if_untuned_cpu(platform: str, num_devices: int) -> None:
+  from fedjax_lite import runtime  # pylint: disable=g-import-not-at-top
+  if (platform == "cpu" and num_devices == 1 and runtime.usable_cores() > 1
+      and not runtime.settings().get("applied") and not _WARNED):
+    _WARNED.append(True)
+    warnings.warn(
+        "fedjax_lite runs on one CPU device with JAX's default threading, "
+        "which is several times slower for federated rounds. Import "
+        "fedjax_lite (or call fedjax_lite.configure_cpu()) before any JAX "
+        "computation so each core becomes its own device.", stacklevel=3)
+
+
 def _tree_bytes(tree) -> int:
   return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
                  for x in jax.tree.leaves(tree)))
@@ -155,6 +171,7 @@ class Engine:
                        f"{self.mesh.axis_names}.")
     self.num_devices = int(self.mesh.shape[AXIS])
     self.platform = self.mesh.devices.reshape(-1)[0].platform
+    _warn_if_untuned_cpu(self.platform, self.num_devices)
     self.num_traces = 0
     self.block_sizes: dict[int, int] = {}
     self._round_jit = jax.jit(self._round_body)
