@@ -1,60 +1,68 @@
 """FedAvg on FedProx Synthetic(1, 1) with multinomial logistic regression.
 
-Run::
+30 clients with lognormal sizes, 10 sampled per round, 20 local epochs of SGD
+with batch 10 (the FedProx paper's Synthetic(1, 1) setting). Run::
 
-  python experiments/fedavg_synthetic.py            # 100 rounds
-  python experiments/fedavg_synthetic.py --smoke    # a few seconds
+  python -m fedjax_lite run experiments/fedavg_synthetic.py           # 200 rounds
+  python -m fedjax_lite run experiments/fedavg_synthetic.py:smoke     # seconds
+  python -m fedjax_lite run experiments/fedavg_synthetic.py --set client_lr=0.003
+  python -m fedjax_lite sweep experiments/fedavg_synthetic.py --seeds 8 \\
+      --grid client_lr=0.003,0.01
+
+Outputs go to runs/fedavg_synthetic-<timestamp>/ (curves.png, metrics.jsonl,
+metrics.csv, config.json, checkpoint.msgpack).
 """
 
-import argparse
+import dataclasses
 
 import fedjax_lite as fl  # first: applies the fast CPU settings
-import jax
-import numpy as np
+import fedjax_lite.experiment  # noqa: F401  (fl.experiment)
 import optax
-from tqdm import tqdm
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--rounds", type=int, default=100)
-  ap.add_argument("--clients-per-round", type=int, default=10)
-  ap.add_argument("--client-lr", type=float, default=0.01)
-  ap.add_argument("--batch-size", type=int, default=10)
-  ap.add_argument("--epochs", type=int, default=20)
-  ap.add_argument("--eval-every", type=int, default=10)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--smoke", action="store_true")
-  args = ap.parse_args(argv)
-  if args.smoke:
-    args.rounds, args.epochs, args.eval_every = 5, 1, 5
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every field can be overridden with --set name=value."""
+  num_rounds: int = 200
+  clients_per_round: int = 10
+  client_lr: float = 0.01
+  server_lr: float = 1.0
+  batch_size: int = 10
+  num_epochs: int = 20
+  alpha: float = 1.0
+  beta: float = 1.0
+  num_clients: int = 30
+  seed: int = 0
+  eval_every: int = 10
 
-  train, test = fl.datasets.fedprox_synthetic(1.0, 1.0, seed=args.seed)
-  print(train, "\n", {k: v for k, v in train.summary().items()
-                      if k != "examples_per_client"})
+
+def get_config(arg: str = "") -> Config:
+  """``arg``: "" (the full run) or "smoke" (a few seconds)."""
+  cfg = Config()
+  if arg == "smoke":
+    cfg = dataclasses.replace(cfg, num_rounds=3, num_epochs=1, eval_every=2)
+  elif arg:
+    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
+  return cfg
+
+
+def build(config: Config) -> fl.experiment.Experiment:
+  train, test = fl.datasets.fedprox_synthetic(
+      config.alpha, config.beta, num_clients=config.num_clients,
+      seed=config.seed)
   model = fl.models.logistic_regression(60, 10)
-  work = fl.LocalWork(batch_size=args.batch_size, num_epochs=args.epochs)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(args.client_lr)),
-                     fl.RoundConfig(args.clients_per_round, work))
-  data = engine.put_data(train)
-  print("padding:", fl.data.padding_report(train.counts, work,
-                                            data.bucket_sizes))
-  state = engine.init(model.init(jax.random.PRNGKey(args.seed)),
-                      seed=args.seed)
-  bar = tqdm(range(1, args.rounds + 1), desc="fedavg", unit="round")
-  for t in bar:
-    state, m = engine.round(state, data)
-    post = {"loss": f"{float(m['loss']):.4f}",
-            "acc": f"{float(m['accuracy']):.3f}"}
-    if t % args.eval_every == 0 or t == args.rounds:
-      ev = fl.evaluate(model, state.server.params, test)
-      post["test_acc"] = f"{ev.mean['accuracy']:.3f}"
-      tqdm.write(f"round {t:4d}  train loss {float(m['loss']):.4f}  "
-                 f"train acc {float(m['accuracy']):.3f}  "
-                 f"test acc {ev.mean['accuracy']:.3f}  (per-client p10 "
-                 f"{np.quantile(ev.per_client['accuracy'], 0.1):.3f})")
-    bar.set_postfix(post)
 
+  def algorithm_fn(h):  # h: name -> scalar (a traced one in vmapped sweeps)
+    return fl.fed_avg(model, optax.sgd(h["client_lr"]),
+                      optax.sgd(h["server_lr"]))
 
-if __name__ == "__main__":
-  main()
+  return fl.experiment.Experiment(
+      model=model, train=train, test=test,
+      hparams={"client_lr": config.client_lr, "server_lr": config.server_lr},
+      algorithm_fn=algorithm_fn,
+      round_config=fl.RoundConfig(
+          config.clients_per_round,
+          fl.LocalWork(batch_size=config.batch_size,
+                       num_epochs=config.num_epochs)),
+      num_rounds=config.num_rounds, eval_every=config.eval_every,
+      seed=config.seed)

@@ -1,0 +1,185 @@
+"""The ``python -m fedjax_lite`` command line: run, sweep and compare experiments.
+
+  python -m fedjax_lite run experiments/fedavg_synthetic.py[:smoke] \\
+      [--set client_lr=0.03 num_rounds=50] [--out runs] [--checkpoint-every N]
+  python -m fedjax_lite run --resume runs/fedavg_synthetic-20250101-120000
+  python -m fedjax_lite sweep experiments/fedavg_synthetic.py --seeds 8 \\
+      [--grid client_lr=0.01,0.03,0.1]
+  python -m fedjax_lite compare runs/a runs/b --out runs/compare
+
+``python -m fedjax_lite run experiments/x.py --help`` also lists the
+experiment's config fields (what ``--set`` accepts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Sequence
+
+from fedjax_lite.experiment.config import (ConfigError, describe_config,
+                                           load_experiment_file)
+
+EPILOG_RUN = """\
+Experiment files define get_config(arg="") -> frozen dataclass and
+build(config) -> fedjax_lite.experiment.Experiment; ":arg" is passed to
+get_config (e.g. ":smoke" for a seconds-long run). Outputs go to
+OUT/<name>-<timestamp>/: config.json, metrics.jsonl, metrics.csv, curves.png,
+summary.json, checkpoint.msgpack. Ctrl-C or SIGTERM finishes the current round,
+checkpoints and exits with 128+signal (130/143); continue with --resume."""
+
+
+def _spec_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+  """Adds the experiment's config fields to --help when a file is named."""
+  specs = [a for a in argv if not a.startswith("-") and ".py" in a]
+  if not specs or not ({"-h", "--help"} & set(argv)):
+    return
+  try:
+    ef = load_experiment_file(specs[0])
+    cfg = ef.get_config()
+    doc = (ef.module.__doc__ or "").strip()
+    parser.epilog = (parser.epilog or "") + (
+        f"\n\n{ef.path.name}: {doc.splitlines()[0] if doc else ''}\n"
+        f"config fields (--set name=value), {type(cfg).__name__} for arg "
+        f"{ef.arg!r}:\n{describe_config(cfg)}")
+  except ConfigError as e:
+    parser.epilog = (parser.epilog or "") + f"\n\n(could not load {specs[0]}: {e})"
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+  p = argparse.ArgumentParser(
+      prog="python -m fedjax_lite",
+      description="fedjax_lite experiments: run, sweep and compare.",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Run `python -m fedjax_lite <command> --help` for details.")
+  sub = p.add_subparsers(dest="command", metavar="{run,sweep,compare}")
+  sub.required = True
+
+  r = sub.add_parser(
+      "run", help="run (or resume) one experiment file",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Run an experiment file: progress bar, metrics, curves, "
+                  "checkpoints.", epilog=EPILOG_RUN)
+  r.add_argument("experiment", nargs="?",
+                 help="experiments/<name>.py[:arg] (optional with --resume)")
+  _common(r)
+  r.add_argument("--resume", metavar="RUN_DIR",
+                 help="continue the run in RUN_DIR from its checkpoint "
+                      "(--set applies on top of its saved config, e.g. to "
+                      "raise num_rounds)")
+  r.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                 help="also checkpoint every N rounds (default 0: only on "
+                      "interruption and at the end)")
+
+  s = sub.add_parser(
+      "sweep", help="run several seeds / hyperparameters as ONE vmapped run",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Vectorized sweep: every setting (seed x grid point) runs "
+                  "in one jax.vmap over stacked engine states.",
+      epilog="Seeds vary the initial params and the sampling/client rng (the "
+             "data is built once from the base config). --grid names must be "
+             "declared by the experiment in Experiment.hparams (with "
+             "algorithm_fn). Outputs: OUT/<name>-sweep-<timestamp>/ with "
+             "sweep.json, metrics.jsonl/csv (a 'setting' column), curves.png "
+             "(mean +- std over seeds per grid point), summary.md.")
+  s.add_argument("experiment", help="experiments/<name>.py[:arg]")
+  _common(s)
+  s.add_argument("--seeds", default="1", metavar="N|S1,S2,..",
+                 help="N seeds (config seed, seed+1, ...) or an explicit "
+                      "comma-separated list (default 1)")
+  s.add_argument("--grid", action="extend", nargs="+", default=[],
+                 metavar="NAME=V1,V2,..",
+                 help="values of a sweepable hyperparameter (repeatable; "
+                      "settings are the product of all grids and seeds)")
+
+  c = sub.add_parser(
+      "compare", help="overlay several runs' curves and tabulate final "
+                      "metrics",
+      description="Overlay convergence curves of run (or sweep) folders into "
+                  "one figure and write a markdown table of final metrics.")
+  c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+  c.add_argument("--out", required=True, metavar="DIR",
+                 help="folder for compare.png and compare.md")
+  c.add_argument("--labels", nargs="+", metavar="LABEL",
+                 help="legend labels, one per RUN_DIR (default: folder "
+                      "names)")
+  c.add_argument("--title", default=None)
+  return p, {"run": r, "sweep": s, "compare": c}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--set", dest="overrides", action="extend", nargs="+",
+                 default=[], metavar="FIELD=VALUE",
+                 help="override config fields, typed by the config dataclass "
+                      "(repeatable)")
+  p.add_argument("--out", default="runs", metavar="DIR",
+                 help="parent folder of the run folder (default: runs)")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress bar")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser, subs = build_parser()
+  if argv and argv[0] in subs:
+    _spec_help(subs[argv[0]], argv[1:])
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "run":
+      return _run(args)
+    if args.command == "sweep":
+      return _sweep(args)
+    return _compare(args)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _run(args) -> int:
+  from fedjax_lite.experiment.runner import run_file  # pylint: disable=g-import-not-at-top
+  if args.experiment is None and args.resume is None:
+    raise ConfigError("`run` needs an experiment file "
+                      "(experiments/<name>.py[:arg]) or --resume RUN_DIR.")
+  if args.checkpoint_every < 0:
+    raise ConfigError(f"--checkpoint-every must be >= 0, got "
+                      f"{args.checkpoint_every}.")
+  res = run_file(args.experiment, args.overrides, out=args.out,
+                 resume=args.resume, checkpoint_every=args.checkpoint_every,
+                 progress=not args.no_progress)
+  if res.interrupted:
+    name = signal.Signals(res.signum).name if res.signum else "signal"
+    print(f"{name}: stopped after round {res.rows[-1]['round'] if res.rows else 0}"
+          f"; checkpoint in {res.run_dir}.\nResume with: python -m "
+          f"fedjax_lite run --resume {res.run_dir}", file=sys.stderr)
+    return 128 + int(res.signum or 0)
+  _print_final(res.run_dir, res.final)
+  return 0
+
+
+def _print_final(run_dir, final: dict) -> None:
+  keys = [k for k in ("round", "train_loss", "train_accuracy", "test_loss",
+                      "test_accuracy", "test_accuracy_p10") if k in final]
+  print("final: " + ", ".join(
+      f"{k}={final[k]:.4f}" if isinstance(final[k], float) else
+      f"{k}={final[k]}" for k in keys))
+  print(f"run folder: {run_dir} (curves.png, metrics.jsonl, metrics.csv)")
+
+
+def _sweep(args) -> int:
+  from fedjax_lite.experiment.sweep import sweep_file  # pylint: disable=g-import-not-at-top
+  res = sweep_file(args.experiment, args.overrides, seeds=args.seeds,
+                   grid=args.grid, out=args.out,
+                   progress=not args.no_progress)
+  print(res.table())
+  print(f"sweep folder: {res.run_dir} (curves.png, metrics.jsonl, "
+        "summary.md)")
+  return 0
+
+
+def _compare(args) -> int:
+  from fedjax_lite.experiment.compare import compare  # pylint: disable=g-import-not-at-top
+  table = compare(args.runs, args.out, labels=args.labels, title=args.title)
+  print(table)
+  print(f"wrote {args.out}/compare.png and {args.out}/compare.md")
+  return 0

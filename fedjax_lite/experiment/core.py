@@ -1,0 +1,181 @@
+"""What an experiment file builds: :class:`Experiment`, everything a run needs.
+
+An experiment file ``experiments/<name>.py`` defines a frozen config dataclass
+(primitive fields: overridable from the command line), ``get_config(arg="")``
+returning it, and ``build(config) -> Experiment``::
+
+  python -m fedjax_lite run experiments/<name>.py[:smoke] --set client_lr=0.1
+
+Sweepable hyperparameters: data, model and round shapes are static, but float
+hyperparameters (learning rates, proximal weights, ...) can vary inside ONE
+vmapped computation. An experiment declares them with ``hparams`` (name ->
+default value) and ``algorithm_fn`` (builds the algorithm from a mapping of
+those names to scalars, which may be traced arrays)::
+
+  def algorithm_fn(h):
+    return fl.fed_avg(model, optax.sgd(h["client_lr"]))
+
+  fl.experiment.Experiment(..., hparams={"client_lr": config.client_lr},
+                           algorithm_fn=algorithm_fn)
+
+``algorithm`` may then be omitted: it defaults to ``algorithm_fn(hparams)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from fedjax_lite.algorithms.base import FederatedAlgorithm
+from fedjax_lite.data.federated_dataset import FederatedDataset
+from fedjax_lite.engine.round import RoundConfig
+from fedjax_lite.models.core import Model
+
+PyTree = Any
+AlgorithmFn = Callable[[Mapping[str, Any]], FederatedAlgorithm]
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Experiment:
+  """A federated experiment: data, model, algorithm and schedule.
+
+  Attributes:
+    model: the model (its ``init`` gives the initial params unless
+      ``init_params`` is set).
+    algorithm: the federated algorithm; may be None when ``algorithm_fn`` is
+      given (then ``algorithm_fn(hparams)``).
+    train: the training population.
+    test: held-out federated data evaluated every ``eval_every`` rounds
+      (per-client metrics and quantiles), or None.
+    round_config: clients per round, local work, sampling, block size.
+    num_rounds: rounds to run.
+    eval_every: evaluate on ``test`` every this many rounds (and after the
+      last round); 0 evaluates only after the last round.
+    seed: seeds the initial params and the engine's sampling/client rng
+      (``k_init, k_engine = split(PRNGKey(seed))``).
+    init_params: initial params shared by every seed, or None (``model.init``).
+    eval_batch_size: evaluation batch size (None: one batch per client).
+    name: run-folder prefix (default: the experiment file's name).
+    mesh: device mesh for the engine (default: all devices).
+    hparams: sweepable float hyperparameters, name -> default value.
+    algorithm_fn: ``hparams mapping -> FederatedAlgorithm`` for sweeps over
+      ``hparams``; its values may be traced scalars (see the module docstring).
+  """
+  model: Model
+  algorithm: FederatedAlgorithm | None = None
+  train: FederatedDataset
+  test: FederatedDataset | None = None
+  round_config: RoundConfig
+  num_rounds: int
+  eval_every: int = 10
+  seed: int = 0
+  init_params: PyTree = None
+  eval_batch_size: int | None = 256
+  name: str | None = None
+  mesh: Mesh | None = None
+  hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  algorithm_fn: AlgorithmFn | None = None
+
+  def __post_init__(self):
+    def bad(field, expected, fix=""):
+      value = getattr(self, field)
+      raise TypeError(f"Experiment.{field} must be {expected}, got "
+                      f"{type(value).__name__} ({value!r:.80}).{fix}")
+    if not isinstance(self.model, Model):
+      bad("model", "a fedjax_lite Model", " Build one with "
+          "fl.models.logistic_regression(...) or fl.models.from_flax(...).")
+    if not isinstance(self.train, FederatedDataset):
+      bad("train", "a FederatedDataset", " Build one with "
+          "fl.FederatedDataset.from_clients(...) or a fl.datasets loader.")
+    if self.test is not None and not isinstance(self.test, FederatedDataset):
+      bad("test", "a FederatedDataset or None")
+    if not isinstance(self.round_config, RoundConfig):
+      bad("round_config", "a RoundConfig", " e.g. fl.RoundConfig("
+          "clients_per_round=10, local_work=fl.LocalWork(batch_size=10)).")
+    for field in ("num_rounds", "seed"):
+      if not _is_int(getattr(self, field)):
+        bad(field, "an int")
+    if self.num_rounds < 1:
+      raise ValueError(f"Experiment.num_rounds must be >= 1, got "
+                       f"{self.num_rounds}.")
+    if not _is_int(self.eval_every) or self.eval_every < 0:
+      raise ValueError(f"Experiment.eval_every must be an int >= 0 (0: only "
+                       f"after the last round), got {self.eval_every!r}.")
+    if self.eval_batch_size is not None and (
+        not _is_int(self.eval_batch_size) or self.eval_batch_size < 1):
+      raise ValueError(f"Experiment.eval_batch_size must be a positive int or "
+                       f"None, got {self.eval_batch_size!r}.")
+    if self.name is not None and not isinstance(self.name, str):
+      bad("name", "a str or None")
+    if not isinstance(self.hparams, Mapping) or not all(
+        isinstance(k, str) for k in self.hparams):
+      bad("hparams", "a mapping of str names to default float values")
+    if self.hparams and self.algorithm_fn is None:
+      raise ValueError(
+          f"Experiment.hparams={dict(self.hparams)} declares sweepable "
+          "hyperparameters but algorithm_fn is None; pass "
+          "algorithm_fn=lambda h: <algorithm built from h[name]>.")
+    if self.algorithm_fn is not None and not callable(self.algorithm_fn):
+      bad("algorithm_fn", "a callable hparams -> FederatedAlgorithm")
+    if self.algorithm is None:
+      if self.algorithm_fn is None:
+        raise ValueError("Experiment needs algorithm=... (e.g. "
+                         "fl.fed_avg(model, optax.sgd(0.01))) or "
+                         "algorithm_fn=... with hparams=....")
+      object.__setattr__(self, "algorithm", self.make_algorithm())
+    if not isinstance(self.algorithm, FederatedAlgorithm):
+      bad("algorithm", "a FederatedAlgorithm", " e.g. "
+          "fl.fed_avg(model, optax.sgd(0.01)).")
+    rc = self.round_config
+    if (rc.clients_per_round > self.train.num_clients and not rc.replace):
+      raise ValueError(
+          f"round_config.clients_per_round={rc.clients_per_round} exceeds the "
+          f"{self.train.num_clients} training clients; lower it or set "
+          "RoundConfig(replace=True).")
+
+  def make_algorithm(self, hparams: Mapping[str, Any] | None = None
+                     ) -> FederatedAlgorithm:
+    """``algorithm_fn`` applied to ``hparams`` (missing names: the defaults).
+
+    Without ``algorithm_fn`` this returns ``algorithm`` and ``hparams`` must
+    be empty.
+    """
+    hparams = dict(hparams or {})
+    if self.algorithm_fn is None:
+      if hparams:
+        raise ValueError(f"hyperparameters {sorted(hparams)} given but this "
+                         "experiment has no algorithm_fn (nothing is "
+                         "sweepable); see fedjax_lite.experiment.core.")
+      return self.algorithm
+    unknown = sorted(set(hparams) - set(self.hparams))
+    if unknown:
+      raise ValueError(f"unknown hyperparameters {unknown}; this experiment "
+                       f"declares {sorted(self.hparams)} in Experiment.hparams.")
+    full = {**self.hparams, **hparams}
+    alg = self.algorithm_fn(full)
+    if not isinstance(alg, FederatedAlgorithm):
+      raise TypeError(f"algorithm_fn returned {type(alg).__name__}; expected "
+                      "a FederatedAlgorithm (e.g. fl.fed_avg(...)).")
+    return alg
+
+  def initial_params(self, seed: int | None = None) -> PyTree:
+    """``init_params`` or ``model.init(k_init)`` for ``seed`` (default own)."""
+    if self.init_params is not None:
+      return self.init_params
+    k_init, _ = jax.random.split(jax.random.PRNGKey(
+        self.seed if seed is None else seed))
+    return self.model.init(k_init)
+
+  def engine_rng(self, seed: int | None = None) -> jax.Array:
+    """The engine's base key for ``seed`` (independent of ``k_init``)."""
+    _, k_engine = jax.random.split(jax.random.PRNGKey(
+        self.seed if seed is None else seed))
+    return k_engine

@@ -1,0 +1,119 @@
+"""Per-round metrics files of a run folder: ``metrics.jsonl`` and ``metrics.csv``.
+
+``metrics.jsonl`` is appended (and flushed) one JSON object per round as the run
+goes; ``metrics.csv`` is rewritten from it at every checkpoint and at the end
+(its columns are the union of all keys, empty where a row has no value, e.g.
+test metrics on rounds without evaluation).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from fedjax_lite.experiment.checkpoint import atomic_write_text
+
+# Columns that depend on the machine, not the computation.
+TIMING_KEYS = ("rounds_per_s", "wall_time", "round_time_s")
+
+
+def _clean(v):
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/inf
+  return v
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """All rows of a JSONL file (a torn last line, from a crash, is skipped)."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      break
+  return rows
+
+
+def columns(rows: Sequence[dict]) -> list[str]:
+  cols: list[str] = []
+  for r in rows:
+    for k in r:
+      if k not in cols:
+        cols.append(k)
+  return cols
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=columns(rows), restval="",
+                     lineterminator="\n")
+  w.writeheader()
+  for r in rows:
+    w.writerow(r)
+  atomic_write_text(path, buf.getvalue())
+
+
+class MetricsLog:
+  """Appends rows to ``metrics.jsonl`` and mirrors them to ``metrics.csv``.
+
+  Args:
+    run_dir: the run folder.
+    keep_until_round: on resume, rows with ``round`` above this are dropped
+      (they were computed after the checkpoint and will be recomputed).
+  """
+
+  def __init__(self, run_dir: str | os.PathLike,
+               keep_until_round: int | None = None):
+    self.jsonl = Path(run_dir) / "metrics.jsonl"
+    self.csv = Path(run_dir) / "metrics.csv"
+    self.rows = read_jsonl(self.jsonl)
+    if keep_until_round is not None:
+      kept = [r for r in self.rows if r.get("round", 0) <= keep_until_round]
+      if len(kept) != len(self.rows) or self.jsonl.exists():
+        self.rows = kept
+        atomic_write_text(self.jsonl, "".join(
+            json.dumps(r) + "\n" for r in kept))
+    self._f = open(self.jsonl, "a", encoding="utf-8")
+
+  def append(self, row: dict) -> None:
+    row = {k: _clean(v) for k, v in row.items()}
+    self.rows.append(row)
+    self._f.write(json.dumps(row) + "\n")
+    self._f.flush()
+
+  def sync(self) -> None:
+    """fsyncs the JSONL file and rewrites the CSV."""
+    self._f.flush()
+    os.fsync(self._f.fileno())
+    write_csv(self.csv, self.rows)
+
+  def close(self) -> None:
+    if not self._f.closed:
+      self.sync()
+      self._f.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def last_value(rows: Iterable[dict], key: str):
+  """The last non-missing value of ``key`` (None if never present)."""
+  out = None
+  for r in rows:
+    if r.get(key) is not None and r.get(key) != "":
+      out = r[key]
+  return out

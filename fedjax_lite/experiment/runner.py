@@ -1,0 +1,417 @@
+"""Runs an :class:`Experiment` into a run folder, with checkpoints and resume.
+
+A run folder ``runs/<name>-<timestamp>/`` holds:
+
+* ``config.json``: the experiment file, its resolved config and the
+  environment (written before the first round);
+* ``metrics.jsonl`` / ``metrics.csv``: one row per round (``round``,
+  ``train_<metric>``, ``round_time_s``, ``rounds_per_s``, ``wall_time``) and,
+  on evaluation rounds, ``test_<metric>`` plus the per-client test accuracy
+  quantiles ``test_accuracy_p10 ... p90``;
+* ``curves.png``: convergence curves; ``summary.json``: final metrics;
+* ``checkpoint.msgpack``: the latest full state (see
+  :mod:`fedjax_lite.experiment.checkpoint`).
+
+SIGINT (Ctrl-C) or SIGTERM while rounds run: the current round finishes, a
+checkpoint is written, and :func:`train` returns with ``interrupted=True`` (the
+command line then exits with ``128 + signal number``: 130 or 143). Resuming
+restores the state and drops metric rows after the checkpoint, so the resumed
+run computes bit-identical parameters and metrics (timing columns aside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fedjax_lite.data.batching import LocalWork, to_device
+from fedjax_lite.engine.evaluation import evaluate
+from fedjax_lite.engine.round import Engine, EngineState
+from fedjax_lite.experiment import checkpoint as ckpt
+from fedjax_lite.experiment import config as cfglib
+from fedjax_lite.experiment import plots
+from fedjax_lite.experiment.core import Experiment
+from fedjax_lite.experiment.records import TIMING_KEYS, MetricsLog
+
+CHECKPOINT = "checkpoint.msgpack"
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What :func:`train` returns.
+
+  Attributes:
+    run_dir: the run folder (None for in-memory runs).
+    state: the final (or interrupted) EngineState.
+    rows: all metric rows of the run (including those before a resume).
+    interrupted: True if a signal stopped the run early.
+    signum: the signal that stopped it, if any.
+  """
+  run_dir: Path | None
+  state: EngineState
+  rows: list
+  interrupted: bool = False
+  signum: int | None = None
+
+  @property
+  def params(self):
+    return self.state.server.params if hasattr(self.state.server, "params") \
+        else self.state.server
+
+  @property
+  def final(self) -> dict:
+    """The last value of every metric (test metrics from the last eval)."""
+    out: dict = {}
+    for r in self.rows:
+      out.update({k: v for k, v in r.items() if v is not None})
+    return out
+
+
+class StopOnSignal:
+  """Turns SIGINT/SIGTERM into a request to stop after the current round.
+
+  A second SIGINT while stopping raises KeyboardInterrupt (hard stop). Only
+  active in the main thread; elsewhere it is a no-op.
+  """
+
+  def __init__(self, enabled: bool = True):
+    self.enabled = enabled and threading.current_thread() is \
+        threading.main_thread()
+    self.signum: int | None = None
+    self._old: dict = {}
+
+  def _handler(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    try:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      tqdm.write(f"received {signal.Signals(signum).name}: finishing the "
+                 "current round and writing a checkpoint ...")
+    except Exception:  # pragma: no cover
+      pass
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+  def __enter__(self):
+    if self.enabled:
+      for s in (signal.SIGINT, signal.SIGTERM):
+        self._old[s] = signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    self._old = {}
+
+
+def new_run_dir(out: str | os.PathLike, name: str) -> Path:
+  """``out/<name>-<YYYYmmdd-HHMMSS>[-k]/``, created (never reused)."""
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  base = Path(out) / f"{name}-{stamp}"
+  path, k = base, 1
+  while True:
+    try:
+      path.mkdir(parents=True, exist_ok=False)
+      return path
+    except FileExistsError:
+      k += 1
+      path = Path(f"{base}-{k}")
+
+
+def environment() -> dict:
+  """Versions and devices, for config.json."""
+  from fedjax_lite import runtime  # pylint: disable=g-import-not-at-top
+  import fedjax_lite  # pylint: disable=g-import-not-at-top
+  devs = jax.devices()
+  return {"fedjax_lite": getattr(fedjax_lite, "__version__", "?"),
+          "jax": jax.__version__, "python": platform.python_version(),
+          "platform": devs[0].platform, "num_devices": len(devs),
+          "machine": platform.machine(), "cpu_settings": runtime.settings()}
+
+
+def describe(exp: Experiment) -> dict:
+  """A JSON summary of what an Experiment holds (for config.json)."""
+  rc = exp.round_config
+  return {"model": exp.model.name, "algorithm": exp.algorithm.name,
+          "num_train_clients": exp.train.num_clients,
+          "num_train_examples": exp.train.num_examples,
+          "num_test_clients": None if exp.test is None else
+          exp.test.num_clients,
+          "round_config": json.loads(json.dumps(dataclasses.asdict(rc),
+                                                default=str)),
+          "num_rounds": exp.num_rounds, "eval_every": exp.eval_every,
+          "seed": exp.seed, "hparams": dict(exp.hparams)}
+
+
+def init_state(exp: Experiment, engine: Engine, seed: int | None = None
+               ) -> EngineState:
+  """The experiment's initial EngineState for ``seed`` (default its own)."""
+  return engine.init(exp.initial_params(seed), seed=exp.engine_rng(seed),
+                     num_clients=exp.train.num_clients)
+
+
+class Evaluator:
+  """Evaluates params on the experiment's test data (uploaded once)."""
+
+  def __init__(self, exp: Experiment, engine: Engine):
+    self.exp, self.mesh = exp, engine.mesh
+    self.data = None
+    if exp.test is not None:
+      if exp.model.label_key in exp.test.features:
+        exp.model.validate_labels(exp.test.features[exp.model.label_key],
+                                  "test data")
+      self.data = to_device(
+          exp.test, LocalWork(batch_size=exp.eval_batch_size, num_epochs=1),
+          "auto", sharding=NamedSharding(engine.mesh, P()))
+
+  def __call__(self, params) -> dict:
+    """``{test_<metric>: mean, test_<q-metric>_pXX: quantile}``."""
+    if self.data is None:
+      return {}
+    res = evaluate(self.exp.model, params, self.data,
+                   batch_size=self.exp.eval_batch_size, mesh=self.mesh)
+    row = {f"test_{k}": float(v) for k, v in res.mean.items()}
+    qname = "accuracy" if "accuracy" in res.per_client else next(
+        (k for k in res.per_client if k != "loss"), None)
+    if qname is not None:
+      for k, v in res.quantiles(qname, QUANTILES).items():
+        row[f"test_{qname}_{k}"] = v
+    return row
+
+
+def _train_row(metrics: dict) -> dict:
+  row = {}
+  for k, v in metrics.items():
+    if k in ("num_clients", "total_weight"):
+      continue
+    a = np.asarray(v)
+    if a.ndim == 0:
+      row[f"train_{k}"] = float(a)
+  return row
+
+
+def _eval_due(exp: Experiment, t: int) -> bool:
+  return t == exp.num_rounds or (exp.eval_every > 0 and t % exp.eval_every
+                                 == 0)
+
+
+def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
+          resume: bool = False, checkpoint_every: int = 0,
+          progress: bool = True, handle_signals: bool = True,
+          desc: str | None = None) -> RunResult:
+  """Runs ``exp`` (or resumes it) and writes the run folder.
+
+  Args:
+    exp: the experiment.
+    run_dir: the run folder (created if missing); None runs in memory only
+      (no files, no checkpoints: handy in notebooks).
+    resume: continue from ``run_dir/checkpoint.msgpack``.
+    checkpoint_every: also checkpoint every this many rounds (0: only when
+      interrupted and at the end).
+    progress: show a tqdm progress bar.
+    handle_signals: stop cleanly on SIGINT/SIGTERM (see module docstring).
+    desc: progress bar label.
+
+  Returns:
+    A :class:`RunResult`.
+  """
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  if checkpoint_every < 0:
+    raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}.")
+  if run_dir is None and resume:
+    raise ValueError("resume=True needs the run_dir holding the checkpoint.")
+  engine = Engine(exp.algorithm, exp.round_config, exp.mesh)
+  data = engine.put_data(exp.train)
+  evaluator = Evaluator(exp, engine)
+  state = init_state(exp, engine)
+  elapsed0 = 0.0
+  run_dir = None if run_dir is None else Path(run_dir)
+  if run_dir is not None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+  if resume:
+    host_state, meta = ckpt.load_checkpoint(run_dir / CHECKPOINT, state)
+    state = jax.device_put(host_state, engine.replicated)
+    elapsed0 = float(meta.get("elapsed", 0.0))
+  start = int(state.round)
+  if start > exp.num_rounds:
+    raise ValueError(f"the checkpoint is at round {start}, beyond "
+                     f"num_rounds={exp.num_rounds}; raise num_rounds.")
+  log = MetricsLog(run_dir, keep_until_round=start) if run_dir else None
+  rows = log.rows if log else []
+
+  def save(t):
+    if run_dir is None:
+      return
+    log.sync()
+    ckpt.save_checkpoint(run_dir / CHECKPOINT, state, {
+        "round": t, "elapsed": elapsed0 + (time.perf_counter() - t0),
+        "num_rows": len(rows),
+        "time": datetime.datetime.now().isoformat(timespec="seconds")})
+
+  bar = tqdm(total=exp.num_rounds, initial=start, unit="round",
+             desc=desc or exp.name or exp.algorithm.name,
+             disable=not progress, dynamic_ncols=True)
+  t0 = time.perf_counter()
+  stopper = StopOnSignal(handle_signals)
+  interrupted = False
+  try:
+    with stopper:
+      for t in range(start + 1, exp.num_rounds + 1):
+        tick = time.perf_counter()
+        state, metrics = engine.round(state, data)
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - tick
+        row = {"round": t, **_train_row(metrics), "round_time_s": dt,
+               "rounds_per_s": 1.0 / max(dt, 1e-9)}
+        if _eval_due(exp, t):
+          row.update(evaluator(exp.algorithm.get_params(state.server)))
+        row["wall_time"] = elapsed0 + (time.perf_counter() - t0)
+        if log:
+          log.append(row)
+        else:
+          rows.append(row)
+        post = {"loss": f"{row.get('train_loss', math.nan):.4f}",
+                "acc": f"{row.get('train_accuracy', math.nan):.3f}"}
+        last_test = next((r["test_accuracy"] for r in reversed(rows)
+                          if "test_accuracy" in r), None)
+        if last_test is not None:
+          post["test_acc"] = f"{last_test:.3f}"
+        post["rounds/s"] = f"{bar.format_dict.get('rate') or row['rounds_per_s']:.1f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+        if stopper.requested and t < exp.num_rounds:
+          interrupted = True
+          save(t)
+          break
+        if checkpoint_every and t % checkpoint_every == 0 and \
+            t < exp.num_rounds:
+          save(t)
+      else:
+        save(int(state.round))
+  finally:
+    bar.close()
+    if log:
+      log.close()
+  if run_dir is not None:
+    finish(run_dir, rows, exp, interrupted)
+  return RunResult(run_dir, state, list(rows), interrupted, stopper.signum
+                   if interrupted else None)
+
+
+def finish(run_dir: Path, rows: Sequence[dict], exp: Experiment,
+           interrupted: bool) -> None:
+  """Writes ``curves.png`` and ``summary.json`` for the rows so far."""
+  title = f"{exp.name or run_dir.name}: {exp.algorithm.name}, {exp.model.name}"
+  fig = plots.plot_curves(rows, None, title)
+  fig.savefig(run_dir / "curves.png", dpi=110)
+  final: dict = {}
+  for r in rows:
+    final.update({k: v for k, v in r.items() if k not in TIMING_KEYS})
+  rate = [r["rounds_per_s"] for r in rows[1:] if "rounds_per_s" in r]
+  summary = {"status": "interrupted" if interrupted else "finished",
+             "rounds_done": rows[-1]["round"] if rows else 0,
+             "num_rounds": exp.num_rounds, "final": final,
+             "median_rounds_per_s": float(np.median(rate)) if rate else None,
+             "wall_time": rows[-1].get("wall_time") if rows else None}
+  ckpt.atomic_write_text(run_dir / "summary.json", cfglib.dumps(summary))
+
+
+# ------------------------------------------------------------ experiment files
+def run_name(ef: cfglib.ExperimentFile, exp: Experiment) -> str:
+  base = exp.name or ef.name
+  return f"{base}-{ef.arg}" if ef.arg else base
+
+
+def prepare(spec: str | None, overrides: Sequence[str] | dict = (),
+            resume: str | os.PathLike | None = None):
+  """Loads an experiment file (or a run folder's) and resolves its config.
+
+  Returns:
+    ``(experiment_file, config, record)`` where ``record`` is the saved
+    ``config.json`` when resuming, else None.
+  """
+  record = None
+  if resume is not None:
+    rdir = Path(resume)
+    path = rdir / "config.json"
+    if not path.is_file():
+      raise cfglib.ConfigError(f"--resume {rdir}: no config.json there; "
+                               "expected a run folder written by "
+                               "`python -m fedjax_lite run`.")
+    record = json.loads(path.read_text())
+    saved_spec = record["experiment"]["spec"]
+    if spec is None:
+      spec = saved_spec
+  if spec is None:
+    raise cfglib.ConfigError("no experiment given; expected "
+                             "experiments/<name>.py[:arg] (or --resume RUN_DIR)")
+  ef = cfglib.load_experiment_file(spec)
+  cfg = ef.get_config()
+  if record is not None:
+    cfg = cfglib.config_from_dict(cfg, record["config"])
+  cfg = cfglib.apply_overrides(cfg, overrides)
+  return ef, cfg, record
+
+
+def run_file(spec: str | None, overrides: Sequence[str] | dict = (), *,
+             out: str | os.PathLike = "runs",
+             resume: str | os.PathLike | None = None,
+             checkpoint_every: int = 0, progress: bool = True) -> RunResult:
+  """``python -m fedjax_lite run``: build, run and record an experiment file.
+
+  Args:
+    spec: ``path.py[:arg]`` (optional when resuming: taken from config.json).
+    overrides: ``["field=value", ...]`` applied to the config.
+    out: parent folder of new run folders.
+    resume: a run folder to continue (its config plus ``overrides``).
+    checkpoint_every: periodic checkpoints (0: at interruption and end).
+    progress: show the progress bar.
+  """
+  ef, cfg, record = prepare(spec, overrides, resume)
+  exp = ef.build(cfg)
+  if isinstance(overrides, dict):
+    over = {k: str(v) for k, v in overrides.items()}
+  else:
+    over = cfglib.parse_overrides(overrides)
+  if resume is None:
+    run_dir = new_run_dir(out, run_name(ef, exp))
+    record = {"experiment": {"spec": ef.spec, "file": str(ef.path),
+                             "arg": ef.arg, "sha256": ef.sha256()},
+              "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
+              "config": cfglib.config_to_dict(cfg), "overrides": over,
+              "experiment_summary": describe(exp),
+              "environment": environment(),
+              "created": datetime.datetime.now().isoformat(timespec="seconds"),
+              "resumes": []}
+  else:
+    run_dir = Path(resume)
+    if record["experiment"].get("sha256") != ef.sha256():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      tqdm.write(f"warning: {ef.path} changed since this run started; "
+                 "resuming with the current file.")
+    record["config"] = cfglib.config_to_dict(cfg)
+    record.setdefault("resumes", []).append(
+        {"time": datetime.datetime.now().isoformat(timespec="seconds"),
+         "overrides": over})
+  ckpt.atomic_write_text(run_dir / "config.json", cfglib.dumps(record))
+  return train(exp, run_dir, resume=resume is not None,
+               checkpoint_every=checkpoint_every, progress=progress,
+               desc=run_dir.name)
