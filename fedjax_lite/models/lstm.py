@@ -1,0 +1,76 @@
+r"""The LEAF Shakespeare character LSTM (Caldas et al. 2018, arXiv:1812.01097).
+
+An 8-dimensional character embedding, two stacked LSTM layers of 256 units
+(``flax.linen.OptimizedLSTMCell`` run by ``flax.linen.RNN``, a ``lax.scan``
+over time) and a dense layer from the last time step's output to the logits of
+the next character (FedAvg's Shakespeare model, McMahan et al. 2017, has the
+same shape). Per layer and time step ``t``:
+
+.. math::
+   [i, f, g, o] = [x_t, h_{t-1}] W + b,\quad
+   c_t = \sigma(f) c_{t-1} + \sigma(i) \tanh(g),\quad
+   h_t = \sigma(o) \tanh(c_t).
+
+The embedding is a one-hot matrix product (the same numbers as a table lookup)
+so its gradient is a dense product rather than a scatter inside vmapped rounds.
+
+Shapes: inputs int ``[b, T]`` character indices (any integer dtype) -> logits
+``[b, vocab_size]``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedjax_lite.models.core import Model, from_flax
+from fedjax_lite.models.layers import Dense
+
+
+class CharLSTM(nn.Module):
+  """Embedding -> stacked LSTMs -> dense on the last output."""
+  vocab_size: int = 80
+  embed_dim: int = 8
+  hidden: tuple = (256, 256)
+  fast_grad: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    table = self.param("embedding", nn.initializers.xavier_uniform(),
+                       (self.vocab_size, self.embed_dim), jnp.float32)
+    onehot = jax.nn.one_hot(x.astype(jnp.int32), self.vocab_size,
+                            dtype=jnp.float32)                # [b, T, V]
+    h = onehot @ table                                        # [b, T, E]
+    for units in self.hidden:
+      h = nn.RNN(nn.OptimizedLSTMCell(units))(h)             # [b, T, H]
+    return Dense(self.vocab_size, fast_grad=self.fast_grad)(h[:, -1])
+
+
+def char_lstm(vocab_size: int = 80, seq_len: int = 80, *, embed_dim: int = 8,
+              hidden: Sequence[int] = (256, 256),
+              fast_grad: bool = True) -> Model:
+  """The LEAF Shakespeare LSTM as a :class:`Model`.
+
+  Args:
+    vocab_size: characters (LEAF: 80); also the number of classes.
+    seq_len: input length (LEAF: 80); only used to initialise.
+    embed_dim: embedding size (LEAF: 8).
+    hidden: units of each stacked LSTM layer (LEAF: 256, 256).
+    fast_grad: the output layer uses the fast weight-gradient layout.
+  """
+  for name, v in (("vocab_size", vocab_size), ("seq_len", seq_len),
+                  ("embed_dim", embed_dim)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"{name} must be a positive int, got {v!r}.")
+  units = tuple(int(h) for h in hidden)
+  if not units or min(units) < 1:
+    raise ValueError(f"hidden must be positive layer sizes, got "
+                     f"{tuple(hidden)!r}.")
+  module = CharLSTM(vocab_size, embed_dim, units, fast_grad)
+  return from_flax(module, jnp.zeros((1, seq_len), jnp.int32),
+                   num_classes=vocab_size,
+                   name=f"char_lstm{vocab_size}-e{embed_dim}-"
+                        f"{'x'.join(map(str, units))}")
