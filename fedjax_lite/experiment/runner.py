@@ -161,6 +161,29 @@ def describe(exp: Experiment) -> dict:
           "seed": exp.seed, "hparams": dict(exp.hparams)}
 
 
+_ENGINES: dict = {}
+_MAX_ENGINES = 8
+
+
+def engine_for(exp: Experiment) -> Engine:
+  """The Engine of ``exp``'s algorithm and round config.
+
+  Engines are cached (a few, most recent) by algorithm object, round config
+  and mesh, so running the same experiment again (a resume, a notebook cell
+  run twice, ``dataclasses.replace(exp, num_rounds=...)``) reuses the compiled
+  round instead of compiling it again.
+  """
+  key = (id(exp.algorithm), exp.round_config, id(exp.mesh))
+  hit = _ENGINES.pop(key, None)
+  if hit is None or hit[0] is not exp.algorithm or hit[1] is not exp.mesh:
+    hit = (exp.algorithm, exp.mesh,
+           Engine(exp.algorithm, exp.round_config, exp.mesh))
+  _ENGINES[key] = hit  # most recent last
+  while len(_ENGINES) > _MAX_ENGINES:
+    _ENGINES.pop(next(iter(_ENGINES)))
+  return hit[2]
+
+
 def init_state(exp: Experiment, engine: Engine, seed: int | None = None
                ) -> EngineState:
   """The experiment's initial EngineState for ``seed`` (default its own)."""
@@ -238,7 +261,7 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
     raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}.")
   if run_dir is None and resume:
     raise ValueError("resume=True needs the run_dir holding the checkpoint.")
-  engine = Engine(exp.algorithm, exp.round_config, exp.mesh)
+  engine = engine_for(exp)
   data = engine.put_data(exp.train)
   evaluator = Evaluator(exp, engine)
   state = init_state(exp, engine)

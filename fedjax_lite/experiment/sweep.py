@@ -41,7 +41,8 @@ from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.records import TIMING_KEYS, MetricsLog
 from fedjax_lite.experiment.runner import (Evaluator, _train_row, describe,
-                                           environment, init_state,
+                                           engine_for, environment,
+                                           init_state,
                                            new_run_dir, run_name)
 
 
@@ -253,8 +254,9 @@ def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
   chunk = max(b - a for a, b in zip([0] + ends[:-1], ends))
   runner = VmappedRounds(exp, tuple(grid), chunk)
   h, states = runner.init(settings)
-  data = Engine(exp.algorithm, exp.round_config, exp.mesh).put_data(exp.train)
-  evaluator = Evaluator(exp, Engine(exp.algorithm, exp.round_config, exp.mesh))
+  engine = engine_for(exp)
+  data = engine.put_data(exp.train)
+  evaluator = Evaluator(exp, engine)
   run_dir = None if run_dir is None else Path(run_dir)
   log = MetricsLog(run_dir) if run_dir is not None else None
   rows = log.rows if log else []

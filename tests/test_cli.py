@@ -1,0 +1,147 @@
+"""The command line: help, clear errors, and exact resume after SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.serialization
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lite.__main__ import main
+from fedjax_lite.experiment.records import TIMING_KEYS, read_jsonl
+
+from test_experiment import TINY_EXPERIMENT  # pylint: disable=g-bad-import-order
+
+
+@pytest.fixture
+def tiny(tmp_path):
+  path = tmp_path / "tiny.py"
+  path.write_text(TINY_EXPERIMENT)
+  return str(path)
+
+
+def test_help_lists_commands_options_and_config_fields(tiny, capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["--help"])
+  assert e.value.code == 0
+  assert "{run,sweep,compare}" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    main(["run", tiny, "--help"])
+  out = capsys.readouterr().out
+  for text in ("--set", "--resume", "--checkpoint-every", "--out",
+               "client_lr: float = 0.1", "num_rounds: int = 4",
+               "Tiny test experiment"):
+    assert text in out, text
+  with pytest.raises(SystemExit):
+    main(["sweep", "--help"])
+  assert "--seeds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "{tiny}", "--set", "num_round=3"],
+     "unknown config field 'num_round' for Config; expected one of "
+     "num_rounds,"),
+    (["run", "{tiny}", "--set", "num_rounds=three"],
+     "--set num_rounds: expected an int, got 'three'"),
+    (["run", "{tiny}x"], "does not exist"),
+    (["run"], "needs an experiment file"),
+    (["run", "--resume", "{dir}"], "no config.json there"),
+    (["sweep", "{tiny}", "--grid", "num_rounds=1,2"],
+     "cannot sweep 'num_rounds'"),
+    (["sweep", "{tiny}", "--seeds", "x"], "--seeds expects a count"),
+    (["compare", "{dir}", "--out", "{dir}/cmp"], "no metrics.jsonl"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys, argv,
+                                                message):
+  argv = [a.format(tiny=tiny, dir=tmp_path) for a in argv]
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err, err
+
+
+def test_module_entry_point_runs():
+  out = subprocess.run([sys.executable, "-m", "fedjax_lite", "run", "--help"],
+                       capture_output=True, text=True, timeout=120,
+                       check=False)
+  assert out.returncode == 0, out.stderr
+  assert "--checkpoint-every" in out.stdout
+
+
+def _num_lines(path):
+  try:
+    return path.read_text().count("\n")
+  except FileNotFoundError:
+    return 0
+
+
+def _strip(rows):
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_sigterm_mid_run_then_resume_is_bit_identical(tiny, tmp_path):
+  """40 slow rounds (50 ms each): run once uninterrupted; run again, SIGTERM
+  it after >= 8 rounds, resume it; the final states (params, Adam state,
+  client states, rng, round) and all metrics must be identical."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      " --xla_force_host_platform_device_count=2").strip()
+  cmd = [sys.executable, "-m", "fedjax_lite", "run", f"{tiny}:long",
+         "--no-progress", "--out"]
+  full = subprocess.Popen(cmd + [str(tmp_path / "full")], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  cut = subprocess.Popen(cmd + [str(tmp_path / "cut")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while True:
+      dirs = list((tmp_path / "cut").glob("tiny-long-*"))
+      if dirs and _num_lines(dirs[0] / "metrics.jsonl") >= 8:
+        break
+      assert cut.poll() is None, cut.communicate()
+      assert time.monotonic() < deadline, "the run never reached round 8"
+      time.sleep(0.01)
+    cut.send_signal(signal.SIGTERM)
+    _, err = cut.communicate(timeout=300)
+  finally:
+    if cut.poll() is None:
+      cut.kill()
+  assert cut.returncode == 128 + signal.SIGTERM, err
+  assert "Resume with: python -m fedjax_lite run --resume" in err
+  cut_dir = dirs[0]
+  summary = json.loads((cut_dir / "summary.json").read_text())
+  assert summary["status"] == "interrupted"
+  assert 8 <= summary["rounds_done"] < 40
+  assert len(read_jsonl(cut_dir / "metrics.jsonl")) == summary["rounds_done"]
+
+  resumed = subprocess.run([sys.executable, "-m", "fedjax_lite", "run",
+                            "--resume", str(cut_dir), "--no-progress"],
+                           env=env, capture_output=True, text=True,
+                           timeout=300, check=False)
+  assert resumed.returncode == 0, resumed.stderr
+  _, err = full.communicate(timeout=300)
+  assert full.returncode == 0, err
+  full_dir = next((tmp_path / "full").glob("tiny-long-*"))
+
+  def final_state(d):
+    raw = flax.serialization.msgpack_restore(
+        (d / "checkpoint.msgpack").read_bytes())
+    return raw["state"]
+  a, b = final_state(full_dir), final_state(cut_dir)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.asarray(x).dtype == np.asarray(y).dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(a["round"]) == 40
+  assert int(np.sum(a["clients"])) == 40 * 4  # client states were restored
+  rows_full = read_jsonl(full_dir / "metrics.jsonl")
+  rows_cut = read_jsonl(cut_dir / "metrics.jsonl")
+  assert [r["round"] for r in rows_cut] == list(range(1, 41))
+  assert _strip(rows_cut) == _strip(rows_full)
+  assert json.loads((cut_dir / "config.json").read_text())["resumes"]
