@@ -18,6 +18,7 @@ from fedjax_lite import algorithms
 from fedjax_lite import data
 from fedjax_lite import datasets
 from fedjax_lite import engine
+from fedjax_lite import experiment
 from fedjax_lite import learning
 from fedjax_lite import models
 from fedjax_lite.algorithms import (Aggregate, ClientOutput,
