@@ -226,6 +226,10 @@ def load_leaf_json(paths, *, x_key: str = "x", y_key: str = "y",
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR, _EXT_BYTES_NDARRAY = 1, 2, 3, 4
 
 
+class _ExtensionError(ValueError):
+  """An extension payload this loader cannot decode (message kept as is)."""
+
+
 def _dtype(name) -> np.dtype:
   name = name.decode() if isinstance(name, bytes) else str(name)
   if name == "bfloat16":
@@ -244,10 +248,14 @@ def _decode_ndarray(payload: bytes) -> np.ndarray:
 
 def _ext_hook(code: int, payload: bytes):
   import msgpack  # pylint: disable=g-import-not-at-top
-  if code == _EXT_NDARRAY:
-    return _decode_ndarray(payload)
-  if code == _EXT_NPSCALAR:
-    return _decode_ndarray(payload)[()]
+  if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
+    try:
+      arr = _decode_ndarray(payload)
+    except Exception as e:  # bad dtype name, size/shape mismatch, ...
+      raise _ExtensionError(
+          f"an array payload is malformed ({type(e).__name__}: {e}); "
+          "expected msgpack((shape, dtype_name, C-order bytes)).") from None
+    return arr if code == _EXT_NDARRAY else arr[()]
   if code == _EXT_BYTES_NDARRAY:
     shape, flat = msgpack.unpackb(payload, raw=True)
     out = np.empty(len(flat), dtype=object)
@@ -256,7 +264,7 @@ def _ext_hook(code: int, payload: bytes):
   if code == _EXT_COMPLEX:
     re_, im = msgpack.unpackb(payload)
     return complex(re_, im)
-  raise ValueError(f"unknown msgpack extension type {code}; expected 1 "
+  raise _ExtensionError(f"unknown msgpack extension type {code}; expected 1 "
                    "(ndarray), 2 (complex), 3 (numpy scalar) or 4 (bytes "
                    "ndarray) as written by fedjax.serialization.")
 
@@ -271,9 +279,9 @@ def decode_fedjax_blob(blob: bytes) -> dict:
                      "zlib.compress(msgpack bytes) as FedJAX writes.") from None
   try:
     obj = msgpack.unpackb(raw, ext_hook=_ext_hook, raw=False)
-  except ValueError:
+  except _ExtensionError:
     raise
-  except Exception as e:  # msgpack raises several unrelated types
+  except Exception as e:  # msgpack and numpy raise several unrelated types
     raise ValueError(f"data is not a msgpack message ({type(e).__name__}: "
                      f"{e}).") from None
   if not isinstance(obj, dict):
