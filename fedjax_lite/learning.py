@@ -16,6 +16,13 @@ be a list (or dict) of per-client feature dicts, or a
 :class:`~fedjax_lite.FederatedDataset`. The round is compiled once per data
 layout; padded sizes are rounded up to powers of two so that rounds whose
 clients differ slightly in size reuse the compiled round.
+
+Other algorithms: :func:`build_fed_prox_process` (FedProx, arXiv:1812.06127)
+and :func:`build_iterative_process` for any stateless
+:class:`~fedjax_lite.algorithms.FederatedAlgorithm` (e.g.
+``fedjax_lite.algorithms.fed_nova(model, 0.1)``). Algorithms that keep state
+on every client across rounds (SCAFFOLD, Ditto) need stable client identities
+and the population size: run them with :class:`~fedjax_lite.Engine`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import optax
 
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.algorithms.fed_avg import fed_avg
+from fedjax_lite.algorithms.fed_prox import fed_prox
 from fedjax_lite.data.batching import DeviceData, LocalWork, to_device
 from fedjax_lite.data.federated_dataset import FederatedDataset
 from fedjax_lite.engine.evaluation import EvalResult, evaluate
@@ -146,13 +154,67 @@ def build_federated_averaging_process(
     block_size: clients per device per block (default automatic).
     mesh: device mesh (default all devices).
   """
-  for name, fn in (("client_optimizer_fn", client_optimizer_fn),
-                   ("server_optimizer_fn", server_optimizer_fn)):
+  _check_optimizer_fns(client_optimizer_fn=client_optimizer_fn,
+                       server_optimizer_fn=server_optimizer_fn)
+  algorithm = fed_avg(model, client_optimizer_fn(), server_optimizer_fn())
+  return build_iterative_process(model, algorithm, local_epochs=local_epochs,
+                                 batch_size=batch_size,
+                                 num_local_steps=num_local_steps,
+                                 block_size=block_size, mesh=mesh)
+
+
+def _check_optimizer_fns(**fns):
+  for name, fn in fns.items():
     if not callable(fn):
       raise TypeError(f"{name} must be a no-argument function returning an "
                       f"optax optimizer, got {type(fn).__name__}.")
+
+
+def build_fed_prox_process(
+    model: Model,
+    client_optimizer_fn: Callable[[], optax.GradientTransformation],
+    server_optimizer_fn: Callable[[], optax.GradientTransformation] = (
+        lambda: optax.sgd(1.0)),
+    *, mu: float, local_epochs: int = 1, batch_size: int | None = None,
+    num_local_steps: int | None = None, block_size: int | None = None,
+    mesh=None) -> IterativeProcess:
+  """FedProx (Li et al. 2020, arXiv:1812.06127) as a TFF-style process.
+
+  Clients minimise ``F_k(w) + mu/2 ||w - w_t||^2`` from the server weights
+  ``w_t``; arguments as :func:`build_federated_averaging_process` plus the
+  proximal coefficient ``mu >= 0`` (``mu = 0`` is FedAvg).
+  """
+  _check_optimizer_fns(client_optimizer_fn=client_optimizer_fn,
+                       server_optimizer_fn=server_optimizer_fn)
+  algorithm = fed_prox(model, client_optimizer_fn(), server_optimizer_fn(),
+                       mu=mu)
+  return build_iterative_process(model, algorithm, local_epochs=local_epochs,
+                                 batch_size=batch_size,
+                                 num_local_steps=num_local_steps,
+                                 block_size=block_size, mesh=mesh)
+
+
+def build_iterative_process(
+    model: Model, algorithm: FederatedAlgorithm, *, local_epochs: int = 1,
+    batch_size: int | None = None, num_local_steps: int | None = None,
+    block_size: int | None = None, mesh=None) -> IterativeProcess:
+  """Any stateless algorithm as a TFF-style process (every client given to
+  ``next`` trains; local work as :func:`build_federated_averaging_process`).
+
+  Raises:
+    ValueError: for algorithms with per-client state (``client_init``), whose
+      states must follow the same clients round after round: use
+      :class:`~fedjax_lite.Engine` with ``init(..., num_clients=N)``.
+  """
+  if not isinstance(algorithm, FederatedAlgorithm):
+    raise TypeError(f"algorithm must be a FederatedAlgorithm, got "
+                    f"{type(algorithm).__name__}.")
+  if algorithm.client_init is not None:
+    raise ValueError(f"{algorithm.name} keeps per-client state across rounds; "
+                     "a process that trains whichever clients it is given "
+                     "cannot track them. Use fedjax_lite.Engine with "
+                     "engine.init(params, num_clients=N) instead.")
   work = LocalWork(batch_size=batch_size, num_epochs=local_epochs,
                    num_steps=num_local_steps)
-  algorithm = fed_avg(model, client_optimizer_fn(), server_optimizer_fn())
   return IterativeProcess(model, algorithm, work, block_size=block_size,
                           mesh=mesh)
