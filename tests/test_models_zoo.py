@@ -179,3 +179,12 @@ def test_one_fedavg_round_matches_per_client_loop(rng, make, sample):
 def test_bad_shapes(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_lstm_forget_bias_starts_at_one():
+  params = jax.jit(tiny_lstm().init)(jax.random.PRNGKey(0))
+  for layer, units in enumerate((4, 5)):
+    cell = params[f"OptimizedLSTMCell_{layer}"]
+    np.testing.assert_array_equal(cell["hf"]["bias"], np.ones(units))
+    for gate in ("hi", "hg", "ho"):
+      np.testing.assert_array_equal(cell[gate]["bias"], np.zeros(units))

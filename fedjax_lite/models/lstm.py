@@ -11,8 +11,11 @@ same shape). Per layer and time step ``t``:
    c_t = \sigma(f) c_{t-1} + \sigma(i) \tanh(g),\quad
    h_t = \sigma(o) \tanh(c_t).
 
-The embedding is a one-hot matrix product (the same numbers as a table lookup)
-so its gradient is a dense product rather than a scatter inside vmapped rounds.
+The forget-gate bias starts at ``forget_bias = 1`` (LEAF's TensorFlow
+``BasicLSTMCell`` adds 1 to it; starting the trainable bias at 1 gives the same
+function and gradients). The embedding is a one-hot matrix product (the same
+numbers as a table lookup), so its gradient is a dense product rather than a
+scatter inside vmapped rounds.
 
 Shapes: inputs int ``[b, T]`` character indices (any integer dtype) -> logits
 ``[b, vocab_size]``.
@@ -21,6 +24,8 @@ Shapes: inputs int ``[b, T]`` character indices (any integer dtype) -> logits
 from __future__ import annotations
 
 from typing import Sequence
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -50,7 +55,7 @@ class CharLSTM(nn.Module):
 
 
 def char_lstm(vocab_size: int = 80, seq_len: int = 80, *, embed_dim: int = 8,
-              hidden: Sequence[int] = (256, 256),
+              hidden: Sequence[int] = (256, 256), forget_bias: float = 1.0,
               fast_grad: bool = True) -> Model:
   """The LEAF Shakespeare LSTM as a :class:`Model`.
 
@@ -59,6 +64,7 @@ def char_lstm(vocab_size: int = 80, seq_len: int = 80, *, embed_dim: int = 8,
     seq_len: input length (LEAF: 80); only used to initialise.
     embed_dim: embedding size (LEAF: 8).
     hidden: units of each stacked LSTM layer (LEAF: 256, 256).
+    forget_bias: initial forget-gate bias of every layer (LEAF: 1).
     fast_grad: the output layer uses the fast weight-gradient layout.
   """
   for name, v in (("vocab_size", vocab_size), ("seq_len", seq_len),
@@ -70,7 +76,18 @@ def char_lstm(vocab_size: int = 80, seq_len: int = 80, *, embed_dim: int = 8,
     raise ValueError(f"hidden must be positive layer sizes, got "
                      f"{tuple(hidden)!r}.")
   module = CharLSTM(vocab_size, embed_dim, units, fast_grad)
-  return from_flax(module, jnp.zeros((1, seq_len), jnp.int32),
-                   num_classes=vocab_size,
-                   name=f"char_lstm{vocab_size}-e{embed_dim}-"
-                        f"{'x'.join(map(str, units))}")
+  model = from_flax(module, jnp.zeros((1, seq_len), jnp.int32),
+                    num_classes=vocab_size,
+                    name=f"char_lstm{vocab_size}-e{embed_dim}-"
+                         f"{'x'.join(map(str, units))}")
+  base_init = model.init
+
+  def init(rng):
+    params = dict(base_init(rng))
+    for i in range(len(units)):
+      cell = dict(params[f"OptimizedLSTMCell_{i}"])
+      cell["hf"] = {**cell["hf"], "bias": cell["hf"]["bias"] + forget_bias}
+      params[f"OptimizedLSTMCell_{i}"] = cell
+    return params
+
+  return dataclasses.replace(model, init=init)
