@@ -1,23 +1,32 @@
 r"""Vectorized sweeps: several seeds and hyperparameter settings as ONE computation.
 
-Every setting ``i`` (a seed and a point of the hyperparameter grid) has its own
-:class:`EngineState` (initial params from ``k_init(seed_i)``, sampling and
-client rng from ``k_engine(seed_i)``). The states are stacked on a leading axis
-``[S, ...]`` and a round runs for all of them at once::
+Every setting (a seed and a point of the hyperparameter grid) has its own
+server state (initial params from ``k_init(seed)``) and, through its seed, its
+own sampling and client rng (``k_engine(seed)``). All settings advance together
+in one jitted program built from the engine's pure round::
 
   def one(h, state, data):                 # h: {name: scalar} of one setting
     alg = experiment.make_algorithm(h)     # e.g. fed_avg(model, sgd(h["client_lr"]))
     return Engine(alg, round_config, mesh).round_body(state, data)
 
-  step = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))   # traced once
+  vmap over seeds (rng batched) of vmap over grid points (rng shared)
 
-so the S settings share one compiled program and the data is read once; on
-hardware a single run under-uses (small models, short local GEMMs) S settings
-cost much less than S runs. Rounds between evaluations run in one device
-loop (``fori_loop``, one compiled program for every chunk length). Hyperparameters must be declared by the experiment
-(``Experiment.hparams`` + ``algorithm_fn``); anything that changes shapes
-(clients per round, batch size, model) cannot be vmapped: run it separately
-and overlay with ``compare``.
+Grid points of one seed share its client sample and gathered data; only the
+parameters carry the grid axis. Rounds between evaluations run in one device
+loop (``fori_loop``; one compiled program for every chunk length). The vmapped
+program is traced once and computes what separate runs compute (tests).
+
+Hyperparameters must be declared by the experiment (``Experiment.hparams`` +
+``algorithm_fn``); anything that changes shapes (clients per round, batch size,
+model) cannot be vmapped: run it separately and overlay with ``compare``.
+
+Cost: each seed adds its own clients' local training, so S seeds cost about S
+times the client compute of one run on hardware that one run already keeps
+busy (a CPU, where small per-client GEMMs are compute bound); the gain is
+one compile, one data upload and no per-run overheads. Grid points share
+sampling and data movement and widen every GEMM, and on accelerators, where
+a small run leaves the device mostly idle, settings are nearly free. See
+experiments/results/sweeps.md for measurements.
 """
 
 from __future__ import annotations
@@ -145,20 +154,43 @@ def _check_grid(exp: Experiment, grid: Mapping[str, Sequence[float]]) -> None:
 
 
 class VmappedRounds:
-  """Runs the rounds of S settings as one vmapped, jitted computation.
+  """Runs the rounds of every (seed, grid point) setting as ONE computation.
+
+  Two nested ``jax.vmap``: the outer over seeds (each seed has its own rng,
+  hence its own client sample and data order), the inner over grid points,
+  which share their seed's rng and round counter. Sampling and gathering the
+  clients' data is thus computed once per seed and shared by all grid points
+  (only the parameters carry the grid axis), so a grid of learning rates is
+  cheaper than that many independent runs.
+
+  Layout: ``server``/``clients`` leaves ``[num_seeds, num_grid, ...]``,
+  ``rng`` ``[num_seeds, ...]``, ``round`` a scalar. :meth:`flat` turns a
+  ``[num_seeds, num_grid, ...]`` tree into the settings order of
+  :func:`make_settings` (grid outer, seeds inner).
 
   Args:
-    exp: the experiment (its data, model, round config and mesh are shared).
-    hparam_names: names of ``exp.hparams`` that vary across settings.
+    exp: the experiment (data, model, round config and mesh are shared).
+    seeds: the seeds.
+    grid: ``{hparam name: values}`` (names declared in ``exp.hparams``).
+    max_rounds_per_call: the most rounds one :meth:`run` call may run.
   """
 
-  def __init__(self, exp: Experiment, hparam_names: Sequence[str] = (),
+  def __init__(self, exp: Experiment, seeds: Sequence[int],
+               grid: Mapping[str, Sequence[float]] | None = None,
                max_rounds_per_call: int = 1):
+    grid = dict(grid or {})
+    _check_grid(exp, grid)
     self.exp = exp
-    self.names = tuple(hparam_names)
+    self.seeds = [int(s) for s in seeds]
+    self.names = tuple(grid)
+    self.points = [dict(zip(self.names, v)) for v in
+                   itertools.product(*(grid[n] for n in self.names))]
+    self.settings = make_settings(self.seeds, grid)
     self.max_rounds = int(max_rounds_per_call)
     self.num_traces = 0
     self.mesh = exp.mesh
+    self.h = {n: jnp.asarray([p[n] for p in self.points], jnp.float32)
+              for n in self.names}
     self._run = jax.jit(self._run_body)
 
   def _one_round(self, h, state, data):
@@ -166,56 +198,92 @@ class VmappedRounds:
     return Engine(alg, self.exp.round_config, self.mesh).round_body(
         state, data)
 
-  def _run_body(self, h, states, data, num_rounds):
+  def _rounds_of_all(self, h, server, clients, rnd, rng, data):
+    def inner(h1, server1, clients1, rng1):
+      s, m = self._one_round(h1, EngineState(server1, clients1, rnd, rng1),
+                             data)
+      return (s.server, s.clients), m
+    grid_axis = jax.vmap(inner, in_axes=(0, 0, 0, None))
+    return jax.vmap(grid_axis, in_axes=(None, 0, 0, 0))(h, server, clients,
+                                                         rng)
+
+  def _run_body(self, h, state, data, num_rounds):
     # A dynamic trip count (fori_loop) and a [max_rounds] metrics buffer: one
     # compiled program serves every chunk length up to max_rounds.
     self.num_traces += 1
+    shape = jax.eval_shape(
+        lambda: self._rounds_of_all(h, state.server, state.clients,
+                                    state.round, state.rng, data)[1])
+    buf = jax.tree.map(lambda d: jnp.zeros((self.max_rounds,) + d.shape,
+                                           d.dtype), shape)
 
-    def one(h1, s1):
-      shape = jax.eval_shape(lambda s: self._one_round(h1, s, data)[1], s1)
-      buf = jax.tree.map(lambda d: jnp.zeros((self.max_rounds,) + d.shape,
-                                             d.dtype), shape)
+    def body(i, carry):
+      server, clients, buf = carry
+      (server, clients), m = self._rounds_of_all(
+          h, server, clients, state.round + i, state.rng, data)
+      buf = jax.tree.map(lambda b, v: b.at[i].set(v), buf, m)
+      return server, clients, buf
+    server, clients, buf = jax.lax.fori_loop(
+        0, num_rounds, body, (state.server, state.clients, buf))
+    return EngineState(server, clients, state.round + num_rounds,
+                       state.rng), buf
 
-      def body(i, carry):
-        s, buf = carry
-        s, m = self._one_round(h1, s, data)
-        buf = jax.tree.map(lambda b, v: b.at[i].set(v), buf, m)
-        return s, buf
-      return jax.lax.fori_loop(0, num_rounds, body, (s1, buf))
-    return jax.vmap(one)(h, states)
-
-  def init(self, settings: Sequence[Mapping[str, float]]) -> tuple:
-    """Stacked initial states and hyperparameters for ``settings``.
-
-    Returns:
-      ``(h, states)``: ``h[name]`` float32 ``[S]``, states with leading ``[S]``.
-    """
-    states = []
-    for s in settings:
-      hp = {n: s[n] for n in self.names}
-      engine = Engine(self.exp.make_algorithm(hp), self.exp.round_config,
-                      self.mesh)
-      states.append(jax.device_get(init_state(self.exp, engine, s["seed"])))
-    struct = [jax.tree.structure(x) for x in states]
-    if any(t != struct[0] for t in struct):
+  def init(self) -> EngineState:
+    """The stacked initial state (see the class docstring for the layout)."""
+    per_seed = []
+    for seed in self.seeds:
+      row = []
+      for point in self.points:
+        engine = Engine(self.exp.make_algorithm(point), self.exp.round_config,
+                        self.mesh)
+        row.append(jax.device_get(init_state(self.exp, engine, seed)))
+      per_seed.append(row)
+    first = per_seed[0][0]
+    if any(jax.tree.structure(s) != jax.tree.structure(first)
+           for row in per_seed for s in row):
       raise ValueError("settings produce differently structured states; "
                        "hyperparameters must not change the state's shape.")
-    stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *states)
-    h = {n: jnp.asarray([s[n] for s in settings], jnp.float32)
-         for n in self.names}
-    return h, stacked
 
-  def run(self, h, states, data, num_rounds: int):
+    def stack2(get):
+      return jax.tree.map(
+          lambda *xs: jnp.asarray(np.stack(xs).reshape(
+              (len(self.seeds), len(self.points)) + np.shape(xs[0]))),
+          *[get(s) for row in per_seed for s in row])
+    return EngineState(server=stack2(lambda s: s.server),
+                       clients=stack2(lambda s: s.clients),
+                       round=jnp.asarray(first.round),
+                       rng=jnp.asarray(np.stack([row[0].rng for row in
+                                                 per_seed])))
+
+  def run(self, state: EngineState, data, num_rounds: int):
     """``num_rounds`` (<= max_rounds_per_call) rounds of every setting.
 
     Returns:
-      ``(states, metrics)``: metrics stacked ``[S, max_rounds_per_call]``, of
-      which the first ``num_rounds`` entries are filled.
+      ``(state, metrics)``: metric leaves ``[max_rounds_per_call, num_seeds,
+      num_grid]``, of which the first ``num_rounds`` rows are filled.
     """
     if not 1 <= num_rounds <= self.max_rounds:
       raise ValueError(f"num_rounds must be in [1, {self.max_rounds}], got "
                        f"{num_rounds}.")
-    return self._run(h, states, data, jnp.int32(num_rounds))
+    return self._run(self.h, state, data, jnp.int32(num_rounds))
+
+  def flat(self, tree, axis: int = 0):
+    """``[..., num_seeds, num_grid, ...]`` (at ``axis``) -> ``[..., S, ...]``
+    in settings order (grid outer, seeds inner)."""
+    def f(a):
+      a = jnp.swapaxes(jnp.asarray(a), axis, axis + 1)
+      return a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:])
+    return jax.tree.map(f, tree)
+
+  def engine_states(self, state: EngineState) -> EngineState:
+    """Per-setting EngineStates stacked ``[S, ...]`` in settings order."""
+    ng = len(self.points)
+    rng = jnp.repeat(jnp.asarray(state.rng)[None], ng, axis=0)  # [grid, seeds]
+    rng = rng.reshape((-1,) + rng.shape[2:])
+    return EngineState(server=self.flat(state.server),
+                       clients=self.flat(state.clients),
+                       round=jnp.full((len(self.settings),), state.round),
+                       rng=rng)
 
 
 def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
@@ -247,13 +315,13 @@ def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
   seeds = [int(s) for s in seeds]
   if not seeds or len(set(seeds)) != len(seeds):
     raise ValueError(f"seeds must be distinct and non-empty, got {seeds}.")
-  settings = make_settings(seeds, grid)
   ends = sorted({t for t in range(1, exp.num_rounds + 1)
                  if exp.eval_every and t % exp.eval_every == 0}
                 | {exp.num_rounds})
   chunk = max(b - a for a, b in zip([0] + ends[:-1], ends))
-  runner = VmappedRounds(exp, tuple(grid), chunk)
-  h, states = runner.init(settings)
+  runner = VmappedRounds(exp, seeds, grid, chunk)
+  settings = runner.settings
+  state = runner.init()
   engine = engine_for(exp)
   data = engine.put_data(exp.train)
   evaluator = Evaluator(exp, engine)
@@ -267,17 +335,17 @@ def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
   try:
     for end in ends:
       tick = time.perf_counter()
-      states, metrics = runner.run(h, states, data, end - done)
-      metrics = jax.device_get(metrics)
+      state, metrics = runner.run(state, data, end - done)
+      metrics = jax.device_get(runner.flat(metrics, axis=1))  # [rounds, S]
       dt = time.perf_counter() - tick
-      params = exp.algorithm.get_params(states.server)
+      params = runner.flat(exp.algorithm.get_params(state.server))
       evals = [evaluator(jax.tree.map(lambda a, i=i: a[i], params))
                for i in range(len(settings))]
       wall = time.perf_counter() - t0
       for k in range(end - done):
         t = done + k + 1
         for i, s in enumerate(settings):
-          m = jax.tree.map(lambda a, i=i, k=k: a[i, k], metrics)
+          m = jax.tree.map(lambda a, i=i, k=k: a[k, i], metrics)
           row = {"setting": i, **s, "round": t, **_train_row(m),
                  "rounds_per_s": (end - done) / max(dt, 1e-9)}
           if t == end:
@@ -285,7 +353,7 @@ def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
             row["wall_time"] = wall
           (log.append if log else rows.append)(row)
       bar.update(end - done)
-      last = [r for r in rows[-len(settings):]]
+      last = rows[-len(settings):]
       bar.set_postfix({
           "loss": f"{np.mean([r.get('train_loss', np.nan) for r in last]):.4f}",
           "test_acc": f"{np.mean([r.get('test_accuracy', np.nan) for r in last]):.3f}",
@@ -295,7 +363,8 @@ def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
     bar.close()
     if log:
       log.close()
-  res = SweepResult(run_dir, settings, states, list(rows), runner.num_traces)
+  res = SweepResult(run_dir, settings, runner.engine_states(state),
+                    list(rows), runner.num_traces)
   if run_dir is not None:
     title = f"{exp.name or run_dir.name}: {exp.algorithm.name}, " \
             f"{len(seeds)} seed(s) per setting (mean ± std)"
