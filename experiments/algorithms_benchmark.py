@@ -159,8 +159,9 @@ def main(argv=None):
   write_markdown(rows, args, w, cpu)
   for name, sec, ratio, per, _ in rows:
     print(f"{name:24s} {sec * 1e3:8.2f} ms/engine round  x{ratio:.2f} vs "
-          f"{BASELINE.get(name, 'fed_avg')}" + (f"  ({sec * per * 1e3:.2f} ms per algorithm round)"
-                        if per > 1 else ""))
+          f"{BASELINE.get(name, 'fed_avg')}" +
+          (f"  ({sec * per * 1e3:.2f} ms per algorithm round)"
+           if per > 1 else ""))
   print("wrote", args.out)
 
 

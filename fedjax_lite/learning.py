@@ -31,7 +31,6 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import numpy as np
 import optax
 
 from fedjax_lite.algorithms.base import FederatedAlgorithm

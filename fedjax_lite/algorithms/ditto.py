@@ -78,5 +78,5 @@ def ditto(model: Model, client_optimizer: optax.GradientTransformation,
 
 
 def personal_params(engine_state, client: int):
-  """Client ``client``'s personal model from an engine state of :func:`ditto`."""
+  """Client ``client``'s personal model (engine state of :func:`ditto`)."""
   return jax.tree.map(lambda a: a[client], engine_state.clients)

@@ -1,9 +1,10 @@
-r"""FedOpt: adaptive and momentum server optimizers on the FedAvg pseudo-gradient.
+r"""FedOpt: adaptive and momentum server optimizers on the pseudo-gradient.
 
 Reddi et al. 2021, "Adaptive Federated Optimization" (arXiv:2003.00295),
-Algorithm 2. With the round's pseudo-gradient ``Delta_t = sum_k p_k (w_t - w^k)``
-(:func:`~fedjax_lite.algorithms.fed_avg`'s sign convention, the negative of
-the paper's ``Delta``):
+Algorithm 2. With the round's pseudo-gradient
+``Delta_t = sum_k p_k (w_t - w^k)`` (the sign convention of
+:func:`~fedjax_lite.algorithms.fed_avg`, the negative of the paper's
+``Delta``):
 
 .. math::
    m_t &= \beta_1 m_{t-1} + (1-\beta_1)\Delta_t \\
@@ -19,11 +20,11 @@ correction or other accumulator defaults: pass those to ``fed_avg`` directly if
 you want them). ``tau`` is the *adaptivity*: large ``tau`` makes the step
 ``eta m_t / tau`` (server momentum SGD), small ``tau`` makes it sign-like.
 
-Defaults follow the paper's experiments: ``b1 = 0.9``, ``b2 = 0.99``; the
-paper tunes ``eta`` and ``tau`` on log grids (``tau`` in ``1e-5 .. 1e-1``,
-``1e-3`` is a common best value), so ``server_learning_rate`` has no default.
-Algorithm 2 uses the first moment for all three variants; ``b1 = 0`` gives
-momentum-free Adagrad.
+Defaults follow the paper's experiments: ``b1 = 0.9``, ``b2 = 0.99``. The
+paper tunes the server learning rate ``eta`` and ``tau`` per task on
+logarithmic grids, so ``server_learning_rate`` has no default and ``tau``
+defaults to ``1e-3`` (tune it with ``eta``). Algorithm 2 uses the first moment
+for all three variants; ``b1 = 0`` gives momentum-free Adagrad.
 
 FedAvgM (Hsu et al. 2019, arXiv:1909.06335) is server SGD with heavy-ball
 momentum ``beta`` (``optax.sgd(eta, momentum=beta)``): ``v_t = beta v_{t-1} +

@@ -12,8 +12,9 @@ then ``c_i^+ = c_i - c + (x - y) / (K_i \eta_l)`` (option II) and sends
 ``Delta y_i = x - y`` and ``Delta c_i = c_i^+ - c_i``. The server, with the
 sampled set ``S`` and population size ``N``:
 
-.. math:: x \leftarrow x - \eta_g \tfrac{1}{|S|}\textstyle\sum_{i\in S}\Delta y_i,
-   \qquad c \leftarrow c + \tfrac{1}{N}\sum_{i\in S}\Delta c_i
+.. math::
+   x \leftarrow x - \eta_g \tfrac{1}{|S|}\textstyle\sum_{i\in S}\Delta y_i,
+   \qquad c \leftarrow c + \tfrac{1}{N}\textstyle\sum_{i\in S}\Delta c_i
 
 (the paper's uniform averages; ``x`` is updated by any server optimizer on the
 mean ``Delta y``, ``optax.sgd(eta_g)`` by default). ``K_i`` counts the steps

@@ -1,4 +1,4 @@
-r"""Systems heterogeneity: stragglers, as in the FedProx paper (arXiv:1812.06127).
+r"""Systems heterogeneity: stragglers as in FedProx (arXiv:1812.06127).
 
 Li et al. 2020, Section 5.2: each round, of the ``m`` sampled clients exactly
 ``S = round(fraction * m)`` chosen uniformly at random are *stragglers* that
