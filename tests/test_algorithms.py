@@ -171,6 +171,8 @@ def test_stragglers_match_numpy(mode, drop):
       kept = sum(n for n, e in zip(SIZES, epochs) if e == 3)
       assert float(metrics["total_weight"]) == kept
   assert int(state.server.round) == rounds(mode, 3)
+  if mode == "jit":  # the round counter and key live in the state
+    assert engine.num_traces == 1
 
 
 def test_stragglers_need_epoch_layout():
@@ -238,6 +240,7 @@ def test_scaffold_matches_numpy_and_keeps_client_state(mode):
           np.testing.assert_array_equal(a[i], b[i])
   if mode == "jit":
     assert (sampled > 0).all() and (sampled < 4).any(), sampled
+    assert engine.num_traces == 1
 
 
 def test_scaffold_requires_population():
@@ -304,6 +307,8 @@ def test_mime_matches_numpy(mode, name):
                            corrected)
     assert_close(to_list(state.server.params), x)
     assert_close(to_list(state.server.opt_state[0].trace), m)
+  if mode == "jit":  # both of Mime's phases run the same compiled round
+    assert engine.num_traces == 1
 
 
 # ----------------------------------------------------------------- q-FedAvg
