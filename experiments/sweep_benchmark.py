@@ -13,7 +13,7 @@ Modes, all in this process on the same compiled programs, each call running
 
 * ``one``: ``Engine.run`` (``lax.scan`` over rounds) for one seed.
 * ``sequential``: ``Engine.run`` for each of S seeds, one after the other.
-* ``vmapped``: the library's sweep path (``fedjax_lite.experiment.sweep.
+* ``vmapped``: the library's sweep path (``fedjax_lite.experiment.
   VmappedRounds``): ``jax.vmap`` over S stacked EngineStates (S seeds)
   calling ``Engine.round_body``.
 * ``grid``: the same path for S client learning rates on one seed (grid
@@ -42,7 +42,6 @@ import fedjax_lite.experiment as fe
 import jax
 import numpy as np
 import optax
-from fedjax_lite.experiment.sweep import VmappedRounds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -94,7 +93,7 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
   if block_size is not None:
     exp = dataclasses.replace(exp, round_config=dataclasses.replace(
         exp.round_config, block_size=block_size))
-  engine = fe.runner.engine_for(exp)
+  engine = fe.engine_for(exp)
   data = engine.put_data(exp.train)
   seeds = list(range(num_seeds))
   states = [fe.init_state(exp, engine, s) for s in seeds]
@@ -108,7 +107,7 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
       out = jax.block_until_ready(engine.run(s, data, rounds)[0].server.params)
     return out
 
-  vm = VmappedRounds(exp, seeds, {}, rounds)
+  vm = fe.VmappedRounds(exp, seeds, {}, rounds)
   stacked = vm.init()
 
   def vmapped():
@@ -119,7 +118,7 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
   lr0 = exp.hparams["client_lr"]
   grid = {"client_lr": [lr0 * 2.0 ** (k - num_seeds // 2)
                         for k in range(num_seeds)]}
-  vg = VmappedRounds(exp, seeds[:1], grid, rounds)
+  vg = fe.VmappedRounds(exp, seeds[:1], grid, rounds)
   stacked_grid = vg.init()
 
   def vmapped_grid():
@@ -144,6 +143,7 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
           "max_abs_diff_vmapped_vs_separate": max_diff,
           "block_sizes": dict(engine.block_sizes),
           "vmapped_traces": vm.num_traces,
+          "vmapped_block_size": vm.round_config.block_size,
           "times": {"one": ts_one, "sequential": ts_seq, "vmapped": ts_vm,
                     "grid_vmapped": ts_grid}}
 
@@ -187,7 +187,8 @@ def main(argv=None):
     for bs in args.block_size:
       r = bench(name, n, args.rounds, args.repeats, bs or None)
       results.append(r)
-      print(f"| {name} | {bs or 'auto'} {r['block_sizes']} | "
+      print(f"| {name} | {bs or 'auto'}: 1 run {r['block_sizes']}, "
+            f"vmapped {r['vmapped_block_size']} | "
             f"{r['rounds_per_call']} | {r['one_s']:.3f} | "
             f"{r['sequential_s']:.3f} | {r['vmapped_s']:.3f} | "
             f"{r['vmapped_over_one']:.2f}x | {r['grid_vmapped_s']:.3f} | "

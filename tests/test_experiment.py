@@ -14,8 +14,7 @@ import pytest
 import fedjax_lite as fl
 import fedjax_lite.experiment as fe
 from fedjax_lite.experiment import config as cfglib
-from fedjax_lite.experiment import sweep as sweeplib
-from fedjax_lite.experiment.compare import compare
+from fedjax_lite.experiment import sweeps as sweeplib
 
 # A tiny experiment file (8 clients, 4 features, 3 classes): FedAvg with an
 # Adam server optimizer (optimizer state) and a per-client participation
@@ -286,7 +285,7 @@ def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
   exp = ef.build(fe.apply_overrides(ef.get_config(), ["num_rounds=3",
                                                       "eval_every=0"]))
   grid = {"client_lr": [0.05, 0.2]}
-  res = sweeplib.sweep(exp, seeds=[0, 1], grid=grid, progress=False)
+  res = fe.sweep(exp, seeds=[0, 1], grid=grid, progress=False)
   assert res.num_traces == 1
   assert [(s["seed"], s["client_lr"]) for s in res.settings] == [
       (0, 0.05), (1, 0.05), (0, 0.2), (1, 0.2)]
@@ -319,7 +318,7 @@ def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
   exp = ef.build(ef.get_config())
   with pytest.raises(fe.ConfigError, match="cannot sweep 'num_rounds'.*"
                      r"\['client_lr'\]"):
-    sweeplib.sweep(exp, grid={"num_rounds": [1.0, 2.0]}, progress=False)
+    fe.sweep(exp, grid={"num_rounds": [1.0, 2.0]}, progress=False)
   with pytest.raises(fe.ConfigError, match="NAME=V1,V2"):
     sweeplib.parse_grid(["client_lr"])
   assert sweeplib.parse_seeds("3", 5) == [5, 6, 7]
@@ -328,7 +327,7 @@ def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
 
 def test_sweep_file_and_compare_write_figures_and_tables(tmp_path, tiny_file):
   out = tmp_path / "runs"
-  res = sweeplib.sweep_file(str(tiny_file), ["num_rounds=2"], seeds="2",
+  res = fe.sweep_file(str(tiny_file), ["num_rounds=2"], seeds="2",
                             grid=["client_lr=0.05,0.2"], out=out,
                             progress=False)
   for name in ("sweep.json", "metrics.jsonl", "metrics.csv", "curves.png",
@@ -336,7 +335,7 @@ def test_sweep_file_and_compare_write_figures_and_tables(tmp_path, tiny_file):
     assert (res.run_dir / name).is_file(), name
   assert "| client_lr=0.05 | 2 | 2 |" in res.table()
   run = fe.run_file(str(tiny_file), ["num_rounds=2"], out=out, progress=False)
-  table = compare([run.run_dir, res.run_dir], tmp_path / "cmp",
+  table = fe.compare([run.run_dir, res.run_dir], tmp_path / "cmp",
                   labels=["single", "swept"])
   assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
   md = (tmp_path / "cmp" / "compare.md").read_text()
@@ -345,4 +344,4 @@ def test_sweep_file_and_compare_write_figures_and_tables(tmp_path, tiny_file):
   assert f"| single | 1 | 2 | {final['train_loss']:.4f} |" in table
   assert "| swept [client_lr=0.2] | 2 | 2 |" in table
   with pytest.raises(fe.ConfigError, match="no metrics.jsonl"):
-    compare([tmp_path], tmp_path / "cmp2")
+    fe.compare([tmp_path], tmp_path / "cmp2")

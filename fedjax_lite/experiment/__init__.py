@@ -1,16 +1,24 @@
 """Research workflow around the engine: experiment files, runs, sweeps, plots.
 
-* :class:`Experiment`: what an experiment file's ``build(config)`` returns.
+* :class:`Experiment`: what an experiment file's ``build(config)`` returns
+  (see :mod:`.core` for the file contract and sweepable hyperparameters).
 * :func:`train` / :func:`run_file`: run into a run folder (metrics JSONL/CSV,
   ``curves.png``, checkpoints, exact resume after SIGINT/SIGTERM).
-* :func:`plot_curves`, :func:`plot_runs`: convergence figures.
+* :func:`sweep` / :func:`sweep_file`: seeds x hyperparameter grid as ONE
+  vmapped computation (:class:`VmappedRounds`).
+* :func:`compare`, :func:`plot_curves`, :func:`plot_runs`,
+  :func:`final_table`: overlaid convergence curves and final-metric tables.
+* :func:`save_checkpoint` / :func:`load_checkpoint`: atomic msgpack files.
 
 Command line: ``python -m fedjax_lite {run,sweep,compare} --help``.
 """
 
+from fedjax_lite.experiment import records
+from fedjax_lite.experiment import runner
 from fedjax_lite.experiment.checkpoint import (atomic_write_bytes,
                                                load_checkpoint,
                                                save_checkpoint)
+from fedjax_lite.experiment.comparison import compare
 from fedjax_lite.experiment.config import (ConfigError, ExperimentFile,
                                            apply_overrides, check_config,
                                            config_to_dict,
@@ -18,5 +26,7 @@ from fedjax_lite.experiment.config import (ConfigError, ExperimentFile,
 from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.plots import plot_curves, plot_runs
 from fedjax_lite.experiment.records import read_jsonl
-from fedjax_lite.experiment.runner import (RunResult, init_state, run_file,
-                                           train)
+from fedjax_lite.experiment.runner import (RunResult, engine_for, init_state,
+                                           run_file, train)
+from fedjax_lite.experiment.sweeps import (SweepResult, VmappedRounds,
+                                           final_table, sweep, sweep_file)

@@ -167,7 +167,7 @@ def _print_final(run_dir, final: dict) -> None:
 
 
 def _sweep(args) -> int:
-  from fedjax_lite.experiment.sweep import sweep_file  # pylint: disable=g-import-not-at-top
+  from fedjax_lite.experiment.sweeps import sweep_file  # pylint: disable=g-import-not-at-top
   res = sweep_file(args.experiment, args.overrides, seeds=args.seeds,
                    grid=args.grid, out=args.out,
                    progress=not args.no_progress)
@@ -178,7 +178,7 @@ def _sweep(args) -> int:
 
 
 def _compare(args) -> int:
-  from fedjax_lite.experiment.compare import compare  # pylint: disable=g-import-not-at-top
+  from fedjax_lite.experiment.comparison import compare  # pylint: disable=g-import-not-at-top
   table = compare(args.runs, args.out, labels=args.labels, title=args.title)
   print(table)
   print(f"wrote {args.out}/compare.png and {args.out}/compare.md")

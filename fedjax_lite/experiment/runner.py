@@ -256,7 +256,7 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
   Returns:
     A :class:`RunResult`.
   """
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   if checkpoint_every < 0:
     raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}.")
   if run_dir is None and resume:

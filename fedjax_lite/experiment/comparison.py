@@ -20,7 +20,7 @@ from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.checkpoint import atomic_write_text
 from fedjax_lite.experiment.config import ConfigError
 from fedjax_lite.experiment.records import read_jsonl
-from fedjax_lite.experiment.sweep import _label, final_table
+from fedjax_lite.experiment.sweeps import _label, final_table
 
 KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
         "test_accuracy_p10", "test_accuracy_p50")
