@@ -181,12 +181,17 @@ class DeviceData:
     offsets, counts: int32 ``[num_clients]``.
     bucket: int32 ``[num_clients]``: each client's size bucket.
     bucket_sizes: static tuple, the largest client of each bucket.
+    bucket_clients, bucket_examples: static tuples, clients and examples per
+      bucket (the engine sizes each bucket's blocks by its expected share of
+      a round's clients).
   """
   features: Mapping[str, jax.Array]
   offsets: jax.Array
   counts: jax.Array
   bucket: jax.Array
   bucket_sizes: tuple = flax.struct.field(pytree_node=False)
+  bucket_clients: tuple = flax.struct.field(pytree_node=False, default=None)
+  bucket_examples: tuple = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def num_clients(self) -> int:
@@ -231,7 +236,11 @@ def to_device(dataset: FederatedDataset, local_work: LocalWork,
       offsets=put(dataset.offsets.astype(np.int32)),
       counts=put(counts.astype(np.int32)),
       bucket=put(bucket),
-      bucket_sizes=tuple(sizes))
+      bucket_sizes=tuple(sizes),
+      bucket_clients=tuple(int(v) for v in np.bincount(
+          bucket, minlength=len(sizes))),
+      bucket_examples=tuple(int(v) for v in np.bincount(
+          bucket, weights=counts, minlength=len(sizes))))
 
 
 # -------------------------------------------------------------------- sampling

@@ -296,10 +296,23 @@ class Engine:
         else None
     return sample_clients(rng, c, cfg.clients_per_round, weights, cfg.replace)
 
-  def _block_size(self, data: DeviceData, bucket_size: int, broadcast,
+  def expected_clients(self, data: DeviceData, bucket: int) -> float:
+    """Expected number of a round's clients that fall in ``bucket``."""
+    cfg = self.config
+    if data.bucket_clients is None:
+      return float(cfg.clients_per_round)
+    if cfg.sampling == "weighted":
+      share = data.bucket_examples[bucket] / max(1, sum(data.bucket_examples))
+    else:
+      share = data.bucket_clients[bucket] / max(1, sum(data.bucket_clients))
+    return min(float(data.bucket_clients[bucket]) if not cfg.replace else
+               float(cfg.clients_per_round), cfg.clients_per_round * share)
+
+  def _block_size(self, data: DeviceData, bucket: int, broadcast,
                   client_states) -> int:
     if self.config.block_size is not None:
       return self.config.block_size
+    bucket_size = data.bucket_sizes[bucket]
     steps, b = self.config.local_work.plan(bucket_size)
     per_example = sum(math.prod(v.shape[1:]) * v.dtype.itemsize
                       for v in data.features.values())
@@ -308,7 +321,11 @@ class Engine:
     # params + update + gradient + optimizer state, plus the gathered data.
     per_client = 4 * _tree_bytes(broadcast) + steps * b * per_example + \
         2 * one_state
-    per_device = math.ceil(self.config.clients_per_round / self.num_devices)
+    # A block holds about the bucket's expected share of the round (never
+    # the whole round for a rarely sampled bucket: that block would be
+    # mostly padding).
+    per_device = max(1, math.ceil(self.expected_clients(data, bucket) /
+                                  self.num_devices))
     return auto_block_size(per_client, per_device, self.platform)
 
   def _round_body(self, state: EngineState, data: DeviceData):
@@ -333,8 +350,8 @@ class Engine:
 
     broadcast = alg.broadcast(state.server)
     stateful = state.clients is not None
-    sizes = {j: self._block_size(data, L, broadcast, state.clients)
-             for j, L in enumerate(data.bucket_sizes)}
+    sizes = {j: self._block_size(data, j, broadcast, state.clients)
+             for j in range(len(data.bucket_sizes))}
     self.block_sizes = {data.bucket_sizes[j]: b for j, b in sizes.items()}
     pad = nd * max(sizes.values())
     ids_pad = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
