@@ -458,17 +458,21 @@ def main(argv=None):
     results[wl] = res
   if args.memory:
     mem = {}
-    for m in (1000, 10000):
+    for m, block in ((1000, None), (10000, None), ("1000-b250", 250),
+                     ("10000-b250", 250)):
+      clients = int(str(m).split("-")[0])
+      bs = ["--block-size", str(block)] if block else []
       r = run_worker("engine", "logreg1000", 3,
-                     ["--num-clients", "10000", "--clients-per-round", str(m)],
-                     tuned=True)
+                     ["--num-clients", "10000", "--clients-per-round",
+                      str(clients)] + bs, tuned=True)
       # Working memory of a round: peak RSS while executing rounds (the
       # kernel's high-water mark is reset after compiling; the window holds
       # the first execution and the timed rounds) minus the resident memory
       # before them (data, params, compiled program).
       r["beyond_data_mb"] = r["round_peak_rss_mb"] - r["rss_before_rounds_mb"]
       mem[m] = r
-      print(f"logreg pop=10000 clients/round={m:5d}: data resident "
+      print(f"logreg pop=10000 clients/round={m!s:>10} block "
+            f"{r['block_size']}: data resident "
             f"{r['rss_after_data_mb']:.0f} MB, before rounds "
             f"{r['rss_before_rounds_mb']:.0f} MB (data + compiled round), "
             f"peak while executing rounds "
@@ -477,13 +481,15 @@ def main(argv=None):
             f"{r['xla_temp_mb']:.1f} MB); process peak "
             f"{r['peak_rss_mb']:.0f} MB (includes compiling); "
             f"{r['seconds_per_round']*1e3:.1f} ms/round", flush=True)
-    mem["ratio_beyond_data"] = mem[10000]["beyond_data_mb"] / max(
-        mem[1000]["beyond_data_mb"], 1e-9)
-    mem["ratio_xla_temp"] = mem[10000]["xla_temp_mb"] / max(
-        mem[1000]["xla_temp_mb"], 1e-9)
-    print(f"round working memory, 10k / 1k clients per round: "
-          f"{mem['ratio_beyond_data']:.2f}x (RSS), "
-          f"{mem['ratio_xla_temp']:.2f}x (XLA temp buffers)")
+    for tag, a, b in (("auto", 10000, 1000),
+                      ("b250", "10000-b250", "1000-b250")):
+      mem[f"ratio_beyond_data_{tag}"] = mem[a]["beyond_data_mb"] / max(
+          mem[b]["beyond_data_mb"], 1e-9)
+      mem[f"ratio_xla_temp_{tag}"] = mem[a]["xla_temp_mb"] / max(
+          mem[b]["xla_temp_mb"], 1e-9)
+      print(f"round working memory, 10k / 1k clients per round, block "
+            f"{tag}: {mem[f'ratio_beyond_data_{tag}']:.2f}x (RSS), "
+            f"{mem[f'ratio_xla_temp_{tag}']:.2f}x (XLA temp buffers)")
     results["memory"] = mem
   if args.json:
     with open(args.json, "w") as f:
