@@ -395,7 +395,9 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workloads", default="mlp100,logreg1000")
   ap.add_argument("--modes", default="fedjax_loop,loop,vmap,engine",
-                  help="comma list of fedjax_loop, loop, vmap, engine")
+                  help="comma list of fedjax_loop, loop, vmap, engine, "
+                  "engine_default_xla (the engine without the package's CPU "
+                  "settings)")
   ap.add_argument("--rounds", type=int, default=5, help="timed rounds")
   ap.add_argument("--json", default=None, help="write results here")
   ap.add_argument("--memory", action="store_true",
@@ -437,8 +439,9 @@ def main(argv=None):
     for mode in modes:
       bs = ["--block-size", str(args.block_size)] if (
           args.block_size and mode == "engine") else []
-      sc = ["--scan-rounds", "5"] if mode == "engine" else []
-      r = run_worker(mode, wl, args.rounds, extra + bs + sc,
+      sc = ["--scan-rounds", "5"] if mode.startswith("engine") else []
+      worker = "engine" if mode.startswith("engine") else mode
+      r = run_worker(worker, wl, args.rounds, extra + bs + sc,
                      tuned=(mode == "engine"))
       r["gflops"] = r["flops_per_round"] / r["seconds_per_round"] / 1e9
       r["fraction_of_peak"] = r["gflops"] / peak["peak_gflops"]
