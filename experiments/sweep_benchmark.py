@@ -13,11 +13,14 @@ Modes, all in this process on the same compiled programs, each call running
 
 * ``one``: ``Engine.run`` (``lax.scan`` over rounds) for one seed.
 * ``sequential``: ``Engine.run`` for each of S seeds, one after the other.
-* ``vmapped``: the library's sweep path (``fedjax_lite.experiment.
-  VmappedRounds``): ``jax.vmap`` over S stacked EngineStates (S seeds)
-  calling ``Engine.round_body``.
-* ``grid``: the same path for S client learning rates on one seed (grid
-  points share the seed's client sample and gathered data).
+* ``vmapped`` (pooled): the library's default sweep path for several seeds
+  (``fedjax_lite.experiment.VmappedRounds``): the S seeds are runs of ONE
+  engine round (``Engine.rounds_body``) whose sampled clients share the
+  size-bucket blocks.
+* ``lockstep``: ``VmappedRounds(..., pooled=False)``: ``jax.vmap`` over S
+  stacked EngineStates calling ``Engine.round_body``.
+* ``grid``: the default path for S client learning rates on one seed
+  (lockstep: grid points share the seed's client sample and gathered data).
 
 Reported: median seconds per call over ``--repeats`` timed calls after a
 warm-up (compile) call, and ratios to ``one``. Run::
@@ -40,6 +43,7 @@ import time
 import fedjax_lite as fl  # first: applies the fast CPU settings
 import fedjax_lite.experiment as fe
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -107,11 +111,18 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
       out = jax.block_until_ready(engine.run(s, data, rounds)[0].server.params)
     return out
 
-  vm = fe.VmappedRounds(exp, seeds, {}, rounds)
+  vm = fe.VmappedRounds(exp, seeds, {}, rounds)  # default: pooled runs
   stacked = vm.init()
 
   def vmapped():
     return vm.run(stacked, data, rounds)[0].server.params
+
+  # The lockstep alternative: jax.vmap over the seeds' separate rounds.
+  vl = fe.VmappedRounds(exp, seeds, {}, rounds, pooled=False)
+  stacked_l = vl.init()
+
+  def lockstep():
+    return vl.run(stacked_l, data, rounds)[0].server.params
 
   # The same number of settings as a learning-rate grid on one seed (the
   # grid points share the seed's client sample and data).
@@ -127,6 +138,7 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
   t_one, ts_one = timed(one, repeats)
   t_seq, ts_seq = timed(sequential, repeats)
   t_vm, ts_vm = timed(vmapped, repeats)
+  t_ls, ts_ls = timed(lockstep, repeats)
   t_grid, ts_grid = timed(vmapped_grid, repeats)
   # The vmapped seeds compute what the separate runs compute.
   ref = jax.device_get(engine.run(states[-1], data, rounds)[0].server.params)
@@ -137,15 +149,64 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
           "repeats": repeats, "one_s": t_one, "sequential_s": t_seq,
           "block_size_config": block_size,
           "vmapped_s": t_vm, "vmapped_over_one": t_vm / t_one,
+          "lockstep_s": t_ls, "lockstep_over_one": t_ls / t_one,
+          "vmapped_block_sizes": dict(vm_engine_blocks(vm, stacked, data)),
           "grid_vmapped_s": t_grid, "grid_over_one": t_grid / t_one,
           "sequential_over_one": t_seq / t_one,
           "speedup_vs_sequential": t_seq / t_vm,
           "max_abs_diff_vmapped_vs_separate": max_diff,
+          "free_width_bound": critical_path_ratio(exp, num_seeds),
           "block_sizes": dict(engine.block_sizes),
           "vmapped_traces": vm.num_traces,
           "vmapped_block_size": vm.round_config.block_size,
           "times": {"one": ts_one, "sequential": ts_seq, "vmapped": ts_vm,
+                    "lockstep": ts_ls,
                     "grid_vmapped": ts_grid}}
+
+
+def critical_path_ratio(exp: fe.Experiment, num_seeds: int,
+                        rounds: int = 1000) -> dict:
+  """How much longer S seeds' rounds are than one run's with FREE width.
+
+  A round cannot end before its largest sampled client has taken all its
+  local steps one after another. Running S seeds' rounds side by side (any
+  round-synchronous batching) waits for the largest client of all S
+  samples. This is the ratio of the expected longest client (in local steps)
+  of S seeds' samples to that of one seed's sample, over ``rounds`` rounds
+  drawn with the engine's sampler: a lower bound on "S seeds / 1 run" on
+  hardware where extra clients cost nothing.
+  """
+  cfg = exp.round_config
+  counts = np.asarray(exp.train.counts)
+  steps = np.asarray([cfg.local_work.plan(int(n))[0] for n in counts])
+  weights = jnp.asarray(counts, jnp.float32) if cfg.sampling == "weighted" \
+      else None
+
+  if cfg.sampling == "all":
+    longest = np.full((num_seeds, rounds), steps.max())
+  else:
+    def sample(seed, t):  # the engine's round key and sampler
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), t)
+      return fl.data.sample_clients(jax.random.split(key)[0], len(counts),
+                                    cfg.clients_per_round, weights,
+                                    cfg.replace)
+    ids = jax.jit(jax.vmap(jax.vmap(sample, (None, 0)), (0, None)))(
+        jnp.arange(num_seeds), jnp.arange(rounds))  # [S, rounds, m]
+    longest = steps[np.asarray(ids)].max(-1)     # [S, rounds]
+  one, many = longest[0], longest.max(0)
+  return {"one_run_steps": float(np.mean(one)),
+          "seeds_steps": float(np.mean(many)),
+          "ratio": float(np.mean(many) / np.mean(one)), "rounds": rounds}
+
+
+def vm_engine_blocks(vm, stacked, data) -> dict:
+  """The block size per size bucket that the pooled sweep round uses."""
+  e = fl.Engine(vm.exp.make_algorithm(vm.points[0]), vm.round_config,
+                vm.mesh)
+  states = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                        vm.engine_states(stacked))
+  jax.eval_shape(e.rounds_body, states, data)
+  return e.block_sizes
 
 
 def cpu_model() -> str:
@@ -180,19 +241,25 @@ def main(argv=None):
   results = []
   n = args.seeds
   print(f"| workload | block size | rounds/call | 1 run (s) | {n} sequential "
-        f"(s) | {n} seeds vmapped (s) | {n} seeds vmapped / 1 run | "
+        f"(s) | {n} seeds pooled (s) | {n} seeds pooled / 1 run | "
+        f"{n} seeds lockstep / 1 run | "
         f"{n} lrs vmapped (s) | {n} lrs vmapped / 1 run |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for name in args.workload:
     for bs in args.block_size:
       r = bench(name, n, args.rounds, args.repeats, bs or None)
       results.append(r)
       print(f"| {name} | {bs or 'auto'}: 1 run {r['block_sizes']}, "
-            f"vmapped {r['vmapped_block_size']} | "
+            f"pooled {r['vmapped_block_sizes']} | "
             f"{r['rounds_per_call']} | {r['one_s']:.3f} | "
             f"{r['sequential_s']:.3f} | {r['vmapped_s']:.3f} | "
-            f"{r['vmapped_over_one']:.2f}x | {r['grid_vmapped_s']:.3f} | "
+            f"{r['vmapped_over_one']:.2f}x | {r['lockstep_over_one']:.2f}x | "
+            f"{r['grid_vmapped_s']:.3f} | "
             f"{r['grid_over_one']:.2f}x |", flush=True)
+      b = r["free_width_bound"]
+      print(f"  {name}: with free width, {n} seeds' rounds wait "
+            f"{b['ratio']:.2f}x one run's (longest client {b['seeds_steps']:.0f}"
+            f" vs {b['one_run_steps']:.0f} local steps)", flush=True)
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"environment": env, "results": results}, f, indent=2)

@@ -65,3 +65,64 @@ def test_stateful_algorithm_requires_population(rng):
     assert "num_clients" in str(e)
   else:
     raise AssertionError("expected a ValueError")
+
+
+def _stack(states):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def test_pooled_runs_match_separate_rounds(rng):
+  """R runs in ONE pooled round (shared size-bucket blocks) == R rounds."""
+  sizes = [3, 5, 2, 7, 4, 6, 9, 1, 8, 5]  # several size buckets
+  clients = [{"x": rng.standard_normal((n, 3)).astype(np.float32),
+              "y": rng.integers(0, 3, n).astype(np.int32)} for n in sizes]
+  ds = fl.FederatedDataset.from_clients(clients)
+  model = fl.models.logistic_regression(3, 3)
+  lrs = [0.05, 0.2, 0.1]
+
+  def make(h):
+    return fl.algorithms.scaffold(model, h["lr"], optax.sgd(1.0),
+                                  num_clients=len(sizes))
+
+  cfg = fl.RoundConfig(4, fl.LocalWork(batch_size=2), sampling="weighted")
+  engines = [fl.Engine(make({"lr": lr}), cfg) for lr in lrs]
+  data = engines[0].put_data(ds, buckets=3)
+  assert len(data.bucket_sizes) == 3
+  states = [e.init(model.init(jax.random.PRNGKey(s)), seed=10 + s,
+                   num_clients=len(sizes)) for s, e in enumerate(engines)]
+  pooled = engines[0]
+  step = jax.jit(lambda st, h: pooled.rounds_body(st, data, make, h))
+  st = _stack(states)
+  hp = {"lr": jnp.asarray(lrs, jnp.float32)}
+  for _ in range(3):
+    st, metrics = step(st, hp)
+    for r, e in enumerate(engines):
+      states[r], m = e.round(states[r], data)
+      got = jax.tree.map(lambda a, r=r: a[r], st)
+      np.testing.assert_array_equal(np.asarray(got.round),
+                                    np.asarray(states[r].round))
+      for a, b in zip(jax.tree.leaves((got.server, got.clients)),
+                      jax.tree.leaves((states[r].server, states[r].clients))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
+                                   atol=1e-6)
+      for k in ("loss", "num_clients", "total_weight"):
+        np.testing.assert_allclose(float(metrics[k][r]), float(m[k]),
+                                   rtol=1e-5)
+  # The runs really differ (own seeds and learning rates).
+  k = np.asarray(st.server.params["Dense_0"]["kernel"])
+  assert not np.allclose(k[0], k[1]) and not np.allclose(k[1], k[2])
+
+
+def test_pooled_rounds_check_hyperparameters(rng):
+  model = fl.models.logistic_regression(2, 2)
+  engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), fl.RoundConfig(2))
+  ds = fl.FederatedDataset.from_clients(
+      [{"x": np.ones((2, 2), np.float32), "y": np.zeros(2, np.int32)}] * 3)
+  data = engine.put_data(ds)
+  st = _stack([engine.init(model.init(jax.random.PRNGKey(0)), seed=s)
+               for s in range(2)])
+  with np.testing.assert_raises_regex(ValueError, "together"):
+    engine.rounds_body(st, data, hparams={"lr": jnp.ones(2)})
+  with np.testing.assert_raises_regex(ValueError, r"\[R=2\]"):
+    engine.rounds_body(st, data, lambda h: fl.fed_avg(model, optax.sgd(0.1)),
+                       {"lr": jnp.ones(3)})

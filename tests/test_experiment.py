@@ -314,6 +314,26 @@ def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
   assert set(res.groups()) == {"client_lr=0.05", "client_lr=0.2"}
 
 
+def test_pooled_and_lockstep_sweeps_agree(tiny_file):
+  """Seeds pooled into one engine round == jax.vmap over separate rounds."""
+  ef = fe.load_experiment_file(str(tiny_file))
+  exp = ef.build(fe.apply_overrides(ef.get_config(), ["eval_every=0"]))
+  grid = {"client_lr": [0.05, 0.2]}
+  data = fl.Engine(exp.algorithm, exp.round_config).put_data(exp.train)
+  out = []
+  for pooled in (True, False):
+    vm = fe.VmappedRounds(exp, [3, 4], grid, 3, pooled=pooled)
+    assert vm.pooled is pooled
+    state, metrics = vm.run(vm.init(), data, 3)
+    out.append((vm.engine_states(state), vm.flat(metrics, axis=1)))
+  (sp, mp), (sl, ml) = out
+  chex.assert_trees_all_close(jax.device_get(sp.server),
+                              jax.device_get(sl.server), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(sp.clients), np.asarray(sl.clients))
+  np.testing.assert_allclose(np.asarray(mp["loss"]), np.asarray(ml["loss"]),
+                             rtol=1e-5)
+
+
 def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
   ef = fe.load_experiment_file(str(tiny_file))
   exp = ef.build(ef.get_config())

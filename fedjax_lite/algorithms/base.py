@@ -52,6 +52,17 @@ class Aggregate(NamedTuple):
   metrics: dict
 
 
+def hyperparameter(value) -> float | jax.Array:
+  """A scalar hyperparameter: a Python float, or a traced float32 scalar.
+
+  Algorithms built inside a vectorized sweep receive traced hyperparameters
+  (one value per setting); ``float(value)`` would fail there.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return jnp.asarray(value, jnp.float32)
+  return float(value)
+
+
 def _params_of(server_state):
   return server_state.params
 

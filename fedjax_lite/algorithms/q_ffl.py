@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.base import Aggregate, FederatedAlgorithm
+from fedjax_lite.algorithms.base import (Aggregate, FederatedAlgorithm,
+                                         hyperparameter)
 from fedjax_lite.algorithms.fed_avg import fed_avg, server_opt_update
 from fedjax_lite.algorithms.full_batch import full_batch_loss
 from fedjax_lite.models.core import Model
@@ -47,7 +48,7 @@ def q_fed_avg(model: Model, client_learning_rate: float, *, q: float,
   """
   if not q >= 0:
     raise ValueError(f"q must be >= 0, got {q!r}.")
-  lipschitz = 1.0 / float(client_learning_rate)
+  lipschitz = 1.0 / hyperparameter(client_learning_rate)
   server_optimizer = optax.sgd(1.0)
   base = fed_avg(model, optax.sgd(client_learning_rate), server_optimizer)
 

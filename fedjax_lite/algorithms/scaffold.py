@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
+                                         hyperparameter,
                                          FederatedAlgorithm, tree_sub,
                                          tree_zeros_like)
 from fedjax_lite.algorithms.local import local_train
@@ -67,7 +68,7 @@ def scaffold(model: Model, client_learning_rate: float,
   if not isinstance(num_clients, int) or num_clients < 1:
     raise ValueError(f"num_clients must be the population size (a positive "
                      f"int), got {num_clients!r}.")
-  lr = float(client_learning_rate)
+  lr = hyperparameter(client_learning_rate)
   client_optimizer = optax.sgd(lr)
   server_optimizer = server_optimizer or optax.sgd(1.0)
 

@@ -15,6 +15,11 @@ per device per block)::
     aggregate = sum over devices / total weight  # one cross-device reduction
     server_state = server_update(server_state, aggregate)
 
+Several independent runs (seeds, hyperparameter settings) can share one
+round: :meth:`Engine.rounds_body` pools every run's sampled clients into the
+same blocks, each client starting from its run's broadcast and adding into
+its run's partial sums.
+
 Memory is O(nd * B x model), independent of clients per round. The client axis
 is sharded with ``jax.sharding`` (automatic SPMD partitioning); per-device
 partial sums are only reduced once at the end of the round, so devices never
@@ -309,7 +314,7 @@ class Engine:
                float(cfg.clients_per_round), cfg.clients_per_round * share)
 
   def _block_size(self, data: DeviceData, bucket: int, broadcast,
-                  client_states) -> int:
+                  client_states, num_runs: int = 1) -> int:
     if self.config.block_size is not None:
       return self.config.block_size
     bucket_size = data.bucket_sizes[bucket]
@@ -324,55 +329,97 @@ class Engine:
     # A block holds about the bucket's expected share of the round (never
     # the whole round for a rarely sampled bucket: that block would be
     # mostly padding).
-    per_device = max(1, math.ceil(self.expected_clients(data, bucket) /
-                                  self.num_devices))
+    per_device = max(1, math.ceil(num_runs * self.expected_clients(
+        data, bucket) / self.num_devices))
     return auto_block_size(per_client, per_device, self.platform)
 
   def _round_body(self, state: EngineState, data: DeviceData):
+    states = jax.tree.map(lambda a: a[None], state)
+    new, metrics = self._rounds_body(states, data)
+    return jax.tree.map(lambda a: a[0], (new, metrics))
+
+  def _rounds_body(self, states: EngineState, data: DeviceData,
+                   algorithm_fn: Callable[[dict], FederatedAlgorithm] | None
+                   = None, hparams: dict | None = None):
+    """One round of ``R`` independent runs (leading axis ``R`` on ``states``).
+
+    The runs' sampled clients are pooled into the same size-bucket blocks
+    (a client is a (run, client id) pair that starts from its run's
+    broadcast), and each run's updates are summed into its own slot of the
+    per-device partial sums. ``R == 1`` is the ordinary round.
+    """
     self.num_traces += 1
-    alg, cfg, nd = self.algorithm, self.config, self.num_devices
+    cfg, nd = self.config, self.num_devices
+    R = int(jax.tree.leaves(states.round)[0].shape[0])
     m = cfg.clients_per_round
     c = data.num_clients
-    key = jax.random.fold_in(state.rng, state.round)
-    k_sample, k_clients = jax.random.split(key)
-    ids = self._sample(k_sample, data)
-    slots = jnp.arange(m, dtype=jnp.int32)
+    per_run_algs = algorithm_fn is not None
+    if per_run_algs:
+      hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+      if any(v.shape != (R,) for v in hparams.values()):
+        raise ValueError(f"hparams must be [R={R}] arrays, got "
+                         f"{ {k: v.shape for k, v in hparams.items()} }.")
+
+    def alg_of(h):
+      return algorithm_fn(h) if per_run_algs else self.algorithm
+
+    def per_run(fn, *args):
+      # fn(alg, *args) for every run (vmapped over the run axis).
+      if per_run_algs:
+        return jax.vmap(lambda h, *a: fn(alg_of(h), *a))(hparams, *args)
+      return jax.vmap(lambda *a: fn(self.algorithm, *a))(*args)
+
+    keys = jax.vmap(jax.random.fold_in)(states.rng, states.round)
+    k_sample, k_clients = jax.vmap(jax.random.split, out_axes=1)(keys)
+    ids = jax.vmap(lambda k: self._sample(k, data))(k_sample).reshape(-1)
+    runs = jnp.repeat(jnp.arange(R, dtype=jnp.int32), m)
+    slots = jnp.tile(jnp.arange(m, dtype=jnp.int32), R)
+    total_m = R * m
     nb = len(data.bucket_sizes)
     if nb > 1:
       bk = data.bucket[ids]
       order = jnp.argsort(bk, stable=True)
-      ids, slots, bk = ids[order], slots[order], bk[order]
+      ids, slots, runs, bk = ids[order], slots[order], runs[order], bk[order]
       counts = jnp.zeros((nb,), jnp.int32).at[bk].add(1)
       starts = jnp.cumsum(counts) - counts
     else:
-      counts = jnp.full((1,), m, jnp.int32)
+      counts = jnp.full((1,), total_m, jnp.int32)
       starts = jnp.zeros((1,), jnp.int32)
 
-    broadcast = alg.broadcast(state.server)
-    stateful = state.clients is not None
-    sizes = {j: self._block_size(data, j, broadcast, state.clients)
-             for j in range(len(data.bucket_sizes))}
+    broadcast = per_run(lambda a, s: a.broadcast(s), states.server)
+    one_broadcast = jax.tree.map(lambda a: a[0], broadcast)
+    client_states = states.clients
+    stateful = client_states is not None
+    one_cstates = None if not stateful else jax.tree.map(lambda a: a[0],
+                                                         client_states)
+    sizes = {j: self._block_size(data, j, one_broadcast, one_cstates, R)
+             for j in range(nb)}
     self.block_sizes = {data.bucket_sizes[j]: b for j, b in sizes.items()}
     pad = nd * max(sizes.values())
-    ids_pad = jnp.concatenate([ids, jnp.zeros((pad,), jnp.int32)])
-    slots_pad = jnp.concatenate([slots, jnp.zeros((pad,), jnp.int32)])
+    zpad = jnp.zeros((pad,), jnp.int32)
+    ids_pad = jnp.concatenate([ids, zpad])
+    slots_pad = jnp.concatenate([slots, zpad])
+    runs_pad = jnp.concatenate([runs, zpad])
 
-    def one_client(broadcast, cstate, cid, slot, bucket_size):
-      k = jax.random.fold_in(k_clients, slot)
+    def one_client(bcast, cstate, cid, slot, run, bucket_size):
+      k = jax.random.fold_in(k_clients[run], slot)
       k_data, k_train = jax.random.split(k)
       cdata = gather_client(data, cid, k_data, cfg.local_work, bucket_size,
                             slot)
-      return alg.client_update(broadcast, cstate, cdata, k_train)
+      alg = alg_of({n: v[run] for n, v in hparams.items()}) \
+          if per_run_algs else self.algorithm
+      return alg.client_update(bcast, cstate, cdata, k_train)
 
     # Output structure (for zero accumulators), from one abstract client.
     L0 = data.bucket_sizes[0]
-    cs0 = None if not stateful else jax.tree.map(lambda a: a[0], state.clients)
+    cs0 = None if not stateful else jax.tree.map(lambda a: a[0], one_cstates)
     out_shape = jax.eval_shape(
-        lambda: one_client(broadcast, cs0, jnp.int32(0), jnp.int32(0), L0))
+        lambda: one_client(one_broadcast, cs0, jnp.int32(0), jnp.int32(0),
+                           jnp.int32(0), L0))
 
     def zeros(shape_tree):
       return jax.tree.map(
-          lambda s: self._constrain(jnp.zeros((nd,) + s.shape, jnp.float32
+          lambda s: self._constrain(jnp.zeros((nd, R) + s.shape, jnp.float32
                                               if jnp.issubdtype(s.dtype,
                                                                 jnp.integer)
                                               else s.dtype), P(AXIS)),
@@ -381,9 +428,9 @@ class Engine:
     carry = {
         "update": zeros(out_shape.update),
         "weight": zeros(out_shape.weight),
-        "count": self._constrain(jnp.zeros((nd,), jnp.float32), P(AXIS)),
+        "count": self._constrain(jnp.zeros((nd, R), jnp.float32), P(AXIS)),
         "metrics": zeros(out_shape.metrics),
-        "clients": state.clients,
+        "clients": client_states,
     }
 
     for j, L in enumerate(data.bucket_sizes):
@@ -397,25 +444,41 @@ class Engine:
         valid = lo + jnp.arange(blk) < start + count
         cid = jnp.where(valid, jax.lax.dynamic_slice(ids_pad, (lo,), (blk,)), 0)
         slot = jax.lax.dynamic_slice(slots_pad, (lo,), (blk,))
+        run = jax.lax.dynamic_slice(runs_pad, (lo,), (blk,))
         cid = self._constrain(cid, P(AXIS))
         valid = self._constrain(valid, P(AXIS))
         if stateful:
-          cstate = jax.tree.map(lambda a: self._constrain(a[cid], P(AXIS)),
-                                carry["clients"])
+          cstate = jax.tree.map(
+              lambda a: self._constrain(a[run, cid], P(AXIS)),
+              carry["clients"])
         else:
           cstate = None
-        out = jax.vmap(one_client, in_axes=(None, 0, 0, 0, None))(
-            broadcast, cstate, cid, slot, L)
+        if R == 1:
+          bcast, b_axis = one_broadcast, None
+        else:
+          bcast = jax.tree.map(lambda a: self._constrain(a[run], P(AXIS)),
+                               broadcast)
+          b_axis = 0
+        out = jax.vmap(one_client, in_axes=(b_axis, 0, 0, 0, 0, None))(
+            bcast, cstate, cid, slot, run, L)
         w = jnp.where(valid, out.weight.astype(jnp.float32), 0.0)
+        onehot = None if R == 1 else (
+            run[:, None] == jnp.arange(R)[None, :]).astype(jnp.float32
+                                                           ).reshape(nd, bpd, R)
 
         def per_device_sum(x, scale=None):
+          # [blk, ...] -> [nd, R, ...]: each device's sum per run.
           v = valid.reshape((blk,) + (1,) * (x.ndim - 1))
           x = jnp.where(v, x, jnp.zeros((), x.dtype))
           if scale is not None:
             x = x * scale.reshape((blk,) + (1,) * (x.ndim - 1)).astype(x.dtype)
           x = x.reshape((nd, bpd) + x.shape[1:])
-          return jnp.sum(x, axis=1, dtype=jnp.float32 if jnp.issubdtype(
-              x.dtype, jnp.integer) else x.dtype)
+          if jnp.issubdtype(x.dtype, jnp.integer):
+            x = x.astype(jnp.float32)
+          if R == 1:
+            return jnp.sum(x, axis=1)[:, None]
+          return jnp.einsum("dbr,db...->dr...", onehot.astype(x.dtype), x,
+                            precision=jax.lax.Precision.HIGHEST)
 
         new = dict(carry)
         new["update"] = jax.tree.map(lambda a, u: a + per_device_sum(u, w),
@@ -428,24 +491,53 @@ class Engine:
         if stateful:
           idx = jnp.where(valid, cid, c)
           new["clients"] = jax.tree.map(
-              lambda a, s: a.at[idx].set(s.astype(a.dtype), mode="drop"),
+              lambda a, s: a.at[run, idx].set(s.astype(a.dtype), mode="drop"),
               carry["clients"], out.state)
         return new
 
       carry = jax.lax.fori_loop(0, num_blocks, body, carry)
 
-    total = jnp.sum(carry["weight"])
+    total = jnp.sum(carry["weight"], axis=0)  # [R]
     safe = jnp.where(total > 0, total, 1.0)
-    mean = jax.tree.map(lambda a: jnp.where(total > 0, a.sum(0) / safe,
-                                            jnp.zeros((), a.dtype)),
-                        carry["update"])
+
+    def mean_of(a):
+      t = total.reshape((R,) + (1,) * (a.ndim - 2))
+      s = safe.reshape(t.shape)
+      return jnp.where(t > 0, a.sum(0) / s, jnp.zeros((), a.dtype))
+    mean = jax.tree.map(mean_of, carry["update"])
     metric_sums = jax.tree.map(lambda a: a.sum(0), carry["metrics"])
     agg = Aggregate(mean=mean, total_weight=total,
-                    num_clients=jnp.sum(carry["count"]), metrics=metric_sums)
-    server = alg.server_update(state.server, agg)
-    new_state = EngineState(server=server, clients=carry["clients"],
-                            round=state.round + 1, rng=state.rng)
-    return new_state, finalize_metrics(agg)
+                    num_clients=jnp.sum(carry["count"], axis=0),
+                    metrics=metric_sums)
+    server = per_run(lambda a, s, g: a.server_update(s, g), states.server, agg)
+    new_states = EngineState(server=server, clients=carry["clients"],
+                             round=states.round + 1, rng=states.rng)
+    return new_states, finalize_metrics(agg)
+
+  def rounds_body(self, states: EngineState, data: DeviceData,
+                  algorithm_fn: Callable[[dict], FederatedAlgorithm] | None
+                  = None, hparams: dict | None = None
+                  ) -> tuple[EngineState, dict]:
+    """One round of ``R`` independent runs as ONE pooled round (traceable).
+
+    ``states`` carries a leading run axis ``R`` on every leaf (server,
+    clients, round, rng). Every run samples its own clients with its own rng,
+    exactly as a separate :meth:`round` would; the sampled clients of all
+    runs then share the size-bucket blocks (full blocks instead of ``R``
+    partly filled ones), and aggregation and the server update stay per run.
+    Results equal ``R`` separate rounds up to float summation order.
+
+    Args:
+      states: ``R`` stacked EngineStates.
+      data: the device data.
+      algorithm_fn: optional ``hparams -> FederatedAlgorithm`` for runs that
+        differ in hyperparameters (called with traced scalars); default: this
+        engine's algorithm for every run.
+      hparams: ``{name: [R] values}`` passed to ``algorithm_fn``.
+    """
+    if (algorithm_fn is None) != (hparams is None):
+      raise ValueError("pass algorithm_fn and hparams together.")
+    return self._rounds_body(states, data, algorithm_fn, hparams)
 
 
 def finalize_metrics(agg: Aggregate) -> dict:

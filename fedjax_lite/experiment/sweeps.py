@@ -3,18 +3,23 @@ r"""Vectorized sweeps: several seeds and hyperparameter settings as ONE computat
 Every setting (a seed and a point of the hyperparameter grid) has its own
 server state (initial params from ``k_init(seed)``) and, through its seed, its
 own sampling and client rng (``k_engine(seed)``). All settings advance together
-in one jitted program built from the engine's pure round::
+in one jitted program built from the engine's pure rounds, in one of two ways:
 
-  def one(h, state, data):                 # h: {name: scalar} of one setting
-    alg = experiment.make_algorithm(h)     # e.g. fed_avg(model, sgd(h["client_lr"]))
-    return Engine(alg, round_config, mesh).round_body(state, data)
+* pooled (default with several seeds): every setting is a run of ONE engine
+  round (:meth:`Engine.rounds_body`). Each run samples its own clients; the
+  sampled clients of all runs share the size-bucket blocks, and aggregation
+  and the server update stay per run. Blocks are full however differently
+  the runs' samples fall into the buckets.
+* lockstep (default with one seed): ``jax.vmap`` over the settings of
+  ``Engine.round_body``. Grid points of one seed share its client sample and
+  gathered data (only the parameters carry the grid axis), which makes a
+  grid cheaper than independent runs; but a vmapped bucket loop runs as many
+  blocks as the busiest setting needs, so with several seeds on data with
+  uneven client sizes it wastes most of its work.
 
-  vmap over seeds (rng batched) of vmap over grid points (rng shared)
-
-Grid points of one seed share its client sample and gathered data; only the
-parameters carry the grid axis. Rounds between evaluations run in one device
-loop (``fori_loop``; one compiled program for every chunk length). The vmapped
-program is traced once and computes what separate runs compute (tests).
+Rounds between evaluations run in one device loop (``fori_loop``; one
+compiled program for every chunk length). Both ways are traced once and
+compute what separate runs compute (tests).
 
 Hyperparameters must be declared by the experiment (``Experiment.hparams`` +
 ``algorithm_fn``); anything that changes shapes (clients per round, batch size,
@@ -23,10 +28,9 @@ model) cannot be vmapped: run it separately and overlay with ``compare``.
 Cost: each seed adds its own clients' local training, so S seeds cost about S
 times the client compute of one run on hardware that one run already keeps
 busy (a CPU, where small per-client GEMMs are compute bound); the gain is
-one compile, one data upload and no per-run overheads. Grid points share
-sampling and data movement and widen every GEMM, and on accelerators, where
-a small run leaves the device mostly idle, settings are nearly free. See
-experiments/results/sweeps.md for measurements.
+one compile, one data upload, full blocks and no per-run overheads. On
+accelerators, where a small run leaves the device mostly idle, settings are
+nearly free. See experiments/results/sweeps.md for measurements.
 """
 
 from __future__ import annotations
@@ -156,12 +160,11 @@ def _check_grid(exp: Experiment, grid: Mapping[str, Sequence[float]]) -> None:
 class VmappedRounds:
   """Runs the rounds of every (seed, grid point) setting as ONE computation.
 
-  Two nested ``jax.vmap``: the outer over seeds (each seed has its own rng,
-  hence its own client sample and data order), the inner over grid points,
-  which share their seed's rng and round counter. Sampling and gathering the
-  clients' data is thus computed once per seed and shared by all grid points
-  (only the parameters carry the grid axis), so a grid of learning rates is
-  cheaper than that many independent runs.
+  Pooled (see the module docstring): all settings are runs of one engine
+  round whose clients share the blocks. Lockstep: two nested ``jax.vmap``,
+  the outer over seeds (each seed has its own rng, hence its own client
+  sample and data order), the inner over grid points, which share their
+  seed's rng, client sample and gathered data.
 
   Layout: ``server``/``clients`` leaves ``[num_seeds, num_grid, ...]``,
   ``rng`` ``[num_seeds, ...]``, ``round`` a scalar. :meth:`flat` turns a
@@ -174,15 +177,21 @@ class VmappedRounds:
     grid: ``{hparam name: values}`` (names declared in ``exp.hparams``).
     max_rounds_per_call: the most rounds one :meth:`run` call may run.
     block_size: clients per device per block. Default: the experiment's
-      ``round_config.block_size`` if set, else the engine's automatic choice
-      for one run divided by the number of settings (vmapping S settings
-      multiplies a block's working memory by S; measured on CPU, the single-
-      run choice made 8 vmapped seeds of Synthetic(1, 1) 3.6x slower).
+      ``round_config.block_size`` if set; else, pooled, the engine's
+      automatic choice for all runs' clients together, and lockstep, the
+      automatic choice for one run divided by the number of settings
+      (vmapping S settings multiplies a block's working memory by S).
+    pooled: pool the settings into one round (default: with two or more
+      seeds) or vmap their separate rounds (default with one seed).
+      Measured on a 2-core CPU with 8 seeds: pooled 6.4x one run on
+      Synthetic(1, 1), lockstep 10.5x, sequential runs 8.4x
+      (experiments/results/sweeps.md).
   """
 
   def __init__(self, exp: Experiment, seeds: Sequence[int],
                grid: Mapping[str, Sequence[float]] | None = None,
-               max_rounds_per_call: int = 1, block_size: int | None = None):
+               max_rounds_per_call: int = 1, block_size: int | None = None,
+               pooled: bool | None = None):
     grid = dict(grid or {})
     _check_grid(exp, grid)
     self.exp = exp
@@ -197,6 +206,7 @@ class VmappedRounds:
     self.h = {n: jnp.asarray([p[n] for p in self.points], jnp.float32)
               for n in self.names}
     self.round_config = exp.round_config
+    self.pooled = len(self.seeds) > 1 if pooled is None else bool(pooled)
     if block_size is not None:
       self.round_config = dataclasses.replace(exp.round_config,
                                               block_size=int(block_size))
@@ -204,8 +214,8 @@ class VmappedRounds:
 
   def _resolve_block_size(self, state: EngineState, data) -> None:
     """Sets the sweep's block size from one run's automatic choice."""
-    if self.round_config.block_size is not None:
-      return
+    if self.round_config.block_size is not None or self.pooled:
+      return  # pooled: the engine sizes blocks for all runs' clients
     probe = Engine(self.exp.make_algorithm(self.points[0]),
                    self.round_config, self.mesh)
     first = self.engine_states(state)
@@ -222,6 +232,9 @@ class VmappedRounds:
     return Engine(alg, self.round_config, self.mesh).round_body(state, data)
 
   def _rounds_of_all(self, h, server, clients, rnd, rng, data):
+    if self.pooled:
+      return self._pooled_rounds(h, server, clients, rnd, rng, data)
+
     def inner(h1, server1, clients1, rng1):
       s, m = self._one_round(h1, EngineState(server1, clients1, rnd, rng1),
                              data)
@@ -229,6 +242,25 @@ class VmappedRounds:
     grid_axis = jax.vmap(inner, in_axes=(0, 0, 0, None))
     return jax.vmap(grid_axis, in_axes=(None, 0, 0, 0))(h, server, clients,
                                                          rng)
+
+  def _pooled_rounds(self, h, server, clients, rnd, rng, data):
+    # Every (seed, grid point) setting is a run of ONE pooled engine round.
+    ns, ng = len(self.seeds), len(self.points)
+    flat = lambda t: jax.tree.map(  # noqa: E731
+        lambda a: a.reshape((ns * ng,) + a.shape[2:]), t)
+    runs_rng = jnp.repeat(rng, ng, axis=0)  # run s*ng + g has seed s
+    states = EngineState(flat(server), flat(clients),
+                         jnp.full((ns * ng,), rnd, jnp.int32), runs_rng)
+    engine = Engine(self.exp.make_algorithm(self.points[0]),
+                    self.round_config, self.mesh)
+    if self.names:
+      hp = {n: jnp.tile(v, ns) for n, v in h.items()}
+      new, m = engine.rounds_body(states, data, self.exp.make_algorithm, hp)
+    else:
+      new, m = engine.rounds_body(states, data)
+    unflat = lambda t: jax.tree.map(  # noqa: E731
+        lambda a: a.reshape((ns, ng) + a.shape[1:]), t)
+    return (unflat(new.server), unflat(new.clients)), unflat(m)
 
   def _run_body(self, h, state, data, num_rounds):
     # A dynamic trip count (fori_loop) and a [max_rounds] metrics buffer: one
