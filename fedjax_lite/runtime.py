@@ -19,6 +19,17 @@ What is set:
   tiny reductions to its thread pool (measured: the main source of cross-thread
   synchronisation in a client step).
 * ``--xla_cpu_multi_thread_eigen=false``: single-threaded Eigen kernels.
+
+Memory-lean mode (``FEDJAX_LITE_LIBRARY_FUSIONS=0`` or
+``configure_cpu(library_fusions=False)``): no YNNPACK library fusions at all
+(``--xla_cpu_experimental_ynn_fusion_type=``). In jaxlib 0.10.2 a computation
+sharded over several CPU devices holds on to ~3 KB per YNN matmul call until
+it ends, so memory grows with the local steps in ONE round (or in the rounds
+of one ``Engine.run``): measured +1.1 GB over 900 LSTM-sized gradient steps,
+~11 GB in one full Shakespeare round, ~1.8 MB per mlp100 round. The lean mode
+keeps memory flat but runs large matmuls as Eigen kernels: an LSTM-256 round
+took 2.2x as long, mlp100 ~5% longer, logistic regression about the same.
+Use it for long rounds on machines with little memory.
 """
 
 from __future__ import annotations
@@ -26,9 +37,10 @@ from __future__ import annotations
 import os
 import warnings
 
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _FAST_XLA_FLAGS = (
     "--xla_cpu_multi_thread_eigen=false",
-    "--xla_cpu_experimental_ynn_fusion_type=-reduce",
+    _YNN_FLAG + "=-reduce",
 )
 
 _applied: dict | None = None
@@ -63,6 +75,7 @@ def _flag_supported(flag: str) -> bool:
 
 
 def configure_cpu(num_devices: int | None = None, *, single_thread: bool = True,
+                  library_fusions: bool | None = None,
                   force: bool = False) -> dict:
   """Applies the fast CPU settings for federated rounds.
 
@@ -70,6 +83,9 @@ def configure_cpu(num_devices: int | None = None, *, single_thread: bool = True,
     num_devices: XLA host devices to create; default one per usable core.
     single_thread: also pass the XLA flags that keep each device's kernels on
       one thread.
+    library_fusions: keep XLA's YNNPACK matmul fusions (fast; memory grows
+      with the steps of one computation, see the module docstring). Default:
+      True unless the environment variable ``FEDJAX_LITE_LIBRARY_FUSIONS=0``.
     force: apply even if ``FEDJAX_LITE_CPU_TUNING=0`` is set.
 
   Returns:
@@ -89,13 +105,19 @@ def configure_cpu(num_devices: int | None = None, *, single_thread: bool = True,
   n = usable_cores() if num_devices is None else int(num_devices)
   if n < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices!r}.")
+  if library_fusions is None:
+    library_fusions = os.environ.get("FEDJAX_LITE_LIBRARY_FUSIONS",
+                                     "1") != "0"
   flags = os.environ.get("XLA_FLAGS", "")
   added = []
-  if single_thread:
-    for flag in _FAST_XLA_FLAGS:
-      name = flag.split("=")[0]
-      if name not in flags and _flag_supported(flag):
-        added.append(flag)
+  wanted = list(_FAST_XLA_FLAGS) if single_thread else []
+  if not library_fusions:
+    wanted = [f for f in wanted if not f.startswith(_YNN_FLAG)]
+    wanted.append(_YNN_FLAG + "=")
+  for flag in wanted:
+    name = flag.split("=")[0]
+    if name not in flags and _flag_supported(flag):
+      added.append(flag)
   if added:
     os.environ["XLA_FLAGS"] = " ".join([flags] + added).strip()
   user_count = "xla_force_host_platform_device_count" in flags
@@ -105,6 +127,7 @@ def configure_cpu(num_devices: int | None = None, *, single_thread: bool = True,
     except Exception as e:  # pragma: no cover - depends on jax version
       warnings.warn(f"could not set jax_num_cpu_devices: {e}")
   _applied = {"applied": True, "num_cpu_devices": None if user_count else n,
+              "library_fusions": bool(library_fusions),
               "xla_flags": os.environ.get("XLA_FLAGS", "")}
   return _applied
 

@@ -1,5 +1,9 @@
 """The model interface and the fast-gradient dense layer."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,3 +102,22 @@ def test_runtime_settings_report():
   assert fl.runtime.settings()["applied"]
   late = fl.configure_cpu(num_devices=3)
   assert len(jax.devices()) == 4 and late.get("num_cpu_devices") != 3
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "--xla_cpu_experimental_ynn_fusion_type=-reduce"),
+    ({"FEDJAX_LITE_LIBRARY_FUSIONS": "0"},
+     "--xla_cpu_experimental_ynn_fusion_type= "),
+])
+def test_library_fusions_setting_picks_the_xla_flag(env, expected):
+  # A fresh process: the flags only act before JAX initialises its backend.
+  code = ("import fedjax_lite as fl, jax; s = fl.runtime.settings(); "
+          "jax.numpy.ones(2).block_until_ready(); "
+          "print(s['library_fusions'], s['xla_flags'] + ' ')")
+  clean = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "FEDJAX_LITE_LIBRARY_FUSIONS")}
+  out = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                       capture_output=True, text=True, timeout=120, check=True)
+  fusions, flags = out.stdout.strip().split(" ", 1)
+  assert fusions == ("False" if env else "True")
+  assert expected in flags + " " and flags.count("ynn_fusion_type") == 1
