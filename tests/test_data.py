@@ -167,9 +167,18 @@ def test_gather_fixed_steps_cycles_through_data(rng):
   data = fl.data.to_device(ds, work)
   cd = fl.data.gather_client(data, jnp.int32(0), jax.random.PRNGKey(0), work,
                              5)
-  np.testing.assert_array_equal(np.asarray(cd.batches["x"][..., 0]).reshape(-1),
-                                np.arange(12) % 5)
+  assert cd.batches["x"].shape == (4, 3) + clients[0]["x"].shape[1:]
+  assert cd.batches["y"].shape == (4, 3) and cd.mask.shape == (4, 3)
+  np.testing.assert_array_equal(np.asarray(cd.batches["x"][..., 0]),
+                                (np.arange(12) % 5).reshape(4, 3))
   assert bool(np.asarray(cd.mask).all())
+  # Full batch for a fixed number of steps: every step sees all 5 examples.
+  full = fl.LocalWork(batch_size=None, num_steps=2, shuffle=False)
+  cd = fl.data.gather_client(fl.data.to_device(ds, full), jnp.int32(0),
+                             jax.random.PRNGKey(0), full, 5)
+  assert cd.batches["x"].shape == (2, 5) + clients[0]["x"].shape[1:]
+  np.testing.assert_array_equal(np.asarray(cd.batches["x"][..., 0]),
+                                np.tile(np.arange(5), (2, 1)))
 
 
 def test_random_order_matches_argsort():

@@ -110,6 +110,34 @@ def test_minibatch_sgd_in_order_matches_numpy(rng):
     assert_close(to_list(states[t].server.params), w)
 
 
+def test_fixed_local_steps_match_numpy(rng):
+  """LocalWork(num_steps=...): cycle through the client's data in order."""
+  model, params, to_list, grad = logreg_setup(rng)
+  clients = make_clients(rng)
+  steps, b, lr = 4, 3, 0.1
+  work = fl.LocalWork(batch_size=b, num_steps=steps, shuffle=False)
+  engine = fl.Engine(fl.fed_avg(model, optax.sgd(lr)),
+                     fl.RoundConfig(len(clients), work, sampling="all"))
+  data = engine.put_data(fl.FederatedDataset.from_clients(clients))
+  states = run_rounds(engine, engine.init(params), data, 2, "jit")
+
+  def local(w, c):
+    n = c["x"].shape[0]
+    for s in range(steps):
+      idx = np.arange(s * b, (s + 1) * b) % n
+      g = grad(w, c["x"][idx].astype(np.float64), c["y"][idx])
+      w = [p - lr * gi for p, gi in zip(w, g)]
+    return w
+  w = to_list(params)
+  total = sum(c["x"].shape[0] for c in clients)
+  for t in range(2):
+    locals_ = [local(w, c) for c in clients]
+    w = [sum(c["x"].shape[0] / total * lw[i] for c, lw in zip(clients,
+                                                              locals_))
+         for i in range(len(w))]
+    assert_close(to_list(states[t].server.params), w)
+
+
 def test_training_metrics_are_example_weighted_means(rng):
   model, params, _, _ = logreg_setup(rng)
   clients = make_clients(rng)

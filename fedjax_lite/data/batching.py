@@ -344,10 +344,10 @@ def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,
     if local_work.batch_size is None:
       # Full batch: every step sees exactly the client's n examples.
       pos = jnp.tile(jnp.arange(b, dtype=jnp.int32), steps)
-      local = order[pos]
+      local = order[pos].reshape(steps, b)
       mask = (pos < n).reshape(steps, b)
     else:
-      local = order[pos % n]
+      local = order[pos % n].reshape(steps, b)
       mask = jnp.ones((steps, b), bool)
   else:
     epochs = local_work.num_epochs
