@@ -73,10 +73,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                       "interruption and at the end)")
 
   s = sub.add_parser(
-      "sweep", help="run several seeds / hyperparameters as ONE vmapped run",
+      "sweep", help="run several seeds / hyperparameters as ONE computation",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Vectorized sweep: every setting (seed x grid point) runs "
-                  "in one jax.vmap over stacked engine states.",
+      description="Vectorized sweep: every setting (seed x grid point) "
+                  "advances in one jitted computation. With several seeds the "
+                  "settings are runs of one pooled engine round (their "
+                  "clients share the blocks); with one seed, grid points are "
+                  "vmapped and share the seed's client data.",
       epilog="Seeds vary the initial params and the sampling/client rng (the "
              "data is built once from the base config). --grid names must be "
              "declared by the experiment in Experiment.hparams (with "
