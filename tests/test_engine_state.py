@@ -123,6 +123,11 @@ def test_pooled_rounds_check_hyperparameters(rng):
                for s in range(2)])
   with np.testing.assert_raises_regex(ValueError, "together"):
     engine.rounds_body(st, data, hparams={"lr": jnp.ones(2)})
+  one = engine.init(model.init(jax.random.PRNGKey(0)), seed=0)
+  with np.testing.assert_raises_regex(ValueError, "leading run axis"):
+    engine.rounds_body(one, data)
+  with np.testing.assert_raises_regex(ValueError, "size 2"):
+    engine.rounds_body(st.replace(rng=st.rng[:1]), data)
   with np.testing.assert_raises_regex(ValueError, r"\[R=2\]"):
     engine.rounds_body(st, data, lambda h: fl.fed_avg(model, optax.sgd(0.1)),
                        {"lr": jnp.ones(3)})

@@ -537,6 +537,15 @@ class Engine:
     """
     if (algorithm_fn is None) != (hparams is None):
       raise ValueError("pass algorithm_fn and hparams together.")
+    if not isinstance(states, EngineState) or jnp.ndim(states.round) != 1:
+      raise ValueError("rounds_body expects EngineStates stacked on a leading "
+                       "run axis (round of shape [R]); stack them with "
+                       "jax.tree.map(lambda *xs: jnp.stack(xs), *states).")
+    r = jnp.shape(states.round)[0]
+    bad = [x.shape for x in jax.tree.leaves(states) if x.shape[:1] != (r,)]
+    if bad:
+      raise ValueError(f"every state leaf needs the leading run axis of size "
+                       f"{r}; got leaves of shape {bad[:3]}.")
     return self._rounds_body(states, data, algorithm_fn, hparams)
 
 
