@@ -135,11 +135,28 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
   def vmapped_grid():
     return vg.run(stacked_grid, data, rounds)[0].server.params
 
+  # Seeds x grid: 2 seeds x (num_seeds // 2) learning rates, pooled (each
+  # client trains all grid points on data gathered once) and lockstep.
+  mixed = {"client_lr": grid["client_lr"][num_seeds // 4:
+                                          num_seeds // 4 + num_seeds // 2]}
+  vmix = fe.VmappedRounds(exp, seeds[:2], mixed, rounds)
+  stacked_mix = vmix.init()
+  vmix_l = fe.VmappedRounds(exp, seeds[:2], mixed, rounds, pooled=False)
+  stacked_mix_l = vmix_l.init()
+
+  def mixed_pooled():
+    return vmix.run(stacked_mix, data, rounds)[0].server.params
+
+  def mixed_lockstep():
+    return vmix_l.run(stacked_mix_l, data, rounds)[0].server.params
+
   t_one, ts_one = timed(one, repeats)
   t_seq, ts_seq = timed(sequential, repeats)
   t_vm, ts_vm = timed(vmapped, repeats)
   t_ls, ts_ls = timed(lockstep, repeats)
   t_grid, ts_grid = timed(vmapped_grid, repeats)
+  t_mix, ts_mix = timed(mixed_pooled, repeats)
+  t_mix_l, ts_mix_l = timed(mixed_lockstep, repeats)
   # The vmapped seeds compute what the separate runs compute.
   ref = jax.device_get(engine.run(states[-1], data, rounds)[0].server.params)
   got = jax.device_get(jax.tree.map(lambda a: a[-1, 0], vmapped()))
@@ -152,6 +169,9 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
           "lockstep_s": t_ls, "lockstep_over_one": t_ls / t_one,
           "vmapped_block_sizes": dict(vm_engine_blocks(vm, stacked, data)),
           "grid_vmapped_s": t_grid, "grid_over_one": t_grid / t_one,
+          "seeds_x_grid": f"2 seeds x {len(mixed['client_lr'])} lrs",
+          "seeds_x_grid_pooled_over_one": t_mix / t_one,
+          "seeds_x_grid_lockstep_over_one": t_mix_l / t_one,
           "sequential_over_one": t_seq / t_one,
           "speedup_vs_sequential": t_seq / t_vm,
           "max_abs_diff_vmapped_vs_separate": max_diff,
@@ -160,7 +180,8 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
           "vmapped_traces": vm.num_traces,
           "vmapped_block_size": vm.round_config.block_size,
           "times": {"one": ts_one, "sequential": ts_seq, "vmapped": ts_vm,
-                    "lockstep": ts_ls,
+                    "lockstep": ts_ls, "seeds_x_grid_pooled": ts_mix,
+                    "seeds_x_grid_lockstep": ts_mix_l,
                     "grid_vmapped": ts_grid}}
 
 
@@ -256,6 +277,9 @@ def main(argv=None):
             f"{r['vmapped_over_one']:.2f}x | {r['lockstep_over_one']:.2f}x | "
             f"{r['grid_vmapped_s']:.3f} | "
             f"{r['grid_over_one']:.2f}x |", flush=True)
+      print(f"  {name}: {r['seeds_x_grid']}: pooled "
+            f"{r['seeds_x_grid_pooled_over_one']:.2f}x one run, lockstep "
+            f"{r['seeds_x_grid_lockstep_over_one']:.2f}x", flush=True)
       b = r["free_width_bound"]
       print(f"  {name}: with free width, {n} seeds' rounds wait "
             f"{b['ratio']:.2f}x one run's (longest client {b['seeds_steps']:.0f}"

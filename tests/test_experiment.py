@@ -334,6 +334,45 @@ def test_pooled_and_lockstep_sweeps_agree(tiny_file):
                              rtol=1e-5)
 
 
+def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
+  """Grid points whose client weights differ are averaged separately."""
+  sizes = [3, 6, 4, 6, 3, 5]
+  train = fl.FederatedDataset.from_clients(
+      [{"x": rng.standard_normal((n, 4)).astype(np.float32),
+        "y": rng.integers(0, 3, n).astype(np.int32)} for n in sizes])
+  model = fl.models.logistic_regression(4, 3)
+
+  def algorithm_fn(h):
+    base = fl.fed_avg(model, optax.sgd(h["client_lr"]))
+
+    def client_update(b, cs, data, key):
+      out = base.client_update(b, cs, data, key)
+      # A weight that depends on the grid point and on the client.
+      w = out.weight * (1.0 + h["client_lr"] * data.client_id)
+      return out._replace(weight=w)
+    return base._replace(client_update=client_update)
+
+  exp = fe.Experiment(model=model, train=train,
+                      hparams={"client_lr": 0.1}, algorithm_fn=algorithm_fn,
+                      round_config=fl.RoundConfig(3, fl.LocalWork(batch_size=2)),
+                      num_rounds=2, eval_every=0)
+  grid = {"client_lr": [0.05, 0.5, 2.0]}
+  engine = fl.Engine(exp.algorithm, exp.round_config)
+  data = engine.put_data(train)
+  out = []
+  for pooled in (True, False):
+    vm = fe.VmappedRounds(exp, [0, 1], grid, 2, pooled=pooled)
+    state, metrics = vm.run(vm.init(), data, 2)
+    out.append((vm.engine_states(state), vm.flat(metrics, axis=1)))
+  (sp, mp), (sl, ml) = out
+  chex.assert_trees_all_close(jax.device_get(sp.server),
+                              jax.device_get(sl.server), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(mp["total_weight"]),
+                             np.asarray(ml["total_weight"]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(mp["loss"]), np.asarray(ml["loss"]),
+                             rtol=1e-5)
+
+
 def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
   ef = fe.load_experiment_file(str(tiny_file))
   exp = ef.build(ef.get_config())

@@ -5,11 +5,13 @@ server state (initial params from ``k_init(seed)``) and, through its seed, its
 own sampling and client rng (``k_engine(seed)``). All settings advance together
 in one jitted program built from the engine's pure rounds, in one of two ways:
 
-* pooled (default with several seeds): every setting is a run of ONE engine
+* pooled (default with several seeds): every seed is a run of ONE engine
   round (:meth:`Engine.rounds_body`). Each run samples its own clients; the
   sampled clients of all runs share the size-bucket blocks, and aggregation
   and the server update stay per run. Blocks are full however differently
-  the runs' samples fall into the buckets.
+  the runs' samples fall into the buckets. A seed's grid points are one
+  algorithm (:func:`grid_algorithm`): each client trains every point's
+  model on its data gathered once.
 * lockstep (default with one seed): ``jax.vmap`` over the settings of
   ``Engine.round_body``. Grid points of one seed share its client sample and
   gathered data (only the parameters carry the grid axis), which makes a
@@ -47,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
+                                         FederatedAlgorithm)
 from fedjax_lite.engine.round import Engine, EngineState
 from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment import config as cfglib
@@ -157,11 +161,90 @@ def _check_grid(exp: Experiment, grid: Mapping[str, Sequence[float]]) -> None:
       raise cfglib.ConfigError(f"--grid {name}= has no values.")
 
 
+_GRID_WEIGHT = "_grid_mean_weight"
+
+
+def _swap_client_axes(clients):
+  # [seeds, grid, clients, ...] <-> [seeds, clients, grid, ...]
+  return jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), clients)
+
+
+def grid_algorithm(make_algorithm, h: Mapping[str, jax.Array],
+                   num_points: int) -> FederatedAlgorithm:
+  """``num_points`` grid points of one run as ONE federated algorithm.
+
+  Server and client states carry a leading grid axis. Every client trains
+  all grid points' models (``jax.vmap`` over the points) on its data
+  gathered once, so the points share sampling and gathering, and matmuls of
+  the points share their data operand. Each point is aggregated with its own
+  weights: a client reports ``weight_g * update_g`` and ``weight_g`` with an
+  engine weight of 1, and the server divides the sums.
+
+  Args:
+    make_algorithm: ``{name: scalar} -> FederatedAlgorithm``.
+    h: ``{name: [num_points] values}`` (empty: identical points).
+    num_points: the number of grid points.
+  """
+  h = dict(h)
+
+  def alg_at(hg):
+    return make_algorithm(hg)
+
+  def over_points(fn, *args, in_axes=0):
+    return jax.vmap(fn, in_axes=(0,) + (in_axes,) * len(args),
+                    axis_size=num_points)(h, *args)
+
+  def broadcast(server):
+    return over_points(lambda hg, s: alg_at(hg).broadcast(s), server)
+
+  def client_update(bcast, cstate, data, rng):
+    def one(hg, b, cs):
+      out = alg_at(hg).client_update(b, cs, data, rng)
+      w = jnp.asarray(out.weight, jnp.float32)
+      wu = jax.tree.map(lambda u: u * w.astype(u.dtype), out.update)
+      metrics = dict(out.metrics)
+      metrics[_GRID_WEIGHT] = (w, jnp.ones((), jnp.float32))
+      return wu, w, out.state, metrics
+    wu, w, state, metrics = jax.vmap(
+        one, in_axes=(0, 0, None if cstate is None else 0),
+        axis_size=num_points)(h, bcast, cstate)
+    return ClientOutput(update={"wu": wu, "w": w},
+                        weight=jnp.ones((), jnp.float32), state=state,
+                        metrics=metrics)
+
+  def server_update(server, agg):
+    # agg.mean = {"wu": mean_k w_kg u_kg, "w": mean_k w_kg} over clients.
+    def one(hg, s, wu, w, metrics):
+      safe = jnp.where(w > 0, w, 1.0)
+      mean = jax.tree.map(lambda a: jnp.where(w > 0, a / safe.astype(a.dtype),
+                                              jnp.zeros((), a.dtype)), wu)
+      metrics = {k: v for k, v in metrics.items() if k != _GRID_WEIGHT}
+      g = Aggregate(mean=mean, total_weight=w * agg.total_weight,
+                    num_clients=agg.num_clients, metrics=metrics)
+      return alg_at(hg).server_update(s, g)
+    return jax.vmap(one, axis_size=num_points)(
+        h, server, agg.mean["wu"], agg.mean["w"], agg.metrics)
+
+  probe = make_algorithm({n: v[0] for n, v in h.items()})
+  client_init = None if probe.client_init is None else (
+      lambda p: over_points(lambda hg, q: alg_at(hg).client_init(q), p,
+                            in_axes=None))
+  return FederatedAlgorithm(
+      server_init=lambda p: over_points(lambda hg, q: alg_at(hg).server_init(
+          q), p, in_axes=None),
+      client_update=client_update, server_update=server_update,
+      broadcast=broadcast, client_init=client_init,
+      get_params=lambda s: over_points(lambda hg, q: alg_at(hg).get_params(
+          q), s),
+      name=f"{probe.name} x{num_points}")
+
+
 class VmappedRounds:
   """Runs the rounds of every (seed, grid point) setting as ONE computation.
 
-  Pooled (see the module docstring): all settings are runs of one engine
-  round whose clients share the blocks. Lockstep: two nested ``jax.vmap``,
+  Pooled (see the module docstring): the seeds are runs of one engine round
+  whose clients share the blocks, and every client trains all grid points.
+  Lockstep: two nested ``jax.vmap``,
   the outer over seeds (each seed has its own rng, hence its own client
   sample and data order), the inner over grid points, which share their
   seed's rng, client sample and gathered data.
@@ -181,11 +264,12 @@ class VmappedRounds:
       automatic choice for all runs' clients together, and lockstep, the
       automatic choice for one run divided by the number of settings
       (vmapping S settings multiplies a block's working memory by S).
-    pooled: pool the settings into one round (default: with two or more
-      seeds) or vmap their separate rounds (default with one seed).
-      Measured on a 2-core CPU with 8 seeds: pooled 6.4x one run on
-      Synthetic(1, 1), lockstep 10.5x, sequential runs 8.4x
-      (experiments/results/sweeps.md).
+    pooled: pool the seeds into one round (default: with two or more
+      seeds) or vmap the settings' separate rounds (default with one seed).
+      Measured on a 2-core CPU on Synthetic(1, 1) (experiments/results/
+      sweeps.md): 8 seeds pooled 5.6-6.7x one run, lockstep 9.8-10.9x,
+      sequential runs 8.9-10.9x; 2 seeds x 4 learning rates pooled 5.1x,
+      lockstep 6.9x; 8 learning rates of one seed (lockstep) 4.2-4.9x.
   """
 
   def __init__(self, exp: Experiment, seeds: Sequence[int],
@@ -244,23 +328,19 @@ class VmappedRounds:
                                                          rng)
 
   def _pooled_rounds(self, h, server, clients, rnd, rng, data):
-    # Every (seed, grid point) setting is a run of ONE pooled engine round.
+    # Every seed is a run of ONE pooled engine round; its grid points are
+    # one algorithm whose clients train all grid points' models on the data
+    # gathered once (grid_algorithm).
     ns, ng = len(self.seeds), len(self.points)
-    flat = lambda t: jax.tree.map(  # noqa: E731
-        lambda a: a.reshape((ns * ng,) + a.shape[2:]), t)
-    runs_rng = jnp.repeat(rng, ng, axis=0)  # run s*ng + g has seed s
-    states = EngineState(flat(server), flat(clients),
-                         jnp.full((ns * ng,), rnd, jnp.int32), runs_rng)
-    engine = Engine(self.exp.make_algorithm(self.points[0]),
-                    self.round_config, self.mesh)
-    if self.names:
-      hp = {n: jnp.tile(v, ns) for n, v in h.items()}
-      new, m = engine.rounds_body(states, data, self.exp.make_algorithm, hp)
-    else:
-      new, m = engine.rounds_body(states, data)
-    unflat = lambda t: jax.tree.map(  # noqa: E731
-        lambda a: a.reshape((ns, ng) + a.shape[1:]), t)
-    return (unflat(new.server), unflat(new.clients)), unflat(m)
+    states = EngineState(server, _swap_client_axes(clients),
+                         jnp.full((ns,), rnd, jnp.int32), rng)
+    alg = grid_algorithm(self.exp.make_algorithm, h, ng)
+    new, m = Engine(alg, self.round_config, self.mesh).rounds_body(states,
+                                                                   data)
+    m = dict(m)
+    m["num_clients"] = jnp.repeat(m["num_clients"][:, None], ng, axis=1)
+    m["total_weight"] = m.pop(_GRID_WEIGHT) * m["num_clients"]
+    return (new.server, _swap_client_axes(new.clients)), m
 
   def _run_body(self, h, state, data, num_rounds):
     # A dynamic trip count (fori_loop) and a [max_rounds] metrics buffer: one
