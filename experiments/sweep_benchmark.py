@@ -167,7 +167,7 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
           "block_size_config": block_size,
           "vmapped_s": t_vm, "vmapped_over_one": t_vm / t_one,
           "lockstep_s": t_ls, "lockstep_over_one": t_ls / t_one,
-          "vmapped_block_sizes": dict(vm_engine_blocks(vm, stacked, data)),
+          "vmapped_block_sizes": dict(vm.block_sizes),
           "grid_vmapped_s": t_grid, "grid_over_one": t_grid / t_one,
           "seeds_x_grid": f"2 seeds x {len(mixed['client_lr'])} lrs",
           "seeds_x_grid_pooled_over_one": t_mix / t_one,
@@ -218,16 +218,6 @@ def critical_path_ratio(exp: fe.Experiment, num_seeds: int,
   return {"one_run_steps": float(np.mean(one)),
           "seeds_steps": float(np.mean(many)),
           "ratio": float(np.mean(many) / np.mean(one)), "rounds": rounds}
-
-
-def vm_engine_blocks(vm, stacked, data) -> dict:
-  """The block size per size bucket that the pooled sweep round uses."""
-  e = fl.Engine(vm.exp.make_algorithm(vm.points[0]), vm.round_config,
-                vm.mesh)
-  states = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                        vm.engine_states(stacked))
-  jax.eval_shape(e.rounds_body, states, data)
-  return e.block_sizes
 
 
 def cpu_model() -> str:

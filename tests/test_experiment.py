@@ -325,6 +325,7 @@ def test_pooled_and_lockstep_sweeps_agree(tiny_file):
     vm = fe.VmappedRounds(exp, [3, 4], grid, 3, pooled=pooled)
     assert vm.pooled is pooled
     state, metrics = vm.run(vm.init(), data, 3)
+    assert set(vm.block_sizes) == set(data.bucket_sizes)
     out.append((vm.engine_states(state), vm.flat(metrics, axis=1)))
   (sp, mp), (sl, ml) = out
   chex.assert_trees_all_close(jax.device_get(sp.server),
@@ -371,6 +372,16 @@ def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
                              np.asarray(ml["total_weight"]), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(mp["loss"]), np.asarray(ml["loss"]),
                              rtol=1e-5)
+  # The grid algorithm's own init/get_params stack one state per point.
+  alg = sweeplib.grid_algorithm(
+      algorithm_fn, {"client_lr": np.asarray(grid["client_lr"], np.float32)},
+      3)
+  params = model.init(jax.random.PRNGKey(0))
+  stacked = alg.get_params(alg.server_init(params))
+  for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got),
+                                  np.broadcast_to(want, (3,) + want.shape))
+  assert alg.client_init is None and alg.name.endswith("x3")
 
 
 def test_sweep_rejects_undeclared_hyperparameters(tiny_file):

@@ -187,19 +187,19 @@ def grid_algorithm(make_algorithm, h: Mapping[str, jax.Array],
   """
   h = dict(h)
 
-  def alg_at(hg):
-    return make_algorithm(hg)
-
   def over_points(fn, *args, in_axes=0):
     return jax.vmap(fn, in_axes=(0,) + (in_axes,) * len(args),
                     axis_size=num_points)(h, *args)
 
+  def each(method):  # (hg, *args) -> make_algorithm(hg).<method>(*args)
+    return lambda hg, *a: getattr(make_algorithm(hg), method)(*a)
+
   def broadcast(server):
-    return over_points(lambda hg, s: alg_at(hg).broadcast(s), server)
+    return over_points(each("broadcast"), server)
 
   def client_update(bcast, cstate, data, rng):
     def one(hg, b, cs):
-      out = alg_at(hg).client_update(b, cs, data, rng)
+      out = make_algorithm(hg).client_update(b, cs, data, rng)
       w = jnp.asarray(out.weight, jnp.float32)
       wu = jax.tree.map(lambda u: u * w.astype(u.dtype), out.update)
       metrics = dict(out.metrics)
@@ -221,21 +221,18 @@ def grid_algorithm(make_algorithm, h: Mapping[str, jax.Array],
       metrics = {k: v for k, v in metrics.items() if k != _GRID_WEIGHT}
       g = Aggregate(mean=mean, total_weight=w * agg.total_weight,
                     num_clients=agg.num_clients, metrics=metrics)
-      return alg_at(hg).server_update(s, g)
+      return make_algorithm(hg).server_update(s, g)
     return jax.vmap(one, axis_size=num_points)(
         h, server, agg.mean["wu"], agg.mean["w"], agg.metrics)
 
   probe = make_algorithm({n: v[0] for n, v in h.items()})
   client_init = None if probe.client_init is None else (
-      lambda p: over_points(lambda hg, q: alg_at(hg).client_init(q), p,
-                            in_axes=None))
+      lambda p: over_points(each("client_init"), p, in_axes=None))
   return FederatedAlgorithm(
-      server_init=lambda p: over_points(lambda hg, q: alg_at(hg).server_init(
-          q), p, in_axes=None),
+      server_init=lambda p: over_points(each("server_init"), p, in_axes=None),
       client_update=client_update, server_update=server_update,
       broadcast=broadcast, client_init=client_init,
-      get_params=lambda s: over_points(lambda hg, q: alg_at(hg).get_params(
-          q), s),
+      get_params=lambda s: over_points(each("get_params"), s),
       name=f"{probe.name} x{num_points}")
 
 
@@ -286,6 +283,8 @@ class VmappedRounds:
     self.settings = make_settings(self.seeds, grid)
     self.max_rounds = int(max_rounds_per_call)
     self.num_traces = 0
+    # Clients per device per block for each size bucket, as last traced.
+    self.block_sizes: dict[int, int] = {}
     self.mesh = exp.mesh
     self.h = {n: jnp.asarray([p[n] for p in self.points], jnp.float32)
               for n in self.names}
@@ -312,8 +311,10 @@ class VmappedRounds:
         block_size=max(1, single // len(self.settings)))
 
   def _one_round(self, h, state, data):
-    alg = self.exp.make_algorithm(h)
-    return Engine(alg, self.round_config, self.mesh).round_body(state, data)
+    engine = Engine(self.exp.make_algorithm(h), self.round_config, self.mesh)
+    out = engine.round_body(state, data)
+    self.block_sizes = dict(engine.block_sizes)
+    return out
 
   def _rounds_of_all(self, h, server, clients, rnd, rng, data):
     if self.pooled:
@@ -334,9 +335,10 @@ class VmappedRounds:
     ns, ng = len(self.seeds), len(self.points)
     states = EngineState(server, _swap_client_axes(clients),
                          jnp.full((ns,), rnd, jnp.int32), rng)
-    alg = grid_algorithm(self.exp.make_algorithm, h, ng)
-    new, m = Engine(alg, self.round_config, self.mesh).rounds_body(states,
-                                                                   data)
+    engine = Engine(grid_algorithm(self.exp.make_algorithm, h, ng),
+                    self.round_config, self.mesh)
+    new, m = engine.rounds_body(states, data)
+    self.block_sizes = dict(engine.block_sizes)
     m = dict(m)
     m["num_clients"] = jnp.repeat(m["num_clients"][:, None], ng, axis=1)
     m["total_weight"] = m.pop(_GRID_WEIGHT) * m["num_clients"]
