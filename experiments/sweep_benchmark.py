@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -220,18 +219,6 @@ def critical_path_ratio(exp: fe.Experiment, num_seeds: int,
           "ratio": float(np.mean(many) / np.mean(one)), "rounds": rounds}
 
 
-def cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=False).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workload", nargs="+", default=list(WORKLOADS),
@@ -245,7 +232,12 @@ def main(argv=None):
                        "default: the engine's automatic choice)")
   ap.add_argument("--json", default=None, help="write results here")
   args = ap.parse_args(argv)
-  env = {"cpu": cpu_model(), "cores": os.cpu_count(),
+  # Matmul peak in its own process with JAX's default XLA settings (as in
+  # benchmark.py): 2048^2 float32, both cores.
+  peak = benchmark.run_worker("peak", "mlp100", 1,
+                              env_extra={"XLA_FLAGS": ""})
+  env = {"cpu": benchmark.cpu_info(), "cores": os.cpu_count(),
+         "matmul_peak_gflops": peak["peak_gflops"],
          "devices": len(jax.devices()), "platform": jax.devices()[0].platform,
          "jax": jax.__version__, "cpu_settings": fl.runtime.settings()}
   print(json.dumps(env))

@@ -264,9 +264,9 @@ class VmappedRounds:
     pooled: pool the seeds into one round (default: with two or more
       seeds) or vmap the settings' separate rounds (default with one seed).
       Measured on a 2-core CPU on Synthetic(1, 1) (experiments/results/
-      sweeps.md): 8 seeds pooled 5.6-6.7x one run, lockstep 9.8-10.9x,
-      sequential runs 8.9-10.9x; 2 seeds x 4 learning rates pooled 5.1x,
-      lockstep 6.9x; 8 learning rates of one seed (lockstep) 4.2-4.9x.
+      sweeps.md): 8 seeds pooled 5.6-6.7x one run, lockstep 9.8-11.2x,
+      sequential runs 8.9-10.9x; 2 seeds x 4 learning rates pooled 5.0-5.1x,
+      lockstep 6.8-6.9x; 8 learning rates of one seed (lockstep) 4.2-4.9x.
   """
 
   def __init__(self, exp: Experiment, seeds: Sequence[int],
