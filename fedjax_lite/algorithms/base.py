@@ -80,6 +80,9 @@ class FederatedAlgorithm(NamedTuple):
       keep state on every client across rounds (SCAFFOLD), else None.
     get_params: ``server_state -> params`` (default ``server_state.params``).
     name: for reports.
+    aggregator: how the round reduces the clients' updates (a
+      :class:`fedjax_lite.aggregators.Aggregator`); None is the weighted mean
+      ``sum_k w_k u_k / sum_k w_k``.
   """
   server_init: Callable[[PyTree], PyTree]
   client_update: Callable[..., ClientOutput]
@@ -88,6 +91,7 @@ class FederatedAlgorithm(NamedTuple):
   client_init: Callable[[PyTree], PyTree] | None = None
   get_params: Callable[[PyTree], PyTree] = _params_of
   name: str = "algorithm"
+  aggregator: Any = None
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
