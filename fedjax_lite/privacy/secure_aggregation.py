@@ -1,0 +1,991 @@
+r"""Secure aggregation: SecAgg (Bonawitz et al. 2017) and SecAgg+ (Bell et al.
+2020), simulated in one process with real X25519 keys, HKDF, AES-GCM and
+Shamir sharing, and the masked modular sum vectorized in JAX.
+
+Papers: Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving
+Machine Learning", CCS 2017 (ePrint 2017/281); Bell et al., "Secure
+Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020
+(ePrint 2020/704).
+
+Protocol (one round, ``n`` clients, neighbour graph ``G``, threshold ``t``)::
+
+  0 AdvertiseKeys   client u: X25519 key pairs (c_u^SK, c_u^PK) for share
+                    encryption and (s_u^SK, s_u^PK) for masks -> server -> N(u)
+  1 ShareKeys       u draws a self-mask seed b_u (16 bytes), Shamir-splits
+                    s_u^SK (32 bytes -> 3 field elements) and b_u (2 elements)
+                    t-of-|N(u)|+1 among N(u) and itself, encrypts v's share
+                    with AES-GCM under HKDF(X25519(c_u^SK, c_v^PK)) -> server
+                    routes the ciphertexts to v
+  2 MaskedInput     s_uv = HKDF(X25519(s_u^SK, s_v^PK)); u sends
+                    y_u = q_u + PRG(b_u) + sum_{v in N(u)} sgn(u, v) PRG(s_uv)
+                    mod 2^b, sgn(u, v) = +1 if u < v else -1
+  3 Unmasking       server announces the survivors U; each survivor v decrypts
+                    what it holds and reveals shares of b_u for u in U and of
+                    s_u^SK for dropped u; the server reconstructs them (needs t
+                    shares each, else it REFUSES before any share is revealed),
+                    recomputes s_dv for every dropped d and surviving
+                    neighbour v, and outputs
+                    z = sum_{u in U} y_u - sum_{u in U} PRG(b_u)
+                          - sum_{v in U, d not in U, v ~ d} sgn(v, d) PRG(s_vd)
+                      = sum_{u in U} q_u   (mod 2^b)
+
+SecAgg is ``G`` = the complete graph. SecAgg+ replaces it by a random
+``k``-regular Harary graph (nodes on a ring in a random order, each joined to
+its ``k/2`` nearest on either side), so each client agrees keys with, shares
+with and masks against ``k = O(log n)`` peers instead of ``n - 1``
+(:func:`secagg_plus_degree` picks ``k``). Threshold rule (both): a strict
+majority of the ``h`` share holders (``h = n`` for SecAgg, ``k + 1`` for
+SecAgg+: the neighbours and the client itself), ``h // 2 + 1 <= t <= h``.
+With ``2t > h`` any two sets of ``t`` holders intersect, and an honest holder
+reveals for a client u either its share of b_u or of s_u^SK, never both, so
+even a server that lies about who dropped cannot rebuild both secrets of a
+client. Correctness needs ``t`` surviving holders for every client.
+
+Quantization (fixed point, no wrap-around): each update is clipped to L2 norm
+``C`` (so every coordinate is in ``[-C, C]``), then
+``q = round(x L / C) + L`` with ``L = 2^{bits_per_value} - 1``, an integer in
+``[0, 2L] \subset [0, 2^{bits_per_value + 1})``. The sum of ``n`` of them is
+below ``2^{bits_per_value + 1 + ceil(log2 n)}``, hence the headroom rule
+
+.. math:: b \ge \text{bits\_per\_value} + \lceil \log_2 n \rceil + 1,
+          \qquad b \le 32,
+
+so the sum in :math:`\mathbb{Z}_{2^b}` is the exact integer sum. Arithmetic is
+uint32 (wrapping mod :math:`2^{32}`) reduced mod :math:`2^b`
+(:math:`2^b \mid 2^{32}`). The server decodes
+:math:`\sum_u x_u \approx (z - |U| L) C / L`.
+
+Where each step runs: key generation, X25519 agreements, HKDF, AES-GCM and
+Shamir sharing/reconstruction are per client or per pair of clients (never per
+model parameter) and run on the host in Python; mask expansion and the
+modular sums are per parameter and run on device, vectorized over clients
+(``vmap``) and over a client's neighbours (``lax.fori_loop``).
+
+PRG: masks are expanded with JAX's threefry2x32 counter-based generator
+(``jax.random.bits``) keyed by the first 64 bits of the 32-byte HKDF output
+(or of b_u). Threefry (Salmon et al. 2011) passes statistical test batteries
+and is fast on accelerators, but it is not a vetted cryptographic PRG and a
+64-bit key can be brute-forced; the masks here are statistically uniform,
+not computationally secure. A deployment would expand the full 256-bit seed
+with AES-CTR or ChaCha20.
+
+What this simulation protects and what it does not:
+
+* Protects (in the protocol's honest-but-curious server model): the server
+  only ever holds public keys, AES-GCM ciphertexts it cannot decrypt, masked
+  vectors that are uniform in :math:`\mathbb{Z}_{2^b}` on their own, the
+  survivor list and the shares survivors reveal; it learns the sum of the
+  survivors' quantized updates and nothing else about an individual one
+  (up to the PRG's strength), also when clients drop, as long as fewer than
+  ``t`` holders of a client collude with it.
+* Does not protect: all parties live in one Python process and the network is
+  simulated (messages are counted, not sent); there are no signatures or
+  PKI (the paper's active-adversary variant with a consistency check round
+  and signed keys is not implemented), so a server that substitutes public
+  keys (man in the middle) or a malicious client is out of scope; there are no
+  defences against malicious clients sending out-of-range inputs (a client can
+  shift the sum arbitrarily); the PRG caveat above; by default the key
+  material comes from a seeded NumPy/``random`` generator so runs are
+  reproducible (``seed=None`` draws from the OS CSPRNG instead); the sum
+  itself is revealed (combine with DP for that, see :func:`secure_aggregator`).
+
+Layer: ``fedjax_lite.privacy`` sits beside ``aggregators/`` (it imports
+``aggregators/``); ``engine/`` and ``learning.py`` may import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import secrets as _secrets
+import struct
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import (X25519PrivateKey,
+                                                              X25519PublicKey)
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from jax.flatten_util import ravel_pytree
+
+from fedjax_lite.aggregators.base import (Aggregator, AggregatorOutput,
+                                          check_float_updates, clip_by_norm,
+                                          taking_part)
+from fedjax_lite.privacy import shamir
+
+PyTree = Any
+MAX_BITS = 32
+_MASK_INFO = b"fedjax_lite secagg pairwise mask v1"
+_ENC_INFO = b"fedjax_lite secagg share encryption v1"
+_KEY_BYTES = 32        # X25519 private key
+_SEED_BYTES = 16       # self-mask seed b_u
+_ID_BYTES = 4          # a client index on the wire
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_SK_ELEMS = shamir.num_elements(_KEY_BYTES)    # 3
+_SEED_ELEMS = shamir.num_elements(_SEED_BYTES)  # 2
+
+
+class SecAggError(ValueError):
+  """The protocol refuses to unmask (e.g. fewer than ``t`` survivors)."""
+
+
+# --------------------------------------------------------------- parameters
+def min_modulus_bits(bits_per_value: int, num_clients: int) -> int:
+  """``bits_per_value + ceil(log2 num_clients) + 1``: the sum never wraps."""
+  return int(bits_per_value + math.ceil(math.log2(max(1, num_clients))) + 1)
+
+
+def check_modulus_bits(bits: int, bits_per_value: int, num_clients: int,
+                       where: str = "secure aggregation") -> int:
+  """Validates the modulus width ``b`` (``bits``) for ``num_clients``."""
+  if isinstance(bits_per_value, bool) or not isinstance(
+      bits_per_value, (int, np.integer)) or bits_per_value < 1:
+    raise ValueError(f"{where}: bits_per_value must be an int >= 1, got "
+                     f"{bits_per_value!r}.")
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+    raise ValueError(f"{where}: bits must be an int in [2, {MAX_BITS}], got "
+                     f"{bits!r}.")
+  if bits > MAX_BITS:
+    raise ValueError(f"{where}: bits={bits} exceeds {MAX_BITS}; expected "
+                     f"bits <= {MAX_BITS} (the masked sum is computed in "
+                     "uint32 on device). Lower bits_per_value or the number "
+                     "of clients per round.")
+  need = min_modulus_bits(bits_per_value, num_clients)
+  if bits < need:
+    raise ValueError(
+        f"{where}: bits={bits} is too small for the sum of {num_clients} "
+        f"values of bits_per_value={bits_per_value}: expected bits >= "
+        f"bits_per_value + ceil(log2(num_clients)) + 1 = {need} (else the "
+        f"sum wraps mod 2^{bits}). Pass bits={min(need, MAX_BITS)}"
+        + ("." if need <= MAX_BITS else
+           f" after lowering bits_per_value to "
+           f"{bits_per_value - (need - MAX_BITS)}."))
+  return int(bits)
+
+
+def safe_threshold(num_holders: int) -> int:
+  """The smallest safe threshold: a strict majority ``h // 2 + 1``."""
+  return num_holders // 2 + 1
+
+
+def resolve_threshold(threshold, num_holders: int, num_clients: int) -> int:
+  """``threshold`` (int, fraction of the holders, or None) -> ``t``.
+
+  Raises:
+    ValueError: ``t`` above the number of holders, or below the strict
+      majority ``num_holders // 2 + 1``.
+  """
+  lo = safe_threshold(num_holders)
+  if threshold is None:
+    return lo
+  if isinstance(threshold, float) and 0 < threshold <= 1:
+    t = int(math.ceil(threshold * num_holders))
+  elif isinstance(threshold, (int, np.integer)) and not isinstance(
+      threshold, bool):
+    t = int(threshold)
+  else:
+    raise ValueError(f"threshold must be an int, a fraction in (0, 1] of the "
+                     f"share holders, or None; got {threshold!r}.")
+  what = ("all clients" if num_holders == num_clients else
+          "the client and its neighbours")
+  if t > num_holders:
+    raise ValueError(
+        f"threshold={threshold!r} (t={t}) exceeds the {num_holders} share "
+        f"holders of each secret ({what}, {num_clients} clients per round); "
+        f"expected {lo} <= t <= {num_holders}.")
+  if t < lo:
+    raise ValueError(
+        f"threshold={threshold!r} (t={t}) is below the safe minimum for "
+        f"{num_holders} share holders ({what}): expected t >= "
+        f"{num_holders} // 2 + 1 = {lo} (a strict majority, so no two "
+        f"disjoint sets of t holders exist) and t <= {num_holders}.")
+  return t
+
+
+def secagg_plus_degree(num_clients: int, dropout_rate: float = 0.1,
+                       corrupt_fraction: float = 0.0,
+                       failure_log2: float = -20.0) -> tuple[int, int]:
+  r"""SecAgg+ neighbourhood size ``k`` and threshold ``t`` for ``n`` clients.
+
+  The smallest even ``k`` such that, with ``t = (k + 1) // 2 + 1`` (a strict
+  majority of the ``k + 1`` holders), a union bound over the ``n`` clients
+  gives both
+
+  * correctness: :math:`n \Pr[\mathrm{Bin}(k, 1 - \delta) + 1 < t]
+    \le 2^{\text{failure\_log2}}` (every client keeps ``t`` surviving
+    holders when each client drops independently with probability
+    :math:`\delta`; the ``+1`` is the client's own share, which counts for
+    survivors; dropped clients need ``t`` surviving neighbours, covered by the
+    same bound up to the one share), and
+  * secrecy: :math:`n \Pr[\mathrm{Bin}(k, \gamma) \ge t] \le
+    2^{\text{failure\_log2}}` (fewer than ``t`` of a client's holders
+    collude with the server when a fraction :math:`\gamma` is corrupt).
+
+  Bell et al. (2020, Sec. 3-4) derive ``k = O(log n)`` from the same two
+  binomial tails (and graph connectivity of the honest survivors, which a
+  random Harary graph of this degree has with overwhelming probability; not
+  re-checked here). Returns the complete graph ``(n - 1, n // 2 + 1)`` when
+  no ``k < n - 1`` qualifies.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  n = int(num_clients)
+  if n < 2:
+    raise ValueError(f"num_clients must be >= 2, got {num_clients!r}.")
+  if not 0 <= dropout_rate < 1 or not 0 <= corrupt_fraction < 1:
+    raise ValueError(f"dropout_rate and corrupt_fraction must be in [0, 1), "
+                     f"got {dropout_rate!r} and {corrupt_fraction!r}.")
+  bound = 2.0 ** failure_log2 / n
+  for k in range(2, n - 1, 2):
+    t = safe_threshold(k + 1)
+    fail = stats.binom.cdf(t - 2, k, 1.0 - dropout_rate)  # P[Bin + 1 < t]
+    fail_dropped = stats.binom.cdf(t - 1, k, 1.0 - dropout_rate)
+    leak = stats.binom.sf(t - 1, k, corrupt_fraction) \
+        if corrupt_fraction > 0 else 0.0
+    if max(fail, fail_dropped * dropout_rate) <= bound and leak <= bound:
+      return k, t
+  return n - 1, safe_threshold(n)
+
+
+def harary_graph(num_clients: int, num_neighbors: int | None,
+                 rng: np.random.Generator) -> np.ndarray:
+  """Neighbour lists ``[n, k]`` (sorted, int32) of a random Harary graph.
+
+  The clients sit on a ring in a random order (``rng.permutation``); each is
+  joined to the ``k/2`` nearest on either side (``k`` even), so every client
+  has exactly ``k`` neighbours. ``num_neighbors=None`` or ``>= n - 1``: the
+  complete graph (SecAgg).
+  """
+  n = num_clients
+  if num_neighbors is None or num_neighbors >= n - 1:
+    full = np.arange(n)
+    return np.stack([np.delete(full, u) for u in range(n)]).astype(np.int32)
+  k = int(num_neighbors)
+  if k < 2 or k % 2:
+    raise ValueError(f"num_neighbors must be an even int >= 2 (a Harary "
+                     f"graph joins k/2 clients on either side), or None for "
+                     f"the complete graph; got {num_neighbors!r}.")
+  perm = rng.permutation(n)
+  pos = np.empty(n, np.int64)
+  pos[perm] = np.arange(n)
+  offsets = np.concatenate([np.arange(1, k // 2 + 1), -np.arange(1,
+                                                                 k // 2 + 1)])
+  nbrs = perm[(pos[:, None] + offsets[None, :]) % n]
+  return np.sort(nbrs, axis=1).astype(np.int32)
+
+
+# ------------------------------------------------------------ host crypto
+def _hkdf(shared: bytes, info: bytes, length: int = 32) -> bytes:
+  return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
+              info=info).derive(shared)
+
+
+def _public_bytes(key: X25519PrivateKey) -> bytes:
+  return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def seed_words(seed: bytes) -> np.ndarray:
+  """The PRG key: the first 64 bits of a seed as two uint32 words."""
+  return np.frombuffer(seed[:8], dtype=">u4").astype(np.uint32)
+
+
+def pairwise_seed(own_mask_key: X25519PrivateKey, peer_public: bytes,
+                  round_index: int) -> bytes:
+  """``s_uv = HKDF-SHA256(X25519(s_u^SK, s_v^PK), info=round)`` (32 bytes)."""
+  shared = own_mask_key.exchange(X25519PublicKey.from_public_bytes(
+      peer_public))
+  return _hkdf(shared, _MASK_INFO + struct.pack(">q", round_index))
+
+
+def _encryption_key(own_enc_key: X25519PrivateKey, peer_public: bytes,
+                    round_index: int) -> AESGCM:
+  shared = own_enc_key.exchange(X25519PublicKey.from_public_bytes(
+      peer_public))
+  return AESGCM(_hkdf(shared, _ENC_INFO + struct.pack(">q", round_index)))
+
+
+def _nonce(sender: int, receiver: int) -> bytes:
+  # A fresh key per (pair, round) and one message per direction: unique.
+  return struct.pack(">IIi", sender, receiver, 0)
+
+
+def _encode_shares(sender: int, receiver: int, sk_share, seed_share) -> bytes:
+  return struct.pack(">II", sender, receiver) + b"".join(
+      int(e).to_bytes(shamir.ELEMENT_BYTES, "big")
+      for e in list(sk_share) + list(seed_share))
+
+
+def _decode_shares(plain: bytes):
+  sender, receiver = struct.unpack(">II", plain[:8])
+  body = plain[8:]
+  elems = [int.from_bytes(body[i:i + shamir.ELEMENT_BYTES], "big")
+           for i in range(0, len(body), shamir.ELEMENT_BYTES)]
+  return sender, receiver, elems[:_SK_ELEMS], elems[_SK_ELEMS:]
+
+
+class _Client:
+  """One client's secrets for one round (nothing here reaches the server)."""
+
+  def __init__(self, index: int, entropy):
+    self.index = index
+    self.enc_key = X25519PrivateKey.from_private_bytes(entropy(_KEY_BYTES))
+    self.mask_key = X25519PrivateKey.from_private_bytes(entropy(_KEY_BYTES))
+    self.self_seed = entropy(_SEED_BYTES)
+    self.inbox: dict[int, bytes] = {}       # sender -> ciphertext for me
+    self.own_shares = None                   # my share of my own secrets
+    self.aead: dict[int, AESGCM] = {}
+
+
+@dataclasses.dataclass
+class Traffic:
+  """Bytes each client sent/received in one round (messages via the server).
+
+  Attributes:
+    sent: ``[n]`` bytes sent by each client.
+    received: ``[n]`` bytes received by each client.
+  """
+  sent: np.ndarray
+  received: np.ndarray
+
+
+class SecAggRound:
+  """One round of SecAgg / SecAgg+ among ``num_clients`` simulated clients.
+
+  Construction runs AdvertiseKeys and ShareKeys on the host (key pairs,
+  Shamir shares, AES-GCM ciphertexts routed through the server) and derives
+  every client's mask seeds. :meth:`client_masks` gives what each client
+  feeds the device PRG; :meth:`unmask_material` is the server's Unmasking
+  round for a given survivor set.
+
+  Each pairwise secret is derived once per edge, from the lower-indexed
+  client's side (X25519 is symmetric: the other side derives the same bytes;
+  :meth:`rederive_client` recomputes one client's side and checks it).
+
+  Args:
+    num_clients: ``n`` clients in the round.
+    threshold: ``t`` (int), a fraction of the holders, or None for the safe
+      minimum (strict majority of the holders).
+    num_neighbors: ``k`` for SecAgg+ (even), or None for SecAgg's complete
+      graph.
+    round_index: bound into the HKDF info (fresh secrets per round).
+    seed: int for reproducible key material, None for OS randomness.
+    message_bits: modulus width ``b`` (for the masked input's wire size).
+    num_params: ``d`` (for the masked input's wire size).
+  """
+
+  def __init__(self, num_clients: int, *, threshold=None,
+               num_neighbors: int | None = None, round_index: int = 0,
+               seed: int | None = 0, message_bits: int = 32,
+               num_params: int = 0):
+    if isinstance(num_clients, bool) or not isinstance(
+        num_clients, (int, np.integer)) or num_clients < 2:
+      raise ValueError(f"num_clients must be an int >= 2 (secure aggregation "
+                       f"of one client reveals its update), got "
+                       f"{num_clients!r}.")
+    n = self.num_clients = int(num_clients)
+    self.round_index = int(round_index)
+    self.message_bits = int(message_bits)
+    self.num_params = int(num_params)
+    if seed is None:
+      entropy = _secrets.token_bytes
+      self._randbits = _secrets.randbits
+      graph_rng = np.random.default_rng()
+    else:
+      gen = np.random.default_rng([int(seed), self.round_index, 0x5ec])
+      entropy = gen.bytes
+      self._randbits = random.Random(
+          int(seed) * 1_000_003 + self.round_index).getrandbits
+      graph_rng = np.random.default_rng([int(seed), self.round_index, 0x6a])
+    self.neighbors = harary_graph(n, num_neighbors, graph_rng)   # [n, k]
+    self.degree = int(self.neighbors.shape[1])
+    self.complete = self.degree == n - 1
+    self.num_holders = self.degree + 1
+    self.threshold = resolve_threshold(threshold, self.num_holders, n)
+    t0 = time.perf_counter()
+    self._clients = [_Client(u, entropy) for u in range(n)]
+    sent = np.zeros(n, np.int64)
+    recv = np.zeros(n, np.int64)
+    # 0 AdvertiseKeys: (c^PK, s^PK) to the server, forwarded to neighbours.
+    self.public = [(_public_bytes(c.enc_key), _public_bytes(c.mask_key))
+                   for c in self._clients]
+    for u in range(n):
+      sent[u] += len(self.public[u][0]) + len(self.public[u][1])
+      recv[u] += sum(len(self.public[v][0]) + len(self.public[v][1])
+                     for v in self.neighbors[u])
+    # Pairwise secrets, once per edge (u < v).
+    k = self.degree
+    self._pair_seeds = np.zeros((n, k, 2), np.uint32)
+    self._signs = np.where(self.neighbors > np.arange(n)[:, None], 1,
+                           -1).astype(np.int32)
+    col = [{int(v): j for j, v in enumerate(self.neighbors[u])}
+           for u in range(n)]
+    self._col = col
+    for u, cu in enumerate(self._clients):
+      for j, v in enumerate(self.neighbors[u]):
+        v = int(v)
+        if v < u:
+          continue
+        s = seed_words(pairwise_seed(cu.mask_key, self.public[v][1],
+                                     self.round_index))
+        self._pair_seeds[u, j] = s
+        self._pair_seeds[v, col[v][u]] = s
+        aead = _encryption_key(cu.enc_key, self.public[v][0],
+                               self.round_index)
+        cu.aead[v] = aead
+        self._clients[v].aead[u] = aead
+    # 1 ShareKeys: Shamir shares of s_u^SK and b_u, encrypted per holder.
+    self.ciphertexts_routed = 0
+    for u, cu in enumerate(self._clients):
+      holders = [u] + [int(v) for v in self.neighbors[u]]
+      secret = shamir.bytes_to_elements(
+          cu.mask_key.private_bytes_raw()) + shamir.bytes_to_elements(
+              cu.self_seed)
+      shares = shamir.split(secret, self.threshold,
+                            [h + 1 for h in holders], self._randbits)
+      cu.own_shares = (shares[0][:_SK_ELEMS], shares[0][_SK_ELEMS:])
+      for h, share in zip(holders[1:], shares[1:]):
+        ct = _nonce(u, h) + cu.aead[h].encrypt(
+            _nonce(u, h), _encode_shares(u, h, share[:_SK_ELEMS],
+                                         share[_SK_ELEMS:]), None)
+        self._clients[h].inbox[u] = ct      # routed by the server
+        sent[u] += len(ct)
+        recv[h] += len(ct)
+        self.ciphertexts_routed += 1
+    self.setup_seconds = time.perf_counter() - t0
+    self.traffic = Traffic(sent, recv)
+    self.revealed_shares = 0   # what the server has learned from Unmasking
+
+  # -------------------------------------------------------- client side
+  def client_masks(self, clients=None):
+    """What each client feeds the device PRG (its own secrets only).
+
+    Returns:
+      ``(self_words [m, 2] uint32, pair_words [m, k, 2] uint32,
+      signs [m, k] int32)`` for ``clients`` (default all ``n``).
+    """
+    idx = np.arange(self.num_clients) if clients is None else np.asarray(
+        clients)
+    self_words = np.stack([seed_words(self._clients[u].self_seed)
+                           for u in idx]) if len(idx) else np.zeros(
+                               (0, 2), np.uint32)
+    return self_words, self._pair_seeds[idx], self._signs[idx]
+
+  def rederive_client(self, u: int) -> float:
+    """Recomputes client ``u``'s own host work and checks it; returns seconds.
+
+    Everything ``u`` does in AdvertiseKeys/ShareKeys/MaskedInput on the host:
+    both X25519 agreements with each neighbour, the HKDFs, the Shamir split
+    and the AES-GCM encryptions. Its pairwise seeds must equal the stored
+    ones (derived from the other side for neighbours ``v < u``).
+    """
+    cu = self._clients[u]
+    t0 = time.perf_counter()
+    holders = [u] + [int(v) for v in self.neighbors[u]]
+    for j, v in enumerate(self.neighbors[u]):
+      v = int(v)
+      s = seed_words(pairwise_seed(cu.mask_key, self.public[v][1],
+                                   self.round_index))
+      if not np.array_equal(s, self._pair_seeds[u, j]):
+        raise AssertionError(f"client {u} and {v} derived different seeds.")
+      aead = _encryption_key(cu.enc_key, self.public[v][0], self.round_index)
+      aead.encrypt(_nonce(u, v), b"\0" * (8 + 16 * (_SK_ELEMS + _SEED_ELEMS)),
+                   None)
+    secret = shamir.bytes_to_elements(cu.mask_key.private_bytes_raw()) + \
+        shamir.bytes_to_elements(cu.self_seed)
+    shamir.split(secret, self.threshold, [h + 1 for h in holders],
+                 self._randbits)
+    return time.perf_counter() - t0
+
+  # -------------------------------------------------------- server side
+  def check_survivors(self, survivors: np.ndarray) -> None:
+    """Refuses (before anything is revealed) if a secret lacks ``t`` holders.
+
+    Raises:
+      SecAggError: a surviving client has fewer than ``t`` surviving holders
+        (itself and its surviving neighbours) for its b_u, or a dropped client
+        has fewer than ``t`` surviving neighbours for its s_u^SK.
+    """
+    alive = np.asarray(survivors, bool)
+    n, t = self.num_clients, self.threshold
+    if alive.shape != (n,):
+      raise ValueError(f"survivors must be a bool [{n}] mask, got shape "
+                       f"{alive.shape}.")
+    holders = alive[self.neighbors].sum(1) + alive  # own share if alive
+    bad = np.flatnonzero(holders < t)
+    if alive.sum() < t or len(bad):
+      u = int(bad[0]) if len(bad) else 0
+      graph = "all clients" if self.complete else \
+          f"the client and its {self.degree} neighbours"
+      raise SecAggError(
+          f"secure aggregation refuses to unmask: {int(alive.sum())} of "
+          f"{n} clients survived, and client {u} has only {int(holders[u])} "
+          f"surviving share holders ({graph}) but threshold t={t} shares "
+          f"are needed to remove its masks. No shares were revealed and the "
+          f"masked sum stays masked. Expected at least t={t} surviving "
+          f"holders for every client (lower the dropout rate, or pick a "
+          f"smaller t >= {safe_threshold(self.num_holders)}).")
+
+  def unmask_material(self, survivors) -> tuple[tuple, dict]:
+    """The server's Unmasking round for the survivor set ``survivors``.
+
+    Survivors decrypt the ciphertexts they hold and reveal shares of ``b_u``
+    (surviving ``u``) or of ``s_u^SK`` (dropped ``u``); the server
+    reconstructs them (Lagrange, ``t`` shares each) and recomputes the
+    dropped clients' pairwise seeds with their surviving neighbours.
+
+    Returns:
+      ``((self_words [n, 2], self_on [n] int32, pair_words [n, k, 2],
+      signs [n, k] int32), stats)``: the masks to subtract from the masked
+      sum are ``sum_u self_on_u PRG(self_words_u) + sum_{u, j}
+      signs[u, j] PRG(pair_words[u, j])`` (row ``d`` holds dropped ``d``'s
+      seeds with its surviving neighbours, signed as the neighbour added
+      them); ``stats``: the server's work and the round's traffic.
+
+    Raises:
+      SecAggError: see :meth:`check_survivors` (raised before any reveal).
+    """
+    t0 = time.perf_counter()
+    alive = np.asarray(survivors, bool)
+    self.check_survivors(alive)
+    n, k, t = self.num_clients, self.degree, self.threshold
+    sent = self.traffic.sent.copy()
+    recv = self.traffic.received.copy()
+    # Masked inputs: d values of b bits from every survivor.
+    msg = (self.num_params * self.message_bits + 7) // 8
+    sent[alive] += msg
+    # Server -> survivors: the surviving neighbours' ids.
+    for v in np.flatnonzero(alive):
+      recv[v] += _ID_BYTES * int(alive[self.neighbors[v]].sum())
+    # Survivors reveal shares (decrypting what they hold).
+    revealed: dict[int, list] = {u: [] for u in range(n)}
+    for v in np.flatnonzero(alive):
+      cv = self._clients[v]
+      for u in [int(x) for x in self.neighbors[v]]:
+        ct = cv.inbox[u]
+        sender, receiver, sk_share, seed_share = _decode_shares(
+            cv.aead[u].decrypt(ct[:_NONCE_BYTES], ct[_NONCE_BYTES:], None))
+        if (sender, receiver) != (u, int(v)):
+          raise AssertionError("misrouted share ciphertext.")
+        share = seed_share if alive[u] else sk_share
+        revealed[u].append((int(v) + 1, share))
+        sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * len(share)
+      # Its own share of its own b_v (it survived).
+      revealed[int(v)].append((int(v) + 1, cv.own_shares[1]))
+      sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * _SEED_ELEMS
+    self.revealed_shares += sum(len(r) for r in revealed.values())
+    # Reconstruction.
+    lam_cache: dict[tuple, list] = {}
+    self_words = np.zeros((n, 2), np.uint32)
+    self_on = alive.astype(np.int32)
+    pair_words = np.zeros((n, k, 2), np.uint32)
+    signs = np.zeros((n, k), np.int32)
+    key_agreements = 0
+    for u in range(n):
+      xs = [x for x, _ in revealed[u]][:t]
+      sh = [s for _, s in revealed[u]][:t]
+      key = tuple(xs)
+      if key not in lam_cache:
+        lam_cache[key] = shamir.lagrange_at_zero(xs)
+      elems = shamir.reconstruct(xs, sh, t, lam_cache[key])
+      if alive[u]:
+        self_words[u] = seed_words(shamir.elements_to_bytes(elems,
+                                                            _SEED_BYTES))
+      else:
+        sk = X25519PrivateKey.from_private_bytes(
+            shamir.elements_to_bytes(elems, _KEY_BYTES))
+        for j, v in enumerate(self.neighbors[u]):
+          if alive[v]:
+            pair_words[u, j] = seed_words(pairwise_seed(
+                sk, self.public[v][1], self.round_index))
+            # Survivor v added sgn(v, u) PRG(s_vu).
+            signs[u, j] = 1 if v < u else -1
+            key_agreements += 1
+    stats = {
+        "survivors": float(alive.sum()),
+        "dropped": float(n - alive.sum()),
+        "threshold": float(t),
+        "degree": float(k),
+        "client_bytes_sent": float(sent.mean()),
+        "client_bytes_received": float(recv.mean()),
+        "server_bytes_received": float(sent.sum()),
+        "server_bytes_sent": float(recv.sum()),
+        "server_key_agreements": float(key_agreements),
+        "server_reconstructions": float(n),
+        "server_lagrange_sets": float(len(lam_cache)),
+        "server_prg_expansions": float(alive.sum() + (signs != 0).sum()),
+        "server_host_seconds": time.perf_counter() - t0,
+        "setup_host_seconds": self.setup_seconds,
+    }
+    self.last_traffic = Traffic(sent, recv)
+    return (self_words, self_on, pair_words, signs), stats
+
+
+# ------------------------------------------------------------ device side
+def _prg(words: jax.Array, num: int) -> jax.Array:
+  """``num`` uint32 words of threefry2x32 keyed by ``words`` (uint32[2])."""
+  key = jax.random.wrap_key_data(words.astype(jnp.uint32),
+                                 impl="threefry2x32")
+  return jax.random.bits(key, (num,), jnp.uint32)
+
+
+def client_mask(self_words: jax.Array, self_on: jax.Array,
+                pair_words: jax.Array, signs: jax.Array, num: int
+                ) -> jax.Array:
+  r"""ONE client's total mask, uint32 ``[num]`` (mod :math:`2^{32}`).
+
+  .. math:: m = [\text{self\_on}]\,\mathrm{PRG}(b) + \sum_j \mathrm{sgn}_j\,
+            \mathrm{PRG}(s_j)
+
+  Shapes: self_words [2], self_on [], pair_words [k, 2], signs [k]
+  (``0`` = no mask). A ``fori_loop`` over the ``k`` neighbours keeps memory
+  at one ``[num]`` vector; vmap it over clients.
+  """
+  acc = jnp.where(self_on > 0, _prg(self_words, num),
+                  jnp.zeros((num,), jnp.uint32))
+
+  def body(j, acc):
+    m = _prg(pair_words[j], num)
+    return jnp.where(signs[j] > 0, acc + m,
+                     jnp.where(signs[j] < 0, acc - m, acc))
+  return jax.lax.fori_loop(0, signs.shape[0], body, acc)
+
+
+def _mod(x: jax.Array, bits: int) -> jax.Array:
+  if bits == 32:
+    return x
+  return x & jnp.uint32((1 << bits) - 1)
+
+
+def mask_inputs(q: jax.Array, self_words, pair_words, signs, bits: int
+                ) -> jax.Array:
+  """MaskedInput for a batch: ``y = q + mask mod 2^b``, uint32 ``[m, d]``."""
+  d = q.shape[-1]
+  masks = jax.vmap(lambda s, p, g: client_mask(s, jnp.int32(1), p, g, d))(
+      self_words, pair_words, signs)
+  return _mod(q.astype(jnp.uint32) + masks, bits)
+
+
+def remove_masks(masked_sum: jax.Array, self_words, self_on, pair_words,
+                 signs, bits: int) -> jax.Array:
+  """``masked_sum - sum of the reconstructed masks mod 2^b`` (uint32 [d])."""
+  d = masked_sum.shape[-1]
+  masks = jax.vmap(lambda s, o, p, g: client_mask(s, o, p, g, d))(
+      self_words, self_on, pair_words, signs)
+  return _mod(masked_sum - jnp.sum(masks, axis=0, dtype=jnp.uint32), bits)
+
+
+def modular_sum(y: jax.Array, bits: int) -> jax.Array:
+  """``sum_u y_u mod 2^b`` of uint32 ``[m, d]`` (wrapping uint32 adds)."""
+  return _mod(jnp.sum(y, axis=0, dtype=jnp.uint32), bits)
+
+
+def quantize(x: jax.Array, clip_norm, bits_per_value: int) -> jax.Array:
+  r"""Fixed point: ``round(x L / C) + L`` in ``[0, 2L]``, uint32
+  (``L = 2^{bits_per_value} - 1``; ``x`` already clipped to norm ``C``)."""
+  levels = float((1 << bits_per_value) - 1)
+  v = jnp.clip(jnp.round(x.astype(jnp.float32) / clip_norm * levels),
+               -levels, levels)
+  return (v + levels).astype(jnp.uint32)
+
+
+def centered_sum(z: jax.Array, num_summed: jax.Array,
+                 bits_per_value: int) -> jax.Array:
+  """Exact ``sum_u round(x_u L / C)`` as int32 from the unmasked ``z``.
+
+  ``z = sum_u q_u < 2^b`` and ``|z - n L| < 2^{b-1} <= 2^31``: the uint32
+  difference, reinterpreted as int32, is exact.
+  """
+  levels = jnp.uint32((1 << bits_per_value) - 1)
+  diff = z.astype(jnp.uint32) - num_summed.astype(jnp.uint32) * levels
+  return jax.lax.bitcast_convert_type(diff, jnp.int32)
+
+
+# ------------------------------------------------------------ aggregator
+def _plan(num_clients: int, num_neighbors, threshold, dropout_rate: float):
+  if num_neighbors == "auto":
+    k, t = secagg_plus_degree(num_clients, max(dropout_rate, 1e-3))
+    return (None if k >= num_clients - 1 else k), (
+        t if threshold is None else threshold)
+  return num_neighbors, threshold
+
+
+def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
+                      bits: int | None = None, threshold=None,
+                      num_neighbors: int | str | None = None,
+                      dropout_rate: float = 0.0, seed: int | None = 0,
+                      noise_multiplier: float | None = None,
+                      name: str = "secure_aggregator") -> Aggregator:
+  r"""The mean of the survivors' clipped updates through SecAgg / SecAgg+.
+
+  .. math:: \bar u = \frac{C}{L |U|} \Big(\big(\textstyle\sum_{u \in U} y_u
+            - \text{masks}\big) \bmod 2^b - |U| L\Big)
+            = \frac{1}{|U|} \sum_{u \in U} \frac{C}{L}
+            \mathrm{round}\Big(\frac{L\,\mathrm{clip}_C(x_u)}{C}\Big)
+
+  an unweighted mean (every surviving client counts once; ``total_weight``
+  reports the survivors' summed weights), as TFF's
+  ``secure_aggregator(weighted=False)``: a weighted one would need a public
+  bound on the weights.
+
+  Inside the jitted round: ``add`` clips, quantizes and masks ONE device's
+  block (mask expansion and the modular sum on device) and adds the block's
+  masked inputs mod :math:`2^{32}`; ``merge`` sums devices; ``finalize``
+  removes the masks. The per-client host steps run through
+  ``jax.pure_callback``: ``add`` asks the host for its clients' mask seeds
+  (AdvertiseKeys and ShareKeys run once per round, on the first request,
+  keyed by ``(seed, round)``), ``finalize`` runs the server's Unmasking round
+  for the clients whose masked input arrived. The aggregator state is the
+  round counter (int32). Client ``u`` of a round is its slot in the round's
+  sample; its keys are fresh every round. The same seed gives the same keys
+  to every run of a pooled sweep (reproducible, not independent).
+
+  Dropouts: a fraction ``dropout_rate`` of each round's clients (chosen on the
+  host from ``(seed, round)``) drops after masking: their masked input never
+  arrives and they do not count; clients with weight 0 or padding slots never
+  send either. Fewer than ``t`` surviving holders for some client: the
+  round fails with :class:`SecAggError`'s message (inside a
+  ``JaxRuntimeError``) and nothing is unmasked.
+
+  DP (``noise_multiplier=z``): central Gaussian noise added by the server
+  to the unmasked sum, then a fixed denominator ``D = clients_per_round``
+  (DP-FedAvg's estimator, McMahan et al. 2018):
+
+  .. math:: \tilde u = \frac{1}{D}\Big(\sum_{u \in U} \hat x_u
+            + \mathcal{N}(0, z^2 C_q^2 I)\Big), \qquad
+            C_q = C\big(1 + \tfrac{\sqrt{d}}{2L}\big)
+
+  where :math:`C_q` bounds the L2 norm of a dequantized update
+  :math:`\hat x_u` (rounding moves each of the ``d`` coordinates by at most
+  :math:`C / 2L`), so ``z`` keeps its meaning and the accounting of
+  :mod:`fedjax_lite.privacy.accounting` for fixed-size sampling applies
+  unchanged (``DpMechanism(z, "fixed", population, clients_per_round)``).
+  Why central: the Gaussian mechanism's accounting is reused as is; the
+  distributed discrete Gaussian (Kairouz et al. 2021), with each client
+  adding its share of the noise to ``q_u`` before masking, would also hide
+  the sum from the server but needs its own accounting (modular clipping,
+  the noise of dropped clients lost). What central noise means here: the
+  server sees the sum before it adds the noise, so DP protects the released
+  model against everyone downstream of the server, while secure aggregation
+  protects each client's update from the server.
+
+  Args:
+    clip_norm: ``C``: every update is scaled to L2 norm at most ``C``.
+    bits_per_value: fixed-point resolution ``L = 2^{bits_per_value} - 1``
+      per sign (step ``C / L``).
+    bits: modulus width ``b`` (``<= 32``); default the headroom minimum
+      ``bits_per_value + ceil(log2 m) + 1`` for ``m = clients_per_round``.
+    threshold: ``t`` (int, fraction of holders, or None = strict majority).
+    num_neighbors: None = SecAgg (complete graph); an even ``k`` = SecAgg+
+      on a random ``k``-regular Harary graph; ``"auto"`` =
+      :func:`secagg_plus_degree` for the round's size and ``dropout_rate``.
+    dropout_rate: fraction in ``[0, 1)`` of clients dropping after masking.
+    seed: key material seed (None: OS randomness every round).
+    noise_multiplier: ``z >= 0`` for central DP noise (see above; the mean
+      then divides by ``clients_per_round``); None: no noise, mean over the
+      survivors.
+    name: for reports.
+
+  Metrics per round (float32): ``secagg_survivors``, ``secagg_dropped``,
+  ``secagg_client_bytes_sent`` / ``_received`` (mean per client),
+  ``secagg_server_key_agreements``, ``secagg_server_prg_expansions``,
+  ``secagg_server_host_seconds``, ``secagg_setup_host_seconds``.
+  """
+  factory = name
+  if not isinstance(clip_norm, (int, float, np.floating)) or isinstance(
+      clip_norm, bool) or not np.isfinite(clip_norm) or clip_norm <= 0:
+    raise ValueError(f"{factory}: clip_norm must be a positive finite float "
+                     f"(the L2 bound that makes quantization exact), got "
+                     f"{clip_norm!r}.")
+  if bits is not None:
+    check_modulus_bits(bits, bits_per_value, 1, factory)
+  else:
+    check_modulus_bits(MAX_BITS, bits_per_value, 1, factory)
+  if not 0.0 <= float(dropout_rate) < 1.0:
+    raise ValueError(f"{factory}: dropout_rate must be in [0, 1), got "
+                     f"{dropout_rate!r}.")
+  if num_neighbors not in (None, "auto") and (
+      isinstance(num_neighbors, bool) or not isinstance(
+          num_neighbors, (int, np.integer)) or num_neighbors < 2 or
+      num_neighbors % 2):
+    raise ValueError(f"{factory}: num_neighbors must be None (SecAgg), "
+                     f"'auto' or an even int >= 2 (SecAgg+), got "
+                     f"{num_neighbors!r}.")
+  if noise_multiplier is not None and (
+      isinstance(noise_multiplier, bool) or not isinstance(
+          noise_multiplier, (int, float, np.floating)) or
+      not np.isfinite(noise_multiplier) or noise_multiplier < 0):
+    raise ValueError(f"{factory}: noise_multiplier must be None or a finite "
+                     f"float >= 0, got {noise_multiplier!r}.")
+  clip_norm = float(clip_norm)
+  stat_names = ("survivors", "dropped", "threshold", "degree",
+                "client_bytes_sent", "client_bytes_received",
+                "server_key_agreements", "server_prg_expansions",
+                "server_host_seconds", "setup_host_seconds")
+
+  class _Host:
+    """Host side for one round size ``m``: per-round protocol objects."""
+
+    def __init__(self, m, d, b, spec):
+      self.m, self.d, self.b = m, d, b
+      self.k_arg, self.t_arg = _plan(m, num_neighbors, threshold,
+                                     float(dropout_rate))
+      self.spec = spec
+      self.rounds: dict[int, SecAggRound] = {}
+      self.drops: dict[int, np.ndarray] = {}
+      k = m - 1 if self.k_arg is None or self.k_arg >= m - 1 else self.k_arg
+      resolve_threshold(self.t_arg, k + 1, m)   # trace-time error if bad
+      self.degree = k
+
+    def round(self, r: int) -> SecAggRound:
+      if r not in self.rounds:
+        for old in [x for x in self.rounds if x < r - 1]:
+          del self.rounds[old], self.drops[old]
+        self.rounds[r] = SecAggRound(
+            self.m, threshold=self.t_arg, num_neighbors=self.k_arg,
+            round_index=r, seed=None if seed is None else seed,
+            message_bits=self.b, num_params=self.d)
+        rng = np.random.default_rng(
+            None if seed is None else [int(seed), r, 0xd0])
+        drop = np.zeros(self.m, bool)
+        drop[rng.choice(self.m, int(round(dropout_rate * self.m)),
+                        replace=False)] = True
+        self.drops[r] = drop
+      return self.rounds[r]
+
+    def client_material(self, r, slots):
+      slots = np.asarray(slots)
+      lead = slots.shape[:-1]
+      rs = np.broadcast_to(np.asarray(r), lead)
+      sw = np.zeros(slots.shape + (2,), np.uint32)
+      pw = np.zeros(slots.shape + (self.degree, 2), np.uint32)
+      sg = np.zeros(slots.shape + (self.degree,), np.int32)
+      dr = np.zeros(slots.shape, bool)
+      for i in np.ndindex(lead):
+        rr = int(rs[i])
+        proto = self.round(rr)
+        s = np.clip(slots[i], 0, self.m - 1)
+        sw[i], pw[i], sg[i] = proto.client_masks(s)
+        dr[i] = self.drops[rr][s]
+      return sw, pw, sg, dr
+
+    def server_material(self, r, arrived):
+      r, arrived = np.asarray(r), np.asarray(arrived)
+      out = ([], [], [], [], [])
+      for i in np.ndindex(r.shape):
+        proto = self.round(int(r[i]))
+        (sw, so, pw, sg), stats = proto.unmask_material(arrived[i] > 0)
+        for lst, v in zip(out, (sw, so, pw, sg, np.asarray(
+            [stats[s] for s in stat_names], np.float32))):
+          lst.append(v)
+      return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
+
+  hosts: dict[tuple, _Host] = {}
+
+  def host_for(update_spec, num_slots):
+    d = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(update_spec))
+    need = min_modulus_bits(bits_per_value, num_slots)
+    if bits is None and need > MAX_BITS:
+      raise ValueError(
+          f"{factory}: bits_per_value={bits_per_value} is too large for "
+          f"{num_slots} clients per round: the sum needs bits_per_value + "
+          f"ceil(log2({num_slots})) + 1 = {need} > {MAX_BITS} bits; expected "
+          f"bits_per_value <= {bits_per_value - (need - MAX_BITS)}.")
+    b = bits if bits is not None else need
+    check_modulus_bits(b, bits_per_value, num_slots, factory)
+    key = (num_slots, d)
+    if key not in hosts:
+      hosts[key] = _Host(num_slots, d, b, jax.tree.map(
+          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), update_spec))
+    return hosts[key]
+
+  def init_state(update_spec):
+    check_float_updates(update_spec, factory)
+    return {"round": jnp.zeros((), jnp.int32)}
+
+  def init(state, update_spec, num_slots):
+    del state
+    if num_slots < 2:
+      raise ValueError(f"{factory}: secure aggregation needs at least 2 "
+                       f"clients per round, got clients_per_round="
+                       f"{num_slots}; the sum of one client is its update.")
+    host = host_for(update_spec, num_slots)
+    return {"sum": jnp.zeros((host.d,), jnp.uint32),
+            "arrived": jnp.zeros((num_slots,), jnp.int32),
+            "weight": jnp.zeros((), jnp.float32)}
+
+  def _host_of(acc):
+    key = (acc["arrived"].shape[-1], acc["sum"].shape[-1])
+    if key not in hosts:
+      raise RuntimeError(f"{factory}: add/finalize before init for "
+                         f"(clients, params) = {key}.")
+    return hosts[key]
+
+  def add(state, acc, updates, weights, valid, slots):
+    host = _host_of(acc)
+    bounded = jax.vmap(lambda u: clip_by_norm(u, clip_norm))(updates)
+    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(bounded)      # [B, d]
+    q = quantize(flat, clip_norm, bits_per_value)
+    B, k = slots.shape[0], host.degree
+    shapes = (jax.ShapeDtypeStruct((B, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((B, k, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((B, k), jnp.int32),
+              jax.ShapeDtypeStruct((B,), jnp.bool_))
+    sw, pw, sg, dropped = jax.pure_callback(
+        host.client_material, shapes, state["round"], slots,
+        vmap_method="broadcast_all")
+    y = mask_inputs(q, sw, pw, sg, host.b)
+    sends = taking_part(weights, valid) & ~dropped
+    y = jnp.where(sends[:, None], y, jnp.zeros((), jnp.uint32))
+    arrived = acc["arrived"].at[jnp.where(sends, slots, host.m)].max(
+        1, mode="drop")
+    return {"sum": acc["sum"] + jnp.sum(y, axis=0, dtype=jnp.uint32),
+            "arrived": arrived,
+            "weight": acc["weight"] + jnp.sum(jnp.where(sends, weights,
+                                                        0.0))}
+
+  def merge(accs):
+    return {"sum": jnp.sum(accs["sum"], axis=0, dtype=jnp.uint32),
+            "arrived": jnp.sum(accs["arrived"], axis=0),
+            "weight": jnp.sum(accs["weight"], axis=0)}
+
+  def finalize(state, acc, rng):
+    host = _host_of(acc)
+    m, k = host.m, host.degree
+    shapes = (jax.ShapeDtypeStruct((m, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((m,), jnp.int32),
+              jax.ShapeDtypeStruct((m, k, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((m, k), jnp.int32),
+              jax.ShapeDtypeStruct((len(stat_names),), jnp.float32))
+    sw, so, pw, sg, stats = jax.pure_callback(
+        host.server_material, shapes, state["round"], acc["arrived"],
+        vmap_method="broadcast_all")
+    z = remove_masks(acc["sum"], sw, so, pw, sg, host.b)
+    n_sum = jnp.sum((acc["arrived"] > 0).astype(jnp.int32))
+    ints = centered_sum(z, n_sum, bits_per_value)
+    levels = float((1 << bits_per_value) - 1)
+    flat_sum = ints.astype(jnp.float32) * (clip_norm / levels)
+    metrics = {f"secagg_{s}": stats[i] for i, s in enumerate(stat_names)}
+    if noise_multiplier is None:
+      denom = jnp.maximum(n_sum, 1).astype(jnp.float32)
+      flat_mean = jnp.where(n_sum > 0, flat_sum / denom, 0.0)
+    else:
+      c_q = clip_norm * (1.0 + math.sqrt(host.d) / (2.0 * levels))
+      std = float(noise_multiplier) * c_q
+      noise = std * jax.random.normal(rng, flat_sum.shape, jnp.float32)
+      flat_mean = (flat_sum + noise) / float(host.m)
+      metrics["secagg_dp_noise_std"] = jnp.asarray(std / host.m, jnp.float32)
+    _, unravel = ravel_pytree(jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), host.spec))
+    mean = unravel(flat_mean)
+    return (AggregatorOutput(mean=mean, total_weight=acc["weight"],
+                             metrics=metrics),
+            {"round": state["round"] + 1})
+
+  return Aggregator(init_state=init_state, init=init, add=add, merge=merge,
+                    finalize=finalize, materialized=False, name=name)
