@@ -1,0 +1,23 @@
+"""Privacy: user-level differential privacy for federated averaging.
+
+Layer: beside ``aggregators/`` (imports ``aggregators/``, ``algorithms/``,
+``data/``, ``models/``); the engine and ``learning.py`` may import it.
+
+* :func:`dp_aggregator`, :func:`dp_fed_avg`, :func:`with_local_dp`,
+  :func:`build_dp_fed_avg_process`: DP-FedAvg with fixed or adaptive
+  clipping, Poisson or fixed-size sampling, central or local noise
+  (:mod:`fedjax_lite.privacy.dp`, which states what the simulation
+  guarantees and what it does not).
+* :class:`DpMechanism`, :func:`epsilon`, :class:`EpsilonCurve`,
+  :func:`calibrate_noise_multiplier`, :func:`poisson_cap`: accounting with
+  dp-accounting (:mod:`fedjax_lite.privacy.accounting`).
+"""
+
+from fedjax_lite.privacy.accounting import (DpMechanism, EpsilonCurve,
+                                            calibrate_noise_multiplier,
+                                            epsilon, overflow_probability,
+                                            poisson_cap, truncation_delta)
+from fedjax_lite.privacy.dp import (DpState, build_dp_fed_avg_process,
+                                    dp_aggregator, dp_fed_avg,
+                                    poisson_sample, sum_noise_multiplier,
+                                    with_local_dp)

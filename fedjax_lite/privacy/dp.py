@@ -1,0 +1,441 @@
+r"""User-level differentially private federated averaging (DP-FedAvg).
+
+McMahan, Ramage, Talwar, Zhang 2018, "Learning differentially private
+recurrent language models" (arXiv:1710.06963), with adaptive clipping from
+Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially private learning
+with adaptive clipping" (arXiv:1905.03871).
+
+Central DP (:func:`dp_aggregator`). Round ``t`` with clip norm ``C_t``: every
+participating user's whole update is clipped,
+:math:`\hat\Delta_k = \Delta_k \min(1, C_t / \|\Delta_k\|_2)`, and the server
+releases
+
+.. math:: \tilde\Delta_t = \frac{1}{D}\Big(\sum_{k \in S_t} \hat\Delta_k
+          + \mathcal N(0, \sigma_\Delta^2 I)\Big), \quad
+          \sigma_\Delta = z_\Delta C_t
+
+with a FIXED denominator ``D = clients_per_round`` (the expected number of
+users, ``q N`` for Poisson sampling: the paper's fixed-denominator estimator,
+so one user moves the numerator by at most ``C_t`` whatever the others do).
+Users count with weight 1 (uniform weighting; a client weight only decides
+whether it takes part: ``w_k > 0``). The noise is drawn with the round's
+aggregation key.
+
+Adaptive clipping (``adaptive=True``): the server also releases the noised
+fraction of unclipped users,
+:math:`\tilde b_t = (\sum_{k \in S_t} \mathbb 1[\|\Delta_k\| \le C_t]
++ \mathcal N(0, \sigma_b^2)) / D`, and moves the clip geometrically towards
+the target quantile :math:`\gamma`,
+:math:`C_{t+1} = C_t \exp(-\eta_C (\tilde b_t - \gamma))`. The two Gaussian
+releases together are one Gaussian mechanism with effective multiplier
+``z`` (Andrew et al., Thm. 1): the sum gets
+
+.. math:: z_\Delta = \big(z^{-2} - (2\sigma_b)^{-2}\big)^{-1/2},
+
+so ``noise_multiplier = z`` is what the accountant sees (``sigma_b``
+defaults to ``D / 20``, the paper's choice, and must exceed ``z / 2``).
+
+Client sampling the accountant can model:
+
+* ``sampling="poisson"``: every user joins independently with probability
+  ``q = clients_per_round / population``. Inside one compiled round: the
+  engine samples a fixed cap of ``M`` slots uniformly without replacement
+  (``RoundConfig(clients_per_round=M, sampling="uniform")``; choose ``M``
+  with :func:`~fedjax_lite.privacy.accounting.poisson_cap`), the aggregator
+  draws ``K ~ Binomial(N, q)`` and only slots ``< K`` count; the others
+  contribute a zero clipped update and are not counted. The first ``K``
+  slots of a uniformly ordered sample are a uniform ``K``-subset, so the
+  participants are exactly a Poisson sample. Overflow (``K > M``, probability
+  :func:`~fedjax_lite.privacy.accounting.overflow_probability`, about 1e-11
+  per round for the default cap): the round keeps a uniformly random ``M`` of
+  the ``K`` users (the first ``M`` slots), is reported in the metric
+  ``dp_overflow``, and adds at most ``(1 + e^eps) T P(K > M)`` to delta
+  (:func:`~fedjax_lite.privacy.accounting.truncation_delta`). The unused
+  slots still train (their work is discarded): a Poisson round costs the
+  ``M`` slots' compute.
+* ``sampling="fixed"``: the engine's ``clients_per_round`` users uniformly
+  without replacement (replace-one accounting, see
+  :mod:`~fedjax_lite.privacy.accounting`).
+* ``sampling=None``: no accounting (the aggregator still clips and noises).
+
+Local DP (``local=True``, :func:`with_local_dp` + ``dp_aggregator(...,
+local=True)``): each client clips its own update and adds
+``N(0, z^2 C^2 I)`` before upload (with its own key); the server only sums
+with the fixed denominator. Every upload is a Gaussian mechanism with
+sensitivity ``2C`` on that user's data, composed over the rounds the user
+takes part in (accounted as if every round); sampling does not amplify it.
+
+Epsilon: with ``population`` and ``delta`` given, every round's metrics hold
+``dp_epsilon``, the epsilon at ``delta`` after the rounds run so far, from
+the dp-accounting RDP (default) or PLD accountant
+(:class:`~fedjax_lite.privacy.accounting.EpsilonCurve`, evaluated on the host
+by a ``jax.pure_callback`` from the round counter in the aggregator state).
+
+What this simulation guarantees, and what it does not:
+
+* It computes exactly the released quantities of the mechanisms above; the
+  epsilon reported is dp-accounting's for that mechanism (sampled Gaussian,
+  composed over the rounds run).
+* Central DP trusts the server: it sees every clipped update and adds the
+  noise itself. Local DP trusts no one with raw updates but needs far more
+  noise for the same epsilon.
+* Noise is floating-point Gaussian from JAX's counter-based PRNG (float32),
+  not a discrete or cryptographically secure sampler; float rounding attacks
+  on the continuous Gaussian (Mironov 2012) are not addressed.
+* Only the noised mean (and, if adaptive, the noised unclipped count) are
+  covered. Other metrics a round reports (training loss and accuracy, the
+  exact clipped fraction ``dp_clipped_fraction``, ``dp_participants``,
+  evaluation on test data) are simulation diagnostics outside the guarantee;
+  a deployment would not publish them.
+* Client weights do not enter the mean (uniform weighting).
+* Reproducible seeds are for experiments; a real deployment needs fresh,
+  secret randomness.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_lite.aggregators.base import (Aggregator, AggregatorOutput,
+                                          check_float_updates, clip_by_norm,
+                                          expand, sum_over_devices,
+                                          taking_part, tree_norm)
+from fedjax_lite.algorithms.base import FederatedAlgorithm
+from fedjax_lite.algorithms.fed_avg import fed_avg
+from fedjax_lite.models.core import Model
+from fedjax_lite.privacy import accounting
+
+PyTree = Any
+MAX_OVERFLOW_PER_ROUND = 1e-6
+
+
+@flax.struct.dataclass
+class DpState:
+  """The DP aggregator's state across rounds (checkpointed with the engine).
+
+  Attributes:
+    clip_norm: float32 ``C_t`` used by the next round.
+    rounds: int32 rounds released so far (what epsilon composes).
+    sample_key: key of the next round's Poisson sample size ``K``.
+  """
+  clip_norm: jax.Array
+  rounds: jax.Array
+  sample_key: jax.Array
+
+
+def sum_noise_multiplier(noise_multiplier: float,
+                         clipped_count_stddev: float) -> float:
+  r"""``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Andrew et al. 2021).
+
+  Raises:
+    ValueError: if ``sigma_b <= z / 2`` (the count alone would need more
+      privacy than the whole budget).
+  """
+  z = accounting.check_noise_multiplier(noise_multiplier)
+  if z == 0:
+    return 0.0
+  s = accounting._real("clipped_count_stddev", clipped_count_stddev)  # pylint: disable=protected-access
+  if not s > z / 2:
+    raise ValueError(
+        f"clipped_count_stddev must be > noise_multiplier / 2 = {z / 2:g} so "
+        f"that the sum keeps a finite noise multiplier, got {s!r}. Raise "
+        "clipped_count_stddev (the paper uses clients_per_round / 20), or "
+        "use more clients per round or adaptive=False.")
+  return float((z ** -2 - (2 * s) ** -2) ** -0.5)
+
+
+def _gaussian_like(rng: jax.Array, tree: PyTree, std) -> PyTree:
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(rng, max(1, len(leaves)))
+  noise = [std * jax.random.normal(k, x.shape, x.dtype)
+           for k, x in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, noise)
+
+
+def dp_aggregator(noise_multiplier: float, clients_per_round: float,
+                  clip: float = 1.0, adaptive: bool = False, *,
+                  target_quantile: float = 0.5, learning_rate: float = 0.2,
+                  clipped_count_stddev: float | None = None,
+                  sampling: str | None = None,
+                  population: int | None = None, delta: float | None = None,
+                  accountant: str = "rdp", local: bool = False,
+                  simulate_sampling: bool = True, seed: int = 0
+                  ) -> Aggregator:
+  """The DP-FedAvg aggregator (module docstring): clip, noise, fixed mean.
+
+  Streaming: memory one update per device and run, plus three counters.
+
+  Args:
+    noise_multiplier: ``z >= 0`` (adaptive: the effective multiplier, split
+      between the sum and the clipped count); 0 = no noise.
+    clients_per_round: the fixed denominator ``D`` = expected users per
+      round (``q N`` for Poisson sampling), > 0.
+    clip: ``C > 0`` (the initial ``C_0`` if adaptive).
+    adaptive: adaptive clipping towards ``target_quantile``.
+    target_quantile: ``gamma`` in [0, 1] (adaptive).
+    learning_rate: ``eta_C >= 0`` of the geometric clip update (adaptive).
+    clipped_count_stddev: ``sigma_b`` (adaptive); default ``D / 20``.
+    sampling: ``"poisson"``, ``"fixed"`` or None (no accounting); see the
+      module docstring.
+    population: ``N``, the number of users (needed for accounting and for
+      Poisson sampling).
+    delta: report ``dp_epsilon`` at this delta every round (needs
+      ``sampling`` and ``population``).
+    accountant: ``"rdp"`` or ``"pld"`` for ``dp_epsilon``.
+    local: local DP: the clients already clipped and noised their updates
+      (:func:`with_local_dp`); the server neither clips nor adds noise.
+    simulate_sampling: with ``sampling="poisson"``, draw ``K`` and mask the
+      slots ``>= K`` (False when the caller already sampled the users, as in
+      :func:`build_dp_fed_avg_process`).
+    seed: seeds the first round's ``K`` (later rounds use the round's key).
+  """
+  z = accounting.check_noise_multiplier(noise_multiplier)
+  c0 = accounting.check_clip(clip)
+  d = accounting._real("clients_per_round", clients_per_round)  # pylint: disable=protected-access
+  if not 0 < d < math.inf:
+    raise ValueError(f"clients_per_round must be > 0 (the expected users per "
+                     f"round, the fixed denominator), got {clients_per_round!r}.")
+  if sampling not in (None,) + accounting.SAMPLINGS[:2]:
+    raise ValueError(f"sampling must be 'poisson', 'fixed' or None, got "
+                     f"{sampling!r}.")
+  if local and adaptive:
+    raise ValueError("adaptive=True needs the server to see the clipped "
+                     "count; with local=True clients clip themselves. Use a "
+                     "fixed clip for local DP.")
+  gamma = eta = 0.0
+  z_sum, sigma_b = z, 0.0
+  if adaptive:
+    gamma = accounting._real("target_quantile", target_quantile)  # pylint: disable=protected-access
+    if not 0 <= gamma <= 1:
+      raise ValueError(f"target_quantile must be in [0, 1], got "
+                       f"{target_quantile!r}.")
+    eta = accounting._real("learning_rate", learning_rate)  # pylint: disable=protected-access
+    if not 0 <= eta < math.inf:
+      raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}.")
+    sigma_b = d / 20 if clipped_count_stddev is None else \
+        clipped_count_stddev
+    if z > 0:
+      z_sum = sum_noise_multiplier(z, sigma_b)
+    else:
+      sigma_b = 0.0
+  if local:
+    z_sum = 0.0
+  mechanism = None
+  if sampling is not None or delta is not None:
+    if sampling is None or population is None:
+      raise ValueError(f"accounting needs sampling ('poisson' or 'fixed') and "
+                       f"population; got sampling={sampling!r}, population="
+                       f"{population!r}.")
+    mech_sampling = "local" if local else sampling
+    mechanism = accounting.DpMechanism(
+        z, mech_sampling, population,
+        clients_per_round=(int(round(d)) if sampling == "fixed" and
+                           float(d).is_integer() else d))
+    if sampling == "poisson":
+      accounting.check_sampling_rate(d / population,
+                                     "clients_per_round / population")
+  curve = None
+  if delta is not None:
+    curve = accounting.EpsilonCurve(mechanism, delta, accountant)
+  poisson = sampling == "poisson" and simulate_sampling
+  q = d / population if poisson else None
+
+  def init_state(update_spec):
+    check_float_updates(update_spec, "dp_aggregator")
+    return DpState(clip_norm=jnp.asarray(c0, jnp.float32),
+                   rounds=jnp.zeros((), jnp.int32),
+                   sample_key=jax.random.PRNGKey(seed))
+
+  def init(state, update_spec, num_slots):
+    del state
+    if poisson:
+      p = accounting.overflow_probability(population, q, num_slots)
+      if p > MAX_OVERFLOW_PER_ROUND:
+        raise ValueError(
+            f"dp_aggregator: clients_per_round={num_slots} slots for Poisson "
+            f"sampling with q={q:g} of {population} users overflow with "
+            f"probability {p:.3g} per round; expected at most "
+            f"{MAX_OVERFLOW_PER_ROUND:g}. Use RoundConfig(clients_per_round="
+            f"fedjax_lite.privacy.poisson_cap({population}, {q:g}, "
+            "num_rounds)).")
+    if sampling == "fixed" and simulate_sampling and num_slots != d:
+      raise ValueError(
+          f"dp_aggregator: fixed-size sampling is accounted for "
+          f"clients_per_round={d:g} users per round but the round samples "
+          f"{num_slots}; set RoundConfig(clients_per_round={d:g}).")
+    return {"sum": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                update_spec),
+            "unclipped": jnp.zeros((), jnp.float32),
+            "count": jnp.zeros((), jnp.float32),
+            "num_slots": jnp.asarray(num_slots, jnp.float32)}
+
+  def merge(accs):
+    out = sum_over_devices(accs)
+    out["num_slots"] = accs["num_slots"][0]
+    return out
+
+  def sample_size(state):
+    return jax.random.binomial(state.sample_key, float(population), q)
+
+  def add(state, acc, updates, weights, valid, slots):
+    part = taking_part(weights, valid)
+    if poisson:
+      part = part & (slots.astype(jnp.float32) < sample_size(state))
+    if local:
+      scaled = jax.tree.map(
+          lambda u: jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype)),
+          updates)
+      unclipped = part
+    else:
+      c = state.clip_norm
+      norms = jax.vmap(tree_norm)(updates)  # [B]
+      scale = jnp.where(part, jnp.minimum(1.0, c / jnp.maximum(norms, 1e-30)),
+                        0.0)
+      scaled = jax.tree.map(
+          lambda u: jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype))
+          * expand(scale, u.ndim).astype(u.dtype), updates)
+      unclipped = part & (norms <= c)
+    return {"sum": jax.tree.map(lambda a, u: a + jnp.sum(u, axis=0),
+                                acc["sum"], scaled),
+            "unclipped": acc["unclipped"] + jnp.sum(unclipped.astype(
+                jnp.float32)),
+            "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
+            "num_slots": acc["num_slots"]}
+
+  def finalize(state, acc, rng):
+    k_sum, k_count, k_next = jax.random.split(rng, 3)
+    c = state.clip_norm
+    noised = jax.tree.map(jnp.add, acc["sum"],
+                          _gaussian_like(k_sum, acc["sum"], z_sum * c))
+    mean = jax.tree.map(lambda a: a / jnp.asarray(d, a.dtype), noised)
+    n = acc["count"]
+    b_noised = (acc["unclipped"] + sigma_b * jax.random.normal(k_count)) / d
+    new_clip = c * jnp.exp(-eta * (b_noised - gamma)) if adaptive else c
+    rounds = state.rounds + 1
+    metrics = {
+        "dp_clip_norm": c,
+        "dp_clipped_fraction": jnp.where(
+            n > 0, 1.0 - acc["unclipped"] / jnp.maximum(n, 1.0), 0.0),
+        "dp_participants": n,
+        "dp_noise_std": jnp.asarray(z_sum, jnp.float32) * c / d,
+    }
+    if adaptive:
+      metrics["dp_unclipped_noised"] = b_noised
+    if poisson:
+      metrics["dp_overflow"] = (sample_size(state) > acc["num_slots"]
+                               ).astype(jnp.float32)
+    if curve is not None:
+      metrics["dp_epsilon"] = jax.pure_callback(
+          lambda t: np.asarray(curve(int(t)), np.float32),
+          jax.ShapeDtypeStruct((), jnp.float32), rounds,
+          vmap_method="sequential")
+    new_state = DpState(clip_norm=new_clip.astype(jnp.float32),
+                        rounds=rounds, sample_key=k_next)
+    return AggregatorOutput(mean=mean, total_weight=jnp.asarray(
+        d, jnp.float32), metrics=metrics), new_state
+
+  kind = "local_dp" if local else ("dp_adaptive" if adaptive else "dp")
+  agg = Aggregator(init_state=init_state, init=init, add=add,
+                   merge=merge, finalize=finalize,
+                   name=f"{kind}(z={z:g},C={c0:g},D={d:g})")
+  return agg
+
+
+def with_local_dp(algorithm: FederatedAlgorithm, noise_multiplier: float,
+                  clip: float) -> FederatedAlgorithm:
+  r"""Each client clips its update and adds Gaussian noise before upload.
+
+  .. math:: u_k \mapsto u_k \min(1, C / \|u_k\|_2) + \mathcal N(0, z^2 C^2 I)
+
+  drawn with the client's own key (split from its round key). Pair with
+  ``dp_aggregator(..., local=True)``, which sums with the fixed denominator
+  and adds nothing.
+  """
+  z = accounting.check_noise_multiplier(noise_multiplier)
+  c = accounting.check_clip(clip)
+  inner = algorithm
+
+  def client_update(broadcast, client_state, data, rng):
+    k_inner, k_noise = jax.random.split(rng)
+    out = inner.client_update(broadcast, client_state, data, k_inner)
+    bounded = clip_by_norm(out.update, c)
+    noise = _gaussian_like(k_noise, bounded, z * c)
+    return out._replace(update=jax.tree.map(jnp.add, bounded, noise))
+
+  return algorithm._replace(client_update=client_update,
+                            name=f"{inner.name}+local_dp(z={z:g},C={c:g})")
+
+
+def dp_fed_avg(model: Model, client_optimizer: optax.GradientTransformation,
+               server_optimizer: optax.GradientTransformation | None = None, *,
+               noise_multiplier: float, clients_per_round: float,
+               clip: float = 1.0, adaptive: bool = False, local: bool = False,
+               name: str = "dp_fed_avg", **aggregator_kw
+               ) -> FederatedAlgorithm:
+  """FedAvg/FedOpt whose aggregation is :func:`dp_aggregator`.
+
+  ``local=True`` also wraps the clients with :func:`with_local_dp`. Other
+  keywords (``sampling``, ``population``, ``delta``, ``accountant``,
+  ``target_quantile``, ...) go to :func:`dp_aggregator`.
+  """
+  agg = dp_aggregator(noise_multiplier, clients_per_round, clip, adaptive,
+                      local=local, **aggregator_kw)
+  alg = fed_avg(model, client_optimizer, server_optimizer)
+  if local:
+    alg = with_local_dp(alg, noise_multiplier, clip)
+  return alg._replace(aggregator=agg, name=name)
+
+
+def build_dp_fed_avg_process(
+    model: Model, client_optimizer_fn, server_optimizer_fn=(
+        lambda: optax.sgd(1.0)), *, noise_multiplier: float,
+    clients_per_round: float, clip: float = 1.0, adaptive: bool = False,
+    local: bool = False, sampling: str | None = None,
+    population: int | None = None, delta: float | None = None,
+    accountant: str = "rdp", target_quantile: float = 0.5,
+    learning_rate: float = 0.2, clipped_count_stddev: float | None = None,
+    local_epochs: int = 1, batch_size: int | None = None,
+    num_local_steps: int | None = None, block_size: int | None = None,
+    mesh=None):
+  """DP-FedAvg as a TFF-style process (``initialize`` / ``next``).
+
+  As in TFF, ``next(state, clients)`` trains on exactly the clients it is
+  given: the caller samples them, and ``dp_epsilon`` (with ``sampling``,
+  ``population`` and ``delta``) assumes they were drawn as ``sampling`` says
+  (e.g. each user with probability ``clients_per_round / population``:
+  :func:`poisson_sample`). Arguments as :func:`dp_aggregator` and
+  ``fedjax_lite.learning.build_federated_averaging_process``.
+  """
+  # Imported here: learning.py (a layer above) re-exports this function.
+  from fedjax_lite import learning  # pylint: disable=g-import-not-at-top
+  learning._check_optimizer_fns(  # pylint: disable=protected-access
+      client_optimizer_fn=client_optimizer_fn,
+      server_optimizer_fn=server_optimizer_fn)
+  alg = dp_fed_avg(model, client_optimizer_fn(), server_optimizer_fn(),
+                   noise_multiplier=noise_multiplier,
+                   clients_per_round=clients_per_round, clip=clip,
+                   adaptive=adaptive, local=local, sampling=sampling,
+                   population=population, delta=delta, accountant=accountant,
+                   target_quantile=target_quantile,
+                   learning_rate=learning_rate,
+                   clipped_count_stddev=clipped_count_stddev,
+                   simulate_sampling=False)
+  return learning.build_iterative_process(
+      model, alg, local_epochs=local_epochs, batch_size=batch_size,
+      num_local_steps=num_local_steps, block_size=block_size, mesh=mesh)
+
+
+def poisson_sample(seed: int, population: int, sampling_rate: float
+                   ) -> np.ndarray:
+  """Host-side Poisson sample: indices of the users that join (each with
+  probability ``sampling_rate``, independently), for TFF-style processes."""
+  q = accounting.check_sampling_rate(sampling_rate)
+  rng = np.random.default_rng(seed)
+  return np.flatnonzero(rng.random(int(population)) < q)
