@@ -1,0 +1,604 @@
+r"""FedMA: federated matched averaging, layer by layer, with growing layers.
+
+Wang, Yurochkin, Sun, Papailiopoulos and Khazaeni, ICLR 2020, "Federated
+Learning with Matched Averaging" (arXiv:2002.06440), Algorithm 1 with
+communication rounds, for the MLP and the FedAvg CNN
+(:mod:`fedjax_lite.hetero.layers`).
+
+Hidden units are permutation invariant, so averaging the ``i``-th unit of
+every client (FedAvg) averages unrelated units. FedMA instead *matches* them:
+for hidden layer ``l = 1..L`` in turn,
+
+1. every client ``j`` trains its layers ``l..L+1`` with the matched layers
+   ``< l`` frozen;
+2. the server matches the clients' layer-``l`` neurons (incoming weights and
+   bias; for the last hidden layer also the outgoing weights to the classes)
+   with BBP-MAP (:mod:`fedjax_lite.hetero.matching`, the Hungarian algorithm),
+   which assigns every client neuron to a global neuron or opens a new one
+   (the global layer can grow, up to the model's width), and broadcasts the
+   matched average ``W_l`` with each client's assignment ``pi_j``;
+3. client ``j`` replaces its layer ``l`` by ``W_l`` (now the global width) and
+   moves the input rows of its layer ``l+1`` to the global positions:
+   ``W^j_{l+1}[pi_j(u), :] = W^j_{l+1}[u, :]`` (rows of global neurons it
+   does not hold start at zero);
+
+and after the last hidden layer the clients train the output layer, which the
+server averages per class with the clients' class proportions,
+``W_{L+1}[:, c] = \sum_j p_{jc} W^j_{L+1}[:, c]``, ``p_{jc} = n_{jc} / \sum_j
+n_{jc}``. At the start of the next round client ``j`` rebuilds a model of its
+own widths from the global one: its neuron ``u`` of layer ``l`` takes the
+global neuron ``pi_j(u)`` (rows from the previous layer's assignment), so
+clients with different hidden widths (different architectures) all map into,
+and out of, one global model.
+
+Engine mapping. One :class:`~fedjax_lite.Engine` round is one *stage*
+(``L + 1`` stages make a FedMA round). Local training is the engine's vmapped,
+jitted client update: the frozen layers get zero gradients and every
+client's model lives in the padded global shapes with width masks (units
+beyond its width are exactly zero, :mod:`fedjax_lite.hetero.layers`); the
+clients' models persist across stages as engine client state. The matching
+needs every client's neurons, not their mean: each client sends its neurons
+in row ``slot`` of a ``[J, ...]`` array (zeros elsewhere) with weight 1, so
+the engine's mean times the total weight is the stacked neurons; the server
+update then runs the Hungarian matching on the host through
+``jax.pure_callback`` (the one inherently host-side, per-client step). The
+round must sample every client in the same slot each stage:
+``RoundConfig(num_clients, sampling="all")``.
+
+Communication per client and FedMA round: up, every layer once (its neurons
+at stage ``l``); down, every matched global layer once plus its assignment.
+Compute: ``L + 1`` local trainings per round (FedAvg: one).
+
+Shapes: one client's data ``[steps, batch, ...]``; ``J`` = population.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_lite.algorithms.base import ClientOutput, FederatedAlgorithm
+from fedjax_lite.algorithms.local import local_train
+from fedjax_lite.data.batching import LocalWork
+from fedjax_lite.engine.round import Engine, EngineState, RoundConfig
+from fedjax_lite.hetero import layers as L
+from fedjax_lite.hetero import matching
+from fedjax_lite.models.core import Model
+
+PyTree = Any
+
+
+# ------------------------------------------------------------ neuron vectors
+def _in_dims(layer: L.Layer, kernel_shape) -> int:
+  return int(np.prod(kernel_shape[:-1]))
+
+
+def layer_atoms(params: PyTree, chain, l: int) -> jax.Array:
+  """Layer ``l``'s neurons as rows ``[width_l, D]``.
+
+  Each row is the neuron's incoming kernel entries (in kernel order), its
+  bias and, when the next layer is the output layer, its outgoing weights.
+  """
+  layer = chain[l]
+  k, b = params[layer.name]["kernel"], params[layer.name]["bias"]
+  rows = [k.reshape(-1, k.shape[-1]).T, b[:, None]]
+  if l + 1 == len(chain) - 1:
+    nxt = chain[l + 1]
+    view, axis = L.unit_view(params[nxt.name]["kernel"], nxt)
+    rows.append(jnp.moveaxis(view, axis, 0).reshape(view.shape[axis], -1))
+  return jnp.concatenate(rows, axis=1)
+
+
+def atom_dim_mask(chain, l: int, kernel_shape, in_mask) -> np.ndarray:
+  """bool ``[D]``: the atom entries that read active inputs (host)."""
+  layer = chain[l]
+  n_in = _in_dims(layer, kernel_shape)
+  if in_mask is None:
+    m = np.ones(n_in, bool)
+  else:
+    m = np.asarray(in_mask) > 0
+    reps = n_in // m.size
+    m = np.tile(m, reps)
+  parts = [m, np.ones(1, bool)]
+  if l + 1 == len(chain) - 1:
+    nxt = chain[l + 1]
+    parts.append(np.ones(nxt.in_repeat * nxt.width, bool))
+  return np.concatenate(parts)
+
+
+def set_layer_from_atoms(params: PyTree, chain, l: int, atoms) -> PyTree:
+  """Params with layer ``l``'s kernel and bias taken from ``atoms [W, D]``."""
+  layer = chain[l]
+  k = params[layer.name]["kernel"]
+  n_in = _in_dims(layer, k.shape)
+  kernel = atoms[:, :n_in].T.reshape(k.shape[:-1] + (atoms.shape[0],))
+  new = dict(params)
+  new[layer.name] = {"kernel": kernel, "bias": atoms[:, n_in]}
+  return new
+
+
+def scatter_inputs(kernel: jax.Array, layer: L.Layer, assign: jax.Array,
+                   valid: jax.Array, num_units: int) -> jax.Array:
+  """Moves input unit ``u`` of ``kernel`` to ``assign[u]`` (valid ``u`` only).
+
+  The result reads ``num_units`` input units; others are zero.
+  """
+  view, axis = L.unit_view(kernel, layer)
+  shape = list(view.shape)
+  shape[axis] = num_units
+  idx = jnp.where(valid, assign, num_units)
+  moved = jnp.moveaxis(view, axis, 0)
+  out = jnp.zeros((num_units,) + moved.shape[1:], kernel.dtype)
+  out = out.at[idx].set(moved, mode="drop")
+  out = jnp.moveaxis(out, 0, axis)
+  return out.reshape(kernel.shape[:-2] + (-1, kernel.shape[-1])) \
+      if layer.kind == "dense" else out
+
+
+def gather_layer(kernel, bias, layer: L.Layer, in_idx, in_valid, out_idx,
+                 out_valid):
+  """Client slice of a global layer: unit ``u`` takes global ``out_idx[u]``.
+
+  Input units likewise from ``in_idx`` (None: keep all inputs). Invalid
+  positions are zero.
+  """
+  k = jnp.take(kernel, out_idx, axis=-1) * out_valid.astype(kernel.dtype)
+  b = jnp.take(bias, out_idx) * out_valid.astype(bias.dtype)
+  if in_idx is not None:
+    view, axis = L.unit_view(k, layer)
+    view = jnp.take(view, in_idx, axis=axis)
+    shape = [1] * view.ndim
+    shape[axis] = -1
+    view = view * in_valid.astype(view.dtype).reshape(shape)
+    k = view.reshape(k.shape)
+  return k, b
+
+
+def _outputs_only(kernel, bias, layer, in_idx, in_valid):
+  ones = jnp.ones((layer.width,), bool)
+  return gather_layer(kernel, bias, layer, in_idx, in_valid,
+                      jnp.arange(layer.width), ones)
+
+
+# ------------------------------------------------------------------ one shot
+def matched_average(client_params: Sequence[PyTree], *,
+                    class_counts: Sequence[np.ndarray] | None = None,
+                    max_widths: Sequence[int] | None = None,
+                    noise_var: float = 1.0, prior_var: float = 1.0,
+                    gamma: float = 1.0, num_iters: int = 3, seed: int = 0
+                    ) -> tuple[dict, list]:
+  """One-shot layer-wise matched averaging of trained client models (host).
+
+  FedMA without retraining between layers (the clients' models are only
+  permuted): match layer 1, move every client's layer-2 inputs to the global
+  positions, match layer 2, ..., and average the output layer per class.
+  Clients may have different hidden widths.
+
+  Args:
+    client_params: ``J`` params of the same kind of network (MLP or FedAvg
+      CNN; widths may differ).
+    class_counts: optional ``J`` arrays ``[num_classes]`` for the per-class
+      output average (default: equal weights).
+    max_widths: bound on each global hidden layer (default: the sum of the
+      clients' widths, i.e. unbounded).
+    noise_var, prior_var, gamma, num_iters, seed: BBP-MAP settings
+      (:func:`fedjax_lite.hetero.matching.match_atoms`).
+
+  Returns:
+    ``(global_params, assignments)`` with ``assignments[l][j]`` the global
+    neuron of client ``j``'s neurons of hidden layer ``l``.
+  """
+  if not client_params:
+    raise ValueError("matched_average needs at least one client model.")
+  chains = [L.layer_chain(jax.tree.map(np.asarray, p), f"client_params[{j}]")
+            for j, p in enumerate(client_params)]
+  kinds = {tuple((c.name, c.kind) for c in ch) for ch in chains}
+  if len(kinds) != 1:
+    raise ValueError(f"client models have different layer structures "
+                     f"{sorted(kinds)}; FedMA matches models with the same "
+                     "layers (widths may differ).")
+  J = len(client_params)
+  num_hidden = len(chains[0]) - 1
+  if max_widths is None:
+    max_widths = [sum(ch[l].width for ch in chains) for l in range(num_hidden)]
+  locals_ = [jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+             for p in client_params]
+  glob = dict(locals_[0])
+  assignments = []
+  for l in range(num_hidden):
+    atoms = [np.asarray(layer_atoms(p, L.layer_chain(p), l), np.float64)
+             for p in locals_]
+    res = matching.match_atoms(atoms, max_atoms=int(max_widths[l]),
+                               noise_var=noise_var, prior_var=prior_var,
+                               gamma=gamma, num_iters=num_iters, seed=seed)
+    g = res.atoms.shape[0]
+    name = chains[0][l].name
+    glob[name] = set_layer_from_atoms(locals_[0], L.layer_chain(locals_[0]), l,
+                                      jnp.asarray(res.atoms, jnp.float32))[name]
+    nxt = chains[0][l + 1]
+    for j in range(J):
+      p = dict(locals_[j])
+      p[chains[0][l].name] = glob[chains[0][l].name]
+      a = jnp.asarray(res.assignments[j])
+      k = p[nxt.name]["kernel"]
+      lay = L.layer_chain(locals_[j])[l + 1]
+      p[nxt.name] = {"kernel": scatter_inputs(
+          k, lay, a, jnp.ones(a.shape, bool), g), "bias": p[nxt.name]["bias"]}
+      locals_[j] = p
+    assignments.append(res.assignments)
+  last = chains[0][-1].name
+  if class_counts is None:
+    w = np.ones((J, chains[0][-1].width))
+  else:
+    w = np.asarray(class_counts, np.float64).reshape(J, -1)
+  tot = w.sum(0, keepdims=True)
+  p = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / J)  # [J, C]
+  ks = np.stack([np.asarray(q[last]["kernel"], np.float64) for q in locals_])
+  bs = np.stack([np.asarray(q[last]["bias"], np.float64) for q in locals_])
+  glob[last] = {"kernel": jnp.asarray(np.einsum("jc,jic->ic", p, ks),
+                                      jnp.float32),
+                "bias": jnp.asarray(np.einsum("jc,jc->c", p, bs), jnp.float32)}
+  return glob, assignments
+
+
+# ------------------------------------------------------------ the algorithm
+@flax.struct.dataclass
+class FedMAState:
+  """FedMA server state (global models padded to the model's widths).
+
+  Attributes:
+    params: the last complete global model (what :func:`fed_ma`'s
+      ``get_params`` returns; units beyond ``masks`` are zero).
+    masks: per hidden layer, float ``[W_l]``: the global neurons in use.
+    assign: per hidden layer, int32 ``[J, W_l]``: client ``j``'s neuron ``u``
+      is global neuron ``assign[l][j, u]`` (its first ``w_l^j`` entries).
+    work, work_masks, work_assign: the model being matched this round
+      (layers before ``stage`` are done).
+    stage: int32, the layer matched by the next engine round (``L``: the
+      output layer's per-class average).
+    num_rounds: int32, completed FedMA rounds.
+  """
+  params: PyTree
+  masks: tuple
+  assign: tuple
+  work: PyTree
+  work_masks: tuple
+  work_assign: tuple
+  stage: jax.Array
+  num_rounds: jax.Array
+
+
+@flax.struct.dataclass
+class FedMAClientState:
+  """One client's model between stages (padded) and its unit masks."""
+  params: PyTree
+  masks: tuple
+
+
+def check_client_widths(client_widths, widths: Sequence[int]) -> np.ndarray:
+  """int ``[J, L]`` client hidden widths, validated against the bound."""
+  cw = np.asarray(client_widths)
+  if cw.ndim != 2 or cw.shape[1] != len(widths) or cw.shape[0] < 1 or not (
+      np.issubdtype(cw.dtype, np.integer)):
+    raise ValueError(f"client_widths must be ints [num_clients, {len(widths)}]"
+                     f" (one width per hidden layer of every client), got "
+                     f"shape {cw.shape} dtype {cw.dtype}.")
+  bad = (cw < 1) | (cw > np.asarray(widths)[None, :])
+  if bad.any():
+    j, l = map(int, np.argwhere(bad)[0])
+    raise ValueError(f"client_widths[{j}, {l}] = {int(cw[j, l])}; expected 1.."
+                     f"{widths[l]} (the model's width of hidden layer {l} "
+                     "bounds the global layer). Build the model wider.")
+  return cw.astype(np.int32)
+
+
+def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
+           client_widths, noise_var: float = 1.0, prior_var: float = 1.0,
+           gamma: float = 1.0, num_iters: int = 3, seed: int = 0,
+           name: str = "fed_ma") -> FederatedAlgorithm:
+  """FedMA as an engine algorithm; one engine round is one stage.
+
+  Args:
+    model: the *largest* global model: its hidden widths bound how far the
+      matched layers can grow (MLP or FedAvg CNN,
+      :mod:`fedjax_lite.hetero.layers`).
+    client_optimizer: local optax optimizer (fresh each stage). Its update
+      must be zero for a zero gradient (SGD, momentum, Adam; not weight
+      decay), which keeps frozen layers frozen.
+    client_widths: int ``[J, L]``, every client's hidden widths (its
+      architecture), each at most the model's.
+    noise_var, prior_var, gamma, num_iters, seed: BBP-MAP settings
+      (:func:`fedjax_lite.hetero.matching.match_atoms`).
+    name: for reports.
+
+  Returns:
+    A :class:`FederatedAlgorithm` with :class:`FedMAState`; run it with
+    ``RoundConfig(J, local_work, sampling="all")`` and
+    ``engine.init(params, num_clients=J)``; ``L + 1`` engine rounds make
+    one FedMA round (``get_params`` is the last complete global model).
+  """
+  chain = L.chain_of_model(model, "fed_ma model")
+  widths = L.hidden_widths(chain)
+  nh = len(widths)
+  cw_np = check_client_widths(client_widths, widths)
+  J = cw_np.shape[0]
+  cw = jnp.asarray(cw_np)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  kshape = [tuple(shapes[c.name]["kernel"].shape) for c in chain]
+  dims = [int(np.prod(kshape[l][:-1])) + 1 + (
+      chain[l + 1].in_repeat * chain[l + 1].width if l + 1 == nh else 0)
+          for l in range(nh)]
+  num_classes = chain[-1].width
+  last = chain[-1].name
+  settings = dict(noise_var=noise_var, prior_var=prior_var, gamma=gamma,
+                  num_iters=num_iters)
+  for k in ("noise_var", "prior_var", "gamma"):
+    matching._check_var(k, settings[k])  # pylint: disable=protected-access
+
+  # ----------------------------------------------------------- server
+  def server_init(params):
+    masks = tuple(jnp.ones((w,), jnp.float32) for w in widths)
+    assign = tuple(jnp.tile(jnp.arange(w, dtype=jnp.int32), (J, 1))
+                   for w in widths)
+    return FedMAState(params=params, masks=masks, assign=assign, work=params,
+                      work_masks=masks, work_assign=assign,
+                      stage=jnp.zeros((), jnp.int32),
+                      num_rounds=jnp.zeros((), jnp.int32))
+
+  def host_match(stage, atoms, units, in_masks, rnd):
+    stage = int(stage)
+    outs = []
+    for l in range(nh):
+      g_atoms = np.zeros((widths[l], dims[l]), np.float32)
+      g_mask = np.zeros((widths[l],), np.float32)
+      g_assign = np.zeros((J, widths[l]), np.int32)
+      if l == stage:
+        held = np.asarray(units[l]) > 0.5
+        dmask = atom_dim_mask(chain, l, kshape[l],
+                              None if l == 0 else in_masks[l - 1])
+        local = [np.asarray(atoms[l][j], np.float64)[held[j]][:, dmask]
+                 for j in range(J)]
+        res = matching.match_atoms(local, max_atoms=widths[l],
+                                   seed=seed + int(rnd), **settings)
+        g = res.atoms.shape[0]
+        g_atoms[:g] = 0.0
+        g_atoms[np.ix_(np.arange(g), dmask)] = res.atoms
+        g_mask[:g] = 1.0
+        for j in range(J):
+          g_assign[j, np.flatnonzero(held[j])] = res.assignments[j]
+      outs.append((g_atoms, g_mask, g_assign))
+    return tuple(outs)
+
+  def server_update(state: FedMAState, aggregate) -> FedMAState:
+    stacked = jax.tree.map(lambda a: a * aggregate.total_weight,
+                           aggregate.mean)
+    result_shape = tuple(
+        (jax.ShapeDtypeStruct((widths[l], dims[l]), jnp.float32),
+         jax.ShapeDtypeStruct((widths[l],), jnp.float32),
+         jax.ShapeDtypeStruct((J, widths[l]), jnp.int32)) for l in range(nh))
+    matched = jax.pure_callback(host_match, result_shape, state.stage,
+                                stacked["atoms"], stacked["units"],
+                                state.work_masks, state.num_rounds,
+                                vmap_method="sequential")
+    work, masks, assign = dict(state.work), list(state.work_masks), list(
+        state.work_assign)
+    for l in range(nh):
+      hit = state.stage == l
+      g_atoms, g_mask, g_assign = matched[l]
+      new = set_layer_from_atoms(work, chain, l, g_atoms)[chain[l].name]
+      work[chain[l].name] = jax.tree.map(lambda a, b: jnp.where(hit, a, b),
+                                         new, work[chain[l].name])
+      masks[l] = jnp.where(hit, g_mask, masks[l])
+      assign[l] = jnp.where(hit, g_assign, assign[l])
+    # Output layer: per-class average with the clients' class proportions.
+    counts = stacked["class_counts"]                            # [J, C]
+    tot = jnp.sum(counts, axis=0, keepdims=True)
+    p = jnp.where(tot > 0, counts / jnp.where(tot > 0, tot, 1.0), 1.0 / J)
+    out = {"kernel": jnp.einsum("jc,jic->ic", p, stacked["last_kernel"]),
+           "bias": jnp.einsum("jc,jc->c", p, stacked["last_bias"])}
+    done = state.stage == nh
+    work[last] = jax.tree.map(lambda a, b: jnp.where(done, a, b), out,
+                              work[last])
+    masks, assign = tuple(masks), tuple(assign)
+
+    def pick(a, b):
+      return jax.tree.map(lambda x, y: jnp.where(done, x, y), a, b)
+    return FedMAState(
+        params=pick(work, state.params), masks=pick(masks, state.masks),
+        assign=pick(assign, state.assign), work=work, work_masks=masks,
+        work_assign=assign,
+        stage=jnp.where(done, 0, state.stage + 1).astype(jnp.int32),
+        num_rounds=state.num_rounds + done.astype(jnp.int32))
+
+  # ----------------------------------------------------------- client
+  def client_init(params):
+    return FedMAClientState(
+        params=jax.tree.map(jnp.zeros_like, params),
+        masks=tuple(jnp.zeros((w,), jnp.float32) for w in widths))
+
+  def rebuild(state: FedMAState, slot, own):
+    """Stage 0: the client's own-width slice of the global model."""
+    params = {}
+    for i, layer in enumerate(chain):
+      g = state.params[layer.name]
+      in_idx = state.assign[i - 1][slot] if i > 0 else None
+      in_valid = own[i - 1] > 0 if i > 0 else None
+      if i < nh:
+        k, b = gather_layer(g["kernel"], g["bias"], layer, in_idx, in_valid,
+                            state.assign[i][slot], own[i] > 0)
+      else:
+        k, b = _outputs_only(g["kernel"], g["bias"], layer, in_idx, in_valid)
+      params[layer.name] = {"kernel": k, "bias": b}
+    return params, tuple(own)
+
+  def take_matched(state: FedMAState, cstate, slot, s):
+    """Stage s >= 1: adopt global layer s-1, move layer s's inputs."""
+    params = dict(cstate.params)
+    masks = list(cstate.masks)
+    prev, layer = chain[s - 1], chain[s]
+    params[prev.name] = state.work[prev.name]
+    masks[s - 1] = state.work_masks[s - 1]
+    k = scatter_inputs(params[layer.name]["kernel"], layer,
+                       state.work_assign[s - 1][slot],
+                       cstate.masks[s - 1] > 0, widths[s - 1])
+    params[layer.name] = {"kernel": k, "bias": params[layer.name]["bias"]}
+    return params, tuple(masks)
+
+  def stage_update(s, state, cstate, data, rng):
+    slot = data.slot
+    own = L.prefix_masks(widths, [cw[data.client_id, l] for l in range(nh)])
+    if s == 0:
+      params, masks = rebuild(state, slot, own)
+    else:
+      params, masks = take_matched(state, cstate, slot, s)
+    pm = L.param_masks(chain, masks)
+    keep = {c.name: float(i >= s) for i, c in enumerate(chain)}
+
+    def grad_fn(p, batch, mask, step_rng):
+      def objective(q):
+        return model.batch_loss(L.apply_masks(q, pm), batch, mask, step_rng,
+                                train=True)
+      g, stats = jax.grad(objective, has_aux=True)(p)
+      return {k: jax.tree.map(lambda x, k=k: x * keep[k], v)
+              for k, v in g.items()}, stats
+    result = local_train(grad_fn, client_optimizer, params, data, rng)
+    new = L.apply_masks(result.params, pm)
+    onehot = (jnp.arange(J) == slot).astype(jnp.float32)
+    atoms, units = [], []
+    for l in range(nh):
+      if l == s:
+        atoms.append(onehot[:, None, None] * layer_atoms(new, chain, l)[None])
+        units.append(onehot[:, None] * masks[l][None, :])
+      else:
+        atoms.append(jnp.zeros((J, widths[l], dims[l]), jnp.float32))
+        units.append(jnp.zeros((J, widths[l]), jnp.float32))
+    labels = data.batches[model.label_key].reshape(-1)
+    counts = jnp.sum(jax.nn.one_hot(labels, num_classes) *
+                     data.mask.reshape(-1, 1).astype(jnp.float32), axis=0)
+    is_last = float(s == nh)
+    update = {
+        "atoms": tuple(atoms), "units": tuple(units),
+        "last_kernel": is_last * onehot[:, None, None] * new[last][
+            "kernel"][None],
+        "last_bias": is_last * onehot[:, None] * new[last]["bias"][None],
+        "class_counts": is_last * onehot[:, None] * counts[None, :],
+    }
+    return ClientOutput(update=update, weight=jnp.ones((), jnp.float32),
+                        state=FedMAClientState(new, masks),
+                        metrics=result.metrics)
+
+  def client_update(state: FedMAState, cstate, data, rng):
+    branches = [lambda st, cs, d, r, s=s: stage_update(s, st, cs, d, r)
+                for s in range(nh + 1)]
+    return jax.lax.switch(jnp.clip(state.stage, 0, nh), branches, state,
+                          cstate, data, rng)
+
+  return FederatedAlgorithm(
+      server_init=server_init, client_update=client_update,
+      server_update=server_update, broadcast=lambda s: s,
+      client_init=client_init, get_params=lambda s: s.params, name=name)
+
+
+def stages_per_round(model: Model) -> int:
+  """Engine rounds per FedMA round: hidden layers + the output layer."""
+  return len(L.chain_of_model(model, "fed_ma model"))
+
+
+# ---------------------------------------------------------------- process
+class FedMAProcess:
+  """TFF-style ``initialize`` / ``next`` / ``get_model_weights`` for FedMA.
+
+  ``next(state, federated_train_data)`` runs one FedMA round (``L + 1``
+  engine rounds) on every client; the clients must be the same, in the same
+  order, every round (client ``j`` has architecture ``client_widths[j]``).
+  """
+
+  def __init__(self, model: Model, algorithm: FederatedAlgorithm,
+               local_work: LocalWork, num_clients: int, *,
+               block_size: int | None = None, mesh=None):
+    self.model = model
+    self.algorithm = algorithm
+    self.num_clients = num_clients
+    self.stages = stages_per_round(model)
+    self.engine = Engine(algorithm, RoundConfig(
+        num_clients, local_work, sampling="all", block_size=block_size),
+                         mesh)
+    self._data = None
+
+  def initialize(self, seed: int = 0) -> EngineState:
+    """Initial state: global params from ``seed``, empty client models."""
+    params = self.model.init(jax.random.PRNGKey(seed))
+    return self.engine.init(params, seed=jax.random.PRNGKey(seed + 1),
+                            num_clients=self.num_clients)
+
+  def _device_data(self, data):
+    from fedjax_lite.data.federated_dataset import FederatedDataset  # pylint: disable=g-import-not-at-top
+    if self._data is not None and self._data[0] is data:
+      return self._data[1]
+    ds = data if isinstance(data, FederatedDataset) else \
+        FederatedDataset.from_clients(data)
+    if ds.num_clients != self.num_clients:
+      raise ValueError(f"federated_train_data has {ds.num_clients} clients; "
+                       f"this FedMA process was built for {self.num_clients} "
+                       "(one architecture per client, in order).")
+    dev = self.engine.put_data(ds, model=self.model)
+    self._data = (data, dev)
+    return dev
+
+  def next(self, state: EngineState, federated_train_data
+           ) -> tuple[EngineState, dict]:
+    """One FedMA round; metrics are the stages' training means (floats)."""
+    data = self._device_data(federated_train_data)
+    metrics = {}
+    for s in range(self.stages):
+      state, m = self.engine.round(state, data)
+      for k, v in jax.device_get(m).items():
+        if np.ndim(v) == 0:
+          metrics[f"stage{s}_{k}"] = float(v)
+    metrics["loss"] = metrics[f"stage{self.stages - 1}_loss"]
+    if f"stage{self.stages - 1}_accuracy" in metrics:
+      metrics["accuracy"] = metrics[f"stage{self.stages - 1}_accuracy"]
+    metrics["global_widths"] = [int(np.sum(np.asarray(m))) for m in
+                                state.server.masks]
+    return state, metrics
+
+  def get_model_weights(self, state: EngineState) -> PyTree:
+    """The last complete global model (padded; unused units are zero)."""
+    return state.server.params
+
+
+def build_fed_ma_process(
+    model: Model, client_optimizer_fn, *, client_widths,
+    local_epochs: int = 1, batch_size: int | None = None,
+    num_local_steps: int | None = None, noise_var: float = 1.0,
+    prior_var: float = 1.0, gamma: float = 1.0, num_iters: int = 3,
+    seed: int = 0, block_size: int | None = None, mesh=None) -> FedMAProcess:
+  """FedMA as a TFF-style process.
+
+  Args:
+    model: the largest global model (its hidden widths bound the global
+      layers); MLP or FedAvg CNN.
+    client_optimizer_fn: no-arg factory of the client optax optimizer.
+    client_widths: int ``[J, L]`` hidden widths of every client.
+    local_epochs, batch_size, num_local_steps: local training per stage.
+    noise_var, prior_var, gamma, num_iters, seed: BBP-MAP settings.
+    block_size, mesh: engine settings.
+  """
+  if not callable(client_optimizer_fn):
+    raise TypeError("client_optimizer_fn must be a no-argument function "
+                    "returning an optax optimizer, got "
+                    f"{type(client_optimizer_fn).__name__}.")
+  algorithm = fed_ma(model, client_optimizer_fn(), client_widths=client_widths,
+                     noise_var=noise_var, prior_var=prior_var, gamma=gamma,
+                     num_iters=num_iters, seed=seed)
+  work = LocalWork(batch_size=batch_size, num_epochs=local_epochs,
+                   num_steps=num_local_steps)
+  return FedMAProcess(model, algorithm, work,
+                      int(np.asarray(client_widths).shape[0]),
+                      block_size=block_size, mesh=mesh)
