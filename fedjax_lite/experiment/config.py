@@ -2,23 +2,43 @@
 
 An experiment spec is ``path/to/file.py`` or ``path/to/file.py:arg``; the file
 defines ``get_config(arg: str = "")`` returning a frozen dataclass of primitive
-fields (int, float, str, bool, tuples of those, optionally ``| None``) and
-``build(config) -> Experiment``. ``--set field=value`` overrides are parsed by
-the field's declared type, so ``--set client_lr=0.1`` is a float and
-``--set num_rounds=1e3`` is an error, not a silent cast.
+fields (int, float, str, bool, ``Literal[...]``, tuples of those, optionally
+``| None``) and ``build(config) -> Experiment``. ``--set field=value``
+overrides are parsed by the field's declared type, so ``--set client_lr=0.1``
+is a float and ``--set num_rounds=1e3`` is an error, not a silent cast. Bools
+are true/false, yes/no, on/off or 1/0; ``none`` (or ``null``) sets an
+optional field to None; tuples are ``8,16`` or ``(8, 16)``. Every bad
+override is reported in one error, one line each naming the field, what
+arrived and what its type expects.
+
+Why a hand-written parser (measured 2026-11-28; code lines without blanks,
+comments and docstrings, whole file, same tests): the old parser was 300
+lines, this one 268. The same API on simple-parsing 0.1.9 is 238 lines with
+argparse's messages (``invalid int value: 'abc'``; ``expected 2 arguments``;
+``invalid float value: 'x'`` for ``float | None``; a bad bool does not list
+the accepted spellings), or 251 lines keeping the messages below; either way
+None, comma tuples, unknown fields and argparse's exit stay hand-written, a
+tuple item starting with "-" is misread as an option, and it adds two
+packages, 0.1 s of import and 28 ms per override. tyro 1.0.17 rejects
+``flag=true``/``yes``/``1``, reads ``tag=none`` as the string "none", and
+its per-type parsers turn ``yes`` into False; ml-collections 1.1.0 cannot
+set fields of a frozen dataclass nor parse ``Literal``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import hashlib
 import importlib.util
 import json
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -132,7 +152,7 @@ _PRIMITIVES = (int, float, str, bool)
 def _field_types(cls) -> dict:
   try:
     hints = typing.get_type_hints(cls)
-  except Exception as e:  # unresolved forward references
+  except (NameError, TypeError, AttributeError) as e:  # e.g. an unknown name
     raise ConfigError(f"cannot resolve the field types of {cls.__name__}: {e}."
                       " Use built-in types (int, float, str, bool, tuple).")
   return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
@@ -151,7 +171,12 @@ def check_config(cfg: Any, where: str = "config") -> None:
                       "frozen; declare it with "
                       "@dataclasses.dataclass(frozen=True).")
   for name, tp in _field_types(type(cfg)).items():
-    _check_type(tp, f"{type(cfg).__name__}.{name}")
+    if not _supported(tp):
+      raise ConfigError(
+          f"{type(cfg).__name__}.{name} has type {_type_name(tp)}; config "
+          "fields must be int, float, str, bool, Literal[...], tuples of "
+          "those, optionally | None (build objects in build(config), not the "
+          "config).")
     value = getattr(cfg, name)
     if not _matches(value, tp):
       raise ConfigError(f"{where}: field {name!r} holds {value!r} "
@@ -166,24 +191,13 @@ def _union_args(tp):
   return None
 
 
-def _check_type(tp, where: str) -> None:
-  if tp in _PRIMITIVES or tp is type(None):
-    return
-  args = _union_args(tp)
-  if args is not None:
-    for a in args:
-      _check_type(a, where)
-    return
-  if typing.get_origin(tp) is tuple:
-    for a in typing.get_args(tp):
-      if a is not Ellipsis:
-        _check_type(a, where)
-    return
-  if typing.get_origin(tp) is typing.Literal:
-    return
-  raise ConfigError(f"{where} has type {_type_name(tp)}; config fields must "
-                    "be int, float, str, bool, tuples of those, optionally "
-                    "| None (build objects in build(config), not the config).")
+def _supported(tp) -> bool:
+  if tp in _PRIMITIVES or tp is type(None) or (
+      typing.get_origin(tp) is typing.Literal):
+    return True
+  if _union_args(tp) or typing.get_origin(tp) is tuple:
+    return all(a is ... or _supported(a) for a in typing.get_args(tp))
+  return False
 
 
 def _type_name(tp) -> str:
@@ -192,100 +206,88 @@ def _type_name(tp) -> str:
 
 
 def _matches(value, tp) -> bool:
-  if tp is type(None):
-    return value is None
-  if tp is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if tp is int:
-    return isinstance(value, int) and not isinstance(value, bool)
-  if tp in (str, bool):
-    return isinstance(value, tp)
-  args = _union_args(tp)
-  if args is not None:
+  """Whether ``value`` is a ``tp`` (an int passes as a float, a bool only as a
+  bool)."""
+  args = typing.get_args(tp)
+  if _union_args(tp):
     return any(_matches(value, a) for a in args)
   if typing.get_origin(tp) is typing.Literal:
-    return value in typing.get_args(tp)
+    return value in args
   if typing.get_origin(tp) is tuple:
     if not isinstance(value, tuple):
       return False
-    targs = typing.get_args(tp)
-    if not targs:
-      return True
-    if len(targs) == 2 and targs[1] is Ellipsis:
-      return all(_matches(v, targs[0]) for v in value)
-    return len(targs) == len(value) and all(
-        _matches(v, a) for v, a in zip(value, targs))
-  return False
+    args = args[:1] * len(value) if args[-1:] == (...,) else args
+    return len(value) == len(args) and all(map(_matches, value, args))
+  if isinstance(value, bool) != (tp is bool):
+    return False
+  return isinstance(value, (int, float) if tp is float else tp)
 
 
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True,
+          "false": False, "no": False, "off": False, "0": False}
+_WORDS = {int: "an int", float: "a float", str: "a string", type(None): "none",
+          bool: "a bool (true/false, yes/no, on/off, 1/0)"}
+
+
+def _expected(tp) -> str:
+  """``tp`` in words for errors (``float | None``: "a float or none")."""
+  args = typing.get_args(tp)
+  if _union_args(tp):
+    return " or ".join(map(_expected, args))
+  if typing.get_origin(tp) is typing.Literal:
+    return "one of " + ", ".join(map(str, args))
+  if typing.get_origin(tp) is tuple:
+    count = "" if args[-1:] == (...,) else f"{len(args)} "
+    return f"{count}comma-separated values ({_type_name(tp)})"
+  return _WORDS.get(tp, _type_name(tp))
+
+
+def _parse(text: str, tp) -> Any:
+  """``text`` as a ``tp``, else ValueError("expected <tp in words>, got ...")."""
+  s, args, hint = text.strip(), typing.get_args(tp), ""
+  if _union_args(tp):  # "none" is None, else the first member that parses
+    if type(None) in args and s.lower() in ("none", "null"):
+      return None
+    for a in args:
+      with contextlib.suppress(ValueError):
+        return _parse(text, a)
+  elif tp is str:
+    return text
+  elif tp is bool and s.lower() in _BOOLS:
+    return _BOOLS[s.lower()]
+  elif tp is float:
+    with contextlib.suppress(ValueError):
+      return float(s)
+  elif tp is int:
+    try:
+      return int(s, 0 if s[:2].lower() in ("0x", "0o", "0b") else 10)
+    except ValueError:
+      with contextlib.suppress(ValueError):
+        float(s)  # e.g. num_rounds=1e3
+        hint = " (an int has no decimal point or exponent)"
+  elif typing.get_origin(tp) is typing.Literal:
+    for choice in args:
+      if str(choice) == s:
+        return choice
+  elif typing.get_origin(tp) is tuple:
+    inner = s[1:-1] if s[:1] in "([" and s[-1:] in ")]" else s
+    items = [p.strip() for p in inner.split(",") if p.strip()]
+    args = args[:1] * len(items) if args[-1:] == (...,) else args
+    if len(items) == len(args):
+      return tuple(map(_parse, items, args))  # an item's error names it
+  raise ValueError(f"expected {_expected(tp)}, got {text!r}{hint}")
 
 
 def parse_value(text: str, tp, where: str = "value") -> Any:
-  """Parses command-line ``text`` as type ``tp`` (see module docstring)."""
-  s = text.strip()
-  args = _union_args(tp)
-  if args is not None:
-    if type(None) in args and s.lower() in ("none", "null"):
-      return None
-    errors = []
-    for a in args:
-      if a is type(None):
-        continue
-      try:
-        return parse_value(s, a, where)
-      except ConfigError as e:
-        errors.append(str(e))
-    raise ConfigError(f"{where}: cannot parse {text!r} as {_type_name(tp)}.")
-  if tp is bool:
-    if s.lower() in _TRUE:
-      return True
-    if s.lower() in _FALSE:
-      return False
-    raise ConfigError(f"{where}: expected a bool (true/false), got {text!r}.")
-  if tp is int:
-    try:
-      return int(s.replace("_", ""), 0) if s.lower().startswith(
-          ("0x", "0b", "0o")) else int(s.replace("_", ""))
-    except ValueError:
-      raise ConfigError(f"{where}: expected an int, got {text!r}"
-                        + (" (write it without a decimal point or exponent)"
-                           if _is_float(s) else "") + ".") from None
-  if tp is float:
-    try:
-      return float(s)
-    except ValueError:
-      raise ConfigError(f"{where}: expected a float, got {text!r}.") from None
-  if tp is str:
-    return text
-  if typing.get_origin(tp) is typing.Literal:
-    for choice in typing.get_args(tp):
-      if str(choice) == s:
-        return choice
-    raise ConfigError(f"{where}: expected one of {typing.get_args(tp)}, got "
-                      f"{text!r}.")
-  if typing.get_origin(tp) is tuple:
-    inner = s[1:-1] if s[:1] in "([" and s[-1:] in ")]" else s
-    items = [p for p in (x.strip() for x in inner.split(",")) if p]
-    targs = typing.get_args(tp)
-    if not targs:
-      return tuple(items)
-    if len(targs) == 2 and targs[1] is Ellipsis:
-      return tuple(parse_value(p, targs[0], where) for p in items)
-    if len(items) != len(targs):
-      raise ConfigError(f"{where}: expected {len(targs)} comma-separated "
-                        f"values for {_type_name(tp)}, got {text!r}.")
-    return tuple(parse_value(p, a, where) for p, a in zip(items, targs))
-  raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}.")
+  """Parses command-line ``text`` as type ``tp`` (see module docstring).
 
-
-def _is_float(s: str) -> bool:
+  Raises:
+    ConfigError: ``"<where>: expected <tp in words>, got <text>."``
+  """
   try:
-    float(s)
-    return True
-  except ValueError:
-    return False
+    return _parse(text, tp)
+  except ValueError as e:
+    raise ConfigError(f"{where}: {e}.") from None
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
@@ -306,29 +308,41 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any] | Sequence[str]
                     ) -> Any:
-  """A copy of ``cfg`` with ``overrides`` (field -> text or typed value)."""
+  """A copy of ``cfg`` with ``overrides`` (field -> text or typed value).
+
+  Raises:
+    ConfigError: one line per unknown field or ill-typed value (all of them,
+      not only the first), each naming the field, what arrived and what its
+      declared type expects.
+  """
   if not isinstance(overrides, dict):
     overrides = parse_overrides(overrides)
   if not overrides:
     return cfg
   types_ = _field_types(type(cfg))
-  values = {}
+  values, errors = {}, []
   for key, raw in overrides.items():
-    if key not in types_:
-      close = [n for n in types_ if key.lower() in n.lower() or
-               n.lower() in key.lower()]
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ConfigError(f"unknown config field {key!r} for "
-                        f"{type(cfg).__name__}; expected one of "
-                        f"{', '.join(types_)}.{hint}")
-    tp = types_[key]
-    where = f"--set {key}"
-    if isinstance(raw, str):
-      values[key] = parse_value(raw, tp, where)
-    elif _matches(raw, tp):
-      values[key] = raw
+    tp = types_.get(key)
+    if tp is None:
+      close = difflib.get_close_matches(key, types_, n=1) or [
+          n for n in types_ if key.lower() in n.lower()]
+      errors.append(f"unknown config field {key!r} for {type(cfg).__name__}; "
+                    f"expected one of {', '.join(types_)}."
+                    + (f" Did you mean {close[0]!r}?" if close else ""))
+    elif not isinstance(raw, str):
+      if _matches(raw, tp):
+        values[key] = raw
+      else:
+        errors.append(f"field {key!r}: expected {_expected(tp)}, got {raw!r} "
+                      f"({type(raw).__name__}).")
     else:
-      raise ConfigError(f"{where}: {raw!r} is not a {_type_name(tp)}.")
+      try:
+        values[key] = _parse(raw, tp)
+      except ValueError as e:
+        errors.append(f"--set {key}: {e}.")
+  if errors:
+    raise ConfigError(errors[0] if len(errors) == 1 else
+                      f"{len(errors)} bad overrides:\n  " + "\n  ".join(errors))
   try:
     new = dataclasses.replace(cfg, **values)
   except (TypeError, ValueError) as e:
@@ -345,33 +359,20 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def _jsonable(v):
-  if isinstance(v, tuple):
-    return [_jsonable(x) for x in v]
-  return v
+  return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
 
 
 def config_from_dict(cfg: Any, data: dict) -> Any:
   """Replaces ``cfg``'s fields by values from :func:`config_to_dict`."""
-  types_ = _field_types(type(cfg))
-  unknown = sorted(set(data) - set(types_))
+  unknown = sorted(set(data) - set(_field_types(type(cfg))))
   if unknown:
     raise ConfigError(f"saved config has fields {unknown} that "
                       f"{type(cfg).__name__} no longer defines.")
-  values = {k: _from_json(v, types_[k]) for k, v in data.items()}
-  return apply_overrides(cfg, values)
+  return apply_overrides(cfg, {k: _tuples(v) for k, v in data.items()})
 
 
-def _from_json(v, tp):
-  if isinstance(v, list):
-    targs = [a for a in typing.get_args(tp) if a is not Ellipsis]
-    for a in (_union_args(tp) or ()):
-      if typing.get_origin(a) is tuple:
-        targs = [x for x in typing.get_args(a) if x is not Ellipsis]
-    inner = targs[0] if len(targs) == 1 else None
-    return tuple(_from_json(x, inner) for x in v)
-  if tp is float and isinstance(v, int):
-    return float(v)
-  return v
+def _tuples(v):  # JSON has lists where the config had tuples
+  return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 def describe_config(cfg: Any) -> str:
