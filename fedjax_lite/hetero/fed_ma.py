@@ -54,7 +54,6 @@ Shapes: one client's data ``[steps, batch, ...]``; ``J`` = population.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.struct
@@ -392,8 +391,9 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
       hit = state.stage == l
       g_atoms, g_mask, g_assign = matched[l]
       new = set_layer_from_atoms(work, chain, l, g_atoms)[chain[l].name]
-      work[chain[l].name] = jax.tree.map(lambda a, b: jnp.where(hit, a, b),
-                                         new, work[chain[l].name])
+      work[chain[l].name] = jax.tree.map(
+          lambda a, b, hit=hit: jnp.where(hit, a, b), new,
+          work[chain[l].name])
       masks[l] = jnp.where(hit, g_mask, masks[l])
       assign[l] = jnp.where(hit, g_assign, assign[l])
     # Output layer: per-class average with the clients' class proportions.

@@ -49,7 +49,8 @@ LEVELS = (1.0, 0.5, 0.25, 0.125)
 
 
 def level_units(widths: Sequence[int], levels: Sequence[float]) -> np.ndarray:
-  """int ``[num_levels, num_hidden]``: units ``round(r W_l)`` per level.
+  """int ``[num_levels, num_hidden]``: units ``round(r W_l)`` per level
+  (halves round up).
 
   Raises:
     ValueError: if a level is outside ``(0, 1]`` or leaves a layer with no
@@ -61,7 +62,7 @@ def level_units(widths: Sequence[int], levels: Sequence[float]) -> np.ndarray:
       raise ValueError(f"capacity levels must lie in (0, 1], got {r!r} in "
                        f"levels={tuple(levels)}.")
     for l, w in enumerate(widths):
-      u = int(round(float(r) * w))
+      u = int(np.floor(float(r) * w + 0.5))
       if u < 1:
         raise ValueError(
             f"capacity level {r} keeps round({r} * {w}) = 0 units of hidden "
@@ -114,8 +115,13 @@ def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
   """
   chain = L.chain_of_model(model, "hetero_fl model")
   widths = L.hidden_widths(chain)
-  units = jnp.asarray(level_units(widths, levels))
-  rate_idx = jnp.asarray(client_levels(client_rates, levels))
+  idx = client_levels(client_rates, levels)
+  used = sorted(set(idx.tolist()))
+  level_units(widths, [levels[a] for a in used])  # every used level fits
+  table = np.ones((len(levels), len(widths)), np.int32)
+  table[used] = level_units(widths, [levels[a] for a in used])
+  units = jnp.asarray(table)
+  rate_idx = jnp.asarray(idx)
   base = fed_avg(model, client_optimizer, server_optimizer)
 
   def client_masks(client_id):
@@ -160,7 +166,7 @@ def sub_model_params(params, model: Model, rate: float,
   """
   chain = L.chain_of_model(model, "sub_model_params model")
   widths = L.hidden_widths(chain)
-  u = level_units(widths, levels)[client_levels([rate], levels)[0]]
+  u = level_units(widths, [levels[client_levels([rate], levels)[0]]])[0]
   out = {}
   for i, layer in enumerate(chain):
     k, b = params[layer.name]["kernel"], params[layer.name]["bias"]

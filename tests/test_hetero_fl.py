@@ -1,0 +1,168 @@
+"""HeteroFL: nested width slices trained in one jitted round (masks), against
+FedAvg, standalone smaller models and a float64 numpy reference."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_lite as fl
+from fedjax_lite import hetero
+from fedjax_lite.hetero import layers as L
+
+D, K = 6, 3
+SIZES = (5, 9, 4, 7)
+MLP = fl.models.mlp(D, K, (8, 8))
+CNN = fl.models.cnn((6, 6, 1), K, channels=(4, 8), hidden=8, kernel_size=3)
+
+
+def make_clients(sizes, shape, seed):
+  r = np.random.default_rng(seed)
+  return [{"x": r.standard_normal((n,) + shape).astype(np.float32),
+           "y": r.integers(0, K, n).astype(np.int32)} for n in sizes]
+
+
+def engine_for(algorithm, epochs=2):
+  cfg = fl.RoundConfig(len(SIZES), fl.LocalWork(batch_size=3,
+                                                num_epochs=epochs,
+                                                shuffle=False),
+                       sampling="all")
+  return fl.Engine(algorithm, cfg)
+
+
+def one_client_data(client, client_id, batch_size=3):
+  """The ClientData the engine gathers for ``client`` (one pass, no shuffle)."""
+  n = client["y"].shape[0]
+  steps = -(-n // batch_size)
+  pad = steps * batch_size - n
+  batches = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]
+                               ).reshape((steps, batch_size) + v.shape[1:])
+             for k, v in client.items()}
+  mask = (np.arange(steps * batch_size) < n).reshape(steps, batch_size)
+  return fl.ClientData(batches=batches, mask=mask,
+                       num_examples=np.int32(n), client_id=np.int32(client_id),
+                       slot=np.int32(client_id))
+
+
+def test_full_capacity_equals_fed_avg_exactly():
+  clients = make_clients(SIZES, (D,), 0)
+  ds = fl.FederatedDataset.from_clients(clients)
+  params = MLP.init(jax.random.PRNGKey(1))
+  out = []
+  for algorithm in (fl.fed_avg(MLP, optax.sgd(0.1)),
+                    hetero.hetero_fl(MLP, optax.sgd(0.1),
+                                     client_rates=[1.0] * len(SIZES))):
+    engine = engine_for(algorithm)
+    state = engine.init(params, seed=3)
+    data = engine.put_data(ds)
+    for _ in range(2):
+      state, _ = engine.round(state, data)
+    out.append(state.server.params)
+  chex.assert_trees_all_equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("model,shape,rate,jit", [
+    (MLP, (D,), 0.5, False), (MLP, (D,), 0.5, True), (MLP, (D,), 0.25, True),
+    pytest.param(CNN, (6, 6, 1), 0.5, True, marks=pytest.mark.slow)], ids=["mlp-half-eager", "mlp-half-jit",
+                                       "mlp-quarter-jit", "cnn-half-jit"])
+def test_client_trains_exactly_the_sliced_sub_network(model, shape, rate, jit):
+  client = make_clients((7,), shape, 1)[0]
+  params = model.init(jax.random.PRNGKey(2))
+  rates = [1.0, rate]
+  algorithm = hetero.hetero_fl(model, optax.sgd(0.2), client_rates=rates)
+  data = one_client_data(client, client_id=1)
+  update = jax.jit(algorithm.client_update) if jit else \
+      algorithm.client_update
+  out = update(params, None, data, jax.random.PRNGKey(0))
+
+  # The standalone smaller network with the sliced weights.
+  sub = hetero.sub_model_params(params, model, rate)
+  widths = [sub[c.name]["bias"].shape[0] for c in L.chain_of_model(model)[:-1]]
+  if model is MLP:
+    small = fl.models.mlp(D, K, tuple(widths))
+  else:
+    small = fl.models.cnn((6, 6, 1), K, channels=tuple(widths[:2]),
+                          hidden=widths[2], kernel_size=3)
+  chex.assert_trees_all_equal_shapes(sub, small.init(jax.random.PRNGKey(0)))
+  base = fl.fed_avg(small, optax.sgd(0.2))
+  ref = base.client_update(sub, None, data, jax.random.PRNGKey(0))
+
+  # Forward pass of the masked global network == the small network.
+  masks = L.param_masks(L.chain_of_model(model), L.prefix_masks(
+      L.hidden_widths(L.chain_of_model(model)), widths))
+  batch = {"x": client["x"]}
+  np.testing.assert_allclose(
+      model.apply(L.apply_masks(params, masks), batch),
+      small.apply(sub, batch), rtol=1e-6, atol=1e-6)
+  # Its update, sliced, is the small network's update; zero elsewhere.
+  got = hetero.sub_model_params(out.update["d"], model, rate)
+  chex.assert_trees_all_close(got, ref.update, rtol=1e-5, atol=1e-6)
+  total = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(
+      out.update["d"]))
+  inside = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(got))
+  np.testing.assert_allclose(total, inside, rtol=1e-6)
+  count = sum(int(np.sum(np.asarray(x))) for x in jax.tree.leaves(
+      out.update["m"]))
+  assert count == hetero.communication(model, rate)
+  assert float(out.weight) == 7.0
+
+
+def test_mixed_round_matches_float64_reference():
+  rates = [1.0, 0.5, 0.25, 0.5]
+  clients = make_clients(SIZES, (D,), 2)
+  params = MLP.init(jax.random.PRNGKey(4))
+  algorithm = hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=rates)
+  engine = engine_for(algorithm, epochs=1)
+  state = engine.init(params, seed=0)
+  state, _ = engine.round(state, engine.put_data(
+      fl.FederatedDataset.from_clients(clients)))
+  # Reference: every client's masked delta, then the per-parameter average
+  # sum_k n_k M_k d_k / sum_k n_k M_k in float64 (0 where no client holds).
+  num = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  den = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  for k, c in enumerate(clients):
+    out = algorithm.client_update(params, None, one_client_data(c, k),
+                                  jax.random.PRNGKey(0))
+    n = float(SIZES[k])
+    num = jax.tree.map(lambda a, d: a + n * np.asarray(d, np.float64), num,
+                       out.update["d"])
+    den = jax.tree.map(lambda a, m: a + n * np.asarray(m, np.float64), den,
+                       out.update["m"])
+  expected = jax.tree.map(
+      lambda p, a, b: np.asarray(p, np.float64) - np.where(
+          b > 0, a / np.where(b > 0, b, 1.0), 0.0), params, num, den)
+  chex.assert_trees_all_close(state.server.params, expected, rtol=1e-5,
+                              atol=1e-6)
+  # Units no client holds do not exist (rate 1 holds all here), and the
+  # quarter-width units are averaged over every client.
+  assert engine.num_traces == 1
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match=r"client_rates\[1\] = 0.3 .*supported"
+                     r" capacity level.*\(1.0, 0.5, 0.25, 0.125\)"):
+    hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0, 0.3])
+  with pytest.raises(ValueError, match=r"round\(0.0625 \* 8\) = 0 units of "
+                     r"hidden layer 0"):
+    hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0, 0.0625],
+                     levels=(1.0, 0.0625))
+  with pytest.raises(ValueError, match=r"levels must lie in \(0, 1\]"):
+    hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0],
+                     levels=(1.0, 1.5))
+  lstm = fl.models.char_lstm(vocab_size=10, embed_dim=4, hidden=8,
+                             num_layers=1)
+  with pytest.raises(ValueError, match="mlp.*cnn"):
+    hetero.hetero_fl(lstm, optax.sgd(0.1), client_rates=[1.0])
+
+  class BN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(8)(x)
+      x = nn.BatchNorm(use_running_average=True)(x)
+      return nn.Dense(K)(nn.relu(x))
+  bn = fl.models.from_flax(BN(), jnp.zeros((1, D)), num_classes=K)
+  with pytest.raises(ValueError, match="BatchNorm_0.*batch norm"):
+    hetero.hetero_fl(bn, optax.sgd(0.1), client_rates=[1.0])
