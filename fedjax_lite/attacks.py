@@ -1,0 +1,431 @@
+r"""Byzantine clients: data poisoning, update attacks and omniscient attacks.
+
+Layer: sits beside ``algorithms/`` and ``aggregators/`` (imports those, plus
+``data/``; never ``engine/``).
+
+A fixed, seeded subset of the population is Byzantine
+(:func:`byzantine_mask`: a bool ``[num_clients]`` mask). :func:`with_attack`
+wraps an algorithm so that, inside the jitted round, a sampled client looks
+its flag up with ``mask[data.client_id]`` (no Python loop over clients) and,
+if Byzantine, misbehaves in one of three ways:
+
+* data poisoning before local training: :func:`label_flip`
+  (``y -> C - 1 - y``; Fang et al. 2020, Tolpegin et al. 2020);
+* a forged update after local training: :func:`sign_flip`
+  (``Delta -> -s Delta``), :func:`scaling` (``Delta -> lambda Delta``, model
+  replacement / boosting, Bagdasaryan et al. 2020, Bhagoji et al. 2019),
+  :func:`gaussian` (``Delta -> N(0, sigma^2 I)``);
+* an omniscient update chosen at aggregation time from the benign clients'
+  updates: :func:`alie` ("A little is enough", Baruch et al. 2019) and
+  :func:`ipm` (inner-product manipulation, Xie et al. 2020).
+
+How the Byzantine flag reaches the aggregator (omniscient attacks). The
+aggregator contract's ``add`` receives updates, weights, validity and
+*slots*, not client ids, so the aggregator cannot look the mask up itself.
+Instead the wrapped ``client_update`` sends a :class:`FlaggedUpdate`
+``(update, byzantine)``: the flag travels in the update pytree, through the
+engine's blocks and devices, next to the vector it marks. The algorithm's
+aggregator is replaced by :func:`omniscient_aggregator`, a materialized
+wrapper that keeps every slot's update and flag, overwrites the Byzantine
+slots with the attack vector in ``finalize``, and then runs the algorithm's
+own aggregator (default the weighted mean) on the result. Its
+``AggregatorOutput.mean`` has the plain update structure again, so the
+server update never sees the flag. The wrapper works with any aggregator
+(streaming or materialized), costs ``clients_per_round x model`` memory and
+replays the inner aggregator on one block of all slots.
+
+Byzantine clients keep their honest aggregation weight ``n_k`` in every
+attack (they lie about the update, not about their data size), and every
+wrapped round reports the metric ``byzantine``: the share of the round's
+clients that were Byzantine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jax.scipy.special import ndtri
+
+from fedjax_lite.algorithms.base import FederatedAlgorithm
+from fedjax_lite.data.batching import ClientData
+
+PyTree = Any
+# A stream id for attack randomness: the client's key is folded with it, so
+# the wrapped algorithm's own randomness (data order, dropout) is unchanged.
+_ATTACK_STREAM = 0x0B12
+
+
+# ------------------------------------------------------------ Byzantine set
+def _check_fraction(fraction, name: str = "fraction") -> None:
+  if isinstance(fraction, jax.core.Tracer):
+    return  # traced in a vectorized sweep: checked where it was concrete
+  f = float(np.asarray(fraction))
+  if not (np.isfinite(f) and 0.0 <= f < 1.0):
+    raise ValueError(f"{name} (the Byzantine fraction) must be in [0, 1), got "
+                     f"{fraction!r}. Use e.g. 0.2 for 20% Byzantine clients.")
+
+
+def byzantine_mask(num_clients: int, fraction, seed: int = 0):
+  r"""Which clients of the population are Byzantine: bool ``[num_clients]``.
+
+  Client ``i`` is Byzantine iff ``rank_i < round(fraction * num_clients)``,
+  where ``rank`` is a permutation of ``0..num_clients-1`` drawn from
+  ``seed``. So the set has exactly ``round(fraction N)`` clients, is fixed for
+  a seed, and the sets of growing fractions are nested (the 10% set is inside
+  the 20% set), which makes a sweep over fractions a clean comparison.
+
+  Args:
+    num_clients: population size ``N``.
+    fraction: Byzantine fraction in ``[0, 1)``; may be a traced scalar inside
+      a vectorized sweep (then the result is a traced array).
+    seed: seeds the permutation.
+
+  Returns:
+    A numpy bool array for a concrete ``fraction``, else a jax bool array.
+  """
+  if isinstance(num_clients, bool) or not isinstance(
+      num_clients, (int, np.integer)) or num_clients < 1:
+    raise ValueError(f"num_clients must be a positive int (the population "
+                     f"size), got {num_clients!r}.")
+  _check_fraction(fraction)
+  rank = np.random.default_rng(seed).permutation(int(num_clients))
+  if isinstance(fraction, jax.core.Tracer):
+    count = jnp.round(jnp.asarray(fraction, jnp.float32) * num_clients)
+    return jnp.asarray(rank) < count
+  count = int(np.round(float(fraction) * num_clients))
+  return rank < count
+
+
+# ------------------------------------------------------------------ attacks
+class Attack(NamedTuple):
+  """A Byzantine behaviour (at most one of the three hooks is usually set).
+
+  Attributes:
+    name: for reports.
+    poison_data: ``ClientData -> ClientData`` applied to a Byzantine client's
+      data before local training, or None.
+    poison_update: ``(update, rng) -> update`` replacing a Byzantine client's
+      update after local training, or None.
+    byzantine_update: omniscient attack: ``(updates [n, d], benign [n],
+      byzantine [n], rng) -> [d]``, the vector every Byzantine slot sends,
+      computed from the round's flattened updates (``benign`` / ``byzantine``
+      are bool slot masks, padding slots are in neither), or None.
+  """
+  name: str
+  poison_data: Callable[[ClientData], ClientData] | None = None
+  poison_update: Callable[[PyTree, jax.Array], PyTree] | None = None
+  byzantine_update: Callable[..., jax.Array] | None = None
+
+
+def label_flip(num_classes: int, label_key: str = "y") -> Attack:
+  r"""Data poisoning: Byzantine clients train on ``y -> C - 1 - y``.
+
+  The client then runs the wrapped algorithm's honest local training on the
+  flipped labels (Tolpegin et al. 2020, "Data Poisoning Attacks Against
+  Federated Learning Systems", arXiv:2007.08432; Fang et al. 2020).
+  """
+  if isinstance(num_classes, bool) or not isinstance(
+      num_classes, (int, np.integer)) or num_classes < 2:
+    raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+  c = int(num_classes)
+
+  def poison_data(data: ClientData) -> ClientData:
+    if label_key not in data.batches:
+      raise ValueError(f"label_flip: the client data has features "
+                       f"{sorted(data.batches)}, no label {label_key!r}; pass "
+                       f"label_flip(num_classes, label_key=<label feature>).")
+    y = data.batches[label_key]
+    return data.replace(batches={**data.batches,
+                                 label_key: (c - 1 - y).astype(y.dtype)})
+
+  return Attack(name="label_flip", poison_data=poison_data)
+
+
+def sign_flip(scale: float = 1.0) -> Attack:
+  r"""Update attack ``Delta -> -s Delta`` (reversed gradient; ``s = 1``)."""
+  s = _positive("scale", scale)
+  return Attack(name="sign_flip", poison_update=lambda u, rng: jax.tree.map(
+      lambda x: (-s) * x, u))
+
+
+def scaling(factor: float) -> Attack:
+  r"""Update attack ``Delta -> lambda Delta`` (boosting / model replacement).
+
+  With ``lambda ~ n / n_k`` a single client replaces the global model by its
+  own (Bagdasaryan et al. 2020, arXiv:1807.00459; Bhagoji et al. 2019).
+  """
+  f = _positive("factor", factor)
+  return Attack(name="scaling", poison_update=lambda u, rng: jax.tree.map(
+      lambda x: f * x, u))
+
+
+def gaussian(std: float) -> Attack:
+  r"""Update attack: ``Delta -> N(0, std^2 I)`` instead of the update."""
+  s = _positive("std", std)
+
+  def poison_update(update, rng):
+    leaves, treedef = jax.tree.flatten(update)
+    keys = jax.random.split(rng, len(leaves))
+    return jax.tree.unflatten(treedef, [
+        s * jax.random.normal(k, x.shape, x.dtype) for k, x in
+        zip(keys, leaves)])
+
+  return Attack(name="gaussian", poison_update=poison_update)
+
+
+def alie_z_max(n, f):
+  r"""``z_max`` of Baruch et al. 2019 (NeurIPS, arXiv:1902.06156), Sec. 4.
+
+  With ``n`` clients of which ``f`` are Byzantine, the attacker needs
+  ``s = floor(n/2 + 1) - f`` benign "supporters"; ``z_max`` is the largest
+  ``z`` with ``Phi(z) < (n - s) / n``, i.e. ``z_max = Phi^{-1}((n - s)/n)``.
+  Works on Python numbers and (traced) jax scalars.
+  """
+  n = jnp.asarray(n, jnp.float32)
+  f = jnp.asarray(f, jnp.float32)
+  s = jnp.floor(n / 2.0 + 1.0) - f
+  p = (n - s) / jnp.maximum(n, 1.0)
+  # p in (0, 1) whenever 1 <= s <= n - 1; keep ndtri finite at the edges.
+  return ndtri(jnp.clip(p, 1e-6, 1.0 - 1e-6))
+
+
+def _benign_moments(updates, benign):
+  """Unweighted mean and std (ddof=1) of the benign rows of ``[n, d]``."""
+  w = benign.astype(updates.dtype)[:, None]
+  nb = jnp.sum(w)
+  mean = jnp.sum(w * updates, axis=0) / jnp.maximum(nb, 1.0)
+  var = jnp.sum(w * (updates - mean[None]) ** 2, axis=0) / jnp.maximum(
+      nb - 1.0, 1.0)
+  return mean, jnp.sqrt(var)
+
+
+def alie(z: float | None = None) -> Attack:
+  r""""A little is enough" (Baruch et al. 2019, NeurIPS, arXiv:1902.06156).
+
+  Every Byzantine client sends, coordinate-wise,
+
+  .. math:: p_j = \mu_j - z_{max}\,\sigma_j
+
+  where ``mu`` and ``sigma`` are the mean and standard deviation (ddof=1) of
+  the round's benign updates and ``z_max = Phi^{-1}((n - s)/n)``,
+  ``s = floor(n/2 + 1) - f`` (:func:`alie_z_max`), with ``n`` the round's
+  clients and ``f`` its Byzantine clients (counted every round: with partial
+  participation ``f`` varies). The shift stays within the spread of the
+  benign updates, so median- and distance-based rules keep or select it.
+
+  Args:
+    z: a fixed ``z`` instead of the paper's ``z_max``.
+  """
+  def byzantine_update(updates, benign, byzantine, rng):
+    del rng
+    mean, std = _benign_moments(updates, benign)
+    if z is None:
+      n = jnp.sum(benign) + jnp.sum(byzantine)
+      zz = alie_z_max(n, jnp.sum(byzantine))
+    else:
+      zz = jnp.float32(z)
+    return mean - zz * std
+
+  return Attack(name="alie", byzantine_update=byzantine_update)
+
+
+def ipm(epsilon: float = 0.1) -> Attack:
+  r"""Inner-product manipulation (Xie, Koyejo & Gupta 2020, UAI,
+  "Fall of Empires", arXiv:1903.03936).
+
+  Every Byzantine client sends ``-epsilon * mean`` of the benign updates, so
+  the aggregate's inner product with the true mean becomes negative once the
+  aggregator lets it through: small ``epsilon`` (0.1) hides among benign
+  updates against Krum; large ``epsilon`` (> n / f - 1 against the mean)
+  reverses the mean.
+  """
+  eps = _positive("epsilon", epsilon)
+
+  def byzantine_update(updates, benign, byzantine, rng):
+    del byzantine, rng
+    mean, _ = _benign_moments(updates, benign)
+    return -eps * mean
+
+  return Attack(name="ipm", byzantine_update=byzantine_update)
+
+
+def _positive(name, value) -> float:
+  if isinstance(value, jax.core.Tracer):
+    return value
+  v = float(value)
+  if not (np.isfinite(v) and v > 0):
+    raise ValueError(f"{name} must be a positive finite number, got "
+                     f"{value!r}.")
+  return v
+
+
+# --------------------------------------------------- client-side wrapper
+@flax.struct.dataclass
+class FlaggedUpdate:
+  """A client's update plus its Byzantine flag (omniscient attacks only).
+
+  Attributes:
+    update: the client's (honest) update.
+    byzantine: float32 scalar, 1 for a Byzantine client, else 0.
+  """
+  update: PyTree
+  byzantine: jax.Array
+
+
+def with_attack(algorithm: FederatedAlgorithm, attack: Attack,
+                byzantine) -> FederatedAlgorithm:
+  r"""``algorithm`` whose Byzantine clients follow ``attack``.
+
+  Args:
+    algorithm: the honest algorithm (any client state, any aggregator).
+    attack: an :class:`Attack` (:func:`label_flip`, :func:`sign_flip`,
+      :func:`scaling`, :func:`gaussian`, :func:`alie`, :func:`ipm`).
+    byzantine: bool ``[num_clients]`` mask (:func:`byzantine_mask`), indexed
+      with each client's ``data.client_id`` inside the round.
+
+  Returns:
+    The wrapped algorithm. Client metrics gain ``byzantine`` (share of the
+    round's clients that were Byzantine). For omniscient attacks the update
+    is a :class:`FlaggedUpdate` and the aggregator becomes
+    ``omniscient_aggregator(algorithm.aggregator or weighted_mean(), attack)``.
+  """
+  if not isinstance(algorithm, FederatedAlgorithm):
+    raise TypeError(f"algorithm must be a FederatedAlgorithm, got "
+                    f"{type(algorithm).__name__}.")
+  if not isinstance(attack, Attack):
+    raise TypeError(f"attack must be an Attack (e.g. fl.attacks.sign_flip()),"
+                    f" got {type(attack).__name__}.")
+  mask = byzantine if isinstance(byzantine, jax.Array) else np.asarray(
+      byzantine)
+  if mask.ndim != 1 or mask.dtype != bool:
+    raise ValueError(f"byzantine must be a bool mask of shape [num_clients] "
+                     f"(fl.attacks.byzantine_mask(num_clients, fraction, "
+                     f"seed)), got dtype {mask.dtype} shape {mask.shape}.")
+  omniscient = attack.byzantine_update is not None
+
+  def client_update(broadcast, client_state, data: ClientData, rng):
+    is_byz = jnp.asarray(mask)[data.client_id]
+    k_attack = jax.random.fold_in(rng, _ATTACK_STREAM)
+    if attack.poison_data is not None:
+      bad = attack.poison_data(data)
+      data = jax.tree.map(lambda p, h: jnp.where(is_byz, p, h), bad, data)
+    out = algorithm.client_update(broadcast, client_state, data, rng)
+    update = out.update
+    if attack.poison_update is not None:
+      forged = attack.poison_update(update, k_attack)
+      update = jax.tree.map(lambda p, h: jnp.where(is_byz, p, h).astype(
+          h.dtype), forged, update)
+    flag = is_byz.astype(jnp.float32)
+    if omniscient:
+      update = FlaggedUpdate(update=update, byzantine=flag)
+    metrics = dict(out.metrics)
+    metrics["byzantine"] = (flag, jnp.ones((), jnp.float32))
+    return out._replace(update=update, metrics=metrics)
+
+  aggregator = algorithm.aggregator
+  if omniscient:
+    aggregator = omniscient_aggregator(aggregator, attack)
+  return algorithm._replace(client_update=client_update,
+                            aggregator=aggregator,
+                            name=f"{algorithm.name}+{attack.name}")
+
+
+# ------------------------------------------- aggregation-time (omniscient)
+def omniscient_aggregator(inner, attack: Attack):
+  r"""Aggregator wrapper that lets Byzantine slots send ``attack``'s vector.
+
+  Expects :class:`FlaggedUpdate` updates (from :func:`with_attack`). ``add``
+  scatters every client's update, weight, flag and validity into a
+  ``[num_slots, ...]`` buffer at its slot (disjoint slots, so ``merge`` is a
+  sum over devices); ``finalize`` flattens the buffer to ``[n, d]``, computes
+  ``v = attack.byzantine_update(U, benign, byzantine, rng)``, writes ``v``
+  into the valid Byzantine rows and replays ``inner`` (init, one ``add`` of
+  all slots, merge, finalize) on the result. Materialized: memory
+  ``num_slots x model``.
+
+  Args:
+    inner: the aggregator under attack (None: weighted mean).
+    attack: an omniscient :class:`Attack` (:func:`alie`, :func:`ipm`).
+  """
+  from fedjax_lite import aggregators as aggs  # pylint: disable=g-import-not-at-top
+  if attack.byzantine_update is None:
+    raise ValueError(f"attack {attack.name!r} is not an aggregation-time "
+                     "attack (it has no byzantine_update); apply it with "
+                     "with_attack(algorithm, attack, mask) only.")
+  if inner is None:
+    inner = aggs.weighted_mean()
+
+  def _check(spec):
+    if not isinstance(spec, FlaggedUpdate):
+      raise TypeError(f"{attack.name}(...) aggregates FlaggedUpdate updates "
+                      f"(from fl.attacks.with_attack), got "
+                      f"{type(spec).__name__}. Build the algorithm with "
+                      "with_attack(algorithm, attack, mask) instead of setting"
+                      " the aggregator directly.")
+    return spec.update
+
+  def init_state(update_spec):
+    return inner.init_state(_check(update_spec))
+
+  def init(state, update_spec, num_slots):
+    spec = _check(update_spec)
+    return {
+        "updates": jax.tree.map(lambda s: jnp.zeros((num_slots,) + s.shape,
+                                                    s.dtype), spec),
+        "weights": jnp.zeros((num_slots,), jnp.float32),
+        "valid": jnp.zeros((num_slots,), jnp.float32),
+        "byzantine": jnp.zeros((num_slots,), jnp.float32),
+    }
+
+  def add(state, acc, updates, weights, valid, slots):
+    del state
+    # A client takes part if it is real and has weight (as for the robust
+    # aggregators); others go to an out-of-range row and are dropped.
+    part = jnp.logical_and(valid, weights > 0)
+    v = part.astype(jnp.float32)
+    idx = jnp.where(part, slots, acc["weights"].shape[0])
+
+    def put(buf, x):
+      return buf.at[idx].set(x.astype(buf.dtype), mode="drop")
+
+    return {
+        "updates": jax.tree.map(put, acc["updates"], updates.update),
+        "weights": put(acc["weights"], weights.astype(jnp.float32)),
+        "valid": put(acc["valid"], v),
+        "byzantine": put(acc["byzantine"], updates.byzantine),
+    }
+
+  def merge(accs):
+    return jax.tree.map(lambda a: jnp.sum(a, axis=0), accs)
+
+  def finalize(state, acc, rng):
+    num_slots = acc["weights"].shape[0]
+    valid = acc["valid"] > 0.5
+    byz = jnp.logical_and(valid, acc["byzantine"] > 0.5)
+    benign = jnp.logical_and(valid, jnp.logical_not(byz))
+    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(acc["updates"])  # [n, d]
+    unravel = ravel_pytree(jax.tree.map(lambda a: a[0], acc["updates"]))[1]
+    k_attack, k_inner = jax.random.split(rng)
+    vec = attack.byzantine_update(flat, benign, byz, k_attack)
+    flat = jnp.where(byz[:, None], vec[None].astype(flat.dtype), flat)
+    updates = jax.vmap(unravel)(flat)
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                        updates)
+    inner_acc = inner.init(state, spec, num_slots)
+    inner_acc = inner.add(state, inner_acc, updates, acc["weights"], valid,
+                          jnp.arange(num_slots, dtype=jnp.int32))
+    inner_acc = inner.merge(jax.tree.map(lambda a: a[None], inner_acc))
+    out, new_state = inner.finalize(state, inner_acc, k_inner)
+    metrics = dict(out.metrics)
+    metrics["byzantine_slots"] = jnp.sum(byz).astype(jnp.float32)
+    return out._replace(metrics=metrics), new_state
+
+  return aggs.Aggregator(init_state=init_state, init=init, add=add,
+                         merge=merge, finalize=finalize, materialized=True,
+                         name=f"{attack.name}({inner.name})")
+
