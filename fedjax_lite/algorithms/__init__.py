@@ -28,31 +28,21 @@ never copy a file. The pieces:
 * ``algorithm._replace(client_update=...)`` -- wrap another algorithm's
   function (Ditto wraps ``fed_avg``'s client update; q-FedAvg too).
 
-Worked example (``experiments/custom_algorithm_example.py`` runs it against
-FedAvg): FedAvg whose clients clip their update to an L2 norm, in 20 lines::
+Worked example: ``experiments/custom_algorithm_example.py`` (run by
+``tests/test_custom_algorithm_example.py``) writes FedAvg whose clients clip
+their update to an L2 norm by wrapping ``fed_avg``'s client update, and a
+FedAvg with a different local objective; the core is::
 
-    import jax, jax.numpy as jnp, optax
-    import fedjax_lite as fl
+    base = fl.fed_avg(model, client_optimizer)
 
-    def fed_avg_clipped(model, client_optimizer, server_optimizer=None, *,
-                        clip_norm: float):
-      '''FedAvg with Delta_k <- Delta_k * min(1, C / ||Delta_k||).'''
-      base = fl.fed_avg(model, client_optimizer, server_optimizer)
+    def client_update(server_params, client_state, data, rng):
+      out = base.client_update(server_params, client_state, data, rng)
+      return out._replace(update=clip(out.update))   # only what differs
 
-      def client_update(server_params, client_state, data, rng):
-        out = base.client_update(server_params, client_state, data, rng)
-        norm = optax.tree.norm(out.update)
-        scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
-        clipped = (norm > clip_norm).astype(jnp.float32)
-        return out._replace(
-            update=jax.tree.map(lambda u: u * scale, out.update),
-            metrics=dict(out.metrics, clipped=(clipped, jnp.ones(()))))
+    algorithm = base._replace(client_update=client_update, name="...")
 
-      return base._replace(client_update=client_update,
-                           name="fed_avg_clipped")
-
-    engine = fl.Engine(fed_avg_clipped(model, optax.sgd(0.05), clip_norm=1.0),
-                       fl.RoundConfig(10, fl.LocalWork(batch_size=10)))
+Aggregation is a separate, composable stage: pass ``aggregator=`` (see
+:mod:`fedjax_lite.aggregators`) to change how the round reduces updates.
 
 Rules of thumb: hyperparameters that stay fixed are Python floats closed over
 by the factory; anything that changes per round (counters, keys, control
@@ -88,7 +78,8 @@ The family and what each one changes
 """
 
 from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
-                                         FederatedAlgorithm, tree_sub,
+                                         FederatedAlgorithm, hyperparameter,
+                                         tree_select, tree_sub,
                                          tree_zeros_like)
 from fedjax_lite.algorithms.ditto import ditto, personal_params
 from fedjax_lite.algorithms.fed_avg import (ServerState, fed_avg,
@@ -98,9 +89,11 @@ from fedjax_lite.algorithms.fed_opt import (fed_adagrad, fed_adam, fed_avg_m,
                                             fed_yogi, fedopt_server_optimizer,
                                             scale_by_fedopt)
 from fedjax_lite.algorithms.fed_prox import fed_prox, prox_objective
+from fedjax_lite.algorithms.grid import grid_algorithm
 from fedjax_lite.algorithms.full_batch import (first_epoch, full_batch_grad,
                                                full_batch_loss)
-from fedjax_lite.algorithms.local import LocalResult, local_train, loss_grad_fn
+from fedjax_lite.algorithms.local import (LocalResult, local_train,
+                                         objective_grad_fn)
 from fedjax_lite.algorithms.mime import MimeState, mime, mime_lite
 from fedjax_lite.algorithms.q_ffl import q_fed_avg
 from fedjax_lite.algorithms.scaffold import ScaffoldState, scaffold

@@ -100,3 +100,8 @@ def tree_sub(a: PyTree, b: PyTree) -> PyTree:
 
 def tree_zeros_like(a: PyTree) -> PyTree:
   return jax.tree.map(jnp.zeros_like, a)
+
+
+def tree_select(pred: jax.Array, a: PyTree, b: PyTree) -> PyTree:
+  """``a`` where the scalar ``pred`` holds, else ``b`` (leaf by leaf)."""
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)

@@ -15,11 +15,8 @@ for the round's local steps. ``lambda`` interpolates between local training
 (``lambda = 0``) and the global model (``lambda -> inf``). Clients not sampled
 keep ``v_k``. The global model follows FedAvg/FedOpt exactly.
 
-Why Ditto (rather than FedDyn): Ditto is a personalization method (each
-client ends with its own model, the point of item 3's "personalization"),
-whereas FedDyn's per-client state corrects the *global* objective. Ditto also
-composes from pieces that already exist: its global half IS ``fed_avg``'s
-client update and its personal half IS FedProx's proximal objective, with the
+Ditto composes from existing pieces: its global half is ``fed_avg``'s client
+update and its personal half is FedProx's proximal objective, with the
 engine's per-client state holding ``v_k``. The extra cost (a second local
 training per client) is the method's own.
 """
@@ -32,14 +29,14 @@ import optax
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.algorithms.fed_prox import prox_objective
-from fedjax_lite.algorithms.local import local_train
+from fedjax_lite.algorithms.local import local_train, objective_grad_fn
 from fedjax_lite.models.core import Model
 
 
 def ditto(model: Model, client_optimizer: optax.GradientTransformation,
           server_optimizer: optax.GradientTransformation | None = None, *,
           lam: float, personal_optimizer: optax.GradientTransformation | None
-          = None, name: str = "ditto") -> FederatedAlgorithm:
+          = None, name: str = "ditto", aggregator=None) -> FederatedAlgorithm:
   """Ditto over FedAvg/FedOpt.
 
   Args:
@@ -50,11 +47,14 @@ def ditto(model: Model, client_optimizer: optax.GradientTransformation,
     personal_optimizer: optimizer of the personal models (default
       ``client_optimizer``; the paper uses SGD).
     name: for reports.
+    aggregator: the round's aggregator of the global updates (None:
+      example-weighted mean).
 
   The engine's ``state.clients`` holds the personal models (leading axis
   ``num_clients``); :func:`personal_params` picks one client's.
   """
-  base = fed_avg(model, client_optimizer, server_optimizer)
+  base = fed_avg(model, client_optimizer, server_optimizer,
+                 aggregator=aggregator)
   personal = personal_optimizer or client_optimizer
   objective = prox_objective(model, lam)
 
@@ -64,11 +64,8 @@ def ditto(model: Model, client_optimizer: optax.GradientTransformation,
   def client_update(server_params, personal_params, data, rng):
     k_global, k_personal = jax.random.split(rng)
     out = base.client_update(server_params, None, data, k_global)
-
-    def grad_fn(params, batch, mask, step_rng):
-      return jax.grad(objective, has_aux=True)(params, server_params, batch,
-                                               mask, step_rng)
-    result = local_train(grad_fn, personal, personal_params, data, k_personal)
+    result = local_train(objective_grad_fn(objective, server_params), personal,
+                         personal_params, data, k_personal)
     metrics = dict(out.metrics)
     metrics.update({f"personal_{k}": v for k, v in result.metrics.items()})
     return out._replace(state=result.params, metrics=metrics)

@@ -27,7 +27,7 @@ import optax
 
 from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
                                          FederatedAlgorithm, tree_sub)
-from fedjax_lite.algorithms.local import local_train
+from fedjax_lite.algorithms.local import local_train, objective_grad_fn
 from fedjax_lite.models.core import Model
 
 PyTree = Any
@@ -63,7 +63,7 @@ def server_opt_update(server_optimizer: optax.GradientTransformation,
 def fed_avg(model: Model, client_optimizer: optax.GradientTransformation,
             server_optimizer: optax.GradientTransformation | None = None, *,
             local_objective: LocalObjective | None = None,
-            name: str = "fed_avg") -> FederatedAlgorithm:
+            name: str = "fed_avg", aggregator=None) -> FederatedAlgorithm:
   """FedAvg/FedOpt.
 
   Args:
@@ -74,9 +74,14 @@ def fed_avg(model: Model, client_optimizer: optax.GradientTransformation,
     local_objective: ``(params, server_params, batch, mask, rng) -> (loss,
       stats)``; override to change only the local objective (FedProx).
     name: for reports.
+    aggregator: how the round reduces the clients' ``Delta_k`` (a
+      :class:`fedjax_lite.aggregators.Aggregator`, e.g. a robust or clipped
+      one); None is the example-weighted mean above.
 
   Returns:
     A :class:`FederatedAlgorithm` with ``ServerState(params, opt_state)``.
+    Client metrics include ``local_steps``, the steps ``tau_k`` a client
+    actually took (FedNova normalises by it).
   """
   if server_optimizer is None:
     server_optimizer = optax.sgd(1.0)
@@ -87,17 +92,18 @@ def fed_avg(model: Model, client_optimizer: optax.GradientTransformation,
 
   def client_update(server_params, client_state, data, rng):
     del client_state
-    def grad_fn(params, batch, mask, step_rng):
-      return jax.grad(objective, has_aux=True)(params, server_params, batch,
-                                               mask, step_rng)
-    result = local_train(grad_fn, client_optimizer, server_params, data, rng)
+    result = local_train(objective_grad_fn(objective, server_params),
+                         client_optimizer, server_params, data, rng)
     delta = tree_sub(server_params, result.params)
     weight = data.num_examples.astype(jnp.float32)
-    return ClientOutput(update=delta, weight=weight, metrics=result.metrics)
+    metrics = dict(result.metrics, local_steps=(
+        result.num_steps.astype(jnp.float32), jnp.ones((), jnp.float32)))
+    return ClientOutput(update=delta, weight=weight, metrics=metrics)
 
   def server_update(state: ServerState, aggregate: Aggregate) -> ServerState:
     return server_opt_update(server_optimizer, state, aggregate.mean)
 
   return FederatedAlgorithm(server_init=server_init,
                             client_update=client_update,
-                            server_update=server_update, name=name)
+                            server_update=server_update, name=name,
+                            aggregator=aggregator)

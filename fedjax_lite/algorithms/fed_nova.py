@@ -33,24 +33,33 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
-                                         FederatedAlgorithm, tree_sub)
-from fedjax_lite.algorithms.fed_avg import ServerState, server_opt_update
+from fedjax_lite.algorithms.base import (Aggregate, FederatedAlgorithm,
+                                         hyperparameter)
+from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.algorithms.fed_prox import prox_objective
-from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.models.core import Model
 
 
-def a_norm(tau: jax.Array, learning_rate: float, momentum: float = 0.0,
-           mu: float = 0.0) -> jax.Array:
-  """``||a||_1`` after ``tau`` local steps (see the module docstring)."""
+def _is_zero(x) -> bool:
+  return not isinstance(x, jax.core.Tracer) and float(x) == 0.0
+
+
+def a_norm(tau: jax.Array, learning_rate, momentum=0.0, mu=0.0) -> jax.Array:
+  """``||a||_1`` after ``tau`` local steps (see the module docstring).
+
+  Closed forms when ``momentum`` or ``mu`` is a Python zero; otherwise the
+  linear recursion (any argument may be a traced scalar, e.g. in sweeps).
+  """
   tau = jnp.asarray(tau, jnp.float32)
-  rho, alpha = float(momentum), float(learning_rate) * float(mu)
-  if rho == 0 and alpha == 0:
+  no_momentum, no_prox = _is_zero(momentum), _is_zero(mu)
+  if no_momentum and no_prox:
     return tau
-  if alpha == 0:
+  rho = jnp.asarray(momentum, jnp.float32)
+  if no_prox:
     return (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
-  if rho == 0:
+  alpha = jnp.asarray(learning_rate, jnp.float32) * jnp.asarray(mu,
+                                                                 jnp.float32)
+  if no_momentum:
     return (1 - (1 - alpha)**tau) / alpha
 
   def step(_, carry):
@@ -65,49 +74,44 @@ def a_norm(tau: jax.Array, learning_rate: float, momentum: float = 0.0,
 
 def fed_nova(model: Model, client_learning_rate: float,
              server_optimizer: optax.GradientTransformation | None = None, *,
-             momentum: float = 0.0, mu: float = 0.0,
-             name: str = "fed_nova") -> FederatedAlgorithm:
+             momentum: float = 0.0, mu: float = 0.0, name: str = "fed_nova",
+             aggregator=None) -> FederatedAlgorithm:
   """FedNova with a local SGD / momentum / proximal solver.
+
+  FedAvg (with FedProx's objective when ``mu > 0``) whose clients send
+  ``{"d": d_i, "a": ||a_i||_1}`` and whose server steps on
+  ``tau_eff sum_i p_i d_i``; ``tau_i`` is FedAvg's ``local_steps`` metric.
 
   Args:
     model: the model.
-    client_learning_rate: local step size ``eta``.
+    client_learning_rate: local step size ``eta`` (may be traced: sweepable).
     server_optimizer: applied to ``tau_eff sum_i p_i d_i``; default
       ``optax.sgd(1.0)`` (the paper's FedNova).
-    momentum: local heavy-ball momentum ``rho`` in ``[0, 1)``.
+    momentum: local heavy-ball momentum ``rho`` in ``[0, 1)`` (a Python float:
+      it chooses the client optimizer).
     mu: FedProx proximal coefficient of the local objective.
     name: for reports.
+    aggregator: the round's aggregator (None: example-weighted mean).
   """
   if not 0 <= momentum < 1:
     raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-  lr = float(client_learning_rate)
-  client_optimizer = optax.sgd(lr, momentum=momentum or None)
-  objective = prox_objective(model, mu)
-  server_optimizer = server_optimizer or optax.sgd(1.0)
-
-  def server_init(params):
-    return ServerState(params=params, opt_state=server_optimizer.init(params))
+  lr = hyperparameter(client_learning_rate)
+  base = fed_avg(model, optax.sgd(lr, momentum=momentum or None),
+                 server_optimizer, local_objective=prox_objective(model, mu),
+                 aggregator=aggregator)
 
   def client_update(server_params, client_state, data, rng):
-    del client_state
-    def grad_fn(params, batch, mask, step_rng):
-      return jax.grad(objective, has_aux=True)(params, server_params, batch,
-                                               mask, step_rng)
-    result = local_train(grad_fn, client_optimizer, server_params, data, rng)
-    norm = a_norm(result.num_steps, lr, momentum, mu)
+    out = base.client_update(server_params, client_state, data, rng)
+    norm = a_norm(out.metrics["local_steps"][0], lr, momentum, mu)
     inv = 1.0 / jnp.maximum(norm, 1e-12)
-    delta = jax.tree.map(lambda d: d * inv, tree_sub(server_params,
-                                                      result.params))
-    metrics = dict(result.metrics, a_norm=(norm, jnp.ones((), jnp.float32)))
-    return ClientOutput(update={"d": delta, "a": norm},
-                        weight=data.num_examples.astype(jnp.float32),
-                        metrics=metrics)
+    delta = jax.tree.map(lambda d: d * inv, out.update)
+    metrics = dict(out.metrics, a_norm=(norm, jnp.ones((), jnp.float32)))
+    return out._replace(update={"d": delta, "a": norm}, metrics=metrics)
 
   def server_update(state, aggregate: Aggregate):
     tau_eff = aggregate.mean["a"]
     pseudo_gradient = jax.tree.map(lambda d: tau_eff * d, aggregate.mean["d"])
-    return server_opt_update(server_optimizer, state, pseudo_gradient)
+    return base.server_update(state, aggregate._replace(mean=pseudo_gradient))
 
-  return FederatedAlgorithm(server_init=server_init,
-                            client_update=client_update,
-                            server_update=server_update, name=name)
+  return base._replace(client_update=client_update,
+                       server_update=server_update, name=name)

@@ -101,10 +101,12 @@ def fedopt_server_optimizer(rule: str, learning_rate: float, *,
 def _fed_opt(rule):
   def factory(model: Model, client_optimizer: optax.GradientTransformation,
               server_learning_rate: float, *, b1: float = 0.9,
-              b2: float = 0.99, tau: float = 1e-3) -> FederatedAlgorithm:
+              b2: float = 0.99, tau: float = 1e-3,
+              aggregator=None) -> FederatedAlgorithm:
     server = fedopt_server_optimizer(rule, server_learning_rate, b1=b1, b2=b2,
                                      tau=tau)
-    return fed_avg(model, client_optimizer, server, name=f"fed_{rule}")
+    return fed_avg(model, client_optimizer, server, name=f"fed_{rule}",
+                   aggregator=aggregator)
   factory.__name__ = f"fed_{rule}"
   factory.__doc__ = (f"Fed{rule.capitalize()} (Reddi et al. 2021, "
                      "arXiv:2003.00295): FedAvg with the server rule "
@@ -119,8 +121,8 @@ fed_yogi = _fed_opt("yogi")
 
 def fed_avg_m(model: Model, client_optimizer: optax.GradientTransformation,
               server_learning_rate: float = 1.0, *,
-              momentum: float = 0.9) -> FederatedAlgorithm:
+              momentum: float = 0.9, aggregator=None) -> FederatedAlgorithm:
   """FedAvgM: FedAvg with server heavy-ball momentum (arXiv:1909.06335)."""
   return fed_avg(model, client_optimizer,
                  optax.sgd(server_learning_rate, momentum=momentum),
-                 name="fed_avg_m")
+                 name="fed_avg_m", aggregator=aggregator)

@@ -55,7 +55,8 @@ def prox_objective(model: Model, mu: float,
 
 def fed_prox(model: Model, client_optimizer: optax.GradientTransformation,
              server_optimizer: optax.GradientTransformation | None = None, *,
-             mu: float, name: str = "fed_prox") -> FederatedAlgorithm:
+             mu: float, name: str = "fed_prox", aggregator=None
+             ) -> FederatedAlgorithm:
   """FedProx: :func:`fed_avg` with the proximal local objective.
 
   Args:
@@ -65,6 +66,8 @@ def fed_prox(model: Model, client_optimizer: optax.GradientTransformation,
       ``optax.sgd(1.0)`` (the paper's example-weighted average).
     mu: proximal coefficient ``mu >= 0``.
     name: for reports.
+    aggregator: the round's aggregator (None: example-weighted mean).
   """
   return fed_avg(model, client_optimizer, server_optimizer,
-                 local_objective=prox_objective(model, mu), name=name)
+                 local_objective=prox_objective(model, mu), name=name,
+                 aggregator=aggregator)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lite.algorithms.base import tree_select
 from fedjax_lite.data.batching import ClientData
 
 PyTree = Any
@@ -34,10 +35,6 @@ class LocalResult(NamedTuple):
   opt_state: PyTree
   num_steps: jax.Array
   metrics: dict
-
-
-def _select(pred, a, b):
-  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
 def local_train(grad_fn: GradFn, optimizer: optax.GradientTransformation,
@@ -73,8 +70,8 @@ def local_train(grad_fn: GradFn, optimizer: optax.GradientTransformation,
     grads, stats = grad_fn(params, batch, mask, jax.random.fold_in(rng, i))
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    params = _select(active, new_params, params)
-    opt_state = _select(active, new_opt_state, opt_state)
+    params = tree_select(active, new_params, params)
+    opt_state = tree_select(active, new_opt_state, opt_state)
     act = active.astype(jnp.float32)
     sums = jax.tree.map(lambda s, v: s + act * v, sums, stats)
     return (params, opt_state, taken + active.astype(jnp.int32), sums), None
@@ -89,9 +86,17 @@ def local_train(grad_fn: GradFn, optimizer: optax.GradientTransformation,
   return LocalResult(params, opt_state, taken, sums)
 
 
-def loss_grad_fn(objective: Callable[..., tuple[jax.Array, dict]]) -> GradFn:
-  """Turns ``objective(params, batch, mask, rng) -> (loss, stats)`` into a GradFn."""
+def objective_grad_fn(objective: Callable[..., tuple[jax.Array, dict]],
+                      server_params: PyTree) -> GradFn:
+  """The :data:`GradFn` of a local objective around the server weights.
+
+  ``objective(params, server_params, batch, mask, rng) -> (loss, stats)`` (a
+  :data:`~fedjax_lite.algorithms.fed_avg.LocalObjective`) becomes
+  ``(params, batch, mask, rng) -> (grad_params objective, stats)`` with
+  ``server_params`` fixed: what :func:`local_train` steps on.
+  """
+  grad = jax.grad(objective, has_aux=True)
+
   def fn(params, batch, mask, rng):
-    grads, stats = jax.grad(objective, has_aux=True)(params, batch, mask, rng)
-    return grads, stats
+    return grad(params, server_params, batch, mask, rng)
   return fn

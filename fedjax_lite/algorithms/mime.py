@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
-                                         FederatedAlgorithm, tree_sub,
+                                         FederatedAlgorithm, hyperparameter,
+                                         tree_select, tree_sub,
                                          tree_zeros_like)
 from fedjax_lite.algorithms.full_batch import full_batch_grad
 from fedjax_lite.algorithms.local import local_train
@@ -79,14 +80,10 @@ def frozen(optimizer: optax.GradientTransformation, state: PyTree
   return optax.GradientTransformation(init, update)
 
 
-def _select(pred, a, b):
-  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
 def _mime(model: Model, base_optimizer: optax.GradientTransformation,
           server_learning_rate: float, num_epochs: int, corrected: bool,
-          name: str) -> FederatedAlgorithm:
-  eta_g = float(server_learning_rate)
+          name: str, aggregator) -> FederatedAlgorithm:
+  eta_g = hyperparameter(server_learning_rate)
 
   def server_init(params):
     return MimeState(params=params, opt_state=base_optimizer.init(params),
@@ -144,17 +141,17 @@ def _mime(model: Model, base_optimizer: optax.GradientTransformation,
       return trained
     gathered = state.replace(control=mean["grad"],
                              phase=jnp.ones((), jnp.int32))
-    return _select(state.phase == 0, gathered, trained)
+    return tree_select(state.phase == 0, gathered, trained)
 
   return FederatedAlgorithm(server_init=server_init,
                             client_update=client_update,
                             server_update=server_update, broadcast=broadcast,
-                            name=name)
+                            name=name, aggregator=aggregator)
 
 
 def mime_lite(model: Model, base_optimizer: optax.GradientTransformation,
               server_learning_rate: float = 1.0, *, num_epochs: int = 1,
-              name: str = "mime_lite") -> FederatedAlgorithm:
+              name: str = "mime_lite", aggregator=None) -> FederatedAlgorithm:
   """MimeLite: local steps ``U(grad f_i(y), s)`` with the server state fixed.
 
   Args:
@@ -165,16 +162,18 @@ def mime_lite(model: Model, base_optimizer: optax.GradientTransformation,
     num_epochs: the round's ``LocalWork.num_epochs`` (full-batch gradient on
       one epoch; see :mod:`~fedjax_lite.algorithms.full_batch`).
     name: for reports.
+    aggregator: the round's aggregator of ``{"delta", "grad"}`` (None:
+      example-weighted mean).
   """
   return _mime(model, base_optimizer, server_learning_rate, num_epochs,
-               corrected=False, name=name)
+               corrected=False, name=name, aggregator=aggregator)
 
 
 def mime(model: Model, base_optimizer: optax.GradientTransformation,
          server_learning_rate: float = 1.0, *, num_epochs: int = 1,
-         name: str = "mime") -> FederatedAlgorithm:
+         name: str = "mime", aggregator=None) -> FederatedAlgorithm:
   """Mime: MimeLite plus the SVRG correction; TWO engine rounds per Mime round
   (gradient, then training; see the module docstring). Arguments as
   :func:`mime_lite`."""
   return _mime(model, base_optimizer, server_learning_rate, num_epochs,
-               corrected=True, name=name)
+               corrected=True, name=name, aggregator=aggregator)

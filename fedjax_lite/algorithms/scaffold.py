@@ -37,6 +37,7 @@ from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
                                          hyperparameter,
                                          FederatedAlgorithm, tree_sub,
                                          tree_zeros_like)
+from fedjax_lite.algorithms.fed_avg import server_opt_update
 from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.models.core import Model
 
@@ -53,7 +54,8 @@ class ScaffoldState:
 
 def scaffold(model: Model, client_learning_rate: float,
              server_optimizer: optax.GradientTransformation | None = None, *,
-             num_clients: int, name: str = "scaffold") -> FederatedAlgorithm:
+             num_clients: int, name: str = "scaffold", aggregator=None
+             ) -> FederatedAlgorithm:
   """SCAFFOLD with option-II control variates and local SGD.
 
   Args:
@@ -64,6 +66,8 @@ def scaffold(model: Model, client_learning_rate: float,
     num_clients: population size ``N`` (the ``num_clients`` given to
       ``Engine.init``).
     name: for reports.
+    aggregator: the round's aggregator of ``{"y": Delta y_i, "c": Delta c_i}``
+      (None: the uniform mean, all weights are 1).
   """
   if not isinstance(num_clients, int) or num_clients < 1:
     raise ValueError(f"num_clients must be the population size (a positive "
@@ -103,16 +107,15 @@ def scaffold(model: Model, client_learning_rate: float,
                         metrics=result.metrics)
 
   def server_update(state, aggregate: Aggregate):
-    updates, opt_state = server_optimizer.update(aggregate.mean["y"],
-                                                 state.opt_state, state.params)
     # Weights are 1, so total_weight = |S| (clients that reported).
     share = aggregate.total_weight / num_clients
     control = jax.tree.map(lambda c, d: c + share * d, state.control,
                            aggregate.mean["c"])
-    return ScaffoldState(params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state, control=control)
+    state = server_opt_update(server_optimizer, state, aggregate.mean["y"])
+    return state.replace(control=control)
 
   return FederatedAlgorithm(server_init=server_init,
                             client_update=client_update,
                             server_update=server_update, broadcast=broadcast,
-                            client_init=client_init, name=name)
+                            client_init=client_init, name=name,
+                            aggregator=aggregator)

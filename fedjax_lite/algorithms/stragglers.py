@@ -145,4 +145,4 @@ def with_stragglers(algorithm: FederatedAlgorithm, *, fraction: float,
                             client_init=inner.client_init,
                             get_params=get_params,
                             name=f"{inner.name}+stragglers({fraction:g},"
-                            f"{suffix})")
+                            f"{suffix})", aggregator=inner.aggregator)
