@@ -119,7 +119,30 @@ def set_layer_from_atoms(params: PyTree, chain, l: int, atoms) -> PyTree:
   kernel = atoms[:, :n_in].T.reshape(k.shape[:-1] + (atoms.shape[0],))
   new = dict(params)
   new[layer.name] = {"kernel": kernel, "bias": atoms[:, n_in]}
+  if l + 1 == len(chain) - 1:  # the matched outgoing weights
+    nxt = chain[l + 1]
+    out = atoms[:, n_in + 1:].reshape(atoms.shape[0], nxt.in_repeat,
+                                      nxt.width)
+    out = jnp.moveaxis(out, 0, 1).reshape(-1, nxt.width)
+    new[nxt.name] = {"kernel": out, "bias": params[nxt.name]["bias"]}
   return new
+
+
+def fill_unheld_inputs(kernel: jax.Array, glob: jax.Array, layer: L.Layer,
+                       assign: jax.Array, valid: jax.Array) -> jax.Array:
+  """Rows of input units the client does not hold taken from ``glob``.
+
+  Used for the output layer after the last hidden layer is matched: a
+  global neuron's outgoing weights are the matched average of its holders'
+  (part of its matched vector), a better start than zero.
+  """
+  held = jnp.zeros((layer.in_units,), bool).at[
+      jnp.where(valid, assign, layer.in_units)].set(True, mode="drop")
+  view, axis = L.unit_view(kernel, layer)
+  gview, _ = L.unit_view(glob, layer)
+  shape = [1] * view.ndim
+  shape[axis] = -1
+  return jnp.where(held.reshape(shape), view, gview).reshape(kernel.shape)
 
 
 def scatter_inputs(kernel: jax.Array, layer: L.Layer, assign: jax.Array,
@@ -147,7 +170,8 @@ def gather_layer(kernel, bias, layer: L.Layer, in_idx, in_valid, out_idx,
   Input units likewise from ``in_idx`` (None: keep all inputs). Invalid
   positions are zero.
   """
-  k = jnp.take(kernel, out_idx, axis=-1) * out_valid.astype(kernel.dtype)
+  k = jnp.take(kernel, out_idx, axis=-1) * out_valid.astype(
+      kernel.dtype).reshape((1,) * (kernel.ndim - 1) + (-1,))
   b = jnp.take(bias, out_idx) * out_valid.astype(bias.dtype)
   if in_idx is not None:
     view, axis = L.unit_view(k, layer)
@@ -218,8 +242,9 @@ def matched_average(client_params: Sequence[PyTree], *,
                                gamma=gamma, num_iters=num_iters, seed=seed)
     g = res.atoms.shape[0]
     name = chains[0][l].name
-    glob[name] = set_layer_from_atoms(locals_[0], L.layer_chain(locals_[0]), l,
-                                      jnp.asarray(res.atoms, jnp.float32))[name]
+    tmp = set_layer_from_atoms(locals_[0], L.layer_chain(locals_[0]), l,
+                               jnp.asarray(res.atoms, jnp.float32))
+    glob[name] = tmp[name]
     nxt = chains[0][l + 1]
     for j in range(J):
       p = dict(locals_[j])
@@ -227,8 +252,12 @@ def matched_average(client_params: Sequence[PyTree], *,
       a = jnp.asarray(res.assignments[j])
       k = p[nxt.name]["kernel"]
       lay = L.layer_chain(locals_[j])[l + 1]
-      p[nxt.name] = {"kernel": scatter_inputs(
-          k, lay, a, jnp.ones(a.shape, bool), g), "bias": p[nxt.name]["bias"]}
+      ones = jnp.ones(a.shape, bool)
+      k = scatter_inputs(k, lay, a, ones, g)
+      if l + 1 == num_hidden:
+        k = fill_unheld_inputs(k, tmp[nxt.name]["kernel"],
+                               lay._replace(in_units=g), a, ones)
+      p[nxt.name] = {"kernel": k, "bias": p[nxt.name]["bias"]}
       locals_[j] = p
     assignments.append(res.assignments)
   last = chains[0][-1].name
@@ -390,10 +419,10 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
     for l in range(nh):
       hit = state.stage == l
       g_atoms, g_mask, g_assign = matched[l]
-      new = set_layer_from_atoms(work, chain, l, g_atoms)[chain[l].name]
-      work[chain[l].name] = jax.tree.map(
-          lambda a, b, hit=hit: jnp.where(hit, a, b), new,
-          work[chain[l].name])
+      new = set_layer_from_atoms(work, chain, l, g_atoms)
+      for name in {chain[l].name, chain[min(l + 1, nh)].name}:
+        work[name] = jax.tree.map(lambda a, b, hit=hit: jnp.where(hit, a, b),
+                                  new[name], work[name])
       masks[l] = jnp.where(hit, g_mask, masks[l])
       assign[l] = jnp.where(hit, g_assign, assign[l])
     # Output layer: per-class average with the clients' class proportions.
@@ -444,9 +473,12 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
     prev, layer = chain[s - 1], chain[s]
     params[prev.name] = state.work[prev.name]
     masks[s - 1] = state.work_masks[s - 1]
-    k = scatter_inputs(params[layer.name]["kernel"], layer,
-                       state.work_assign[s - 1][slot],
-                       cstate.masks[s - 1] > 0, widths[s - 1])
+    a, valid = state.work_assign[s - 1][slot], cstate.masks[s - 1] > 0
+    k = scatter_inputs(params[layer.name]["kernel"], layer, a, valid,
+                       widths[s - 1])
+    if s == nh:
+      k = fill_unheld_inputs(k, state.work[layer.name]["kernel"], layer, a,
+                             valid)
     params[layer.name] = {"kernel": k, "bias": params[layer.name]["bias"]}
     return params, tuple(masks)
 
