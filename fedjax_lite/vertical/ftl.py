@@ -386,9 +386,10 @@ def encrypted_rep_grads(u_a, u_b, y, rows_source, gamma, keys_a, keys_b):
     coef = _pl.encode(pk_a, u_b[i] / n_ab)
     two_g = _pl.encode(pk_a, [-2.0 * gamma / n_ab])[0]
     for r in range(d):
-      quad = _pl.total([e_phiphi[r * d + c] * coef[c] for c in range(d)])
+      quad = _pl.total([_pl.mul(e_phiphi[r * d + c], coef[c])
+                          for c in range(d)])
       val = (e_yphi[i * d + r] * (1.0 / n_ab) + quad
-             + e_ua[i * d + r] * two_g + 2.0 * gamma * u_b[i, r] / n_ab)
+             + _pl.mul(e_ua[i * d + r], two_g) + 2.0 * gamma * u_b[i, r] / n_ab)
       g_b_enc.append(val)
   g_b, up, down = _pl.masked_decrypt(pk_a, sk_a, g_b_enc)   # A decrypts
   sent["bytes_target"] += up
@@ -399,11 +400,13 @@ def encrypted_rep_grads(u_a, u_b, y, rows_source, gamma, keys_a, keys_b):
   phi_enc = _pl.encode(pk_b, 0.25 * phi / n_ab)
   g_phi_enc = []
   for c in range(d):
-    lin = _pl.total([e_ub[i * d + c] * yc_enc[i] for i in range(n_ab)])
-    quad = _pl.total([e_uu[c * d + k] * phi_enc[k] for k in range(d)])
+    lin = _pl.total([_pl.mul(e_ub[i * d + c], yc_enc[i])
+                     for i in range(n_ab)])
+    quad = _pl.total([_pl.mul(e_uu[c * d + k], phi_enc[k])
+                      for k in range(d)])
     g_phi_enc.append(lin + quad)
   align_coef = _pl.encode(pk_b, [-2.0 * gamma / n_ab])[0]
-  g_align_enc = [e_ub[j] * align_coef + 2.0 * gamma * float(v) / n_ab
+  g_align_enc = [_pl.mul(e_ub[j], align_coef) + 2.0 * gamma * float(v) / n_ab
                  for j, v in enumerate(ua_ab.ravel())]
   # Loss: L1 = log2 + sum_i(-y_i/2 Phi.u^B_i)/N + Phi^T (sum u u^T) Phi/(8N);
   # L2 = (sum ||u^A_i||^2 - 2 sum u^A_i.u^B_i + tr(sum u u^T)) / N.
@@ -411,8 +414,8 @@ def encrypted_rep_grads(u_a, u_b, y, rows_source, gamma, keys_a, keys_b):
                                - 2.0 * gamma * ua_ab).ravel() / n_ab)
   quad_coef = _pl.encode(pk_b, (np.outer(phi, phi) / 8.0
                                 + gamma * np.eye(d)).ravel() / n_ab)
-  e_loss = (_pl.total([e * c for e, c in zip(e_ub, lin_coef)])
-            + _pl.total([e * c for e, c in zip(e_uu, quad_coef)])
+  e_loss = (_pl.total([_pl.mul(e, c) for e, c in zip(e_ub, lin_coef)])
+            + _pl.total([_pl.mul(e, c) for e, c in zip(e_uu, quad_coef)])
             + (LOG2 + gamma * float(np.sum(ua_ab ** 2)) / n_ab))
   vals, up, down = _pl.masked_decrypt(pk_b, sk_b,
                                       g_phi_enc + g_align_enc + [e_loss])

@@ -171,7 +171,7 @@ def encrypted_epoch(state: HeteroLRState, xs: Sequence[np.ndarray],
     enc_d = _pl.rerandomize([e * 0.25 + p for e, p in zip(enc_zh, plain_d)])
     sent["guest"] += bsz * ct
     coef = _pl.encode(pk, 0.25 * zg - 0.5 * yb)   # of z_h in the loss
-    enc_loss = _pl.total([e2 * 0.125 + e * c for e2, e, c in
+    enc_loss = _pl.total([e2 * 0.125 + _pl.mul(e, c) for e2, e, c in
                           zip(enc_zh2, enc_zh, coef)])
     plain_loss = float(np.sum(LOG2 - 0.5 * yb * zg + 0.125 * zg * zg))
     # 3. Gradients through the arbiter, masked.

@@ -72,6 +72,20 @@ def total(enc: Sequence):
   return functools.reduce(operator.add, enc)
 
 
+def mul(e, p):
+  """``[[a]]^k = [[k a]]`` for an ``EncodedNumber`` ``p`` (mantissa ``k``).
+
+  The same as ``e * p`` in ``phe``, but a negative mantissa is inverted with
+  Python's built-in modular inverse (``pow(c, -1, n^2)``) instead of ``phe``'s
+  pure-Python extended Euclid, which dominates without gmpy2.
+  """
+  pk = e.public_key
+  c, k = e.ciphertext(be_secure=False), p.encoding
+  if k >= pk.n - pk.max_int:                    # a negative mantissa
+    c, k = pow(c, -1, pk.nsquare), pk.n - k
+  return phe.EncryptedNumber(pk, pow(c, k, pk.nsquare), e.exponent + p.exponent)
+
+
 def matvec_t(enc_d: Sequence, x: np.ndarray) -> list:
   """``[[x^T d]]``: column ``j`` is ``prod_i [[d_i]]^{x_ij}``, for a plaintext
   ``x`` ``[b, k]`` and ciphertexts ``[[d]]`` ``[b]``."""
@@ -79,7 +93,7 @@ def matvec_t(enc_d: Sequence, x: np.ndarray) -> list:
   cols = []
   for j in range(x.shape[1]):
     enc_x = encode(enc_d[0].public_key, x[:, j])
-    cols.append(total([d * e for d, e in zip(enc_d, enc_x)]))
+    cols.append(total([mul(d, e) for d, e in zip(enc_d, enc_x)]))
   return cols
 
 
