@@ -145,16 +145,15 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match=r"client_rates\[1\] = 0.3 .*supported"
                      r" capacity level.*\(1.0, 0.5, 0.25, 0.125\)"):
     hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0, 0.3])
-  with pytest.raises(ValueError, match=r"round\(0.0625 \* 8\) = 0 units of "
+  with pytest.raises(ValueError, match=r"round\(0.05 \* 8\) = 0 units of "
                      r"hidden layer 0"):
-    hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0, 0.0625],
-                     levels=(1.0, 0.0625))
+    hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0, 0.05],
+                     levels=(1.0, 0.05))
   with pytest.raises(ValueError, match=r"levels must lie in \(0, 1\]"):
     hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0],
                      levels=(1.0, 1.5))
-  lstm = fl.models.char_lstm(vocab_size=10, embed_dim=4, hidden=8,
-                             num_layers=1)
-  with pytest.raises(ValueError, match="mlp.*cnn"):
+  lstm = fl.models.char_lstm(vocab_size=10, embed_dim=4, hidden=(8,))
+  with pytest.raises(ValueError, match="OptimizedLSTMCell_0.*mlp.*cnn"):
     hetero.hetero_fl(lstm, optax.sgd(0.1), client_rates=[1.0])
 
   class BN(nn.Module):

@@ -115,6 +115,10 @@ def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
   """
   chain = L.chain_of_model(model, "hetero_fl model")
   widths = L.hidden_widths(chain)
+  for r in levels:
+    if not 0.0 < float(r) <= 1.0:
+      raise ValueError(f"capacity levels must lie in (0, 1], got {r!r} in "
+                       f"levels={tuple(levels)}.")
   idx = client_levels(client_rates, levels)
   used = sorted(set(idx.tolist()))
   level_units(widths, [levels[a] for a in used])  # every used level fits
