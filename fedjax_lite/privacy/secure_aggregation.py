@@ -96,6 +96,7 @@ Layer: ``fedjax_lite.privacy`` sits beside ``aggregators/`` (it imports
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import secrets as _secrets
@@ -107,16 +108,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import (X25519PrivateKey,
-                                                              X25519PublicKey)
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+  X25519PrivateKey,
+  X25519PublicKey,
+)
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jax.flatten_util import ravel_pytree
 
-from fedjax_lite.aggregators.base import (Aggregator, AggregatorOutput,
-                                          check_float_updates, clip_by_norm,
-                                          taking_part)
+from fedjax_lite.aggregators.base import (
+  Aggregator,
+  AggregatorOutput,
+  check_float_updates,
+  clip_by_norm,
+  taking_part,
+)
 from fedjax_lite.privacy import shamir
 
 PyTree = Any
@@ -186,7 +193,7 @@ def resolve_threshold(threshold, num_holders: int, num_clients: int) -> int:
   if threshold is None:
     return lo
   if isinstance(threshold, float) and 0 < threshold <= 1:
-    t = int(math.ceil(threshold * num_holders))
+    t = math.ceil(threshold * num_holders)
   elif isinstance(threshold, (int, np.integer)) and not isinstance(
       threshold, bool):
     t = int(threshold)
@@ -528,8 +535,11 @@ class SecAggRound:
           f"surviving share holders ({graph}) but threshold t={t} shares "
           f"are needed to remove its masks. No shares were revealed and the "
           f"masked sum stays masked. Expected at least t={t} surviving "
-          f"holders for every client (lower the dropout rate, or pick a "
-          f"smaller t >= {safe_threshold(self.num_holders)}).")
+          f"holders for every client (lower the dropout rate"
+          + (", use more neighbours" if not self.complete else "")
+          + (f", or pick a smaller t >= {safe_threshold(self.num_holders)})."
+             if t > safe_threshold(self.num_holders) else
+             "; t is already the safe minimum)."))
 
   def unmask_material(self, survivors) -> tuple[tuple, dict]:
     """The server's Unmasking round for the survivor set ``survivors``.
@@ -662,6 +672,7 @@ def _mod(x: jax.Array, bits: int) -> jax.Array:
   return x & jnp.uint32((1 << bits) - 1)
 
 
+@functools.partial(jax.jit, static_argnames="bits")
 def mask_inputs(q: jax.Array, self_words, pair_words, signs, bits: int
                 ) -> jax.Array:
   """MaskedInput for a batch: ``y = q + mask mod 2^b``, uint32 ``[m, d]``."""
@@ -671,6 +682,7 @@ def mask_inputs(q: jax.Array, self_words, pair_words, signs, bits: int
   return _mod(q.astype(jnp.uint32) + masks, bits)
 
 
+@functools.partial(jax.jit, static_argnames="bits")
 def remove_masks(masked_sum: jax.Array, self_words, self_on, pair_words,
                  signs, bits: int) -> jax.Array:
   """``masked_sum - sum of the reconstructed masks mod 2^b`` (uint32 [d])."""
@@ -680,6 +692,7 @@ def remove_masks(masked_sum: jax.Array, self_words, self_on, pair_words,
   return _mod(masked_sum - jnp.sum(masks, axis=0, dtype=jnp.uint32), bits)
 
 
+@functools.partial(jax.jit, static_argnames="bits")
 def modular_sum(y: jax.Array, bits: int) -> jax.Array:
   """``sum_u y_u mod 2^b`` of uint32 ``[m, d]`` (wrapping uint32 adds)."""
   return _mod(jnp.sum(y, axis=0, dtype=jnp.uint32), bits)
@@ -707,6 +720,22 @@ def centered_sum(z: jax.Array, num_summed: jax.Array,
 
 
 # ------------------------------------------------------------ aggregator
+_HOSTS: dict[tuple, dict] = {}
+
+
+def dropped_clients(num_clients: int, dropout_rate: float, round_index: int,
+                    seed: int | None) -> np.ndarray:
+  """The simulated dropouts of a round: ``round(rate * n)`` clients chosen
+  uniformly from ``(seed, round_index)`` (bool ``[n]``, True = dropped after
+  masking)."""
+  rng = np.random.default_rng(
+      None if seed is None else [int(seed), int(round_index), 0xd0])
+  drop = np.zeros(num_clients, bool)
+  drop[rng.choice(num_clients, round(dropout_rate * num_clients),
+                  replace=False)] = True
+  return drop
+
+
 def _plan(num_clients: int, num_neighbors, threshold, dropout_rate: float):
   if num_neighbors == "auto":
     k, t = secagg_plus_degree(num_clients, max(dropout_rate, 1e-3))
@@ -850,12 +879,7 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
             self.m, threshold=self.t_arg, num_neighbors=self.k_arg,
             round_index=r, seed=None if seed is None else seed,
             message_bits=self.b, num_params=self.d)
-        rng = np.random.default_rng(
-            None if seed is None else [int(seed), r, 0xd0])
-        drop = np.zeros(self.m, bool)
-        drop[rng.choice(self.m, int(round(dropout_rate * self.m)),
-                        replace=False)] = True
-        self.drops[r] = drop
+        self.drops[r] = dropped_clients(self.m, dropout_rate, r, seed)
       return self.rounds[r]
 
     def client_material(self, r, slots):
@@ -885,7 +909,13 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
           lst.append(v)
       return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
 
-  hosts: dict[tuple, _Host] = {}
+  # Host sides live in a module-level table keyed by the configuration, so
+  # aggregators rebuilt from the same arguments (per-run algorithms of a
+  # sweep) share one; seed=None makes every factory call its own.
+  config = (clip_norm, bits_per_value, bits, threshold, num_neighbors,
+            float(dropout_rate), seed if seed is not None else object(),
+            noise_multiplier, name)
+  hosts = _HOSTS.setdefault(config, {})
 
   def host_for(update_spec, num_slots):
     d = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(update_spec))

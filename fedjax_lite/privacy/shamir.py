@@ -25,7 +25,7 @@ Layer: ``fedjax_lite.privacy`` (imports nothing from fedjax_lite).
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 PRIME = (1 << 127) - 1
 CHUNK_BYTES = 15   # 120 bits < 127: every chunk is a field element
