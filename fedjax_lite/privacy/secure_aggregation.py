@@ -541,7 +541,8 @@ class SecAggRound:
              if t > safe_threshold(self.num_holders) else
              "; t is already the safe minimum)."))
 
-  def unmask_material(self, survivors) -> tuple[tuple, dict]:
+  def unmask_material(self, survivors, pad_rows: int | None = None
+                      ) -> tuple[tuple, dict]:
     """The server's Unmasking round for the survivor set ``survivors``.
 
     Survivors decrypt the ciphertexts they hold and reveal shares of ``b_u``
@@ -549,13 +550,21 @@ class SecAggRound:
     reconstructs them (Lagrange, ``t`` shares each) and recomputes the
     dropped clients' pairwise seeds with their surviving neighbours.
 
+    Args:
+      survivors: bool ``[n]``: whose masked input arrived.
+      pad_rows: return this many pair rows (zero-padded; static shapes
+        under jit), at least the number of dropped clients; default exactly
+        one row per dropped client.
+
     Returns:
-      ``((self_words [n, 2], self_on [n] int32, pair_words [n, k, 2],
-      signs [n, k] int32), stats)``: the masks to subtract from the masked
-      sum are ``sum_u self_on_u PRG(self_words_u) + sum_{u, j}
-      signs[u, j] PRG(pair_words[u, j])`` (row ``d`` holds dropped ``d``'s
-      seeds with its surviving neighbours, signed as the neighbour added
-      them); ``stats``: the server's work and the round's traffic.
+      ``((self_words [n, 2], self_on [n] int32, pair_words [R, k, 2],
+      signs [R, k] int32), stats)``: the masks to subtract from the masked
+      sum are ``sum_u self_on_u PRG(self_words_u) + sum_{r, j}
+      signs[r, j] PRG(pair_words[r, j])``; row ``r`` holds the r-th dropped
+      client's seeds with its surviving neighbours, signed as the neighbour
+      added them (0: no mask). ``stats``: the work and the round's traffic
+      (``clients_unmask_seconds``: the survivors' decryptions;
+      ``server_host_seconds``: reconstruction and key agreements).
 
     Raises:
       SecAggError: see :meth:`check_survivors` (raised before any reveal).
@@ -573,6 +582,7 @@ class SecAggRound:
     for v in np.flatnonzero(alive):
       recv[v] += _ID_BYTES * int(alive[self.neighbors[v]].sum())
     # Survivors reveal shares (decrypting what they hold).
+    t_clients = time.perf_counter()
     revealed: dict[int, list] = {u: [] for u in range(n)}
     for v in np.flatnonzero(alive):
       cv = self._clients[v]
@@ -589,12 +599,20 @@ class SecAggRound:
       revealed[int(v)].append((int(v) + 1, cv.own_shares[1]))
       sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * _SEED_ELEMS
     self.revealed_shares += sum(len(r) for r in revealed.values())
+    t_server = time.perf_counter()
+    clients_seconds = t_server - t_clients
     # Reconstruction.
     lam_cache: dict[tuple, list] = {}
     self_words = np.zeros((n, 2), np.uint32)
     self_on = alive.astype(np.int32)
-    pair_words = np.zeros((n, k, 2), np.uint32)
-    signs = np.zeros((n, k), np.int32)
+    dropped = np.flatnonzero(~alive)
+    rows = len(dropped) if pad_rows is None else int(pad_rows)
+    if rows < len(dropped):
+      raise ValueError(f"pad_rows={pad_rows} < {len(dropped)} dropped "
+                       "clients.")
+    row_of = {int(u): r for r, u in enumerate(dropped)}
+    pair_words = np.zeros((rows, k, 2), np.uint32)
+    signs = np.zeros((rows, k), np.int32)
     key_agreements = 0
     for u in range(n):
       xs = [x for x, _ in revealed[u]][:t]
@@ -609,12 +627,13 @@ class SecAggRound:
       else:
         sk = X25519PrivateKey.from_private_bytes(
             shamir.elements_to_bytes(elems, _KEY_BYTES))
+        r = row_of[u]
         for j, v in enumerate(self.neighbors[u]):
           if alive[v]:
-            pair_words[u, j] = seed_words(pairwise_seed(
+            pair_words[r, j] = seed_words(pairwise_seed(
                 sk, self.public[v][1], self.round_index))
             # Survivor v added sgn(v, u) PRG(s_vu).
-            signs[u, j] = 1 if v < u else -1
+            signs[r, j] = 1 if v < u else -1
             key_agreements += 1
     stats = {
         "survivors": float(alive.sum()),
@@ -629,7 +648,9 @@ class SecAggRound:
         "server_reconstructions": float(n),
         "server_lagrange_sets": float(len(lam_cache)),
         "server_prg_expansions": float(alive.sum() + (signs != 0).sum()),
-        "server_host_seconds": time.perf_counter() - t0,
+        "server_host_seconds": time.perf_counter() - t_server + (
+            t_clients - t0),
+        "clients_unmask_seconds": clients_seconds,
         "setup_host_seconds": self.setup_seconds,
     }
     self.last_traffic = Traffic(sent, recv)
@@ -685,11 +706,21 @@ def mask_inputs(q: jax.Array, self_words, pair_words, signs, bits: int
 @functools.partial(jax.jit, static_argnames="bits")
 def remove_masks(masked_sum: jax.Array, self_words, self_on, pair_words,
                  signs, bits: int) -> jax.Array:
-  """``masked_sum - sum of the reconstructed masks mod 2^b`` (uint32 [d])."""
+  """``masked_sum - reconstructed masks mod 2^b`` (uint32 [d]).
+
+  Shapes: self_words [n, 2], self_on [n], pair_words [R, k, 2], signs
+  [R, k] (one row per dropped client, see :meth:`SecAggRound.unmask_material`).
+  """
   d = masked_sum.shape[-1]
-  masks = jax.vmap(lambda s, o, p, g: client_mask(s, o, p, g, d))(
-      self_words, self_on, pair_words, signs)
-  return _mod(masked_sum - jnp.sum(masks, axis=0, dtype=jnp.uint32), bits)
+  own = jax.vmap(lambda s, o: jnp.where(o > 0, _prg(s, d), jnp.uint32(0)))(
+      self_words, self_on)
+  total = jnp.sum(own, axis=0, dtype=jnp.uint32)
+  if signs.shape[0]:
+    zero = jnp.zeros((2,), jnp.uint32)
+    pairs = jax.vmap(lambda p, g: client_mask(zero, jnp.int32(0), p, g, d))(
+        pair_words, signs)
+    total = total + jnp.sum(pairs, axis=0, dtype=jnp.uint32)
+  return _mod(masked_sum - total, bits)
 
 
 @functools.partial(jax.jit, static_argnames="bits")
@@ -823,7 +854,9 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
   Metrics per round (float32): ``secagg_survivors``, ``secagg_dropped``,
   ``secagg_client_bytes_sent`` / ``_received`` (mean per client),
   ``secagg_server_key_agreements``, ``secagg_server_prg_expansions``,
-  ``secagg_server_host_seconds``, ``secagg_setup_host_seconds``.
+  ``secagg_server_host_seconds``, ``secagg_clients_unmask_seconds``,
+  ``secagg_setup_host_seconds`` (host seconds of AdvertiseKeys + ShareKeys
+  for all clients), ``secagg_threshold``, ``secagg_degree``.
   """
   factory = name
   if not isinstance(clip_norm, (int, float, np.floating)) or isinstance(
@@ -855,7 +888,8 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
   stat_names = ("survivors", "dropped", "threshold", "degree",
                 "client_bytes_sent", "client_bytes_received",
                 "server_key_agreements", "server_prg_expansions",
-                "server_host_seconds", "setup_host_seconds")
+                "server_host_seconds", "clients_unmask_seconds",
+                "setup_host_seconds")
 
   class _Host:
     """Host side for one round size ``m``: per-round protocol objects."""
@@ -868,8 +902,11 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
       self.rounds: dict[int, SecAggRound] = {}
       self.drops: dict[int, np.ndarray] = {}
       k = m - 1 if self.k_arg is None or self.k_arg >= m - 1 else self.k_arg
-      resolve_threshold(self.t_arg, k + 1, m)   # trace-time error if bad
+      t = resolve_threshold(self.t_arg, k + 1, m)  # trace-time error if bad
       self.degree = k
+      # Pair rows the server may need: one per dropped client; with the
+      # complete graph at most m - t clients drop (else it refuses).
+      self.rows = max(1, m - t) if k == m - 1 else m
 
     def round(self, r: int) -> SecAggRound:
       if r not in self.rounds:
@@ -903,7 +940,8 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
       out = ([], [], [], [], [])
       for i in np.ndindex(r.shape):
         proto = self.round(int(r[i]))
-        (sw, so, pw, sg), stats = proto.unmask_material(arrived[i] > 0)
+        (sw, so, pw, sg), stats = proto.unmask_material(
+            arrived[i] > 0, pad_rows=self.rows)
         for lst, v in zip(out, (sw, so, pw, sg, np.asarray(
             [stats[s] for s in stat_names], np.float32))):
           lst.append(v)
@@ -989,8 +1027,8 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
     m, k = host.m, host.degree
     shapes = (jax.ShapeDtypeStruct((m, 2), jnp.uint32),
               jax.ShapeDtypeStruct((m,), jnp.int32),
-              jax.ShapeDtypeStruct((m, k, 2), jnp.uint32),
-              jax.ShapeDtypeStruct((m, k), jnp.int32),
+              jax.ShapeDtypeStruct((host.rows, k, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((host.rows, k), jnp.int32),
               jax.ShapeDtypeStruct((len(stat_names),), jnp.float32))
     sw, so, pw, sg, stats = jax.pure_callback(
         host.server_material, shapes, state["round"], acc["arrived"],
