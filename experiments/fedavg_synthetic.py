@@ -16,7 +16,6 @@ metrics.csv, config.json, checkpoint.msgpack).
 import dataclasses
 
 import fedjax_lite as fl  # first: applies the fast CPU settings
-import fedjax_lite.experiment  # noqa: F401  (fl.experiment)
 import optax
 
 

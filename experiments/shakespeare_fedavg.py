@@ -20,7 +20,6 @@ experiments/results/shakespeare.md.
 import dataclasses
 
 import fedjax_lite as fl  # first: applies the fast CPU settings
-import fedjax_lite.experiment  # noqa: F401  (fl.experiment)
 import optax
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import optax
 
+from fedjax_lite import checks
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.algorithms.fed_prox import fed_prox
@@ -83,20 +84,15 @@ class IterativeProcess:
 
   def initialize(self, seed: int = 0) -> EngineState:
     """Initial state: model params from ``seed``, fresh server optimizer."""
-    params = self.model.init(jax.random.PRNGKey(seed))
-    engine = self._engine(1)
-    return engine.init(params, seed=jax.random.PRNGKey(seed + 1))
+    k_init, k_engine = jax.random.split(jax.random.PRNGKey(seed))
+    params = self.model.init(k_init)
+    return self._engine(1).init(params, seed=k_engine)
 
   def _device_data(self, engine: Engine, data: Any) -> DeviceData:
     if isinstance(data, DeviceData):
       return data
     ds = _as_dataset(data)
-    if self.model.label_key not in ds.features:
-      raise ValueError(f"client data has features {sorted(ds.features)}; the "
-                       f"model needs inputs {self.model.input_key!r} and "
-                       f"labels {self.model.label_key!r}.")
-    self.model.validate_labels(ds.features[self.model.label_key],
-                               "federated_train_data")
+    checks.model_features(self.model, ds.features, "federated_train_data")
     # Power-of-two padding limits recompiles across rounds.
     from fedjax_lite.data.batching import choose_buckets
     sizes = choose_buckets(ds.counts, self.local_work, "auto")

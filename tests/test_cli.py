@@ -1,4 +1,5 @@
-"""The command line: help, clear errors, and exact resume after SIGTERM."""
+"""The command line: help, clear errors, and exact resume after SIGTERM or
+SIGKILL."""
 
 import json
 import os
@@ -50,7 +51,9 @@ def test_help_lists_commands_options_and_config_fields(tiny, capsys):
      "--set num_rounds: expected an int, got 'three'"),
     (["run", "{tiny}x"], "does not exist"),
     (["run"], "needs an experiment file"),
-    (["run", "--resume", "{dir}"], "no config.json there"),
+    (["run", "--resume", "{dir}"], "not a run folder (no config.json)"),
+    (["run", "--resume", "{dir}/nope"], "no such folder"),
+    (["sweep", "--resume", "{dir}"], "not a sweep folder (no sweep.json)"),
     (["sweep", "{tiny}", "--grid", "num_rounds=1,2"],
      "cannot sweep 'num_rounds'"),
     (["sweep", "{tiny}", "--seeds", "x"], "--seeds expects a count"),
@@ -83,10 +86,24 @@ def _strip(rows):
   return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
-def test_sigterm_mid_run_then_resume_is_bit_identical(tiny, tmp_path):
-  """40 slow rounds (50 ms each): run once uninterrupted; run again, SIGTERM
-  it after >= 8 rounds, resume it; the final states (params, Adam state,
-  client states, rng, round) and all metrics must be identical."""
+def _checkpoint_round(run_dir):
+  try:
+    raw = flax.serialization.msgpack_restore(
+        (run_dir / "checkpoint.msgpack").read_bytes())
+  except (FileNotFoundError, ValueError):
+    return -1
+  return int(raw["meta"]["round"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGKILL"])
+def test_kill_mid_run_then_resume_is_bit_identical(tiny, tmp_path, signum):
+  """40 slow rounds (50 ms each) with the default checkpoint settings: run
+  once uninterrupted; run again, stop it after >= 8 rounds (SIGTERM: it
+  checkpoints and exits; SIGKILL: no handler can run, it resumes from its
+  last periodic checkpoint), resume it; the final states (params, Adam state,
+  client states, rng, round) and all metrics must be identical, each round
+  in metrics.jsonl exactly once."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       " --xla_force_host_platform_device_count=2").strip()
@@ -102,23 +119,30 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tiny, tmp_path):
     deadline = time.monotonic() + 300
     while True:
       dirs = list((tmp_path / "cut").glob("tiny-long-*"))
-      if dirs and _num_lines(dirs[0] / "metrics.jsonl") >= 8:
+      if dirs and _num_lines(dirs[0] / "metrics.jsonl") >= 8 and (
+          signum == signal.SIGTERM or _checkpoint_round(dirs[0]) >= 1):
         break
       assert cut.poll() is None, cut.communicate()
       assert time.monotonic() < deadline, "the run never reached round 8"
       time.sleep(0.01)
-    cut.send_signal(signal.SIGTERM)
+    cut.send_signal(signum)
     _, err = cut.communicate(timeout=300)
   finally:
     if cut.poll() is None:
       cut.kill()
-  assert cut.returncode == 128 + signal.SIGTERM, err
-  assert "Resume with: python -m fedjax_lite run --resume" in err
   cut_dir = dirs[0]
-  summary = json.loads((cut_dir / "summary.json").read_text())
-  assert summary["status"] == "interrupted"
-  assert 8 <= summary["rounds_done"] < 40
-  assert len(read_jsonl(cut_dir / "metrics.jsonl")) == summary["rounds_done"]
+  if signum == signal.SIGTERM:
+    assert cut.returncode == 128 + signal.SIGTERM, err
+    assert "Resume with: python -m fedjax_lite run --resume" in err
+    summary = json.loads((cut_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert 8 <= summary["rounds_done"] < 40
+    assert len(read_jsonl(cut_dir / "metrics.jsonl")) == summary[
+        "rounds_done"]
+  else:
+    assert cut.returncode == -signal.SIGKILL, err
+    assert not (cut_dir / "summary.json").exists()
+    assert 1 <= _checkpoint_round(cut_dir) < 40
 
   resumed = subprocess.run([sys.executable, "-m", "fedjax_lite", "run",
                             "--resume", str(cut_dir), "--no-progress"],
@@ -145,3 +169,30 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tiny, tmp_path):
   assert [r["round"] for r in rows_cut] == list(range(1, 41))
   assert _strip(rows_cut) == _strip(rows_full)
   assert json.loads((cut_dir / "config.json").read_text())["resumes"]
+
+
+def test_resume_without_checkpoint_says_restart(tiny, tmp_path, capsys):
+  """A run folder whose run died before its first checkpoint: one clear
+  line with the command that restarts it, no traceback."""
+  from fedjax_lite.experiment.runner import run_file
+  res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
+  (res.run_dir / "checkpoint.msgpack").unlink()
+  assert main(["run", "--resume", str(res.run_dir)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err, err
+  assert "no checkpoint.msgpack there" in err and "cannot be resumed" in err
+  assert f"restarted: python -m fedjax_lite run {tiny} --set num_rounds=1" \
+      in err
+  assert main(["sweep", "--resume", str(res.run_dir)]) == 2
+  assert "that is a run folder; resume it with `python -m fedjax_lite run " \
+      "--resume" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_names_the_file(tiny, tmp_path, capsys):
+  from fedjax_lite.experiment.runner import run_file
+  res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
+  path = res.run_dir / "checkpoint.msgpack"
+  path.write_bytes(path.read_bytes()[:40])  # truncated
+  assert main(["run", "--resume", str(res.run_dir)]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and str(path) in err and "damaged" in err, err

@@ -14,7 +14,7 @@ import pytest
 import fedjax_lite as fl
 import fedjax_lite.experiment as fe
 from fedjax_lite.experiment import config as cfglib
-from fedjax_lite.experiment import sweeps as sweeplib
+from fedjax_lite.experiment import cli
 
 # A tiny experiment file (8 clients, 4 features, 3 classes): FedAvg with an
 # Adam server optimizer (optimizer state) and a per-client participation
@@ -25,7 +25,6 @@ TINY_EXPERIMENT = textwrap.dedent('''
     import time
 
     import fedjax_lite as fl
-    import fedjax_lite.experiment
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -217,7 +216,8 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, tiny_file):
   assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.msgpack"]
   raw = flax.serialization.msgpack_restore(path.read_bytes())  # msgpack
   assert set(raw) == {"format", "state", "meta"}
-  assert set(raw["state"]) == {"server", "clients", "round", "rng"}
+  assert set(raw["state"]) == {"server", "clients", "round", "rng",
+                              "aggregator"}
   template = fe.init_state(exp, engine)
   restored, meta = fe.load_checkpoint(path, template)
   assert meta == {"round": 1}
@@ -373,7 +373,7 @@ def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
   np.testing.assert_allclose(np.asarray(mp["loss"]), np.asarray(ml["loss"]),
                              rtol=1e-5)
   # The grid algorithm's own init/get_params stack one state per point.
-  alg = sweeplib.grid_algorithm(
+  alg = fl.algorithms.grid_algorithm(
       algorithm_fn, {"client_lr": np.asarray(grid["client_lr"], np.float32)},
       3)
   params = model.init(jax.random.PRNGKey(0))
@@ -391,16 +391,16 @@ def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
                      r"\['client_lr'\]"):
     fe.sweep(exp, grid={"num_rounds": [1.0, 2.0]}, progress=False)
   with pytest.raises(fe.ConfigError, match="NAME=V1,V2"):
-    sweeplib.parse_grid(["client_lr"])
-  assert sweeplib.parse_seeds("3", 5) == [5, 6, 7]
-  assert sweeplib.parse_seeds("0,4", 5) == [0, 4]
+    cli.parse_grid(["client_lr"])
+  assert cli.parse_seeds("3") == 3
+  assert cli.parse_seeds("0,4") == [0, 4]
 
 
 def test_sweep_file_and_compare_write_figures_and_tables(tmp_path, tiny_file):
   out = tmp_path / "runs"
-  res = fe.sweep_file(str(tiny_file), ["num_rounds=2"], seeds="2",
-                            grid=["client_lr=0.05,0.2"], out=out,
-                            progress=False)
+  res = fe.sweep_file(str(tiny_file), ["num_rounds=2"], seeds=2,
+                      grid={"client_lr": [0.05, 0.2]}, out=out,
+                      progress=False)
   for name in ("sweep.json", "metrics.jsonl", "metrics.csv", "curves.png",
                "summary.md"):
     assert (res.run_dir / name).is_file(), name

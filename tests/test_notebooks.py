@@ -35,6 +35,18 @@ def test_notebook_is_stored_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_checks_its_results(path):
+  """Every notebook asserts on what it computes (run by the test below), so
+  a notebook whose numbers go wrong fails, not only one that crashes."""
+  nb = nbformat.read(path, as_version=4)
+  checks = [c for c in nb.cells if c.cell_type == "code" and any(
+      line.lstrip().startswith(("assert ", "np.testing.assert", "chex.assert"))
+      for line in c.source.splitlines())]
+  assert checks, (f"{path.name} has no cell that asserts on its results; "
+                  "add `assert` lines that check what it prints.")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_in_smoke_mode(path, monkeypatch):
   monkeypatch.setenv("FEDJAX_LITE_SMOKE", "1")
   nb = nbformat.read(path, as_version=4)

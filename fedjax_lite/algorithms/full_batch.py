@@ -29,7 +29,7 @@ def first_epoch(data: ClientData, num_epochs: int = 1
   Shapes: batch features ``[steps // num_epochs * batch, ...]``, mask the same
   leading size.
   """
-  steps = data.mask.shape[0]
+  steps = data.num_steps
   if not isinstance(num_epochs, int) or num_epochs < 1 or steps % num_epochs:
     raise ValueError(f"num_epochs={num_epochs!r} must be a positive int "
                      f"dividing the client's {steps} local steps; pass the "
@@ -56,7 +56,7 @@ def full_batch_grad(model: Model, params, data: ClientData, rng: jax.Array,
   shapes local training uses, which on CPU is about 1.8x faster than one
   flattened batch for small dense layers (measured on logreg1000).
   """
-  steps = data.mask.shape[0]
+  steps = data.num_steps
   first_epoch(data, num_epochs)  # validates num_epochs
   spe = steps // num_epochs
   batches = {k: v[:spe] for k, v in data.batches.items()}

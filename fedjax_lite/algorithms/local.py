@@ -57,7 +57,7 @@ def local_train(grad_fn: GradFn, optimizer: optax.GradientTransformation,
   Returns:
     A :class:`LocalResult`.
   """
-  steps = data.mask.shape[0]
+  steps = data.num_steps
   if opt_state is None:
     opt_state = optimizer.init(params)
   if step_mask is None:

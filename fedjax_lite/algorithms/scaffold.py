@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lite import checks
 from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
                                          hyperparameter,
                                          FederatedAlgorithm, tree_sub,
@@ -69,9 +70,8 @@ def scaffold(model: Model, client_learning_rate: float,
     aggregator: the round's aggregator of ``{"y": Delta y_i, "c": Delta c_i}``
       (None: the uniform mean, all weights are 1).
   """
-  if not isinstance(num_clients, int) or num_clients < 1:
-    raise ValueError(f"num_clients must be the population size (a positive "
-                     f"int), got {num_clients!r}.")
+  checks.positive_int("num_clients", num_clients,
+                      hint=" (the population size)")
   lr = hyperparameter(client_learning_rate)
   client_optimizer = optax.sgd(lr)
   server_optimizer = server_optimizer or optax.sgd(1.0)

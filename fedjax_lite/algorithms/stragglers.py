@@ -34,6 +34,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from fedjax_lite import checks
 from fedjax_lite.algorithms.base import ClientOutput, FederatedAlgorithm
 
 PyTree = Any
@@ -84,12 +85,9 @@ def with_stragglers(algorithm: FederatedAlgorithm, *, fraction: float,
   """
   if not 0 <= fraction <= 1:
     raise ValueError(f"fraction must be in [0, 1], got {fraction!r}.")
-  if not isinstance(num_epochs, int) or num_epochs < 2:
-    raise ValueError(f"num_epochs must be an int >= 2 (a straggler runs "
-                     f"1..E-1 epochs), got {num_epochs!r}.")
-  if not isinstance(clients_per_round, int) or clients_per_round < 1:
-    raise ValueError(f"clients_per_round must be a positive int, got "
-                     f"{clients_per_round!r}.")
+  checks.int_at_least("num_epochs", num_epochs, 2,
+                      hint=" (a straggler runs 1..E-1 epochs)")
+  checks.positive_int("clients_per_round", clients_per_round)
   num_stragglers = int(round(fraction * clients_per_round))
   inner = algorithm
 

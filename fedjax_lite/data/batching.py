@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lite import checks
 from fedjax_lite.data.federated_dataset import FederatedDataset
 
 
@@ -50,19 +51,14 @@ class LocalWork:
   shuffle: bool = True
 
   def __post_init__(self):
-    if self.batch_size is not None and (not isinstance(self.batch_size, int)
-                                        or self.batch_size < 1):
-      raise ValueError(f"batch_size must be a positive int or None (full "
-                       f"batch), got {self.batch_size!r}.")
+    checks.positive_int("batch_size", self.batch_size, allow_none=True,
+                        hint=" (None: full batch)")
     if self.num_steps is not None:
-      if not isinstance(self.num_steps, int) or self.num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got "
-                         f"{self.num_steps!r}.")
+      checks.positive_int("num_steps", self.num_steps)
       object.__setattr__(self, "num_epochs", None)
-    elif self.num_epochs is None or not isinstance(self.num_epochs, int) or (
-        self.num_epochs < 1):
-      raise ValueError(f"num_epochs must be a positive int (or give "
-                       f"num_steps), got {self.num_epochs!r}.")
+    else:
+      checks.positive_int("num_epochs", self.num_epochs,
+                          hint=" (or give num_steps)")
 
   def plan(self, max_examples: int) -> tuple[int, int]:
     """Static ``(num_steps, batch_size)`` for clients of at most ``max_examples``."""
@@ -315,14 +311,8 @@ class ClientData:
 
   @property
   def num_steps(self) -> int:
+    """Local steps of the layout (static), ``mask.shape[0]``."""
     return self.mask.shape[0]
-
-  def all_examples(self, size: int | None = None) -> tuple[dict, jax.Array]:
-    """The client's examples as one batch ``[size, ...]`` plus mask.
-
-    Only valid for data gathered with one pass and no repeats (evaluation)."""
-    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in self.batches.items()}
-    return flat, self.mask.reshape(-1)
 
 
 def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,

@@ -31,6 +31,7 @@ from typing import Mapping
 
 import numpy as np
 
+from fedjax_lite import checks
 from fedjax_lite.data.federated_dataset import FederatedDataset
 
 
@@ -71,10 +72,7 @@ def _labels(features: Mapping[str, np.ndarray], label_key: str) -> np.ndarray:
 
 
 def _check_clients(num_clients, n: int, per_client: int = 1) -> None:
-  if isinstance(num_clients, bool) or not isinstance(
-      num_clients, (int, np.integer)) or num_clients < 1:
-    raise ValueError(f"num_clients must be a positive int, got "
-                     f"{num_clients!r}.")
+  checks.positive_int("num_clients", num_clients)
   if num_clients * per_client > n:
     raise ValueError(f"{n} examples cannot give {num_clients} clients "
                      f"{per_client} example(s) each; use fewer clients.")
@@ -158,10 +156,7 @@ def shard_partition(features: Mapping[str, np.ndarray], num_clients: int,
   """
   n = _num_examples(features)
   y = _labels(features, label_key)
-  if isinstance(shards_per_client, bool) or not isinstance(
-      shards_per_client, (int, np.integer)) or shards_per_client < 1:
-    raise ValueError(f"shards_per_client must be a positive int, got "
-                     f"{shards_per_client!r}.")
+  checks.positive_int("shards_per_client", shards_per_client)
   _check_clients(num_clients, n, shards_per_client)
   rng = np.random.default_rng(seed)
   perm = rng.permutation(n)

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedjax_lite import checks
 from fedjax_lite.data.federated_dataset import FederatedDataset
 
 LEAF_VOCAB = ("\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]"
@@ -278,9 +279,7 @@ def shakespeare(*, seq_len: int = SEQ_LEN, min_samples: int = 64,
     int32 ``[n]`` next-character indices; client ids ``"<play>/<role>"``.
     Roles whose test part is empty appear in ``train`` only.
   """
-  for name, v in (("seq_len", seq_len), ("min_samples", min_samples)):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f"{name} must be a positive int, got {v!r}.")
+  checks.positive_ints(seq_len=seq_len, min_samples=min_samples)
   if not 0 < train_fraction <= 1:
     raise ValueError(f"train_fraction must be in (0, 1], got "
                      f"{train_fraction!r}.")

@@ -42,17 +42,12 @@ from typing import Sequence
 
 import numpy as np
 
+from fedjax_lite import checks
 from fedjax_lite.data.federated_dataset import FederatedDataset
 
 # Clients are generated in chunks of at most this many examples (bounds the
 # float64 working memory to ~ _CHUNK_EXAMPLES * num_features * 8 bytes).
 _CHUNK_EXAMPLES = 1 << 18
-
-
-def _check_positive_int(**values) -> None:
-  for name, v in values.items():
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f"{name} must be a positive int, got {v!r}.")
 
 
 def _check_test_fraction(test_fraction: float) -> None:
@@ -154,7 +149,7 @@ def fedprox_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
     features ``x`` (float32 ``[n, num_features]``) and ``y`` (int32 labels)
     and the same clients in the same order.
   """
-  _check_positive_int(num_clients=num_clients, num_features=num_features,
+  checks.positive_ints(num_clients=num_clients, num_features=num_features,
                       num_classes=num_classes)
   if alpha < 0 or beta < 0:
     raise ValueError(f"alpha and beta are standard deviations and must be "
@@ -164,7 +159,7 @@ def fedprox_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
   if examples_per_client is None:
     counts = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
   else:
-    _check_positive_int(examples_per_client=examples_per_client)
+    checks.positive_ints(examples_per_client=examples_per_client)
     counts = np.full(num_clients, examples_per_client, np.int64)
   d, c = num_features, num_classes
   std = np.power(np.arange(1, d + 1, dtype=np.float64), -1.2) ** 0.5
@@ -247,7 +242,7 @@ def leaf_synthetic(num_clients: int = 1000, num_classes: int = 5,
     ``(train, test)`` (or ``(train, test, params)``) with features ``x``
     (float32 ``[n, num_features]``, without the constant 1) and ``y`` (int32).
   """
-  _check_positive_int(num_clients=num_clients, num_features=num_features,
+  checks.positive_ints(num_clients=num_clients, num_features=num_features,
                       num_classes=num_classes, min_examples=min_examples,
                       max_examples=max_examples)
   if max_examples < min_examples:
@@ -270,7 +265,7 @@ def leaf_synthetic(num_clients: int = 1000, num_classes: int = 5,
     counts = np.minimum(rng.lognormal(3, 2, num_clients).astype(np.int64) +
                         min_examples, max_examples)
   else:
-    _check_positive_int(examples_per_client=examples_per_client)
+    checks.positive_ints(examples_per_client=examples_per_client)
     counts = np.full(num_clients, examples_per_client, np.int64)
   cluster = rng.choice(s, size=num_clients, p=p / p.sum())
   u = rng.normal(cluster_means[cluster], 0.1)              # [K, s]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_lite import checks
 from fedjax_lite.data.batching import (DeviceData, LocalWork, gather_client,
                                        to_device)
 from fedjax_lite.data.federated_dataset import FederatedDataset
@@ -107,8 +108,8 @@ def evaluate(model: Model, params: Any,
   mesh = mesh if mesh is not None else default_mesh()
   nd = mesh.shape[AXIS]
   if isinstance(data, FederatedDataset):
-    if model.label_key in data.features:
-      model.validate_labels(data.features[model.label_key], "evaluate data")
+    checks.model_features(model, data.features, "evaluate data",
+                          labels_required=False)
     data = to_device(data, LocalWork(batch_size=batch_size, num_epochs=1),
                      "auto", sharding=NamedSharding(mesh, P()))
   counts = np.asarray(data.counts)

@@ -25,6 +25,10 @@ import numpy as np
 FORMAT = 1
 
 
+class DamagedCheckpointError(ValueError):
+  """A checkpoint file whose bytes cannot be decoded."""
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` so readers see the old or the new file only."""
   path = Path(path)
@@ -92,7 +96,14 @@ def load_checkpoint(path: str | os.PathLike, target: Any
   if not path.is_file():
     raise FileNotFoundError(f"no checkpoint at {path}; a run folder holds "
                             "checkpoint.msgpack once a round has finished.")
-  raw = flax.serialization.msgpack_restore(path.read_bytes())
+  try:
+    raw = flax.serialization.msgpack_restore(path.read_bytes())
+  except Exception as e:  # msgpack raises several types for bad bytes
+    raise DamagedCheckpointError(
+        f"checkpoint {path} is damaged ({type(e).__name__}: {e}); it was "
+        "truncated or overwritten outside fedjax_lite (its own writes are "
+        "atomic). Restore it from a backup, or delete the run folder and "
+        "start the run again.") from e
   if not isinstance(raw, dict) or raw.get("format") != FORMAT:
     raise ValueError(f"{path} is not a fedjax_lite checkpoint (format "
                      f"{FORMAT}); got keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}.")

@@ -5,6 +5,7 @@
   python -m fedjax_lite run --resume runs/fedavg_synthetic-20250101-120000
   python -m fedjax_lite sweep experiments/fedavg_synthetic.py --seeds 8 \\
       [--grid client_lr=0.01,0.03,0.1]
+  python -m fedjax_lite sweep --resume runs/fedavg_synthetic-sweep-...
   python -m fedjax_lite compare runs/a runs/b --out runs/compare
 
 ``python -m fedjax_lite run experiments/x.py --help`` also lists the
@@ -26,8 +27,10 @@ Experiment files define get_config(arg="") -> frozen dataclass and
 build(config) -> fedjax_lite.experiment.Experiment; ":arg" is passed to
 get_config (e.g. ":smoke" for a seconds-long run). Outputs go to
 OUT/<name>-<timestamp>/: config.json, metrics.jsonl, metrics.csv, curves.png,
-summary.json, checkpoint.msgpack. Ctrl-C or SIGTERM finishes the current round,
-checkpoints and exits with 128+signal (130/143); continue with --resume."""
+summary.json, checkpoint.msgpack. Checkpoints are written before the first
+round and at most every 60 s (--checkpoint-every-seconds), so a killed run
+(even SIGKILL) resumes with --resume; Ctrl-C or SIGTERM finishes the current
+round, checkpoints and exits with 128+signal (130/143)."""
 
 
 def _spec_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -68,9 +71,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                  help="continue the run in RUN_DIR from its checkpoint "
                       "(--set applies on top of its saved config, e.g. to "
                       "raise num_rounds)")
-  r.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                 help="also checkpoint every N rounds (default 0: only on "
-                      "interruption and at the end)")
+  _checkpoint_args(r)
 
   s = sub.add_parser(
       "sweep", help="run several seeds / hyperparameters as ONE computation",
@@ -86,8 +87,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
              "algorithm_fn). Outputs: OUT/<name>-sweep-<timestamp>/ with "
              "sweep.json, metrics.jsonl/csv (a 'setting' column), curves.png "
              "(mean +- std over seeds per grid point), summary.md.")
-  s.add_argument("experiment", help="experiments/<name>.py[:arg]")
+  s.add_argument("experiment", nargs="?",
+                 help="experiments/<name>.py[:arg] (optional with --resume)")
   _common(s)
+  s.add_argument("--resume", metavar="SWEEP_DIR",
+                 help="continue the sweep in SWEEP_DIR from its checkpoint "
+                      "(its seeds and grid; --set applies on top)")
+  _checkpoint_args(s)
   s.add_argument("--seeds", default="1", metavar="N|S1,S2,..",
                  help="N seeds (config seed, seed+1, ...) or an explicit "
                       "comma-separated list (default 1)")
@@ -122,6 +128,66 @@ def _common(p: argparse.ArgumentParser) -> None:
                  help="no progress bar")
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint-every-seconds", type=float, default=60.0,
+                 metavar="S",
+                 help="the most wall time between two checkpoints, i.e. the "
+                      "most work a crash can lose (default 60; cheap "
+                      "checkpoints are written more often); 0 turns "
+                      "time-based checkpoints off")
+  p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                 help="also checkpoint every N rounds (default 0: off)")
+
+
+def _checkpointing(args) -> dict:
+  if args.checkpoint_every < 0:
+    raise ConfigError(f"--checkpoint-every must be >= 0, got "
+                      f"{args.checkpoint_every}.")
+  if args.checkpoint_every_seconds < 0:
+    raise ConfigError(f"--checkpoint-every-seconds must be >= 0 (0: off), got "
+                      f"{args.checkpoint_every_seconds}.")
+  return {"checkpoint_every": args.checkpoint_every,
+          "checkpoint_every_seconds": args.checkpoint_every_seconds or None}
+
+
+def parse_seeds(text: str) -> int | list[int]:
+  """``"8"`` -> 8 (a count: the config's seed and the next 7);
+  ``"0,3,5"`` -> ``[0, 3, 5]``."""
+  try:
+    if "," in text:
+      return [int(x) for x in text.split(",") if x.strip()]
+    n = int(text)
+  except ValueError:
+    raise ConfigError(f"--seeds expects a count (e.g. 8) or a list "
+                      f"(e.g. 0,1,2), got {text!r}.") from None
+  if n < 1:
+    raise ConfigError(f"--seeds must be >= 1, got {n}.")
+  return n
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[float]]:
+  """``["client_lr=0.01,0.1"]`` -> ``{"client_lr": [0.01, 0.1]}``."""
+  grid: dict = {}
+  for item in items:
+    name, sep, values = item.partition("=")
+    name = name.strip()
+    if not sep or not name:
+      raise ConfigError(f"--grid {item!r} is not NAME=V1,V2,... "
+                               "(e.g. --grid client_lr=0.01,0.03,0.1).")
+    if name in grid:
+      raise ConfigError(f"--grid names {name!r} twice.")
+    try:
+      grid[name] = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+      raise ConfigError(f"--grid {name}: expected comma-separated "
+                               f"numbers, got {values!r}.") from None
+    if not grid[name]:
+      raise ConfigError(f"--grid {name}= has no values.")
+  return grid
+
+
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser, subs = build_parser()
@@ -144,20 +210,21 @@ def _run(args) -> int:
   if args.experiment is None and args.resume is None:
     raise ConfigError("`run` needs an experiment file "
                       "(experiments/<name>.py[:arg]) or --resume RUN_DIR.")
-  if args.checkpoint_every < 0:
-    raise ConfigError(f"--checkpoint-every must be >= 0, got "
-                      f"{args.checkpoint_every}.")
   res = run_file(args.experiment, args.overrides, out=args.out,
-                 resume=args.resume, checkpoint_every=args.checkpoint_every,
-                 progress=not args.no_progress)
+                 resume=args.resume, progress=not args.no_progress,
+                 **_checkpointing(args))
   if res.interrupted:
-    name = signal.Signals(res.signum).name if res.signum else "signal"
-    print(f"{name}: stopped after round {res.rows[-1]['round'] if res.rows else 0}"
-          f"; checkpoint in {res.run_dir}.\nResume with: python -m "
-          f"fedjax_lite run --resume {res.run_dir}", file=sys.stderr)
-    return 128 + int(res.signum or 0)
+    return _interrupted(res, "run")
   _print_final(res.run_dir, res.final)
   return 0
+
+
+def _interrupted(res, command: str) -> int:
+  name = signal.Signals(res.signum).name if res.signum else "signal"
+  print(f"{name}: stopped after round {res.rows[-1]['round'] if res.rows else 0}"
+        f"; checkpoint in {res.run_dir}.\nResume with: python -m "
+        f"fedjax_lite {command} --resume {res.run_dir}", file=sys.stderr)
+  return 128 + int(res.signum or 0)
 
 
 def _print_final(run_dir, final: dict) -> None:
@@ -171,9 +238,16 @@ def _print_final(run_dir, final: dict) -> None:
 
 def _sweep(args) -> int:
   from fedjax_lite.experiment.sweeps import sweep_file  # pylint: disable=g-import-not-at-top
-  res = sweep_file(args.experiment, args.overrides, seeds=args.seeds,
-                   grid=args.grid, out=args.out,
-                   progress=not args.no_progress)
+  if args.experiment is None and args.resume is None:
+    raise ConfigError("`sweep` needs an experiment file "
+                      "(experiments/<name>.py[:arg]) or --resume SWEEP_DIR.")
+  res = sweep_file(args.experiment, args.overrides,
+                   seeds=parse_seeds(args.seeds),
+                   grid=parse_grid(args.grid), out=args.out,
+                   resume=args.resume, progress=not args.no_progress,
+                   **_checkpointing(args))
+  if res.interrupted:
+    return _interrupted(res, "sweep")
   print(res.table())
   print(f"sweep folder: {res.run_dir} (curves.png, metrics.jsonl, "
         "summary.md)")

@@ -19,8 +19,8 @@ import numpy as np
 from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.checkpoint import atomic_write_text
 from fedjax_lite.experiment.config import ConfigError
-from fedjax_lite.experiment.records import read_jsonl
-from fedjax_lite.experiment.sweeps import _label, final_table
+from fedjax_lite.experiment.records import (final_table, read_jsonl,
+                                            setting_label)
 
 KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
         "test_accuracy_p10", "test_accuracy_p50")
@@ -46,7 +46,7 @@ def load_groups(run_dir: str | os.PathLike, label: str | None = None
     settings = json.loads((d / "sweep.json").read_text())["settings"]
     groups: dict = {}
     for i, s in enumerate(settings):
-      sub = _label(s)
+      sub = setting_label(s)
       name = label if sub == "seeds" else f"{label} [{sub}]"
       groups.setdefault(name, []).append(
           [r for r in rows if r.get("setting") == i])

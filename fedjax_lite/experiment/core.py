@@ -27,9 +27,9 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
+from fedjax_lite import checks
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.data.federated_dataset import FederatedDataset
 from fedjax_lite.engine.round import RoundConfig
@@ -37,10 +37,6 @@ from fedjax_lite.models.core import Model
 
 PyTree = Any
 AlgorithmFn = Callable[[Mapping[str, Any]], FederatedAlgorithm]
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -101,18 +97,15 @@ class Experiment:
       bad("round_config", "a RoundConfig", " e.g. fl.RoundConfig("
           "clients_per_round=10, local_work=fl.LocalWork(batch_size=10)).")
     for field in ("num_rounds", "seed"):
-      if not _is_int(getattr(self, field)):
+      if not checks.is_int(getattr(self, field)):
         bad(field, "an int")
     if self.num_rounds < 1:
       raise ValueError(f"Experiment.num_rounds must be >= 1, got "
                        f"{self.num_rounds}.")
-    if not _is_int(self.eval_every) or self.eval_every < 0:
-      raise ValueError(f"Experiment.eval_every must be an int >= 0 (0: only "
-                       f"after the last round), got {self.eval_every!r}.")
-    if self.eval_batch_size is not None and (
-        not _is_int(self.eval_batch_size) or self.eval_batch_size < 1):
-      raise ValueError(f"Experiment.eval_batch_size must be a positive int or "
-                       f"None, got {self.eval_batch_size!r}.")
+    checks.int_at_least("Experiment.eval_every", self.eval_every, 0,
+                        hint=" (0: only after the last round)")
+    checks.positive_int("Experiment.eval_batch_size", self.eval_batch_size,
+                        allow_none=True)
     if self.name is not None and not isinstance(self.name, str):
       bad("name", "a str or None")
     if not isinstance(self.hparams, Mapping) or not all(

@@ -14,7 +14,9 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from fedjax_lite.experiment.checkpoint import atomic_write_text
 
@@ -68,13 +70,17 @@ class MetricsLog:
   """Appends rows to ``metrics.jsonl`` and mirrors them to ``metrics.csv``.
 
   Args:
-    run_dir: the run folder.
+    run_dir: the run folder; None keeps the rows in memory only.
     keep_until_round: on resume, rows with ``round`` above this are dropped
       (they were computed after the checkpoint and will be recomputed).
   """
 
-  def __init__(self, run_dir: str | os.PathLike,
+  def __init__(self, run_dir: str | os.PathLike | None,
                keep_until_round: int | None = None):
+    self.rows: list[dict] = []
+    self._f = None
+    if run_dir is None:
+      return
     self.jsonl = Path(run_dir) / "metrics.jsonl"
     self.csv = Path(run_dir) / "metrics.csv"
     self.rows = read_jsonl(self.jsonl)
@@ -89,17 +95,20 @@ class MetricsLog:
   def append(self, row: dict) -> None:
     row = {k: _clean(v) for k, v in row.items()}
     self.rows.append(row)
-    self._f.write(json.dumps(row) + "\n")
-    self._f.flush()
+    if self._f is not None:
+      self._f.write(json.dumps(row) + "\n")
+      self._f.flush()
 
   def sync(self) -> None:
     """fsyncs the JSONL file and rewrites the CSV."""
+    if self._f is None:
+      return
     self._f.flush()
     os.fsync(self._f.fileno())
     write_csv(self.csv, self.rows)
 
   def close(self) -> None:
-    if not self._f.closed:
+    if self._f is not None and not self._f.closed:
       self.sync()
       self._f.close()
 
@@ -108,6 +117,49 @@ class MetricsLog:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def final_values(rows: Iterable[dict], drop: Sequence[str] = ()) -> dict:
+  """The last value of every metric over ``rows`` (keys in ``drop`` left out).
+
+  Test metrics come from the last evaluation, since rows without evaluation
+  do not carry them.
+  """
+  out: dict = {}
+  for r in rows:
+    out.update({k: v for k, v in r.items() if v is not None and k not in
+                drop})
+  return out
+
+
+def setting_label(setting: Mapping[str, Any]) -> str:
+  """``"client_lr=0.01, mu=0.1"`` for a sweep setting (seed left out)."""
+  hp = {k: v for k, v in setting.items() if k != "seed"}
+  return ", ".join(f"{k}={v:g}" for k, v in hp.items()) or "seeds"
+
+
+def final_table(groups: Mapping[str, Sequence[Sequence[dict]]],
+                keys: Sequence[str]) -> str:
+  """Markdown table of each group's final metrics (mean +- std over runs)."""
+  finals = {label: [final_values(rows, TIMING_KEYS) for rows in runs]
+            for label, runs in groups.items()}
+  keys = [k for k in keys if any(k in f for runs in finals.values()
+                                 for f in runs)]
+  head = "| run | n | rounds | " + " | ".join(keys) + " |"
+  lines = [head, "|" + "---|" * (3 + len(keys))]
+  for label, runs in finals.items():
+    cells = [label, str(len(runs)), str(max(f.get("round", 0) for f in runs))]
+    for k in keys:
+      vals = np.asarray([f[k] for f in runs if isinstance(f.get(k), (int,
+                                                                     float))])
+      if vals.size == 0:
+        cells.append("")
+      elif vals.size == 1:
+        cells.append(f"{vals[0]:.4f}")
+      else:
+        cells.append(f"{vals.mean():.4f} ± {vals.std():.4f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def last_value(rows: Iterable[dict], key: str):

@@ -10,13 +10,16 @@ A run folder ``runs/<name>-<timestamp>/`` holds:
   quantiles ``test_accuracy_p10 ... p90``;
 * ``curves.png``: convergence curves; ``summary.json``: final metrics;
 * ``checkpoint.msgpack``: the latest full state (see
-  :mod:`fedjax_lite.experiment.checkpoint`).
+  :mod:`fedjax_lite.experiment.checkpoint`), written before the first round,
+  at most every 60 s of wall time (more often while cheap), on SIGINT/SIGTERM
+  and at the end (see :mod:`fedjax_lite.experiment.loop`).
 
-SIGINT (Ctrl-C) or SIGTERM while rounds run: the current round finishes, a
-checkpoint is written, and :func:`train` returns with ``interrupted=True`` (the
-command line then exits with ``128 + signal number``: 130 or 143). Resuming
-restores the state and drops metric rows after the checkpoint, so the resumed
-run computes bit-identical parameters and metrics (timing columns aside).
+A run killed in any way resumes from its last checkpoint; SIGINT (Ctrl-C) or
+SIGTERM first finishes the current round and checkpoints, and :func:`train`
+returns with ``interrupted=True`` (the command line then exits with ``128 +
+signal number``: 130 or 143). Resuming restores the state and drops metric
+rows after the checkpoint, so the resumed run computes bit-identical
+parameters and metrics (timing columns aside).
 """
 
 from __future__ import annotations
@@ -24,19 +27,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_lite import checks
 from fedjax_lite.data.batching import LocalWork, to_device
 from fedjax_lite.engine.evaluation import evaluate
 from fedjax_lite.engine.round import Engine, EngineState
@@ -44,9 +45,11 @@ from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment import config as cfglib
 from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.core import Experiment
-from fedjax_lite.experiment.records import TIMING_KEYS, MetricsLog
+from fedjax_lite.experiment.loop import (CHECKPOINT, Checkpointing,
+                                         run_rounds)
+from fedjax_lite.experiment.records import (TIMING_KEYS, MetricsLog,
+                                            final_values)
 
-CHECKPOINT = "checkpoint.msgpack"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
@@ -60,66 +63,24 @@ class RunResult:
     rows: all metric rows of the run (including those before a resume).
     interrupted: True if a signal stopped the run early.
     signum: the signal that stopped it, if any.
+    get_params: the algorithm's ``server_state -> params``.
   """
   run_dir: Path | None
   state: EngineState
   rows: list
   interrupted: bool = False
   signum: int | None = None
+  get_params: Callable[[Any], Any] | None = None
 
   @property
   def params(self):
-    return self.state.server.params if hasattr(self.state.server, "params") \
-        else self.state.server
+    """The global model's parameters (``algorithm.get_params``)."""
+    return self.get_params(self.state.server)
 
   @property
   def final(self) -> dict:
     """The last value of every metric (test metrics from the last eval)."""
-    out: dict = {}
-    for r in self.rows:
-      out.update({k: v for k, v in r.items() if v is not None})
-    return out
-
-
-class StopOnSignal:
-  """Turns SIGINT/SIGTERM into a request to stop after the current round.
-
-  A second SIGINT while stopping raises KeyboardInterrupt (hard stop). Only
-  active in the main thread; elsewhere it is a no-op.
-  """
-
-  def __init__(self, enabled: bool = True):
-    self.enabled = enabled and threading.current_thread() is \
-        threading.main_thread()
-    self.signum: int | None = None
-    self._old: dict = {}
-
-  def _handler(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-    try:
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      tqdm.write(f"received {signal.Signals(signum).name}: finishing the "
-                 "current round and writing a checkpoint ...")
-    except Exception:  # pragma: no cover
-      pass
-
-  @property
-  def requested(self) -> bool:
-    return self.signum is not None
-
-  def __enter__(self):
-    if self.enabled:
-      for s in (signal.SIGINT, signal.SIGTERM):
-        self._old[s] = signal.signal(s, self._handler)
-    return self
-
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
-    self._old = {}
+    return final_values(self.rows)
 
 
 def new_run_dir(out: str | os.PathLike, name: str) -> Path:
@@ -198,9 +159,8 @@ class Evaluator:
     self.exp, self.mesh = exp, engine.mesh
     self.data = None
     if exp.test is not None:
-      if exp.model.label_key in exp.test.features:
-        exp.model.validate_labels(exp.test.features[exp.model.label_key],
-                                  "test data")
+      checks.model_features(exp.model, exp.test.features, "test data",
+                            labels_required=False)
       self.data = to_device(
           exp.test, LocalWork(batch_size=exp.eval_batch_size, num_epochs=1),
           "auto", sharding=NamedSharding(engine.mesh, P()))
@@ -236,8 +196,28 @@ def _eval_due(exp: Experiment, t: int) -> bool:
                                  == 0)
 
 
+def load_resume_state(run_dir: Path, target):
+  """``(state, meta)`` from ``run_dir``'s checkpoint, shaped like ``target``.
+
+  Raises :class:`~fedjax_lite.experiment.config.ConfigError` with what to do
+  when the folder has no checkpoint (the run stopped before its first one
+  was written: it can only be restarted).
+  """
+  path = run_dir / CHECKPOINT
+  if not path.is_file():
+    raise cfglib.ConfigError(
+        f"{run_dir} has no {CHECKPOINT}: the run stopped before its first "
+        "checkpoint was written, so it cannot be resumed; start it again "
+        "(see config.json for its experiment and overrides).")
+  try:
+    return ckpt.load_checkpoint(path, target)
+  except ckpt.DamagedCheckpointError as e:
+    raise cfglib.ConfigError(str(e)) from None
+
+
 def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
           resume: bool = False, checkpoint_every: int = 0,
+          checkpoint_every_seconds: float | None = 60.0,
           progress: bool = True, handle_signals: bool = True,
           desc: str | None = None) -> RunResult:
   """Runs ``exp`` (or resumes it) and writes the run folder.
@@ -247,8 +227,11 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
     run_dir: the run folder (created if missing); None runs in memory only
       (no files, no checkpoints: handy in notebooks).
     resume: continue from ``run_dir/checkpoint.msgpack``.
-    checkpoint_every: also checkpoint every this many rounds (0: only when
-      interrupted and at the end).
+    checkpoint_every: also checkpoint every this many rounds (0: off).
+    checkpoint_every_seconds: the most wall time between two checkpoints,
+      i.e. the most work a crash can lose (default 60; None: only at the
+      start, on SIGINT/SIGTERM and at the end). Cheap checkpoints are
+      written more often (see :mod:`fedjax_lite.experiment.loop`).
     progress: show a tqdm progress bar.
     handle_signals: stop cleanly on SIGINT/SIGTERM (see module docstring).
     desc: progress bar label.
@@ -256,9 +239,8 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
   Returns:
     A :class:`RunResult`.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  if checkpoint_every < 0:
-    raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}.")
+  policy = Checkpointing(every_seconds=checkpoint_every_seconds,
+                         every_rounds=checkpoint_every)
   if run_dir is None and resume:
     raise ValueError("resume=True needs the run_dir holding the checkpoint.")
   engine = engine_for(exp)
@@ -270,73 +252,38 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
   if run_dir is not None:
     run_dir.mkdir(parents=True, exist_ok=True)
   if resume:
-    host_state, meta = ckpt.load_checkpoint(run_dir / CHECKPOINT, state)
+    host_state, meta = load_resume_state(run_dir, state)
     state = jax.device_put(host_state, engine.replicated)
     elapsed0 = float(meta.get("elapsed", 0.0))
   start = int(state.round)
   if start > exp.num_rounds:
     raise ValueError(f"the checkpoint is at round {start}, beyond "
                      f"num_rounds={exp.num_rounds}; raise num_rounds.")
-  log = MetricsLog(run_dir, keep_until_round=start) if run_dir else None
-  rows = log.rows if log else []
-
-  def save(t):
-    if run_dir is None:
-      return
-    log.sync()
-    ckpt.save_checkpoint(run_dir / CHECKPOINT, state, {
-        "round": t, "elapsed": elapsed0 + (time.perf_counter() - t0),
-        "num_rows": len(rows),
-        "time": datetime.datetime.now().isoformat(timespec="seconds")})
-
-  bar = tqdm(total=exp.num_rounds, initial=start, unit="round",
-             desc=desc or exp.name or exp.algorithm.name,
-             disable=not progress, dynamic_ncols=True)
+  log = MetricsLog(run_dir, keep_until_round=start if run_dir else None)
   t0 = time.perf_counter()
-  stopper = StopOnSignal(handle_signals)
-  interrupted = False
-  try:
-    with stopper:
-      for t in range(start + 1, exp.num_rounds + 1):
-        tick = time.perf_counter()
-        state, metrics = engine.round(state, data)
-        metrics = jax.device_get(metrics)
-        dt = time.perf_counter() - tick
-        row = {"round": t, **_train_row(metrics), "round_time_s": dt,
-               "rounds_per_s": 1.0 / max(dt, 1e-9)}
-        if _eval_due(exp, t):
-          row.update(evaluator(exp.algorithm.get_params(state.server)))
-        row["wall_time"] = elapsed0 + (time.perf_counter() - t0)
-        if log:
-          log.append(row)
-        else:
-          rows.append(row)
-        post = {"loss": f"{row.get('train_loss', math.nan):.4f}",
-                "acc": f"{row.get('train_accuracy', math.nan):.3f}"}
-        last_test = next((r["test_accuracy"] for r in reversed(rows)
-                          if "test_accuracy" in r), None)
-        if last_test is not None:
-          post["test_acc"] = f"{last_test:.3f}"
-        post["rounds/s"] = f"{bar.format_dict.get('rate') or row['rounds_per_s']:.1f}"
-        bar.set_postfix(post, refresh=False)
-        bar.update(1)
-        if stopper.requested and t < exp.num_rounds:
-          interrupted = True
-          save(t)
-          break
-        if checkpoint_every and t % checkpoint_every == 0 and \
-            t < exp.num_rounds:
-          save(t)
-      else:
-        save(int(state.round))
-  finally:
-    bar.close()
-    if log:
-      log.close()
+
+  def advance(state, t, max_rounds, seconds):
+    del max_rounds, seconds  # one round at a time
+    tick = time.perf_counter()
+    state, metrics = engine.round(state, data)
+    metrics = jax.device_get(metrics)
+    dt = time.perf_counter() - tick
+    row = {"round": t + 1, **_train_row(metrics), "round_time_s": dt,
+           "rounds_per_s": 1.0 / max(dt, 1e-9)}
+    if _eval_due(exp, t + 1):
+      row.update(evaluator(exp.algorithm.get_params(state.server)))
+    row["wall_time"] = elapsed0 + (time.perf_counter() - t0)
+    return state, [row], 1
+
+  out = run_rounds(advance, state, start=start, num_rounds=exp.num_rounds,
+                   log=log, run_dir=run_dir, checkpointing=policy,
+                   elapsed0=elapsed0, progress=progress,
+                   desc=desc or exp.name or exp.algorithm.name,
+                   handle_signals=handle_signals)
   if run_dir is not None:
-    finish(run_dir, rows, exp, interrupted)
-  return RunResult(run_dir, state, list(rows), interrupted, stopper.signum
-                   if interrupted else None)
+    finish(run_dir, log.rows, exp, out.interrupted)
+  return RunResult(run_dir, out.state, list(log.rows), out.interrupted,
+                   out.signum, exp.algorithm.get_params)
 
 
 def finish(run_dir: Path, rows: Sequence[dict], exp: Experiment,
@@ -345,9 +292,7 @@ def finish(run_dir: Path, rows: Sequence[dict], exp: Experiment,
   title = f"{exp.name or run_dir.name}: {exp.algorithm.name}, {exp.model.name}"
   fig = plots.plot_curves(rows, None, title)
   fig.savefig(run_dir / "curves.png", dpi=110)
-  final: dict = {}
-  for r in rows:
-    final.update({k: v for k, v in r.items() if k not in TIMING_KEYS})
+  final = final_values(rows, TIMING_KEYS)
   rate = [r["rounds_per_s"] for r in rows[1:] if "rounds_per_s" in r]
   summary = {"status": "interrupted" if interrupted else "finished",
              "rounds_done": rows[-1]["round"] if rows else 0,
@@ -363,26 +308,94 @@ def run_name(ef: cfglib.ExperimentFile, exp: Experiment) -> str:
   return f"{base}-{ef.arg}" if ef.arg else base
 
 
+def restart_command(record: dict, command: str = "run") -> str:
+  """The command line that starts ``record``'s run (or sweep) afresh."""
+  parts = ["python -m fedjax_lite", command, record["experiment"]["spec"]]
+  sets = [f"{k}={v}" for k, v in (record.get("overrides") or {}).items()]
+  if sets:
+    parts += ["--set"] + sets
+  if command == "sweep":
+    parts += ["--seeds", ",".join(str(s) for s in record["seeds"])]
+    for name, values in record.get("grid", {}).items():
+      parts += ["--grid", f"{name}=" + ",".join(f"{v:g}" for v in values)]
+  return " ".join(parts)
+
+
+def read_record(run_dir: str | os.PathLike, command: str = "run") -> dict:
+  """The saved record of a run (``config.json``) or sweep (``sweep.json``)
+  folder to resume, checked: clear errors for a folder that is not one, or
+  that has no checkpoint yet."""
+  rdir = Path(run_dir)
+  name = "sweep.json" if command == "sweep" else "config.json"
+  other = "config.json" if command == "sweep" else "sweep.json"
+  if not rdir.is_dir():
+    raise cfglib.ConfigError(f"--resume {rdir}: no such folder; expected a "
+                             f"folder written by `python -m fedjax_lite "
+                             f"{command}`.")
+  if not (rdir / name).is_file():
+    if (rdir / other).is_file():
+      kind = "run" if command == "sweep" else "sweep"
+      raise cfglib.ConfigError(
+          f"--resume {rdir}: that is a {kind} folder; resume it with "
+          f"`python -m fedjax_lite {kind} --resume {rdir}`.")
+    raise cfglib.ConfigError(
+        f"--resume {rdir}: not a {command} folder (no {name}); expected a "
+        f"folder written by `python -m fedjax_lite {command}`.")
+  record = json.loads((rdir / name).read_text())
+  if not (rdir / CHECKPOINT).is_file():
+    raise cfglib.ConfigError(
+        f"--resume {rdir}: no {CHECKPOINT} there (the {command} stopped "
+        "before its first checkpoint), so it cannot be resumed, only "
+        f"restarted: {restart_command(record, command)}")
+  return record
+
+
+def run_record(ef: cfglib.ExperimentFile, cfg, overrides, exp: Experiment,
+               **extra) -> dict:
+  """What ``config.json`` / ``sweep.json`` hold: the experiment file, its
+  resolved config and overrides, a summary, the environment, the time."""
+  if isinstance(overrides, dict):
+    over = {k: str(v) for k, v in overrides.items()}
+  else:
+    over = cfglib.parse_overrides(overrides)
+  return {"experiment": {"spec": ef.spec, "file": str(ef.path),
+                         "arg": ef.arg, "sha256": ef.sha256()},
+          "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
+          "config": cfglib.config_to_dict(cfg), "overrides": over, **extra,
+          "experiment_summary": describe(exp), "environment": environment(),
+          "created": datetime.datetime.now().isoformat(timespec="seconds"),
+          "resumes": []}
+
+
+def note_resume(record: dict, ef: cfglib.ExperimentFile, cfg, overrides
+                ) -> None:
+  """Records a resume (and warns if the experiment file changed)."""
+  if record["experiment"].get("sha256") != ef.sha256():
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    tqdm.write(f"warning: {ef.path} changed since this run started; "
+               "resuming with the current file.")
+  record["config"] = cfglib.config_to_dict(cfg)
+  over = ({k: str(v) for k, v in overrides.items()}
+          if isinstance(overrides, dict) else
+          cfglib.parse_overrides(overrides))
+  record.setdefault("resumes", []).append(
+      {"time": datetime.datetime.now().isoformat(timespec="seconds"),
+       "overrides": over})
+
+
 def prepare(spec: str | None, overrides: Sequence[str] | dict = (),
-            resume: str | os.PathLike | None = None):
+            resume: str | os.PathLike | None = None, command: str = "run"):
   """Loads an experiment file (or a run folder's) and resolves its config.
 
   Returns:
     ``(experiment_file, config, record)`` where ``record`` is the saved
-    ``config.json`` when resuming, else None.
+    ``config.json`` (``sweep.json``) when resuming, else None.
   """
   record = None
   if resume is not None:
-    rdir = Path(resume)
-    path = rdir / "config.json"
-    if not path.is_file():
-      raise cfglib.ConfigError(f"--resume {rdir}: no config.json there; "
-                               "expected a run folder written by "
-                               "`python -m fedjax_lite run`.")
-    record = json.loads(path.read_text())
-    saved_spec = record["experiment"]["spec"]
+    record = read_record(resume, command)
     if spec is None:
-      spec = saved_spec
+      spec = record["experiment"]["spec"]
   if spec is None:
     raise cfglib.ConfigError("no experiment given; expected "
                              "experiments/<name>.py[:arg] (or --resume RUN_DIR)")
@@ -397,7 +410,9 @@ def prepare(spec: str | None, overrides: Sequence[str] | dict = (),
 def run_file(spec: str | None, overrides: Sequence[str] | dict = (), *,
              out: str | os.PathLike = "runs",
              resume: str | os.PathLike | None = None,
-             checkpoint_every: int = 0, progress: bool = True) -> RunResult:
+             checkpoint_every: int = 0,
+             checkpoint_every_seconds: float | None = 60.0,
+             progress: bool = True) -> RunResult:
   """``python -m fedjax_lite run``: build, run and record an experiment file.
 
   Args:
@@ -405,36 +420,20 @@ def run_file(spec: str | None, overrides: Sequence[str] | dict = (), *,
     overrides: ``["field=value", ...]`` applied to the config.
     out: parent folder of new run folders.
     resume: a run folder to continue (its config plus ``overrides``).
-    checkpoint_every: periodic checkpoints (0: at interruption and end).
+    checkpoint_every: also checkpoint every N rounds (0: off).
+    checkpoint_every_seconds: the most wall time between checkpoints.
     progress: show the progress bar.
   """
   ef, cfg, record = prepare(spec, overrides, resume)
   exp = ef.build(cfg)
-  if isinstance(overrides, dict):
-    over = {k: str(v) for k, v in overrides.items()}
-  else:
-    over = cfglib.parse_overrides(overrides)
   if resume is None:
     run_dir = new_run_dir(out, run_name(ef, exp))
-    record = {"experiment": {"spec": ef.spec, "file": str(ef.path),
-                             "arg": ef.arg, "sha256": ef.sha256()},
-              "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
-              "config": cfglib.config_to_dict(cfg), "overrides": over,
-              "experiment_summary": describe(exp),
-              "environment": environment(),
-              "created": datetime.datetime.now().isoformat(timespec="seconds"),
-              "resumes": []}
+    record = run_record(ef, cfg, overrides, exp)
   else:
     run_dir = Path(resume)
-    if record["experiment"].get("sha256") != ef.sha256():
-      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-      tqdm.write(f"warning: {ef.path} changed since this run started; "
-                 "resuming with the current file.")
-    record["config"] = cfglib.config_to_dict(cfg)
-    record.setdefault("resumes", []).append(
-        {"time": datetime.datetime.now().isoformat(timespec="seconds"),
-         "overrides": over})
+    note_resume(record, ef, cfg, overrides)
   ckpt.atomic_write_text(run_dir / "config.json", cfglib.dumps(record))
   return train(exp, run_dir, resume=resume is not None,
-               checkpoint_every=checkpoint_every, progress=progress,
-               desc=run_dir.name)
+               checkpoint_every=checkpoint_every,
+               checkpoint_every_seconds=checkpoint_every_seconds,
+               progress=progress, desc=run_dir.name)

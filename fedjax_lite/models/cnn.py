@@ -17,6 +17,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fedjax_lite import checks
 from fedjax_lite.models.core import Model, from_flax
 from fedjax_lite.models.layers import Dense
 
@@ -60,10 +61,8 @@ def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, *,
   if len(shape) != 3 or min(shape) < 1:
     raise ValueError(f"input_shape must be (H, W) or (H, W, C) with positive "
                      f"sizes, got {tuple(input_shape)!r}.")
-  for name, v in (("num_classes", num_classes), ("hidden", hidden),
-                  ("kernel_size", kernel_size)):
-    if not isinstance(v, int) or v < 1:
-      raise ValueError(f"{name} must be a positive int, got {v!r}.")
+  checks.positive_ints(num_classes=num_classes, hidden=hidden,
+                       kernel_size=kernel_size)
   chans = tuple(int(c) for c in channels)
   if not chans or min(chans) < 1:
     raise ValueError(f"channels must be positive ints, got {tuple(channels)}.")

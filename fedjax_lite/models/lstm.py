@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_lite import checks
 from fedjax_lite.models.core import Model, from_flax
 from fedjax_lite.models.layers import Dense
 
@@ -67,10 +68,8 @@ def char_lstm(vocab_size: int = 80, seq_len: int = 80, *, embed_dim: int = 8,
     forget_bias: initial forget-gate bias of every layer (LEAF: 1).
     fast_grad: the output layer uses the fast weight-gradient layout.
   """
-  for name, v in (("vocab_size", vocab_size), ("seq_len", seq_len),
-                  ("embed_dim", embed_dim)):
-    if not isinstance(v, int) or v < 1:
-      raise ValueError(f"{name} must be a positive int, got {v!r}.")
+  checks.positive_ints(vocab_size=vocab_size, seq_len=seq_len,
+                       embed_dim=embed_dim)
   units = tuple(int(h) for h in hidden)
   if not units or min(units) < 1:
     raise ValueError(f"hidden must be positive layer sizes, got "

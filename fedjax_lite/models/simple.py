@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_lite import checks
 from fedjax_lite.models.core import Model, from_flax
 from fedjax_lite.models.layers import Dense
 
@@ -39,7 +40,7 @@ class _MLP(nn.Module):
 def logistic_regression(num_features: int, num_classes: int, *,
                         fast_grad: bool = True) -> Model:
   """Multinomial logistic regression ``softmax(x W + b)`` (zero init)."""
-  _check_dims(num_features=num_features, num_classes=num_classes)
+  checks.positive_ints(num_features=num_features, num_classes=num_classes)
   return from_flax(_LogReg(num_classes, fast_grad),
                    jnp.zeros((1, num_features), jnp.float32),
                    num_classes=num_classes,
@@ -49,19 +50,13 @@ def logistic_regression(num_features: int, num_classes: int, *,
 def mlp(num_features: int, num_classes: int,
         hidden: Sequence[int] = (200, 200), *, fast_grad: bool = True) -> Model:
   """ReLU MLP, e.g. the FedAvg paper's "2NN" ``784-200-200-C``."""
-  _check_dims(num_features=num_features, num_classes=num_classes)
+  checks.positive_ints(num_features=num_features, num_classes=num_classes)
   if any(int(h) < 1 for h in hidden):
     raise ValueError(f"hidden sizes must be positive, got {tuple(hidden)}.")
   dims = "-".join(str(d) for d in (num_features, *hidden, num_classes))
   return from_flax(_MLP(tuple(int(h) for h in hidden), num_classes, fast_grad),
                    jnp.zeros((1, num_features), jnp.float32),
                    num_classes=num_classes, name=f"mlp{dims}")
-
-
-def _check_dims(**dims):
-  for k, v in dims.items():
-    if not isinstance(v, int) or v < 1:
-      raise ValueError(f"{k} must be a positive int, got {v!r}.")
 
 
 def dense_flops_per_example(params) -> int:

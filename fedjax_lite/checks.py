@@ -1,0 +1,92 @@
+"""Input checks shared by the whole package (the bottom layer: imports nothing
+of fedjax_lite).
+
+Every check raises ``ValueError`` (``TypeError`` for a wrong kind of object)
+whose message names the argument, what arrived and what was expected, so a
+user meets the same wording for the same mistake everywhere. ``bool`` is
+never accepted where a count is expected (``True`` is an ``int`` in Python,
+but ``num_epochs=True`` is a mistake).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+
+def is_int(value: Any) -> bool:
+  """A Python or numpy integer, not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def int_at_least(name: str, value: Any, minimum: int, *,
+                 allow_none: bool = False, hint: str = "") -> Any:
+  """Checks that ``value`` is an int ``>= minimum`` (or None if allowed).
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    value: what arrived.
+    minimum: the smallest valid value.
+    allow_none: accept None (e.g. "automatic").
+    hint: appended to the message (e.g. what None means).
+
+  Returns:
+    ``value`` unchanged (a Python int for numpy integers).
+  """
+  if value is None and allow_none:
+    return None
+  if not is_int(value) or value < minimum:
+    what = {1: "a positive int", 0: "an int >= 0"}.get(
+        minimum, f"an int >= {minimum}")
+    if allow_none:
+      what += " or None"
+    raise ValueError(f"{name} must be {what}{hint}, got {value!r}.")
+  return int(value)
+
+
+def positive_int(name: str, value: Any, *, allow_none: bool = False,
+                 hint: str = "") -> Any:
+  """``int_at_least(name, value, 1, ...)``."""
+  return int_at_least(name, value, 1, allow_none=allow_none, hint=hint)
+
+
+def positive_ints(**values) -> None:
+  """Checks several named positive ints at once."""
+  for name, value in values.items():
+    positive_int(name, value)
+
+
+def in_range(name: str, value: Any, low: float, high: float, *,
+             low_open: bool = False, high_open: bool = True) -> float:
+  """Checks ``low <(=) value <(=) high`` for a real number; returns a float."""
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if ok:
+    v = float(value)
+    ok = (v > low if low_open else v >= low) and (
+        v < high if high_open else v <= high)
+  if not ok:
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}" \
+               f"{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be a number in {interval}, got "
+                     f"{value!r}.")
+  return float(value)
+
+
+def model_features(model: Any, features: Any, where: str = "data",
+                   labels_required: bool = True) -> None:
+  """The model's input (and label) features are present and labels valid.
+
+  Args:
+    model: a :class:`fedjax_lite.models.Model`.
+    features: feature name -> array (e.g. ``FederatedDataset.features``).
+    where: names the data in messages ("dataset", "test data", ...).
+    labels_required: also require the label feature (training data).
+  """
+  needed = [model.input_key] + ([model.label_key] if labels_required else [])
+  missing = [k for k in needed if k not in features]
+  if missing:
+    raise ValueError(f"{where} has features {sorted(features)}; the model "
+                     f"needs inputs {model.input_key!r} and labels "
+                     f"{model.label_key!r} (missing {missing}).")
+  if model.label_key in features and model.num_classes is not None:
+    model.validate_labels(features[model.label_key], where)
