@@ -112,9 +112,10 @@ class Attack(NamedTuple):
     poison_update: ``(update, rng) -> update`` replacing a Byzantine client's
       update after local training, or None.
     byzantine_update: omniscient attack: ``(updates [n, d], benign [n],
-      byzantine [n], rng) -> [d]``, the vector every Byzantine slot sends,
-      computed from the round's flattened updates (``benign`` / ``byzantine``
-      are bool slot masks, padding slots are in neither), or None.
+      byzantine [n], rng) -> [n, d]``, what every slot sends, computed from
+      the round's flattened updates (``benign`` / ``byzantine`` are bool slot
+      masks, empty and padding slots are in neither; rows that are not
+      Byzantine must come back unchanged), or None.
   """
   name: str
   poison_data: Callable[[ClientData], ClientData] | None = None
@@ -229,7 +230,7 @@ def alie(z: float | None = None) -> Attack:
       zz = alie_z_max(n, jnp.sum(byzantine))
     else:
       zz = jnp.float32(z)
-    return mean - zz * std
+    return _send(updates, byzantine, mean - zz * std)
 
   return Attack(name="alie", byzantine_update=byzantine_update)
 
@@ -247,11 +248,69 @@ def ipm(epsilon: float = 0.1) -> Attack:
   eps = _positive("epsilon", epsilon)
 
   def byzantine_update(updates, benign, byzantine, rng):
-    del byzantine, rng
+    del rng
     mean, _ = _benign_moments(updates, benign)
-    return -eps * mean
+    return _send(updates, byzantine, -eps * mean)
 
   return Attack(name="ipm", byzantine_update=byzantine_update)
+
+
+def _send(updates, byzantine, vector):
+  """``updates`` with every Byzantine row replaced by ``vector``."""
+  return jnp.where(byzantine[:, None], vector[None].astype(updates.dtype),
+                   updates)
+
+
+def no_attack() -> Attack:
+  """Honest behaviour (a baseline; with_attack still reports ``byzantine``)."""
+  return Attack(name="none")
+
+
+def select_attack(index, attacks) -> Attack:
+  r"""Attack number ``index`` of ``attacks``, with ``index`` possibly traced.
+
+  Lets one compiled round cover several attacks: in a vectorized sweep each
+  run gets its own ``index`` (a float hyperparameter is rounded). Every
+  hook of the selection computes all the attacks' versions and keeps the
+  chosen one (``jnp.where``; cheap next to local training: the local
+  training itself runs once, on the selected data). Attacks without a hook
+  pass its input through unchanged.
+
+  Args:
+    index: int in ``[0, len(attacks))``, or a traced scalar.
+    attacks: a sequence of :class:`Attack`.
+  """
+  attacks = tuple(attacks)
+  if not attacks or not all(isinstance(a, Attack) for a in attacks):
+    raise TypeError(f"attacks must be a non-empty sequence of Attack, got "
+                    f"{attacks!r}.")
+  if not isinstance(index, jax.core.Tracer):
+    i = float(np.asarray(index))
+    if not (0 <= round(i) < len(attacks)):
+      raise ValueError(f"index must select one of the {len(attacks)} attacks "
+                       f"(0..{len(attacks) - 1}), got {index!r}.")
+  idx = jnp.round(jnp.asarray(index, jnp.float32)).astype(jnp.int32)
+
+  def pick(values):
+    out = values[0]
+    for j, v in enumerate(values[1:], 1):
+      out = jax.tree.map(lambda a, b, j=j: jnp.where(idx == j, a, b), v, out)
+    return out
+
+  def hook(name, passthrough):
+    if all(getattr(a, name) is None for a in attacks):
+      return None
+
+    def fn(*args):
+      return pick([getattr(a, name)(*args) if getattr(a, name) is not None
+                   else passthrough(*args) for a in attacks])
+    return fn
+
+  return Attack(
+      name="select(" + ",".join(a.name for a in attacks) + ")",
+      poison_data=hook("poison_data", lambda data: data),
+      poison_update=hook("poison_update", lambda u, rng: u),
+      byzantine_update=hook("byzantine_update", lambda u, b, z, rng: u))
 
 
 def _positive(name, value) -> float:
@@ -343,8 +402,8 @@ def omniscient_aggregator(inner, attack: Attack):
   scatters every client's update, weight, flag and validity into a
   ``[num_slots, ...]`` buffer at its slot (disjoint slots, so ``merge`` is a
   sum over devices); ``finalize`` flattens the buffer to ``[n, d]``, computes
-  ``v = attack.byzantine_update(U, benign, byzantine, rng)``, writes ``v``
-  into the valid Byzantine rows and replays ``inner`` (init, one ``add`` of
+  ``U' = attack.byzantine_update(U, benign, byzantine, rng)`` (the
+  Byzantine rows replaced by the attack's vector) and replays ``inner`` (init, one ``add`` of
   all slots, merge, finalize) on the result. Materialized: memory
   ``num_slots x model``.
 
@@ -411,8 +470,7 @@ def omniscient_aggregator(inner, attack: Attack):
     flat = jax.vmap(lambda u: ravel_pytree(u)[0])(acc["updates"])  # [n, d]
     unravel = ravel_pytree(jax.tree.map(lambda a: a[0], acc["updates"]))[1]
     k_attack, k_inner = jax.random.split(rng)
-    vec = attack.byzantine_update(flat, benign, byz, k_attack)
-    flat = jnp.where(byz[:, None], vec[None].astype(flat.dtype), flat)
+    flat = attack.byzantine_update(flat, benign, byz, k_attack)
     updates = jax.vmap(unravel)(flat)
     spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
                         updates)

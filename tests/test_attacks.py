@@ -211,13 +211,15 @@ def test_alie_and_ipm_vectors_are_the_published_ones():
   ipm_ref = -0.3 * good.mean(0)
   args = (jnp.asarray(u, jnp.float32), jnp.asarray(~byz), jnp.asarray(byz),
           jax.random.PRNGKey(0))
+  def sent(vec):  # Byzantine rows send vec, the others are untouched
+    return np.where(byz[:, None], vec[None], u)
   np.testing.assert_allclose(attacks.alie().byzantine_update(*args),
-                             alie_ref, rtol=1e-5, atol=1e-5)
+                             sent(alie_ref), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(attacks.alie(z=1.5).byzantine_update(*args),
-                             good.mean(0) - 1.5 * good.std(0, ddof=1),
+                             sent(good.mean(0) - 1.5 * good.std(0, ddof=1)),
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(attacks.ipm(0.3).byzantine_update(*args),
-                             ipm_ref, rtol=1e-5, atol=1e-6)
+                             sent(ipm_ref), rtol=1e-5, atol=1e-6)
 
 
 def run_aggregator(agg, updates, flags, weights, valid, blocks):
@@ -312,3 +314,47 @@ def test_with_attack_flags_only_byzantine_clients():
     honest = base.client_update(p0, None, data, rng).update
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                  out.update.update, honest)
+
+
+# --------------------------------------------------------- select_attack
+SELECTABLE = (attacks.no_attack(), attacks.sign_flip(2.0), attacks.scaling(3.0),
+              attacks.label_flip(K), attacks.gaussian(0.5), attacks.ipm(0.2))
+
+
+def test_select_attack_with_a_traced_index_is_each_attack():
+  base = fl.fed_avg(MODEL, optax.sgd(LR))
+  p0 = init_params()
+
+  @jax.jit
+  def selected(index, data, rng):
+    alg = attacks.with_attack(base, attacks.select_attack(index, SELECTABLE),
+                              BYZ)
+    return alg.client_update(p0, None, data, rng).update.update
+
+  for k in (0, 1):                         # a Byzantine and a benign client
+    data, rng = one_client(k, seed=4)
+    for i, attack in enumerate(SELECTABLE):
+      alone = attacks.with_attack(base, attack, BYZ).client_update(
+          p0, None, data, rng).update
+      if isinstance(alone, attacks.FlaggedUpdate):
+        alone = alone.update
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                           atol=1e-7),
+                   selected(float(i), data, rng), alone)
+
+
+def test_select_attack_at_aggregation_time():
+  u, byz = benign_setup(3)
+  args = (jnp.asarray(u, jnp.float32), jnp.asarray(~byz), jnp.asarray(byz),
+          jax.random.PRNGKey(0))
+  choice = (attacks.sign_flip(), attacks.ipm(0.3), attacks.alie())
+  fn = jax.jit(lambda i: attacks.select_attack(i, choice).byzantine_update(
+      *args))
+  np.testing.assert_allclose(fn(0), u, rtol=1e-6)   # client-side: untouched
+  # jitted vs eager float32: equal up to rounding.
+  np.testing.assert_allclose(fn(1), choice[1].byzantine_update(*args),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fn(2), choice[2].byzantine_update(*args),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="index"):
+    attacks.select_attack(3, choice)
