@@ -336,6 +336,49 @@ def _decode_shares(plain: bytes):
   return sender, receiver, elems[:_SK_ELEMS], elems[_SK_ELEMS:]
 
 
+def client_host_work(u: int, enc_key: X25519PrivateKey,
+                     mask_key: X25519PrivateKey, self_seed: bytes,
+                     neighbors, neighbor_public, threshold: int,
+                     round_index: int, randbits):
+  """Client ``u``'s host work in one round (ShareKeys and MaskedInput seeds).
+
+  For each neighbour ``v``: ``X25519(s_u^SK, s_v^PK)`` + HKDF -> mask seed,
+  ``X25519(c_u^SK, c_v^PK)`` + HKDF -> AES-GCM key; Shamir-splits
+  ``(s_u^SK, b_u)`` t-of-(k+1) among itself and its neighbours and encrypts
+  each neighbour's share.
+
+  Args:
+    u: the client's index.
+    enc_key, mask_key: its X25519 private keys ``c_u^SK``, ``s_u^SK``.
+    self_seed: ``b_u``.
+    neighbors: the ``k`` neighbour indices.
+    neighbor_public: their ``(c_v^PK, s_v^PK)`` raw public keys.
+    threshold: ``t``.
+    round_index: bound into the HKDF info.
+    randbits: randomness for the Shamir polynomials.
+
+  Returns:
+    ``(seed_words [k, 2] uint32, {v: ciphertext}, own_share)``.
+  """
+  k = len(neighbors)
+  seeds = np.zeros((k, 2), np.uint32)
+  aeads = []
+  for j, (c_pub, s_pub) in enumerate(neighbor_public):
+    seeds[j] = seed_words(pairwise_seed(mask_key, s_pub, round_index))
+    aeads.append(_encryption_key(enc_key, c_pub, round_index))
+  holders = [u] + [int(v) for v in neighbors]
+  secret = shamir.bytes_to_elements(mask_key.private_bytes_raw()) + \
+      shamir.bytes_to_elements(self_seed)
+  shares = shamir.split(secret, threshold, [h + 1 for h in holders],
+                        randbits)
+  ciphertexts = {}
+  for h, share, aead in zip(holders[1:], shares[1:], aeads):
+    ciphertexts[h] = _nonce(u, h) + aead.encrypt(
+        _nonce(u, h), _encode_shares(u, h, share[:_SK_ELEMS],
+                                     share[_SK_ELEMS:]), None)
+  return seeds, ciphertexts, (shares[0][:_SK_ELEMS], shares[0][_SK_ELEMS:])
+
+
 class _Client:
   """One client's secrets for one round (nothing here reaches the server)."""
 
@@ -486,28 +529,23 @@ class SecAggRound:
   def rederive_client(self, u: int) -> float:
     """Recomputes client ``u``'s own host work and checks it; returns seconds.
 
-    Everything ``u`` does in AdvertiseKeys/ShareKeys/MaskedInput on the host:
-    both X25519 agreements with each neighbour, the HKDFs, the Shamir split
-    and the AES-GCM encryptions. Its pairwise seeds must equal the stored
-    ones (derived from the other side for neighbours ``v < u``).
+    Runs :func:`client_host_work` for ``u`` (everything it does on the host
+    in ShareKeys/MaskedInput); its pairwise seeds must equal the stored ones
+    (derived from the other side for neighbours ``v < u``).
     """
     cu = self._clients[u]
     t0 = time.perf_counter()
-    holders = [u] + [int(v) for v in self.neighbors[u]]
-    for j, v in enumerate(self.neighbors[u]):
-      v = int(v)
-      s = seed_words(pairwise_seed(cu.mask_key, self.public[v][1],
-                                   self.round_index))
-      if not np.array_equal(s, self._pair_seeds[u, j]):
-        raise AssertionError(f"client {u} and {v} derived different seeds.")
-      aead = _encryption_key(cu.enc_key, self.public[v][0], self.round_index)
-      aead.encrypt(_nonce(u, v), b"\0" * (8 + 16 * (_SK_ELEMS + _SEED_ELEMS)),
-                   None)
-    secret = shamir.bytes_to_elements(cu.mask_key.private_bytes_raw()) + \
-        shamir.bytes_to_elements(cu.self_seed)
-    shamir.split(secret, self.threshold, [h + 1 for h in holders],
-                 self._randbits)
-    return time.perf_counter() - t0
+    seeds, ciphertexts, _ = client_host_work(
+        u, cu.enc_key, cu.mask_key, cu.self_seed, self.neighbors[u],
+        [self.public[int(v)] for v in self.neighbors[u]], self.threshold,
+        self.round_index, self._randbits)
+    secs = time.perf_counter() - t0
+    if not np.array_equal(seeds, self._pair_seeds[u]):
+      raise AssertionError(f"client {u} derived pairwise seeds that differ "
+                           "from its neighbours' derivations.")
+    if len(ciphertexts) != self.degree:
+      raise AssertionError("wrong number of share ciphertexts.")
+    return secs
 
   # -------------------------------------------------------- server side
   def check_survivors(self, survivors: np.ndarray) -> None:
