@@ -15,7 +15,6 @@ from __future__ import annotations
 import pathlib
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
