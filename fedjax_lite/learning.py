@@ -31,6 +31,8 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_lite import checks
@@ -73,6 +75,9 @@ class IterativeProcess:
     self.block_size = block_size
     self.mesh = mesh
     self._engines: dict[int, Engine] = {}
+    # The last FederatedDataset given to next() and its upload: feeding the
+    # same dataset every round skips packing and uploading it again.
+    self._uploaded: tuple = (None, None, None)
 
   def _engine(self, num_clients: int) -> Engine:
     if num_clients not in self._engines:
@@ -91,13 +96,20 @@ class IterativeProcess:
   def _device_data(self, engine: Engine, data: Any) -> DeviceData:
     if isinstance(data, DeviceData):
       return data
+    seen, seen_engine, uploaded = self._uploaded
+    if seen is data and seen_engine is engine:
+      return uploaded
     ds = _as_dataset(data)
     checks.model_features(self.model, ds.features, "federated_train_data")
     # Power-of-two padding limits recompiles across rounds.
     from fedjax_lite.data.batching import choose_buckets
     sizes = choose_buckets(ds.counts, self.local_work, "auto")
     sizes = tuple(sorted({1 << math.ceil(math.log2(s)) for s in sizes}))
-    return to_device(ds, self.local_work, sizes, sharding=engine.replicated)
+    uploaded = to_device(ds, self.local_work, sizes,
+                         sharding=engine.replicated)
+    if isinstance(data, FederatedDataset):
+      self._uploaded = (data, engine, uploaded)
+    return uploaded
 
   def next(self, state: EngineState, federated_train_data: Any
            ) -> tuple[EngineState, dict]:
@@ -120,6 +132,30 @@ class IterativeProcess:
     """The global model parameters pytree."""
     return self.algorithm.get_params(state.server)
 
+  def set_model_weights(self, state: EngineState, weights: Any
+                        ) -> EngineState:
+    """``state`` with the global model replaced by ``weights`` (e.g. a
+    pretrained or centrally trained model); optimizer and other server
+    state are kept, as TFF's ``set_model_weights`` does."""
+    if not hasattr(state.server, "params"):
+      raise TypeError(f"{self.algorithm.name} keeps its model inside "
+                      f"{type(state.server).__name__} without a 'params' "
+                      "field; start a fresh state from the weights with "
+                      "fedjax_lite.Engine.init(weights) instead.")
+    old = state.server.params
+    if jax.tree.structure(old) != jax.tree.structure(weights):
+      raise ValueError(f"weights have the structure "
+                       f"{jax.tree.structure(weights)}; the model's params "
+                       f"are {jax.tree.structure(old)}.")
+    bad = [(np.shape(w), np.shape(p)) for w, p in
+           zip(jax.tree.leaves(weights), jax.tree.leaves(old))
+           if np.shape(w) != np.shape(p)]
+    if bad:
+      raise ValueError(f"weights have shapes {[b[0] for b in bad]} where the "
+                       f"model's params have {[b[1] for b in bad]}.")
+    weights = jax.tree.map(lambda w, p: jnp.asarray(w, p.dtype), weights, old)
+    return state.replace(server=state.server.replace(params=weights))
+
   def evaluate(self, state: EngineState, data: Any,
                batch_size: int | None = 256) -> EvalResult:
     """Federated evaluation of the current global model on ``data``."""
@@ -135,7 +171,7 @@ def build_federated_averaging_process(
         lambda: optax.sgd(1.0)),
     *, local_epochs: int = 1, batch_size: int | None = None,
     num_local_steps: int | None = None, block_size: int | None = None,
-    mesh=None) -> IterativeProcess:
+    mesh=None, model_aggregator=None) -> IterativeProcess:
   """FedAvg/FedOpt as a TFF-style iterative process.
 
   Args:
@@ -148,10 +184,16 @@ def build_federated_averaging_process(
     num_local_steps: fixed local steps instead of epochs.
     block_size: clients per device per block (default automatic).
     mesh: device mesh (default all devices).
+    model_aggregator: how the round reduces the clients' updates, a
+      :class:`fedjax_lite.aggregators.Aggregator` (e.g.
+      ``aggregators.clipped(aggregators.trimmed_mean(0.1), 10.0)``,
+      :func:`dp_aggregator`, :func:`secure_aggregator`); None is the
+      example-weighted mean.
   """
   _check_optimizer_fns(client_optimizer_fn=client_optimizer_fn,
                        server_optimizer_fn=server_optimizer_fn)
-  algorithm = fed_avg(model, client_optimizer_fn(), server_optimizer_fn())
+  algorithm = fed_avg(model, client_optimizer_fn(), server_optimizer_fn(),
+                      aggregator=model_aggregator)
   return build_iterative_process(model, algorithm, local_epochs=local_epochs,
                                  batch_size=batch_size,
                                  num_local_steps=num_local_steps,
@@ -172,17 +214,18 @@ def build_fed_prox_process(
         lambda: optax.sgd(1.0)),
     *, mu: float, local_epochs: int = 1, batch_size: int | None = None,
     num_local_steps: int | None = None, block_size: int | None = None,
-    mesh=None) -> IterativeProcess:
+    mesh=None, model_aggregator=None) -> IterativeProcess:
   """FedProx (Li et al. 2020, arXiv:1812.06127) as a TFF-style process.
 
   Clients minimise ``F_k(w) + mu/2 ||w - w_t||^2`` from the server weights
   ``w_t``; arguments as :func:`build_federated_averaging_process` plus the
-  proximal coefficient ``mu >= 0`` (``mu = 0`` is FedAvg).
+  proximal coefficient ``mu >= 0`` (``mu = 0`` is FedAvg) and
+  ``model_aggregator``.
   """
   _check_optimizer_fns(client_optimizer_fn=client_optimizer_fn,
                        server_optimizer_fn=server_optimizer_fn)
   algorithm = fed_prox(model, client_optimizer_fn(), server_optimizer_fn(),
-                       mu=mu)
+                       mu=mu, aggregator=model_aggregator)
   return build_iterative_process(model, algorithm, local_epochs=local_epochs,
                                  batch_size=batch_size,
                                  num_local_steps=num_local_steps,

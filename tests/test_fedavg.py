@@ -255,3 +255,25 @@ def test_tff_process_matches_numpy(rng):
                               process.get_model_weights(state), rtol=1e-6)
   ev = process.evaluate(state, clients)
   assert ev.per_client["accuracy"].shape == (len(clients),)
+
+
+def test_tff_process_set_model_weights_and_cached_upload(rng):
+  clients = make_clients(rng)
+  model, params, to_list, grad = logreg_setup(rng)
+  process = fl.learning.build_federated_averaging_process(
+      model, client_optimizer_fn=lambda: optax.sgd(0.5), local_epochs=1,
+      batch_size=None)
+  state = process.set_model_weights(process.initialize(seed=0), params)
+  chex.assert_trees_all_equal(process.get_model_weights(state), params)
+  ds = fl.FederatedDataset.from_clients(clients)
+  w = to_list(params)
+  uploads = []
+  for _ in range(2):
+    state, _ = process.next(state, ds)
+    uploads.append(process._uploaded[2])  # pylint: disable=protected-access
+    w = ref.fedavg_round(grad, w, clients, 0.5, 1)
+  assert uploads[0] is uploads[1]  # the same dataset is uploaded once
+  assert_close(to_list(process.get_model_weights(state)), w)
+  with pytest.raises(ValueError, match="shapes"):
+    process.set_model_weights(
+        state, jax.tree.map(lambda p: jnp.zeros(p.shape + (1,)), params))
