@@ -102,6 +102,8 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
       "paillier": {"key_bits": cfg.key_bits, "epochs": enc_rows,
                    "seconds_per_epoch": float(np.mean(
                        [r["seconds"] for r in enc_rows])),
+                   "cpu_seconds_per_epoch": float(np.mean(
+                       [r["cpu_seconds"] for r in enc_rows])),
                    "bytes_per_epoch": {k: enc_rows[0][k] for k in enc_rows[0]
                                        if k.startswith("bytes_")}},
       "config": dataclasses.asdict(cfg), "machine": platform.processor()

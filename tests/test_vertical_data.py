@@ -1,4 +1,4 @@
-"""Vertical datasets: splitting, PSI alignment, and clear errors for bad input."""
+"""Vertical datasets: splitting, PSI alignment, clear errors for bad input."""
 
 import numpy as np
 import pytest
@@ -48,7 +48,8 @@ def test_no_overlap_is_an_error():
 
 
 def test_duplicate_ids_are_an_error():
-  with pytest.raises(ValueError, match=r"party 'h': duplicate sample ids \['a'\]"):
+  with pytest.raises(ValueError,
+                     match=r"party 'h': duplicate sample ids \['a'\]"):
     _party("h", ["a", "b", "a"])
 
 

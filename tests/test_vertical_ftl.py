@@ -36,11 +36,14 @@ def _numpy_loss(u_a, u_b, y, rows, gamma):
 def test_closed_form_gradients_match_autodiff_and_reference():
   u_a, u_b, y, rows = _reps()
   gamma = 0.7
-  args = [jnp.asarray(v, jnp.float32) for v in (u_a, u_b, y)]
-  g_a, g_b, loss = jax.jit(ftl.rep_grads, static_argnums=())(
-      *args, jnp.asarray(rows), gamma)
-  auto = jax.grad(ftl.ftl_loss, argnums=(0, 1))(*args, jnp.asarray(rows),
-                                                 gamma)
+  args = [jnp.asarray(v) for v in (u_a, u_b, y, rows)]
+
+  @jax.jit
+  def both(u_a, u_b, y, rows):
+    return (ftl.rep_grads(u_a, u_b, y, rows, gamma),
+            jax.grad(ftl.ftl_loss, argnums=(0, 1))(u_a, u_b, y, rows, gamma))
+
+  (g_a, g_b, loss), auto = both(*args)
   np.testing.assert_allclose(g_a, auto[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_b, auto[1], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, _numpy_loss(u_a, u_b, y, rows, gamma),

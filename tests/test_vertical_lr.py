@@ -1,4 +1,4 @@
-"""Hetero LR equals centralized Taylor-loss LR; the Paillier protocol matches."""
+"""Hetero LR equals centralized Taylor-loss LR; Paillier matches plaintext."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""ECDH PSI over X25519: commutativity, exact intersections, blinded messages."""
+"""ECDH PSI over X25519: commutativity, exact intersection, blinded messages."""
 
 import numpy as np
 import pytest

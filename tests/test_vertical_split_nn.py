@@ -24,7 +24,9 @@ def _setup(n=24, dims=(3, 4), cut=(2, 3), classes=3, seed=0):
 
 def _numpy_grads(params, xs, y):
   """float64 reference: bottoms h_k = x_k W_k + b_k, top relu MLP, mean CE."""
-  f = lambda a: np.asarray(a, np.float64)
+  def f(a):
+    return np.asarray(a, np.float64)
+
   hs = [f(x) @ f(p["Dense_0"]["kernel"]) + f(p["Dense_0"]["bias"])
         for p, x in zip(params[0], xs)]
   h = np.concatenate(hs, 1)
@@ -53,8 +55,10 @@ def test_split_gradients_equal_centralized():
   data, bottoms, top = _setup()
   proc = fv.build_split_nn_process(data, bottoms, top, optax.sgd(0.1))
   params = proc.initialize(0).params
-  fn = lambda p: split_nn.split_grads(bottoms, top, p, data.xs, data.y,
-                                      jax.random.PRNGKey(0))[:3]
+  def fn(p):
+    return split_nn.split_grads(bottoms, top, p, data.xs, data.y,
+                                jax.random.PRNGKey(0))[:3]
+
   loss, _, grads = jax.jit(fn)(params)
   # Centralized network on the joined features, one jax.grad.
   joined = jnp.asarray(data.joined())
@@ -86,9 +90,9 @@ def test_noise_only_on_host_cut_gradients():
   _, _, noisy, _ = split_nn.split_grads(bottoms, top, params, data.xs, data.y,
                                         jax.random.PRNGKey(0),
                                         grad_noise_std=0.5)
-  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
-  chex_equal(exact[1], noisy[1])             # top: exact
-  chex_equal(exact[0][0], noisy[0][0])       # guest's own bottom: exact
+  jax.tree.map(np.testing.assert_array_equal, exact[1], noisy[1])  # top
+  jax.tree.map(np.testing.assert_array_equal, exact[0][0],
+               noisy[0][0])                  # guest's own bottom: exact
   diff = noisy[0][1]["Dense_0"]["kernel"] - exact[0][1]["Dense_0"]["kernel"]
   assert np.abs(diff).max() > 1e-3           # host bottom got noisy delta
   assert nbytes == 2 * 4 * 24 * 3            # host's h and delta, float32
@@ -103,7 +107,8 @@ def test_epoch_runs_and_reports_bytes():
   for _ in range(6):
     state, m = proc.next(state)
     first = first or m
-  assert m["bytes_per_step"] == 2 * 4 * 8 * 3 and m["bytes"] == 4 * 2 * 4 * 8 * 3
+  per_step = 2 * 4 * 8 * 3          # host's h and delta: 8 rows x 3, f32
+  assert m["bytes_per_step"] == per_step and m["bytes"] == 4 * per_step
   assert m["loss"] < first["loss"]
   ev = proc.evaluate(state, data)
   assert set(ev) == {"loss", "accuracy"}

@@ -5,7 +5,10 @@ exponentiation done by X25519 (RFC 7748) from the ``cryptography`` package.
 Each id is hashed to a Montgomery u-coordinate ``P = H(id)``; a party with
 secret scalar ``a`` *blinds* it as ``X25519(a, P)``. Blinding commutes,
 
-.. math:: X25519(b, X25519(a, P)) = x([b][a]P) = x([a][b]P) = X25519(a, X25519(b, P)),
+.. math::
+
+   X25519(b, X25519(a, P)) = x([b][a]P) = x([a][b]P)
+   = X25519(a, X25519(b, P)),
 
 because the Montgomery ladder computes ``x([k]P)`` for the point ``P`` on
 either Curve25519 or its quadratic twist (every 32-byte string is the
