@@ -16,6 +16,7 @@ from fedjax_lite.hetero import layers, matching
 from fedjax_lite.hetero.fed_ma import (FedMAClientState, FedMAProcess,
                                        FedMAState, build_fed_ma_process,
                                        fed_ma, matched_average,
+                                       round_communication,
                                        stages_per_round)
 from fedjax_lite.hetero.hetero_fl import (LEVELS, communication, hetero_fl,
                                           sub_model_params)

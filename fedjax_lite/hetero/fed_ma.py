@@ -634,3 +634,39 @@ def build_fed_ma_process(
   return FedMAProcess(model, algorithm, work,
                       int(np.asarray(client_widths).shape[0]),
                       block_size=block_size, mesh=mesh)
+
+
+def round_communication(model: Model, client_widths: Sequence[int],
+                        global_widths: Sequence[int]) -> tuple[int, int]:
+  """Numbers a client sends and receives in one FedMA round.
+
+  Args:
+    model: the bounding global model (gives the layer kinds and shapes).
+    client_widths: the client's hidden widths ``w_l``.
+    global_widths: the global hidden widths ``G_l`` of the round.
+
+  Returns:
+    ``(up, down)``. Stage ``l``: up its ``w_l`` neurons (inputs from the
+    ``G_{l-1}`` global neurons, bias, and for the last hidden layer the
+    outgoing weights), down the ``G_l`` matched neurons and its ``w_l``
+    assignment indices; output stage: up its output layer and class counts,
+    down the averaged output layer.
+  """
+  chain = L.chain_of_model(model, "fed_ma model")
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  nh = len(chain) - 1
+  out = chain[-1]
+  up = down = 0
+  for l in range(nh):
+    k = shapes[chain[l].name]["kernel"].shape
+    n_in = int(np.prod(k[:-1]))
+    if l > 0:
+      n_in = n_in // chain[l].in_units * int(global_widths[l - 1])
+    w, g = int(client_widths[l]), int(global_widths[l])
+    extra = out.in_repeat * out.width if l == nh - 1 else 0
+    up += w * (n_in + 1 + extra)
+    down += g * (n_in + 1 + extra) + w
+  g = int(global_widths[-1])
+  up += g * out.in_repeat * out.width + 2 * out.width
+  down += g * out.in_repeat * out.width + out.width
+  return up, down
