@@ -57,17 +57,17 @@ import random
 import sys
 import time
 
-import fedjax_lite as fl  # first: applies the CPU settings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+import fedjax_lite as fl  # first: applies the CPU settings
 from fedjax_lite.privacy import secure_aggregation as sa
 from fedjax_lite.privacy import shamir
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # noqa: E402  (cpu_info)  pylint: disable=g-import-not-at-top,wrong-import-position
+import benchmark
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BITS_PER_VALUE, CLIP, DROPOUT = 16, 1.0, 0.1
@@ -252,7 +252,49 @@ def sampled(n, d, samples, mask_clients):
   }
 
 
-def write_markdown(path, rows, meta):
+def engine_rounds(n, timed_rounds=3):
+  """Seconds per jitted FedAvg round (after compiling) with the plain
+  clipped mean, SecAgg+ and SecAgg as the round's aggregator."""
+  train, _ = fl.datasets.fedprox_synthetic(
+      1.0, 1.0, num_clients=n, examples_per_client=50, seed=0)
+  model = fl.models.logistic_regression(60, 10)
+  params = model.init(jax.random.PRNGKey(0))
+  k_plus, _ = sa.secagg_plus_degree(n, dropout_rate=DROPOUT)
+  aggs = {
+      "clipped mean (no secure aggregation)": fl.aggregators.clipped(
+          fl.aggregators.unweighted_mean(), CLIP),
+      f"SecAgg+ (k={k_plus})": sa.secure_aggregator(
+          CLIP, bits_per_value=BITS_PER_VALUE, num_neighbors=k_plus,
+          dropout_rate=DROPOUT),
+      "SecAgg": sa.secure_aggregator(CLIP, bits_per_value=BITS_PER_VALUE,
+                                     dropout_rate=DROPOUT),
+  }
+  out = []
+  for name, agg in aggs.items():
+    alg = fl.fed_avg(model, optax.sgd(0.05), aggregator=agg)
+    engine = fl.Engine(alg, fl.RoundConfig(
+        n, fl.LocalWork(batch_size=10, num_epochs=1), sampling="all"))
+    data = engine.put_data(train)
+    state = engine.init(params, seed=0)
+    t0 = time.perf_counter()
+    state, metrics = jax.block_until_ready(engine.round(state, data))
+    first = time.perf_counter() - t0
+    secs = []
+    for _ in range(timed_rounds):
+      t0 = time.perf_counter()
+      state, metrics = jax.block_until_ready(engine.round(state, data))
+      secs.append(time.perf_counter() - t0)
+    row = {"clients": n, "aggregator": name,
+           "round_s": float(np.median(secs)), "first_round_s": first}
+    row.update({k: float(v) for k, v in metrics.items()
+                if k.startswith("secagg_")})
+    out.append(row)
+    print(f"engine n={n} {name:40s} {row['round_s']:.3f} s/round "
+          f"(first round incl. compile {first:.1f} s)", flush=True)
+  return out
+
+
+def write_markdown(path, rows, meta, engine_rows=()):
   lines = [
       "# Secure aggregation: cost per round (SecAgg vs SecAgg+)", "",
       f"Command: `{meta['command']}`  ",
@@ -263,7 +305,8 @@ def write_markdown(path, rows, meta):
       f"{BITS_PER_VALUE} bits per value, {int(DROPOUT * 100)}% of the "
       "clients drop after masking. Host = Python (`cryptography` X25519, "
       "HKDF-SHA256, AES-GCM; Shamir on Python ints mod 2^127 - 1); device = "
-      "JAX threefry mask expansion and uint32 sums (here on the CPU).", "",
+      "JAX threefry mask expansion and uint32 sums (here on one CPU device)."
+      , "",
       "| clients | protocol | k | t | b | client host s | client device s |"
       " client KB sent | client KB recv | server host s | server device s |"
       " server KAs | server MB recv | survivors' decrypt s | exact | how |",
@@ -297,7 +340,32 @@ def write_markdown(path, rows, meta):
       "*exact* = unmasked sum == plain quantized sum (integers). Compile "
       "times are excluded (in the json). The masked input of a client is "
       f"d x b bits; the plain update is d x 32 bits = {meta['d'] * 4} B.",
-      "", "Raw numbers: `secure_aggregation.json`.", ""]
+      ""]
+  if engine_rows:
+    lines += [
+        "## A whole FedAvg round in the engine", "",
+        "One jitted round (sampling, local training of every client, "
+        "aggregation, server update) on FedProx Synthetic(1, 1) data, 50 "
+        "examples per client, batch 10, one epoch; median of 3 rounds after"
+        " the first (which includes compiling). The secure aggregators run "
+        "AdvertiseKeys/ShareKeys on the host through `jax.pure_callback` "
+        "every round (fresh keys), so their round time includes that host "
+        "work.", "",
+        "| clients | aggregator | s / round | first round s | host setup s "
+        "| server host s | KB sent per client |",
+        "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in engine_rows:
+      lines.append(
+          f"| {r['clients']} | {r['aggregator']} | {r['round_s']:.3f} | "
+          f"{r['first_round_s']:.1f} | "
+          f"{r.get('secagg_setup_host_seconds', 0):.3f} | "
+          f"{r.get('secagg_server_host_seconds', 0):.3f} | "
+          f"{r.get('secagg_client_bytes_sent', 0) / 1e3:.1f} |")
+    lines.append("")
+  lines += [f"Load average during the run (shared machine): "
+            f"{meta['loadavg_start']} at the start, {meta['loadavg_end']} at"
+            " the end; host times scale with it.", "",
+            "Raw numbers: `secure_aggregation.json`.", ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
 
@@ -311,6 +379,7 @@ def main(argv=None):
   d = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       model.init(jax.random.PRNGKey(0))))
   sizes = (20, 40) if args.smoke else (100, 1000)
+  load_start = [round(x, 1) for x in os.getloadavg()]
   rows = []
   for n in sizes:
     k_plus, _ = sa.secagg_plus_degree(n, dropout_rate=DROPOUT)
@@ -330,7 +399,10 @@ def main(argv=None):
             f" recv {r['client_bytes_received']:.0f}B | server host "
             f"{r['server_host_s']:.3f}s device {r['server_device_s']:.3f}s | "
             f"exact={r['exact_sum']} ({r['wall_s']:.0f}s)", flush=True)
+  engine_rows = engine_rounds(sizes[0])
   meta = {
+      "loadavg_start": load_start,
+      "loadavg_end": [round(x, 1) for x in os.getloadavg()],
       "command": "python experiments/secagg_benchmark.py" +
                  (" --smoke" if args.smoke else ""),
       "cpu": benchmark.cpu_info(), "jax": jax.__version__,
@@ -342,8 +414,10 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   stem = "secure_aggregation" + ("_smoke" if args.smoke else "")
   with open(os.path.join(args.out, stem + ".json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=1)
-  write_markdown(os.path.join(args.out, stem + ".md"), rows, meta)
+    json.dump({"meta": meta, "rows": rows, "engine": engine_rows}, f,
+              indent=1)
+  write_markdown(os.path.join(args.out, stem + ".md"), rows, meta,
+                 engine_rows)
   print("wrote", os.path.join(args.out, stem + ".{md,json}"))
 
 

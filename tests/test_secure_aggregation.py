@@ -203,7 +203,14 @@ def test_bad_input_errors():
                      "<= 32"):
     sa.secure_aggregator(1.0, bits=40)
   with pytest.raises(ValueError, match="num_neighbors must be None"):
-    sa.secure_aggregator(1.0, num_neighbors=5)
+    sa.secure_aggregator(1.0, num_neighbors=1)
+  agg = sa.secure_aggregator(1.0, num_neighbors=5)
+  spec = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with pytest.raises(ValueError, match="num_neighbors=5 must be even for a "
+                     "Harary graph on 10 clients"):
+    agg.init(agg.init_state(spec), spec, 10)
+  agg = sa.secure_aggregator(1.0, num_neighbors=9)       # >= m - 1: SecAgg
+  agg.init(agg.init_state(spec), spec, 10)
   with pytest.raises(ValueError, match="clip_norm must be a positive"):
     sa.secure_aggregator(0.0)
   spec = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}

@@ -911,8 +911,7 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
                      f"{dropout_rate!r}.")
   if num_neighbors not in (None, "auto") and (
       isinstance(num_neighbors, bool) or not isinstance(
-          num_neighbors, (int, np.integer)) or num_neighbors < 2 or
-      num_neighbors % 2):
+          num_neighbors, (int, np.integer)) or num_neighbors < 2):
     raise ValueError(f"{factory}: num_neighbors must be None (SecAgg), "
                      f"'auto' or an even int >= 2 (SecAgg+), got "
                      f"{num_neighbors!r}.")
@@ -940,6 +939,11 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
       self.rounds: dict[int, SecAggRound] = {}
       self.drops: dict[int, np.ndarray] = {}
       k = m - 1 if self.k_arg is None or self.k_arg >= m - 1 else self.k_arg
+      if k < m - 1 and k % 2:
+        raise ValueError(
+            f"{factory}: num_neighbors={num_neighbors} must be even for a "
+            f"Harary graph on {m} clients (k/2 neighbours on either side), "
+            f"or >= {m - 1} for the complete graph; got an odd {k}.")
       t = resolve_threshold(self.t_arg, k + 1, m)  # trace-time error if bad
       self.degree = k
       # Pair rows the server may need: one per dropped client; with the
