@@ -1,35 +1,43 @@
 r"""The round engine: sampling, gathering, local training, aggregation and the
 server update in ONE jitted function.
 
-Layout of a round (``nd`` devices on the ``"clients"`` mesh axis, ``B`` clients
-per device per block)::
+Layout of a round (``nd`` devices on the ``"clients"`` mesh axis, ``B_j``
+clients per device per block of size bucket ``j``)::
 
-    ids = sample(rng)                           # [clients_per_round]
-    sort ids by size bucket                     # static shapes per bucket
+    plan = block plan (host side, once per data layout)   # B_j per bucket
+    ids = sample(rng)                                     # [clients_per_round]
+    sort ids by size bucket                               # static shapes per bucket
+    acc[nd, ...] = aggregator.init(...)                   # per device (and run)
     for each bucket j (static, usually 1):
-      fori_loop over ceil(count_j / (nd*B)) blocks:
-        block ids [nd*B], sharded over devices  # each device: B clients
-        gather  [nd*B, steps_j, batch, ...]      # from the packed device data
-        vmap(client_update)                      # written for ONE client
-        carry[nd, ...] += sum over B of w_k * update_k   # per-device partials
-    aggregate = sum over devices / total weight  # one cross-device reduction
+      fori_loop over ceil(count_j / (nd*B_j)) blocks:     # the block step
+        block ids [nd*B_j], sharded over devices          # each device: B_j clients
+        gather  [nd*B_j, steps_j, batch, ...]             # from the packed device data
+        vmap(client_update)                               # written for ONE client
+        acc[d] = aggregator.add(acc[d], updates[d], ...)  # per-device, no sync
+    acc = aggregator.merge(acc)                           # one cross-device reduction
+    aggregate = aggregator.finalize(acc, rng_agg)         # mean, medians, noise ...
     server_state = server_update(server_state, aggregate)
+
+The aggregator is ``algorithm.aggregator`` (None: :func:`weighted_mean`, the
+FedAvg reduction); its state (e.g. an adaptive clip norm) lives in
+``EngineState.aggregator`` and its metrics join the round's metrics.
 
 Several independent runs (seeds, hyperparameter settings) can share one
 round: :meth:`Engine.rounds_body` pools every run's sampled clients into the
 same blocks, each client starting from its run's broadcast and adding into
-its run's partial sums.
+its run's accumulator (the aggregator is vmapped over runs).
 
-Memory is O(nd * B x model), independent of clients per round. The client axis
-is sharded with ``jax.sharding`` (automatic SPMD partitioning); per-device
-partial sums are only reduced once at the end of the round, so devices never
-synchronise inside the block loop.
+Memory is O(nd * B x model) for streaming aggregators, independent of clients
+per round; materialized ones (median, Krum, ...) add ``clients_per_round x
+update`` per device and run. The client axis is sharded with
+``jax.sharding`` (automatic SPMD partitioning); per-device accumulators are
+only merged once at the end of the round, so devices never synchronise
+inside the block loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any, Callable
 
@@ -39,14 +47,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_lite.aggregators.base import Aggregator, update_bytes
+from fedjax_lite.aggregators.mean import weighted_mean
 from fedjax_lite.algorithms.base import Aggregate, FederatedAlgorithm
 from fedjax_lite.data.batching import (DeviceData, LocalWork, gather_client,
                                        sample_clients, to_device)
 from fedjax_lite.data.federated_dataset import FederatedDataset
+from fedjax_lite.engine.plan import (BlockPlan, auto_block_size,
+                                     check_materialized_memory,
+                                     expected_clients, make_plan, tree_bytes)
 
 PyTree = Any
 AXIS = "clients"
 _SAMPLING = ("uniform", "weighted", "all")
+# fold_in data of the round's aggregation key (the sampling and client keys
+# stay split(fold_in(rng, round)) as before aggregators existed).
+_AGGREGATION_STREAM = 0x61676772
+
+__all__ = ["AXIS", "BlockPlan", "Engine", "EngineState", "RoundConfig",
+           "auto_block_size", "client_keys", "default_mesh",
+           "finalize_metrics", "round_keys"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +118,28 @@ class EngineState:
     round: int32 round counter.
     rng: the experiment's base PRNG key; round ``t`` uses
       ``fold_in(rng, t)``, so resuming from a checkpoint is exact.
+    aggregator: the aggregator's state kept across rounds (e.g. an adaptive
+      clip norm, the centered-clipping center), or None for stateless
+      aggregators (and before the first round, which then starts from
+      ``aggregator.init_state``).
   """
   server: PyTree
   clients: PyTree
   round: jax.Array
   rng: jax.Array
+  aggregator: PyTree = None
+
+
+def round_keys(rng: jax.Array, round_index: jax.Array):
+  """``(k_sample, k_clients, k_aggregate)`` of round ``round_index``."""
+  key = jax.random.fold_in(rng, round_index)
+  k_sample, k_clients = jax.random.split(key)
+  return k_sample, k_clients, jax.random.fold_in(key, _AGGREGATION_STREAM)
+
+
+def client_keys(k_clients: jax.Array, slot: jax.Array):
+  """``(k_data, k_train)`` of the client at position ``slot`` of the sample."""
+  return jax.random.split(jax.random.fold_in(k_clients, slot))
 
 
 def default_mesh(devices=None) -> Mesh:
@@ -127,24 +164,65 @@ def _warn_if_untuned_cpu(platform: str, num_devices: int) -> None:
 
 
 def _tree_bytes(tree) -> int:
-  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
+  return tree_bytes(tree)
 
 
-def auto_block_size(per_client_bytes: int, clients_per_device: int,
-                    platform: str) -> int:
-  """Clients per device per block.
+def _has_leaves(tree) -> bool:
+  return bool(jax.tree.leaves(tree))
 
-  On CPU a block should stay within a core's share of the caches (about
-  8 MiB of per-client working memory; measured on mlp100: 2-4 clients per
-  block beat 1 by ~10% and 10 lose ~20%): a big model trains a few clients at
-  a time per core, a tiny one hundreds. On accelerators blocks use up to 2 GiB.
+
+def _aggregator_of(algorithm: FederatedAlgorithm) -> Aggregator:
+  agg = algorithm.aggregator
+  if agg is None:
+    return weighted_mean()
+  if not isinstance(agg, Aggregator):
+    raise TypeError(f"{algorithm.name}: aggregator must be a "
+                    f"fedjax_lite.aggregators.Aggregator or None, got "
+                    f"{type(agg).__name__}.")
+  return agg
+
+
+class _Runs:
+  """The round's ``R`` runs: per-run algorithms and aggregators.
+
+  ``map(fn, *args)`` calls ``fn(algorithm, aggregator, *args)`` for every run
+  (vmapped over the leading run axis of ``args``; with per-run
+  hyperparameters the algorithm is built from that run's traced values).
   """
-  target = (8 << 20) if platform == "cpu" else (2 << 30)
-  b = int(max(1, min(target // max(1, per_client_bytes), clients_per_device)))
-  # Same number of blocks, evenly filled: less padding in the last block.
-  num_blocks = math.ceil(clients_per_device / b)
-  return int(math.ceil(clients_per_device / num_blocks))
+
+  def __init__(self, algorithm, algorithm_fn, hparams, num_runs):
+    self.num_runs = num_runs
+    self.algorithm_fn = algorithm_fn
+    if algorithm_fn is not None:
+      hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+      if any(v.shape != (num_runs,) for v in hparams.values()):
+        raise ValueError(f"hparams must be [R={num_runs}] arrays, got "
+                         f"{ {k: v.shape for k, v in hparams.items()} }.")
+      probe = algorithm_fn({k: v[0] for k, v in hparams.items()})
+    else:
+      probe = algorithm
+    self.algorithm, self.hparams = algorithm, hparams
+    self.probe = probe
+    self.probe_aggregator = _aggregator_of(probe)
+
+  def of(self, h):
+    alg = self.algorithm_fn(h) if self.algorithm_fn is not None else \
+        self.algorithm
+    return alg, _aggregator_of(alg)
+
+  def of_run(self, run):
+    """The algorithm of run index ``run`` (traced int)."""
+    if self.algorithm_fn is None:
+      return self.algorithm
+    return self.algorithm_fn({n: v[run] for n, v in self.hparams.items()})
+
+  def map(self, fn, *args):
+    if self.algorithm_fn is not None:
+      return jax.vmap(lambda h, *a: fn(*self.of(h), *a),
+                      axis_size=self.num_runs)(self.hparams, *args)
+    alg, agg = self.algorithm, self.probe_aggregator
+    return jax.vmap(lambda *a: fn(alg, agg, *a), axis_size=self.num_runs)(
+        *args)
 
 
 class Engine:
@@ -158,18 +236,29 @@ class Engine:
                         num_clients=dataset.num_clients)
     state, metrics = engine.round(state, data)          # one jitted round
     state, history = engine.run(state, data, 100)       # lax.scan over rounds
+
+  Args:
+    algorithm: the federated algorithm; its ``aggregator`` (None: weighted
+      mean) reduces the clients' updates.
+    config: the round configuration.
+    mesh: a mesh with a ``"clients"`` axis (default: all devices).
+    debug: run rounds client by client in Python without jit (see
+      :func:`fedjax_lite.engine.debug_round`): same sampling, rngs, data and
+      aggregation, so ``print`` and breakpoints inside ``client_update`` work.
   """
 
   def __init__(self, algorithm: FederatedAlgorithm, config: RoundConfig,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, *, debug: bool = False):
     if not isinstance(algorithm, FederatedAlgorithm):
       raise TypeError(f"algorithm must be a FederatedAlgorithm, got "
                       f"{type(algorithm).__name__}.")
     if not isinstance(config, RoundConfig):
       raise TypeError(f"config must be a RoundConfig, got "
                       f"{type(config).__name__}.")
+    _aggregator_of(algorithm)  # type check early
     self.algorithm = algorithm
     self.config = config
+    self.debug = bool(debug)
     self.mesh = mesh if mesh is not None else default_mesh()
     if AXIS not in self.mesh.axis_names:
       raise ValueError(f"mesh must have an axis named {AXIS!r}, got "
@@ -178,9 +267,22 @@ class Engine:
     self.platform = self.mesh.devices.reshape(-1)[0].platform
     _warn_if_untuned_cpu(self.platform, self.num_devices)
     self.num_traces = 0
-    self.block_sizes: dict[int, int] = {}
+    self._plans: dict = {}
+    self._last_plan: BlockPlan | None = None
+    self._data_layout: DeviceData | None = None
     self._round_jit = jax.jit(self._round_body)
     self._run_jit = jax.jit(self._run_body, static_argnums=2)
+
+  @property
+  def aggregator(self) -> Aggregator:
+    """The aggregator rounds use (``algorithm.aggregator`` or weighted mean)."""
+    return _aggregator_of(self.algorithm)
+
+  @property
+  def block_sizes(self) -> dict:
+    """``{bucket size: clients per device per block}`` of the last planned
+    data layout (see :meth:`block_plan`); empty before the first round."""
+    return {} if self._last_plan is None else self._last_plan.as_dict
 
   # ---------------------------------------------------------------- placement
   @property
@@ -199,6 +301,7 @@ class Engine:
         integer class labels in range) before upload.
     """
     if isinstance(dataset, DeviceData):
+      self._data_layout = dataset
       return dataset
     if model is not None:
       for key in (model.input_key, model.label_key):
@@ -207,17 +310,23 @@ class Engine:
                            f"; the model needs {key!r}.")
       if model.num_classes is not None:
         model.validate_labels(dataset.features[model.label_key], "dataset")
-    return to_device(dataset, self.config.local_work, buckets,
+    data = to_device(dataset, self.config.local_work, buckets,
                      sharding=self.replicated)
+    self._data_layout = data
+    return data
 
   def init(self, params: PyTree, seed: int | jax.Array = 0,
-           num_clients: int | None = None) -> EngineState:
+           num_clients: int | None = None, *,
+           data: DeviceData | None = None) -> EngineState:
     """The initial state: server state from ``params``, client states if any.
 
     Args:
       params: initial global model parameters.
       seed: int seed or PRNG key for sampling and client randomness.
       num_clients: population size (required for stateful algorithms).
+      data: the device data (default: the last :meth:`put_data`); a stateful
+        aggregator sizes its state from one client's update on it. Without
+        any, the aggregator state is created in the first round.
     """
     rng = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) \
         else jnp.asarray(seed)
@@ -232,7 +341,34 @@ class Engine:
           lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), one)
     state = EngineState(server=server, clients=clients,
                         round=jnp.zeros((), jnp.int32), rng=rng)
+    data = data if data is not None else self._data_layout
+    if data is not None:
+      state = self.init_aggregator_state(state, data)
     return jax.device_put(state, self.replicated)
+
+  def update_spec(self, state: EngineState, data: DeviceData) -> PyTree:
+    """Shapes (``jax.ShapeDtypeStruct``) of ONE client's update."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                       state)
+
+    def update(s):
+      cstate = None if s.clients is None else jax.tree.map(lambda a: a[0],
+                                                           s.clients)
+      return self._one_client_output(
+          self.algorithm, self.algorithm.broadcast(s.server), cstate, data,
+          jnp.int32(0), s.rng, jnp.int32(0), data.bucket_sizes[0]).update
+    return jax.eval_shape(update, one)
+
+  def init_aggregator_state(self, state: EngineState, data: DeviceData
+                            ) -> EngineState:
+    """``state`` with the aggregator's initial state (None if stateless)."""
+    if state.aggregator is not None:
+      return state
+    agg = self.aggregator
+    spec = self.update_spec(state, data)
+    if not _has_leaves(jax.eval_shape(lambda: agg.init_state(spec))):
+      return state
+    return state.replace(aggregator=agg.init_state(spec))
 
   # -------------------------------------------------------------------- check
   def _check(self, state: EngineState, data: DeviceData) -> None:
@@ -259,6 +395,10 @@ class Engine:
             ) -> tuple[EngineState, dict]:
     """Runs one round (compiled once per data layout)."""
     self._check(state, data)
+    state = self.init_aggregator_state(state, data)
+    if self.debug:
+      from fedjax_lite.engine.debug import debug_round  # pylint: disable=g-import-not-at-top
+      return debug_round(self, state, data)
     return self._round_jit(state, data)
 
   def run(self, state: EngineState, data: DeviceData, num_rounds: int
@@ -270,6 +410,13 @@ class Engine:
     if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 1:
       raise ValueError(f"num_rounds must be a positive int, got {num_rounds!r}.")
     self._check(state, data)
+    state = self.init_aggregator_state(state, data)
+    if self.debug:
+      history = []
+      for _ in range(int(num_rounds)):
+        state, metrics = self.round(state, data)
+        history.append(metrics)
+      return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
     return self._run_jit(state, data, int(num_rounds))
 
   def round_body(self, state: EngineState, data: DeviceData
@@ -281,7 +428,47 @@ class Engine:
     """
     return self._round_body(state, data)
 
+  def expected_clients(self, data: DeviceData, bucket: int) -> float:
+    """Expected number of a round's clients that fall in ``bucket``."""
+    cfg = self.config
+    return expected_clients(data, bucket, cfg.clients_per_round, cfg.sampling,
+                            cfg.replace)
+
+  def block_plan(self, data: DeviceData, state: EngineState,
+                 num_runs: int = 1) -> BlockPlan:
+    """The block sizes a round over ``data`` uses (host side, cached).
+
+    Args:
+      data: the device data (its layout: bucket sizes and counts).
+      state: ONE run's EngineState (arrays or ``ShapeDtypeStruct``).
+      num_runs: pooled runs sharing the blocks.
+    """
+    bcast = jax.eval_shape(self.algorithm.broadcast, state.server)
+    cstate = None if state.clients is None else jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.clients)
+    return self._plan(data, bcast, cstate, num_runs)
+
   # ------------------------------------------------------------------ tracing
+  def _plan(self, data, broadcast_spec, client_state_spec, num_runs
+            ) -> BlockPlan:
+    spec = lambda t: tuple((tuple(x.shape), str(x.dtype))
+                           for x in jax.tree.leaves(t))
+    key = (data.bucket_sizes, data.bucket_clients, data.bucket_examples,
+           data.num_clients,
+           tuple((k, tuple(v.shape[1:]), str(v.dtype))
+                 for k, v in sorted(data.features.items())),
+           spec(broadcast_spec), spec(client_state_spec), int(num_runs))
+    if key not in self._plans:
+      cfg = self.config
+      self._plans[key] = make_plan(
+          data, cfg.local_work, clients_per_round=cfg.clients_per_round,
+          sampling=cfg.sampling, replace=cfg.replace,
+          block_size=cfg.block_size, num_devices=self.num_devices,
+          platform=self.platform, broadcast_spec=broadcast_spec,
+          client_state_spec=client_state_spec, num_runs=num_runs)
+    self._last_plan = self._plans[key]
+    return self._last_plan
+
   def _run_body(self, state, data, num_rounds):
     def body(s, _):
       return self._round_body(s, data)
@@ -301,80 +488,26 @@ class Engine:
         else None
     return sample_clients(rng, c, cfg.clients_per_round, weights, cfg.replace)
 
-  def expected_clients(self, data: DeviceData, bucket: int) -> float:
-    """Expected number of a round's clients that fall in ``bucket``."""
-    cfg = self.config
-    if data.bucket_clients is None:
-      return float(cfg.clients_per_round)
-    if cfg.sampling == "weighted":
-      share = data.bucket_examples[bucket] / max(1, sum(data.bucket_examples))
-    else:
-      share = data.bucket_clients[bucket] / max(1, sum(data.bucket_clients))
-    return min(float(data.bucket_clients[bucket]) if not cfg.replace else
-               float(cfg.clients_per_round), cfg.clients_per_round * share)
-
-  def _block_size(self, data: DeviceData, bucket: int, broadcast,
-                  client_states, num_runs: int = 1) -> int:
-    if self.config.block_size is not None:
-      return self.config.block_size
-    bucket_size = data.bucket_sizes[bucket]
-    steps, b = self.config.local_work.plan(bucket_size)
-    per_example = sum(math.prod(v.shape[1:]) * v.dtype.itemsize
-                      for v in data.features.values())
-    one_state = 0 if client_states is None else _tree_bytes(
-        jax.tree.map(lambda a: a[0], client_states))
-    # params + update + gradient + optimizer state, plus the gathered data.
-    per_client = 4 * _tree_bytes(broadcast) + steps * b * per_example + \
-        2 * one_state
-    # A block holds about the bucket's expected share of the round (never
-    # the whole round for a rarely sampled bucket: that block would be
-    # mostly padding).
-    per_device = max(1, math.ceil(num_runs * self.expected_clients(
-        data, bucket) / self.num_devices))
-    return auto_block_size(per_client, per_device, self.platform)
+  def _one_client_output(self, alg, bcast, cstate, data, cid, k_clients, slot,
+                         bucket_size):
+    """ONE client's ``ClientOutput`` (the jitted and debug rounds share it)."""
+    k_data, k_train = client_keys(k_clients, slot)
+    cdata = gather_client(data, cid, k_data, self.config.local_work,
+                          bucket_size, slot)
+    return alg.client_update(bcast, cstate, cdata, k_train)
 
   def _round_body(self, state: EngineState, data: DeviceData):
     states = jax.tree.map(lambda a: a[None], state)
     new, metrics = self._rounds_body(states, data)
     return jax.tree.map(lambda a: a[0], (new, metrics))
 
-  def _rounds_body(self, states: EngineState, data: DeviceData,
-                   algorithm_fn: Callable[[dict], FederatedAlgorithm] | None
-                   = None, hparams: dict | None = None):
-    """One round of ``R`` independent runs (leading axis ``R`` on ``states``).
-
-    The runs' sampled clients are pooled into the same size-bucket blocks
-    (a client is a (run, client id) pair that starts from its run's
-    broadcast), and each run's updates are summed into its own slot of the
-    per-device partial sums. ``R == 1`` is the ordinary round.
-    """
-    self.num_traces += 1
-    cfg, nd = self.config, self.num_devices
-    R = int(jax.tree.leaves(states.round)[0].shape[0])
-    m = cfg.clients_per_round
-    c = data.num_clients
-    per_run_algs = algorithm_fn is not None
-    if per_run_algs:
-      hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
-      if any(v.shape != (R,) for v in hparams.values()):
-        raise ValueError(f"hparams must be [R={R}] arrays, got "
-                         f"{ {k: v.shape for k, v in hparams.items()} }.")
-
-    def alg_of(h):
-      return algorithm_fn(h) if per_run_algs else self.algorithm
-
-    def per_run(fn, *args):
-      # fn(alg, *args) for every run (vmapped over the run axis).
-      if per_run_algs:
-        return jax.vmap(lambda h, *a: fn(alg_of(h), *a))(hparams, *args)
-      return jax.vmap(lambda *a: fn(self.algorithm, *a))(*args)
-
-    keys = jax.vmap(jax.random.fold_in)(states.rng, states.round)
-    k_sample, k_clients = jax.vmap(jax.random.split, out_axes=1)(keys)
+  def _sorted_sample(self, k_sample, data, num_runs):
+    """Every run's sample as (ids, slots, runs), sorted by size bucket, and
+    each bucket's ``(start, count)`` in that order."""
+    m = self.config.clients_per_round
     ids = jax.vmap(lambda k: self._sample(k, data))(k_sample).reshape(-1)
-    runs = jnp.repeat(jnp.arange(R, dtype=jnp.int32), m)
-    slots = jnp.tile(jnp.arange(m, dtype=jnp.int32), R)
-    total_m = R * m
+    runs = jnp.repeat(jnp.arange(num_runs, dtype=jnp.int32), m)
+    slots = jnp.tile(jnp.arange(m, dtype=jnp.int32), num_runs)
     nb = len(data.bucket_sizes)
     if nb > 1:
       bk = data.bucket[ids]
@@ -383,39 +516,124 @@ class Engine:
       counts = jnp.zeros((nb,), jnp.int32).at[bk].add(1)
       starts = jnp.cumsum(counts) - counts
     else:
-      counts = jnp.full((1,), total_m, jnp.int32)
+      counts = jnp.full((1,), num_runs * m, jnp.int32)
       starts = jnp.zeros((1,), jnp.int32)
+    return ids, slots, runs, starts, counts
 
-    broadcast = per_run(lambda a, s: a.broadcast(s), states.server)
+  def _aggregator_states(self, runs: _Runs, states, update_spec):
+    """Per-run aggregator states ``[R, ...]`` (leafless ones rebuilt)."""
+    agg = runs.probe_aggregator
+    fresh_spec = jax.eval_shape(lambda: agg.init_state(update_spec))
+    if not _has_leaves(fresh_spec):
+      return runs.map(lambda alg, ag: ag.init_state(update_spec)), False
+    if states.aggregator is None:
+      return runs.map(lambda alg, ag: ag.init_state(update_spec)), True
+    want = jax.tree.structure(fresh_spec)
+    got = jax.tree.structure(jax.tree.map(lambda a: a[0], states.aggregator))
+    if want != got:
+      raise ValueError(f"EngineState.aggregator has structure {got}, but "
+                       f"aggregator {agg.name} keeps {want}; init the state "
+                       "with this engine (engine.init) or set "
+                       "state.replace(aggregator=None) to start it afresh.")
+    return states.aggregator, True
+
+  def _check_aggregator(self, runs: _Runs, update_spec):
+    agg = runs.probe_aggregator
+    if agg.materialized:
+      check_materialized_memory(
+          agg.name, num_slots=self.config.clients_per_round,
+          one_update=update_bytes(update_spec), num_runs=runs.num_runs,
+          num_devices=self.num_devices,
+          device=self.mesh.devices.reshape(-1)[0])
+
+  def _rounds_body(self, states: EngineState, data: DeviceData,
+                   algorithm_fn: Callable[[dict], FederatedAlgorithm] | None
+                   = None, hparams: dict | None = None):
+    """One round of ``R`` independent runs (leading axis ``R`` on ``states``).
+
+    The stages of the module docstring: block plan, sample, blocks (gather,
+    client update, aggregator add), merge and finalize, server update. The
+    runs' sampled clients are pooled into the same size-bucket blocks (a
+    client is a (run, client id) pair that starts from its run's broadcast)
+    and each run adds into its own accumulator. ``R == 1`` is the ordinary
+    round.
+    """
+    self.num_traces += 1
+    R = int(jax.tree.leaves(states.round)[0].shape[0])
+    runs = _Runs(self.algorithm, algorithm_fn, hparams, R)
+    k_sample, k_clients, k_agg = jax.vmap(round_keys)(states.rng, states.round)
+    broadcast = runs.map(lambda a, _, s: a.broadcast(s), states.server)
     one_broadcast = jax.tree.map(lambda a: a[0], broadcast)
-    client_states = states.clients
-    stateful = client_states is not None
-    one_cstates = None if not stateful else jax.tree.map(lambda a: a[0],
-                                                         client_states)
-    sizes = {j: self._block_size(data, j, one_broadcast, one_cstates, R)
-             for j in range(nb)}
-    self.block_sizes = {data.bucket_sizes[j]: b for j, b in sizes.items()}
-    pad = nd * max(sizes.values())
-    zpad = jnp.zeros((pad,), jnp.int32)
-    ids_pad = jnp.concatenate([ids, zpad])
-    slots_pad = jnp.concatenate([slots, zpad])
-    runs_pad = jnp.concatenate([runs, zpad])
+    one_cstates = None if states.clients is None else jax.tree.map(
+        lambda a: a[0], states.clients)
+    plan = self._plan(
+        data, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                           one_broadcast),
+        None if one_cstates is None else jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+            one_cstates), R)
+    sample = self._sorted_sample(k_sample, data, R)
 
-    def one_client(bcast, cstate, cid, slot, run, bucket_size):
-      k = jax.random.fold_in(k_clients[run], slot)
-      k_data, k_train = jax.random.split(k)
-      cdata = gather_client(data, cid, k_data, cfg.local_work, bucket_size,
-                            slot)
-      alg = alg_of({n: v[run] for n, v in hparams.items()}) \
-          if per_run_algs else self.algorithm
-      return alg.client_update(bcast, cstate, cdata, k_train)
-
-    # Output structure (for zero accumulators), from one abstract client.
-    L0 = data.bucket_sizes[0]
-    cs0 = None if not stateful else jax.tree.map(lambda a: a[0], one_cstates)
+    # One client's output shapes (zero accumulators, aggregator state).
+    cs0 = None if one_cstates is None else jax.tree.map(lambda a: a[0],
+                                                        one_cstates)
     out_shape = jax.eval_shape(
-        lambda: one_client(one_broadcast, cs0, jnp.int32(0), jnp.int32(0),
-                           jnp.int32(0), L0))
+        lambda: self._one_client_output(
+            runs.probe, one_broadcast, cs0, data, jnp.int32(0), k_clients[0],
+            jnp.int32(0), data.bucket_sizes[0]))
+    self._check_aggregator(runs, out_shape.update)
+    agg_states, stateful_agg = self._aggregator_states(runs, states,
+                                                       out_shape.update)
+
+    carry = self._init_carry(runs, states, agg_states, out_shape)
+    for j, bucket_size in enumerate(plan.bucket_sizes):
+      step = self._block_step(runs, plan, j, bucket_size, sample, data,
+                              broadcast, one_broadcast, k_clients, agg_states)
+      start, count = sample[3][j], sample[4][j]
+      blk = plan.num_devices * plan.block_sizes[j]
+      carry = jax.lax.fori_loop(0, (count + blk - 1) // blk,
+                                lambda i, c, step=step, start=start,
+                                count=count: step(i, c, start, count), carry)
+
+    output, new_agg_states = self._reduce(runs, carry["acc"], agg_states,
+                                          k_agg)
+    agg = Aggregate(mean=output.mean, total_weight=output.total_weight,
+                    num_clients=jnp.sum(carry["count"], axis=0),
+                    metrics=jax.tree.map(lambda a: a.sum(0),
+                                         carry["metrics"]))
+    server = runs.map(lambda a, _, s, g: a.server_update(s, g), states.server,
+                      agg)
+    new_states = EngineState(
+        server=server, clients=carry["clients"], round=states.round + 1,
+        rng=states.rng,
+        aggregator=new_agg_states if stateful_agg else None)
+    metrics = finalize_metrics(agg)
+    for name, value in output.metrics.items():
+      if name in metrics:
+        raise ValueError(f"aggregator {runs.probe_aggregator.name} reports a "
+                         f"metric {name!r} that the round already reports "
+                         f"({sorted(metrics)}); rename it.")
+      metrics[name] = value
+    return new_states, metrics
+
+  def _per_device(self, tree, R):
+    """A per-run tree ``[R, ...]`` -> ``[nd, R, ...]`` (one copy per device),
+    sharded over devices."""
+    nd = self.num_devices
+    return jax.tree.map(
+        lambda a: self._constrain(jnp.broadcast_to(a, (nd,) + a.shape),
+                                  P(AXIS)), tree)
+
+  def _init_carry(self, runs: _Runs, states, agg_states, out_shape):
+    nd, R = self.num_devices, runs.num_runs
+    m = self.config.clients_per_round
+    spec = out_shape.update
+    if R == 1 and runs.algorithm_fn is None:
+      one = jax.tree.map(lambda a: a[0], agg_states)
+      acc = jax.tree.map(lambda a: a[None],
+                         runs.probe_aggregator.init(one, spec, m))
+    else:
+      acc = runs.map(lambda _, ag, st: ag.init(st, spec, m), agg_states)
 
     def zeros(shape_tree):
       return jax.tree.map(
@@ -424,95 +642,100 @@ class Engine:
                                                                 jnp.integer)
                                               else s.dtype), P(AXIS)),
           shape_tree)
+    return {"acc": self._per_device(acc, R),
+            "count": self._constrain(jnp.zeros((nd, R), jnp.float32), P(AXIS)),
+            "metrics": zeros(out_shape.metrics),
+            "clients": states.clients}
 
-    carry = {
-        "update": zeros(out_shape.update),
-        "weight": zeros(out_shape.weight),
-        "count": self._constrain(jnp.zeros((nd, R), jnp.float32), P(AXIS)),
-        "metrics": zeros(out_shape.metrics),
-        "clients": client_states,
-    }
+  def _block_step(self, runs: _Runs, plan: BlockPlan, j, bucket_size, sample,
+                  data, broadcast, one_broadcast, k_clients, agg_states):
+    """``(i, carry, start, count) -> carry``: block ``i`` of bucket ``j``."""
+    nd, bpd = plan.num_devices, plan.block_sizes[j]
+    blk, R = nd * bpd, runs.num_runs
+    c = data.num_clients
+    ids, slots, run_ids, _, _ = sample
+    zpad = jnp.zeros((plan.pad,), jnp.int32)
+    ids_pad = jnp.concatenate([ids, zpad])
+    slots_pad = jnp.concatenate([slots, zpad])
+    runs_pad = jnp.concatenate([run_ids, zpad])
 
-    for j, L in enumerate(data.bucket_sizes):
-      bpd = sizes[j]
-      blk = nd * bpd
-      start, count = starts[j], counts[j]
-      num_blocks = (count + blk - 1) // blk
+    def one_client(bcast, cstate, cid, slot, run):
+      return self._one_client_output(runs.of_run(run), bcast, cstate, data,
+                                     cid, k_clients[run], slot, bucket_size)
 
-      def body(i, carry, start=start, count=count, blk=blk, bpd=bpd, L=L):
-        lo = start + i * blk
-        valid = lo + jnp.arange(blk) < start + count
-        cid = jnp.where(valid, jax.lax.dynamic_slice(ids_pad, (lo,), (blk,)), 0)
-        slot = jax.lax.dynamic_slice(slots_pad, (lo,), (blk,))
-        run = jax.lax.dynamic_slice(runs_pad, (lo,), (blk,))
-        cid = self._constrain(cid, P(AXIS))
-        valid = self._constrain(valid, P(AXIS))
-        if stateful:
-          cstate = jax.tree.map(
-              lambda a: self._constrain(a[run, cid], P(AXIS)),
-              carry["clients"])
-        else:
-          cstate = None
-        if R == 1:
-          bcast, b_axis = one_broadcast, None
-        else:
-          bcast = jax.tree.map(lambda a: self._constrain(a[run], P(AXIS)),
-                               broadcast)
-          b_axis = 0
-        out = jax.vmap(one_client, in_axes=(b_axis, 0, 0, 0, 0, None))(
-            bcast, cstate, cid, slot, run, L)
-        w = jnp.where(valid, out.weight.astype(jnp.float32), 0.0)
-        onehot = None if R == 1 else (
-            run[:, None] == jnp.arange(R)[None, :]).astype(jnp.float32
-                                                           ).reshape(nd, bpd, R)
+    def step(i, carry, start, count):
+      lo = start + i * blk
+      valid = lo + jnp.arange(blk) < start + count
+      cid = jnp.where(valid, jax.lax.dynamic_slice(ids_pad, (lo,), (blk,)), 0)
+      slot = jax.lax.dynamic_slice(slots_pad, (lo,), (blk,))
+      run = jax.lax.dynamic_slice(runs_pad, (lo,), (blk,))
+      cid = self._constrain(cid, P(AXIS))
+      valid = self._constrain(valid, P(AXIS))
+      stateful = carry["clients"] is not None
+      cstate = None if not stateful else jax.tree.map(
+          lambda a: self._constrain(a[run, cid], P(AXIS)), carry["clients"])
+      if R == 1:
+        bcast, b_axis = one_broadcast, None
+      else:
+        bcast = jax.tree.map(lambda a: self._constrain(a[run], P(AXIS)),
+                             broadcast)
+        b_axis = 0
+      out = jax.vmap(one_client, in_axes=(b_axis, 0, 0, 0, 0))(
+          bcast, cstate, cid, slot, run)
 
-        def per_device_sum(x, scale=None):
-          # [blk, ...] -> [nd, R, ...]: each device's sum per run.
-          v = valid.reshape((blk,) + (1,) * (x.ndim - 1))
-          x = jnp.where(v, x, jnp.zeros((), x.dtype))
-          if scale is not None:
-            x = x * scale.reshape((blk,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-          x = x.reshape((nd, bpd) + x.shape[1:])
-          if jnp.issubdtype(x.dtype, jnp.integer):
-            x = x.astype(jnp.float32)
-          if R == 1:
-            return jnp.sum(x, axis=1)[:, None]
-          return jnp.einsum("dbr,db...->dr...", onehot.astype(x.dtype), x,
-                            precision=jax.lax.Precision.HIGHEST)
+      new = dict(carry)
+      new["acc"] = self._add(runs, carry["acc"], agg_states, out, valid, slot,
+                             run, nd, bpd)
+      new["count"] = carry["count"] + _per_device_sum(
+          valid.astype(jnp.float32), valid, run, nd, bpd, R)
+      new["metrics"] = jax.tree.map(
+          lambda a, v: a + _per_device_sum(v, valid, run, nd, bpd, R),
+          carry["metrics"], out.metrics)
+      if stateful:
+        idx = jnp.where(valid, cid, c)
+        new["clients"] = jax.tree.map(
+            lambda a, s: a.at[run, idx].set(s.astype(a.dtype), mode="drop"),
+            carry["clients"], out.state)
+      return new
+    return step
 
-        new = dict(carry)
-        new["update"] = jax.tree.map(lambda a, u: a + per_device_sum(u, w),
-                                     carry["update"], out.update)
-        new["weight"] = carry["weight"] + per_device_sum(w)
-        new["count"] = carry["count"] + per_device_sum(valid.astype(
-            jnp.float32))
-        new["metrics"] = jax.tree.map(lambda a, v: a + per_device_sum(v),
-                                      carry["metrics"], out.metrics)
-        if stateful:
-          idx = jnp.where(valid, cid, c)
-          new["clients"] = jax.tree.map(
-              lambda a, s: a.at[run, idx].set(s.astype(a.dtype), mode="drop"),
-              carry["clients"], out.state)
-        return new
+  def _add(self, runs: _Runs, acc, agg_states, out, valid, slot, run, nd, bpd):
+    """The aggregator's ``add`` on every device's part of the block (and,
+    pooled, every run's clients of it)."""
+    by_device = lambda x: x.reshape((nd, bpd) + x.shape[1:])
+    updates = jax.tree.map(by_device, out.update)
+    weights = by_device(jnp.asarray(out.weight, jnp.float32).reshape(-1))
+    valid, slot, run = by_device(valid), by_device(slot), by_device(run)
+    if runs.num_runs == 1 and runs.algorithm_fn is None:
+      agg = runs.probe_aggregator
+      st = jax.tree.map(lambda a: a[0], agg_states)
+      a0 = jax.tree.map(lambda a: a[:, 0], acc)
+      new = jax.vmap(lambda a, u, w, v, s: agg.add(st, a, u, w, v, s))(
+          a0, updates, weights, valid, slot)
+      return jax.tree.map(lambda a: a[:, None], new)
 
-      carry = jax.lax.fori_loop(0, num_blocks, body, carry)
+    def per_device(acc_d, u, w, v, s, r):
+      # acc_d [R, ...]: every run adds its own clients of the device's block.
+      def per_run(_, ag, st, a, run_index):
+        return ag.add(st, a, u, w, v & (r == run_index), s)
+      return runs.map(per_run, agg_states, acc_d,
+                      jnp.arange(runs.num_runs, dtype=jnp.int32))
+    return jax.vmap(per_device)(acc, updates, weights, valid, slot, run)
 
-    total = jnp.sum(carry["weight"], axis=0)  # [R]
-    safe = jnp.where(total > 0, total, 1.0)
+  def _reduce(self, runs: _Runs, acc, agg_states, k_agg):
+    """Merge over devices, then finalize every run: ``(AggregatorOutput
+    [R, ...], new aggregator states [R, ...])``."""
+    if runs.num_runs == 1 and runs.algorithm_fn is None:
+      agg = runs.probe_aggregator
+      st = jax.tree.map(lambda a: a[0], agg_states)
+      merged = agg.merge(jax.tree.map(lambda a: a[:, 0], acc))
+      out, new_st = agg.finalize(st, merged, k_agg[0])
+      return jax.tree.map(lambda a: jnp.asarray(a)[None], (out, new_st))
 
-    def mean_of(a):
-      t = total.reshape((R,) + (1,) * (a.ndim - 2))
-      s = safe.reshape(t.shape)
-      return jnp.where(t > 0, a.sum(0) / s, jnp.zeros((), a.dtype))
-    mean = jax.tree.map(mean_of, carry["update"])
-    metric_sums = jax.tree.map(lambda a: a.sum(0), carry["metrics"])
-    agg = Aggregate(mean=mean, total_weight=total,
-                    num_clients=jnp.sum(carry["count"], axis=0),
-                    metrics=metric_sums)
-    server = per_run(lambda a, s, g: a.server_update(s, g), states.server, agg)
-    new_states = EngineState(server=server, clients=carry["clients"],
-                             round=states.round + 1, rng=states.rng)
-    return new_states, finalize_metrics(agg)
+    def per_run(_, ag, a, st, k):
+      return ag.finalize(st, ag.merge(a), k)
+    by_run = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), acc)
+    return runs.map(per_run, by_run, agg_states, k_agg)
 
   def rounds_body(self, states: EngineState, data: DeviceData,
                   algorithm_fn: Callable[[dict], FederatedAlgorithm] | None
@@ -521,11 +744,12 @@ class Engine:
     """One round of ``R`` independent runs as ONE pooled round (traceable).
 
     ``states`` carries a leading run axis ``R`` on every leaf (server,
-    clients, round, rng). Every run samples its own clients with its own rng,
-    exactly as a separate :meth:`round` would; the sampled clients of all
-    runs then share the size-bucket blocks (full blocks instead of ``R``
-    partly filled ones), and aggregation and the server update stay per run.
-    Results equal ``R`` separate rounds up to float summation order.
+    clients, round, rng, aggregator). Every run samples its own clients with
+    its own rng, exactly as a separate :meth:`round` would; the sampled
+    clients of all runs then share the size-bucket blocks (full blocks
+    instead of ``R`` partly filled ones), and aggregation (with each run's
+    own aggregator state) and the server update stay per run. Results equal
+    ``R`` separate rounds up to float summation order.
 
     Args:
       states: ``R`` stacked EngineStates.
@@ -547,6 +771,23 @@ class Engine:
       raise ValueError(f"every state leaf needs the leading run axis of size "
                        f"{r}; got leaves of shape {bad[:3]}.")
     return self._rounds_body(states, data, algorithm_fn, hparams)
+
+
+def _per_device_sum(x, valid, run, nd, bpd, R):
+  """``[blk, ...]`` -> ``[nd, R, ...]``: each device's sum per run of the
+  valid clients (client metrics and counts)."""
+  blk = nd * bpd
+  v = valid.reshape((blk,) + (1,) * (x.ndim - 1))
+  x = jnp.where(v, x, jnp.zeros((), x.dtype))
+  x = x.reshape((nd, bpd) + x.shape[1:])
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    x = x.astype(jnp.float32)
+  if R == 1:
+    return jnp.sum(x, axis=1)[:, None]
+  onehot = (run[:, None] == jnp.arange(R)[None, :]).astype(x.dtype).reshape(
+      nd, bpd, R)
+  return jnp.einsum("dbr,db...->dr...", onehot, x,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def finalize_metrics(agg: Aggregate) -> dict:

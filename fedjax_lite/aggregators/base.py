@@ -1,0 +1,173 @@
+r"""What an aggregator is: a small tuple of pure functions the round calls.
+
+The engine reduces a round's client updates in three stages, all inside the
+one jitted round (``nd`` devices, blocks of ``B`` clients per device)::
+
+    state = aggregator.init_state(update_spec)           # once, kept across rounds
+    acc = aggregator.init(state, update_spec, num_slots) # per device, per run
+    for every block:                                     # inside lax.fori_loop
+      acc = aggregator.add(state, acc, updates[B, ...], weights[B], valid[B],
+                           slots[B])                     # vmapped over devices
+    acc = aggregator.merge(accs[nd, ...])                # one cross-device reduction
+    output, state = aggregator.finalize(state, acc, rng) # noise, medians, ...
+
+``updates`` hold one device's block (``valid == False`` marks padding slots,
+which never count); ``slots`` is each client's position in the round's
+sample (``[0, num_slots)``, unique per run), so materialized aggregators can
+write every client's update into its own row of a ``[num_slots, ...]``
+buffer. Aggregators compose like optax transformations (see
+:func:`fedjax_lite.aggregators.clipped`).
+
+This package sits beside ``algorithms/``: it imports only
+``fedjax_lite.algorithms.base`` (and jax); ``engine/`` imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+class AggregatorOutput(NamedTuple):
+  """The reduced round.
+
+  Attributes:
+    mean: what ``server_update`` receives as ``Aggregate.mean`` (same
+      structure as one client's update).
+    total_weight: float32 scalar, ``Aggregate.total_weight`` (the summed
+      weights of the clients that took part).
+    metrics: name -> float32 scalar, reported in the round's metrics.
+  """
+  mean: PyTree
+  total_weight: jax.Array
+  metrics: dict
+
+
+def _no_state(update_spec):
+  del update_spec
+  return ()
+
+
+class Aggregator(NamedTuple):
+  """How a round reduces its clients' updates (see the module docstring).
+
+  Attributes:
+    init_state: ``update_spec -> state`` kept across rounds (a pytree of
+      arrays, or ``()``); ``update_spec`` is a pytree of
+      ``jax.ShapeDtypeStruct`` of ONE client's update.
+    init: ``(state, update_spec, num_slots) -> acc``: one device's zero
+      accumulator for one run (``num_slots = clients_per_round``).
+    add: ``(state, acc, updates, weights, valid, slots) -> acc`` for one
+      device's block: update leaves ``[B, ...]``, weights float32 ``[B]``,
+      valid bool ``[B]`` (False: padding, must not count), slots int32
+      ``[B]``.
+    merge: accumulators with a leading device axis ``[nd, ...]`` -> one.
+    finalize: ``(state, acc, rng) -> (AggregatorOutput, new_state)``.
+    materialized: True if the accumulator keeps every client's update
+      (``[num_slots, ...]``, memory ``num_slots x update`` per device and
+      run); False for streaming aggregators (memory ``O(update)``).
+    name: for reports and errors.
+  """
+  init_state: Callable[[PyTree], PyTree]
+  init: Callable[[PyTree, PyTree, int], PyTree]
+  add: Callable[..., PyTree]
+  merge: Callable[[PyTree], PyTree]
+  finalize: Callable[..., tuple[AggregatorOutput, PyTree]]
+  materialized: bool = False
+  name: str = "aggregator"
+
+
+# ----------------------------------------------------------------- helpers
+def tree_norm(update: PyTree) -> jax.Array:
+  r"""The L2 norm of a whole update, :math:`\sqrt{\sum_{leaves} \|u\|^2}`.
+
+  Written for ONE update (no client axis); vmap it over clients. Computed in
+  float32 (or the widest leaf dtype) so bfloat16 updates do not overflow.
+  """
+  leaves = jax.tree.leaves(update)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  dtype = jnp.result_type(jnp.float32, *[x.dtype for x in leaves])
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype))) for x in leaves))
+
+
+def clip_by_norm(update: PyTree, clip_norm) -> PyTree:
+  r"""Scales ONE update to L2 norm at most ``clip_norm``.
+
+  .. math:: u \cdot \min\left(1, \frac{C}{\|u\|_2}\right)
+
+  (an all-zero update stays zero).
+  """
+  norm = tree_norm(update)
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  return jax.tree.map(lambda x: x * scale.astype(x.dtype), update)
+
+
+def sum_over_devices(acc: PyTree) -> PyTree:
+  """The usual ``merge``: a sum over the leading device axis."""
+  return jax.tree.map(lambda a: jnp.sum(a, axis=0), acc)
+
+
+def accumulator_dtype(dtype) -> np.dtype:
+  """Floats keep their dtype; integer and bool leaves are summed in float32."""
+  return np.dtype(dtype) if jnp.issubdtype(dtype, jnp.floating) else \
+      np.dtype(jnp.float32)
+
+
+def taking_part(weights: jax.Array, valid: jax.Array) -> jax.Array:
+  """Clients that count: real (not padding) and with positive weight."""
+  return valid & (weights > 0)
+
+
+def expand(x: jax.Array, ndim: int) -> jax.Array:
+  """``[B]`` -> ``[B, 1, ..., 1]`` with ``ndim`` dims (no rank promotion)."""
+  return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def check_float_updates(update_spec: PyTree, name: str) -> None:
+  """Raises if an update leaf is not floating point (trace-time check)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(update_spec)
+  bad = [(jax.tree_util.keystr(p), np.dtype(s.dtype)) for p, s in flat
+         if not jnp.issubdtype(s.dtype, jnp.floating)]
+  if bad:
+    path, dtype = bad[0]
+    raise TypeError(
+        f"aggregator {name} needs floating-point updates, but the client "
+        f"update leaf {path or '<root>'} has dtype {dtype} ({len(bad)} "
+        f"non-float leaves); expected float16/bfloat16/float32/float64. "
+        "Cast the update in client_update, or use weighted_mean().")
+
+
+def update_bytes(update_spec: PyTree) -> int:
+  """Bytes of one client's update."""
+  return int(sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
+                 for s in jax.tree.leaves(update_spec)))
+
+
+def check_positive(value, arg: str, factory: str, allow_zero: bool = False):
+  """A positive (or non-negative) finite Python number, or a traced scalar."""
+  if isinstance(value, jax.core.Tracer):
+    return jnp.asarray(value, jnp.float32)
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{factory}: {arg} must be a number, got "
+                    f"{value!r}.") from None
+  if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    want = "a non-negative" if allow_zero else "a positive"
+    raise ValueError(f"{factory}: {arg} must be {want} finite number, got "
+                     f"{value!r}.")
+  return v
+
+
+def check_int(value, arg: str, factory: str, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+      or value < minimum:
+    raise ValueError(f"{factory}: {arg} must be an int >= {minimum}, got "
+                     f"{value!r}.")
+  return int(value)

@@ -1,0 +1,91 @@
+"""A debug round: the engine's round, one client at a time, without jit.
+
+Like FedJAX's ``for_each_client_backend('debug')``: the clients of a round
+run one by one in a Python loop under ``jax.disable_jit()``, so ``print``,
+``breakpoint()`` and ``jax.debug`` calls inside ``client_update`` see
+concrete values, once per client. Everything else is the jitted round's:
+the same sample (``round_keys``), the same per-client keys
+(``client_keys(k_clients, slot)``), the same data gathering, and the same
+aggregator (``init``/``add``/``merge``/``finalize``, each client added as a
+block of one), so its result equals :meth:`Engine.round` up to float
+summation order. A Python loop over clients is the point here; it is slow.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lite.algorithms.base import Aggregate
+from fedjax_lite.data.batching import DeviceData
+from fedjax_lite.engine.round import (Engine, EngineState, finalize_metrics,
+                                      round_keys)
+
+
+def _to_float(x):
+  x = jnp.asarray(x)
+  return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.integer) else x
+
+
+def debug_round(engine: Engine, state: EngineState, data: DeviceData
+                ) -> tuple[EngineState, dict]:
+  """One round of ``engine``, client by client in Python (no jit).
+
+  Args:
+    engine: the engine (its algorithm, aggregator and round config).
+    state: ONE run's EngineState.
+    data: the device data.
+
+  Returns:
+    ``(new_state, metrics)`` as :meth:`Engine.round` returns them.
+  """
+  engine._check(state, data)  # pylint: disable=protected-access
+  state = engine.init_aggregator_state(state, data)
+  alg, agg = engine.algorithm, engine.aggregator
+  m = engine.config.clients_per_round
+  with jax.disable_jit():
+    k_sample, k_clients, k_agg = round_keys(state.rng, state.round)
+    ids = np.asarray(engine._sample(k_sample, data))  # pylint: disable=protected-access
+    buckets = np.asarray(data.bucket)
+    bcast = alg.broadcast(state.server)
+    clients = state.clients
+    agg_state = state.aggregator
+    acc = spec = None
+    metric_sums, count = None, jnp.zeros((), jnp.float32)
+    for slot, cid in enumerate(ids):
+      cstate = None if clients is None else jax.tree.map(
+          lambda a, cid=cid: a[cid], clients)
+      out = engine._one_client_output(  # pylint: disable=protected-access
+          alg, bcast, cstate, data, jnp.int32(cid), k_clients,
+          jnp.int32(slot), data.bucket_sizes[int(buckets[cid])])
+      if acc is None:
+        spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            jnp.shape(a), jnp.asarray(a).dtype), out.update)
+        if agg_state is None:
+          agg_state = agg.init_state(spec)
+        acc = agg.init(agg_state, spec, m)
+      acc = agg.add(agg_state, acc,
+                    jax.tree.map(lambda u: jnp.asarray(u)[None], out.update),
+                    jnp.asarray(out.weight, jnp.float32).reshape(1),
+                    jnp.ones((1,), bool), jnp.full((1,), slot, jnp.int32))
+      metrics = jax.tree.map(_to_float, out.metrics)
+      metric_sums = metrics if metric_sums is None else jax.tree.map(
+          jnp.add, metric_sums, metrics)
+      count = count + 1.0
+      if clients is not None:
+        clients = jax.tree.map(
+            lambda a, s, cid=cid: a.at[cid].set(jnp.asarray(s).astype(a.dtype)),
+            clients, out.state)
+    merged = agg.merge(jax.tree.map(lambda a: jnp.asarray(a)[None], acc))
+    output, new_agg_state = agg.finalize(agg_state, merged, k_agg)
+    aggregate = Aggregate(mean=output.mean, total_weight=output.total_weight,
+                          num_clients=count, metrics=metric_sums)
+    server = alg.server_update(state.server, aggregate)
+  stateful = bool(jax.tree.leaves(new_agg_state))
+  new_state = EngineState(server=server, clients=clients,
+                          round=state.round + 1, rng=state.rng,
+                          aggregator=new_agg_state if stateful else None)
+  metrics = finalize_metrics(aggregate)
+  metrics.update(output.metrics)
+  return new_state, metrics
