@@ -1,0 +1,306 @@
+"""Robustness table (aggregator x attack x Byzantine fraction) and compression
+table on federated digits (experiments/robustness_digits.py's setting).
+
+Robustness: for every aggregator ONE compiled program runs all its settings
+as pooled runs of one engine round (``Engine.rounds_body``): no attack, and
+each of the six attacks at 10, 20 and 30% Byzantine clients (the attack is
+the traced hyperparameter ``attack_index`` through
+``fedjax_lite.attacks.select_attack``, the fraction the traced
+``byzantine_fraction``; the Byzantine sets are nested). Every run starts from
+the same initial model and engine seed, so runs differ only by the attack.
+
+Compression: FedAvg (weighted mean, no attack) with dense, top-k + error
+feedback, QSGD and EF-sign uplinks, a few client learning rates and seeds
+as pooled runs per compressor, test accuracy after every ``eval_every``
+rounds, and the measured uplink bytes per client per round.
+
+Run::
+
+  python experiments/robustness_benchmark.py                  # both tables
+  python experiments/robustness_benchmark.py --part robustness
+  python experiments/robustness_benchmark.py --part compression
+  python experiments/robustness_benchmark.py --smoke          # seconds, no files
+
+Writes experiments/results/robustness_table.{json,md} + robustness.png and
+compression_table.{json,md} + compression.png (command, machine and date in
+the json); experiments/results/robustness.md discusses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fedjax_lite as fl  # first: applies the fast CPU settings
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import robustness_digits as rd  # noqa: E402  pylint: disable=g-import-not-at-top
+
+RESULTS = HERE / "results"
+FRACTIONS = (0.1, 0.2, 0.3)
+COMPRESSIONS = ("dense", "top_k", "qsgd", "sign_ef")
+
+
+def machine() -> dict:
+  model, avx512 = platform.processor() or "unknown", False
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True,
+                         check=True).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name:"):
+        model = line.split(":", 1)[1].strip()
+      if line.startswith("Flags:"):
+        avx512 = "avx512f" in line.split()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return {"cpu": model, "avx512": avx512, "devices": len(jax.devices()),
+          "jax": jax.__version__, "python": platform.python_version()}
+
+
+def run_settings(config, settings: list[dict], eval_every: int,
+                 seeds: list[int] | None = None) -> dict:
+  """Runs ``settings`` (hparam dicts) as pooled runs of one engine round.
+
+  Returns per-run test accuracy after every ``eval_every`` rounds, the last
+  round's train metrics, and the compile and run times.
+  """
+  exp = rd.build(config)
+  n = len(settings)
+  seeds = seeds or [exp.seed] * n
+  hp = {k: jnp.asarray([s[k] for s in settings], jnp.float32)
+        for k in exp.hparams}
+  engine = fl.Engine(exp.make_algorithm(settings[0]), exp.round_config)
+  data = engine.put_data(exp.train, buckets=1)
+  test = engine.put_data(exp.test, buckets=1)
+  states = []
+  for s, seed in zip(settings, seeds):
+    one = fl.Engine(exp.make_algorithm(s), exp.round_config)
+    states.append(one.init(exp.initial_params(seed), seed=exp.engine_rng(seed),
+                           num_clients=exp.train.num_clients, data=data))
+  states = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+  @jax.jit
+  def chunk(states, hp):
+    def body(s, _):
+      return engine.rounds_body(s, data, exp.algorithm_fn, hp)
+    return jax.lax.scan(body, states, None, length=eval_every)
+
+  def evaluate(p):
+    return fl.evaluate(exp.model, p, test).mean
+  t0 = time.perf_counter()
+  compiled = chunk.lower(states, hp).compile()
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  accs, metrics = [], None
+  for _ in range(exp.num_rounds // eval_every):
+    states, metrics = compiled(states, hp)
+    params = exp.algorithm.get_params(states.server)
+    accs.append([float(evaluate(jax.tree.map(lambda a, i=i: a[i], params))
+                       ["accuracy"]) for i in range(n)])
+  run_s = time.perf_counter() - t0
+  last = {k: np.asarray(v)[-1].tolist() for k, v in metrics.items()}
+  return {"test_accuracy": np.asarray(accs).T.tolist(),   # [run, evals]
+          "train": last, "compile_s": compile_s, "run_s": run_s}
+
+
+# ----------------------------------------------------------------- tables
+def robustness(base, aggregators) -> dict:
+  settings = [{"attack_index": 0.0, "byzantine_fraction": 0.0}] + [
+      {"attack_index": float(i), "byzantine_fraction": f}
+      for i in range(1, len(rd.ATTACKS)) for f in FRACTIONS]
+  out = {}
+  for name in aggregators:
+    cfg = dataclasses.replace(base, aggregator=name, attack="select")
+    full = [{"client_lr": cfg.client_lr, **s} for s in settings]
+    res = run_settings(cfg, full, cfg.num_rounds)
+    final = [a[-1] for a in res["test_accuracy"]]
+    table = {"none": {"0.0": final[0]}}
+    for j, s in enumerate(settings[1:], 1):
+      attack = rd.ATTACKS[int(s["attack_index"])]
+      table.setdefault(attack, {"0.0": final[0]})[
+          str(s["byzantine_fraction"])] = final[j]
+    out[name] = {"final_test_accuracy": table,
+                 "compile_s": res["compile_s"], "run_s": res["run_s"],
+                 "realized_byzantine": res["train"].get("byzantine")}
+    print(f"{name:>18}: compile {res['compile_s']:.0f}s, run "
+          f"{res['run_s']:.0f}s; " + ", ".join(
+              f"{a} {table[a].get('0.2', table[a]['0.0']):.3f}"
+              for a in rd.ATTACKS), flush=True)
+  return out
+
+
+def compression(base, lrs, seeds, eval_every) -> dict:
+  out = {}
+  for name in COMPRESSIONS:
+    cfg = dataclasses.replace(base, compression=name, attack="none",
+                              aggregator="weighted_mean",
+                              byzantine_fraction=0.0)
+    settings = [{"client_lr": lr, "byzantine_fraction": 0.0}
+                for lr in lrs for _ in seeds]
+    run_seeds = [s for _ in lrs for s in seeds]
+    res = run_settings(cfg, settings, eval_every, run_seeds)
+    acc = np.asarray(res["test_accuracy"]).reshape(len(lrs), len(seeds), -1)
+    nbytes = res["train"].get("uplink_bytes")
+    out[name] = {
+        "lrs": list(lrs), "seeds": list(seeds),
+        "eval_rounds": [eval_every * (i + 1) for i in range(acc.shape[2])],
+        "test_accuracy": acc.tolist(),
+        "uplink_bytes": None if nbytes is None else float(np.mean(nbytes)),
+        "compile_s": res["compile_s"], "run_s": res["run_s"]}
+    print(f"{name:>8}: compile {res['compile_s']:.0f}s run {res['run_s']:.0f}s"
+          f" bytes {out[name]['uplink_bytes']} final mean acc per lr "
+          f"{np.round(acc[:, :, -1].mean(1), 4).tolist()}", flush=True)
+  return out
+
+
+# ----------------------------------------------------------------- report
+def _fmt(v):
+  return "" if v is None else f"{100 * v:.1f}"
+
+
+def robustness_md(res: dict) -> str:
+  lines = []
+  for frac in ("0.1", "0.2", "0.3"):
+    lines += [f"\nByzantine fraction {float(frac):.0%} (no attack: the "
+              "first column):\n",
+              "| aggregator | none | " + " | ".join(rd.ATTACKS[1:]) + " |",
+              "|---" * len(rd.ATTACKS) + "|---|"]
+    for agg, r in res.items():
+      t = r["final_test_accuracy"]
+      lines.append(f"| {agg} | {_fmt(t['none']['0.0'])} | " + " | ".join(
+          _fmt(t[a].get(frac)) for a in rd.ATTACKS[1:]) + " |")
+  return "\n".join(lines)
+
+
+def compression_md(res: dict) -> str:
+  dense = res.get("dense", {}).get("uplink_bytes")
+  lines = ["| uplink | bytes / client / round | x smaller | " + " | ".join(
+      f"lr {lr}: acc @ {r}" for lr in next(iter(res.values()))["lrs"]
+      for r in next(iter(res.values()))["eval_rounds"]) + " |"]
+  lines.append("|---" * (3 + len(next(iter(res.values()))["lrs"]) * len(
+      next(iter(res.values()))["eval_rounds"])) + "|")
+  for name, r in res.items():
+    acc = np.asarray(r["test_accuracy"])   # [lr, seed, eval]
+    cells = []
+    for i in range(acc.shape[0]):
+      for j in range(acc.shape[2]):
+        m, s = acc[i, :, j].mean(), acc[i, :, j].std()
+        cells.append(f"{100 * m:.1f} ± {100 * s:.1f}")
+    ratio = f"{dense / r['uplink_bytes']:.1f}" if dense and r[
+        "uplink_bytes"] else ""
+    lines.append(f"| {name} | {r['uplink_bytes']:.0f} | {ratio} | "
+                 + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_robustness(res: dict, path: Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  attacks = rd.ATTACKS[1:]
+  fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3.4),
+                           sharey=True)
+  xs = [0.0, *FRACTIONS]
+  for ax, attack in zip(axes, attacks):
+    for agg, r in res.items():
+      t = r["final_test_accuracy"][attack]
+      ax.plot([100 * x for x in xs], [t[str(x)] for x in xs], marker="o",
+              label=agg)
+    ax.set_title(attack)
+    ax.set_xlabel("Byzantine clients (%)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("final test accuracy")
+  axes[-1].legend(fontsize=7, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_compression(res: dict, path: Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  for name, r in res.items():
+    acc = np.asarray(r["test_accuracy"])
+    best = int(np.argmax(acc[:, :, -1].mean(1)))
+    ax.errorbar(r["eval_rounds"], acc[best].mean(0), acc[best].std(0),
+                marker="o", capsize=3,
+                label=f"{name} (lr {r['lrs'][best]}, "
+                      f"{r['uplink_bytes']:.0f} B)")
+  ax.set_xlabel("round")
+  ax.set_ylabel("test accuracy")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--part", choices=("all", "robustness", "compression"),
+                 default="all")
+  p.add_argument("--aggregators", default=",".join(rd.AGGREGATORS))
+  p.add_argument("--rounds", type=int, default=None,
+                 help="robustness rounds (default: the experiment's)")
+  p.add_argument("--compression-rounds", type=int, default=60)
+  p.add_argument("--compression-eval-every", type=int, default=20)
+  p.add_argument("--lrs", default="0.1,0.3")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny run (20 clients, 2 rounds); writes nothing")
+  args = p.parse_args(argv)
+  base = rd.get_config("smoke" if args.smoke else "")
+  if args.rounds:
+    base = dataclasses.replace(base, num_rounds=args.rounds)
+  started = datetime.datetime.now(datetime.timezone.utc)
+  t0 = time.perf_counter()
+  result = {"command": "python " + " ".join([sys.argv[0], *(argv or
+                                                           sys.argv[1:])]),
+            "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(), "config": dataclasses.asdict(base)}
+  aggregators = args.aggregators.split(",")
+  if args.part in ("all", "robustness"):
+    result["robustness"] = robustness(base, aggregators)
+  if args.part in ("all", "compression"):
+    rounds = 2 if args.smoke else args.compression_rounds
+    every = 1 if args.smoke else args.compression_eval_every
+    cbase = dataclasses.replace(base, num_rounds=rounds)
+    result["compression"] = compression(
+        cbase, [float(x) for x in args.lrs.split(",")],
+        [int(x) for x in args.seeds.split(",")], every)
+  result["total_s"] = time.perf_counter() - t0
+  print(f"total {result['total_s']:.0f}s")
+  if args.smoke:
+    return result
+  RESULTS.mkdir(exist_ok=True)
+  if "robustness" in result:
+    part = {k: v for k, v in result.items() if k != "compression"}
+    (RESULTS / "robustness_table.json").write_text(json.dumps(part, indent=1))
+    (RESULTS / "robustness_table.md").write_text(
+        robustness_md(result["robustness"]) + "\n")
+    plot_robustness(result["robustness"], RESULTS / "robustness.png")
+  if "compression" in result:
+    part = {k: v for k, v in result.items() if k != "robustness"}
+    (RESULTS / "compression_table.json").write_text(json.dumps(part,
+                                                               indent=1))
+    (RESULTS / "compression_table.md").write_text(
+        compression_md(result["compression"]) + "\n")
+    plot_compression(result["compression"], RESULTS / "compression.png")
+  return result
+
+
+if __name__ == "__main__":
+  main()
