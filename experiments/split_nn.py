@@ -82,7 +82,7 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
   aligned, psi = ds.align(seed=cfg.seed)
   train, test = aligned.split(cfg.test_fraction, seed=cfg.seed)
   log = fl.experiment.records.MetricsLog(run_dir) if run_dir else None
-  groups, finals, bytes_per_step = {}, {}, None
+  groups, finals, rms, bytes_per_step = {}, {}, {}, None
   for name, (data, bottoms, top, noise) in variants(cfg, train).items():
     test_v = test
     if len(data.xs) == 1:       # the centralized model sees joined columns
@@ -91,7 +91,7 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
     proc = fv.build_split_nn_process(
         data, bottoms, top, optax.adam(cfg.learning_rate),
         batch_size=cfg.batch_size, grad_noise_std=noise)
-    groups[name], finals[name] = [], []
+    groups[name], finals[name], rms[name] = [], [], []
     for seed in range(cfg.seed, cfg.seed + cfg.num_seeds):
       state, rows = proc.initialize(seed), []
       for epoch in range(1, cfg.num_epochs + 1):
@@ -100,7 +100,8 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
         row = {"round": epoch, "variant": name, "seed": seed,
                "train_loss": m["loss"], "train_accuracy": m["accuracy"],
                "test_loss": ev["loss"], "test_accuracy": ev["accuracy"],
-               "bytes_per_step": m["bytes_per_step"]}
+               "bytes_per_step": m["bytes_per_step"],
+               "cut_grad_rms": m["cut_grad_rms"]}
         rows.append(row)
         if log:
           log.append(row)
@@ -108,6 +109,7 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
         bytes_per_step = m["bytes_per_step"]
       groups[name].append(rows)
       finals[name].append(rows[-1]["test_accuracy"])
+      rms[name].append(float(np.mean([r["cut_grad_rms"] for r in rows])))
   if log:
     log.close()
   summary = {
@@ -117,6 +119,7 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
                             "std": float(np.std(v)), "per_seed": v}
                         for k, v in finals.items()},
       "split_bytes_per_step": bytes_per_step,
+      "mean_cut_grad_rms": {k: float(np.mean(v)) for k, v in rms.items()},
       "config": dataclasses.asdict(cfg)}
   if run_dir:
     fl.experiment.plot_runs(groups, run_dir / "curves.png",

@@ -38,7 +38,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Config:
   num_epochs: int = 100
-  learning_rate: float = 0.5
+  learning_rate: float = 0.15
   l2: float = 1e-3
   batch_size: int = 64
   keep: float = 0.9

@@ -85,7 +85,7 @@ def test_noise_only_on_host_cut_gradients():
   data, bottoms, top = _setup()
   proc = fv.build_split_nn_process(data, bottoms, top, optax.sgd(0.1))
   params = proc.initialize(0).params
-  _, _, exact, nbytes = split_nn.split_grads(bottoms, top, params, data.xs,
+  _, _, exact, stats = split_nn.split_grads(bottoms, top, params, data.xs,
                                              data.y, jax.random.PRNGKey(0))
   _, _, noisy, _ = split_nn.split_grads(bottoms, top, params, data.xs, data.y,
                                         jax.random.PRNGKey(0),
@@ -95,7 +95,8 @@ def test_noise_only_on_host_cut_gradients():
                noisy[0][0])                  # guest's own bottom: exact
   diff = noisy[0][1]["Dense_0"]["kernel"] - exact[0][1]["Dense_0"]["kernel"]
   assert np.abs(diff).max() > 1e-3           # host bottom got noisy delta
-  assert nbytes == 2 * 4 * 24 * 3            # host's h and delta, float32
+  assert stats["cut_bytes"] == 2 * 4 * 24 * 3  # host's h and delta, f32
+  assert float(stats["cut_grad_rms"]) > 0
 
 
 def test_epoch_runs_and_reports_bytes():

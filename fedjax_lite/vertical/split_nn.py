@@ -67,10 +67,12 @@ def forward(bottoms: Sequence[Model], top: Model, params, xs):
 
 def split_grads(bottoms: Sequence[Model], top: Model, params, xs, y, rng,
                 *, guest: int = 0, grad_noise_std: float = 0.0):
-  """The protocol's gradients: ``(loss, logits, grads, cut_bytes)``.
+  """The protocol's gradients: ``(loss, logits, grads, stats)``.
 
-  ``cut_bytes`` counts the float32 activations sent forward and gradients
-  sent back by the hosts (the guest's own cut layer stays local).
+  ``stats["cut_bytes"]`` counts the float32 activations the hosts send forward
+  and the gradients they get back (the guest's own cut layer stays local);
+  ``stats["cut_grad_rms"]`` is the root mean square of the exact cut
+  gradients sent to hosts (the scale to read ``grad_noise_std`` against).
   """
   outs = [jax.vjp(lambda p, m=m, x=x: m.apply(p, {m.input_key: x}), p)
           for m, p, x in zip(bottoms, params[0], xs)]
@@ -83,16 +85,19 @@ def split_grads(bottoms: Sequence[Model], top: Model, params, xs, y, rng,
   (loss, logits), (g_top, deltas) = jax.value_and_grad(
       top_loss, argnums=(0, 1), has_aux=True)(params[1], hs)
   deltas = list(deltas)
-  cut_bytes = 0
+  cut_bytes, sq, count = 0, 0.0, 0
   for k, d in enumerate(deltas):                  # guest -> hosts
     if k == guest:
       continue
     cut_bytes += 2 * 4 * d.size
+    sq, count = sq + jnp.sum(d * d), count + d.size
     if grad_noise_std:
       deltas[k] = d + grad_noise_std * jax.random.normal(
           jax.random.fold_in(rng, k), d.shape, d.dtype)
   g_bottoms = tuple(vjp(d)[0] for (_, vjp), d in zip(outs, deltas))
-  return loss, logits, (g_bottoms, g_top), cut_bytes
+  rms = jnp.sqrt(sq / max(count, 1))
+  return loss, logits, (g_bottoms, g_top), {"cut_bytes": cut_bytes,
+                                            "cut_grad_rms": rms}
 
 
 def make_epoch(bottoms, top, optimizer, num_examples, batch_size, *,
@@ -108,20 +113,22 @@ def make_epoch(bottoms, top, optimizer, num_examples, batch_size, *,
     def body(carry, inp):
       params, opt_state = carry
       t, rows = inp
-      loss, logits, grads, _ = split_grads(
+      loss, logits, grads, stats = split_grads(
           bottoms, top, params, [x[rows] for x in xs], y[rows],
           jax.random.fold_in(noise_key, t), guest=guest,
           grad_noise_std=grad_noise_std)
       updates, opt_state = optimizer.update(grads, opt_state, params)
       acc = jnp.mean((jnp.argmax(logits, -1) == y[rows]).astype(jnp.float32))
-      return (optax.apply_updates(params, updates), opt_state), (loss, acc)
+      return (optax.apply_updates(params, updates), opt_state), (
+          loss, acc, stats["cut_grad_rms"])
 
-    (params, opt_state), (loss, acc) = jax.lax.scan(
+    (params, opt_state), (loss, acc, rms) = jax.lax.scan(
         body, (state.params, state.opt_state),
         (jnp.arange(idx.shape[0]), idx))
     return state.replace(params=params, opt_state=opt_state,
                          epoch=state.epoch + 1), {
-                             "loss": jnp.mean(loss), "accuracy": jnp.mean(acc)}
+                             "loss": jnp.mean(loss), "accuracy": jnp.mean(acc),
+                             "cut_grad_rms": jnp.mean(rms)}
 
   return epoch
 
@@ -129,7 +136,8 @@ def make_epoch(bottoms, top, optimizer, num_examples, batch_size, *,
 class SplitNNProcess:
   """TFF-style SplitNN: ``initialize(seed)`` / ``next(state)`` (one epoch).
 
-  Metrics: mean batch ``loss`` and ``accuracy``, ``seconds``,
+  Metrics: mean batch ``loss`` and ``accuracy``, ``cut_grad_rms`` (mean
+  over steps of the RMS of the exact cut gradients sent to hosts), ``seconds``,
   ``bytes_per_step`` (cut activations + gradients of all hosts, float32) and
   ``bytes`` for the epoch. Build with :func:`build_split_nn_process`.
   """
