@@ -25,7 +25,7 @@ vertical training, so this file has its own ``main()``; it writes
 ``metrics.jsonl`` (the first seed's curve at the first overlap size),
 ``curves.png`` and ``summary.json`` into ``runs/ftl-<timestamp>/``::
 
-  python experiments/ftl.py            # overlaps 30/60/120 x 3 seeds
+  python experiments/ftl.py            # overlaps 30/60/120 x 5 seeds
   python experiments/ftl.py --smoke    # seconds
 """
 
@@ -50,7 +50,7 @@ class Config:
   overlaps: tuple[int, ...] = (30, 60, 120)
   num_source: int = 900
   num_target: int = 897
-  num_seeds: int = 3
+  num_seeds: int = 5
   num_steps: int = 800
   dim: int = 8
   gamma: float = 0.1
