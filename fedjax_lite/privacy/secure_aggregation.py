@@ -235,11 +235,12 @@ def secagg_plus_degree(num_clients: int, dropout_rate: float = 0.1,
     2^{\text{failure\_log2}}` (fewer than ``t`` of a client's holders
     collude with the server when a fraction :math:`\gamma` is corrupt).
 
-  Bell et al. (2020, Sec. 3-4) derive ``k = O(log n)`` from the same two
-  binomial tails (and graph connectivity of the honest survivors, which a
-  random Harary graph of this degree has with overwhelming probability; not
-  re-checked here). Returns the complete graph ``(n - 1, n // 2 + 1)`` when
-  no ``k < n - 1`` qualifies.
+  Bell et al. (2020) show that ``k = O(log n)`` neighbours suffice for
+  both properties w.h.p.; this function applies that idea with exact
+  binomial tails and a union bound (our parameter rule, not the paper's
+  constants). Their further condition, that the honest survivors stay
+  connected in the graph, is not re-checked here. Returns the complete graph
+  ``(n - 1, n // 2 + 1)`` when no ``k < n - 1`` qualifies.
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
   n = int(num_clients)
