@@ -113,9 +113,21 @@ class StopOnSignal:
 
 
 class LoopResult(NamedTuple):
+  """What :func:`run_rounds` returns.
+
+  Attributes:
+    state: the final (or interrupted) state.
+    interrupted: a signal stopped the loop early.
+    signum: that signal.
+    checkpoints: checkpoints written by this call, the first (before any
+      round) and the last (at the end or on a signal) included.
+    checkpoint_seconds: wall time spent writing them.
+  """
   state: Any
   interrupted: bool
   signum: int | None
+  checkpoints: int = 0
+  checkpoint_seconds: float = 0.0
 
 
 # advance(state, t, max_rounds, seconds) -> (state, rows, rounds_done):
@@ -167,14 +179,18 @@ def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
 
+  written = [0, 0.0]
+
   def save(t: int) -> float:
     """Checkpoints round ``t``; returns the seconds it took."""
     tick = time.perf_counter()
+    written[0] += 1
     log.sync()
     ckpt.save_checkpoint(run_dir / CHECKPOINT, state, {
         "round": t, "elapsed": elapsed0 + (tick - t0),
         "num_rows": len(log.rows),
         "time": datetime.datetime.now().isoformat(timespec="seconds")})
+    written[1] += time.perf_counter() - tick
     return time.perf_counter() - tick
 
   t = start
@@ -229,4 +245,4 @@ def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
     bar.close()
     log.close()
   return LoopResult(state, interrupted, stopper.signum if interrupted else
-                    None)
+                    None, written[0], written[1])

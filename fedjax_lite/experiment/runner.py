@@ -281,14 +281,17 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
                    desc=desc or exp.name or exp.algorithm.name,
                    handle_signals=handle_signals)
   if run_dir is not None:
-    finish(run_dir, log.rows, exp, out.interrupted)
+    finish(run_dir, log.rows, exp, out.interrupted,
+           {"checkpoints": out.checkpoints,
+            "checkpoint_seconds": out.checkpoint_seconds})
   return RunResult(run_dir, out.state, list(log.rows), out.interrupted,
                    out.signum, exp.algorithm.get_params)
 
 
 def finish(run_dir: Path, rows: Sequence[dict], exp: Experiment,
-           interrupted: bool) -> None:
-  """Writes ``curves.png`` and ``summary.json`` for the rows so far."""
+           interrupted: bool, extra: dict | None = None) -> None:
+  """Writes ``curves.png`` and ``summary.json`` for the rows so far
+  (``extra``: e.g. checkpoints written and their cost in this session)."""
   title = f"{exp.name or run_dir.name}: {exp.algorithm.name}, {exp.model.name}"
   fig = plots.plot_curves(rows, None, title)
   fig.savefig(run_dir / "curves.png", dpi=110)
@@ -298,7 +301,8 @@ def finish(run_dir: Path, rows: Sequence[dict], exp: Experiment,
              "rounds_done": rows[-1]["round"] if rows else 0,
              "num_rounds": exp.num_rounds, "final": final,
              "median_rounds_per_s": float(np.median(rate)) if rate else None,
-             "wall_time": rows[-1].get("wall_time") if rows else None}
+             "wall_time": rows[-1].get("wall_time") if rows else None,
+             **(extra or {})}
   ckpt.atomic_write_text(run_dir / "summary.json", cfglib.dumps(summary))
 
 
