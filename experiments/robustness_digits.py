@@ -15,6 +15,12 @@ reduces the updates with ``aggregator``; clients may compress their uplink
   python -m fedjax_lite sweep experiments/robustness_digits.py \\
       --grid byzantine_fraction=0.1,0.2,0.3
 
+Attacks (fedjax_lite.attacks): ``sign_flip`` sends ``-4 Delta``; ``scaling``
+trains on flipped labels and boosts that update tenfold (explicit boosting,
+Bhagoji et al. 2019; ``--set scaling_poison=false`` boosts the honest
+update instead); ``gaussian`` sends ``N(0, 1)`` noise; ``label_flip`` trains
+on ``y -> 9 - y``; ``alie`` and ``ipm`` (epsilon 0.5) are omniscient.
+
 ``attack="select"`` makes the attack the sweepable hyperparameter
 ``attack_index`` (an index into ATTACKS), so one compiled round covers every
 attack (``--grid attack_index=0,1,2,3,4,5,6``); experiments/
@@ -54,7 +60,9 @@ class Config:
   topk_density: float = 0.1
   qsgd_levels: int = 16
   # Attack strengths.
-  scale_factor: float = 10.0         # scaling: Delta -> 10 Delta
+  sign_flip_scale: float = 4.0       # sign_flip: Delta -> -4 Delta
+  scale_factor: float = 10.0         # scaling: Delta -> 10 Delta, trained
+  scaling_poison: bool = True        # on flipped labels (boosted poison)
   gaussian_std: float = 1.0          # gaussian: Delta -> N(0, 1)
   ipm_epsilon: float = 0.5
   # Aggregator parameters (f: the Byzantine count tolerated, per round).
@@ -116,8 +124,12 @@ def make_attack(config: Config, name: str) -> attacks.Attack:
   if name == "none":
     return attacks.no_attack()
   if name == "sign_flip":
-    return attacks.sign_flip()
+    return attacks.sign_flip(config.sign_flip_scale)
   if name == "scaling":
+    if config.scaling_poison:   # boosted label-flip update (Bhagoji et al.)
+      return attacks.combine(attacks.label_flip(10),
+                             attacks.scaling(config.scale_factor),
+                             name="scaling")
     return attacks.scaling(config.scale_factor)
   if name == "gaussian":
     return attacks.gaussian(config.gaussian_std)

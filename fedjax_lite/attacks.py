@@ -266,6 +266,41 @@ def no_attack() -> Attack:
   return Attack(name="none")
 
 
+def combine(*attacks: Attack, name: str | None = None) -> Attack:
+  r"""Several attacks at once, in order: their data poisonings, then their
+  update forgeries, then their aggregation-time hooks.
+
+  E.g. ``combine(label_flip(10), scaling(10))`` trains on flipped labels and
+  boosts the poisoned update tenfold so it survives averaging: the explicit
+  boosting of Bhagoji et al. 2019 ("Analyzing Federated Learning through an
+  Adversarial Lens", arXiv:1811.12470) with an untargeted objective.
+  """
+  if not attacks or not all(isinstance(a, Attack) for a in attacks):
+    raise TypeError(f"combine takes Attack arguments, got {attacks!r}.")
+
+  def chain(hook):
+    fns = [getattr(a, hook) for a in attacks if getattr(a, hook) is not None]
+    if not fns:
+      return None
+    if hook == "poison_data":
+      def run_data(data):
+        for f in fns:
+          data = f(data)
+        return data
+      return run_data
+
+    def run(x, *rest):
+      for f in fns:
+        x = f(x, *rest)
+      return x
+    return run
+
+  return Attack(name=name or "+".join(a.name for a in attacks),
+                poison_data=chain("poison_data"),
+                poison_update=chain("poison_update"),
+                byzantine_update=chain("byzantine_update"))
+
+
 def select_attack(index, attacks) -> Attack:
   r"""Attack number ``index`` of ``attacks``, with ``index`` possibly traced.
 

@@ -358,3 +358,19 @@ def test_select_attack_at_aggregation_time():
                              rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="index"):
     attacks.select_attack(3, choice)
+
+
+def test_combine_boosts_a_label_flipped_update():
+  base = fl.fed_avg(MODEL, optax.sgd(LR))
+  p0 = init_params()
+  data, rng = one_client(0)                 # Byzantine
+  boosted = attacks.with_attack(
+      base, attacks.combine(attacks.label_flip(K), attacks.scaling(3.0)), BYZ)
+  flipped = attacks.with_attack(base, attacks.label_flip(K), BYZ)
+  got = boosted.client_update(p0, None, data, rng).update
+  want = flipped.client_update(p0, None, data, rng).update
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 3.0 * b, rtol=1e-6),
+               got, want)
+  assert attacks.combine(attacks.alie(), name="x").byzantine_update is not None
+  with pytest.raises(TypeError, match="Attack"):
+    attacks.combine("alie")
