@@ -20,6 +20,7 @@ import dataclasses
 
 import fedjax_lite as fl  # first: applies the fast CPU settings
 import fedjax_lite.experiment  # noqa: F401  (fl.experiment)
+import jax
 import numpy as np
 import optax
 
@@ -93,4 +94,7 @@ def build(config: Config) -> fl.experiment.Experiment:
           fl.LocalWork(batch_size=config.batch_size,
                        num_epochs=config.num_epochs), sampling="all"),
       num_rounds=config.fedma_rounds * stages, eval_every=stages,
-      seed=config.seed)
+      seed=config.seed,
+      # The matching runs on the host inside the round: one device (see
+      # fedjax_lite.hetero.fed_ma).
+      mesh=fl.engine.default_mesh(jax.devices()[:1]))

@@ -43,7 +43,11 @@ the engine's mean times the total weight is the stacked neurons; the server
 update then runs the Hungarian matching on the host through
 ``jax.pure_callback`` (the one inherently host-side, per-client step). The
 round must sample every client in the same slot each stage:
-``RoundConfig(num_clients, sampling="all")``.
+``RoundConfig(num_clients, sampling="all")``. Run the engine on a ONE-device
+mesh (``fl.engine.default_mesh(jax.devices()[:1])``; :class:`FedMAProcess`
+does): on a multi-device CPU mesh the other devices wait in a collective
+while device 0 runs the host callback, and XLA's CPU runtime can deadlock
+there and abort the process after 40 s (observed with 2 devices).
 
 Communication per client and FedMA round: up, every layer once (its neurons
 at stage ``l``); down, every matched global layer once plus its assignment.
@@ -65,7 +69,8 @@ import optax
 from fedjax_lite.algorithms.base import ClientOutput, FederatedAlgorithm
 from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.data.batching import LocalWork
-from fedjax_lite.engine.round import Engine, EngineState, RoundConfig
+from fedjax_lite.engine.round import (Engine, EngineState, RoundConfig,
+                                     default_mesh)
 from fedjax_lite.hetero import layers as L
 from fedjax_lite.hetero import matching
 from fedjax_lite.models.core import Model
@@ -558,6 +563,8 @@ class FedMAProcess:
     self.algorithm = algorithm
     self.num_clients = num_clients
     self.stages = stages_per_round(model)
+    if mesh is None:  # the host matching inside the round: one device
+      mesh = default_mesh(jax.devices()[:1])
     self.engine = Engine(algorithm, RoundConfig(
         num_clients, local_work, sampling="all", block_size=block_size),
                          mesh)
@@ -620,7 +627,8 @@ def build_fed_ma_process(
     client_widths: int ``[J, L]`` hidden widths of every client.
     local_epochs, batch_size, num_local_steps: local training per stage.
     noise_var, prior_var, gamma, num_iters, seed: BBP-MAP settings.
-    block_size, mesh: engine settings.
+    block_size, mesh: engine settings; the default mesh is the first
+      device only (see the module docstring).
   """
   if not callable(client_optimizer_fn):
     raise TypeError("client_optimizer_fn must be a no-argument function "
