@@ -73,7 +73,7 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
   for epoch in range(1, cfg.num_epochs + 1):
     state, m = proc.next(state)
     ev = proc.evaluate(state, test)
-    row = {"round": epoch, "train_loss": m["loss"],
+    row = {"round": epoch, "train_loss": m["loss"], "seconds": m["seconds"],
            "test_loss": ev["taylor_loss"], "test_accuracy": ev["accuracy"],
            "test_logistic_loss": ev["loss"]}
     rows.append(row)
@@ -97,6 +97,11 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
               "party_sizes": [p.num_examples for p in ds.parties]},
       "train_rows": train.num_examples, "test_rows": test.num_examples,
       "final": rows[-1],
+      # The first epoch includes compiling.
+      "plaintext_seconds_per_epoch": float(np.median(
+          [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]])),
+      "plaintext_bytes_per_epoch": {k: v for k, v in m.items()
+                                    if k.startswith("bytes_")},
       "sklearn_central_test_accuracy": float(central.score(test.joined(),
                                                            test.y)),
       "paillier": {"key_bits": cfg.key_bits, "epochs": enc_rows,

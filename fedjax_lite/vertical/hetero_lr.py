@@ -172,9 +172,9 @@ def encrypted_epoch(state: HeteroLRState, xs: Sequence[np.ndarray],
     plain_d = _pl.encode(pk, 0.25 * zg - 0.5 * yb)
     enc_d = _pl.rerandomize([e * 0.25 + p for e, p in zip(enc_zh, plain_d)])
     sent["guest"] += bsz * ct
-    coef = _pl.encode(pk, 0.25 * zg - 0.5 * yb)   # of z_h in the loss
+    # Loss terms with z_h: z_h^2 / 8 + z_h (z_g / 4 - y / 2).
     enc_loss = _pl.total([e2 * 0.125 + _pl.mul(e, c) for e2, e, c in
-                          zip(enc_zh2, enc_zh, coef)])
+                          zip(enc_zh2, enc_zh, plain_d)])
     plain_loss = float(np.sum(LOG2 - 0.5 * yb * zg + 0.125 * zg * zg))
     # 3. Gradients through the arbiter, masked.
     enc_gg = _pl.matvec_t(enc_d, xg) + [_pl.total(enc_d)]
@@ -204,7 +204,7 @@ def encrypted_epoch(state: HeteroLRState, xs: Sequence[np.ndarray],
 
 
 def plaintext_bytes_per_epoch(num_examples: int, batch_size: int | None,
-                              feature_dims: Sequence[int], guest: int) -> dict:
+                              feature_dims: Sequence[int]) -> dict:
   """Bytes the same messages would take as float32, without encryption:
   hosts send ``z_k`` (4B each), the guest sends ``d`` to every host."""
   bs = num_examples if batch_size is None or batch_size >= num_examples else (
@@ -265,7 +265,7 @@ class VerticalLRProcess:
       return state, {"loss": loss, "seconds": time.perf_counter() - t0,
                      **plaintext_bytes_per_epoch(
                          self.train.num_examples, self.batch_size,
-                         self.train.feature_dims, self.train.guest)}
+                         self.train.feature_dims)}
     if self._keys is None:
       self._keys = _pl.keypair(self.key_bits)   # the arbiter's key pair
     return encrypted_epoch(
