@@ -14,13 +14,20 @@ from fedjax_lite import runtime as _runtime
 _runtime.auto_configure()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedjax_lite import aggregators
 from fedjax_lite import algorithms
+from fedjax_lite import attacks
+from fedjax_lite import checks
+from fedjax_lite import compression
 from fedjax_lite import data
 from fedjax_lite import datasets
 from fedjax_lite import engine
 from fedjax_lite import experiment
+from fedjax_lite import hetero
 from fedjax_lite import learning
 from fedjax_lite import models
+from fedjax_lite import privacy
+from fedjax_lite import vertical
 from fedjax_lite.algorithms import (Aggregate, ClientOutput,
                                     FederatedAlgorithm, fed_avg)
 from fedjax_lite.data import (ClientData, DeviceData, FederatedDataset,

@@ -335,6 +335,37 @@ def test_pooled_and_lockstep_sweeps_agree(tiny_file):
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "lockstep"])
+def test_sweep_carries_a_stateful_aggregator_like_separate_runs(tiny_file,
+                                                                pooled):
+  """An adaptive clip norm (aggregator state) evolves in a sweep exactly as
+  in separate runs of each seed."""
+  ef = fe.load_experiment_file(str(tiny_file))
+  base = ef.build(fe.apply_overrides(ef.get_config(), ["eval_every=0"]))
+  aggregator = fl.aggregators.clipped(fl.aggregators.weighted_mean(), 0.05,
+                                      adaptive=True)
+  exp = dataclasses.replace(
+      base, algorithm=base.algorithm._replace(aggregator=aggregator),
+      algorithm_fn=None, hparams={})
+  engine = fl.Engine(exp.algorithm, exp.round_config)
+  data = engine.put_data(exp.train)
+  vm = fe.VmappedRounds(exp, [3, 4], None, 3, pooled=pooled)
+  state, metrics = vm.run(vm.init(data), data, 3)
+  got = vm.engine_states(state)
+  for i, seed in enumerate((3, 4)):
+    one = fe.init_state(exp, engine, seed, data)
+    for _ in range(3):
+      one, m = engine.round(one, data)
+    chex.assert_trees_all_close(jax.device_get(jax.tree.map(
+        lambda a, i=i: a[i], got.aggregator)), jax.device_get(one.aggregator),
+                                rtol=1e-5)
+    chex.assert_trees_all_close(
+        jax.device_get(jax.tree.map(lambda a, i=i: a[i], got.server.params)),
+        jax.device_get(one.server.params), rtol=1e-5, atol=1e-6)
+  # The clip norm moved from its start.
+  assert not np.allclose(jax.tree.leaves(got.aggregator)[0], 0.05)
+
+
 def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
   """Grid points whose client weights differ are averaged separately."""
   sizes = [3, 6, 4, 6, 3, 5]

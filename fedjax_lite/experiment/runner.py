@@ -145,11 +145,12 @@ def engine_for(exp: Experiment) -> Engine:
   return hit[2]
 
 
-def init_state(exp: Experiment, engine: Engine, seed: int | None = None
-               ) -> EngineState:
-  """The experiment's initial EngineState for ``seed`` (default its own)."""
+def init_state(exp: Experiment, engine: Engine, seed: int | None = None,
+               data=None) -> EngineState:
+  """The experiment's initial EngineState for ``seed`` (default its own);
+  ``data`` (device data) lets a stateful aggregator size its state."""
   return engine.init(exp.initial_params(seed), seed=exp.engine_rng(seed),
-                     num_clients=exp.train.num_clients)
+                     num_clients=exp.train.num_clients, data=data)
 
 
 class Evaluator:

@@ -158,23 +158,37 @@ class VmappedRounds:
     self.block_sizes = dict(engine.block_sizes)
     return out
 
-  def _rounds_of_all(self, h, server, clients, rnd, rng, data):
+  def _rounds_of_all(self, h, carry, rnd, rng, data):
+    # carry = (server, clients, aggregator), leaves [num_seeds, num_grid, ...]
     if self.pooled:
-      return self._pooled_rounds(h, server, clients, rnd, rng, data)
+      return self._pooled_rounds(h, carry, rnd, rng, data)
 
-    def inner(h1, server1, clients1, rng1):
-      s, m = self._one_round(h1, EngineState(server1, clients1, rnd, rng1),
-                             data)
-      return (s.server, s.clients), m
-    grid_axis = jax.vmap(inner, in_axes=(0, 0, 0, None))
-    return jax.vmap(grid_axis, in_axes=(None, 0, 0, 0))(h, server, clients,
-                                                         rng)
+    def inner(h1, carry1, rng1):
+      s, m = self._one_round(h1, EngineState(*carry1[:2], rnd, rng1,
+                                             carry1[2]), data)
+      return (s.server, s.clients, s.aggregator), m
+    grid_axis = jax.vmap(inner, in_axes=(0, 0, None))
+    return jax.vmap(grid_axis, in_axes=(None, 0, 0))(h, carry, rng)
 
-  def _pooled_rounds(self, h, server, clients, rnd, rng, data):
-    # Every seed is a run of ONE pooled engine round; its grid points are
-    # one algorithm whose clients train all grid points' models on the data
-    # gathered once (grid_algorithm).
+  def _pooled_rounds(self, h, carry, rnd, rng, data):
+    # Every seed is a run of ONE pooled engine round. One grid point: the
+    # experiment's algorithm itself (any aggregator). Several: one algorithm
+    # whose clients train all grid points' models on the data gathered once
+    # (grid_algorithm; weighted mean only).
     ns, ng = len(self.seeds), len(self.points)
+    server, clients, agg = carry
+    if ng == 1:
+      point = jax.tree.map(lambda a: a[0], h)
+      one = lambda t: jax.tree.map(lambda a: a[:, 0], t)
+      states = EngineState(one(server), one(clients),
+                           jnp.full((ns,), rnd, jnp.int32), rng, one(agg))
+      engine = Engine(self.exp.make_algorithm(point), self.round_config,
+                      self.mesh)
+      new, m = engine.rounds_body(states, data)
+      self.block_sizes = dict(engine.block_sizes)
+      grid = lambda t: jax.tree.map(lambda a: a[:, None], t)
+      return (grid(new.server), grid(new.clients), grid(new.aggregator)), \
+          grid(m)
     states = EngineState(server, _swap_client_axes(clients),
                          jnp.full((ns,), rnd, jnp.int32), rng)
     engine = Engine(grid_algorithm(self.exp.make_algorithm, h, ng),
@@ -184,38 +198,42 @@ class VmappedRounds:
     m = dict(m)
     m["num_clients"] = jnp.repeat(m["num_clients"][:, None], ng, axis=1)
     m["total_weight"] = m.pop(GRID_WEIGHT) * m["num_clients"]
-    return (new.server, _swap_client_axes(new.clients)), m
+    return (new.server, _swap_client_axes(new.clients), None), m
 
   def _run_body(self, h, state, data, num_rounds):
     # A dynamic trip count (fori_loop) and a [max_rounds] metrics buffer: one
     # compiled program serves every chunk length up to max_rounds.
     self.num_traces += 1
+    start = (state.server, state.clients, state.aggregator)
     shape = jax.eval_shape(
-        lambda: self._rounds_of_all(h, state.server, state.clients,
-                                    state.round, state.rng, data)[1])
+        lambda: self._rounds_of_all(h, start, state.round, state.rng,
+                                    data)[1])
     buf = jax.tree.map(lambda d: jnp.zeros((self.max_rounds,) + d.shape,
                                            d.dtype), shape)
 
-    def body(i, carry):
-      server, clients, buf = carry
-      (server, clients), m = self._rounds_of_all(
-          h, server, clients, state.round + i, state.rng, data)
+    def body(i, loop_carry):
+      carry, buf = loop_carry
+      carry, m = self._rounds_of_all(h, carry, state.round + i, state.rng,
+                                     data)
       buf = jax.tree.map(lambda b, v: b.at[i].set(v), buf, m)
-      return server, clients, buf
-    server, clients, buf = jax.lax.fori_loop(
-        0, num_rounds, body, (state.server, state.clients, buf))
-    return EngineState(server, clients, state.round + num_rounds,
-                       state.rng), buf
+      return carry, buf
+    (server, clients, agg), buf = jax.lax.fori_loop(0, num_rounds, body,
+                                                    (start, buf))
+    return EngineState(server, clients, state.round + num_rounds, state.rng,
+                       agg), buf
 
-  def init(self) -> EngineState:
-    """The stacked initial state (see the class docstring for the layout)."""
+  def init(self, data=None) -> EngineState:
+    """The stacked initial state (see the class docstring for the layout).
+
+    ``data`` (the device data) lets stateful aggregators size their state.
+    """
     per_seed = []
     for seed in self.seeds:
       row = []
       for point in self.points:
         engine = Engine(self.exp.make_algorithm(point), self.round_config,
                         self.mesh)
-        row.append(jax.device_get(init_state(self.exp, engine, seed)))
+        row.append(jax.device_get(init_state(self.exp, engine, seed, data)))
       per_seed.append(row)
     first = per_seed[0][0]
     if any(jax.tree.structure(s) != jax.tree.structure(first)
@@ -232,7 +250,8 @@ class VmappedRounds:
                        clients=stack2(lambda s: s.clients),
                        round=jnp.asarray(first.round),
                        rng=jnp.asarray(np.stack([row[0].rng for row in
-                                                 per_seed])))
+                                                 per_seed])),
+                       aggregator=stack2(lambda s: s.aggregator))
 
   def run(self, state: EngineState, data, num_rounds: int):
     """``num_rounds`` (<= max_rounds_per_call) rounds of every setting.
@@ -263,4 +282,4 @@ class VmappedRounds:
     return EngineState(server=self.flat(state.server),
                        clients=self.flat(state.clients),
                        round=jnp.full((len(self.settings),), state.round),
-                       rng=rng)
+                       rng=rng, aggregator=self.flat(state.aggregator))
