@@ -962,21 +962,16 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
         self.drops[r] = dropped_clients(self.m, dropout_rate, r, seed)
       return self.rounds[r]
 
-    def client_material(self, r, slots):
-      slots = np.asarray(slots)
-      lead = slots.shape[:-1]
-      rs = np.broadcast_to(np.asarray(r), lead)
-      sw = np.zeros(slots.shape + (2,), np.uint32)
-      pw = np.zeros(slots.shape + (self.degree, 2), np.uint32)
-      sg = np.zeros(slots.shape + (self.degree,), np.int32)
-      dr = np.zeros(slots.shape, bool)
-      for i in np.ndindex(lead):
-        rr = int(rs[i])
-        proto = self.round(rr)
-        s = np.clip(slots[i], 0, self.m - 1)
-        sw[i], pw[i], sg[i] = proto.client_masks(s)
-        dr[i] = self.drops[rr][s]
-      return sw, pw, sg, dr
+    def client_material(self, r):
+      """Every client's mask seeds and dropout flag for round(s) ``r``."""
+      r = np.asarray(r)
+      out = ([], [], [], [])
+      for i in np.ndindex(r.shape):
+        proto = self.round(int(r[i]))
+        for lst, v in zip(out, proto.client_masks() + (
+            self.drops[int(r[i])],)):
+          lst.append(v)
+      return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
 
     def server_material(self, r, arrived):
       r, arrived = np.asarray(r), np.asarray(arrived)
@@ -1042,14 +1037,16 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
     bounded = jax.vmap(lambda u: clip_by_norm(u, clip_norm))(updates)
     flat = jax.vmap(lambda u: ravel_pytree(u)[0])(bounded)      # [B, d]
     q = quantize(flat, clip_norm, bits_per_value)
-    B, k = slots.shape[0], host.degree
-    shapes = (jax.ShapeDtypeStruct((B, 2), jnp.uint32),
-              jax.ShapeDtypeStruct((B, k, 2), jnp.uint32),
-              jax.ShapeDtypeStruct((B, k), jnp.int32),
-              jax.ShapeDtypeStruct((B,), jnp.bool_))
-    sw, pw, sg, dropped = jax.pure_callback(
-        host.client_material, shapes, state["round"], slots,
-        vmap_method="broadcast_all")
+    m, k = host.m, host.degree
+    shapes = (jax.ShapeDtypeStruct((m, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((m, k, 2), jnp.uint32),
+              jax.ShapeDtypeStruct((m, k), jnp.int32),
+              jax.ShapeDtypeStruct((m,), jnp.bool_))
+    # The round's seeds (the host runs AdvertiseKeys/ShareKeys once per
+    # round); each client of the block uses only its own row.
+    material = jax.pure_callback(host.client_material, shapes,
+                                 state["round"], vmap_method="broadcast_all")
+    sw, pw, sg, dropped = (a[jnp.clip(slots, 0, m - 1)] for a in material)
     y = mask_inputs(q, sw, pw, sg, host.b)
     sends = taking_part(weights, valid) & ~dropped
     y = jnp.where(sends[:, None], y, jnp.zeros((), jnp.uint32))
