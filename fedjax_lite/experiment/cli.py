@@ -20,7 +20,8 @@ import sys
 from typing import Sequence
 
 from fedjax_lite.experiment.config import (ConfigError, describe_config,
-                                           load_experiment_file)
+                                           load_experiment_file,
+                                           parse_overrides)
 
 EPILOG_RUN = """\
 Experiment files define get_config(arg="") -> frozen dataclass and
@@ -167,25 +168,20 @@ def parse_seeds(text: str) -> int | list[int]:
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[float]]:
   """``["client_lr=0.01,0.1"]`` -> ``{"client_lr": [0.01, 0.1]}``."""
-  grid: dict = {}
   for item in items:
-    name, sep, values = item.partition("=")
-    name = name.strip()
-    if not sep or not name:
+    if not item.partition("=")[0].strip() or "=" not in item:
       raise ConfigError(f"--grid {item!r} is not NAME=V1,V2,... "
-                               "(e.g. --grid client_lr=0.01,0.03,0.1).")
-    if name in grid:
-      raise ConfigError(f"--grid names {name!r} twice.")
+                        "(e.g. --grid client_lr=0.01,0.03,0.1).")
+  grid: dict = {}
+  for name, values in parse_overrides(items).items():
     try:
       grid[name] = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
       raise ConfigError(f"--grid {name}: expected comma-separated "
-                               f"numbers, got {values!r}.") from None
+                        f"numbers, got {values!r}.") from None
     if not grid[name]:
       raise ConfigError(f"--grid {name}= has no values.")
   return grid
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

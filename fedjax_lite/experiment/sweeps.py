@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite.engine.round import EngineState
