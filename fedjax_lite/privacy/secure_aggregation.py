@@ -836,13 +836,17 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
   block (mask expansion and the modular sum on device) and adds the block's
   masked inputs mod :math:`2^{32}`; ``merge`` sums devices; ``finalize``
   removes the masks. The per-client host steps run through
-  ``jax.pure_callback``: ``add`` asks the host for its clients' mask seeds
-  (AdvertiseKeys and ShareKeys run once per round, on the first request,
-  keyed by ``(seed, round)``), ``finalize`` runs the server's Unmasking round
-  for the clients whose masked input arrived. The aggregator state is the
-  round counter (int32). Client ``u`` of a round is its slot in the round's
-  sample; its keys are fresh every round. The same seed gives the same keys
-  to every run of a pooled sweep (reproducible, not independent).
+  ``jax.pure_callback``: ``add`` fetches the round's table of mask seeds
+  (``[m, k]`` pairwise + ``[m]`` self seeds; AdvertiseKeys and ShareKeys run
+  on the host once per round, on the first request, keyed by
+  ``(seed, round)``) and each client of the block uses only its own row;
+  ``finalize`` runs the server's Unmasking round for the clients whose
+  masked input arrived. The aggregator state is the round counter (int32).
+  Client ``u`` of a round is its slot in the round's sample; its keys are
+  fresh every round. The same seed gives the same keys to every run of a
+  pooled sweep (reproducible, not independent). Host work per round: the
+  key agreements and Shamir splits of all ``m`` clients (``O(m k)`` X25519,
+  ``O(m k t)`` field operations), see ``experiments/secagg_benchmark.py``.
 
   Dropouts: a fraction ``dropout_rate`` of each round's clients (chosen on the
   host from ``(seed, round)``) drops after masking: their masked input never
