@@ -357,3 +357,14 @@ def test_secure_fed_avg_round_in_the_engine(rng, one_device_mesh):
   assert float(metrics["secagg_dropped"]) == 2
   assert float(metrics["secagg_degree"]) == 4
   assert float(metrics["secagg_client_bytes_sent"]) > 0
+
+
+def test_aggregator_refuses_below_threshold(rng):
+  """Inside the (traced) aggregator the refusal surfaces as the round's
+  error, with the protocol's message; nothing is unmasked."""
+  agg = sa.secure_aggregator(CLIP, bits_per_value=BPV, dropout_rate=0.5,
+                             seed=7)           # 8 of 16 survive, t = 9
+  with pytest.raises(Exception, match=r"refuses to unmask: 8 of 16 clients "
+                     r"survived.*threshold t=9.*No shares were revealed"):
+    out, _ = _run_aggregator(agg, clipped_updates(rng), np.ones(N))
+    jax.block_until_ready(out.mean)
