@@ -367,6 +367,16 @@ def client_host_work(u: int, enc_key: X25519PrivateKey,
   for j, (c_pub, s_pub) in enumerate(neighbor_public):
     seeds[j] = seed_words(pairwise_seed(mask_key, s_pub, round_index))
     aeads.append(_encryption_key(enc_key, c_pub, round_index))
+  ciphertexts, own = _share_keys(u, mask_key, self_seed, neighbors, aeads,
+                                 threshold, randbits)
+  return seeds, ciphertexts, own
+
+
+def _share_keys(u, mask_key, self_seed, neighbors, aeads, threshold,
+                randbits):
+  """ShareKeys for client ``u``: Shamir-splits ``(s_u^SK, b_u)`` among
+  itself (point ``u + 1``) and its neighbours, encrypts each neighbour's
+  share; returns ``({v: ciphertext}, own share)``."""
   holders = [u] + [int(v) for v in neighbors]
   secret = shamir.bytes_to_elements(mask_key.private_bytes_raw()) + \
       shamir.bytes_to_elements(self_seed)
@@ -377,7 +387,7 @@ def client_host_work(u: int, enc_key: X25519PrivateKey,
     ciphertexts[h] = _nonce(u, h) + aead.encrypt(
         _nonce(u, h), _encode_shares(u, h, share[:_SK_ELEMS],
                                      share[_SK_ELEMS:]), None)
-  return seeds, ciphertexts, (shares[0][:_SK_ELEMS], shares[0][_SK_ELEMS:])
+  return ciphertexts, (shares[0][:_SK_ELEMS], shares[0][_SK_ELEMS:])
 
 
 class _Client:
@@ -476,7 +486,6 @@ class SecAggRound:
                            -1).astype(np.int32)
     col = [{int(v): j for j, v in enumerate(self.neighbors[u])}
            for u in range(n)]
-    self._col = col
     for u, cu in enumerate(self._clients):
       for j, v in enumerate(self.neighbors[u]):
         v = int(v)
@@ -493,17 +502,11 @@ class SecAggRound:
     # 1 ShareKeys: Shamir shares of s_u^SK and b_u, encrypted per holder.
     self.ciphertexts_routed = 0
     for u, cu in enumerate(self._clients):
-      holders = [u] + [int(v) for v in self.neighbors[u]]
-      secret = shamir.bytes_to_elements(
-          cu.mask_key.private_bytes_raw()) + shamir.bytes_to_elements(
-              cu.self_seed)
-      shares = shamir.split(secret, self.threshold,
-                            [h + 1 for h in holders], self._randbits)
-      cu.own_shares = (shares[0][:_SK_ELEMS], shares[0][_SK_ELEMS:])
-      for h, share in zip(holders[1:], shares[1:]):
-        ct = _nonce(u, h) + cu.aead[h].encrypt(
-            _nonce(u, h), _encode_shares(u, h, share[:_SK_ELEMS],
-                                         share[_SK_ELEMS:]), None)
+      nbrs = [int(v) for v in self.neighbors[u]]
+      cts, cu.own_shares = _share_keys(
+          u, cu.mask_key, cu.self_seed, nbrs, [cu.aead[v] for v in nbrs],
+          self.threshold, self._randbits)
+      for h, ct in cts.items():
         self._clients[h].inbox[u] = ct      # routed by the server
         sent[u] += len(ct)
         recv[h] += len(ct)
