@@ -811,7 +811,7 @@ def dropped_clients(num_clients: int, dropout_rate: float, round_index: int,
 
 def _plan(num_clients: int, num_neighbors, threshold, dropout_rate: float):
   if num_neighbors == "auto":
-    k, t = secagg_plus_degree(num_clients, max(dropout_rate, 1e-3))
+    k, t = secagg_plus_degree(num_clients, max(dropout_rate, 0.05))
     return (None if k >= num_clients - 1 else k), (
         t if threshold is None else threshold)
   return num_neighbors, threshold
@@ -889,7 +889,8 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
     threshold: ``t`` (int, fraction of holders, or None = strict majority).
     num_neighbors: None = SecAgg (complete graph); an even ``k`` = SecAgg+
       on a random ``k``-regular Harary graph; ``"auto"`` =
-      :func:`secagg_plus_degree` for the round's size and ``dropout_rate``.
+      :func:`secagg_plus_degree` for the round's size, designed for
+      ``max(dropout_rate, 0.05)``.
     dropout_rate: fraction in ``[0, 1)`` of clients dropping after masking.
     seed: key material seed (None: OS randomness every round).
     noise_multiplier: ``z >= 0`` for central DP noise (see above; the mean
