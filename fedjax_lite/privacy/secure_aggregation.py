@@ -37,9 +37,16 @@ with and masks against ``k = O(log n)`` peers instead of ``n - 1``
 majority of the ``h`` share holders (``h = n`` for SecAgg, ``k + 1`` for
 SecAgg+: the neighbours and the client itself), ``h // 2 + 1 <= t <= h``.
 With ``2t > h`` any two sets of ``t`` holders intersect, and an honest holder
-reveals for a client u either its share of b_u or of s_u^SK, never both, so
-even a server that lies about who dropped cannot rebuild both secrets of a
-client. Correctness needs ``t`` surviving holders for every client.
+reveals for a client u either its share of b_u or of s_u^SK, never both:
+this is the paper's reason for a majority threshold against a server that
+lies about who dropped (its full active-server argument also needs the
+ConsistencyCheck round and signatures, not implemented here). Correctness
+needs ``t`` surviving holders for every client.
+
+Dropouts are simulated after masking (a client completes AdvertiseKeys and
+ShareKeys, then its masked input never arrives) -- the case that needs the
+unmasking machinery; clients that drop before ShareKeys would simply be left
+out of the round and are not simulated separately.
 
 Quantization (fixed point, no wrap-around): each update is clipped to L2 norm
 ``C`` (so every coordinate is in ``[-C, C]``), then
