@@ -109,8 +109,9 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
                        [r["seconds"] for r in enc_rows])),
                    "cpu_seconds_per_epoch": float(np.mean(
                        [r["cpu_seconds"] for r in enc_rows])),
-                   "bytes_per_epoch": {k: enc_rows[0][k] for k in enc_rows[0]
-                                       if k.startswith("bytes_")}},
+                   "bytes_per_epoch": {k: v for k, v in enc_rows[0].items()
+                                       if k.startswith("bytes_")}}
+      if enc_rows else None,
       "config": dataclasses.asdict(cfg), "machine": platform.processor()
       or platform.machine()}
   if run_dir:
