@@ -242,7 +242,7 @@ def synthetic(num_clients):
        for n in r.integers(3, 9, num_clients)])
 
 
-def test_engine_round_without_noise_is_the_unweighted_mean():
+def test_engine_round_without_noise_is_the_unweighted_mean(one_device_mesh):
   """z = 0, a clip no update reaches, fixed-size sampling: the DP mean
   (fixed denominator m) is the plain unweighted mean of the m updates."""
   ds = synthetic(40)
@@ -257,7 +257,7 @@ def test_engine_round_without_noise_is_the_unweighted_mean():
   params = model.init(jax.random.PRNGKey(0))
   outs = []
   for alg in (dp_alg, plain):
-    eng = fl.Engine(alg, cfg)
+    eng = fl.Engine(alg, cfg, one_device_mesh)
     state = eng.init(params, seed=3, num_clients=40)
     data = eng.put_data(ds)
     for _ in range(2):
@@ -289,12 +289,12 @@ def test_engine_poisson_dp_fed_avg_reports_dp_accounting_epsilon():
   assert np.all(np.isfinite(jax.tree.leaves(state.server.params)[0]))
 
 
-def test_process_builder_runs_and_reports_epsilon():
+def test_process_builder_runs_and_reports_epsilon(one_device_mesh):
   model = fl.models.logistic_regression(4, 3)
   process = privacy.build_dp_fed_avg_process(
       model, lambda: optax.sgd(0.1), noise_multiplier=1.2,
       clients_per_round=5, clip=1.0, sampling="poisson", population=50,
-      delta=1e-4, batch_size=4)
+      delta=1e-4, batch_size=4, mesh=one_device_mesh)
   state = process.initialize(seed=0)
   ds = synthetic(50)
   clients = [{k: np.asarray(v[o:o + n]) for k, v in ds.features.items()}
