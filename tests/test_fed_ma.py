@@ -263,3 +263,34 @@ def test_bad_inputs():
                   client_widths=[[4]], noise_var=0.0)
   with pytest.raises(ValueError, match="max_atoms=3 is smaller"):
     matching.match_atoms([np.zeros((4, 2))], max_atoms=3)
+
+
+@pytest.mark.slow
+def test_matched_average_recovers_permuted_cnn():
+  """Channels of the FedAvg CNN (conv -> conv -> flatten -> dense) too."""
+  model = fl.models.cnn((6, 6, 1), K, channels=(4, 6), hidden=8,
+                        kernel_size=3)
+  params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(5)))
+  r = np.random.default_rng(6)
+  params["Conv_0"]["bias"] = r.normal(size=4).astype(np.float32) * 0.1
+  params["Conv_1"]["bias"] = r.normal(size=6).astype(np.float32) * 0.1
+  x = r.normal(size=(16, 6, 6, 1)).astype(np.float32)
+  clients = []
+  for _ in range(3):
+    p0, p1, p2 = r.permutation(4), r.permutation(6), r.permutation(8)
+    d0 = params["Dense_0"]["kernel"].reshape(-1, 6, 8)[:, p1][:, :, p2]
+    clients.append(jax.tree.map(lambda a: a + 1e-4 * r.normal(
+        size=a.shape).astype(np.float32), {
+            "Conv_0": {"kernel": params["Conv_0"]["kernel"][..., p0],
+                       "bias": params["Conv_0"]["bias"][p0]},
+            "Conv_1": {"kernel": params["Conv_1"]["kernel"][:, :, p0][
+                ..., p1], "bias": params["Conv_1"]["bias"][p1]},
+            "Dense_0": {"kernel": d0.reshape(-1, 8),
+                        "bias": params["Dense_0"]["bias"][p2]},
+            "Dense_1": {"kernel": params["Dense_1"]["kernel"][p2],
+                        "bias": params["Dense_1"]["bias"]}}))
+  glob, _ = hetero.matched_average(clients, noise_var=0.01)
+  assert jax.tree.map(np.shape, glob) == jax.tree.map(np.shape, params)
+  want = np.asarray(model.apply(params, {"x": x}))
+  got = np.asarray(model.apply(glob, {"x": x}))
+  np.testing.assert_allclose(got, want, atol=1e-2 * np.abs(want).max())

@@ -487,15 +487,18 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
     params[layer.name] = {"kernel": k, "bias": params[layer.name]["bias"]}
     return params, tuple(masks)
 
-  def stage_update(s, state, cstate, data, rng):
+  def client_update(state: FedMAState, cstate, data, rng):
+    # Only the start differs between stages (a cheap switch); the local
+    # training is one computation whose frozen layers depend on the stage.
+    s = jnp.clip(state.stage, 0, nh)
     slot = data.slot
     own = L.prefix_masks(widths, [cw[data.client_id, l] for l in range(nh)])
-    if s == 0:
-      params, masks = rebuild(state, slot, own)
-    else:
-      params, masks = take_matched(state, cstate, slot, s)
+    starts = [lambda: rebuild(state, slot, own)] + [
+        lambda i=i: take_matched(state, cstate, slot, i)
+        for i in range(1, nh + 1)]
+    params, masks = jax.lax.switch(s, starts)
     pm = L.param_masks(chain, masks)
-    keep = {c.name: float(i >= s) for i, c in enumerate(chain)}
+    keep = {c.name: (i >= s).astype(jnp.float32) for i, c in enumerate(chain)}
 
     def grad_fn(p, batch, mask, step_rng):
       def objective(q):
@@ -509,32 +512,22 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
     onehot = (jnp.arange(J) == slot).astype(jnp.float32)
     atoms, units = [], []
     for l in range(nh):
-      if l == s:
-        atoms.append(onehot[:, None, None] * layer_atoms(new, chain, l)[None])
-        units.append(onehot[:, None] * masks[l][None, :])
-      else:
-        atoms.append(jnp.zeros((J, widths[l], dims[l]), jnp.float32))
-        units.append(jnp.zeros((J, widths[l]), jnp.float32))
+      hot = onehot * (s == l).astype(jnp.float32)
+      atoms.append(hot[:, None, None] * layer_atoms(new, chain, l)[None])
+      units.append(hot[:, None] * masks[l][None, :])
     labels = data.batches[model.label_key].reshape(-1)
     counts = jnp.sum(jax.nn.one_hot(labels, num_classes) *
                      data.mask.reshape(-1, 1).astype(jnp.float32), axis=0)
-    is_last = float(s == nh)
+    hot = onehot * (s == nh).astype(jnp.float32)
     update = {
         "atoms": tuple(atoms), "units": tuple(units),
-        "last_kernel": is_last * onehot[:, None, None] * new[last][
-            "kernel"][None],
-        "last_bias": is_last * onehot[:, None] * new[last]["bias"][None],
-        "class_counts": is_last * onehot[:, None] * counts[None, :],
+        "last_kernel": hot[:, None, None] * new[last]["kernel"][None],
+        "last_bias": hot[:, None] * new[last]["bias"][None],
+        "class_counts": hot[:, None] * counts[None, :],
     }
     return ClientOutput(update=update, weight=jnp.ones((), jnp.float32),
                         state=FedMAClientState(new, masks),
                         metrics=result.metrics)
-
-  def client_update(state: FedMAState, cstate, data, rng):
-    branches = [lambda st, cs, d, r, s=s: stage_update(s, st, cs, d, r)
-                for s in range(nh + 1)]
-    return jax.lax.switch(jnp.clip(state.stage, 0, nh), branches, state,
-                          cstate, data, rng)
 
   return FederatedAlgorithm(
       server_init=server_init, client_update=client_update,
