@@ -1,4 +1,4 @@
-"""Privacy: user-level differential privacy for federated averaging.
+"""Privacy: user-level differential privacy and secure aggregation.
 
 Layer: beside ``aggregators/`` (imports ``aggregators/``, ``algorithms/``,
 ``data/``, ``models/``); the engine and ``learning.py`` may import it.
@@ -11,6 +11,8 @@ Layer: beside ``aggregators/`` (imports ``aggregators/``, ``algorithms/``,
 * :class:`DpMechanism`, :func:`epsilon`, :class:`EpsilonCurve`,
   :func:`calibrate_noise_multiplier`, :func:`poisson_cap`: accounting with
   dp-accounting (:mod:`fedjax_lite.privacy.accounting`).
+* :func:`secure_aggregator`, :class:`SecAggRound`: SecAgg / SecAgg+
+  (:mod:`fedjax_lite.privacy.secure_aggregation`).
 """
 
 from fedjax_lite.privacy.accounting import (DpMechanism, EpsilonCurve,
@@ -21,3 +23,8 @@ from fedjax_lite.privacy.dp import (DpState, build_dp_fed_avg_process,
                                     dp_aggregator, dp_fed_avg,
                                     poisson_sample, sum_noise_multiplier,
                                     with_local_dp)
+from fedjax_lite.privacy.secure_aggregation import (SecAggError, SecAggRound,
+                                                    dropped_clients,
+                                                    harary_graph,
+                                                    secagg_plus_degree,
+                                                    secure_aggregator)
