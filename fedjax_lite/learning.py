@@ -153,7 +153,10 @@ class IterativeProcess:
     if bad:
       raise ValueError(f"weights have shapes {[b[0] for b in bad]} where the "
                        f"model's params have {[b[1] for b in bad]}.")
-    weights = jax.tree.map(lambda w, p: jnp.asarray(w, p.dtype), weights, old)
+    # Placed like the old params, so the compiled round is reused.
+    weights = jax.tree.map(
+        lambda w, p: jax.device_put(jnp.asarray(w, p.dtype), p.sharding),
+        weights, old)
     return state.replace(server=state.server.replace(params=weights))
 
   def evaluate(self, state: EngineState, data: Any,
