@@ -40,10 +40,11 @@ and nothing limits a party's input), it reveals set sizes, and it is not a
 constant-round-optimal or OPRF-based protocol. Caveats of using X25519 as the
 group: ``H`` is SHA-256 into a u-coordinate, not a hash-to-curve (RFC 9380);
 this is fine for the random-oracle argument because nobody knows a discrete
-log of ``H(id)``, but about half the points lie on the twist, whose prime
-subgroup (order about :math:`2^{252}`) is as strong by design. Clamped scalars
-are multiples of the cofactor 8, so ``X25519`` discards the small-order
-component: two ids collide only if their hashed points differ by a small-order
+log of ``H(id)``, but about half the points lie on the twist, whose order
+is 4 times a prime of about :math:`2^{253}` (Curve25519 was chosen to be
+twist-secure). Clamped scalars are multiples of 8, a multiple of both
+cofactors (8 on the curve, 4 on the twist), so ``X25519`` discards the
+small-order component: two ids collide only if their hashed points differ by a small-order
 point (or a sign), which has probability about :math:`2^{-250}`; ``X25519``
 rejects the all-zero output (a low-order input), raised here as an error.
 Each run uses fresh secret scalars from ``os.urandom`` unless ``seed`` is set
