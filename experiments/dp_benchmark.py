@@ -39,11 +39,10 @@ import time
 from pathlib import Path
 
 import fedjax_lite as fl  # first: applies the fast CPU settings
-import fedjax_lite.experiment  # noqa: F401
+import fedjax_lite.experiment  # noqa: F401  (fl.experiment)
 import jax
 import numpy as np
 import optax
-
 from fedjax_lite import privacy
 
 HERE = Path(__file__).resolve().parent
@@ -78,7 +77,7 @@ def run_curve(args) -> dict:
   if args.rounds:
     base = dataclasses.replace(base, num_rounds=args.rounds,
                                eval_every=min(base.eval_every, args.rounds))
-  settings = [("eps=%g" % e, dict(target_epsilon=e)) for e in EPSILONS]
+  settings = [(f"eps={e:g}", dict(target_epsilon=e)) for e in EPSILONS]
   settings += [("clip only (z=0)", dict(target_epsilon=0.0,
                                         noise_multiplier=0.0)),
                ("FedAvg (no DP)", None)]
@@ -157,7 +156,7 @@ def plot_curve(out: dict, path: Path) -> None:
       ax1.axhline(np.mean([r["final_test_accuracy"] for r in group]),
                   ls=style, color="gray", label=label)
   ax1.set_xscale("log", base=2)
-  ax1.set_xlabel("epsilon (delta=%g, RDP)" % out["config"]["delta"])
+  ax1.set_xlabel(f"epsilon (delta={out['config']['delta']:g}, RDP)")
   ax1.set_ylabel("final test accuracy")
   ax1.set_title("Accuracy vs epsilon")
   ax1.legend()
@@ -192,7 +191,7 @@ def _dataset(bench, w):
 def run_cost(args) -> dict:
   bench = _load("benchmark")
   out = {"machine": machine(), "workloads": {}, "command":
-         "python experiments/dp_benchmark.py cost --repeats %d" % args.repeats
+         f"python experiments/dp_benchmark.py cost --repeats {args.repeats}"
          + (" --smoke" if args.smoke else "")}
   for name in args.workloads:
     w = dict(bench.WORKLOADS[name])
@@ -208,7 +207,7 @@ def run_cost(args) -> dict:
     ds_big = _dataset(bench, big)
     cap = privacy.poisson_cap(10 * n, m / (10 * n), 1000)
 
-    def dp(**kw):
+    def dp(model=model, m=m, **kw):
       return privacy.dp_fed_avg(model, optax.sgd(bench.LR), optax.sgd(1.0),
                                 noise_multiplier=1.0, clients_per_round=m,
                                 clip=1.0, delta=1e-5, **kw)

@@ -25,7 +25,6 @@ import dataclasses
 import fedjax_lite as fl  # first: applies the fast CPU settings
 import fedjax_lite.experiment  # noqa: F401  (fl.experiment)
 import optax
-
 from fedjax_lite import privacy
 
 

@@ -38,8 +38,9 @@ def run_round(agg, state, updates, rng, weights=None, valid=None,
   for d in range(ND):
     part = slice(d * half, (d + 1) * half)
     acc = agg.init(state, spec, num_slots)
-    accs.append(agg.add(state, acc, jax.tree.map(lambda u: u[part], updates),
-                        weights[part], valid[part], slots[part]))
+    block = jax.tree.map(lambda u, part=part: u[part], updates)
+    accs.append(agg.add(state, acc, block, weights[part], valid[part],
+                        slots[part]))
   acc = agg.merge(jax.tree.map(lambda *a: jnp.stack(a), *accs))
   return agg.finalize(state, acc, rng)
 
@@ -314,8 +315,8 @@ def test_process_builder_runs_and_reports_epsilon(one_device_mesh):
     (dict(clip=-1.0), r"clip must be a finite L2 norm > 0, got -1\.0"),
     (dict(clients_per_round=0), r"clients_per_round must be > 0.*got 0"),
     (dict(population=5, sampling="poisson"),
-     r"clients_per_round must be in \(0, population=5\] for poisson "
-     r"sampling, got 10\.0 \(sampling_rate 2\.0\)"),
+     (r"clients_per_round must be in \(0, population=5\] for poisson "
+      r"sampling, got 10\.0 \(sampling_rate 2\.0\)")),
     (dict(population=100, sampling="poisson", delta=1.0),
      r"delta must be in \(0, 1\).*1\.0"),
     (dict(delta=1e-5), r"accounting needs sampling .* and population"),

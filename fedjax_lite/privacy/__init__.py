@@ -28,3 +28,12 @@ from fedjax_lite.privacy.secure_aggregation import (SecAggError, SecAggRound,
                                                     harary_graph,
                                                     secagg_plus_degree,
                                                     secure_aggregator)
+
+__all__ = [
+    "DpMechanism", "DpState", "EpsilonCurve", "SecAggError", "SecAggRound",
+    "build_dp_fed_avg_process", "calibrate_noise_multiplier", "dp_aggregator",
+    "dp_fed_avg", "dropped_clients", "epsilon", "harary_graph",
+    "overflow_probability", "poisson_cap", "poisson_sample",
+    "secagg_plus_degree", "secure_aggregator", "sum_noise_multiplier",
+    "truncation_delta", "with_local_dp",
+]

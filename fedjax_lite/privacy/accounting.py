@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 
@@ -257,6 +256,7 @@ class EpsilonCurve:
 
   def __init__(self, mechanism: DpMechanism, delta: float,
                accountant: str = "rdp"):
+    self._memo: dict[int, float] = {}
     self.mechanism = mechanism
     self.delta = check_delta(delta)
     self.accountant = _accountant_name(accountant)
@@ -269,19 +269,22 @@ class EpsilonCurve:
       self._orders = np.asarray(acc._orders)  # pylint: disable=protected-access
       self._rdp1 = np.asarray(acc._rdp)  # pylint: disable=protected-access
 
-  @functools.lru_cache(maxsize=4096)
   def __call__(self, num_rounds: int) -> float:
     num_rounds = int(num_rounds)
     if num_rounds <= 0:
       return 0.0
     if self.mechanism.noise_multiplier == 0:
       return math.inf
-    if self._rdp1 is not None:
-      with _quiet_absl():
-        eps, _ = _rdp_lib.compute_epsilon(self._orders,
-                                          num_rounds * self._rdp1, self.delta)
-      return float(eps)
-    return epsilon(self.mechanism, num_rounds, self.delta, self.accountant)
+    if num_rounds not in self._memo:
+      if self._rdp1 is not None:
+        with _quiet_absl():
+          eps, _ = _rdp_lib.compute_epsilon(
+              self._orders, num_rounds * self._rdp1, self.delta)
+        self._memo[num_rounds] = float(eps)
+      else:
+        self._memo[num_rounds] = epsilon(self.mechanism, num_rounds,
+                                         self.delta, self.accountant)
+    return self._memo[num_rounds]
 
   def curve(self, num_rounds: int) -> np.ndarray:
     """float64 ``[num_rounds]``: epsilon after rounds ``1..num_rounds``."""

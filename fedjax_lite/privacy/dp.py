@@ -236,7 +236,7 @@ def dp_aggregator(noise_multiplier: float, clients_per_round: float,
     mech_sampling = "local" if local else sampling
     mechanism = accounting.DpMechanism(
         z, mech_sampling, population,
-        clients_per_round=(int(round(d)) if sampling == "fixed" and
+        clients_per_round=(int(d) if sampling == "fixed" and
                            float(d).is_integer() else d))
     if sampling == "poisson":
       accounting.check_sampling_rate(d / population,
