@@ -115,10 +115,10 @@ def run_settings(config, settings: list[dict], eval_every: int,
 
 
 # ----------------------------------------------------------------- tables
-def robustness(base, aggregators) -> dict:
+def robustness(base, aggregators, attack_names=rd.ATTACKS[1:]) -> dict:
   settings = [{"attack_index": 0.0, "byzantine_fraction": 0.0}] + [
-      {"attack_index": float(i), "byzantine_fraction": f}
-      for i in range(1, len(rd.ATTACKS)) for f in FRACTIONS]
+      {"attack_index": float(rd.ATTACKS.index(a)), "byzantine_fraction": f}
+      for a in attack_names for f in FRACTIONS]
   out = {}
   for name in aggregators:
     cfg = dataclasses.replace(base, aggregator=name, attack="select")
@@ -136,7 +136,7 @@ def robustness(base, aggregators) -> dict:
     print(f"{name:>18}: compile {res['compile_s']:.0f}s, run "
           f"{res['run_s']:.0f}s; " + ", ".join(
               f"{a} {table[a].get('0.2', table[a]['0.0']):.3f}"
-              for a in rd.ATTACKS), flush=True)
+              for a in table), flush=True)
   return out
 
 
@@ -170,16 +170,18 @@ def _fmt(v):
 
 
 def robustness_md(res: dict) -> str:
+  names = [a for a in rd.ATTACKS[1:] if a in next(iter(res.values()))[
+      "final_test_accuracy"]]
   lines = []
   for frac in ("0.1", "0.2", "0.3"):
     lines += [f"\nByzantine fraction {float(frac):.0%} (no attack: the "
               "first column):\n",
-              "| aggregator | none | " + " | ".join(rd.ATTACKS[1:]) + " |",
-              "|---" * len(rd.ATTACKS) + "|---|"]
+              "| aggregator | none | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 1) + "|---|"]
     for agg, r in res.items():
       t = r["final_test_accuracy"]
       lines.append(f"| {agg} | {_fmt(t['none']['0.0'])} | " + " | ".join(
-          _fmt(t[a].get(frac)) for a in rd.ATTACKS[1:]) + " |")
+          _fmt(t[a].get(frac)) for a in names) + " |")
   return "\n".join(lines)
 
 
@@ -209,10 +211,9 @@ def plot_robustness(res: dict, path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   attacks = rd.ATTACKS[1:]
-  fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3.4),
-                           sharey=True)
+  fig, axes = plt.subplots(2, 3, figsize=(11, 6.4), sharey=True)
   xs = [0.0, *FRACTIONS]
-  for ax, attack in zip(axes, attacks):
+  for ax, attack in zip(axes.ravel(), attacks):
     for agg, r in res.items():
       t = r["final_test_accuracy"][attack]
       ax.plot([100 * x for x in xs], [t[str(x)] for x in xs], marker="o",
@@ -220,9 +221,11 @@ def plot_robustness(res: dict, path: Path) -> None:
     ax.set_title(attack)
     ax.set_xlabel("Byzantine clients (%)")
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel("final test accuracy")
-  axes[-1].legend(fontsize=7, loc="lower left")
-  fig.tight_layout()
+  for ax in axes[:, 0]:
+    ax.set_ylabel("final test accuracy")
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
@@ -253,6 +256,12 @@ def main(argv=None):
   p.add_argument("--part", choices=("all", "robustness", "compression"),
                  default="all")
   p.add_argument("--aggregators", default=",".join(rd.AGGREGATORS))
+  p.add_argument("--attacks", default=",".join(rd.ATTACKS[1:]),
+                 help="attacks of the robustness table (besides none)")
+  p.add_argument("--alie-z", type=float, default=0.0,
+                 help="ALIE's z (0: the paper's z_max)")
+  p.add_argument("--tag", default="",
+                 help="suffix of the output files (robustness_<tag>.*)")
   p.add_argument("--rounds", type=int, default=None,
                  help="robustness rounds (default: the experiment's)")
   p.add_argument("--compression-rounds", type=int, default=60)
@@ -265,6 +274,7 @@ def main(argv=None):
   base = rd.get_config("smoke" if args.smoke else "")
   if args.rounds:
     base = dataclasses.replace(base, num_rounds=args.rounds)
+  base = dataclasses.replace(base, alie_z=args.alie_z)
   started = datetime.datetime.now(datetime.timezone.utc)
   t0 = time.perf_counter()
   result = {"command": "python " + " ".join([sys.argv[0], *(argv or
@@ -273,7 +283,8 @@ def main(argv=None):
             "machine": machine(), "config": dataclasses.asdict(base)}
   aggregators = args.aggregators.split(",")
   if args.part in ("all", "robustness"):
-    result["robustness"] = robustness(base, aggregators)
+    result["robustness"] = robustness(base, aggregators,
+                                      args.attacks.split(","))
   if args.part in ("all", "compression"):
     rounds = 2 if args.smoke else args.compression_rounds
     every = 1 if args.smoke else args.compression_eval_every
@@ -286,6 +297,12 @@ def main(argv=None):
   if args.smoke:
     return result
   RESULTS.mkdir(exist_ok=True)
+  if args.tag and "robustness" in result:
+    (RESULTS / f"robustness_{args.tag}.json").write_text(
+        json.dumps(result, indent=1))
+    (RESULTS / f"robustness_{args.tag}.md").write_text(
+        robustness_md(result["robustness"]) + "\n")
+    return result
   if "robustness" in result:
     part = {k: v for k, v in result.items() if k != "compression"}
     (RESULTS / "robustness_table.json").write_text(json.dumps(part, indent=1))

@@ -65,6 +65,7 @@ class Config:
   scaling_poison: bool = True        # on flipped labels (boosted poison)
   gaussian_std: float = 1.0          # gaussian: Delta -> N(0, 1)
   ipm_epsilon: float = 0.5
+  alie_z: float = 0.0                # 0: the paper's z_max(n, f)
   # Aggregator parameters (f: the Byzantine count tolerated, per round).
   num_byzantine: int = 30            # krum / multi-krum f
   trim_beta: float = 0.3
@@ -136,7 +137,7 @@ def make_attack(config: Config, name: str) -> attacks.Attack:
   if name == "label_flip":
     return attacks.label_flip(10)
   if name == "alie":
-    return attacks.alie()
+    return attacks.alie(config.alie_z or None)
   if name == "ipm":
     return attacks.ipm(config.ipm_epsilon)
   raise ValueError(f"attack must be one of {ATTACKS} or 'select', got "
