@@ -144,7 +144,7 @@ def test_matched_average_recovers_permuted_copies():
 
 def test_matched_average_of_different_widths():
   """Clients holding different subsets of the units map into one model."""
-  model, params, x = trained_mlp()
+  _, params, _ = trained_mlp()
   r = np.random.default_rng(4)
   keep = [np.arange(10), np.sort(r.choice(10, 6, replace=False)),
           np.sort(r.choice(10, 7, replace=False))]

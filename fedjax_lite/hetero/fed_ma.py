@@ -425,9 +425,9 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
       hit = state.stage == l
       g_atoms, g_mask, g_assign = matched[l]
       new = set_layer_from_atoms(work, chain, l, g_atoms)
-      for name in {chain[l].name, chain[min(l + 1, nh)].name}:
-        work[name] = jax.tree.map(lambda a, b, hit=hit: jnp.where(hit, a, b),
-                                  new[name], work[name])
+      for key in dict.fromkeys((chain[l].name, chain[min(l + 1, nh)].name)):
+        work[key] = jax.tree.map(lambda a, b, hit=hit: jnp.where(hit, a, b),
+                                 new[key], work[key])
       masks[l] = jnp.where(hit, g_mask, masks[l])
       assign[l] = jnp.where(hit, g_assign, assign[l])
     # Output layer: per-class average with the clients' class proportions.

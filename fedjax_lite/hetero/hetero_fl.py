@@ -19,8 +19,10 @@ every parameter over the clients that hold it:
 
 and applies its optimizer to ``\Delta_t`` (``sgd(1)`` gives
 ``w_{t+1} = w_t - \Delta_t``, the paper's rule). Inside the engine's one
-jitted round, every client sends ``{"d": M_k (w_t - w^k), "m": M_k}`` with
-weight ``n_k``; the engine's weighted mean of both gives the ratio above, so
+jitted round, every client sends ``{"d": M_k (w_t - w^k), "z": 1 - M_k}`` with
+weight ``n_k``; the engine's weighted means give the ratio above (the
+denominator is ``1 - mean(z)``, exactly 1 when every client holds a
+parameter), so
 mixed-capacity rounds are one vmapped computation over the padded global
 shapes. With every client at capacity 1 this is FedAvg exactly.
 
@@ -38,10 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_lite.algorithms.base import (ClientOutput, FederatedAlgorithm,
-                                         tree_sub)
+from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.algorithms.fed_avg import fed_avg
-from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.hetero import layers as L
 from fedjax_lite.models.core import Model
 
@@ -134,26 +134,29 @@ def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
         len(widths))]))
 
   def client_update(server_params, client_state, data, rng):
-    del client_state
     masks = client_masks(data.client_id)
 
-    def grad_fn(params, batch, mask, step_rng):
-      def objective(p):
-        return model.batch_loss(L.apply_masks(p, masks), batch, mask,
-                                step_rng, train=True)
-      return jax.grad(objective, has_aux=True)(params)
-    result = local_train(grad_fn, client_optimizer, server_params, data, rng)
-    delta = L.apply_masks(tree_sub(server_params, result.params), masks)
-    full = jax.tree.map(lambda p, m: jnp.broadcast_to(m, p.shape).astype(
-        p.dtype), server_params, masks)
-    return ClientOutput(update={"d": delta, "m": full},
-                        weight=data.num_examples.astype(jnp.float32),
-                        metrics=result.metrics)
+    def objective(params, server_params, batch, mask, step_rng):
+      del server_params
+      return model.batch_loss(L.apply_masks(params, masks), batch, mask,
+                              step_rng, train=True)
+    # FedAvg's client update on the masked objective: masked entries get
+    # exactly zero gradient, so they stay at w_t.
+    out = fed_avg(model, client_optimizer, local_objective=objective
+                  ).client_update(server_params, client_state, data, rng)
+    missing = jax.tree.map(lambda p, m: 1.0 - jnp.broadcast_to(
+        m, p.shape).astype(p.dtype), server_params, masks)
+    return out._replace(update={"d": L.apply_masks(out.update, masks),
+                                "z": missing})
 
   def server_update(state, aggregate):
-    d, m = aggregate.mean["d"], aggregate.mean["m"]
+    # sum_k n_k M_k / sum_k n_k = 1 - mean(1 - M_k): exactly 1 when every
+    # client holds the parameter (so capacity 1 is FedAvg bit for bit,
+    # whatever rounding the mean has), and d is exactly 0 where none does.
+    d, z = aggregate.mean["d"], aggregate.mean["z"]
     delta = jax.tree.map(
-        lambda a, b: jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0), d, m)
+        lambda a, b: jnp.where(1.0 - b > 0, a / jnp.where(1.0 - b > 0, 1.0 - b,
+                                                          1.0), 0.0), d, z)
     return base.server_update(state, aggregate._replace(mean=delta))
 
   return base._replace(client_update=client_update,
