@@ -24,7 +24,9 @@ weight ``n_k``; the engine's weighted means give the ratio above (the
 denominator is ``1 - mean(z)``, exactly 1 when every client holds a
 parameter), so
 mixed-capacity rounds are one vmapped computation over the padded global
-shapes. With every client at capacity 1 this is FedAvg exactly.
+shapes. With every client at capacity 1 the client updates and the server
+rule are FedAvg's bit for bit (whole compiled rounds agree up to XLA's float
+summation order).
 
 Not implemented: the paper's static batch norm ("sBN") and the scaler
 module; the supported networks (:mod:`fedjax_lite.hetero.layers`) have no
@@ -121,8 +123,8 @@ def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
                        f"levels={tuple(levels)}.")
   idx = client_levels(client_rates, levels)
   used = sorted(set(idx.tolist()))
-  level_units(widths, [levels[a] for a in used])  # every used level fits
   table = np.ones((len(levels), len(widths)), np.int32)
+  # Raises if a level in use leaves a layer with no unit.
   table[used] = level_units(widths, [levels[a] for a in used])
   units = jnp.asarray(table)
   rate_idx = jnp.asarray(idx)
@@ -151,7 +153,7 @@ def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
 
   def server_update(state, aggregate):
     # sum_k n_k M_k / sum_k n_k = 1 - mean(1 - M_k): exactly 1 when every
-    # client holds the parameter (so capacity 1 is FedAvg bit for bit,
+    # client holds the parameter (at capacity 1 the rule is FedAvg's exactly,
     # whatever rounding the mean has), and d is exactly 0 where none does.
     d, z = aggregate.mean["d"], aggregate.mean["z"]
     delta = jax.tree.map(
