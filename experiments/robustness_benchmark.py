@@ -38,14 +38,15 @@ import sys
 import time
 from pathlib import Path
 
-import fedjax_lite as fl  # first: applies the fast CPU settings
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import fedjax_lite as fl  # applies the fast CPU settings (before JAX runs)
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import robustness_digits as rd  # noqa: E402  pylint: disable=g-import-not-at-top
+import robustness_digits as rd
 
 RESULTS = HERE / "results"
 FRACTIONS = (0.1, 0.2, 0.3)
@@ -174,8 +175,8 @@ def robustness_md(res: dict) -> str:
       "final_test_accuracy"]]
   lines = []
   for frac in ("0.1", "0.2", "0.3"):
-    lines += [f"\nByzantine fraction {float(frac):.0%} (no attack: the "
-              "first column):\n",
+    lines += [(f"\nByzantine fraction {float(frac):.0%} (no attack: the "
+               "first column):\n"),
               "| aggregator | none | " + " | ".join(names) + " |",
               "|---" * (len(names) + 1) + "|---|"]
     for agg, r in res.items():

@@ -33,10 +33,10 @@ Names: ``aggregator`` in AGGREGATORS, ``attack`` in ATTACKS (or "select"),
 
 import dataclasses
 
-import fedjax_lite as fl  # first: applies the fast CPU settings
-import fedjax_lite.experiment  # noqa: F401  (fl.experiment)
 import optax
 
+import fedjax_lite as fl  # applies the fast CPU settings (before JAX runs)
+import fedjax_lite.experiment  # fl.experiment
 from fedjax_lite import aggregators as aggs
 from fedjax_lite import attacks
 from fedjax_lite import compression as comp

@@ -35,7 +35,8 @@ bytes. Headers and the client's weight (one float) are not counted.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax

@@ -2,18 +2,18 @@
 
 import functools
 
+import algo_reference as aref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference as ref
 import scipy.stats
 
 import fedjax_lite as fl
 from fedjax_lite import aggregators as aggs
 from fedjax_lite import attacks
-import algo_reference as aref
-import reference as ref
 
 D, K = 4, 3
 POPULATION = (3, 8, 5, 12, 7, 4)
@@ -239,7 +239,8 @@ def run_aggregator(agg, updates, flags, weights, valid, blocks):
     ok = np.concatenate([valid[rows], [False]])
     acc = agg.init(state, spec, num_slots)
     acc = agg.add(state, acc, attacks.FlaggedUpdate(
-        update=jax.tree.map(lambda a: jnp.asarray(a[pad], jnp.float32),
+        update=jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad],
+                                                          jnp.float32),
                             updates),
         byzantine=jnp.asarray(flags[pad], jnp.float32)),
                   jnp.asarray(weights[pad], jnp.float32), jnp.asarray(ok),
@@ -331,16 +332,15 @@ def test_select_attack_with_a_traced_index_is_each_attack():
                               BYZ)
     return alg.client_update(p0, None, data, rng).update.update
 
-  for k in (0, 1):                         # a Byzantine and a benign client
-    data, rng = one_client(k, seed=4)
-    for i, attack in enumerate(SELECTABLE):
-      alone = attacks.with_attack(base, attack, BYZ).client_update(
-          p0, None, data, rng).update
-      if isinstance(alone, attacks.FlaggedUpdate):
-        alone = alone.update
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
-                                                           atol=1e-7),
-                   selected(float(i), data, rng), alone)
+  data, rng = one_client(0, seed=4)         # a Byzantine client
+  for i, attack in enumerate(SELECTABLE):
+    alone = attacks.with_attack(base, attack, BYZ).client_update(
+        p0, None, data, rng).update
+    if isinstance(alone, attacks.FlaggedUpdate):
+      alone = alone.update
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                         atol=1e-7),
+                 selected(float(i), data, rng), alone)
 
 
 def test_select_attack_at_aggregation_time():
