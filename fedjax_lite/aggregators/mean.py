@@ -32,11 +32,13 @@ def _weighted_sum(acc_sum, updates, scale, valid):
   return jax.tree.map(one, acc_sum, updates)
 
 
-def _mean(total, sums, divisor):
-  safe = jnp.where(divisor > 0, divisor, 1.0)
+def _mean(sums, divisor):
+  """``sums / divisor`` (zeros if ``divisor == 0``), as ``sums * (1 /
+  divisor)``: the form XLA gave the reduction before aggregators existed, so
+  FedAvg rounds stay bit for bit what they were."""
+  inv = 1.0 / jnp.where(divisor > 0, divisor, 1.0)
   return jax.tree.map(
-      lambda a: jnp.where(divisor > 0, a / safe, jnp.zeros((), a.dtype)),
-      sums)
+      lambda a: jnp.where(divisor > 0, a * inv, jnp.zeros((), a.dtype)), sums)
 
 
 def weighted_mean() -> Aggregator:
@@ -61,7 +63,7 @@ def weighted_mean() -> Aggregator:
   def finalize(state, acc, rng):
     del rng
     total = acc["weight"]
-    return AggregatorOutput(mean=_mean(total, acc["sum"], total),
+    return AggregatorOutput(mean=_mean(acc["sum"], total),
                             total_weight=total, metrics={}), state
 
   return Aggregator(init_state=_no_state, init=init, add=add,
@@ -94,8 +96,7 @@ def unweighted_mean() -> Aggregator:
 
   def finalize(state, acc, rng):
     del rng
-    return AggregatorOutput(mean=_mean(acc["weight"], acc["sum"],
-                                       acc["count"]),
+    return AggregatorOutput(mean=_mean(acc["sum"], acc["count"]),
                             total_weight=acc["weight"], metrics={}), state
 
   return Aggregator(init_state=_no_state, init=init, add=add,

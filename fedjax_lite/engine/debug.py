@@ -41,7 +41,6 @@ def debug_round(engine: Engine, state: EngineState, data: DeviceData
     ``(new_state, metrics)`` as :meth:`Engine.round` returns them.
   """
   engine._check(state, data)  # pylint: disable=protected-access
-  state = engine.init_aggregator_state(state, data)
   alg, agg = engine.algorithm, engine.aggregator
   m = engine.config.clients_per_round
   with jax.disable_jit():

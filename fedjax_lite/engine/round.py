@@ -270,6 +270,7 @@ class Engine:
     self._plans: dict = {}
     self._last_plan: BlockPlan | None = None
     self._data_layout: DeviceData | None = None
+    self._stateless_aggregator = False
     self._round_jit = jax.jit(self._round_body)
     self._run_jit = jax.jit(self._run_body, static_argnums=2)
 
@@ -325,8 +326,9 @@ class Engine:
       seed: int seed or PRNG key for sampling and client randomness.
       num_clients: population size (required for stateful algorithms).
       data: the device data (default: the last :meth:`put_data`); a stateful
-        aggregator sizes its state from one client's update on it. Without
-        any, the aggregator state is created in the first round.
+        aggregator sizes its state from one client's update on it (traced
+        with ``jax.eval_shape``). Without any, and in debug mode, the
+        aggregator state is created in the first round.
     """
     rng = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) \
         else jnp.asarray(seed)
@@ -362,11 +364,13 @@ class Engine:
   def init_aggregator_state(self, state: EngineState, data: DeviceData
                             ) -> EngineState:
     """``state`` with the aggregator's initial state (None if stateless)."""
-    if state.aggregator is not None:
+    if state.aggregator is not None or self._stateless_aggregator or \
+        self.debug:  # debug rounds size it from the first client's update
       return state
     agg = self.aggregator
     spec = self.update_spec(state, data)
     if not _has_leaves(jax.eval_shape(lambda: agg.init_state(spec))):
+      self._stateless_aggregator = True
       return state
     return state.replace(aggregator=agg.init_state(spec))
 
@@ -726,11 +730,12 @@ class Engine:
     """Merge over devices, then finalize every run: ``(AggregatorOutput
     [R, ...], new aggregator states [R, ...])``."""
     if runs.num_runs == 1 and runs.algorithm_fn is None:
+      # vmapped over the run axis of size 1 (in place, axis 1 of acc): the
+      # shapes, hence XLA's fusions and float results, of the reduction
+      # before aggregators existed.
       agg = runs.probe_aggregator
-      st = jax.tree.map(lambda a: a[0], agg_states)
-      merged = agg.merge(jax.tree.map(lambda a: a[:, 0], acc))
-      out, new_st = agg.finalize(st, merged, k_agg[0])
-      return jax.tree.map(lambda a: jnp.asarray(a)[None], (out, new_st))
+      return jax.vmap(lambda a, st, k: agg.finalize(st, agg.merge(a), k),
+                      in_axes=(1, 0, 0))(acc, agg_states, k_agg)
 
     def per_run(_, ag, a, st, k):
       return ag.finalize(st, ag.merge(a), k)
