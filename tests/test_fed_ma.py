@@ -184,6 +184,7 @@ def make_clients(sizes, seed):
   return out
 
 
+@pytest.mark.slow
 def test_fed_ma_without_training_is_a_fixed_point():
   """Identical client models (learning rate 0): matching returns the model."""
   model = fl.models.mlp(D, K, (8,))

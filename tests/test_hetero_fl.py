@@ -85,7 +85,8 @@ def test_full_capacity_is_fed_avg():
 
 
 @pytest.mark.parametrize("model,shape,rate,jit", [
-    (MLP, (D,), 0.5, False), (MLP, (D,), 0.5, True), (MLP, (D,), 0.25, True),
+    pytest.param(MLP, (D,), 0.5, False, marks=pytest.mark.slow),
+    (MLP, (D,), 0.5, True), (MLP, (D,), 0.25, True),
     pytest.param(CNN, (6, 6, 1), 0.5, True, marks=pytest.mark.slow)], ids=["mlp-half-eager", "mlp-half-jit",
                                        "mlp-quarter-jit", "cnn-half-jit"])
 def test_client_trains_exactly_the_sliced_sub_network(model, shape, rate, jit):
