@@ -319,8 +319,7 @@ Reading it:
   neurons (see the global width in the table); a smaller noise variance opens
   more neurons (tests/test_fed_ma.py shows growth when neurons differ).
 * Wall times were measured on a 2-core machine shared with other jobs (load
-  average about 15): compare them only roughly. The whole default run used
-  about 2 minutes of CPU time.
+  average 6 to 15): compare them only roughly.
 * One seed; differences of a point or so are within what seeds change on a
   few hundred test examples (not measured here).
 
