@@ -34,6 +34,10 @@ server update never sees the flag. The wrapper works with any aggregator
 (streaming or materialized), costs ``clients_per_round x model`` memory and
 replays the inner aggregator on one block of all slots.
 
+:func:`combine` chains attacks (e.g. a boosted label-flip update);
+:func:`select_attack` picks one of several by a traced index, so one
+compiled round (a vectorized sweep) covers several attacks.
+
 Byzantine clients keep their honest aggregation weight ``n_k`` in every
 attack (they lie about the update, not about their data size), and every
 wrapped round reports the metric ``byzantine``: the share of the round's
