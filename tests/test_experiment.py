@@ -447,3 +447,17 @@ def test_sweep_file_and_compare_write_figures_and_tables(tmp_path, tiny_file):
   assert "| swept [client_lr=0.2] | 2 | 2 |" in table
   with pytest.raises(fe.ConfigError, match="no metrics.jsonl"):
     fe.compare([tmp_path], tmp_path / "cmp2")
+
+
+def test_curves_show_uplink_bytes_and_epsilon_when_reported(tmp_path):
+  rows = [{"round": t, "train_loss": 1.0 / t, "train_accuracy": 0.5}
+          for t in range(1, 4)]
+  assert len(fe.plot_curves(rows).axes) == 2
+  rows = [dict(r, train_uplink_bytes=1326.0, train_dp_epsilon=0.1 * r["round"])
+          for r in rows]
+  fig = fe.plot_curves(rows, tmp_path / "c.png")
+  titles = [ax.get_title() for ax in fig.axes]
+  assert titles[-2:] == ["Uplink per client", "Privacy spent"], titles
+  np.testing.assert_allclose(fig.axes[-1].lines[0].get_ydata(), [0.1, 0.2,
+                                                                 0.3])
+  assert (tmp_path / "c.png").stat().st_size > 0

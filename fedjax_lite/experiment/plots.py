@@ -22,6 +22,11 @@ PANELS = (
     ("Accuracy", "accuracy", (("train_accuracy", "-"), ("test_accuracy",
                                                          "--"))),
 )
+# Panels shown when a run reports the metric: (title, y label, key).
+EXTRA_PANELS = (
+    ("Uplink per client", "bytes / round", "train_uplink_bytes"),
+    ("Privacy spent", "epsilon", "train_dp_epsilon"),
+)
 
 
 def series(rows: Rows, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -85,10 +90,14 @@ def plot_runs(groups: Mapping[str, Sequence[Rows]], path: str | os.PathLike |
 def plot_curves(rows: Rows, path: str | os.PathLike | None = None,
                 title: str | None = None) -> Figure:
   """One run: train/test loss and accuracy vs round, plus the spread of the
-  per-client test accuracy (median, p25-p75 and p10-p90 bands) if evaluated."""
+  per-client test accuracy (median, p25-p75 and p10-p90 bands) if evaluated,
+  and the uplink bytes per client (compressed updates) and the privacy spent
+  (DP's epsilon) when the run reports them."""
   has_q = any("test_accuracy_p50" in r for r in rows)
-  fig = Figure(figsize=(5.2 * (3 if has_q else 2), 4.0), layout="constrained")
-  axes = fig.subplots(1, 3 if has_q else 2)
+  extra = [p for p in EXTRA_PANELS if any(p[2] in r for r in rows)]
+  n = 2 + has_q + len(extra)
+  fig = Figure(figsize=(5.2 * n, 4.0), layout="constrained")
+  axes = fig.subplots(1, n)
   for ax, (ptitle, ylabel, keys) in zip(axes, PANELS):
     for key, style in keys:
       x, y = series(rows, key)
@@ -109,6 +118,10 @@ def plot_curves(rows: Rows, path: str | os.PathLike | None = None,
     ax.plot(x, p50, color="C2", label="median client", markersize=3,
             marker="o" if x.size <= 30 else None)
     _decorate(ax, "Per-client test accuracy", "accuracy")
+  for ax, (ptitle, ylabel, key) in zip(axes[2 + has_q:], extra):
+    x, y = series(rows, key)
+    ax.plot(x, y, "-", label=key.replace("_", " "))
+    _decorate(ax, ptitle, ylabel)
   if title:
     fig.suptitle(title)
   if path is not None:
