@@ -46,8 +46,8 @@ Client sampling the accountant can model:
   contribute a zero clipped update and are not counted. The first ``K``
   slots of a uniformly ordered sample are a uniform ``K``-subset, so the
   participants are exactly a Poisson sample. Overflow (``K > M``, probability
-  :func:`~fedjax_lite.privacy.accounting.overflow_probability`, about 1e-11
-  per round for the default cap): the round keeps a uniformly random ``M`` of
+  :func:`~fedjax_lite.privacy.accounting.overflow_probability`; at most
+  1e-9 over the whole run with ``poisson_cap``'s default): the round keeps a uniformly random ``M`` of
   the ``K`` users (the first ``M`` slots), is reported in the metric
   ``dp_overflow``, and adds at most ``(1 + e^eps) T P(K > M)`` to delta
   (:func:`~fedjax_lite.privacy.accounting.truncation_delta`). The unused
