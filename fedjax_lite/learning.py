@@ -17,6 +17,10 @@ be a list (or dict) of per-client feature dicts, or a
 layout; padded sizes are rounded up to powers of two so that rounds whose
 clients differ slightly in size reuse the compiled round.
 
+Privacy: :func:`build_dp_fed_avg_process` (user-level DP-FedAvg), and the
+aggregators :func:`dp_aggregator` and :func:`secure_aggregator` for any
+builder's ``model_aggregator=`` (see :mod:`fedjax_lite.privacy`).
+
 Other algorithms: :func:`build_fed_prox_process` (FedProx, arXiv:1812.06127)
 and :func:`build_iterative_process` for any stateless
 :class:`~fedjax_lite.algorithms.FederatedAlgorithm` (e.g.
@@ -44,6 +48,14 @@ from fedjax_lite.data.federated_dataset import FederatedDataset
 from fedjax_lite.engine.evaluation import EvalResult, evaluate
 from fedjax_lite.engine.round import Engine, EngineState, RoundConfig
 from fedjax_lite.models.core import Model
+from fedjax_lite.privacy.dp import dp_aggregator, dp_fed_avg
+from fedjax_lite.privacy.secure_aggregation import secure_aggregator
+
+__all__ = [
+    "IterativeProcess", "build_dp_fed_avg_process",
+    "build_fed_prox_process", "build_federated_averaging_process",
+    "build_iterative_process", "dp_aggregator", "secure_aggregator",
+]
 
 
 def _as_dataset(data: Any) -> FederatedDataset:
@@ -259,3 +271,39 @@ def build_iterative_process(
                    num_steps=num_local_steps)
   return IterativeProcess(model, algorithm, work, block_size=block_size,
                           mesh=mesh)
+
+
+def build_dp_fed_avg_process(
+    model: Model,
+    client_optimizer_fn: Callable[[], optax.GradientTransformation],
+    server_optimizer_fn: Callable[[], optax.GradientTransformation] = (
+        lambda: optax.sgd(1.0)),
+    *, noise_multiplier: float, clients_per_round: float, clip: float = 1.0,
+    adaptive: bool = False, local: bool = False, local_epochs: int = 1,
+    batch_size: int | None = None, num_local_steps: int | None = None,
+    block_size: int | None = None, mesh=None, **dp_kw) -> IterativeProcess:
+  """User-level DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963) as a
+  TFF-style process.
+
+  As in TFF, ``next(state, clients)`` trains on exactly the clients it is
+  given: the caller samples them, and the reported ``dp_epsilon`` (with
+  ``sampling=``, ``population=`` and ``delta=`` in ``dp_kw``) assumes they
+  were drawn as ``sampling`` says (e.g. each user with probability
+  ``clients_per_round / population``:
+  :func:`fedjax_lite.privacy.poisson_sample`). The DP arguments are
+  :func:`dp_aggregator`'s (``dp_kw``: ``sampling``, ``population``,
+  ``delta``, ``accountant``, ``target_quantile``, ``learning_rate``,
+  ``clipped_count_stddev``); local work as
+  :func:`build_federated_averaging_process`.
+  """
+  _check_optimizer_fns(client_optimizer_fn=client_optimizer_fn,
+                       server_optimizer_fn=server_optimizer_fn)
+  algorithm = dp_fed_avg(model, client_optimizer_fn(), server_optimizer_fn(),
+                         noise_multiplier=noise_multiplier,
+                         clients_per_round=clients_per_round, clip=clip,
+                         adaptive=adaptive, local=local,
+                         simulate_sampling=False, **dp_kw)
+  return build_iterative_process(model, algorithm, local_epochs=local_epochs,
+                                 batch_size=batch_size,
+                                 num_local_steps=num_local_steps,
+                                 block_size=block_size, mesh=mesh)

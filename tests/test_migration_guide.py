@@ -2,8 +2,7 @@
 
 Blocks fenced as plain ```python are fedjax_lite code and run here, in file
 order, one namespace per ``## `` section. Blocks of the other frameworks
-(```python tff, ```python fedjax, ```python flower) and blocks for APIs that
-do not exist yet (```python later) are shown, not run.
+(```python tff, ```python fedjax, ```python flower) are shown, not run.
 
 The file also checks the guide's statement about Adam's epsilon (TFF's Keras-
 style Adam vs optax) with a float64 numpy reference, independently of the
@@ -22,7 +21,7 @@ import pytest
 
 GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "migrating.md"
 RUN = "python"
-SHOWN = ("python tff", "python fedjax", "python flower", "python later")
+SHOWN = ("python tff", "python fedjax", "python flower")
 _FENCE = re.compile(r"^```(.*)$")
 
 

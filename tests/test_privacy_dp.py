@@ -292,7 +292,7 @@ def test_engine_poisson_dp_fed_avg_reports_dp_accounting_epsilon():
 
 def test_process_builder_runs_and_reports_epsilon(one_device_mesh):
   model = fl.models.logistic_regression(4, 3)
-  process = privacy.build_dp_fed_avg_process(
+  process = fl.learning.build_dp_fed_avg_process(
       model, lambda: optax.sgd(0.1), noise_multiplier=1.2,
       clients_per_round=5, clip=1.0, sampling="poisson", population=50,
       delta=1e-4, batch_size=4, mesh=one_device_mesh)

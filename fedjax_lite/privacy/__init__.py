@@ -3,8 +3,8 @@
 Layer: beside ``aggregators/`` (imports ``aggregators/``, ``algorithms/``,
 ``data/``, ``models/``); the engine and ``learning.py`` may import it.
 
-* :func:`dp_aggregator`, :func:`dp_fed_avg`, :func:`with_local_dp`,
-  :func:`build_dp_fed_avg_process`: DP-FedAvg with fixed or adaptive
+* :func:`dp_aggregator`, :func:`dp_fed_avg`, :func:`with_local_dp`: DP-FedAvg
+  with fixed or adaptive
   clipping, Poisson or fixed-size sampling, central or local noise
   (:mod:`fedjax_lite.privacy.dp`, which states what the simulation
   guarantees and what it does not).
@@ -13,14 +13,16 @@ Layer: beside ``aggregators/`` (imports ``aggregators/``, ``algorithms/``,
   dp-accounting (:mod:`fedjax_lite.privacy.accounting`).
 * :func:`secure_aggregator`, :class:`SecAggRound`: SecAgg / SecAgg+
   (:mod:`fedjax_lite.privacy.secure_aggregation`).
+
+TFF-style entry points: ``fedjax_lite.learning.dp_aggregator``,
+``secure_aggregator`` and ``build_dp_fed_avg_process``.
 """
 
 from fedjax_lite.privacy.accounting import (DpMechanism, EpsilonCurve,
                                             calibrate_noise_multiplier,
                                             epsilon, overflow_probability,
                                             poisson_cap, truncation_delta)
-from fedjax_lite.privacy.dp import (DpState, build_dp_fed_avg_process,
-                                    dp_aggregator, dp_fed_avg,
+from fedjax_lite.privacy.dp import (DpState, dp_aggregator, dp_fed_avg,
                                     poisson_sample, sum_noise_multiplier,
                                     with_local_dp)
 from fedjax_lite.privacy.secure_aggregation import (SecAggError, SecAggRound,
@@ -31,7 +33,7 @@ from fedjax_lite.privacy.secure_aggregation import (SecAggError, SecAggRound,
 
 __all__ = [
     "DpMechanism", "DpState", "EpsilonCurve", "SecAggError", "SecAggRound",
-    "build_dp_fed_avg_process", "calibrate_noise_multiplier", "dp_aggregator",
+    "calibrate_noise_multiplier", "dp_aggregator",
     "dp_fed_avg", "dropped_clients", "epsilon", "harary_graph",
     "overflow_probability", "poisson_cap", "poisson_sample",
     "secagg_plus_degree", "secure_aggregator", "sum_noise_multiplier",

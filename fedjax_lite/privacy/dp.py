@@ -393,45 +393,6 @@ def dp_fed_avg(model: Model, client_optimizer: optax.GradientTransformation,
   return alg._replace(aggregator=agg, name=name)
 
 
-def build_dp_fed_avg_process(
-    model: Model, client_optimizer_fn, server_optimizer_fn=(
-        lambda: optax.sgd(1.0)), *, noise_multiplier: float,
-    clients_per_round: float, clip: float = 1.0, adaptive: bool = False,
-    local: bool = False, sampling: str | None = None,
-    population: int | None = None, delta: float | None = None,
-    accountant: str = "rdp", target_quantile: float = 0.5,
-    learning_rate: float = 0.2, clipped_count_stddev: float | None = None,
-    local_epochs: int = 1, batch_size: int | None = None,
-    num_local_steps: int | None = None, block_size: int | None = None,
-    mesh=None):
-  """DP-FedAvg as a TFF-style process (``initialize`` / ``next``).
-
-  As in TFF, ``next(state, clients)`` trains on exactly the clients it is
-  given: the caller samples them, and ``dp_epsilon`` (with ``sampling``,
-  ``population`` and ``delta``) assumes they were drawn as ``sampling`` says
-  (e.g. each user with probability ``clients_per_round / population``:
-  :func:`poisson_sample`). Arguments as :func:`dp_aggregator` and
-  ``fedjax_lite.learning.build_federated_averaging_process``.
-  """
-  # Imported here: learning.py (a layer above) re-exports this function.
-  from fedjax_lite import learning  # pylint: disable=g-import-not-at-top
-  learning._check_optimizer_fns(  # pylint: disable=protected-access
-      client_optimizer_fn=client_optimizer_fn,
-      server_optimizer_fn=server_optimizer_fn)
-  alg = dp_fed_avg(model, client_optimizer_fn(), server_optimizer_fn(),
-                   noise_multiplier=noise_multiplier,
-                   clients_per_round=clients_per_round, clip=clip,
-                   adaptive=adaptive, local=local, sampling=sampling,
-                   population=population, delta=delta, accountant=accountant,
-                   target_quantile=target_quantile,
-                   learning_rate=learning_rate,
-                   clipped_count_stddev=clipped_count_stddev,
-                   simulate_sampling=False)
-  return learning.build_iterative_process(
-      model, alg, local_epochs=local_epochs, batch_size=batch_size,
-      num_local_steps=num_local_steps, block_size=block_size, mesh=mesh)
-
-
 def poisson_sample(seed: int, population: int, sampling_rate: float
                    ) -> np.ndarray:
   """Host-side Poisson sample: indices of the users that join (each with
