@@ -56,6 +56,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.scipy.special import ndtri
 
+from fedjax_lite import checks
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.data.batching import ClientData
 
@@ -393,12 +394,9 @@ def with_attack(algorithm: FederatedAlgorithm, attack: Attack,
     is a :class:`FlaggedUpdate` and the aggregator becomes
     ``omniscient_aggregator(algorithm.aggregator or weighted_mean(), attack)``.
   """
-  if not isinstance(algorithm, FederatedAlgorithm):
-    raise TypeError(f"algorithm must be a FederatedAlgorithm, got "
-                    f"{type(algorithm).__name__}.")
-  if not isinstance(attack, Attack):
-    raise TypeError(f"attack must be an Attack (e.g. fl.attacks.sign_flip()),"
-                    f" got {type(attack).__name__}.")
+  checks.instance_of("algorithm", algorithm, FederatedAlgorithm)
+  checks.instance_of("attack", attack, Attack,
+                     " (e.g. fl.attacks.sign_flip())")
   mask = byzantine if isinstance(byzantine, jax.Array) else np.asarray(
       byzantine)
   if mask.ndim != 1 or mask.dtype != bool:

@@ -90,3 +90,12 @@ def model_features(model: Any, features: Any, where: str = "data",
                      f"{model.label_key!r} (missing {missing}).")
   if model.label_key in features and model.num_classes is not None:
     model.validate_labels(features[model.label_key], where)
+
+
+def instance_of(name: str, value: Any, kind: type, hint: str = "") -> Any:
+  """Checks ``isinstance(value, kind)``; ``TypeError`` naming what arrived."""
+  if not isinstance(value, kind):
+    article = "an" if kind.__name__[:1] in "AEIOU" else "a"
+    raise TypeError(f"{name} must be {article} {kind.__name__}{hint}, got "
+                    f"{type(value).__name__}.")
+  return value

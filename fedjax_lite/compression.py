@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fedjax_lite import checks
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 
 PyTree = Any
@@ -276,13 +277,9 @@ def with_compression(algorithm: FederatedAlgorithm, compressor: Compressor,
   Returns:
     The wrapped algorithm; client metrics gain ``uplink_bytes``.
   """
-  if not isinstance(algorithm, FederatedAlgorithm):
-    raise TypeError(f"algorithm must be a FederatedAlgorithm, got "
-                    f"{type(algorithm).__name__}.")
-  if not isinstance(compressor, Compressor):
-    raise TypeError(f"compressor must be a Compressor (e.g. "
-                    f"fl.compression.top_k(0.1)), got "
-                    f"{type(compressor).__name__}.")
+  checks.instance_of("algorithm", algorithm, FederatedAlgorithm)
+  checks.instance_of("compressor", compressor, Compressor,
+                     " (e.g. fl.compression.top_k(0.1))")
   template = update_template or (lambda params: params)
   inner_stateful = algorithm.client_init is not None
   has_memory = compressor.init is not None

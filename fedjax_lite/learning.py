@@ -222,29 +222,22 @@ def _check_optimizer_fns(**fns):
                       f"optax optimizer, got {type(fn).__name__}.")
 
 
-def build_fed_prox_process(
-    model: Model,
-    client_optimizer_fn: Callable[[], optax.GradientTransformation],
-    server_optimizer_fn: Callable[[], optax.GradientTransformation] = (
-        lambda: optax.sgd(1.0)),
-    *, mu: float, local_epochs: int = 1, batch_size: int | None = None,
-    num_local_steps: int | None = None, block_size: int | None = None,
-    mesh=None, model_aggregator=None) -> IterativeProcess:
+def build_fed_prox_process(model: Model, client_optimizer_fn,
+                           server_optimizer_fn=lambda: optax.sgd(1.0), *,
+                           mu: float, model_aggregator=None,
+                           **local_work) -> IterativeProcess:
   """FedProx (Li et al. 2020, arXiv:1812.06127) as a TFF-style process.
 
   Clients minimise ``F_k(w) + mu/2 ||w - w_t||^2`` from the server weights
-  ``w_t``; arguments as :func:`build_federated_averaging_process` plus the
-  proximal coefficient ``mu >= 0`` (``mu = 0`` is FedAvg) and
-  ``model_aggregator``.
+  ``w_t``; the proximal coefficient ``mu >= 0`` (``mu = 0`` is FedAvg), other
+  arguments (``local_epochs``, ``batch_size``, ``num_local_steps``,
+  ``block_size``, ``mesh``) as :func:`build_federated_averaging_process`.
   """
   _check_optimizer_fns(client_optimizer_fn=client_optimizer_fn,
                        server_optimizer_fn=server_optimizer_fn)
   algorithm = fed_prox(model, client_optimizer_fn(), server_optimizer_fn(),
                        mu=mu, aggregator=model_aggregator)
-  return build_iterative_process(model, algorithm, local_epochs=local_epochs,
-                                 batch_size=batch_size,
-                                 num_local_steps=num_local_steps,
-                                 block_size=block_size, mesh=mesh)
+  return build_iterative_process(model, algorithm, **local_work)
 
 
 def build_iterative_process(
@@ -259,9 +252,7 @@ def build_iterative_process(
       states must follow the same clients round after round: use
       :class:`~fedjax_lite.Engine` with ``init(..., num_clients=N)``.
   """
-  if not isinstance(algorithm, FederatedAlgorithm):
-    raise TypeError(f"algorithm must be a FederatedAlgorithm, got "
-                    f"{type(algorithm).__name__}.")
+  checks.instance_of("algorithm", algorithm, FederatedAlgorithm)
   if algorithm.client_init is not None:
     raise ValueError(f"{algorithm.name} keeps per-client state across rounds; "
                      "a process that trains whichever clients it is given "
@@ -273,37 +264,37 @@ def build_iterative_process(
                           mesh=mesh)
 
 
-def build_dp_fed_avg_process(
-    model: Model,
-    client_optimizer_fn: Callable[[], optax.GradientTransformation],
-    server_optimizer_fn: Callable[[], optax.GradientTransformation] = (
-        lambda: optax.sgd(1.0)),
-    *, noise_multiplier: float, clients_per_round: float, clip: float = 1.0,
-    adaptive: bool = False, local: bool = False, local_epochs: int = 1,
-    batch_size: int | None = None, num_local_steps: int | None = None,
-    block_size: int | None = None, mesh=None, **dp_kw) -> IterativeProcess:
+_LOCAL_WORK = ("local_epochs", "batch_size", "num_local_steps", "block_size",
+               "mesh")
+
+
+def build_dp_fed_avg_process(model: Model, client_optimizer_fn,
+                             server_optimizer_fn=lambda: optax.sgd(1.0), *,
+                             noise_multiplier: float,
+                             clients_per_round: float, clip: float = 1.0,
+                             adaptive: bool = False, local: bool = False,
+                             **kw) -> IterativeProcess:
   """User-level DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963) as a
   TFF-style process.
 
   As in TFF, ``next(state, clients)`` trains on exactly the clients it is
   given: the caller samples them, and the reported ``dp_epsilon`` (with
-  ``sampling=``, ``population=`` and ``delta=`` in ``dp_kw``) assumes they
+  ``sampling=``, ``population=`` and ``delta=``) assumes they
   were drawn as ``sampling`` says (e.g. each user with probability
   ``clients_per_round / population``:
   :func:`fedjax_lite.privacy.poisson_sample`). The DP arguments are
-  :func:`dp_aggregator`'s (``dp_kw``: ``sampling``, ``population``,
+  :func:`dp_aggregator`'s (``sampling``, ``population``,
   ``delta``, ``accountant``, ``target_quantile``, ``learning_rate``,
-  ``clipped_count_stddev``); local work as
+  ``clipped_count_stddev``); local work (``local_epochs``, ``batch_size``,
+  ``num_local_steps``, ``block_size``, ``mesh``) as
   :func:`build_federated_averaging_process`.
   """
+  local_work = {k: kw.pop(k) for k in _LOCAL_WORK if k in kw}
   _check_optimizer_fns(client_optimizer_fn=client_optimizer_fn,
                        server_optimizer_fn=server_optimizer_fn)
   algorithm = dp_fed_avg(model, client_optimizer_fn(), server_optimizer_fn(),
                          noise_multiplier=noise_multiplier,
                          clients_per_round=clients_per_round, clip=clip,
                          adaptive=adaptive, local=local,
-                         simulate_sampling=False, **dp_kw)
-  return build_iterative_process(model, algorithm, local_epochs=local_epochs,
-                                 batch_size=batch_size,
-                                 num_local_steps=num_local_steps,
-                                 block_size=block_size, mesh=mesh)
+                         simulate_sampling=False, **kw)
+  return build_iterative_process(model, algorithm, **local_work)

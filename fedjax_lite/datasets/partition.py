@@ -120,10 +120,7 @@ def dirichlet_partition(features: Mapping[str, np.ndarray], num_clients: int,
   if not np.isfinite(alpha) or alpha <= 0:
     raise ValueError(f"alpha must be a positive finite number, got "
                      f"{alpha!r}.")
-  if isinstance(min_examples, bool) or not isinstance(
-      min_examples, (int, np.integer)) or min_examples < 1:
-    raise ValueError(f"min_examples must be an int >= 1, got "
-                     f"{min_examples!r}.")
+  checks.positive_int("min_examples", min_examples)
   _check_clients(num_clients, n, min_examples)
   rng = np.random.default_rng(seed)
   classes = np.unique(y)
@@ -181,10 +178,7 @@ def power_law_partition(features: Mapping[str, np.ndarray], num_clients: int,
   if not np.isfinite(exponent) or exponent < 0:
     raise ValueError(f"exponent must be a finite number >= 0, got "
                      f"{exponent!r}.")
-  if isinstance(min_examples, bool) or not isinstance(
-      min_examples, (int, np.integer)) or min_examples < 1:
-    raise ValueError(f"min_examples must be an int >= 1, got "
-                     f"{min_examples!r}.")
+  checks.positive_int("min_examples", min_examples)
   _check_clients(num_clients, n, min_examples)
   rng = np.random.default_rng(seed)
   ranks = rng.permutation(num_clients) + 1

@@ -80,11 +80,7 @@ def plot_runs(groups: Mapping[str, Sequence[Rows]], path: str | os.PathLike |
           ax.fill_between(x, mean - std, mean + std, alpha=0.2,
                           color=color, linewidth=0)
     _decorate(ax, ptitle, ylabel)
-  if title:
-    fig.suptitle(title)
-  if path is not None:
-    fig.savefig(path, dpi=110)
-  return fig
+  return _finish(fig, title, path)
 
 
 def plot_curves(rows: Rows, path: str | os.PathLike | None = None,
@@ -122,6 +118,10 @@ def plot_curves(rows: Rows, path: str | os.PathLike | None = None,
     x, y = series(rows, key)
     ax.plot(x, y, "-", label=key.replace("_", " "))
     _decorate(ax, ptitle, ylabel)
+  return _finish(fig, title, path)
+
+
+def _finish(fig: Figure, title: str | None, path) -> Figure:
   if title:
     fig.suptitle(title)
   if path is not None:
