@@ -16,7 +16,7 @@ work from experiments/benchmark.py). Two measurements, in one invocation:
    reported: the median seconds/round and the ratio to FedAvg of the same
    process.
 
-Run::
+Writes experiments/results/aggregators.json and .md. Run::
 
   python experiments/aggregators_benchmark.py            # both, ~15 min
   python experiments/aggregators_benchmark.py --smoke    # seconds-long check
@@ -173,6 +173,70 @@ def median(xs):
   return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+REASONS = {
+    "unweighted_mean": "streaming, same work as FedAvg",
+    "clipped(weighted_mean)": "streaming; one extra pass per client for its "
+                              "update norm and the scaling",
+    "clipped adaptive": "as clipped, plus two counters",
+    "coordinate_median": "materialized: every update scattered into a "
+                         "[clients_per_round, d] buffer per device, the "
+                         "devices' buffers summed once, then a sort over "
+                         "clients for each of the d coordinates",
+    "trimmed_mean(0.1)": "materialized; the same sort as the median",
+    "geometric_median(iters=10)": "materialized; 10 Weiszfeld steps, each "
+                                  "two passes over the [m, d] buffer",
+    "centered_clipping(1.0)": "materialized; one clipping step (two passes "
+                              "over the buffer)",
+}
+
+
+def render_markdown(result: dict) -> str:
+  """The results file (experiments/results/aggregators.md) from the JSON."""
+  cpu = result.get("cpu", {})
+  peak = result.get("peak", {})
+  lines = [
+      "# Aggregators: seconds per round", "",
+      f"Command: `{result['command']}`", "",
+      f"Machine: {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores, "
+      f"AVX-512: {'yes' if cpu.get('avx512f') else 'no'}; float32 matmul "
+      f"peak {peak.get('peak_gflops', float('nan')):.0f} GFLOP/s "
+      f"({peak.get('matmul_n', '?')}^2, benchmark.py's helper). Date: "
+      f"{result['date']}. Load average at start/end: "
+      f"{', '.join(f'{x:.1f}' for x in result['load_average_start'])} / "
+      f"{', '.join(f'{x:.1f}' for x in result['load_average_end'])} (the "
+      "machine is shared: medians of interleaved repeats).", "",
+      f"Baseline: the engine at commit `{result['baseline_commit']}` (before "
+      "pluggable aggregators), extracted with `git archive` and run in its "
+      "own process, alternated with this checkout's.", ""]
+  for name, res in result["workloads"].items():
+    lines.append(f"## {name}")
+    lines.append("")
+    if "default" in res:
+      d = res["default"]
+      lines += [
+          "| FedAvg round | previous release | this checkout | ratio new/old "
+          "(median of per-repeat ratios) |", "|---|---|---|---|",
+          f"| seconds/round (median of {len(d['old'])} processes) | "
+          f"{d['old_seconds_per_round']:.4f} | "
+          f"{d['new_seconds_per_round']:.4f} | "
+          f"{d['ratio_new_over_old']:.3f} |", "",
+          "Per repeat (old, new): " + ", ".join(
+              f"({o['seconds_per_round']:.4f}, {n['seconds_per_round']:.4f})"
+              for o, n in zip(d["old"], d["new"])), ""]
+    if "aggregators" in res:
+      lines += ["| aggregator | seconds/round | x FedAvg | why |",
+                "|---|---|---|---|"]
+      for agg_name, v in res["aggregators"].items():
+        why = REASONS.get(agg_name, "")
+        if agg_name.startswith("krum") or agg_name.startswith("multi_krum"):
+          why = ("materialized; an [m, m] Gram matrix of the updates "
+                 "(m x m x d flops) and a sort of each row")
+        lines.append(f"| {agg_name} | {v['seconds_per_round']:.4f} | "
+                     f"{v['ratio_to_fedavg']:.2f} | {why} |")
+      lines.append("")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workloads", default="logreg1000,mlp100")
@@ -187,11 +251,21 @@ def main(argv=None):
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--out", default=os.path.join(HERE, "results",
                                                 "aggregators.json"))
+  ap.add_argument("--render", default=None,
+                  help="write the markdown of this results JSON and exit")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
     print(json.dumps(WORKERS[args.worker](args)))
+    return
+  md_path = os.path.splitext(args.out)[0] + ".md"
+  if args.render:
+    with open(args.render) as fh:
+      text = render_markdown(json.load(fh))
+    with open(md_path, "w") as fh:
+      fh.write(text)
+    print(text)
     return
   if args.smoke:
     args.repeats, args.rounds, args.cycles = 1, 2, 1
@@ -244,6 +318,8 @@ def main(argv=None):
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as fh:
     json.dump(result, fh, indent=1)
+  with open(md_path, "w") as fh:
+    fh.write(render_markdown(result))
   print(json.dumps({k: v for k, v in result.items() if k != "workloads"}))
 
 
