@@ -198,8 +198,9 @@ CASES = {
 
 @pytest.mark.parametrize("n,num_slots,ties,jit", [
     (7, 7, False, True), (8, 9, False, True), (10, 12, True, True),
-    (10, 12, True, False)], ids=["full-jit", "empty_slot-jit", "ties-jit",
-                                 "ties-eager"])
+    pytest.param(10, 12, True, False, marks=pytest.mark.slow)],
+                         ids=["full-jit", "empty_slot-jit", "ties-jit",
+                              "ties-eager"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_aggregator_matches_numpy(name, n, num_slots, ties, jit):
   make, reference = CASES[name]
@@ -404,8 +405,10 @@ def test_centered_clipping_state_in_engine_state_and_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: agg.clipped(agg.trimmed_mean(0.2), 0.5, adaptive=True,
-                        target_quantile=0.5, learning_rate=0.3),
+    pytest.param(lambda: agg.clipped(agg.trimmed_mean(0.2), 0.5,
+                                     adaptive=True, target_quantile=0.5,
+                                     learning_rate=0.3),
+                 marks=pytest.mark.slow),
     lambda: agg.centered_clipping(0.3)], ids=["adaptive_trimmed", "cc"])
 def test_pooled_runs_keep_their_own_aggregator_state(make):
   engine, data, params, _ = engine_setup(make(), 3)
