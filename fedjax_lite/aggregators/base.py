@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lite import checks
+
 PyTree = Any
 
 
@@ -166,8 +168,5 @@ def check_positive(value, arg: str, factory: str, allow_zero: bool = False):
 
 
 def check_int(value, arg: str, factory: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-      or value < minimum:
-    raise ValueError(f"{factory}: {arg} must be an int >= {minimum}, got "
-                     f"{value!r}.")
-  return int(value)
+  """An int ``>= minimum`` (bool refused), named ``factory: arg``."""
+  return checks.int_at_least(f"{factory}: {arg}", value, minimum)

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_lite import checks
 from fedjax_lite.aggregators.base import Aggregator, update_bytes
 from fedjax_lite.aggregators.mean import weighted_mean
 from fedjax_lite.algorithms.base import Aggregate, FederatedAlgorithm
@@ -91,20 +92,13 @@ class RoundConfig:
   block_size: int | None = None
 
   def __post_init__(self):
-    if not isinstance(self.clients_per_round, (int, np.integer)) or (
-        self.clients_per_round < 1):
-      raise ValueError(f"clients_per_round must be a positive int, got "
-                       f"{self.clients_per_round!r}.")
+    checks.positive_int("clients_per_round", self.clients_per_round)
     if self.sampling not in _SAMPLING:
       raise ValueError(f"sampling must be one of {_SAMPLING}, got "
                        f"{self.sampling!r}.")
-    if self.block_size is not None and (not isinstance(self.block_size, int)
-                                        or self.block_size < 1):
-      raise ValueError(f"block_size must be a positive int or None (auto), "
-                       f"got {self.block_size!r}.")
-    if not isinstance(self.local_work, LocalWork):
-      raise TypeError(f"local_work must be a LocalWork, got "
-                      f"{type(self.local_work).__name__}.")
+    checks.positive_int("block_size", self.block_size, allow_none=True,
+                        hint=" (None: automatic)")
+    checks.instance_of("local_work", self.local_work, LocalWork)
 
 
 @flax.struct.dataclass
@@ -249,12 +243,8 @@ class Engine:
 
   def __init__(self, algorithm: FederatedAlgorithm, config: RoundConfig,
                mesh: Mesh | None = None, *, debug: bool = False):
-    if not isinstance(algorithm, FederatedAlgorithm):
-      raise TypeError(f"algorithm must be a FederatedAlgorithm, got "
-                      f"{type(algorithm).__name__}.")
-    if not isinstance(config, RoundConfig):
-      raise TypeError(f"config must be a RoundConfig, got "
-                      f"{type(config).__name__}.")
+    checks.instance_of("algorithm", algorithm, FederatedAlgorithm)
+    checks.instance_of("config", config, RoundConfig)
     _aggregator_of(algorithm)  # type check early
     self.algorithm = algorithm
     self.config = config
@@ -305,12 +295,7 @@ class Engine:
       self._data_layout = dataset
       return dataset
     if model is not None:
-      for key in (model.input_key, model.label_key):
-        if key not in dataset.features:
-          raise ValueError(f"dataset has features {sorted(dataset.features)}"
-                           f"; the model needs {key!r}.")
-      if model.num_classes is not None:
-        model.validate_labels(dataset.features[model.label_key], "dataset")
+      checks.model_features(model, dataset.features, "dataset")
     data = to_device(dataset, self.config.local_work, buckets,
                      sharding=self.replicated)
     self._data_layout = data
@@ -411,8 +396,7 @@ class Engine:
 
     Returns the final state and metrics stacked over rounds.
     """
-    if not isinstance(num_rounds, (int, np.integer)) or num_rounds < 1:
-      raise ValueError(f"num_rounds must be a positive int, got {num_rounds!r}.")
+    checks.positive_int("num_rounds", num_rounds)
     self._check(state, data)
     state = self.init_aggregator_state(state, data)
     if self.debug:
