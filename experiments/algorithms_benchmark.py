@@ -42,40 +42,72 @@ def algorithms(model, num_clients):
   """name -> (algorithm, engine rounds per algorithm round, what it adds)."""
   sgd = optax.sgd(bench.LR)
   return {
-      "fed_avg": (fl.fed_avg(model, sgd, optax.sgd(1.0)), 1, "baseline"),
-      "fed_prox": (alg.fed_prox(model, sgd, mu=0.01), 1,
-                   "proximal term in each local gradient"),
-      "fed_adam": (alg.fed_adam(model, sgd, 0.01), 1, "server Adam"),
-      "fed_yogi": (alg.fed_yogi(model, sgd, 0.01), 1, "server Yogi"),
-      "fed_adagrad": (alg.fed_adagrad(model, sgd, 0.01), 1,
-                      "server Adagrad"),
-      "fed_avg_m": (alg.fed_avg_m(model, sgd, 1.0, momentum=0.9), 1,
-                    "server momentum"),
-      "scaffold": (alg.scaffold(model, bench.LR, num_clients=num_clients), 1,
-                   "control-variate correction per step; gathers and "
-                   "scatters the clients' control variates"),
-      "fed_nova": (alg.fed_nova(model, bench.LR), 1,
-                   "normalized update, tau_eff rescaling"),
-      "mime_lite": (alg.mime_lite(model, optax.sgd(bench.LR, momentum=0.9)),
-                    1, "a full-batch gradient pass at x per client"),
-      "mime": (alg.mime(model, optax.sgd(bench.LR, momentum=0.9)), 2,
-               "two engine rounds per Mime round: a full-batch gradient "
-               "pass, then local steps with two gradients each (at y and x)"),
-      "q_fed_avg": (alg.q_fed_avg(model, bench.LR, q=1.0), 1,
-                    "a forward pass for F_k(w_t) per client"),
-      "ditto": (alg.ditto(model, sgd, lam=0.1), 1,
-                "a second local training (the personal model) per client; "
-                "gathers and scatters the personal models"),
-      # Stragglers need E >= 2: compared with FedAvg at E = 2.
-      "fed_avg E=2": (fl.fed_avg(model, sgd, optax.sgd(1.0)), 1,
-                      "2 local epochs (twice FedAvg's local work); baseline "
-                      "of the straggler row"),
-      "fed_prox+stragglers E=2": (
-          alg.with_stragglers(alg.fed_prox(model, sgd, mu=0.01),
-                              fraction=0.9, num_epochs=2,
-                              clients_per_round=num_clients, drop=False),
-          1, "90% stragglers keep 1 of 2 epochs: masked steps still run "
-          "(shapes are static), so the round costs what FedAvg's does"),
+    "fed_avg": (fl.fed_avg(model, sgd, optax.sgd(1.0)), 1, "baseline"),
+    "fed_prox": (
+      alg.fed_prox(model, sgd, mu=0.01),
+      1,
+      "proximal term in each local gradient",
+    ),
+    "fed_adam": (alg.fed_adam(model, sgd, 0.01), 1, "server Adam"),
+    "fed_yogi": (alg.fed_yogi(model, sgd, 0.01), 1, "server Yogi"),
+    "fed_adagrad": (alg.fed_adagrad(model, sgd, 0.01), 1, "server Adagrad"),
+    "fed_avg_m": (
+      alg.fed_avg_m(model, sgd, 1.0, momentum=0.9),
+      1,
+      "server momentum",
+    ),
+    "scaffold": (
+      alg.scaffold(model, bench.LR, num_clients=num_clients),
+      1,
+      "control-variate correction per step; gathers and "
+      "scatters the clients' control variates",
+    ),
+    "fed_nova": (
+      alg.fed_nova(model, bench.LR),
+      1,
+      "normalized update, tau_eff rescaling",
+    ),
+    "mime_lite": (
+      alg.mime_lite(model, optax.sgd(bench.LR, momentum=0.9)),
+      1,
+      "a full-batch gradient pass at x per client",
+    ),
+    "mime": (
+      alg.mime(model, optax.sgd(bench.LR, momentum=0.9)),
+      2,
+      "two engine rounds per Mime round: a full-batch gradient "
+      "pass, then local steps with two gradients each (at y and x)",
+    ),
+    "q_fed_avg": (
+      alg.q_fed_avg(model, bench.LR, q=1.0),
+      1,
+      "a forward pass for F_k(w_t) per client",
+    ),
+    "ditto": (
+      alg.ditto(model, sgd, lam=0.1),
+      1,
+      "a second local training (the personal model) per client; "
+      "gathers and scatters the personal models",
+    ),
+    # Stragglers need E >= 2: compared with FedAvg at E = 2.
+    "fed_avg E=2": (
+      fl.fed_avg(model, sgd, optax.sgd(1.0)),
+      1,
+      "2 local epochs (twice FedAvg's local work); baseline "
+      "of the straggler row",
+    ),
+    "fed_prox+stragglers E=2": (
+      alg.with_stragglers(
+        alg.fed_prox(model, sgd, mu=0.01),
+        fraction=0.9,
+        num_epochs=2,
+        clients_per_round=num_clients,
+        drop=False,
+      ),
+      1,
+      "90% stragglers keep 1 of 2 epochs: masked steps still run "
+      "(shapes are static), so the round costs what FedAvg's does",
+    ),
   }
 
 
@@ -86,22 +118,30 @@ BASELINE = {"fed_prox+stragglers E=2": "fed_avg E=2"}
 def build_dataset(w):
   x, y = bench.make_data(w)
   return fl.FederatedDataset(
-      features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
-      offsets=[i * w["examples"] for i in range(w["num_clients"])],
-      counts=[w["examples"]] * w["num_clients"])
+    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
+    offsets=[i * w["examples"] for i in range(w["num_clients"])],
+    counts=[w["examples"]] * w["num_clients"],
+  )
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--cycles", type=int, default=7,
-                  help="interleaved timing cycles")
-  ap.add_argument("--rounds-per-sample", type=int, default=3,
-                  help="consecutive rounds per timed sample")
+  ap.add_argument(
+    "--cycles", type=int, default=7, help="interleaved timing cycles"
+  )
+  ap.add_argument(
+    "--rounds-per-sample",
+    type=int,
+    default=3,
+    help="consecutive rounds per timed sample",
+  )
   ap.add_argument("--only", default=None, help="comma list of algorithms")
-  ap.add_argument("--out", default=os.path.join(HERE, "results",
-                                                "algorithms.md"))
-  ap.add_argument("--smoke", action="store_true",
-                  help="100 clients, 2 cycles, output to /tmp")
+  ap.add_argument(
+    "--out", default=os.path.join(HERE, "results", "algorithms.md")
+  )
+  ap.add_argument(
+    "--smoke", action="store_true", help="100 clients, 2 cycles, output to /tmp"
+  )
   args = ap.parse_args(argv)
   w = dict(bench.WORKLOADS["logreg1000"])
   if args.smoke:
@@ -119,13 +159,10 @@ def main(argv=None):
 
   runners = {}
   for name, (algorithm, _, _) in table.items():
-    work = fl.LocalWork(batch_size=bench.BATCH,
-                        num_epochs=EPOCHS.get(name, 1))
-    engine = fl.Engine(algorithm, fl.RoundConfig(w["clients_per_round"],
-                                                 work))
+    work = fl.LocalWork(batch_size=bench.BATCH, num_epochs=EPOCHS.get(name, 1))
+    engine = fl.Engine(algorithm, fl.RoundConfig(w["clients_per_round"], work))
     data = engine.put_data(ds)
-    holder = {"s": engine.init(params, seed=0,
-                               num_clients=w["num_clients"])}
+    holder = {"s": engine.init(params, seed=0, num_clients=w["num_clients"])}
 
     def run(engine=engine, data=data, holder=holder):
       for _ in range(args.rounds_per_sample):
@@ -135,8 +172,10 @@ def main(argv=None):
     t = time.perf_counter()
     run()  # compile + warm-up
     run()
-    print(f"{name:24s} compiled and warmed up in "
-          f"{time.perf_counter() - t:.1f}s", flush=True)
+    print(
+      f"{name:24s} compiled and warmed up in {time.perf_counter() - t:.1f}s",
+      flush=True,
+    )
     runners[name] = run
 
   samples = {name: [] for name in runners}
@@ -144,79 +183,94 @@ def main(argv=None):
     for name, run in runners.items():
       t = time.perf_counter()
       run()
-      samples[name].append((time.perf_counter() - t) /
-                           args.rounds_per_sample)
-    print(f"cycle {c + 1}/{args.cycles}: " + " ".join(
-        f"{n}={samples[n][-1] * 1e3:.1f}ms" for n in runners), flush=True)
+      samples[name].append((time.perf_counter() - t) / args.rounds_per_sample)
+    print(
+      f"cycle {c + 1}/{args.cycles}: "
+      + " ".join(f"{n}={samples[n][-1] * 1e3:.1f}ms" for n in runners),
+      flush=True,
+    )
 
   rows = []
   for name, ts in samples.items():
     ts = np.asarray(ts)
     base = np.asarray(samples[BASELINE.get(name, "fed_avg")])
-    rows.append((name, float(np.median(ts)),
-                 float(np.median(ts / base)), table[name][1], table[name][2]))
+    rows.append(
+      (
+        name,
+        float(np.median(ts)),
+        float(np.median(ts / base)),
+        table[name][1],
+        table[name][2],
+      )
+    )
   cpu = bench.cpu_info()
   write_markdown(rows, args, w, cpu)
   for name, sec, ratio, per, _ in rows:
-    print(f"{name:24s} {sec * 1e3:8.2f} ms/engine round  x{ratio:.2f} vs "
-          f"{BASELINE.get(name, 'fed_avg')}" +
-          (f"  ({sec * per * 1e3:.2f} ms per algorithm round)"
-           if per > 1 else ""))
+    print(
+      f"{name:24s} {sec * 1e3:8.2f} ms/engine round  x{ratio:.2f} vs "
+      f"{BASELINE.get(name, 'fed_avg')}"
+      + (f"  ({sec * per * 1e3:.2f} ms per algorithm round)" if per > 1 else "")
+    )
   print("wrote", args.out)
 
 
 def write_markdown(rows, args, w, cpu):
   cmd = "python experiments/algorithms_benchmark.py" + (
-      " --smoke" if args.smoke else "")
+    " --smoke" if args.smoke else ""
+  )
   lines = [
-      "# Seconds per round of the algorithm family (logreg1000)",
-      "",
-      f"Workload: {w['num_clients']} clients x {w['examples']} examples x "
-      f"{w['features']} features, {w['classes']} classes, all "
-      f"{w['clients_per_round']} clients every round, batch {bench.BATCH}, "
-      f"1 local epoch, client SGD lr {bench.LR}, logistic regression "
-      "(experiments/benchmark.py's `logreg1000`), the engine with the "
-      "package's default CPU settings "
-      f"({len(jax.devices())} XLA CPU devices).",
-      "",
-      f"CPU: {cpu.get('model', '?')}, {cpu.get('cores')} cores (shared with "
-      "other work, so timings are noisy). jax " + jax.__version__ + ". "
-      f"Measured {datetime.date.today().isoformat()}.",
-      "",
-      "Method: all algorithms in one process; each is compiled and warmed up "
-      f"first, then {args.cycles} interleaved cycles time "
-      f"{args.rounds_per_sample} consecutive rounds of every algorithm in "
-      "turn. Seconds/round is the median over cycles; the ratio is the "
-      "median over cycles of (algorithm / FedAvg in the same cycle).",
-      "",
-      "Command:",
-      "",
-      "```bash",
-      cmd,
-      "```",
-      "",
-      "| algorithm | ms / engine round | ratio to FedAvg (same cycle) | "
-      "what it adds |",
-      "| --- | --- | --- | --- |",
+    "# Seconds per round of the algorithm family (logreg1000)",
+    "",
+    f"Workload: {w['num_clients']} clients x {w['examples']} examples x "
+    f"{w['features']} features, {w['classes']} classes, all "
+    f"{w['clients_per_round']} clients every round, batch {bench.BATCH}, "
+    f"1 local epoch, client SGD lr {bench.LR}, logistic regression "
+    "(experiments/benchmark.py's `logreg1000`), the engine with the "
+    "package's default CPU settings "
+    f"({len(jax.devices())} XLA CPU devices).",
+    "",
+    f"CPU: {cpu.get('model', '?')}, {cpu.get('cores')} cores (shared with "
+    "other work, so timings are noisy). jax " + jax.__version__ + ". "
+    f"Measured {datetime.date.today().isoformat()}.",
+    "",
+    "Method: all algorithms in one process; each is compiled and warmed up "
+    f"first, then {args.cycles} interleaved cycles time "
+    f"{args.rounds_per_sample} consecutive rounds of every algorithm in "
+    "turn. Seconds/round is the median over cycles; the ratio is the "
+    "median over cycles of (algorithm / FedAvg in the same cycle).",
+    "",
+    "Command:",
+    "",
+    "```bash",
+    cmd,
+    "```",
+    "",
+    "| algorithm | ms / engine round | ratio to FedAvg (same cycle) | "
+    "what it adds |",
+    "| --- | --- | --- | --- |",
   ]
   for name, sec, ratio, per, what in rows:
-    extra = (f" ({sec * per * 1e3:.1f} ms and x{ratio * per:.2f} per Mime "
-             "round)" if per > 1 else "")
+    extra = (
+      f" ({sec * per * 1e3:.1f} ms and x{ratio * per:.2f} per Mime round)"
+      if per > 1
+      else ""
+    )
     vs = f" (vs {BASELINE[name]})" if name in BASELINE else ""
-    lines.append(f"| {name} | {sec * 1e3:.2f}{extra} | {ratio:.2f}{vs} | "
-                 f"{what} |")
+    lines.append(
+      f"| {name} | {sec * 1e3:.2f}{extra} | {ratio:.2f}{vs} | {what} |"
+    )
   lines += [
-      "",
-      "Algorithms that do more work per round than FedAvg by design: "
-      "MimeLite and q-FedAvg evaluate every client's full local batch at the "
-      "server weights (a gradient, or a loss), Ditto trains two models per "
-      "client, Mime makes a gradient pass and then two gradient evaluations "
-      "per local step (about three times FedAvg's gradient work per Mime "
-      "round, spread over two engine rounds), and SCAFFOLD / Ditto read and "
-      "write per-client state for the whole population in every round. The "
-      "others differ from FedAvg only in O(model) server work or a few "
-      "elementwise operations per local step.",
-      "",
+    "",
+    "Algorithms that do more work per round than FedAvg by design: "
+    "MimeLite and q-FedAvg evaluate every client's full local batch at the "
+    "server weights (a gradient, or a loss), Ditto trains two models per "
+    "client, Mime makes a gradient pass and then two gradient evaluations "
+    "per local step (about three times FedAvg's gradient work per Mime "
+    "round, spread over two engine rounds), and SCAFFOLD / Ditto read and "
+    "write per-client state for the whole population in every round. The "
+    "others differ from FedAvg only in O(model) server work or a few "
+    "elementwise operations per local step.",
+    "",
   ]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:

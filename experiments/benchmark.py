@@ -34,12 +34,24 @@ import sys
 import time
 
 WORKLOADS = {
-    # name: population, clients/round, examples/client, features, classes,
-    #       hidden layers
-    "mlp100": dict(num_clients=100, clients_per_round=100, examples=100,
-                   features=784, classes=62, hidden=(200, 200)),
-    "logreg1000": dict(num_clients=1000, clients_per_round=1000, examples=50,
-                       features=60, classes=10, hidden=()),
+  # name: population, clients/round, examples/client, features, classes,
+  #       hidden layers
+  "mlp100": dict(
+    num_clients=100,
+    clients_per_round=100,
+    examples=100,
+    features=784,
+    classes=62,
+    hidden=(200, 200),
+  ),
+  "logreg1000": dict(
+    num_clients=1000,
+    clients_per_round=1000,
+    examples=50,
+    features=60,
+    classes=10,
+    hidden=(),
+  ),
 }
 LR, BATCH = 0.05, 10
 
@@ -47,8 +59,9 @@ LR, BATCH = 0.05, 10
 def cpu_info() -> dict:
   info = {"machine": platform.machine(), "cores": os.cpu_count()}
   try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(
+      ["lscpu"], capture_output=True, text=True, check=False
+    ).stdout
     for line in out.splitlines():
       if line.startswith("Model name:"):
         info["model"] = line.split(":", 1)[1].strip()
@@ -90,6 +103,7 @@ def current_rss_mb() -> float:
 
 def make_data(w, num_clients=None):
   import numpy as np
+
   n = num_clients or w["num_clients"]
   rng = np.random.default_rng(0)
   x = rng.standard_normal((n, w["examples"], w["features"]), dtype=np.float32)
@@ -99,15 +113,19 @@ def make_data(w, num_clients=None):
 
 def model_for(w, fast_grad=True):
   import fedjax_lite as fl
+
   if w["hidden"]:
-    return fl.models.mlp(w["features"], w["classes"], w["hidden"],
-                         fast_grad=fast_grad)
-  return fl.models.logistic_regression(w["features"], w["classes"],
-                                       fast_grad=fast_grad)
+    return fl.models.mlp(
+      w["features"], w["classes"], w["hidden"], fast_grad=fast_grad
+    )
+  return fl.models.logistic_regression(
+    w["features"], w["classes"], fast_grad=fast_grad
+  )
 
 
 def round_flops(w, params) -> float:
   import fedjax_lite as fl
+
   per_example = fl.models.dense_flops_per_example(params)
   return float(per_example * w["examples"] * w["clients_per_round"])
 
@@ -115,6 +133,7 @@ def round_flops(w, params) -> float:
 def time_rounds(fn, rounds):
   import jax
   import numpy as np
+
   jax.block_until_ready(fn())  # warm-up (compiles)
   ts = []
   for _ in range(rounds):
@@ -129,6 +148,7 @@ def worker_peak(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   n = 2048 if jax.devices()[0].platform == "cpu" else 8192
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
@@ -138,32 +158,37 @@ def worker_peak(args):
     t = time.perf_counter()
     f(a, a).block_until_ready()
     ts.append(time.perf_counter() - t)
-  return {"matmul_n": n, "peak_gflops": 2 * n**3 / float(np.median(ts)) / 1e9,
-          "best_gflops": 2 * n**3 / min(ts) / 1e9}
+  return {
+    "matmul_n": n,
+    "peak_gflops": 2 * n**3 / float(np.median(ts)) / 1e9,
+    "best_gflops": 2 * n**3 / min(ts) / 1e9,
+  }
 
 
 def worker_engine(args):
   import fedjax_lite as fl
   import jax
   import optax
+
   w = dict(WORKLOADS[args.workload])
   if args.clients_per_round:
     w["clients_per_round"] = args.clients_per_round
   if args.num_clients:
     w["num_clients"] = args.num_clients
   x, y = make_data(w)
-  ds = fl.FederatedDataset(features={"x": x.reshape(-1, w["features"]),
-                                     "y": y.reshape(-1)},
-                           offsets=[i * w["examples"] for i in
-                                    range(w["num_clients"])],
-                           counts=[w["examples"]] * w["num_clients"])
+  ds = fl.FederatedDataset(
+    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
+    offsets=[i * w["examples"] for i in range(w["num_clients"])],
+    counts=[w["examples"]] * w["num_clients"],
+  )
   del x, y
   model = model_for(w, fast_grad=not args.plain_dense)
   params = model.init(jax.random.PRNGKey(0))
   work = fl.LocalWork(batch_size=BATCH, num_epochs=1)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(LR), optax.sgd(1.0)),
-                     fl.RoundConfig(w["clients_per_round"], work,
-                                    block_size=args.block_size))
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(LR), optax.sgd(1.0)),
+    fl.RoundConfig(w["clients_per_round"], work, block_size=args.block_size),
+  )
   data = engine.put_data(ds)
   del ds
   jax.block_until_ready(data)
@@ -185,16 +210,19 @@ def worker_engine(args):
     return holder["s"].server.params
 
   med, ts = time_rounds(one, args.rounds)
-  out = {"seconds_per_round": med, "times": ts,
-         "rss_before_rounds_mb": rss_before,
-         "xla_temp_mb": temp_mb,
-         "round_peak_rss_mb": hwm_rss_mb() if reset else float("nan"),
-         "devices": len(jax.devices()),
-         "platform": jax.devices()[0].platform,
-         "block_size": engine.block_sizes,
-         "traces": engine.num_traces,
-         "settings": fl.runtime.settings(),
-         "rss_after_data_mb": rss_data}
+  out = {
+    "seconds_per_round": med,
+    "times": ts,
+    "rss_before_rounds_mb": rss_before,
+    "xla_temp_mb": temp_mb,
+    "round_peak_rss_mb": hwm_rss_mb() if reset else float("nan"),
+    "devices": len(jax.devices()),
+    "platform": jax.devices()[0].platform,
+    "block_size": engine.block_sizes,
+    "traces": engine.num_traces,
+    "settings": fl.runtime.settings(),
+    "rss_after_data_mb": rss_data,
+  }
   if args.scan_rounds:
     k = args.scan_rounds
     st = holder["s"]
@@ -216,12 +244,15 @@ def _client_fn(model):
     def step(p, batch):
       x, yy = batch
       mask = jax.numpy.ones(x.shape[:1], bool)
-      g, _ = jax.grad(model.batch_loss, has_aux=True)(p, {"x": x, "y": yy},
-                                                      mask)
+      g, _ = jax.grad(model.batch_loss, has_aux=True)(
+        p, {"x": x, "y": yy}, mask
+      )
       u, _ = opt.update(g, opt.init(p), p)
       return optax.apply_updates(p, u), None
+
     p, _ = jax.lax.scan(step, params, (xb, yb))
     return jax.tree.map(lambda a, b: a - b, params, p)
+
   return client
 
 
@@ -231,15 +262,18 @@ def worker_loop(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   w = WORKLOADS[args.workload]
   x, y = make_data(w)
   model = model_for(w, fast_grad=not args.plain_dense)
   params = model.init(jax.random.PRNGKey(0))
   client = jax.jit(_client_fn(model))
-  accumulate = jax.jit(lambda acc, d, wt: jax.tree.map(
-      lambda a, b: a + wt * b, acc, d))
-  server = jax.jit(lambda p, acc, tot: jax.tree.map(
-      lambda a, b: a - b / tot, p, acc))
+  accumulate = jax.jit(
+    lambda acc, d, wt: jax.tree.map(lambda a, b: a + wt * b, acc, d)
+  )
+  server = jax.jit(
+    lambda p, acc, tot: jax.tree.map(lambda a, b: a - b / tot, p, acc)
+  )
   rng = np.random.default_rng(1)
   steps = w["examples"] // BATCH
   holder = {"p": params}
@@ -260,8 +294,11 @@ def worker_loop(args):
     return holder["p"]
 
   med, ts = time_rounds(one, args.rounds)
-  return {"seconds_per_round": med, "times": ts,
-          "flops_per_round": round_flops(w, params)}
+  return {
+    "seconds_per_round": med,
+    "times": ts,
+    "flops_per_round": round_flops(w, params),
+  }
 
 
 def worker_fedjax_loop(args):
@@ -276,6 +313,7 @@ def worker_fedjax_loop(args):
   import jax.numpy as jnp
   import numpy as np
   import optax
+
   w = WORKLOADS[args.workload]
   x, y = make_data(w)
   model = model_for(w, fast_grad=not args.plain_dense)
@@ -285,18 +323,25 @@ def worker_fedjax_loop(args):
 
   @jax.jit
   def client_init(server_params, rng):
-    return {"params": server_params, "opt_state": opt.init(server_params),
-            "rng": rng}
+    return {
+      "params": server_params,
+      "opt_state": opt.init(server_params),
+      "rng": rng,
+    }
 
   @jax.jit
   def client_step(state, batch):
     rng, use_rng = jax.random.split(state["rng"])
     mask = jnp.ones(batch["x"].shape[:1], bool)
-    g, _ = jax.grad(model.batch_loss, has_aux=True)(state["params"], batch,
-                                                    mask, use_rng)
+    g, _ = jax.grad(model.batch_loss, has_aux=True)(
+      state["params"], batch, mask, use_rng
+    )
     u, opt_state = opt.update(g, state["opt_state"], state["params"])
-    return {"params": optax.apply_updates(state["params"], u),
-            "opt_state": opt_state, "rng": rng}
+    return {
+      "params": optax.apply_updates(state["params"], u),
+      "opt_state": opt_state,
+      "rng": rng,
+    }
 
   @jax.jit
   def client_final(server_params, state):
@@ -308,8 +353,11 @@ def worker_fedjax_loop(args):
     return optax.apply_updates(p, u), opt_state
 
   rng = np.random.default_rng(1)
-  holder = {"p": params, "o": server_opt.init(params),
-            "k": jax.random.PRNGKey(0)}
+  holder = {
+    "p": params,
+    "o": server_opt.init(params),
+    "k": jax.random.PRNGKey(0),
+  }
 
   def one():
     p = holder["p"]
@@ -321,7 +369,9 @@ def worker_fedjax_loop(args):
       holder["k"], k = jax.random.split(holder["k"])
       state = client_init(p, k)
       for s in range(0, w["examples"], BATCH):
-        state = client_step(state, {"x": cx[s:s + BATCH], "y": cy[s:s + BATCH]})
+        state = client_step(
+          state, {"x": cx[s : s + BATCH], "y": cy[s : s + BATCH]}
+        )
       delta = client_final(p, state)
       weighted = jax.tree.map(lambda d: d * float(w["examples"]), delta)
       acc = weighted if acc is None else jax.tree.map(jnp.add, acc, weighted)
@@ -331,14 +381,18 @@ def worker_fedjax_loop(args):
     return holder["p"]
 
   med, ts = time_rounds(one, args.rounds)
-  return {"seconds_per_round": med, "times": ts,
-          "flops_per_round": round_flops(w, params)}
+  return {
+    "seconds_per_round": med,
+    "times": ts,
+    "flops_per_round": round_flops(w, params),
+  }
 
 
 def worker_vmap(args):
   """Naive vmap over all sampled clients at once (every model copy live)."""
   import jax
   import jax.numpy as jnp
+
   w = WORKLOADS[args.workload]
   x, y = make_data(w)
   model = model_for(w, fast_grad=not args.plain_dense)
@@ -353,9 +407,11 @@ def worker_vmap(args):
     k1, k2 = jax.random.split(key)
     ids = jax.random.choice(k1, w["num_clients"], (m,), replace=False)
     perm = jax.vmap(lambda k: jax.random.permutation(k, w["examples"]))(
-        jax.random.split(k2, m))
+      jax.random.split(k2, m)
+    )
     xb = jnp.take_along_axis(xd[ids], perm[..., None], 1).reshape(
-        m, steps, BATCH, -1)
+      m, steps, BATCH, -1
+    )
     yb = jnp.take_along_axis(yd[ids], perm, 1).reshape(m, steps, BATCH)
     deltas = jax.vmap(client, in_axes=(None, 0, 0))(p, xb, yb)
     return jax.tree.map(lambda a, d: a - d.mean(0), p, deltas)
@@ -368,13 +424,20 @@ def worker_vmap(args):
     return holder["p"]
 
   med, ts = time_rounds(one, args.rounds)
-  return {"seconds_per_round": med, "times": ts,
-          "flops_per_round": round_flops(w, params)}
+  return {
+    "seconds_per_round": med,
+    "times": ts,
+    "flops_per_round": round_flops(w, params),
+  }
 
 
-WORKERS = {"peak": worker_peak, "engine": worker_engine,
-           "fedjax_loop": worker_fedjax_loop, "loop": worker_loop,
-           "vmap": worker_vmap}
+WORKERS = {
+  "peak": worker_peak,
+  "engine": worker_engine,
+  "fedjax_loop": worker_fedjax_loop,
+  "loop": worker_loop,
+  "vmap": worker_vmap,
+}
 
 
 def run_worker(mode, workload, rounds, extra=(), tuned=False, env_extra=None):
@@ -382,10 +445,20 @@ def run_worker(mode, workload, rounds, extra=(), tuned=False, env_extra=None):
   if not tuned:
     env["FEDJAX_LITE_CPU_TUNING"] = "0"
   env.update(env_extra or {})
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode,
-         "--workload", workload, "--rounds", str(rounds), *extra]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                        check=False)
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--worker",
+    mode,
+    "--workload",
+    workload,
+    "--rounds",
+    str(rounds),
+    *extra,
+  ]
+  proc = subprocess.run(
+    cmd, capture_output=True, text=True, env=env, check=False
+  )
   if proc.returncode != 0:
     raise RuntimeError(f"worker {mode}/{workload} failed:\n{proc.stderr}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -394,26 +467,36 @@ def run_worker(mode, workload, rounds, extra=(), tuned=False, env_extra=None):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workloads", default="mlp100,logreg1000")
-  ap.add_argument("--modes", default="fedjax_loop,loop,vmap,engine",
-                  help="comma list of fedjax_loop, loop, vmap, engine, "
-                  "engine_default_xla (the engine without the package's CPU "
-                  "settings)")
+  ap.add_argument(
+    "--modes",
+    default="fedjax_loop,loop,vmap,engine",
+    help="comma list of fedjax_loop, loop, vmap, engine, "
+    "engine_default_xla (the engine without the package's CPU "
+    "settings)",
+  )
   ap.add_argument("--rounds", type=int, default=5, help="timed rounds")
   ap.add_argument("--json", default=None, help="write results here")
-  ap.add_argument("--memory", action="store_true",
-                  help="also measure logreg with 1k vs 10k clients/round")
-  ap.add_argument("--plain-dense", action="store_true",
-                  help="use autodiff's dense gradient layout everywhere")
+  ap.add_argument(
+    "--memory",
+    action="store_true",
+    help="also measure logreg with 1k vs 10k clients/round",
+  )
+  ap.add_argument(
+    "--plain-dense",
+    action="store_true",
+    help="use autodiff's dense gradient layout everywhere",
+  )
   # worker options
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   ap.add_argument("--workload", default="mlp100", help=argparse.SUPPRESS)
   ap.add_argument("--block-size", type=int, default=None)
-  ap.add_argument("--clients-per-round", type=int, default=None,
-                  help=argparse.SUPPRESS)
-  ap.add_argument("--num-clients", type=int, default=None,
-                  help=argparse.SUPPRESS)
-  ap.add_argument("--scan-rounds", type=int, default=0,
-                  help=argparse.SUPPRESS)
+  ap.add_argument(
+    "--clients-per-round", type=int, default=None, help=argparse.SUPPRESS
+  )
+  ap.add_argument(
+    "--num-clients", type=int, default=None, help=argparse.SUPPRESS
+  )
+  ap.add_argument("--scan-rounds", type=int, default=0, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
 
   if args.worker:
@@ -427,72 +510,104 @@ def main(argv=None):
   extra = ["--plain-dense"] if args.plain_dense else []
   results = {"cpu": cpu_info(), "python": sys.version.split()[0]}
   import jax  # only for the version string (no backend init here)
+
   results["jax"] = jax.__version__
   print(f"# CPU: {results['cpu']}", flush=True)
   peak = run_worker("peak", "mlp100", 1)
   results["matmul_peak_gflops"] = peak["peak_gflops"]
-  print(f"# matmul peak (jax, default XLA, {peak['matmul_n']}^2): "
-        f"{peak['peak_gflops']:.1f} GFLOP/s", flush=True)
+  print(
+    f"# matmul peak (jax, default XLA, {peak['matmul_n']}^2): "
+    f"{peak['peak_gflops']:.1f} GFLOP/s",
+    flush=True,
+  )
   modes = args.modes.split(",")
   for wl in args.workloads.split(","):
     res = {}
     for mode in modes:
-      bs = ["--block-size", str(args.block_size)] if (
-          args.block_size and mode == "engine") else []
+      bs = (
+        ["--block-size", str(args.block_size)]
+        if (args.block_size and mode == "engine")
+        else []
+      )
       sc = ["--scan-rounds", "5"] if mode.startswith("engine") else []
       worker = "engine" if mode.startswith("engine") else mode
-      r = run_worker(worker, wl, args.rounds, extra + bs + sc,
-                     tuned=(mode == "engine"))
+      r = run_worker(
+        worker, wl, args.rounds, extra + bs + sc, tuned=(mode == "engine")
+      )
       r["gflops"] = r["flops_per_round"] / r["seconds_per_round"] / 1e9
       r["fraction_of_peak"] = r["gflops"] / peak["peak_gflops"]
       res[mode] = r
-      print(f"{wl:11s} {mode:7s} {r['seconds_per_round']*1e3:9.2f} ms/round "
-            f"{r['gflops']:7.1f} GFLOP/s ({100*r['fraction_of_peak']:.0f}% of "
-            f"peak)  peak RSS {r['peak_rss_mb']:.0f} MB"
-            + (f"  scan {r['scan_seconds_per_round']*1e3:.2f} ms/round"
-               if "scan_seconds_per_round" in r else ""), flush=True)
+      print(
+        f"{wl:11s} {mode:7s} {r['seconds_per_round'] * 1e3:9.2f} ms/round "
+        f"{r['gflops']:7.1f} GFLOP/s ({100 * r['fraction_of_peak']:.0f}% of "
+        f"peak)  peak RSS {r['peak_rss_mb']:.0f} MB"
+        + (
+          f"  scan {r['scan_seconds_per_round'] * 1e3:.2f} ms/round"
+          if "scan_seconds_per_round" in r
+          else ""
+        ),
+        flush=True,
+      )
     if "engine" in res:
       for base in ("fedjax_loop", "loop", "vmap"):
         if base in res:
-          ratio = res[base]["seconds_per_round"] / res["engine"][
-              "seconds_per_round"]
+          ratio = (
+            res[base]["seconds_per_round"] / res["engine"]["seconds_per_round"]
+          )
           res[f"speedup_vs_{base}"] = ratio
           print(f"{wl:11s} engine is {ratio:.2f}x faster than {base}")
     results[wl] = res
   if args.memory:
     mem = {}
-    for m, block in ((1000, None), (10000, None), ("1000-b250", 250),
-                     ("10000-b250", 250)):
+    for m, block in (
+      (1000, None),
+      (10000, None),
+      ("1000-b250", 250),
+      ("10000-b250", 250),
+    ):
       clients = int(str(m).split("-")[0])
       bs = ["--block-size", str(block)] if block else []
-      r = run_worker("engine", "logreg1000", 3,
-                     ["--num-clients", "10000", "--clients-per-round",
-                      str(clients)] + bs, tuned=True)
+      r = run_worker(
+        "engine",
+        "logreg1000",
+        3,
+        ["--num-clients", "10000", "--clients-per-round", str(clients)] + bs,
+        tuned=True,
+      )
       # Working memory of a round: peak RSS while executing rounds (the
       # kernel's high-water mark is reset after compiling; the window holds
       # the first execution and the timed rounds) minus the resident memory
       # before them (data, params, compiled program).
       r["beyond_data_mb"] = r["round_peak_rss_mb"] - r["rss_before_rounds_mb"]
       mem[m] = r
-      print(f"logreg pop=10000 clients/round={m!s:>10} block "
-            f"{r['block_size']}: data resident "
-            f"{r['rss_after_data_mb']:.0f} MB, before rounds "
-            f"{r['rss_before_rounds_mb']:.0f} MB (data + compiled round), "
-            f"peak while executing rounds "
-            f"{r['round_peak_rss_mb']:.0f} MB -> round working memory "
-            f"{r['beyond_data_mb']:.1f} MB (XLA temp buffers "
-            f"{r['xla_temp_mb']:.1f} MB); process peak "
-            f"{r['peak_rss_mb']:.0f} MB (includes compiling); "
-            f"{r['seconds_per_round']*1e3:.1f} ms/round", flush=True)
-    for tag, a, b in (("auto", 10000, 1000),
-                      ("b250", "10000-b250", "1000-b250")):
+      print(
+        f"logreg pop=10000 clients/round={m!s:>10} block "
+        f"{r['block_size']}: data resident "
+        f"{r['rss_after_data_mb']:.0f} MB, before rounds "
+        f"{r['rss_before_rounds_mb']:.0f} MB (data + compiled round), "
+        f"peak while executing rounds "
+        f"{r['round_peak_rss_mb']:.0f} MB -> round working memory "
+        f"{r['beyond_data_mb']:.1f} MB (XLA temp buffers "
+        f"{r['xla_temp_mb']:.1f} MB); process peak "
+        f"{r['peak_rss_mb']:.0f} MB (includes compiling); "
+        f"{r['seconds_per_round'] * 1e3:.1f} ms/round",
+        flush=True,
+      )
+    for tag, a, b in (
+      ("auto", 10000, 1000),
+      ("b250", "10000-b250", "1000-b250"),
+    ):
       mem[f"ratio_beyond_data_{tag}"] = mem[a]["beyond_data_mb"] / max(
-          mem[b]["beyond_data_mb"], 1e-9)
+        mem[b]["beyond_data_mb"], 1e-9
+      )
       mem[f"ratio_xla_temp_{tag}"] = mem[a]["xla_temp_mb"] / max(
-          mem[b]["xla_temp_mb"], 1e-9)
-      print(f"round working memory, 10k / 1k clients per round, block "
-            f"{tag}: {mem[f'ratio_beyond_data_{tag}']:.2f}x (RSS), "
-            f"{mem[f'ratio_xla_temp_{tag}']:.2f}x (XLA temp buffers)")
+        mem[b]["xla_temp_mb"], 1e-9
+      )
+      print(
+        f"round working memory, 10k / 1k clients per round, block "
+        f"{tag}: {mem[f'ratio_beyond_data_{tag}']:.2f}x (RSS), "
+        f"{mem[f'ratio_xla_temp_{tag}']:.2f}x (XLA temp buffers)"
+      )
     results["memory"] = mem
   if args.json:
     with open(args.json, "w") as f:

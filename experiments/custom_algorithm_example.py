@@ -32,8 +32,9 @@ import optax
 
 
 # ---------------------------------------------------------- 1. a new client
-def fed_avg_clipped(model, client_optimizer, server_optimizer=None, *,
-                    clip_norm: float):
+def fed_avg_clipped(
+  model, client_optimizer, server_optimizer=None, *, clip_norm: float
+):
   """FedAvg with ``Delta_k <- Delta_k * min(1, C / ||Delta_k||)``."""
   base = fl.fed_avg(model, client_optimizer, server_optimizer)
 
@@ -43,8 +44,9 @@ def fed_avg_clipped(model, client_optimizer, server_optimizer=None, *,
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
     clipped = (norm > clip_norm).astype(jnp.float32)
     return out._replace(
-        update=jax.tree.map(lambda u: u * scale, out.update),
-        metrics=dict(out.metrics, clipped=(clipped, jnp.ones(()))))
+      update=jax.tree.map(lambda u: u * scale, out.update),
+      metrics=dict(out.metrics, clipped=(clipped, jnp.ones(()))),
+    )
 
   return base._replace(client_update=client_update, name="fed_avg_clipped")
 
@@ -54,14 +56,21 @@ def fed_avg_kernel_prox(model, client_optimizer, *, mu: float):
   """FedAvg whose clients minimise ``F_k(w) + mu/2 ||W - W_t||^2`` (kernels
   only): a local objective is ``(params, server_params, batch, mask, rng) ->
   (loss, stats)``."""
+
   def objective(params, server_params, batch, mask, rng):
     loss, stats = model.batch_loss(params, batch, mask, rng)
-    gap = sum(jnp.sum(jnp.square(p["kernel"] - s["kernel"]))
-              for p, s in zip(params.values(), server_params.values()))
+    gap = sum(
+      jnp.sum(jnp.square(p["kernel"] - s["kernel"]))
+      for p, s in zip(params.values(), server_params.values())
+    )
     return loss + 0.5 * mu * gap, stats
 
-  return fl.fed_avg(model, client_optimizer, local_objective=objective,
-                    name="fed_avg_kernel_prox")
+  return fl.fed_avg(
+    model,
+    client_optimizer,
+    local_objective=objective,
+    name="fed_avg_kernel_prox",
+  )
 
 
 def main(argv=None) -> dict:
@@ -78,11 +87,11 @@ def main(argv=None) -> dict:
   params = model.init(jax.random.PRNGKey(0))
   config = fl.RoundConfig(10, fl.LocalWork(batch_size=10, num_epochs=5))
   algorithms = {
-      "fed_avg": fl.fed_avg(model, optax.sgd(0.01)),
-      "fed_avg_clipped": fed_avg_clipped(model, optax.sgd(0.01),
-                                         clip_norm=args.clip_norm),
-      "fed_avg_kernel_prox": fed_avg_kernel_prox(model, optax.sgd(0.01),
-                                                 mu=1.0),
+    "fed_avg": fl.fed_avg(model, optax.sgd(0.01)),
+    "fed_avg_clipped": fed_avg_clipped(
+      model, optax.sgd(0.01), clip_norm=args.clip_norm
+    ),
+    "fed_avg_kernel_prox": fed_avg_kernel_prox(model, optax.sgd(0.01), mu=1.0),
   }
   results = {}
   for name, algorithm in algorithms.items():
@@ -90,20 +99,26 @@ def main(argv=None) -> dict:
     data = engine.put_data(train, buckets=1)
     # engine.run: all rounds in one compiled lax.scan; same seed = same
     # clients every round for every algorithm.
-    state, history = engine.run(engine.init(params, seed=0), data,
-                                args.rounds)
+    state, history = engine.run(engine.init(params, seed=0), data, args.rounds)
     train_ev = fl.evaluate(model, state.server.params, train)
     test_ev = fl.evaluate(model, state.server.params, test)
-    extra = (f", share of clipped updates "
-             f"{float(history['clipped'].mean()):.2f}"
-             if "clipped" in history else "")
-    print(f"{name:20s} after {args.rounds} rounds: training loss "
-          f"{train_ev.mean['loss']:.4f}, test accuracy "
-          f"{test_ev.mean['accuracy']:.3f}{extra}")
-    results[name] = {"loss": float(train_ev.mean["loss"]),
-                     "accuracy": float(test_ev.mean["accuracy"]),
-                     "clipped": float(history["clipped"].mean())
-                     if "clipped" in history else None}
+    extra = (
+      f", share of clipped updates {float(history['clipped'].mean()):.2f}"
+      if "clipped" in history
+      else ""
+    )
+    print(
+      f"{name:20s} after {args.rounds} rounds: training loss "
+      f"{train_ev.mean['loss']:.4f}, test accuracy "
+      f"{test_ev.mean['accuracy']:.3f}{extra}"
+    )
+    results[name] = {
+      "loss": float(train_ev.mean["loss"]),
+      "accuracy": float(test_ev.mean["accuracy"]),
+      "clipped": float(history["clipped"].mean())
+      if "clipped" in history
+      else None,
+    }
   return results
 
 

@@ -59,7 +59,8 @@ def _load(name):
 def machine() -> dict:
   info = _load("benchmark").cpu_info()
   info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds")
+    timespec="seconds"
+  )
   info["jax"] = jax.__version__
   info["devices"] = len(jax.devices())
   return info
@@ -75,12 +76,14 @@ def run_curve(args) -> dict:
   exp_file = _load("dp_fedavg")
   base = exp_file.get_config("smoke" if args.smoke else "")
   if args.rounds:
-    base = dataclasses.replace(base, num_rounds=args.rounds,
-                               eval_every=min(base.eval_every, args.rounds))
+    base = dataclasses.replace(
+      base, num_rounds=args.rounds, eval_every=min(base.eval_every, args.rounds)
+    )
   settings = [(f"eps={e:g}", dict(target_epsilon=e)) for e in EPSILONS]
-  settings += [("clip only (z=0)", dict(target_epsilon=0.0,
-                                        noise_multiplier=0.0)),
-               ("FedAvg (no DP)", None)]
+  settings += [
+    ("clip only (z=0)", dict(target_epsilon=0.0, noise_multiplier=0.0)),
+    ("FedAvg (no DP)", None),
+  ]
   seeds = list(range(args.seeds))
   results = []
   for label, over in settings:
@@ -93,52 +96,74 @@ def run_curve(args) -> dict:
       else:
         exp = exp_file.build(cfg)
         z = exp_file.noise_multiplier(cfg)
-      res = fl.experiment.train(exp, None, progress=False,
-                                handle_signals=False)
+      res = fl.experiment.train(exp, None, progress=False, handle_signals=False)
       rows = res.rows
-      test = [(r["round"], r["test_accuracy"]) for r in rows
-              if "test_accuracy" in r]
+      test = [
+        (r["round"], r["test_accuracy"]) for r in rows if "test_accuracy" in r
+      ]
       eps = [_num(r.get("train_dp_epsilon")) for r in rows]
-      entry = {"label": label, "seed": seed, "noise_multiplier": z,
-               "target_epsilon": None if over is None else
-               cfg.target_epsilon, "final_test_accuracy": test[-1][1],
-               "test_curve": test, "epsilon_curve": eps,
-               "clip_curve": [_num(r.get("train_dp_clip_norm"))
-                              for r in rows],
-               "wall_s": time.perf_counter() - t0}
+      entry = {
+        "label": label,
+        "seed": seed,
+        "noise_multiplier": z,
+        "target_epsilon": None if over is None else cfg.target_epsilon,
+        "final_test_accuracy": test[-1][1],
+        "test_curve": test,
+        "epsilon_curve": eps,
+        "clip_curve": [_num(r.get("train_dp_clip_norm")) for r in rows],
+        "wall_s": time.perf_counter() - t0,
+      }
       if z:
-        mech = privacy.DpMechanism(z, cfg.sampling, cfg.num_clients,
-                                   clients_per_round=cfg.clients_per_round)
-        entry["epsilon_rdp"] = privacy.epsilon(mech, cfg.num_rounds,
-                                               cfg.delta, "rdp")
+        mech = privacy.DpMechanism(
+          z,
+          cfg.sampling,
+          cfg.num_clients,
+          clients_per_round=cfg.clients_per_round,
+        )
+        entry["epsilon_rdp"] = privacy.epsilon(
+          mech, cfg.num_rounds, cfg.delta, "rdp"
+        )
         if seed == 0:
-          entry["epsilon_pld"] = privacy.epsilon(mech, cfg.num_rounds,
-                                                 cfg.delta, "pld")
+          entry["epsilon_pld"] = privacy.epsilon(
+            mech, cfg.num_rounds, cfg.delta, "pld"
+          )
       results.append(entry)
-      print(f"{label:>16} seed {seed}: z={z} test acc "
-            f"{entry['final_test_accuracy']:.4f} eps {eps[-1]} "
-            f"({entry['wall_s']:.0f} s)", flush=True)
-  return {"config": dataclasses.asdict(base), "seeds": seeds,
-          "runs": results, "machine": machine(),
-          "command": "python experiments/dp_benchmark.py curve" +
-          (" --smoke" if args.smoke else "")}
+      print(
+        f"{label:>16} seed {seed}: z={z} test acc "
+        f"{entry['final_test_accuracy']:.4f} eps {eps[-1]} "
+        f"({entry['wall_s']:.0f} s)",
+        flush=True,
+      )
+  return {
+    "config": dataclasses.asdict(base),
+    "seeds": seeds,
+    "runs": results,
+    "machine": machine(),
+    "command": "python experiments/dp_benchmark.py curve"
+    + (" --smoke" if args.smoke else ""),
+  }
 
 
 def plain_fed_avg(exp_file, cfg) -> fl.experiment.Experiment:
   """FedAvg (example-weighted mean, no clipping, no noise), same data, model,
   optimizers and expected users per round (fixed-size sampling)."""
-  exp = exp_file.build(dataclasses.replace(cfg, target_epsilon=0.0,
-                                           noise_multiplier=0.0))
-  alg = fl.fed_avg(exp.model, optax.sgd(cfg.client_lr),
-                   optax.sgd(cfg.server_lr,
-                             momentum=cfg.server_momentum or None))
-  rc = dataclasses.replace(exp.round_config,
-                           clients_per_round=cfg.clients_per_round)
+  exp = exp_file.build(
+    dataclasses.replace(cfg, target_epsilon=0.0, noise_multiplier=0.0)
+  )
+  alg = fl.fed_avg(
+    exp.model,
+    optax.sgd(cfg.client_lr),
+    optax.sgd(cfg.server_lr, momentum=cfg.server_momentum or None),
+  )
+  rc = dataclasses.replace(
+    exp.round_config, clients_per_round=cfg.clients_per_round
+  )
   return dataclasses.replace(exp, algorithm=alg, round_config=rc)
 
 
 def plot_curve(out: dict, path: Path) -> None:
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   runs = out["runs"]
   labels = list(dict.fromkeys(r["label"] for r in runs))
   fig = Figure(figsize=(15, 4.2), layout="constrained")
@@ -153,8 +178,12 @@ def plot_curve(out: dict, path: Path) -> None:
   for label, style in (("clip only (z=0)", "--"), ("FedAvg (no DP)", ":")):
     group = [r for r in runs if r["label"] == label]
     if group:
-      ax1.axhline(np.mean([r["final_test_accuracy"] for r in group]),
-                  ls=style, color="gray", label=label)
+      ax1.axhline(
+        np.mean([r["final_test_accuracy"] for r in group]),
+        ls=style,
+        color="gray",
+        label=label,
+      )
   ax1.set_xscale("log", base=2)
   ax1.set_xlabel(f"epsilon (delta={out['config']['delta']:g}, RDP)")
   ax1.set_ylabel("final test accuracy")
@@ -165,9 +194,11 @@ def plot_curve(out: dict, path: Path) -> None:
     x, y = zip(*r["test_curve"])
     ax2.plot(x, y, label=label)
     if r["epsilon_curve"][-1] is not None and math.isfinite(
-        r["epsilon_curve"][-1]):  # no curve for FedAvg and z = 0
-      ax3.plot(range(1, len(r["epsilon_curve"]) + 1), r["epsilon_curve"],
-               label=label)
+      r["epsilon_curve"][-1]
+    ):  # no curve for FedAvg and z = 0
+      ax3.plot(
+        range(1, len(r["epsilon_curve"]) + 1), r["epsilon_curve"], label=label
+      )
   ax2.set_xlabel("round")
   ax2.set_ylabel("test accuracy (seed 0)")
   ax2.set_title("Test accuracy")
@@ -183,21 +214,27 @@ def plot_curve(out: dict, path: Path) -> None:
 def _dataset(bench, w):
   x, y = bench.make_data(w)
   return fl.FederatedDataset(
-      features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
-      offsets=[i * w["examples"] for i in range(w["num_clients"])],
-      counts=[w["examples"]] * w["num_clients"])
+    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
+    offsets=[i * w["examples"] for i in range(w["num_clients"])],
+    counts=[w["examples"]] * w["num_clients"],
+  )
 
 
 def run_cost(args) -> dict:
   bench = _load("benchmark")
-  out = {"machine": machine(), "workloads": {}, "command":
-         f"python experiments/dp_benchmark.py cost --repeats {args.repeats}"
-         + (" --smoke" if args.smoke else "")}
+  out = {
+    "machine": machine(),
+    "workloads": {},
+    "command": f"python experiments/dp_benchmark.py cost --repeats {args.repeats}"
+    + (" --smoke" if args.smoke else ""),
+  }
   for name in args.workloads:
     w = dict(bench.WORKLOADS[name])
     if args.smoke:
-      w.update(num_clients=w["num_clients"] // 10,
-               clients_per_round=w["clients_per_round"] // 10)
+      w.update(
+        num_clients=w["num_clients"] // 10,
+        clients_per_round=w["clients_per_round"] // 10,
+      )
     m, n = w["clients_per_round"], w["num_clients"]
     model = bench.model_for(w)
     params = model.init(jax.random.PRNGKey(0))
@@ -208,17 +245,30 @@ def run_cost(args) -> dict:
     cap = privacy.poisson_cap(10 * n, m / (10 * n), 1000)
 
     def dp(model=model, m=m, **kw):
-      return privacy.dp_fed_avg(model, optax.sgd(bench.LR), optax.sgd(1.0),
-                                noise_multiplier=1.0, clients_per_round=m,
-                                clip=1.0, delta=1e-5, **kw)
+      return privacy.dp_fed_avg(
+        model,
+        optax.sgd(bench.LR),
+        optax.sgd(1.0),
+        noise_multiplier=1.0,
+        clients_per_round=m,
+        clip=1.0,
+        delta=1e-5,
+        **kw,
+      )
+
     variants = {
-        "fedavg": (fl.fed_avg(model, optax.sgd(bench.LR), optax.sgd(1.0)),
-                   m, ds),
-        "dp_fixed_clip": (dp(sampling="fixed", population=n), m, ds),
-        "dp_adaptive_clip": (dp(sampling="fixed", population=n,
-                                adaptive=True), m, ds),
-        "dp_poisson_cap": (dp(sampling="poisson", population=10 * n), cap,
-                           ds_big),
+      "fedavg": (fl.fed_avg(model, optax.sgd(bench.LR), optax.sgd(1.0)), m, ds),
+      "dp_fixed_clip": (dp(sampling="fixed", population=n), m, ds),
+      "dp_adaptive_clip": (
+        dp(sampling="fixed", population=n, adaptive=True),
+        m,
+        ds,
+      ),
+      "dp_poisson_cap": (
+        dp(sampling="poisson", population=10 * n),
+        cap,
+        ds_big,
+      ),
     }
     runners = {}
     for key, (alg, slots, data_src) in variants.items():
@@ -229,6 +279,7 @@ def run_cost(args) -> dict:
       def step(eng=eng, data=data, holder=holder):
         holder["s"], metrics = eng.round(holder["s"], data)
         jax.block_until_ready((holder["s"], metrics))
+
       step()  # compile
       step()  # warm
       runners[key] = step
@@ -239,16 +290,24 @@ def run_cost(args) -> dict:
         step()
         times[key].append(time.perf_counter() - t)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    res = {"clients_per_round": m, "population": n,
-           "poisson": {"population": 10 * n, "expected": m, "cap": cap},
-           "median_s": med, "times": times,
-           "ratio_vs_fedavg": {k: med[k] / med["fedavg"] for k in med}}
+    res = {
+      "clients_per_round": m,
+      "population": n,
+      "poisson": {"population": 10 * n, "expected": m, "cap": cap},
+      "median_s": med,
+      "times": times,
+      "ratio_vs_fedavg": {k: med[k] / med["fedavg"] for k in med},
+    }
     res["ratio_vs_fedavg"]["dp_poisson_cap_per_slot"] = (
-        med["dp_poisson_cap"] / cap) / (med["fedavg"] / m)
+      med["dp_poisson_cap"] / cap
+    ) / (med["fedavg"] / m)
     out["workloads"][name] = res
-    print(name, json.dumps({k: round(v, 5) for k, v in med.items()}),
-          json.dumps({k: round(v, 3) for k, v in
-                      res["ratio_vs_fedavg"].items()}), flush=True)
+    print(
+      name,
+      json.dumps({k: round(v, 5) for k, v in med.items()}),
+      json.dumps({k: round(v, 3) for k, v in res["ratio_vs_fedavg"].items()}),
+      flush=True,
+    )
   return out
 
 
@@ -268,10 +327,12 @@ def main(argv=None):
   p.add_argument("mode", choices=("curve", "cost"))
   p.add_argument("--smoke", action="store_true", help="seconds-long run")
   p.add_argument("--seeds", type=int, default=2)
-  p.add_argument("--rounds", type=int, default=0,
-                 help="override num_rounds (curve)")
-  p.add_argument("--repeats", type=int, default=15,
-                 help="timed rounds per variant (cost)")
+  p.add_argument(
+    "--rounds", type=int, default=0, help="override num_rounds (curve)"
+  )
+  p.add_argument(
+    "--repeats", type=int, default=15, help="timed rounds per variant (cost)"
+  )
   p.add_argument("--workloads", nargs="+", default=["logreg1000", "mlp100"])
   p.add_argument("--out", type=Path, default=HERE / "results")
   args = p.parse_args(argv)
@@ -282,14 +343,16 @@ def main(argv=None):
       args.seeds = 1
     out = run_curve(args)
     (args.out / f"privacy_dp_curve{suffix}.json").write_text(
-        json.dumps(_finite(out), indent=1))
+      json.dumps(_finite(out), indent=1)
+    )
     plot_curve(out, args.out / f"privacy_dp_curve{suffix}.png")
   else:
     if args.smoke:
       args.repeats = min(args.repeats, 3)
     out = run_cost(args)
     (args.out / f"privacy_dp_cost{suffix}.json").write_text(
-        json.dumps(_finite(out), indent=1))
+      json.dumps(_finite(out), indent=1)
+    )
   return 0
 
 

@@ -30,16 +30,17 @@ from fedjax_lite import hetero
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every field can be overridden with --set name=value."""
-  arch: str = "mlp"            # "mlp" (64-h-10) or "cnn" (FedAvg CNN, 8x8)
+
+  arch: str = "mlp"  # "mlp" (64-h-10) or "cnn" (FedAvg CNN, 8x8)
   fedma_rounds: int = 20
   num_clients: int = 10
   alpha: float = 0.5
-  hidden: int = 96             # bound on each global hidden layer
-  client_base: int = 64        # the widest client
+  hidden: int = 96  # bound on each global hidden layer
+  client_base: int = 64  # the widest client
   client_fracs: str = "1,0.5,0.25"
   client_lr: float = 0.1
   batch_size: int = 16
-  num_epochs: int = 2          # local epochs per stage
+  num_epochs: int = 2  # local epochs per stage
   noise_var: float = 1.0
   seed: int = 0
 
@@ -64,37 +65,52 @@ def model_and_widths(config: Config):
   elif config.arch == "cnn":
     # FedAvg CNN at digits scale: conv(c)-pool-conv(2c)-pool-dense(h).
     h = config.hidden
-    model = fl.models.cnn((8, 8, 1), 10, channels=(h // 4, h // 2), hidden=h,
-                          kernel_size=3)
+    model = fl.models.cnn(
+      (8, 8, 1), 10, channels=(h // 4, h // 2), hidden=h, kernel_size=3
+    )
     per = [[max(1, b // 4), max(1, b // 2), b] for b in base]
   else:
     raise ValueError(f"arch must be 'mlp' or 'cnn', got {config.arch!r}.")
-  widths = np.array([per[k % len(per)] for k in range(config.num_clients)],
-                    np.int32)
+  widths = np.array(
+    [per[k % len(per)] for k in range(config.num_clients)], np.int32
+  )
   return model, widths
 
 
 def build(config: Config) -> fl.experiment.Experiment:
-  train, test = fl.datasets.digits(num_clients=config.num_clients,
-                                   partition="dirichlet", alpha=config.alpha,
-                                   seed=config.seed)
+  train, test = fl.datasets.digits(
+    num_clients=config.num_clients,
+    partition="dirichlet",
+    alpha=config.alpha,
+    seed=config.seed,
+  )
   model, widths = model_and_widths(config)
   stages = hetero.stages_per_round(model)
 
   def algorithm_fn(h):  # h: name -> scalar (a traced one in vmapped sweeps)
-    return hetero.fed_ma(model, optax.sgd(h["client_lr"]),
-                         client_widths=widths, noise_var=config.noise_var,
-                         seed=config.seed)
+    return hetero.fed_ma(
+      model,
+      optax.sgd(h["client_lr"]),
+      client_widths=widths,
+      noise_var=config.noise_var,
+      seed=config.seed,
+    )
 
   return fl.experiment.Experiment(
-      model=model, train=train, test=test,
-      hparams={"client_lr": config.client_lr}, algorithm_fn=algorithm_fn,
-      round_config=fl.RoundConfig(
-          config.num_clients,
-          fl.LocalWork(batch_size=config.batch_size,
-                       num_epochs=config.num_epochs), sampling="all"),
-      num_rounds=config.fedma_rounds * stages, eval_every=stages,
-      seed=config.seed,
-      # The matching runs on the host inside the round: one device (see
-      # fedjax_lite.hetero.fed_ma).
-      mesh=fl.engine.default_mesh(jax.devices()[:1]))
+    model=model,
+    train=train,
+    test=test,
+    hparams={"client_lr": config.client_lr},
+    algorithm_fn=algorithm_fn,
+    round_config=fl.RoundConfig(
+      config.num_clients,
+      fl.LocalWork(batch_size=config.batch_size, num_epochs=config.num_epochs),
+      sampling="all",
+    ),
+    num_rounds=config.fedma_rounds * stages,
+    eval_every=stages,
+    seed=config.seed,
+    # The matching runs on the host inside the round: one device (see
+    # fedjax_lite.hetero.fed_ma).
+    mesh=fl.engine.default_mesh(jax.devices()[:1]),
+  )

@@ -22,6 +22,7 @@ import optax
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every field can be overridden with --set name=value."""
+
   num_rounds: int = 200
   clients_per_round: int = 10
   client_lr: float = 0.01
@@ -47,21 +48,26 @@ def get_config(arg: str = "") -> Config:
 
 def build(config: Config) -> fl.experiment.Experiment:
   train, test = fl.datasets.fedprox_synthetic(
-      config.alpha, config.beta, num_clients=config.num_clients,
-      seed=config.seed)
+    config.alpha, config.beta, num_clients=config.num_clients, seed=config.seed
+  )
   model = fl.models.logistic_regression(60, 10)
 
   def algorithm_fn(h):  # h: name -> scalar (a traced one in vmapped sweeps)
-    return fl.fed_avg(model, optax.sgd(h["client_lr"]),
-                      optax.sgd(h["server_lr"]))
+    return fl.fed_avg(
+      model, optax.sgd(h["client_lr"]), optax.sgd(h["server_lr"])
+    )
 
   return fl.experiment.Experiment(
-      model=model, train=train, test=test,
-      hparams={"client_lr": config.client_lr, "server_lr": config.server_lr},
-      algorithm_fn=algorithm_fn,
-      round_config=fl.RoundConfig(
-          config.clients_per_round,
-          fl.LocalWork(batch_size=config.batch_size,
-                       num_epochs=config.num_epochs)),
-      num_rounds=config.num_rounds, eval_every=config.eval_every,
-      seed=config.seed)
+    model=model,
+    train=train,
+    test=test,
+    hparams={"client_lr": config.client_lr, "server_lr": config.server_lr},
+    algorithm_fn=algorithm_fn,
+    round_config=fl.RoundConfig(
+      config.clients_per_round,
+      fl.LocalWork(batch_size=config.batch_size, num_epochs=config.num_epochs),
+    ),
+    num_rounds=config.num_rounds,
+    eval_every=config.eval_every,
+    seed=config.seed,
+  )

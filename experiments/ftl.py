@@ -66,8 +66,15 @@ class Config:
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (seconds)."""
   if arg == "smoke":
-    return Config(overlaps=(30,), num_seeds=1, num_steps=20, eval_every=10,
-                  paillier_overlap=4, paillier_dim=2, key_bits=256)
+    return Config(
+      overlaps=(30,),
+      num_seeds=1,
+      num_steps=20,
+      eval_every=10,
+      paillier_overlap=4,
+      paillier_dim=2,
+      key_bits=256,
+    )
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
   return Config()
@@ -78,67 +85,98 @@ def accuracy(scores, labels) -> float:
 
 
 def one_run(cfg: Config, overlap: int, seed: int, log=None) -> dict:
-  src, tgt, labels = fv.digits_transfer(num_overlap=overlap,
-                                        num_source=cfg.num_source,
-                                        num_target=cfg.num_target, seed=seed)
+  src, tgt, labels = fv.digits_transfer(
+    num_overlap=overlap,
+    num_source=cfg.num_source,
+    num_target=cfg.num_target,
+    seed=seed,
+  )
   data, _ = fv.FTLData.from_parties(src, tgt, seed=seed)
   rest = data.target_non_overlap()
   net_a = fl.models.mlp(src.num_features, cfg.dim, hidden=(64,))
   net_b = fl.models.mlp(tgt.num_features, cfg.dim, hidden=(64,))
   opt = optax.adam(cfg.learning_rate)
-  proc = fv.build_ftl_process(data, net_a, net_b, opt, gamma=cfg.gamma,
-                              l2=cfg.l2)
+  proc = fv.build_ftl_process(
+    data, net_a, net_b, opt, gamma=cfg.gamma, l2=cfg.l2
+  )
   state = proc.initialize(seed)
   for step in range(1, cfg.num_steps + 1):
     state, m = proc.next(state)
     if log is not None and (step % cfg.eval_every == 0 or step == 1):
       ev = proc.evaluate(state, data.x_target[rest], labels[rest])
-      log.append({"round": step, "train_loss": m["loss"],
-                  "test_accuracy": ev["accuracy"],
-                  "test_loss": ev["loss"]})
-  ftl_acc = proc.evaluate(state, data.x_target[rest], labels[rest])[
-      "accuracy"]
+      log.append(
+        {
+          "round": step,
+          "train_loss": m["loss"],
+          "test_accuracy": ev["accuracy"],
+          "test_loss": ev["loss"],
+        }
+      )
+  ftl_acc = proc.evaluate(state, data.x_target[rest], labels[rest])["accuracy"]
   x_lab, y_lab = data.x_target[data.rows_target], labels[data.rows_target]
-  predict = fv.train_target_alone(x_lab, y_lab, net_b, opt,
-                                  num_steps=cfg.num_steps, l2=cfg.l2,
-                                  seed=seed)
+  predict = fv.train_target_alone(
+    x_lab, y_lab, net_b, opt, num_steps=cfg.num_steps, l2=cfg.l2, seed=seed
+  )
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+
   sk = LogisticRegression(max_iter=5000).fit(x_lab, y_lab)
-  return {"ftl": ftl_acc, "alone": accuracy(predict(data.x_target[rest]),
-                                            labels[rest]),
-          "alone_sklearn": float(sk.score(data.x_target[rest],
-                                          labels[rest])),
-          "test_rows": int(rest.size)}
+  return {
+    "ftl": ftl_acc,
+    "alone": accuracy(predict(data.x_target[rest]), labels[rest]),
+    "alone_sklearn": float(sk.score(data.x_target[rest], labels[rest])),
+    "test_rows": int(rest.size),
+  }
 
 
 def paillier_step(cfg: Config) -> dict:
   """Two steps in both modes from the same start: the second step's seconds
   (the first includes compiling), bytes, and the agreement of the losses and
   parameters."""
-  src, tgt, _ = fv.digits_transfer(num_overlap=cfg.paillier_overlap,
-                                   num_source=100, num_target=50,
-                                   seed=cfg.seed)
+  src, tgt, _ = fv.digits_transfer(
+    num_overlap=cfg.paillier_overlap,
+    num_source=100,
+    num_target=50,
+    seed=cfg.seed,
+  )
   data, _ = fv.FTLData.from_parties(src, tgt, seed=cfg.seed)
-  nets = (fl.models.mlp(32, cfg.paillier_dim, hidden=(16,)),
-          fl.models.mlp(32, cfg.paillier_dim, hidden=(16,)))
+  nets = (
+    fl.models.mlp(32, cfg.paillier_dim, hidden=(16,)),
+    fl.models.mlp(32, cfg.paillier_dim, hidden=(16,)),
+  )
   out = {}
   for mode in ("plaintext", "paillier"):
-    proc = fv.build_ftl_process(data, *nets, optax.adam(cfg.learning_rate),
-                                gamma=cfg.gamma, l2=cfg.l2, mode=mode,
-                                key_bits=cfg.key_bits)
+    proc = fv.build_ftl_process(
+      data,
+      *nets,
+      optax.adam(cfg.learning_rate),
+      gamma=cfg.gamma,
+      l2=cfg.l2,
+      mode=mode,
+      key_bits=cfg.key_bits,
+    )
     state, _ = proc.next(proc.initialize(cfg.seed))
     out[mode] = proc.next(state)
-  diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
+  diff = max(
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(
       jax.tree.leaves(out["paillier"][0].params),
-      jax.tree.leaves(out["plaintext"][0].params)))
+      jax.tree.leaves(out["plaintext"][0].params),
+    )
+  )
   me = out["paillier"][1]
-  return {"key_bits": cfg.key_bits, "num_source": 100,
-          "overlap": cfg.paillier_overlap, "dim": cfg.paillier_dim,
-          "seconds": me["seconds"], "cpu_seconds": me["cpu_seconds"],
-          "bytes_source": me["bytes_source"],
-          "bytes_target": me["bytes_target"], "loss": me["loss"],
-          "plaintext_loss": out["plaintext"][1]["loss"],
-          "max_abs_param_diff": diff}
+  return {
+    "key_bits": cfg.key_bits,
+    "num_source": 100,
+    "overlap": cfg.paillier_overlap,
+    "dim": cfg.paillier_dim,
+    "seconds": me["seconds"],
+    "cpu_seconds": me["cpu_seconds"],
+    "bytes_source": me["bytes_source"],
+    "bytes_target": me["bytes_target"],
+    "loss": me["loss"],
+    "plaintext_loss": out["plaintext"][1]["loss"],
+    "max_abs_param_diff": diff,
+  }
 
 
 def run(cfg: Config, run_dir: Path | None = None) -> dict:
@@ -146,26 +184,39 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
   results = {}
   t0 = time.perf_counter()
   for overlap in cfg.overlaps:
-    per_seed = [one_run(cfg, overlap, s, log if (
-        overlap == cfg.overlaps[0] and s == cfg.seed) else None)
-                for s in range(cfg.seed, cfg.seed + cfg.num_seeds)]
+    per_seed = [
+      one_run(
+        cfg,
+        overlap,
+        s,
+        log if (overlap == cfg.overlaps[0] and s == cfg.seed) else None,
+      )
+      for s in range(cfg.seed, cfg.seed + cfg.num_seeds)
+    ]
     results[overlap] = {
-        k: {"mean": float(np.mean([r[k] for r in per_seed])),
-            "std": float(np.std([r[k] for r in per_seed])),
-            "per_seed": [r[k] for r in per_seed]}
-        for k in ("ftl", "alone", "alone_sklearn")}
+      k: {
+        "mean": float(np.mean([r[k] for r in per_seed])),
+        "std": float(np.std([r[k] for r in per_seed])),
+        "per_seed": [r[k] for r in per_seed],
+      }
+      for k in ("ftl", "alone", "alone_sklearn")
+    }
     results[overlap]["test_rows"] = per_seed[0]["test_rows"]
   rows = log.rows if log else []
   if log:
     log.close()
-  summary = {"accuracy_by_overlap": results,
-             "seconds_plaintext_total": time.perf_counter() - t0,
-             "paillier_step": paillier_step(cfg),
-             "config": dataclasses.asdict(cfg)}
+  summary = {
+    "accuracy_by_overlap": results,
+    "seconds_plaintext_total": time.perf_counter() - t0,
+    "paillier_step": paillier_step(cfg),
+    "config": dataclasses.asdict(cfg),
+  }
   if run_dir:
-    fl.experiment.plot_curves(rows, run_dir / "curves.png",
-                              title=f"FTL, digits, overlap "
-                              f"{cfg.overlaps[0]} (target test accuracy)")
+    fl.experiment.plot_curves(
+      rows,
+      run_dir / "curves.png",
+      title=f"FTL, digits, overlap {cfg.overlaps[0]} (target test accuracy)",
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
   return summary
 
@@ -176,8 +227,9 @@ def main(argv=None) -> dict:
   p.add_argument("--out", default="runs")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   args = p.parse_args(argv)
-  cfg = fl.experiment.apply_overrides(get_config("smoke" if args.smoke
-                                                 else ""), args.set)
+  cfg = fl.experiment.apply_overrides(
+    get_config("smoke" if args.smoke else ""), args.set
+  )
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   run_dir = Path(args.out) / f"{Path(__file__).stem}-{stamp}"
   os.makedirs(run_dir, exist_ok=False)

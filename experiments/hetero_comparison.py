@@ -53,12 +53,19 @@ RATES = (1.0, 0.5, 0.25)
 
 def machine() -> str:
   try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(
+      ["lscpu"], capture_output=True, text=True, check=False
+    ).stdout
   except OSError:
     return "unknown CPU"
-  name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
-               if ln.startswith("Model name")), "unknown CPU")
+  name = next(
+    (
+      ln.split(":", 1)[1].strip()
+      for ln in out.splitlines()
+      if ln.startswith("Model name")
+    ),
+    "unknown CPU",
+  )
   avx512 = "avx512f" in out
   return f"{name}, {'with' if avx512 else 'without'} AVX-512"
 
@@ -67,15 +74,18 @@ def evaluate(model, params, test):
   return float(fl.evaluate(model, params, test).mean["accuracy"])
 
 
-def run_engine(label, model, algorithm, per_round, budget, train, test, args,
-               eval_model=None):
+def run_engine(
+  label, model, algorithm, per_round, budget, train, test, args, eval_model=None
+):
   """Rounds of a one-stage algorithm until ``budget`` parameters are spent."""
   work = fl.LocalWork(batch_size=args.batch_size, num_epochs=args.epochs)
-  engine = fl.Engine(algorithm, fl.RoundConfig(train.num_clients, work,
-                                               sampling="all"))
+  engine = fl.Engine(
+    algorithm, fl.RoundConfig(train.num_clients, work, sampling="all")
+  )
   data = engine.put_data(train)
-  state = engine.init(model.init(jax.random.PRNGKey(args.seed)),
-                      seed=args.seed + 1)
+  state = engine.init(
+    model.init(jax.random.PRNGKey(args.seed)), seed=args.seed + 1
+  )
   rows, spent, t0 = [], 0, time.perf_counter()
   rounds = int(budget // per_round)
   for t in range(1, rounds + 1):
@@ -84,18 +94,31 @@ def run_engine(label, model, algorithm, per_round, budget, train, test, args,
     if t % args.eval_every == 0 or t == rounds:
       jax.block_until_ready(state)
       params = algorithm.get_params(state.server)
-      rows.append({"round": t, "comm": spent,
-                   "accuracy": evaluate(eval_model or model, params, test),
-                   "time_s": time.perf_counter() - t0})
-  print(f"{label}: {rounds} rounds, acc {rows[-1]['accuracy']:.3f}, "
-        f"{rows[-1]['time_s']:.1f}s", flush=True)
+      rows.append(
+        {
+          "round": t,
+          "comm": spent,
+          "accuracy": evaluate(eval_model or model, params, test),
+          "time_s": time.perf_counter() - t0,
+        }
+      )
+  print(
+    f"{label}: {rounds} rounds, acc {rows[-1]['accuracy']:.3f}, "
+    f"{rows[-1]['time_s']:.1f}s",
+    flush=True,
+  )
   return rows, state
 
 
 def run_fed_ma(model, widths, budget, train, test, args):
   proc = hetero.build_fed_ma_process(
-      model, lambda: optax.sgd(args.lr), client_widths=widths,
-      local_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    model,
+    lambda: optax.sgd(args.lr),
+    client_widths=widths,
+    local_epochs=args.epochs,
+    batch_size=args.batch_size,
+    seed=args.seed,
+  )
   state = proc.initialize(args.seed)
   rows, spent, t, t0 = [], 0, 0, time.perf_counter()
   while True:
@@ -106,21 +129,33 @@ def run_fed_ma(model, widths, budget, train, test, args):
       break
     state, spent, t = new, spent + cost, t + 1
     if t % args.eval_every == 0 or spent + cost > budget:
-      rows.append({"round": t, "comm": spent, "global_width": g[0],
-                   "accuracy": evaluate(model, proc.get_model_weights(state),
-                                        test),
-                   "time_s": time.perf_counter() - t0})
+      rows.append(
+        {
+          "round": t,
+          "comm": spent,
+          "global_width": g[0],
+          "accuracy": evaluate(model, proc.get_model_weights(state), test),
+          "time_s": time.perf_counter() - t0,
+        }
+      )
     if t >= args.max_fedma_rounds:
       break
-  print(f"FedMA: {t} rounds, global width {g}, acc "
-        f"{rows[-1]['accuracy']:.3f}, {rows[-1]['time_s']:.1f}s", flush=True)
+  print(
+    f"FedMA: {t} rounds, global width {g}, acc "
+    f"{rows[-1]['accuracy']:.3f}, {rows[-1]['time_s']:.1f}s",
+    flush=True,
+  )
   return rows
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--rounds", type=int, default=30,
-                 help="FedAvg (full width) rounds that set the budget")
+  p.add_argument(
+    "--rounds",
+    type=int,
+    default=30,
+    help="FedAvg (full width) rounds that set the budget",
+  )
   p.add_argument("--clients", type=int, default=10)
   p.add_argument("--alpha", type=float, default=0.5)
   p.add_argument("--hidden", type=int, default=64)
@@ -132,8 +167,11 @@ def main():
   p.add_argument("--max_fedma_rounds", type=int, default=200)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--smoke", action="store_true")
-  p.add_argument("--render", action="store_true",
-                 help="only rewrite hetero.md from the saved hetero.json")
+  p.add_argument(
+    "--render",
+    action="store_true",
+    help="only rewrite hetero.md from the saved hetero.json",
+  )
   p.add_argument("--out", default=os.path.join(HERE, "results"))
   args = p.parse_args()
   if args.render:
@@ -147,9 +185,12 @@ def main():
     args.rounds, args.clients, args.eval_every = 2, 6, 1
     args.max_fedma_rounds = 2
 
-  train, test = fl.datasets.digits(num_clients=args.clients,
-                                   partition="dirichlet", alpha=args.alpha,
-                                   seed=args.seed)
+  train, test = fl.datasets.digits(
+    num_clients=args.clients,
+    partition="dirichlet",
+    alpha=args.alpha,
+    seed=args.seed,
+  )
   h = args.hidden
   full = fl.models.mlp(64, 10, (h,))
   small_h = int(round(h * min(RATES)))
@@ -165,68 +206,121 @@ def main():
   results, t_all = {}, time.perf_counter()
 
   results["FedAvg (full width)"] = run_engine(
-      "FedAvg (full width)", full, fl.fed_avg(full, sgd), n * 2 * p_full,
-      budget, train, test, args)[0]
+    "FedAvg (full width)",
+    full,
+    fl.fed_avg(full, sgd),
+    n * 2 * p_full,
+    budget,
+    train,
+    test,
+    args,
+  )[0]
   results["FedAvg (1/4 width)"] = run_engine(
-      "FedAvg (1/4 width)", small, fl.fed_avg(small, sgd), n * 2 * p_small,
-      budget, train, test, args)[0]
+    "FedAvg (1/4 width)",
+    small,
+    fl.fed_avg(small, sgd),
+    n * 2 * p_small,
+    budget,
+    train,
+    test,
+    args,
+  )[0]
   results["HeteroFL"] = run_engine(
-      "HeteroFL", full, hetero.hetero_fl(full, sgd, client_rates=rates),
-      hetero_round, budget, train, test, args)[0]
+    "HeteroFL",
+    full,
+    hetero.hetero_fl(full, sgd, client_rates=rates),
+    hetero_round,
+    budget,
+    train,
+    test,
+    args,
+  )[0]
   bound = fl.models.mlp(64, 10, (args.fedma_bound,))
   results["FedMA"] = run_fed_ma(bound, widths, budget, train, test, args)
 
-  epochs = {"FedAvg (full width)": args.epochs,
-            "FedAvg (1/4 width)": args.epochs, "HeteroFL": args.epochs,
-            "FedMA": 2 * args.epochs}
-  per_round = {"FedAvg (full width)": n * 2 * p_full,
-               "FedAvg (1/4 width)": n * 2 * p_small,
-               "HeteroFL": hetero_round}
+  epochs = {
+    "FedAvg (full width)": args.epochs,
+    "FedAvg (1/4 width)": args.epochs,
+    "HeteroFL": args.epochs,
+    "FedMA": 2 * args.epochs,
+  }
+  per_round = {
+    "FedAvg (full width)": n * 2 * p_full,
+    "FedAvg (1/4 width)": n * 2 * p_small,
+    "HeteroFL": hetero_round,
+  }
   summary = []
   for label, rows in results.items():
     last = rows[-1]
     best = max(r["accuracy"] for r in rows)
-    summary.append({
-        "method": label, "rounds": last["round"], "comm": last["comm"],
+    summary.append(
+      {
+        "method": label,
+        "rounds": last["round"],
+        "comm": last["comm"],
         "per_round_comm": per_round.get(label, last["comm"] / last["round"]),
         "epochs_per_round": epochs[label],
         "total_epochs": epochs[label] * last["round"],
-        "accuracy": last["accuracy"], "best_accuracy": best,
+        "accuracy": last["accuracy"],
+        "best_accuracy": best,
         "time_s": last["time_s"],
-        "global_width": last.get("global_width", h if "full" in label or
-                                 label == "HeteroFL" else small_h)})
+        "global_width": last.get(
+          "global_width",
+          h if "full" in label or label == "HeteroFL" else small_h,
+        ),
+      }
+    )
 
   os.makedirs(args.out, exist_ok=True)
   suffix = "_smoke" if args.smoke else ""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for label, rows in results.items():
-    axes[0].plot([r["round"] for r in rows], [r["accuracy"] for r in rows],
-                 marker=".", label=label)
-    axes[1].plot([r["comm"] / 1e6 for r in rows],
-                 [r["accuracy"] for r in rows], marker=".", label=label)
+    axes[0].plot(
+      [r["round"] for r in rows],
+      [r["accuracy"] for r in rows],
+      marker=".",
+      label=label,
+    )
+    axes[1].plot(
+      [r["comm"] / 1e6 for r in rows],
+      [r["accuracy"] for r in rows],
+      marker=".",
+      label=label,
+    )
   axes[0].set_xlabel("round (FedMA: one round = 2 stages)")
   axes[1].set_xlabel("parameters communicated, all clients (millions)")
   for ax in axes:
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
   axes[1].legend()
-  fig.suptitle(f"digits, Dirichlet alpha={args.alpha}, {n} clients of "
-               f"capacity 1, 1/2, 1/4 (64-{h}-10 MLP)")
+  fig.suptitle(
+    f"digits, Dirichlet alpha={args.alpha}, {n} clients of "
+    f"capacity 1, 1/2, 1/4 (64-{h}-10 MLP)"
+  )
   fig.tight_layout()
   png = os.path.join(args.out, f"hetero_curves{suffix}.png")
   fig.savefig(png, dpi=110)
 
-  cmd = "python experiments/hetero_comparison.py" + (" --smoke"
-                                                      if args.smoke else "")
-  record = {"command": cmd, "machine": machine(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-            "args": vars(args), "budget": budget, "summary": summary,
-            "curves": results,
-            "total_time_s": time.perf_counter() - t_all}
+  cmd = "python experiments/hetero_comparison.py" + (
+    " --smoke" if args.smoke else ""
+  )
+  record = {
+    "command": cmd,
+    "machine": machine(),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds"
+    ),
+    "args": vars(args),
+    "budget": budget,
+    "summary": summary,
+    "curves": results,
+    "total_time_s": time.perf_counter() - t_all,
+  }
   with open(os.path.join(args.out, f"hetero{suffix}.json"), "w") as f:
     json.dump(record, f, indent=1)
   with open(os.path.join(args.out, f"hetero{suffix}.md"), "w") as f:
@@ -238,38 +332,44 @@ def render(record: dict) -> str:
   """experiments/results/hetero.md from a run's record (hetero.json)."""
   a, summary = record["args"], record["summary"]
   by = {s["method"]: s for s in summary}
-  lines = ["| method | rounds | params sent+received (all clients) | per "
-           "round | local epochs per round | total local epochs | global "
-           "hidden width | final test acc | best test acc | wall s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| method | rounds | params sent+received (all clients) | per "
+    "round | local epochs per round | total local epochs | global "
+    "hidden width | final test acc | best test acc | wall s |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for s in summary:
     lines.append(
-        f"| {s['method']} | {s['rounds']} | {s['comm'] / 1e6:.2f} M | "
-        f"{s['per_round_comm'] / 1e3:.1f} k | {s['epochs_per_round']} | "
-        f"{s['total_epochs']} | {s['global_width']} | {s['accuracy']:.3f} | "
-        f"{s['best_accuracy']:.3f} | {s['time_s']:.0f} |")
+      f"| {s['method']} | {s['rounds']} | {s['comm'] / 1e6:.2f} M | "
+      f"{s['per_round_comm'] / 1e3:.1f} k | {s['epochs_per_round']} | "
+      f"{s['total_epochs']} | {s['global_width']} | {s['accuracy']:.3f} | "
+      f"{s['best_accuracy']:.3f} | {s['time_s']:.0f} |"
+    )
   best = max(summary, key=lambda s: s["accuracy"])
   fair = [s for s in summary if s["method"] != "FedAvg (full width)"]
   best_fair = max(fair, key=lambda s: s["accuracy"])
   fm, hf = by.get("FedMA"), by.get("HeteroFL")
   facts = [
-      f"- Highest final accuracy: {best['method']} ({best['accuracy']:.3f}); "
-      f"among the methods that respect the capacities: {best_fair['method']}"
-      f" ({best_fair['accuracy']:.3f}).",
+    f"- Highest final accuracy: {best['method']} ({best['accuracy']:.3f}); "
+    f"among the methods that respect the capacities: {best_fair['method']}"
+    f" ({best_fair['accuracy']:.3f}).",
   ]
   if fm and hf:
     facts.append(
-        f"- FedMA: {fm['rounds']} rounds, {fm['total_epochs']} local epochs "
-        f"per client in all ({fm['epochs_per_round']} per round, "
-        f"{fm['total_epochs'] / max(1, by['FedAvg (full width)']['total_epochs']):.1f}x"
-        f" FedAvg (full width)); the matched global layer ended at "
-        f"{fm['global_width']} units (bound {a['fedma_bound']}).")
+      f"- FedMA: {fm['rounds']} rounds, {fm['total_epochs']} local epochs "
+      f"per client in all ({fm['epochs_per_round']} per round, "
+      f"{fm['total_epochs'] / max(1, by['FedAvg (full width)']['total_epochs']):.1f}x"
+      f" FedAvg (full width)); the matched global layer ended at "
+      f"{fm['global_width']} units (bound {a['fedma_bound']})."
+    )
     facts.append(
-        f"- HeteroFL: {hf['rounds']} rounds within the budget "
-        f"({hf['per_round_comm'] / 1e3:.1f} k parameters per round, "
-        f"{hf['per_round_comm'] / by['FedAvg (full width)']['per_round_comm']:.2f}"
-        f"x FedAvg (full width)).")
-  return f"""# Clients of different capacities: FedAvg vs HeteroFL vs FedMA
+      f"- HeteroFL: {hf['rounds']} rounds within the budget "
+      f"({hf['per_round_comm'] / 1e3:.1f} k parameters per round, "
+      f"{hf['per_round_comm'] / by['FedAvg (full width)']['per_round_comm']:.2f}"
+      f"x FedAvg (full width))."
+    )
+  return (
+    f"""# Clients of different capacities: FedAvg vs HeteroFL vs FedMA
 
 Command: `{record['command']}` ({record['total_time_s']:.0f} s in all)
 
@@ -290,8 +390,8 @@ global model on the clients' held-out 20% (example-weighted).
 * FedAvg (1/4 width): every client trains what the smallest device holds.
 * HeteroFL: client k trains the leading capacity slice of the
   {a['hidden']}-unit model, in one jitted round with width masks.
-* FedMA: client k's own MLP has {a['hidden']}/{a['hidden'] // 2}/"""\
-      f"""{a['hidden'] // 4} units; layer-wise BBP-MAP matching (noise and
+* FedMA: client k's own MLP has {a['hidden']}/{a['hidden'] // 2}/"""
+    f"""{a['hidden'] // 4} units; layer-wise BBP-MAP matching (noise and
   prior variance 1, gamma 1); the global layer may grow to
   {a['fedma_bound']} units.
 
@@ -332,6 +432,7 @@ marginal-likelihood reference; permuted (and noisy) copies of a trained MLP
 averaging destroys it; the engine round keeps a fixed point and maps clients of
 different widths into one global model.
 """
+  )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ COMPRESSIONS = ("dense", "top_k", "qsgd", "sign_ef")
 def machine() -> dict:
   model, avx512 = platform.processor() or "unknown", False
   try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+      ["lscpu"], capture_output=True, text=True, check=True
+    ).stdout
     for line in out.splitlines():
       if line.startswith("Model name:"):
         model = line.split(":", 1)[1].strip()
@@ -65,12 +66,18 @@ def machine() -> dict:
         avx512 = "avx512f" in line.split()
   except (OSError, subprocess.CalledProcessError):
     pass
-  return {"cpu": model, "avx512": avx512, "devices": len(jax.devices()),
-          "jax": jax.__version__, "python": platform.python_version()}
+  return {
+    "cpu": model,
+    "avx512": avx512,
+    "devices": len(jax.devices()),
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+  }
 
 
-def run_settings(config, settings: list[dict], eval_every: int,
-                 seeds: list[int] | None = None) -> dict:
+def run_settings(
+  config, settings: list[dict], eval_every: int, seeds: list[int] | None = None
+) -> dict:
   """Runs ``settings`` (hparam dicts) as pooled runs of one engine round.
 
   Returns per-run test accuracy after every ``eval_every`` rounds, the last
@@ -79,26 +86,35 @@ def run_settings(config, settings: list[dict], eval_every: int,
   exp = rd.build(config)
   n = len(settings)
   seeds = seeds or [exp.seed] * n
-  hp = {k: jnp.asarray([s[k] for s in settings], jnp.float32)
-        for k in exp.hparams}
+  hp = {
+    k: jnp.asarray([s[k] for s in settings], jnp.float32) for k in exp.hparams
+  }
   engine = fl.Engine(exp.make_algorithm(settings[0]), exp.round_config)
   data = engine.put_data(exp.train, buckets=1)
   test = engine.put_data(exp.test, buckets=1)
   states = []
   for s, seed in zip(settings, seeds):
     one = fl.Engine(exp.make_algorithm(s), exp.round_config)
-    states.append(one.init(exp.initial_params(seed), seed=exp.engine_rng(seed),
-                           num_clients=exp.train.num_clients, data=data))
+    states.append(
+      one.init(
+        exp.initial_params(seed),
+        seed=exp.engine_rng(seed),
+        num_clients=exp.train.num_clients,
+        data=data,
+      )
+    )
   states = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
   @jax.jit
   def chunk(states, hp):
     def body(s, _):
       return engine.rounds_body(s, data, exp.algorithm_fn, hp)
+
     return jax.lax.scan(body, states, None, length=eval_every)
 
   def evaluate(p):
     return fl.evaluate(exp.model, p, test).mean
+
   t0 = time.perf_counter()
   compiled = chunk.lower(states, hp).compile()
   compile_s = time.perf_counter() - t0
@@ -107,19 +123,29 @@ def run_settings(config, settings: list[dict], eval_every: int,
   for _ in range(exp.num_rounds // eval_every):
     states, metrics = compiled(states, hp)
     params = exp.algorithm.get_params(states.server)
-    accs.append([float(evaluate(jax.tree.map(lambda a, i=i: a[i], params))
-                       ["accuracy"]) for i in range(n)])
+    accs.append(
+      [
+        float(evaluate(jax.tree.map(lambda a, i=i: a[i], params))["accuracy"])
+        for i in range(n)
+      ]
+    )
   run_s = time.perf_counter() - t0
   last = {k: np.asarray(v)[-1].tolist() for k, v in metrics.items()}
-  return {"test_accuracy": np.asarray(accs).T.tolist(),   # [run, evals]
-          "train": last, "compile_s": compile_s, "run_s": run_s}
+  return {
+    "test_accuracy": np.asarray(accs).T.tolist(),  # [run, evals]
+    "train": last,
+    "compile_s": compile_s,
+    "run_s": run_s,
+  }
 
 
 # ----------------------------------------------------------------- tables
 def robustness(base, aggregators, attack_names=rd.ATTACKS[1:]) -> dict:
   settings = [{"attack_index": 0.0, "byzantine_fraction": 0.0}] + [
-      {"attack_index": float(rd.ATTACKS.index(a)), "byzantine_fraction": f}
-      for a in attack_names for f in FRACTIONS]
+    {"attack_index": float(rd.ATTACKS.index(a)), "byzantine_fraction": f}
+    for a in attack_names
+    for f in FRACTIONS
+  ]
   out = {}
   for name in aggregators:
     cfg = dataclasses.replace(base, aggregator=name, attack="select")
@@ -130,38 +156,57 @@ def robustness(base, aggregators, attack_names=rd.ATTACKS[1:]) -> dict:
     for j, s in enumerate(settings[1:], 1):
       attack = rd.ATTACKS[int(s["attack_index"])]
       table.setdefault(attack, {"0.0": final[0]})[
-          str(s["byzantine_fraction"])] = final[j]
-    out[name] = {"final_test_accuracy": table,
-                 "compile_s": res["compile_s"], "run_s": res["run_s"],
-                 "realized_byzantine": res["train"].get("byzantine")}
-    print(f"{name:>18}: compile {res['compile_s']:.0f}s, run "
-          f"{res['run_s']:.0f}s; " + ", ".join(
-              f"{a} {table[a].get('0.2', table[a]['0.0']):.3f}"
-              for a in table), flush=True)
+        str(s["byzantine_fraction"])
+      ] = final[j]
+    out[name] = {
+      "final_test_accuracy": table,
+      "compile_s": res["compile_s"],
+      "run_s": res["run_s"],
+      "realized_byzantine": res["train"].get("byzantine"),
+    }
+    print(
+      f"{name:>18}: compile {res['compile_s']:.0f}s, run "
+      f"{res['run_s']:.0f}s; "
+      + ", ".join(
+        f"{a} {table[a].get('0.2', table[a]['0.0']):.3f}" for a in table
+      ),
+      flush=True,
+    )
   return out
 
 
 def compression(base, lrs, seeds, eval_every) -> dict:
   out = {}
   for name in COMPRESSIONS:
-    cfg = dataclasses.replace(base, compression=name, attack="none",
-                              aggregator="weighted_mean",
-                              byzantine_fraction=0.0)
-    settings = [{"client_lr": lr, "byzantine_fraction": 0.0}
-                for lr in lrs for _ in seeds]
+    cfg = dataclasses.replace(
+      base,
+      compression=name,
+      attack="none",
+      aggregator="weighted_mean",
+      byzantine_fraction=0.0,
+    )
+    settings = [
+      {"client_lr": lr, "byzantine_fraction": 0.0} for lr in lrs for _ in seeds
+    ]
     run_seeds = [s for _ in lrs for s in seeds]
     res = run_settings(cfg, settings, eval_every, run_seeds)
     acc = np.asarray(res["test_accuracy"]).reshape(len(lrs), len(seeds), -1)
     nbytes = res["train"].get("uplink_bytes")
     out[name] = {
-        "lrs": list(lrs), "seeds": list(seeds),
-        "eval_rounds": [eval_every * (i + 1) for i in range(acc.shape[2])],
-        "test_accuracy": acc.tolist(),
-        "uplink_bytes": None if nbytes is None else float(np.mean(nbytes)),
-        "compile_s": res["compile_s"], "run_s": res["run_s"]}
-    print(f"{name:>8}: compile {res['compile_s']:.0f}s run {res['run_s']:.0f}s"
-          f" bytes {out[name]['uplink_bytes']} final mean acc per lr "
-          f"{np.round(acc[:, :, -1].mean(1), 4).tolist()}", flush=True)
+      "lrs": list(lrs),
+      "seeds": list(seeds),
+      "eval_rounds": [eval_every * (i + 1) for i in range(acc.shape[2])],
+      "test_accuracy": acc.tolist(),
+      "uplink_bytes": None if nbytes is None else float(np.mean(nbytes)),
+      "compile_s": res["compile_s"],
+      "run_s": res["run_s"],
+    }
+    print(
+      f"{name:>8}: compile {res['compile_s']:.0f}s run {res['run_s']:.0f}s"
+      f" bytes {out[name]['uplink_bytes']} final mean acc per lr "
+      f"{np.round(acc[:, :, -1].mean(1), 4).tolist()}",
+      flush=True,
+    )
   return out
 
 
@@ -171,54 +216,84 @@ def _fmt(v):
 
 
 def robustness_md(res: dict) -> str:
-  names = [a for a in rd.ATTACKS[1:] if a in next(iter(res.values()))[
-      "final_test_accuracy"]]
+  names = [
+    a
+    for a in rd.ATTACKS[1:]
+    if a in next(iter(res.values()))["final_test_accuracy"]
+  ]
   lines = []
   for frac in ("0.1", "0.2", "0.3"):
-    lines += [(f"\nByzantine fraction {float(frac):.0%} (no attack: the "
-               "first column):\n"),
-              "| aggregator | none | " + " | ".join(names) + " |",
-              "|---" * (len(names) + 1) + "|---|"]
+    lines += [
+      (
+        f"\nByzantine fraction {float(frac):.0%} (no attack: the "
+        "first column):\n"
+      ),
+      "| aggregator | none | " + " | ".join(names) + " |",
+      "|---" * (len(names) + 1) + "|---|",
+    ]
     for agg, r in res.items():
       t = r["final_test_accuracy"]
-      lines.append(f"| {agg} | {_fmt(t['none']['0.0'])} | " + " | ".join(
-          _fmt(t[a].get(frac)) for a in names) + " |")
+      lines.append(
+        f"| {agg} | {_fmt(t['none']['0.0'])} | "
+        + " | ".join(_fmt(t[a].get(frac)) for a in names)
+        + " |"
+      )
   return "\n".join(lines)
 
 
 def compression_md(res: dict) -> str:
   dense = res.get("dense", {}).get("uplink_bytes")
-  lines = ["| uplink | bytes / client / round | x smaller | " + " | ".join(
-      f"lr {lr}: acc @ {r}" for lr in next(iter(res.values()))["lrs"]
-      for r in next(iter(res.values()))["eval_rounds"]) + " |"]
-  lines.append("|---" * (3 + len(next(iter(res.values()))["lrs"]) * len(
-      next(iter(res.values()))["eval_rounds"])) + "|")
+  lines = [
+    "| uplink | bytes / client / round | x smaller | "
+    + " | ".join(
+      f"lr {lr}: acc @ {r}"
+      for lr in next(iter(res.values()))["lrs"]
+      for r in next(iter(res.values()))["eval_rounds"]
+    )
+    + " |"
+  ]
+  lines.append(
+    "|---"
+    * (
+      3
+      + len(next(iter(res.values()))["lrs"])
+      * len(next(iter(res.values()))["eval_rounds"])
+    )
+    + "|"
+  )
   for name, r in res.items():
-    acc = np.asarray(r["test_accuracy"])   # [lr, seed, eval]
+    acc = np.asarray(r["test_accuracy"])  # [lr, seed, eval]
     cells = []
     for i in range(acc.shape[0]):
       for j in range(acc.shape[2]):
         m, s = acc[i, :, j].mean(), acc[i, :, j].std()
         cells.append(f"{100 * m:.1f} ± {100 * s:.1f}")
-    ratio = f"{dense / r['uplink_bytes']:.1f}" if dense and r[
-        "uplink_bytes"] else ""
-    lines.append(f"| {name} | {r['uplink_bytes']:.0f} | {ratio} | "
-                 + " | ".join(cells) + " |")
+    ratio = (
+      f"{dense / r['uplink_bytes']:.1f}" if dense and r["uplink_bytes"] else ""
+    )
+    lines.append(
+      f"| {name} | {r['uplink_bytes']:.0f} | {ratio} | "
+      + " | ".join(cells)
+      + " |"
+    )
   return "\n".join(lines)
 
 
 def plot_robustness(res: dict, path: Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   attacks = rd.ATTACKS[1:]
   fig, axes = plt.subplots(2, 3, figsize=(11, 6.4), sharey=True)
   xs = [0.0, *FRACTIONS]
   for ax, attack in zip(axes.ravel(), attacks):
     for agg, r in res.items():
       t = r["final_test_accuracy"][attack]
-      ax.plot([100 * x for x in xs], [t[str(x)] for x in xs], marker="o",
-              label=agg)
+      ax.plot(
+        [100 * x for x in xs], [t[str(x)] for x in xs], marker="o", label=agg
+      )
     ax.set_title(attack)
     ax.set_xlabel("Byzantine clients (%)")
     ax.grid(alpha=0.3)
@@ -233,16 +308,22 @@ def plot_robustness(res: dict, path: Path) -> None:
 
 def plot_compression(res: dict, path: Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for name, r in res.items():
     acc = np.asarray(r["test_accuracy"])
     best = int(np.argmax(acc[:, :, -1].mean(1)))
-    ax.errorbar(r["eval_rounds"], acc[best].mean(0), acc[best].std(0),
-                marker="o", capsize=3,
-                label=f"{name} (lr {r['lrs'][best]}, "
-                      f"{r['uplink_bytes']:.0f} B)")
+    ax.errorbar(
+      r["eval_rounds"],
+      acc[best].mean(0),
+      acc[best].std(0),
+      marker="o",
+      capsize=3,
+      label=f"{name} (lr {r['lrs'][best]}, {r['uplink_bytes']:.0f} B)",
+    )
   ax.set_xlabel("round")
   ax.set_ylabel("test accuracy")
   ax.grid(alpha=0.3)
@@ -254,23 +335,36 @@ def plot_compression(res: dict, path: Path) -> None:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--part", choices=("all", "robustness", "compression"),
-                 default="all")
+  p.add_argument(
+    "--part", choices=("all", "robustness", "compression"), default="all"
+  )
   p.add_argument("--aggregators", default=",".join(rd.AGGREGATORS))
-  p.add_argument("--attacks", default=",".join(rd.ATTACKS[1:]),
-                 help="attacks of the robustness table (besides none)")
-  p.add_argument("--alie-z", type=float, default=0.0,
-                 help="ALIE's z (0: the paper's z_max)")
-  p.add_argument("--tag", default="",
-                 help="suffix of the output files (robustness_<tag>.*)")
-  p.add_argument("--rounds", type=int, default=None,
-                 help="robustness rounds (default: the experiment's)")
+  p.add_argument(
+    "--attacks",
+    default=",".join(rd.ATTACKS[1:]),
+    help="attacks of the robustness table (besides none)",
+  )
+  p.add_argument(
+    "--alie-z", type=float, default=0.0, help="ALIE's z (0: the paper's z_max)"
+  )
+  p.add_argument(
+    "--tag", default="", help="suffix of the output files (robustness_<tag>.*)"
+  )
+  p.add_argument(
+    "--rounds",
+    type=int,
+    default=None,
+    help="robustness rounds (default: the experiment's)",
+  )
   p.add_argument("--compression-rounds", type=int, default=60)
   p.add_argument("--compression-eval-every", type=int, default=20)
   p.add_argument("--lrs", default="0.1,0.3")
   p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--smoke", action="store_true",
-                 help="tiny run (20 clients, 2 rounds); writes nothing")
+  p.add_argument(
+    "--smoke",
+    action="store_true",
+    help="tiny run (20 clients, 2 rounds); writes nothing",
+  )
   args = p.parse_args(argv)
   base = rd.get_config("smoke" if args.smoke else "")
   if args.rounds:
@@ -278,21 +372,27 @@ def main(argv=None):
   base = dataclasses.replace(base, alie_z=args.alie_z)
   started = datetime.datetime.now(datetime.timezone.utc)
   t0 = time.perf_counter()
-  result = {"command": "python " + " ".join([sys.argv[0], *(argv or
-                                                           sys.argv[1:])]),
-            "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(), "config": dataclasses.asdict(base)}
+  result = {
+    "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+    "machine": machine(),
+    "config": dataclasses.asdict(base),
+  }
   aggregators = args.aggregators.split(",")
   if args.part in ("all", "robustness"):
-    result["robustness"] = robustness(base, aggregators,
-                                      args.attacks.split(","))
+    result["robustness"] = robustness(
+      base, aggregators, args.attacks.split(",")
+    )
   if args.part in ("all", "compression"):
     rounds = 2 if args.smoke else args.compression_rounds
     every = 1 if args.smoke else args.compression_eval_every
     cbase = dataclasses.replace(base, num_rounds=rounds)
     result["compression"] = compression(
-        cbase, [float(x) for x in args.lrs.split(",")],
-        [int(x) for x in args.seeds.split(",")], every)
+      cbase,
+      [float(x) for x in args.lrs.split(",")],
+      [int(x) for x in args.seeds.split(",")],
+      every,
+    )
   result["total_s"] = time.perf_counter() - t0
   print(f"total {result['total_s']:.0f}s")
   if args.smoke:
@@ -300,22 +400,25 @@ def main(argv=None):
   RESULTS.mkdir(exist_ok=True)
   if args.tag and "robustness" in result:
     (RESULTS / f"robustness_{args.tag}.json").write_text(
-        json.dumps(result, indent=1))
+      json.dumps(result, indent=1)
+    )
     (RESULTS / f"robustness_{args.tag}.md").write_text(
-        robustness_md(result["robustness"]) + "\n")
+      robustness_md(result["robustness"]) + "\n"
+    )
     return result
   if "robustness" in result:
     part = {k: v for k, v in result.items() if k != "compression"}
     (RESULTS / "robustness_table.json").write_text(json.dumps(part, indent=1))
     (RESULTS / "robustness_table.md").write_text(
-        robustness_md(result["robustness"]) + "\n")
+      robustness_md(result["robustness"]) + "\n"
+    )
     plot_robustness(result["robustness"], RESULTS / "robustness.png")
   if "compression" in result:
     part = {k: v for k, v in result.items() if k != "robustness"}
-    (RESULTS / "compression_table.json").write_text(json.dumps(part,
-                                                               indent=1))
+    (RESULTS / "compression_table.json").write_text(json.dumps(part, indent=1))
     (RESULTS / "compression_table.md").write_text(
-        compression_md(result["compression"]) + "\n")
+      compression_md(result["compression"]) + "\n"
+    )
     plot_compression(result["compression"], RESULTS / "compression.png")
   return result
 

@@ -41,36 +41,51 @@ from fedjax_lite import aggregators as aggs
 from fedjax_lite import attacks
 from fedjax_lite import compression as comp
 
-ATTACKS = ("none", "sign_flip", "scaling", "gaussian", "label_flip", "alie",
-           "ipm")
-AGGREGATORS = ("weighted_mean", "coordinate_median", "trimmed_mean", "krum",
-               "multi_krum", "geometric_median", "centered_clipping",
-               "clipped_mean")
+ATTACKS = (
+  "none",
+  "sign_flip",
+  "scaling",
+  "gaussian",
+  "label_flip",
+  "alie",
+  "ipm",
+)
+AGGREGATORS = (
+  "weighted_mean",
+  "coordinate_median",
+  "trimmed_mean",
+  "krum",
+  "multi_krum",
+  "geometric_median",
+  "centered_clipping",
+  "clipped_mean",
+)
 COMPRESSIONS = ("none", "dense", "top_k", "qsgd", "sign_ef")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every field can be overridden with --set name=value."""
+
   aggregator: str = "weighted_mean"
-  attack: str = "sign_flip"          # a name in ATTACKS, or "select"
+  attack: str = "sign_flip"  # a name in ATTACKS, or "select"
   byzantine_fraction: float = 0.2
   byzantine_seed: int = 0
   compression: str = "none"
   topk_density: float = 0.1
   qsgd_levels: int = 16
   # Attack strengths.
-  sign_flip_scale: float = 4.0       # sign_flip: Delta -> -4 Delta
-  scale_factor: float = 10.0         # scaling: Delta -> 10 Delta, trained
-  scaling_poison: bool = True        # on flipped labels (boosted poison)
-  gaussian_std: float = 1.0          # gaussian: Delta -> N(0, 1)
+  sign_flip_scale: float = 4.0  # sign_flip: Delta -> -4 Delta
+  scale_factor: float = 10.0  # scaling: Delta -> 10 Delta, trained
+  scaling_poison: bool = True  # on flipped labels (boosted poison)
+  gaussian_std: float = 1.0  # gaussian: Delta -> N(0, 1)
   ipm_epsilon: float = 0.5
-  alie_z: float = 0.0                # 0: the paper's z_max(n, f)
+  alie_z: float = 0.0  # 0: the paper's z_max(n, f)
   # Aggregator parameters (f: the Byzantine count tolerated, per round).
-  num_byzantine: int = 30            # krum / multi-krum f
+  num_byzantine: int = 30  # krum / multi-krum f
   trim_beta: float = 0.3
-  cc_tau: float = 1.0                # centered clipping radius
-  clip_norm: float = 1.0             # clipped mean: initial C (adaptive)
+  cc_tau: float = 1.0  # centered clipping radius
+  clip_norm: float = 1.0  # clipped mean: initial C (adaptive)
   # Training.
   num_rounds: int = 30
   num_clients: int = 100
@@ -88,9 +103,15 @@ def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (a few seconds)."""
   cfg = Config()
   if arg == "smoke":
-    cfg = dataclasses.replace(cfg, num_rounds=2, num_clients=20,
-                              clients_per_round=20, num_byzantine=4,
-                              num_epochs=1, eval_every=1)
+    cfg = dataclasses.replace(
+      cfg,
+      num_rounds=2,
+      num_clients=20,
+      clients_per_round=20,
+      num_byzantine=4,
+      num_epochs=1,
+      eval_every=1,
+    )
   elif arg:
     raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
   return cfg
@@ -108,15 +129,18 @@ def make_aggregator(config: Config):
   if name == "krum":
     return aggs.krum(config.num_byzantine)
   if name == "multi_krum":
-    return aggs.krum(config.num_byzantine,
-                     multi=config.clients_per_round - config.num_byzantine)
+    return aggs.krum(
+      config.num_byzantine,
+      multi=config.clients_per_round - config.num_byzantine,
+    )
   if name == "geometric_median":
     return aggs.geometric_median()
   if name == "centered_clipping":
     return aggs.centered_clipping(config.cc_tau, iters=1)
   if name == "clipped_mean":
-    return aggs.clipped(aggs.weighted_mean(), config.clip_norm,
-                        adaptive=True, target_quantile=0.5)
+    return aggs.clipped(
+      aggs.weighted_mean(), config.clip_norm, adaptive=True, target_quantile=0.5
+    )
   raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {name!r}.")
 
 
@@ -127,10 +151,12 @@ def make_attack(config: Config, name: str) -> attacks.Attack:
   if name == "sign_flip":
     return attacks.sign_flip(config.sign_flip_scale)
   if name == "scaling":
-    if config.scaling_poison:   # boosted label-flip update (Bhagoji et al.)
-      return attacks.combine(attacks.label_flip(10),
-                             attacks.scaling(config.scale_factor),
-                             name="scaling")
+    if config.scaling_poison:  # boosted label-flip update (Bhagoji et al.)
+      return attacks.combine(
+        attacks.label_flip(10),
+        attacks.scaling(config.scale_factor),
+        name="scaling",
+      )
     return attacks.scaling(config.scale_factor)
   if name == "gaussian":
     return attacks.gaussian(config.gaussian_std)
@@ -140,15 +166,16 @@ def make_attack(config: Config, name: str) -> attacks.Attack:
     return attacks.alie(config.alie_z or None)
   if name == "ipm":
     return attacks.ipm(config.ipm_epsilon)
-  raise ValueError(f"attack must be one of {ATTACKS} or 'select', got "
-                   f"{name!r}.")
+  raise ValueError(
+    f"attack must be one of {ATTACKS} or 'select', got {name!r}."
+  )
 
 
 def make_compressor(config: Config):
   name = config.compression
   if name == "none":
     return None
-  if name == "dense":   # uncompressed, but counts the uplink bytes
+  if name == "dense":  # uncompressed, but counts the uplink bytes
     return comp.no_compression()
   if name == "top_k":
     return comp.top_k(config.topk_density)
@@ -156,13 +183,13 @@ def make_compressor(config: Config):
     return comp.qsgd(config.qsgd_levels)
   if name == "sign_ef":
     return comp.sign_ef()
-  raise ValueError(f"compression must be one of {COMPRESSIONS}, got "
-                   f"{name!r}.")
+  raise ValueError(f"compression must be one of {COMPRESSIONS}, got {name!r}.")
 
 
 def build(config: Config) -> fl.experiment.Experiment:
-  train, test = fl.datasets.digits(config.num_clients, "dirichlet",
-                                   alpha=config.alpha, seed=config.seed)
+  train, test = fl.datasets.digits(
+    config.num_clients, "dirichlet", alpha=config.alpha, seed=config.seed
+  )
   model = fl.models.mlp(64, 10, (config.hidden,))
   aggregator = make_aggregator(config)
   compressor = make_compressor(config)
@@ -175,25 +202,36 @@ def build(config: Config) -> fl.experiment.Experiment:
     alg = fl.fed_avg(model, optax.sgd(h["client_lr"]), aggregator=aggregator)
     if compressor is not None:
       alg = comp.with_compression(alg, compressor)
-    attack = attacks.select_attack(h["attack_index"], choices) if select \
-        else make_attack(config, config.attack)
-    mask = attacks.byzantine_mask(config.num_clients,
-                                  h["byzantine_fraction"],
-                                  config.byzantine_seed)
+    attack = (
+      attacks.select_attack(h["attack_index"], choices)
+      if select
+      else make_attack(config, config.attack)
+    )
+    mask = attacks.byzantine_mask(
+      config.num_clients, h["byzantine_fraction"], config.byzantine_seed
+    )
     return attacks.with_attack(alg, attack, mask)
 
-  hparams = {"client_lr": config.client_lr,
-             "byzantine_fraction": config.byzantine_fraction}
+  hparams = {
+    "client_lr": config.client_lr,
+    "byzantine_fraction": config.byzantine_fraction,
+  }
   if select:
     hparams["attack_index"] = 0.0
   return fl.experiment.Experiment(
-      model=model, train=train, test=test, hparams=hparams,
-      algorithm_fn=algorithm_fn,
-      round_config=fl.RoundConfig(
-          config.clients_per_round,
-          fl.LocalWork(batch_size=config.batch_size,
-                       num_epochs=config.num_epochs),
-          sampling="all" if config.clients_per_round == config.num_clients
-          else "uniform"),
-      num_rounds=config.num_rounds, eval_every=config.eval_every,
-      seed=config.seed)
+    model=model,
+    train=train,
+    test=test,
+    hparams=hparams,
+    algorithm_fn=algorithm_fn,
+    round_config=fl.RoundConfig(
+      config.clients_per_round,
+      fl.LocalWork(batch_size=config.batch_size, num_epochs=config.num_epochs),
+      sampling="all"
+      if config.clients_per_round == config.num_clients
+      else "uniform",
+    ),
+    num_rounds=config.num_rounds,
+    eval_every=config.eval_every,
+    seed=config.seed,
+  )

@@ -26,6 +26,7 @@ import optax
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every field can be overridden with --set name=value."""
+
   num_rounds: int = 80
   clients_per_round: int = 10
   batch_size: int = 10
@@ -36,11 +37,11 @@ class Config:
   hidden: int = 256
   num_layers: int = 2
   seq_len: int = 80
-  data_fraction: float = 0.05     # LEAF --sf (non-IID role sample)
-  min_samples: int = 64           # LEAF -k
-  train_fraction: float = 0.9     # LEAF --tf
-  max_clients: int = 0            # 0: every role
-  max_samples: int = 0            # 0: every sample of a role
+  data_fraction: float = 0.05  # LEAF --sf (non-IID role sample)
+  min_samples: int = 64  # LEAF -k
+  train_fraction: float = 0.9  # LEAF --tf
+  max_clients: int = 0  # 0: every role
+  max_samples: int = 0  # 0: every sample of a role
   eval_every: int = 5
   seed: int = 0
 
@@ -49,9 +50,15 @@ def get_config(arg: str = "") -> Config:
   """``arg``: "" (LEAF's settings) or "smoke" (same model, seconds-long)."""
   cfg = Config()
   if arg == "smoke":
-    cfg = dataclasses.replace(cfg, num_rounds=2, clients_per_round=2,
-                              max_clients=4, max_samples=120,
-                              train_fraction=0.25, eval_every=2)
+    cfg = dataclasses.replace(
+      cfg,
+      num_rounds=2,
+      clients_per_round=2,
+      max_clients=4,
+      max_samples=120,
+      train_fraction=0.25,
+      eval_every=2,
+    )
   elif arg:
     raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
   return cfg
@@ -59,25 +66,39 @@ def get_config(arg: str = "") -> Config:
 
 def build(config: Config) -> fl.experiment.Experiment:
   train, test = fl.datasets.shakespeare(
-      seq_len=config.seq_len, min_samples=config.min_samples,
-      train_fraction=config.train_fraction, fraction=config.data_fraction,
-      max_clients=config.max_clients or None,
-      max_samples=config.max_samples or None, seed=config.seed)
+    seq_len=config.seq_len,
+    min_samples=config.min_samples,
+    train_fraction=config.train_fraction,
+    fraction=config.data_fraction,
+    max_clients=config.max_clients or None,
+    max_samples=config.max_samples or None,
+    seed=config.seed,
+  )
   model = fl.models.char_lstm(
-      len(fl.datasets.LEAF_VOCAB), config.seq_len,
-      embed_dim=config.embed_dim, hidden=(config.hidden,) * config.num_layers)
+    len(fl.datasets.LEAF_VOCAB),
+    config.seq_len,
+    embed_dim=config.embed_dim,
+    hidden=(config.hidden,) * config.num_layers,
+  )
 
   def algorithm_fn(h):  # h: name -> scalar (a traced one in vmapped sweeps)
-    return fl.fed_avg(model, optax.sgd(h["client_lr"]),
-                      optax.sgd(h["server_lr"]))
+    return fl.fed_avg(
+      model, optax.sgd(h["client_lr"]), optax.sgd(h["server_lr"])
+    )
 
   return fl.experiment.Experiment(
-      model=model, train=train, test=test,
-      hparams={"client_lr": config.client_lr, "server_lr": config.server_lr},
-      algorithm_fn=algorithm_fn,
-      round_config=fl.RoundConfig(
-          clients_per_round=config.clients_per_round,
-          local_work=fl.LocalWork(batch_size=config.batch_size,
-                                  num_epochs=config.num_epochs)),
-      num_rounds=config.num_rounds, eval_every=config.eval_every,
-      seed=config.seed)
+    model=model,
+    train=train,
+    test=test,
+    hparams={"client_lr": config.client_lr, "server_lr": config.server_lr},
+    algorithm_fn=algorithm_fn,
+    round_config=fl.RoundConfig(
+      clients_per_round=config.clients_per_round,
+      local_work=fl.LocalWork(
+        batch_size=config.batch_size, num_epochs=config.num_epochs
+      ),
+    ),
+    num_rounds=config.num_rounds,
+    eval_every=config.eval_every,
+    seed=config.seed,
+  )

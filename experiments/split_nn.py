@@ -66,42 +66,62 @@ def variants(cfg: Config, train: fv.AlignedData):
   c = cfg.cut_dim
   split_bottoms = [fl.models.mlp(k, c, hidden=(64,)) for k in d]
   top = fl.models.mlp(c * len(d), 10, hidden=(32,))
-  joined = fv.AlignedData(xs=(train.joined(),), y=train.y, ids=train.ids,
-                          names=("central",))
-  out = {"split": (train, split_bottoms, top, 0.0),
-         "central": (joined, [fl.models.mlp(sum(d), 32, hidden=(128,))],
-                           fl.models.mlp(32, 10, hidden=()), 0.0)}
+  joined = fv.AlignedData(
+    xs=(train.joined(),), y=train.y, ids=train.ids, names=("central",)
+  )
+  out = {
+    "split": (train, split_bottoms, top, 0.0),
+    "central": (
+      joined,
+      [fl.models.mlp(sum(d), 32, hidden=(128,))],
+      fl.models.mlp(32, 10, hidden=()),
+      0.0,
+    ),
+  }
   for s in cfg.noise_stds:
     out[f"split_noise={s:g}"] = (train, split_bottoms, top, s)
   return out
 
 
 def run(cfg: Config, run_dir: Path | None = None) -> dict:
-  ds = fv.digits_vertical(2, keep=cfg.keep, seed=cfg.seed,
-                          names=("guest", "host"))
+  ds = fv.digits_vertical(
+    2, keep=cfg.keep, seed=cfg.seed, names=("guest", "host")
+  )
   aligned, psi = ds.align(seed=cfg.seed)
   train, test = aligned.split(cfg.test_fraction, seed=cfg.seed)
   log = fl.experiment.records.MetricsLog(run_dir) if run_dir else None
   groups, finals, rms, bytes_per_step = {}, {}, {}, None
   for name, (data, bottoms, top, noise) in variants(cfg, train).items():
     test_v = test
-    if len(data.xs) == 1:       # the centralized model sees joined columns
-      test_v = fv.AlignedData(xs=(test.joined(),), y=test.y, ids=test.ids,
-                              names=("central",))
+    if len(data.xs) == 1:  # the centralized model sees joined columns
+      test_v = fv.AlignedData(
+        xs=(test.joined(),), y=test.y, ids=test.ids, names=("central",)
+      )
     proc = fv.build_split_nn_process(
-        data, bottoms, top, optax.adam(cfg.learning_rate),
-        batch_size=cfg.batch_size, grad_noise_std=noise)
+      data,
+      bottoms,
+      top,
+      optax.adam(cfg.learning_rate),
+      batch_size=cfg.batch_size,
+      grad_noise_std=noise,
+    )
     groups[name], finals[name], rms[name] = [], [], []
     for seed in range(cfg.seed, cfg.seed + cfg.num_seeds):
       state, rows = proc.initialize(seed), []
       for epoch in range(1, cfg.num_epochs + 1):
         state, m = proc.next(state)
         ev = proc.evaluate(state, test_v)
-        row = {"round": epoch, "variant": name, "seed": seed,
-               "train_loss": m["loss"], "train_accuracy": m["accuracy"],
-               "test_loss": ev["loss"], "test_accuracy": ev["accuracy"],
-               "bytes_per_step": m["bytes_per_step"],
-               "cut_grad_rms": m["cut_grad_rms"]}
+        row = {
+          "round": epoch,
+          "variant": name,
+          "seed": seed,
+          "train_loss": m["loss"],
+          "train_accuracy": m["accuracy"],
+          "test_loss": ev["loss"],
+          "test_accuracy": ev["accuracy"],
+          "bytes_per_step": m["bytes_per_step"],
+          "cut_grad_rms": m["cut_grad_rms"],
+        }
         rows.append(row)
         if log:
           log.append(row)
@@ -113,17 +133,23 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
   if log:
     log.close()
   summary = {
-      "psi_intersection": psi.size, "train_rows": train.num_examples,
-      "test_rows": test.num_examples,
-      "test_accuracy": {k: {"mean": float(np.mean(v)),
-                            "std": float(np.std(v)), "per_seed": v}
-                        for k, v in finals.items()},
-      "split_bytes_per_step": bytes_per_step,
-      "mean_cut_grad_rms": {k: float(np.mean(v)) for k, v in rms.items()},
-      "config": dataclasses.asdict(cfg)}
+    "psi_intersection": psi.size,
+    "train_rows": train.num_examples,
+    "test_rows": test.num_examples,
+    "test_accuracy": {
+      k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "per_seed": v}
+      for k, v in finals.items()
+    },
+    "split_bytes_per_step": bytes_per_step,
+    "mean_cut_grad_rms": {k: float(np.mean(v)) for k, v in rms.items()},
+    "config": dataclasses.asdict(cfg),
+  }
   if run_dir:
-    fl.experiment.plot_runs(groups, run_dir / "curves.png",
-                            title="SplitNN vs centralized (digits, 2 parties)")
+    fl.experiment.plot_runs(
+      groups,
+      run_dir / "curves.png",
+      title="SplitNN vs centralized (digits, 2 parties)",
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
   return summary
 
@@ -134,8 +160,9 @@ def main(argv=None) -> dict:
   p.add_argument("--out", default="runs")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   args = p.parse_args(argv)
-  cfg = fl.experiment.apply_overrides(get_config("smoke" if args.smoke
-                                                 else ""), args.set)
+  cfg = fl.experiment.apply_overrides(
+    get_config("smoke" if args.smoke else ""), args.set
+  )
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   run_dir = Path(args.out) / f"{Path(__file__).stem}-{stamp}"
   os.makedirs(run_dir, exist_ok=False)

@@ -60,22 +60,31 @@ def logreg1000_experiment() -> fe.Experiment:
   w = benchmark.WORKLOADS["logreg1000"]
   x, y = benchmark.make_data(w)
   ds = fl.FederatedDataset(
-      features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
-      offsets=[i * w["examples"] for i in range(w["num_clients"])],
-      counts=[w["examples"]] * w["num_clients"])
+    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
+    offsets=[i * w["examples"] for i in range(w["num_clients"])],
+    counts=[w["examples"]] * w["num_clients"],
+  )
   model = fl.models.logistic_regression(w["features"], w["classes"])
   return fe.Experiment(
-      model=model, train=ds, hparams={"client_lr": benchmark.LR},
-      algorithm_fn=lambda h: fl.fed_avg(model, optax.sgd(h["client_lr"]),
-                                        optax.sgd(1.0)),
-      round_config=fl.RoundConfig(w["clients_per_round"],
-                                  fl.LocalWork(batch_size=benchmark.BATCH,
-                                               num_epochs=1)),
-      num_rounds=1, eval_every=0)
+    model=model,
+    train=ds,
+    hparams={"client_lr": benchmark.LR},
+    algorithm_fn=lambda h: fl.fed_avg(
+      model, optax.sgd(h["client_lr"]), optax.sgd(1.0)
+    ),
+    round_config=fl.RoundConfig(
+      w["clients_per_round"],
+      fl.LocalWork(batch_size=benchmark.BATCH, num_epochs=1),
+    ),
+    num_rounds=1,
+    eval_every=0,
+  )
 
 
-WORKLOADS = {"synthetic": (synthetic_experiment, 20),
-             "logreg1000": (logreg1000_experiment, 5)}
+WORKLOADS = {
+  "synthetic": (synthetic_experiment, 20),
+  "logreg1000": (logreg1000_experiment, 5),
+}
 
 
 def timed(fn, repeats: int) -> tuple[float, list]:
@@ -88,14 +97,21 @@ def timed(fn, repeats: int) -> tuple[float, list]:
   return float(np.median(ts)), ts
 
 
-def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
-          block_size: int | None = None) -> dict:
+def bench(
+  name: str,
+  num_seeds: int,
+  rounds: int | None,
+  repeats: int,
+  block_size: int | None = None,
+) -> dict:
   make, default_rounds = WORKLOADS[name]
   rounds = rounds or default_rounds
   exp = make()
   if block_size is not None:
-    exp = dataclasses.replace(exp, round_config=dataclasses.replace(
-        exp.round_config, block_size=block_size))
+    exp = dataclasses.replace(
+      exp,
+      round_config=dataclasses.replace(exp.round_config, block_size=block_size),
+    )
   engine = fe.engine_for(exp)
   data = engine.put_data(exp.train)
   seeds = list(range(num_seeds))
@@ -126,8 +142,9 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
   # The same number of settings as a learning-rate grid on one seed (the
   # grid points share the seed's client sample and data).
   lr0 = exp.hparams["client_lr"]
-  grid = {"client_lr": [lr0 * 2.0 ** (k - num_seeds // 2)
-                        for k in range(num_seeds)]}
+  grid = {
+    "client_lr": [lr0 * 2.0 ** (k - num_seeds // 2) for k in range(num_seeds)]
+  }
   vg = fe.VmappedRounds(exp, seeds[:1], grid, rounds)
   stacked_grid = vg.init()
 
@@ -136,8 +153,11 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
 
   # Seeds x grid: 2 seeds x (num_seeds // 2) learning rates, pooled (each
   # client trains all grid points on data gathered once) and lockstep.
-  mixed = {"client_lr": grid["client_lr"][num_seeds // 4:
-                                          num_seeds // 4 + num_seeds // 2]}
+  mixed = {
+    "client_lr": grid["client_lr"][
+      num_seeds // 4 : num_seeds // 4 + num_seeds // 2
+    ]
+  }
   vmix = fe.VmappedRounds(exp, seeds[:2], mixed, rounds)
   stacked_mix = vmix.init()
   vmix_l = fe.VmappedRounds(exp, seeds[:2], mixed, rounds, pooled=False)
@@ -159,33 +179,50 @@ def bench(name: str, num_seeds: int, rounds: int | None, repeats: int,
   # The vmapped seeds compute what the separate runs compute.
   ref = jax.device_get(engine.run(states[-1], data, rounds)[0].server.params)
   got = jax.device_get(jax.tree.map(lambda a: a[-1, 0], vmapped()))
-  max_diff = max(float(np.max(np.abs(a - b))) for a, b in
-                 zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
-  return {"workload": name, "seeds": num_seeds, "rounds_per_call": rounds,
-          "repeats": repeats, "one_s": t_one, "sequential_s": t_seq,
-          "block_size_config": block_size,
-          "vmapped_s": t_vm, "vmapped_over_one": t_vm / t_one,
-          "lockstep_s": t_ls, "lockstep_over_one": t_ls / t_one,
-          "vmapped_block_sizes": dict(vm.block_sizes),
-          "grid_vmapped_s": t_grid, "grid_over_one": t_grid / t_one,
-          "seeds_x_grid": f"2 seeds x {len(mixed['client_lr'])} lrs",
-          "seeds_x_grid_pooled_over_one": t_mix / t_one,
-          "seeds_x_grid_lockstep_over_one": t_mix_l / t_one,
-          "sequential_over_one": t_seq / t_one,
-          "speedup_vs_sequential": t_seq / t_vm,
-          "max_abs_diff_vmapped_vs_separate": max_diff,
-          "free_width_bound": critical_path_ratio(exp, num_seeds),
-          "block_sizes": dict(engine.block_sizes),
-          "vmapped_traces": vm.num_traces,
-          "vmapped_block_size": vm.round_config.block_size,
-          "times": {"one": ts_one, "sequential": ts_seq, "vmapped": ts_vm,
-                    "lockstep": ts_ls, "seeds_x_grid_pooled": ts_mix,
-                    "seeds_x_grid_lockstep": ts_mix_l,
-                    "grid_vmapped": ts_grid}}
+  max_diff = max(
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))
+  )
+  return {
+    "workload": name,
+    "seeds": num_seeds,
+    "rounds_per_call": rounds,
+    "repeats": repeats,
+    "one_s": t_one,
+    "sequential_s": t_seq,
+    "block_size_config": block_size,
+    "vmapped_s": t_vm,
+    "vmapped_over_one": t_vm / t_one,
+    "lockstep_s": t_ls,
+    "lockstep_over_one": t_ls / t_one,
+    "vmapped_block_sizes": dict(vm.block_sizes),
+    "grid_vmapped_s": t_grid,
+    "grid_over_one": t_grid / t_one,
+    "seeds_x_grid": f"2 seeds x {len(mixed['client_lr'])} lrs",
+    "seeds_x_grid_pooled_over_one": t_mix / t_one,
+    "seeds_x_grid_lockstep_over_one": t_mix_l / t_one,
+    "sequential_over_one": t_seq / t_one,
+    "speedup_vs_sequential": t_seq / t_vm,
+    "max_abs_diff_vmapped_vs_separate": max_diff,
+    "free_width_bound": critical_path_ratio(exp, num_seeds),
+    "block_sizes": dict(engine.block_sizes),
+    "vmapped_traces": vm.num_traces,
+    "vmapped_block_size": vm.round_config.block_size,
+    "times": {
+      "one": ts_one,
+      "sequential": ts_seq,
+      "vmapped": ts_vm,
+      "lockstep": ts_ls,
+      "seeds_x_grid_pooled": ts_mix,
+      "seeds_x_grid_lockstep": ts_mix_l,
+      "grid_vmapped": ts_grid,
+    },
+  }
 
 
-def critical_path_ratio(exp: fe.Experiment, num_seeds: int,
-                        rounds: int = 1000) -> dict:
+def critical_path_ratio(
+  exp: fe.Experiment, num_seeds: int, rounds: int = 1000
+) -> dict:
   """How much longer S seeds' rounds are than one run's with FREE width.
 
   A round cannot end before its largest sampled client has taken all its
@@ -199,73 +236,109 @@ def critical_path_ratio(exp: fe.Experiment, num_seeds: int,
   cfg = exp.round_config
   counts = np.asarray(exp.train.counts)
   steps = np.asarray([cfg.local_work.plan(int(n))[0] for n in counts])
-  weights = jnp.asarray(counts, jnp.float32) if cfg.sampling == "weighted" \
-      else None
+  weights = (
+    jnp.asarray(counts, jnp.float32) if cfg.sampling == "weighted" else None
+  )
 
   if cfg.sampling == "all":
     longest = np.full((num_seeds, rounds), steps.max())
   else:
+
     def sample(seed, t):  # the engine's round key and sampler
       key = jax.random.fold_in(jax.random.PRNGKey(seed), t)
-      return fl.data.sample_clients(jax.random.split(key)[0], len(counts),
-                                    cfg.clients_per_round, weights,
-                                    cfg.replace)
+      return fl.data.sample_clients(
+        jax.random.split(key)[0],
+        len(counts),
+        cfg.clients_per_round,
+        weights,
+        cfg.replace,
+      )
+
     ids = jax.jit(jax.vmap(jax.vmap(sample, (None, 0)), (0, None)))(
-        jnp.arange(num_seeds), jnp.arange(rounds))  # [S, rounds, m]
-    longest = steps[np.asarray(ids)].max(-1)     # [S, rounds]
+      jnp.arange(num_seeds), jnp.arange(rounds)
+    )  # [S, rounds, m]
+    longest = steps[np.asarray(ids)].max(-1)  # [S, rounds]
   one, many = longest[0], longest.max(0)
-  return {"one_run_steps": float(np.mean(one)),
-          "seeds_steps": float(np.mean(many)),
-          "ratio": float(np.mean(many) / np.mean(one)), "rounds": rounds}
+  return {
+    "one_run_steps": float(np.mean(one)),
+    "seeds_steps": float(np.mean(many)),
+    "ratio": float(np.mean(many) / np.mean(one)),
+    "rounds": rounds,
+  }
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workload", nargs="+", default=list(WORKLOADS),
-                  choices=list(WORKLOADS))
+  ap.add_argument(
+    "--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS)
+  )
   ap.add_argument("--seeds", type=int, default=8)
-  ap.add_argument("--rounds", type=int, default=None,
-                  help="rounds per timed call (default: per workload)")
+  ap.add_argument(
+    "--rounds",
+    type=int,
+    default=None,
+    help="rounds per timed call (default: per workload)",
+  )
   ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--block-size", type=int, nargs="+", default=[None],
-                  help="RoundConfig.block_size values to measure (0 or "
-                       "default: the engine's automatic choice)")
+  ap.add_argument(
+    "--block-size",
+    type=int,
+    nargs="+",
+    default=[None],
+    help="RoundConfig.block_size values to measure (0 or "
+    "default: the engine's automatic choice)",
+  )
   ap.add_argument("--json", default=None, help="write results here")
   args = ap.parse_args(argv)
   # Matmul peak in its own process with JAX's default XLA settings (as in
   # benchmark.py): 2048^2 float32, both cores.
-  peak = benchmark.run_worker("peak", "mlp100", 1,
-                              env_extra={"XLA_FLAGS": ""})
-  env = {"cpu": benchmark.cpu_info(), "cores": os.cpu_count(),
-         "matmul_peak_gflops": peak["peak_gflops"],
-         "devices": len(jax.devices()), "platform": jax.devices()[0].platform,
-         "jax": jax.__version__, "cpu_settings": fl.runtime.settings()}
+  peak = benchmark.run_worker("peak", "mlp100", 1, env_extra={"XLA_FLAGS": ""})
+  env = {
+    "cpu": benchmark.cpu_info(),
+    "cores": os.cpu_count(),
+    "matmul_peak_gflops": peak["peak_gflops"],
+    "devices": len(jax.devices()),
+    "platform": jax.devices()[0].platform,
+    "jax": jax.__version__,
+    "cpu_settings": fl.runtime.settings(),
+  }
   print(json.dumps(env))
   results = []
   n = args.seeds
-  print(f"| workload | block size | rounds/call | 1 run (s) | {n} sequential "
-        f"(s) | {n} seeds pooled (s) | {n} seeds pooled / 1 run | "
-        f"{n} seeds lockstep / 1 run | "
-        f"{n} lrs vmapped (s) | {n} lrs vmapped / 1 run |")
+  print(
+    f"| workload | block size | rounds/call | 1 run (s) | {n} sequential "
+    f"(s) | {n} seeds pooled (s) | {n} seeds pooled / 1 run | "
+    f"{n} seeds lockstep / 1 run | "
+    f"{n} lrs vmapped (s) | {n} lrs vmapped / 1 run |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for name in args.workload:
     for bs in args.block_size:
       r = bench(name, n, args.rounds, args.repeats, bs or None)
       results.append(r)
-      print(f"| {name} | {bs or 'auto'}: 1 run {r['block_sizes']}, "
-            f"pooled {r['vmapped_block_sizes']} | "
-            f"{r['rounds_per_call']} | {r['one_s']:.3f} | "
-            f"{r['sequential_s']:.3f} | {r['vmapped_s']:.3f} | "
-            f"{r['vmapped_over_one']:.2f}x | {r['lockstep_over_one']:.2f}x | "
-            f"{r['grid_vmapped_s']:.3f} | "
-            f"{r['grid_over_one']:.2f}x |", flush=True)
-      print(f"  {name}: {r['seeds_x_grid']}: pooled "
-            f"{r['seeds_x_grid_pooled_over_one']:.2f}x one run, lockstep "
-            f"{r['seeds_x_grid_lockstep_over_one']:.2f}x", flush=True)
+      print(
+        f"| {name} | {bs or 'auto'}: 1 run {r['block_sizes']}, "
+        f"pooled {r['vmapped_block_sizes']} | "
+        f"{r['rounds_per_call']} | {r['one_s']:.3f} | "
+        f"{r['sequential_s']:.3f} | {r['vmapped_s']:.3f} | "
+        f"{r['vmapped_over_one']:.2f}x | {r['lockstep_over_one']:.2f}x | "
+        f"{r['grid_vmapped_s']:.3f} | "
+        f"{r['grid_over_one']:.2f}x |",
+        flush=True,
+      )
+      print(
+        f"  {name}: {r['seeds_x_grid']}: pooled "
+        f"{r['seeds_x_grid_pooled_over_one']:.2f}x one run, lockstep "
+        f"{r['seeds_x_grid_lockstep_over_one']:.2f}x",
+        flush=True,
+      )
       b = r["free_width_bound"]
-      print(f"  {name}: with free width, {n} seeds' rounds wait "
-            f"{b['ratio']:.2f}x one run's (longest client {b['seeds_steps']:.0f}"
-            f" vs {b['one_run_steps']:.0f} local steps)", flush=True)
+      print(
+        f"  {name}: with free width, {n} seeds' rounds wait "
+        f"{b['ratio']:.2f}x one run's (longest client {b['seeds_steps']:.0f}"
+        f" vs {b['one_run_steps']:.0f} local steps)",
+        flush=True,
+      )
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"environment": env, "results": results}, f, indent=2)

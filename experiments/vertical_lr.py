@@ -51,20 +51,21 @@ class Config:
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (seconds)."""
   if arg == "smoke":
-    return Config(num_epochs=3, paillier_epochs=1, key_bits=256,
-                  batch_size=256)
+    return Config(num_epochs=3, paillier_epochs=1, key_bits=256, batch_size=256)
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
   return Config()
 
 
 def run(cfg: Config, run_dir: Path | None = None) -> dict:
-  ds = fv.breast_cancer_vertical(2, keep=cfg.keep, seed=cfg.seed,
-                                 names=("guest", "host"))
+  ds = fv.breast_cancer_vertical(
+    2, keep=cfg.keep, seed=cfg.seed, names=("guest", "host")
+  )
   aligned, psi = ds.align(seed=cfg.seed)
   train, test = aligned.split(cfg.test_fraction, seed=cfg.seed)
-  kw = dict(learning_rate=cfg.learning_rate, l2=cfg.l2,
-            batch_size=cfg.batch_size)
+  kw = dict(
+    learning_rate=cfg.learning_rate, l2=cfg.l2, batch_size=cfg.batch_size
+  )
   proc = fv.build_vertical_logistic_regression_process(train, **kw)
   state = proc.initialize(cfg.seed)
   start = state
@@ -73,9 +74,14 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
   for epoch in range(1, cfg.num_epochs + 1):
     state, m = proc.next(state)
     ev = proc.evaluate(state, test)
-    row = {"round": epoch, "train_loss": m["loss"], "seconds": m["seconds"],
-           "test_loss": ev["taylor_loss"], "test_accuracy": ev["accuracy"],
-           "test_logistic_loss": ev["loss"]}
+    row = {
+      "round": epoch,
+      "train_loss": m["loss"],
+      "seconds": m["seconds"],
+      "test_loss": ev["taylor_loss"],
+      "test_accuracy": ev["accuracy"],
+      "test_logistic_loss": ev["loss"],
+    }
     rows.append(row)
     if log:
       log.append(row)
@@ -83,40 +89,61 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
     log.close()
   # Paillier epochs from the same start; the plaintext losses to compare.
   enc = fv.build_vertical_logistic_regression_process(
-      train, mode="paillier", key_bits=cfg.key_bits, **kw)
+    train, mode="paillier", key_bits=cfg.key_bits, **kw
+  )
   s_enc, s_pl, enc_rows = start, start, []
   for _ in range(cfg.paillier_epochs):
     s_enc, me = enc.next(s_enc)
     s_pl, mp = proc.next(s_pl)
-    enc_rows.append({**me, "plaintext_loss": mp["loss"],
-                     "abs_loss_diff": abs(me["loss"] - mp["loss"])})
+    enc_rows.append(
+      {
+        **me,
+        "plaintext_loss": mp["loss"],
+        "abs_loss_diff": abs(me["loss"] - mp["loss"]),
+      }
+    )
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+
   central = LogisticRegression(max_iter=5000).fit(train.joined(), train.y)
   summary = {
-      "psi": {"intersection": psi.size, "bytes_sent": psi.bytes_sent,
-              "party_sizes": [p.num_examples for p in ds.parties]},
-      "train_rows": train.num_examples, "test_rows": test.num_examples,
-      "final": rows[-1],
-      # The first epoch includes compiling.
-      "plaintext_seconds_per_epoch": float(np.median(
-          [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]])),
-      "plaintext_bytes_per_epoch": {k: v for k, v in m.items()
-                                    if k.startswith("bytes_")},
-      "sklearn_central_test_accuracy": float(central.score(test.joined(),
-                                                           test.y)),
-      "paillier": {"key_bits": cfg.key_bits, "epochs": enc_rows,
-                   "seconds_per_epoch": float(np.mean(
-                       [r["seconds"] for r in enc_rows])),
-                   "cpu_seconds_per_epoch": float(np.mean(
-                       [r["cpu_seconds"] for r in enc_rows])),
-                   "bytes_per_epoch": {k: v for k, v in enc_rows[0].items()
-                                       if k.startswith("bytes_")}}
-      if enc_rows else None,
-      "config": dataclasses.asdict(cfg), "machine": platform.processor()
-      or platform.machine()}
+    "psi": {
+      "intersection": psi.size,
+      "bytes_sent": psi.bytes_sent,
+      "party_sizes": [p.num_examples for p in ds.parties],
+    },
+    "train_rows": train.num_examples,
+    "test_rows": test.num_examples,
+    "final": rows[-1],
+    # The first epoch includes compiling.
+    "plaintext_seconds_per_epoch": float(
+      np.median([r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]])
+    ),
+    "plaintext_bytes_per_epoch": {
+      k: v for k, v in m.items() if k.startswith("bytes_")
+    },
+    "sklearn_central_test_accuracy": float(
+      central.score(test.joined(), test.y)
+    ),
+    "paillier": {
+      "key_bits": cfg.key_bits,
+      "epochs": enc_rows,
+      "seconds_per_epoch": float(np.mean([r["seconds"] for r in enc_rows])),
+      "cpu_seconds_per_epoch": float(
+        np.mean([r["cpu_seconds"] for r in enc_rows])
+      ),
+      "bytes_per_epoch": {
+        k: v for k, v in enc_rows[0].items() if k.startswith("bytes_")
+      },
+    }
+    if enc_rows
+    else None,
+    "config": dataclasses.asdict(cfg),
+    "machine": platform.processor() or platform.machine(),
+  }
   if run_dir:
-    fl.experiment.plot_curves(rows, run_dir / "curves.png",
-                              title="Hetero LR (breast cancer, 2 parties)")
+    fl.experiment.plot_curves(
+      rows, run_dir / "curves.png", title="Hetero LR (breast cancer, 2 parties)"
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
   return summary
 
@@ -127,8 +154,9 @@ def main(argv=None) -> dict:
   p.add_argument("--out", default="runs")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   args = p.parse_args(argv)
-  cfg = fl.experiment.apply_overrides(get_config("smoke" if args.smoke
-                                                 else ""), args.set)
+  cfg = fl.experiment.apply_overrides(
+    get_config("smoke" if args.smoke else ""), args.set
+  )
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   run_dir = Path(args.out) / f"{Path(__file__).stem}-{stamp}"
   os.makedirs(run_dir, exist_ok=False)

@@ -28,12 +28,20 @@ from fedjax_lite import learning
 from fedjax_lite import models
 from fedjax_lite import privacy
 from fedjax_lite import vertical
-from fedjax_lite.algorithms import (Aggregate, ClientOutput,
-                                    FederatedAlgorithm, fed_avg)
-from fedjax_lite.data import (ClientData, DeviceData, FederatedDataset,
-                              LocalWork)
-from fedjax_lite.engine import (Engine, EngineState, EvalResult, RoundConfig,
-                                evaluate)
+from fedjax_lite.algorithms import (
+  Aggregate,
+  ClientOutput,
+  FederatedAlgorithm,
+  fed_avg,
+)
+from fedjax_lite.data import ClientData, DeviceData, FederatedDataset, LocalWork
+from fedjax_lite.engine import (
+  Engine,
+  EngineState,
+  EvalResult,
+  RoundConfig,
+  evaluate,
+)
 from fedjax_lite.models import Model
 from fedjax_lite.runtime import configure_cpu
 

@@ -72,8 +72,10 @@ def _check_fraction(fraction, name: str = "fraction") -> None:
     return  # traced in a vectorized sweep: checked where it was concrete
   f = float(np.asarray(fraction))
   if not (np.isfinite(f) and 0.0 <= f < 1.0):
-    raise ValueError(f"{name} (the Byzantine fraction) must be in [0, 1), got "
-                     f"{fraction!r}. Use e.g. 0.2 for 20% Byzantine clients.")
+    raise ValueError(
+      f"{name} (the Byzantine fraction) must be in [0, 1), got "
+      f"{fraction!r}. Use e.g. 0.2 for 20% Byzantine clients."
+    )
 
 
 def byzantine_mask(num_clients: int, fraction, seed: int = 0):
@@ -94,10 +96,15 @@ def byzantine_mask(num_clients: int, fraction, seed: int = 0):
   Returns:
     A numpy bool array for a concrete ``fraction``, else a jax bool array.
   """
-  if isinstance(num_clients, bool) or not isinstance(
-      num_clients, (int, np.integer)) or num_clients < 1:
-    raise ValueError(f"num_clients must be a positive int (the population "
-                     f"size), got {num_clients!r}.")
+  if (
+    isinstance(num_clients, bool)
+    or not isinstance(num_clients, (int, np.integer))
+    or num_clients < 1
+  ):
+    raise ValueError(
+      f"num_clients must be a positive int (the population "
+      f"size), got {num_clients!r}."
+    )
   _check_fraction(fraction)
   rank = np.random.default_rng(seed).permutation(int(num_clients))
   if isinstance(fraction, jax.core.Tracer):
@@ -123,6 +130,7 @@ class Attack(NamedTuple):
       masks, empty and padding slots are in neither; rows that are not
       Byzantine must come back unchanged), or None.
   """
+
   name: str
   poison_data: Callable[[ClientData], ClientData] | None = None
   poison_update: Callable[[PyTree, jax.Array], PyTree] | None = None
@@ -136,19 +144,25 @@ def label_flip(num_classes: int, label_key: str = "y") -> Attack:
   flipped labels (Tolpegin et al. 2020, "Data Poisoning Attacks Against
   Federated Learning Systems", arXiv:2007.08432; Fang et al. 2020).
   """
-  if isinstance(num_classes, bool) or not isinstance(
-      num_classes, (int, np.integer)) or num_classes < 2:
+  if (
+    isinstance(num_classes, bool)
+    or not isinstance(num_classes, (int, np.integer))
+    or num_classes < 2
+  ):
     raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
   c = int(num_classes)
 
   def poison_data(data: ClientData) -> ClientData:
     if label_key not in data.batches:
-      raise ValueError(f"label_flip: the client data has features "
-                       f"{sorted(data.batches)}, no label {label_key!r}; pass "
-                       f"label_flip(num_classes, label_key=<label feature>).")
+      raise ValueError(
+        f"label_flip: the client data has features "
+        f"{sorted(data.batches)}, no label {label_key!r}; pass "
+        f"label_flip(num_classes, label_key=<label feature>)."
+      )
     y = data.batches[label_key]
-    return data.replace(batches={**data.batches,
-                                 label_key: (c - 1 - y).astype(y.dtype)})
+    return data.replace(
+      batches={**data.batches, label_key: (c - 1 - y).astype(y.dtype)}
+    )
 
   return Attack(name="label_flip", poison_data=poison_data)
 
@@ -156,8 +170,10 @@ def label_flip(num_classes: int, label_key: str = "y") -> Attack:
 def sign_flip(scale: float = 1.0) -> Attack:
   r"""Update attack ``Delta -> -s Delta`` (reversed gradient; ``s = 1``)."""
   s = _positive("scale", scale)
-  return Attack(name="sign_flip", poison_update=lambda u, rng: jax.tree.map(
-      lambda x: (-s) * x, u))
+  return Attack(
+    name="sign_flip",
+    poison_update=lambda u, rng: jax.tree.map(lambda x: (-s) * x, u),
+  )
 
 
 def scaling(factor: float) -> Attack:
@@ -167,8 +183,10 @@ def scaling(factor: float) -> Attack:
   own (Bagdasaryan et al. 2020, arXiv:1807.00459; Bhagoji et al. 2019).
   """
   f = _positive("factor", factor)
-  return Attack(name="scaling", poison_update=lambda u, rng: jax.tree.map(
-      lambda x: f * x, u))
+  return Attack(
+    name="scaling",
+    poison_update=lambda u, rng: jax.tree.map(lambda x: f * x, u),
+  )
 
 
 def gaussian(std: float) -> Attack:
@@ -178,9 +196,12 @@ def gaussian(std: float) -> Attack:
   def poison_update(update, rng):
     leaves, treedef = jax.tree.flatten(update)
     keys = jax.random.split(rng, len(leaves))
-    return jax.tree.unflatten(treedef, [
-        s * jax.random.normal(k, x.shape, x.dtype) for k, x in
-        zip(keys, leaves)])
+    return jax.tree.unflatten(
+      treedef,
+      [
+        s * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)
+      ],
+    )
 
   return Attack(name="gaussian", poison_update=poison_update)
 
@@ -207,12 +228,13 @@ def _benign_moments(updates, benign):
   nb = jnp.sum(w)
   mean = jnp.sum(w * updates, axis=0) / jnp.maximum(nb, 1.0)
   var = jnp.sum(w * (updates - mean[None]) ** 2, axis=0) / jnp.maximum(
-      nb - 1.0, 1.0)
+    nb - 1.0, 1.0
+  )
   return mean, jnp.sqrt(var)
 
 
 def alie(z: float | None = None) -> Attack:
-  r""""A little is enough" (Baruch et al. 2019, NeurIPS, arXiv:1902.06156).
+  r""" "A little is enough" (Baruch et al. 2019, NeurIPS, arXiv:1902.06156).
 
   Every Byzantine client sends, coordinate-wise,
 
@@ -228,6 +250,7 @@ def alie(z: float | None = None) -> Attack:
   Args:
     z: a fixed ``z`` instead of the paper's ``z_max``.
   """
+
   def byzantine_update(updates, benign, byzantine, rng):
     del rng
     mean, std = _benign_moments(updates, benign)
@@ -263,8 +286,9 @@ def ipm(epsilon: float = 0.1) -> Attack:
 
 def _send(updates, byzantine, vector):
   """``updates`` with every Byzantine row replaced by ``vector``."""
-  return jnp.where(byzantine[:, None], vector[None].astype(updates.dtype),
-                   updates)
+  return jnp.where(
+    byzantine[:, None], vector[None].astype(updates.dtype), updates
+  )
 
 
 def no_attack() -> Attack:
@@ -289,22 +313,27 @@ def combine(*attacks: Attack, name: str | None = None) -> Attack:
     if not fns:
       return None
     if hook == "poison_data":
+
       def run_data(data):
         for f in fns:
           data = f(data)
         return data
+
       return run_data
 
     def run(x, *rest):
       for f in fns:
         x = f(x, *rest)
       return x
+
     return run
 
-  return Attack(name=name or "+".join(a.name for a in attacks),
-                poison_data=chain("poison_data"),
-                poison_update=chain("poison_update"),
-                byzantine_update=chain("byzantine_update"))
+  return Attack(
+    name=name or "+".join(a.name for a in attacks),
+    poison_data=chain("poison_data"),
+    poison_update=chain("poison_update"),
+    byzantine_update=chain("byzantine_update"),
+  )
 
 
 def select_attack(index, attacks) -> Attack:
@@ -323,13 +352,16 @@ def select_attack(index, attacks) -> Attack:
   """
   attacks = tuple(attacks)
   if not attacks or not all(isinstance(a, Attack) for a in attacks):
-    raise TypeError(f"attacks must be a non-empty sequence of Attack, got "
-                    f"{attacks!r}.")
+    raise TypeError(
+      f"attacks must be a non-empty sequence of Attack, got {attacks!r}."
+    )
   if not isinstance(index, jax.core.Tracer):
     i = float(np.asarray(index))
     if not (0 <= round(i) < len(attacks)):
-      raise ValueError(f"index must select one of the {len(attacks)} attacks "
-                       f"(0..{len(attacks) - 1}), got {index!r}.")
+      raise ValueError(
+        f"index must select one of the {len(attacks)} attacks "
+        f"(0..{len(attacks) - 1}), got {index!r}."
+      )
   idx = jnp.round(jnp.asarray(index, jnp.float32)).astype(jnp.int32)
 
   def pick(values):
@@ -343,15 +375,23 @@ def select_attack(index, attacks) -> Attack:
       return None
 
     def fn(*args):
-      return pick([getattr(a, name)(*args) if getattr(a, name) is not None
-                   else passthrough(*args) for a in attacks])
+      return pick(
+        [
+          getattr(a, name)(*args)
+          if getattr(a, name) is not None
+          else passthrough(*args)
+          for a in attacks
+        ]
+      )
+
     return fn
 
   return Attack(
-      name="select(" + ",".join(a.name for a in attacks) + ")",
-      poison_data=hook("poison_data", lambda data: data),
-      poison_update=hook("poison_update", lambda u, rng: u),
-      byzantine_update=hook("byzantine_update", lambda u, b, z, rng: u))
+    name="select(" + ",".join(a.name for a in attacks) + ")",
+    poison_data=hook("poison_data", lambda data: data),
+    poison_update=hook("poison_update", lambda u, rng: u),
+    byzantine_update=hook("byzantine_update", lambda u, b, z, rng: u),
+  )
 
 
 def _positive(name, value) -> float:
@@ -359,8 +399,7 @@ def _positive(name, value) -> float:
     return value
   v = float(value)
   if not (np.isfinite(v) and v > 0):
-    raise ValueError(f"{name} must be a positive finite number, got "
-                     f"{value!r}.")
+    raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
   return v
 
 
@@ -373,12 +412,14 @@ class FlaggedUpdate:
     update: the client's (honest) update.
     byzantine: float32 scalar, 1 for a Byzantine client, else 0.
   """
+
   update: PyTree
   byzantine: jax.Array
 
 
-def with_attack(algorithm: FederatedAlgorithm, attack: Attack,
-                byzantine) -> FederatedAlgorithm:
+def with_attack(
+  algorithm: FederatedAlgorithm, attack: Attack, byzantine
+) -> FederatedAlgorithm:
   r"""``algorithm`` whose Byzantine clients follow ``attack``.
 
   Args:
@@ -395,14 +436,16 @@ def with_attack(algorithm: FederatedAlgorithm, attack: Attack,
     ``omniscient_aggregator(algorithm.aggregator or weighted_mean(), attack)``.
   """
   checks.instance_of("algorithm", algorithm, FederatedAlgorithm)
-  checks.instance_of("attack", attack, Attack,
-                     " (e.g. fl.attacks.sign_flip())")
-  mask = byzantine if isinstance(byzantine, jax.Array) else np.asarray(
-      byzantine)
+  checks.instance_of("attack", attack, Attack, " (e.g. fl.attacks.sign_flip())")
+  mask = (
+    byzantine if isinstance(byzantine, jax.Array) else np.asarray(byzantine)
+  )
   if mask.ndim != 1 or mask.dtype != bool:
-    raise ValueError(f"byzantine must be a bool mask of shape [num_clients] "
-                     f"(fl.attacks.byzantine_mask(num_clients, fraction, "
-                     f"seed)), got dtype {mask.dtype} shape {mask.shape}.")
+    raise ValueError(
+      f"byzantine must be a bool mask of shape [num_clients] "
+      f"(fl.attacks.byzantine_mask(num_clients, fraction, "
+      f"seed)), got dtype {mask.dtype} shape {mask.shape}."
+    )
   omniscient = attack.byzantine_update is not None
 
   def client_update(broadcast, client_state, data: ClientData, rng):
@@ -415,8 +458,9 @@ def with_attack(algorithm: FederatedAlgorithm, attack: Attack,
     update = out.update
     if attack.poison_update is not None:
       forged = attack.poison_update(update, k_attack)
-      update = jax.tree.map(lambda p, h: jnp.where(is_byz, p, h).astype(
-          h.dtype), forged, update)
+      update = jax.tree.map(
+        lambda p, h: jnp.where(is_byz, p, h).astype(h.dtype), forged, update
+      )
     flag = is_byz.astype(jnp.float32)
     if omniscient:
       update = FlaggedUpdate(update=update, byzantine=flag)
@@ -427,9 +471,11 @@ def with_attack(algorithm: FederatedAlgorithm, attack: Attack,
   aggregator = algorithm.aggregator
   if omniscient:
     aggregator = omniscient_aggregator(aggregator, attack)
-  return algorithm._replace(client_update=client_update,
-                            aggregator=aggregator,
-                            name=f"{algorithm.name}+{attack.name}")
+  return algorithm._replace(
+    client_update=client_update,
+    aggregator=aggregator,
+    name=f"{algorithm.name}+{attack.name}",
+  )
 
 
 # ------------------------------------------- aggregation-time (omniscient)
@@ -450,20 +496,25 @@ def omniscient_aggregator(inner, attack: Attack):
     attack: an omniscient :class:`Attack` (:func:`alie`, :func:`ipm`).
   """
   from fedjax_lite import aggregators as aggs  # pylint: disable=g-import-not-at-top
+
   if attack.byzantine_update is None:
-    raise ValueError(f"attack {attack.name!r} is not an aggregation-time "
-                     "attack (it has no byzantine_update); apply it with "
-                     "with_attack(algorithm, attack, mask) only.")
+    raise ValueError(
+      f"attack {attack.name!r} is not an aggregation-time "
+      "attack (it has no byzantine_update); apply it with "
+      "with_attack(algorithm, attack, mask) only."
+    )
   if inner is None:
     inner = aggs.weighted_mean()
 
   def _check(spec):
     if not isinstance(spec, FlaggedUpdate):
-      raise TypeError(f"{attack.name}(...) aggregates FlaggedUpdate updates "
-                      f"(from fl.attacks.with_attack), got "
-                      f"{type(spec).__name__}. Build the algorithm with "
-                      "with_attack(algorithm, attack, mask) instead of setting"
-                      " the aggregator directly.")
+      raise TypeError(
+        f"{attack.name}(...) aggregates FlaggedUpdate updates "
+        f"(from fl.attacks.with_attack), got "
+        f"{type(spec).__name__}. Build the algorithm with "
+        "with_attack(algorithm, attack, mask) instead of setting"
+        " the aggregator directly."
+      )
     return spec.update
 
   def init_state(update_spec):
@@ -472,11 +523,12 @@ def omniscient_aggregator(inner, attack: Attack):
   def init(state, update_spec, num_slots):
     spec = _check(update_spec)
     return {
-        "updates": jax.tree.map(lambda s: jnp.zeros((num_slots,) + s.shape,
-                                                    s.dtype), spec),
-        "weights": jnp.zeros((num_slots,), jnp.float32),
-        "valid": jnp.zeros((num_slots,), jnp.float32),
-        "byzantine": jnp.zeros((num_slots,), jnp.float32),
+      "updates": jax.tree.map(
+        lambda s: jnp.zeros((num_slots,) + s.shape, s.dtype), spec
+      ),
+      "weights": jnp.zeros((num_slots,), jnp.float32),
+      "valid": jnp.zeros((num_slots,), jnp.float32),
+      "byzantine": jnp.zeros((num_slots,), jnp.float32),
     }
 
   def add(state, acc, updates, weights, valid, slots):
@@ -491,10 +543,10 @@ def omniscient_aggregator(inner, attack: Attack):
       return buf.at[idx].set(x.astype(buf.dtype), mode="drop")
 
     return {
-        "updates": jax.tree.map(put, acc["updates"], updates.update),
-        "weights": put(acc["weights"], weights.astype(jnp.float32)),
-        "valid": put(acc["valid"], v),
-        "byzantine": put(acc["byzantine"], updates.byzantine),
+      "updates": jax.tree.map(put, acc["updates"], updates.update),
+      "weights": put(acc["weights"], weights.astype(jnp.float32)),
+      "valid": put(acc["valid"], v),
+      "byzantine": put(acc["byzantine"], updates.byzantine),
     }
 
   def merge(accs):
@@ -510,18 +562,30 @@ def omniscient_aggregator(inner, attack: Attack):
     k_attack, k_inner = jax.random.split(rng)
     flat = attack.byzantine_update(flat, benign, byz, k_attack)
     updates = jax.vmap(unravel)(flat)
-    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
-                        updates)
+    spec = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), updates
+    )
     inner_acc = inner.init(state, spec, num_slots)
-    inner_acc = inner.add(state, inner_acc, updates, acc["weights"], valid,
-                          jnp.arange(num_slots, dtype=jnp.int32))
+    inner_acc = inner.add(
+      state,
+      inner_acc,
+      updates,
+      acc["weights"],
+      valid,
+      jnp.arange(num_slots, dtype=jnp.int32),
+    )
     inner_acc = inner.merge(jax.tree.map(lambda a: a[None], inner_acc))
     out, new_state = inner.finalize(state, inner_acc, k_inner)
     metrics = dict(out.metrics)
     metrics["byzantine_slots"] = jnp.sum(byz).astype(jnp.float32)
     return out._replace(metrics=metrics), new_state
 
-  return aggs.Aggregator(init_state=init_state, init=init, add=add,
-                         merge=merge, finalize=finalize, materialized=True,
-                         name=f"{attack.name}({inner.name})")
-
+  return aggs.Aggregator(
+    init_state=init_state,
+    init=init,
+    add=add,
+    merge=merge,
+    finalize=finalize,
+    materialized=True,
+    name=f"{attack.name}({inner.name})",
+  )

@@ -19,8 +19,14 @@ def is_int(value: Any) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def int_at_least(name: str, value: Any, minimum: int, *,
-                 allow_none: bool = False, hint: str = "") -> Any:
+def int_at_least(
+  name: str,
+  value: Any,
+  minimum: int,
+  *,
+  allow_none: bool = False,
+  hint: str = "",
+) -> Any:
   """Checks that ``value`` is an int ``>= minimum`` (or None if allowed).
 
   Args:
@@ -37,15 +43,17 @@ def int_at_least(name: str, value: Any, minimum: int, *,
     return None
   if not is_int(value) or value < minimum:
     what = {1: "a positive int", 0: "an int >= 0"}.get(
-        minimum, f"an int >= {minimum}")
+      minimum, f"an int >= {minimum}"
+    )
     if allow_none:
       what += " or None"
     raise ValueError(f"{name} must be {what}{hint}, got {value!r}.")
   return int(value)
 
 
-def positive_int(name: str, value: Any, *, allow_none: bool = False,
-                 hint: str = "") -> Any:
+def positive_int(
+  name: str, value: Any, *, allow_none: bool = False, hint: str = ""
+) -> Any:
   """``int_at_least(name, value, 1, ...)``."""
   return int_at_least(name, value, 1, allow_none=allow_none, hint=hint)
 
@@ -56,24 +64,33 @@ def positive_ints(**values) -> None:
     positive_int(name, value)
 
 
-def in_range(name: str, value: Any, low: float, high: float, *,
-             low_open: bool = False, high_open: bool = True) -> float:
+def in_range(
+  name: str,
+  value: Any,
+  low: float,
+  high: float,
+  *,
+  low_open: bool = False,
+  high_open: bool = True,
+) -> float:
   """Checks ``low <(=) value <(=) high`` for a real number; returns a float."""
   ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
   if ok:
     v = float(value)
     ok = (v > low if low_open else v >= low) and (
-        v < high if high_open else v <= high)
+      v < high if high_open else v <= high
+    )
   if not ok:
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}" \
-               f"{')' if high_open else ']'}"
-    raise ValueError(f"{name} must be a number in {interval}, got "
-                     f"{value!r}.")
+    interval = (
+      f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    )
+    raise ValueError(f"{name} must be a number in {interval}, got {value!r}.")
   return float(value)
 
 
-def model_features(model: Any, features: Any, where: str = "data",
-                   labels_required: bool = True) -> None:
+def model_features(
+  model: Any, features: Any, where: str = "data", labels_required: bool = True
+) -> None:
   """The model's input (and label) features are present and labels valid.
 
   Args:
@@ -85,9 +102,11 @@ def model_features(model: Any, features: Any, where: str = "data",
   needed = [model.input_key] + ([model.label_key] if labels_required else [])
   missing = [k for k in needed if k not in features]
   if missing:
-    raise ValueError(f"{where} has features {sorted(features)}; the model "
-                     f"needs inputs {model.input_key!r} and labels "
-                     f"{model.label_key!r} (missing {missing}).")
+    raise ValueError(
+      f"{where} has features {sorted(features)}; the model "
+      f"needs inputs {model.input_key!r} and labels "
+      f"{model.label_key!r} (missing {missing})."
+    )
   if model.label_key in features and model.num_classes is not None:
     model.validate_labels(features[model.label_key], where)
 
@@ -96,6 +115,8 @@ def instance_of(name: str, value: Any, kind: type, hint: str = "") -> Any:
   """Checks ``isinstance(value, kind)``; ``TypeError`` naming what arrived."""
   if not isinstance(value, kind):
     article = "an" if kind.__name__[:1] in "AEIOU" else "a"
-    raise TypeError(f"{name} must be {article} {kind.__name__}{hint}, got "
-                    f"{type(value).__name__}.")
+    raise TypeError(
+      f"{name} must be {article} {kind.__name__}{hint}, got "
+      f"{type(value).__name__}."
+    )
   return value

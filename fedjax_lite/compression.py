@@ -62,9 +62,11 @@ class Compressor(NamedTuple):
       as ``update``), ``uplink_bytes`` a float32 scalar.
     name: for reports.
   """
+
   init: Callable[[PyTree], PyTree] | None
-  compress: Callable[[PyTree, PyTree, jax.Array],
-                     tuple[PyTree, PyTree, jax.Array]]
+  compress: Callable[
+    [PyTree, PyTree, jax.Array], tuple[PyTree, PyTree, jax.Array]
+  ]
   name: str = "compressor"
 
 
@@ -87,14 +89,20 @@ def _zeros_f32(tree):
 # -------------------------------------------------------------- compressors
 def no_compression() -> Compressor:
   """The dense update, ``32 d`` bits (baseline for the byte counts)."""
+
   def compress(update, memory, rng):
     del rng
     return update, memory, _bytes(32 * _size(update))
+
   return Compressor(init=None, compress=compress, name="dense")
 
 
-def top_k(density: float | None = None, *, k: int | None = None,
-          error_feedback: bool = True) -> Compressor:
+def top_k(
+  density: float | None = None,
+  *,
+  k: int | None = None,
+  error_feedback: bool = True,
+) -> Compressor:
   r"""Top-k sparsification of the flattened update, with error feedback.
 
   .. math:: p = \Delta + e,\quad C(p) = p \odot 1[|p_i| \text{ among the }
@@ -111,21 +119,27 @@ def top_k(density: float | None = None, *, k: int | None = None,
     error_feedback: keep the unsent residual per client across rounds.
   """
   if (density is None) == (k is None):
-    raise ValueError(f"top_k needs exactly one of density (fraction of "
-                     f"coordinates, in (0, 1]) or k (a count); got "
-                     f"density={density!r}, k={k!r}.")
+    raise ValueError(
+      f"top_k needs exactly one of density (fraction of "
+      f"coordinates, in (0, 1]) or k (a count); got "
+      f"density={density!r}, k={k!r}."
+    )
   if density is not None and not (0.0 < float(density) <= 1.0):
-    raise ValueError(f"density must be in (0, 1], got {density!r} (e.g. 0.1 "
-                     "sends 10% of the coordinates).")
-  if k is not None and (isinstance(k, bool) or not isinstance(
-      k, (int, np.integer)) or k < 1):
+    raise ValueError(
+      f"density must be in (0, 1], got {density!r} (e.g. 0.1 "
+      "sends 10% of the coordinates)."
+    )
+  if k is not None and (
+    isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
+  ):
     raise ValueError(f"k must be a positive int, got {k!r}.")
 
   def num_kept(d: int) -> int:
     kk = math.ceil(float(density) * d) if k is None else int(k)
     if kk > d:
-      raise ValueError(f"top_k: k={kk} is larger than the update's {d} "
-                       "coordinates; lower k.")
+      raise ValueError(
+        f"top_k: k={kk} is larger than the update's {d} coordinates; lower k."
+      )
     return max(1, kk)
 
   def init(template):
@@ -146,10 +160,12 @@ def top_k(density: float | None = None, *, k: int | None = None,
       new_memory = ravel_pytree(memory)[1](p - sent)
     return unravel(sent), new_memory, _bytes(kk * (32 + _index_bits(d)))
 
-  name = f"top_k({density if k is None else k})" + ("+ef" if error_feedback
-                                                      else "")
-  return Compressor(init=init if error_feedback else None, compress=compress,
-                    name=name)
+  name = f"top_k({density if k is None else k})" + (
+    "+ef" if error_feedback else ""
+  )
+  return Compressor(
+    init=init if error_feedback else None, compress=compress, name=name
+  )
 
 
 def qsgd(levels: int, *, bucket_size: int | None = None) -> Compressor:
@@ -171,14 +187,20 @@ def qsgd(levels: int, *, bucket_size: int | None = None) -> Compressor:
     bucket_size: quantize buckets of this many coordinates, each with its
       own norm (the paper's bucketing); None: one bucket.
   """
-  if isinstance(levels, bool) or not isinstance(
-      levels, (int, np.integer)) or levels < 1:
-    raise ValueError(f"levels must be an int >= 1 (s quantization levels), "
-                     f"got {levels!r}.")
-  if bucket_size is not None and (not isinstance(
-      bucket_size, (int, np.integer)) or bucket_size < 1):
-    raise ValueError(f"bucket_size must be a positive int or None, got "
-                     f"{bucket_size!r}.")
+  if (
+    isinstance(levels, bool)
+    or not isinstance(levels, (int, np.integer))
+    or levels < 1
+  ):
+    raise ValueError(
+      f"levels must be an int >= 1 (s quantization levels), got {levels!r}."
+    )
+  if bucket_size is not None and (
+    not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1
+  ):
+    raise ValueError(
+      f"bucket_size must be a positive int or None, got {bucket_size!r}."
+    )
   s = int(levels)
 
   def compress(update, memory, rng):
@@ -197,8 +219,9 @@ def qsgd(levels: int, *, bucket_size: int | None = None) -> Compressor:
     bits = 32 * nb + d * (1 + math.ceil(math.log2(s + 1)))
     return unravel(q), memory, _bytes(bits)
 
-  name = f"qsgd(s={s}" + ("" if bucket_size is None else f",b={bucket_size}") \
-      + ")"
+  name = (
+    f"qsgd(s={s}" + ("" if bucket_size is None else f",b={bucket_size}") + ")"
+  )
   return Compressor(init=None, compress=compress, name=name)
 
 
@@ -215,6 +238,7 @@ def sign_ef(error_feedback: bool = True) -> Compressor:
   (``sign(0) = +1``, a one-bit code). Uplink: ``d`` bits plus one 32-bit
   scale per tensor.
   """
+
   def init(template):
     return _zeros_f32(template)
 
@@ -231,13 +255,17 @@ def sign_ef(error_feedback: bool = True) -> Compressor:
     sent = jax.tree.map(one, p)
     new_memory = memory
     if error_feedback:
-      new_memory = jax.tree.map(lambda a, c: (a - c).astype(jnp.float32), p,
-                                sent)
+      new_memory = jax.tree.map(
+        lambda a, c: (a - c).astype(jnp.float32), p, sent
+      )
     leaves = jax.tree.leaves(update)
     return sent, new_memory, _bytes(_size(update) + 32 * len(leaves))
 
-  return Compressor(init=init if error_feedback else None, compress=compress,
-                    name="sign" + ("+ef" if error_feedback else ""))
+  return Compressor(
+    init=init if error_feedback else None,
+    compress=compress,
+    name="sign" + ("+ef" if error_feedback else ""),
+  )
 
 
 # ------------------------------------------------------------------ wrapper
@@ -249,13 +277,17 @@ class CompressedClientState:
     inner: the wrapped algorithm's client state (None if it has none).
     memory: the compressor's error-feedback residual (None if it has none).
   """
+
   inner: PyTree
   memory: PyTree
 
 
-def with_compression(algorithm: FederatedAlgorithm, compressor: Compressor,
-                     *, update_template: Callable[[PyTree], PyTree] | None
-                     = None) -> FederatedAlgorithm:
+def with_compression(
+  algorithm: FederatedAlgorithm,
+  compressor: Compressor,
+  *,
+  update_template: Callable[[PyTree], PyTree] | None = None,
+) -> FederatedAlgorithm:
   r"""``algorithm`` whose clients send ``compressor(update)`` to the server.
 
   Every sampled client runs the wrapped ``client_update`` and compresses its
@@ -278,8 +310,9 @@ def with_compression(algorithm: FederatedAlgorithm, compressor: Compressor,
     The wrapped algorithm; client metrics gain ``uplink_bytes``.
   """
   checks.instance_of("algorithm", algorithm, FederatedAlgorithm)
-  checks.instance_of("compressor", compressor, Compressor,
-                     " (e.g. fl.compression.top_k(0.1))")
+  checks.instance_of(
+    "compressor", compressor, Compressor, " (e.g. fl.compression.top_k(0.1))"
+  )
   template = update_template or (lambda params: params)
   inner_stateful = algorithm.client_init is not None
   has_memory = compressor.init is not None
@@ -299,21 +332,27 @@ def with_compression(algorithm: FederatedAlgorithm, compressor: Compressor,
       got = jax.tree.structure(out.update)
       if want != got:
         raise ValueError(
-            f"{compressor.name}: the residual was built from "
-            f"update_template(params) with structure {want}, but "
-            f"{algorithm.name}'s update has structure {got}. Pass "
-            "update_template=<params -> pytree shaped like one update>.")
+          f"{compressor.name}: the residual was built from "
+          f"update_template(params) with structure {want}, but "
+          f"{algorithm.name}'s update has structure {got}. Pass "
+          "update_template=<params -> pytree shaped like one update>."
+        )
     k = jax.random.fold_in(rng, _COMPRESSION_STREAM)
     sent, memory, nbytes = compressor.compress(out.update, memory, k)
     metrics = dict(out.metrics)
     metrics["uplink_bytes"] = (nbytes, jnp.ones((), jnp.float32))
-    state = CompressedClientState(inner=out.state, memory=memory) \
-        if stateful else out.state
+    state = (
+      CompressedClientState(inner=out.state, memory=memory)
+      if stateful
+      else out.state
+    )
     return out._replace(update=sent, state=state, metrics=metrics)
 
-  return algorithm._replace(client_init=client_init if stateful else None,
-                            client_update=client_update,
-                            name=f"{algorithm.name}+{compressor.name}")
+  return algorithm._replace(
+    client_init=client_init if stateful else None,
+    client_update=client_update,
+    name=f"{algorithm.name}+{compressor.name}",
+  )
 
 
 def dense_bytes(params: PyTree) -> int:

@@ -39,8 +39,8 @@ import warnings
 
 _YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _FAST_XLA_FLAGS = (
-    "--xla_cpu_multi_thread_eigen=false",
-    _YNN_FLAG + "=-reduce",
+  "--xla_cpu_multi_thread_eigen=false",
+  _YNN_FLAG + "=-reduce",
 )
 
 _applied: dict | None = None
@@ -57,6 +57,7 @@ def usable_cores() -> int:
 def backend_initialized() -> bool:
   """True once JAX has created its backends (flags no longer take effect)."""
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   return bool(xla_bridge.backends_are_initialized())
 
 
@@ -68,15 +69,20 @@ def _flag_supported(flag: str) -> bool:
     return True
   try:
     import jaxlib  # pylint: disable=g-import-not-at-top
+
     version = tuple(int(v) for v in jaxlib.__version__.split(".")[:2])
   except Exception:  # pragma: no cover
     return False
   return version >= (0, 8)
 
 
-def configure_cpu(num_devices: int | None = None, *, single_thread: bool = True,
-                  library_fusions: bool | None = None,
-                  force: bool = False) -> dict:
+def configure_cpu(
+  num_devices: int | None = None,
+  *,
+  single_thread: bool = True,
+  library_fusions: bool | None = None,
+  force: bool = False,
+) -> dict:
   """Applies the fast CPU settings for federated rounds.
 
   Args:
@@ -98,16 +104,18 @@ def configure_cpu(num_devices: int | None = None, *, single_thread: bool = True,
   if backend_initialized():
     if _applied is not None:
       return _applied
-    return {"applied": False,
-            "reason": "JAX backend already initialised; call "
-                      "fedjax_lite.configure_cpu() before any JAX computation"}
+    return {
+      "applied": False,
+      "reason": "JAX backend already initialised; call "
+      "fedjax_lite.configure_cpu() before any JAX computation",
+    }
   import jax  # pylint: disable=g-import-not-at-top
+
   n = usable_cores() if num_devices is None else int(num_devices)
   if n < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices!r}.")
   if library_fusions is None:
-    library_fusions = os.environ.get("FEDJAX_LITE_LIBRARY_FUSIONS",
-                                     "1") != "0"
+    library_fusions = os.environ.get("FEDJAX_LITE_LIBRARY_FUSIONS", "1") != "0"
   flags = os.environ.get("XLA_FLAGS", "")
   added = []
   wanted = list(_FAST_XLA_FLAGS) if single_thread else []
@@ -126,9 +134,12 @@ def configure_cpu(num_devices: int | None = None, *, single_thread: bool = True,
       jax.config.update("jax_num_cpu_devices", n)
     except Exception as e:  # pragma: no cover - depends on jax version
       warnings.warn(f"could not set jax_num_cpu_devices: {e}")
-  _applied = {"applied": True, "num_cpu_devices": None if user_count else n,
-              "library_fusions": bool(library_fusions),
-              "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  _applied = {
+    "applied": True,
+    "num_cpu_devices": None if user_count else n,
+    "library_fusions": bool(library_fusions),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
   return _applied
 
 

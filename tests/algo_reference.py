@@ -21,8 +21,20 @@ def batches(n, batch_size, epochs):
       yield slice(s, s + b)
 
 
-def local_sgd(grad, w, x, y, lr, epochs, batch_size=None, *, mu=0.0,
-              center=None, momentum=0.0, correction=None):
+def local_sgd(
+  grad,
+  w,
+  x,
+  y,
+  lr,
+  epochs,
+  batch_size=None,
+  *,
+  mu=0.0,
+  center=None,
+  momentum=0.0,
+  correction=None,
+):
   """SGD (optionally heavy-ball momentum ``m <- g + rho m``) on
   ``F(w) + mu/2 ||w - center||^2 + <correction, w>``.
 
@@ -50,8 +62,10 @@ def local_sgd(grad, w, x, y, lr, epochs, batch_size=None, *, mu=0.0,
 
 def weighted_mean(vectors, weights):
   total = float(sum(weights))
-  return [sum(wt * v[i] for v, wt in zip(vectors, weights)) / total
-          for i in range(len(vectors[0]))]
+  return [
+    sum(wt * v[i] for v, wt in zip(vectors, weights)) / total
+    for i in range(len(vectors[0]))
+  ]
 
 
 def sub(a, b):
@@ -63,8 +77,17 @@ def sq_norm(a):
 
 
 # ----------------------------------------------------------------- FedProx
-def fedprox_round(grad, w, clients, lr, epochs, batch_size=None, mu=0.0,
-                  client_epochs=None, dropped=None):
+def fedprox_round(
+  grad,
+  w,
+  clients,
+  lr,
+  epochs,
+  batch_size=None,
+  mu=0.0,
+  client_epochs=None,
+  dropped=None,
+):
   """w_{t+1} = sum_k n_k w^k / sum_k n_k over the clients not dropped; client
   k runs ``client_epochs[k]`` epochs of prox-SGD (Li et al., arXiv:1812.06127).
   """
@@ -73,8 +96,17 @@ def fedprox_round(grad, w, clients, lr, epochs, batch_size=None, mu=0.0,
     if dropped is not None and dropped[k]:
       continue
     e = epochs if client_epochs is None else int(client_epochs[k])
-    wk, _ = local_sgd(grad, w, c["x"].astype(np.float64), c["y"], lr, e,
-                      batch_size, mu=mu, center=w)
+    wk, _ = local_sgd(
+      grad,
+      w,
+      c["x"].astype(np.float64),
+      c["y"],
+      lr,
+      e,
+      batch_size,
+      mu=mu,
+      center=w,
+    )
     sols.append(wk)
     ns.append(c["x"].shape[0])
   return weighted_mean(sols, ns)
@@ -101,7 +133,8 @@ class FedOpt:
         self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * d * d
       else:
         self.v[i] = self.v[i] - (1 - self.b2) * d * d * np.sign(
-            self.v[i] - d * d)
+          self.v[i] - d * d
+        )
       out.append(w[i] - self.lr * self.m[i] / (np.sqrt(self.v[i]) + self.tau))
     return out
 
@@ -120,17 +153,27 @@ class ServerMomentum:
 
 
 # ---------------------------------------------------------------- SCAFFOLD
-def scaffold_round(grad, x, c, cis, clients, ids, lr_l, lr_g, epochs,
-                   batch_size, num_clients):
+def scaffold_round(
+  grad, x, c, cis, clients, ids, lr_l, lr_g, epochs, batch_size, num_clients
+):
   """Option II (Karimireddy et al., arXiv:1910.06378). Mutates ``cis``."""
   dys, dcs = [], []
   for i in ids:
     cl = clients[i]
     corr = sub(c, cis[i])
-    y, k = local_sgd(grad, x, cl["x"].astype(np.float64), cl["y"], lr_l,
-                     epochs, batch_size, correction=corr)
-    ci_new = [a - b + (xx - yy) / (k * lr_l)
-              for a, b, xx, yy in zip(cis[i], c, x, y)]
+    y, k = local_sgd(
+      grad,
+      x,
+      cl["x"].astype(np.float64),
+      cl["y"],
+      lr_l,
+      epochs,
+      batch_size,
+      correction=corr,
+    )
+    ci_new = [
+      a - b + (xx - yy) / (k * lr_l) for a, b, xx, yy in zip(cis[i], c, x, y)
+    ]
     dys.append(sub(y, x))
     dcs.append(sub(ci_new, cis[i]))
     cis[i] = ci_new
@@ -150,7 +193,7 @@ def a_norm_closed_form(tau, lr, momentum=0.0, mu=0.0):
     return (tau - r * (1 - r**tau) / (1 - r)) / (1 - r)
   if momentum == 0:
     a = lr * mu
-    return (1 - (1 - a)**tau) / a
+    return (1 - (1 - a) ** tau) / a
   raise ValueError("no closed form; use a_norm_impulse")
 
 
@@ -169,16 +212,29 @@ def a_norm_impulse(tau, lr, momentum, mu):
   return total
 
 
-def fednova_round(grad, w, clients, lr, epochs, batch_size, momentum=0.0,
-                  mu=0.0):
+def fednova_round(
+  grad, w, clients, lr, epochs, batch_size, momentum=0.0, mu=0.0
+):
   """w_{t+1} = w_t - tau_eff sum_i p_i (w_t - w^i) / ||a_i||_1."""
   ds, norms, ns = [], [], []
   for cl in clients:
-    wi, tau = local_sgd(grad, w, cl["x"].astype(np.float64), cl["y"], lr,
-                        epochs, batch_size, mu=mu, center=w,
-                        momentum=momentum)
-    a = (a_norm_closed_form(tau, lr, momentum, mu) if momentum == 0 or mu == 0
-         else a_norm_impulse(tau, lr, momentum, mu))
+    wi, tau = local_sgd(
+      grad,
+      w,
+      cl["x"].astype(np.float64),
+      cl["y"],
+      lr,
+      epochs,
+      batch_size,
+      mu=mu,
+      center=w,
+      momentum=momentum,
+    )
+    a = (
+      a_norm_closed_form(tau, lr, momentum, mu)
+      if momentum == 0 or mu == 0
+      else a_norm_impulse(tau, lr, momentum, mu)
+    )
     ds.append([d / a for d in sub(w, wi)])
     norms.append(a)
     ns.append(cl["x"].shape[0])
@@ -189,8 +245,9 @@ def fednova_round(grad, w, clients, lr, epochs, batch_size, momentum=0.0,
 
 
 # -------------------------------------------------------------------- Mime
-def mime_round(grad, x, m, clients, lr, momentum, lr_g, epochs, batch_size,
-               corrected):
+def mime_round(
+  grad, x, m, clients, lr, momentum, lr_g, epochs, batch_size, corrected
+):
   """Karimireddy et al. (arXiv:2008.03606) Algorithm 1 with base optimizer
   SGD + heavy-ball momentum: U(g, m) = lr (g + rho m), V(g, m) = g + rho m.
   Returns the new ``(x, m)``."""
@@ -222,18 +279,26 @@ def qfedavg_round(loss_grad, w, clients, lr, epochs, batch_size, q):
   for cl in clients:
     xs = cl["x"].astype(np.float64)
     f = loss_grad(w, xs, cl["y"])[0] + 1e-10
-    wk, _ = local_sgd(lambda p, a, b: loss_grad(p, a, b)[1], w, xs, cl["y"],
-                      lr, epochs, batch_size)
+    wk, _ = local_sgd(
+      lambda p, a, b: loss_grad(p, a, b)[1],
+      w,
+      xs,
+      cl["y"],
+      lr,
+      epochs,
+      batch_size,
+    )
     dw = [L * d for d in sub(w, wk)]
     deltas.append([f**q * d for d in dw])
-    hs.append(q * f**(q - 1) * sq_norm(dw) + L * f**q)
+    hs.append(q * f ** (q - 1) * sq_norm(dw) + L * f**q)
   h = sum(hs)
   return [a - sum(d[i] for d in deltas) / h for i, a in enumerate(w)]
 
 
 # ------------------------------------------------------------------- Ditto
-def ditto_round(grad, w, personal, clients, ids, lr, lr_p, lam, epochs,
-                batch_size):
+def ditto_round(
+  grad, w, personal, clients, ids, lr, lr_p, lam, epochs, batch_size
+):
   """Li et al. (arXiv:2012.04221) Algorithm 1: FedAvg for w; personal models
   of the sampled clients take prox-SGD steps centred at w_t. Mutates
   ``personal``."""
@@ -244,6 +309,7 @@ def ditto_round(grad, w, personal, clients, ids, lr, lr_p, lam, epochs,
     wk, _ = local_sgd(grad, w, xs, cl["y"], lr, epochs, batch_size)
     sols.append(wk)
     ns.append(xs.shape[0])
-    personal[i], _ = local_sgd(grad, personal[i], xs, cl["y"], lr_p, epochs,
-                               batch_size, mu=lam, center=w)
+    personal[i], _ = local_sgd(
+      grad, personal[i], xs, cl["y"], lr_p, epochs, batch_size, mu=lam, center=w
+    )
   return weighted_mean(sols, ns)

@@ -46,7 +46,7 @@ def local_gd(grad_fn, params, x, y, lr, epochs, batch_size=None):
   b = n if batch_size is None else batch_size
   for _ in range(epochs):
     for s in range(0, n, b):
-      grads = grad_fn(params, x[s:s + b], y[s:s + b])
+      grads = grad_fn(params, x[s : s + b], y[s : s + b])
       params = [p - lr * g for p, g in zip(params, grads)]
   return params
 
@@ -56,8 +56,9 @@ def fedavg_round(grad_fn, params, clients, lr, epochs, batch_size=None):
   n = sum(c["x"].shape[0] for c in clients)
   new = [np.zeros_like(np.asarray(p, np.float64)) for p in params]
   for c in clients:
-    wk = local_gd(grad_fn, params, c["x"].astype(np.float64), c["y"], lr,
-                  epochs, batch_size)
+    wk = local_gd(
+      grad_fn, params, c["x"].astype(np.float64), c["y"], lr, epochs, batch_size
+    )
     for i, p in enumerate(wk):
       new[i] += c["x"].shape[0] / n * p
   return new
@@ -80,7 +81,7 @@ class Adam:
     for i, (p, g) in enumerate(zip(params, grads)):
       self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
       self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
-      mh = self.m[i] / (1 - self.b1 ** self.t)
-      vh = self.v[i] / (1 - self.b2 ** self.t)
+      mh = self.m[i] / (1 - self.b1**self.t)
+      vh = self.v[i] / (1 - self.b2**self.t)
       out.append(p - self.lr * mh / (np.sqrt(vh) + self.eps))
     return out

@@ -24,8 +24,13 @@ POPULATION = (3, 8, 5, 12, 7, 4)
 
 def make_clients(sizes, seed):
   r = np.random.default_rng(seed)
-  return [{"x": r.standard_normal((n, D)).astype(np.float32),
-           "y": r.integers(0, K, n).astype(np.int32)} for n in sizes]
+  return [
+    {
+      "x": r.standard_normal((n, D)).astype(np.float32),
+      "y": r.integers(0, K, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
 
 
 CLIENTS = make_clients(SIZES, 0)
@@ -35,15 +40,19 @@ MODEL = fl.models.logistic_regression(D, K)
 
 def init_params(seed=2):
   r = np.random.default_rng(seed)
-  return {"Dense_0": {"kernel": np.asarray(r.standard_normal((D, K)) * 0.5,
-                                           np.float32),
-                      "bias": np.asarray(r.standard_normal(K) * 0.1,
-                                         np.float32)}}
+  return {
+    "Dense_0": {
+      "kernel": np.asarray(r.standard_normal((D, K)) * 0.5, np.float32),
+      "bias": np.asarray(r.standard_normal(K) * 0.1, np.float32),
+    }
+  }
 
 
 def to_list(p):
-  return [np.asarray(p["Dense_0"]["kernel"], np.float64),
-          np.asarray(p["Dense_0"]["bias"], np.float64)]
+  return [
+    np.asarray(p["Dense_0"]["kernel"], np.float64),
+    np.asarray(p["Dense_0"]["bias"], np.float64),
+  ]
 
 
 def grad(ws, x, y):
@@ -73,9 +82,17 @@ def step(engine, state, data, mode):
 
 
 @functools.cache
-def setup(algorithm_name, mode, *, clients_per_round=len(SIZES),
-          sampling="all", batch_size=3, num_epochs=2, population=False,
-          buckets=1):
+def setup(
+  algorithm_name,
+  mode,
+  *,
+  clients_per_round=len(SIZES),
+  sampling="all",
+  batch_size=3,
+  num_epochs=2,
+  population=False,
+  buckets=1,
+):
   """One engine per configuration and mode.
 
   jit: 4 devices (the client axis sharded), ``buckets`` size buckets (one
@@ -87,46 +104,66 @@ def setup(algorithm_name, mode, *, clients_per_round=len(SIZES),
   """
   algorithm = BUILDERS[algorithm_name]()
   clients = PEOPLE if population else CLIENTS
-  work = fl.LocalWork(batch_size=batch_size, num_epochs=num_epochs,
-                      shuffle=False)
+  work = fl.LocalWork(
+    batch_size=batch_size, num_epochs=num_epochs, shuffle=False
+  )
   mesh = default_mesh(jax.devices()[:1]) if mode == "eager" else None
-  config = fl.RoundConfig(clients_per_round, work, sampling=sampling,
-                          block_size=1 if mode == "eager" else None)
+  config = fl.RoundConfig(
+    clients_per_round,
+    work,
+    sampling=sampling,
+    block_size=1 if mode == "eager" else None,
+  )
   engine = fl.Engine(algorithm, config, mesh=mesh)
-  data = engine.put_data(fl.FederatedDataset.from_clients(clients),
-                         buckets=1 if mode == "eager" else buckets)
+  data = engine.put_data(
+    fl.FederatedDataset.from_clients(clients),
+    buckets=1 if mode == "eager" else buckets,
+  )
   return engine, data
 
 
 LR = 0.2
 BUILDERS = {
-    "fed_prox": lambda: alg.fed_prox(MODEL, optax.sgd(LR), mu=0.5),
-    "stragglers_drop": lambda: alg.with_stragglers(
-        fl.fed_avg(MODEL, optax.sgd(LR)), fraction=0.5, num_epochs=3,
-        clients_per_round=len(SIZES), drop=True, seed=7),
-    "stragglers_keep": lambda: alg.with_stragglers(
-        alg.fed_prox(MODEL, optax.sgd(LR), mu=0.5), fraction=0.5,
-        num_epochs=3, clients_per_round=len(SIZES), drop=False, seed=7),
-    "fed_adagrad": lambda: alg.fed_adagrad(MODEL, optax.sgd(LR), 0.05,
-                                           tau=1e-2),
-    "fed_adam": lambda: alg.fed_adam(MODEL, optax.sgd(LR), 0.05, tau=1e-2),
-    "fed_yogi": lambda: alg.fed_yogi(MODEL, optax.sgd(LR), 0.05, tau=1e-2),
-    "fed_avg_m": lambda: alg.fed_avg_m(MODEL, optax.sgd(LR), 0.7,
-                                       momentum=0.8),
-    "scaffold": lambda: alg.scaffold(MODEL, 0.1, optax.sgd(0.9),
-                                     num_clients=len(POPULATION)),
-    "fed_nova_sgd": lambda: alg.fed_nova(MODEL, LR),
-    "fed_nova_momentum": lambda: alg.fed_nova(MODEL, 0.1, momentum=0.6),
-    "fed_nova_prox": lambda: alg.fed_nova(MODEL, LR, mu=0.7),
-    "fed_nova_momentum_prox": lambda: alg.fed_nova(MODEL, 0.1, momentum=0.6,
-                                                   mu=0.7),
-    "mime_lite": lambda: alg.mime_lite(MODEL, optax.sgd(0.1, momentum=0.7),
-                                       0.8, num_epochs=2),
-    "mime": lambda: alg.mime(MODEL, optax.sgd(0.1, momentum=0.7), 0.8,
-                             num_epochs=2),
-    "q_fed_avg": lambda: alg.q_fed_avg(MODEL, 0.1, q=2.0, num_epochs=2),
-    "ditto": lambda: alg.ditto(MODEL, optax.sgd(LR), lam=0.4,
-                               personal_optimizer=optax.sgd(0.1)),
+  "fed_prox": lambda: alg.fed_prox(MODEL, optax.sgd(LR), mu=0.5),
+  "stragglers_drop": lambda: alg.with_stragglers(
+    fl.fed_avg(MODEL, optax.sgd(LR)),
+    fraction=0.5,
+    num_epochs=3,
+    clients_per_round=len(SIZES),
+    drop=True,
+    seed=7,
+  ),
+  "stragglers_keep": lambda: alg.with_stragglers(
+    alg.fed_prox(MODEL, optax.sgd(LR), mu=0.5),
+    fraction=0.5,
+    num_epochs=3,
+    clients_per_round=len(SIZES),
+    drop=False,
+    seed=7,
+  ),
+  "fed_adagrad": lambda: alg.fed_adagrad(MODEL, optax.sgd(LR), 0.05, tau=1e-2),
+  "fed_adam": lambda: alg.fed_adam(MODEL, optax.sgd(LR), 0.05, tau=1e-2),
+  "fed_yogi": lambda: alg.fed_yogi(MODEL, optax.sgd(LR), 0.05, tau=1e-2),
+  "fed_avg_m": lambda: alg.fed_avg_m(MODEL, optax.sgd(LR), 0.7, momentum=0.8),
+  "scaffold": lambda: alg.scaffold(
+    MODEL, 0.1, optax.sgd(0.9), num_clients=len(POPULATION)
+  ),
+  "fed_nova_sgd": lambda: alg.fed_nova(MODEL, LR),
+  "fed_nova_momentum": lambda: alg.fed_nova(MODEL, 0.1, momentum=0.6),
+  "fed_nova_prox": lambda: alg.fed_nova(MODEL, LR, mu=0.7),
+  "fed_nova_momentum_prox": lambda: alg.fed_nova(
+    MODEL, 0.1, momentum=0.6, mu=0.7
+  ),
+  "mime_lite": lambda: alg.mime_lite(
+    MODEL, optax.sgd(0.1, momentum=0.7), 0.8, num_epochs=2
+  ),
+  "mime": lambda: alg.mime(
+    MODEL, optax.sgd(0.1, momentum=0.7), 0.8, num_epochs=2
+  ),
+  "q_fed_avg": lambda: alg.q_fed_avg(MODEL, 0.1, q=2.0, num_epochs=2),
+  "ditto": lambda: alg.ditto(
+    MODEL, optax.sgd(LR), lam=0.4, personal_optimizer=optax.sgd(0.1)
+  ),
 }
 
 MODES = ["jit", "eager"]
@@ -163,8 +200,9 @@ def test_stragglers_match_numpy(mode, drop):
     if drop:
       w = aref.fedprox_round(grad, w, CLIENTS, LR, 3, 3, dropped=epochs < 3)
     else:
-      w = aref.fedprox_round(grad, w, CLIENTS, LR, 3, 3, mu=0.5,
-                             client_epochs=epochs)
+      w = aref.fedprox_round(
+        grad, w, CLIENTS, LR, 3, 3, mu=0.5, client_epochs=epochs
+      )
     assert_close(to_list(engine.algorithm.get_params(state.server)), w)
     np.testing.assert_allclose(float(metrics["stragglers"]), 2 / m)
     if drop:
@@ -176,27 +214,41 @@ def test_stragglers_match_numpy(mode, drop):
 
 
 def test_stragglers_need_epoch_layout():
-  a = alg.with_stragglers(fl.fed_avg(MODEL, optax.sgd(0.1)), fraction=0.5,
-                          num_epochs=3, clients_per_round=2, drop=True)
-  engine = fl.Engine(a, fl.RoundConfig(2, fl.LocalWork(batch_size=2,
-                                                       num_steps=4)))
+  a = alg.with_stragglers(
+    fl.fed_avg(MODEL, optax.sgd(0.1)),
+    fraction=0.5,
+    num_epochs=3,
+    clients_per_round=2,
+    drop=True,
+  )
+  engine = fl.Engine(
+    a, fl.RoundConfig(2, fl.LocalWork(batch_size=2, num_steps=4))
+  )
   data = engine.put_data(fl.FederatedDataset.from_clients(CLIENTS))
   with pytest.raises(ValueError, match="not a multiple of num_epochs=3"):
     engine.round(engine.init(init_params()), data)
   with pytest.raises(ValueError, match="num_epochs must be an int >= 2"):
-    alg.with_stragglers(fl.fed_avg(MODEL, optax.sgd(0.1)), fraction=0.5,
-                        num_epochs=1, clients_per_round=2, drop=True)
+    alg.with_stragglers(
+      fl.fed_avg(MODEL, optax.sgd(0.1)),
+      fraction=0.5,
+      num_epochs=1,
+      clients_per_round=2,
+      drop=True,
+    )
 
 
 # ------------------------------------------------------------------- FedOpt
-FEDOPT = {"fed_adagrad": lambda: aref.FedOpt("adagrad", 0.05, tau=1e-2),
-          "fed_adam": lambda: aref.FedOpt("adam", 0.05, tau=1e-2),
-          "fed_yogi": lambda: aref.FedOpt("yogi", 0.05, tau=1e-2),
-          "fed_avg_m": lambda: aref.ServerMomentum(0.7, 0.8)}
+FEDOPT = {
+  "fed_adagrad": lambda: aref.FedOpt("adagrad", 0.05, tau=1e-2),
+  "fed_adam": lambda: aref.FedOpt("adam", 0.05, tau=1e-2),
+  "fed_yogi": lambda: aref.FedOpt("yogi", 0.05, tau=1e-2),
+  "fed_avg_m": lambda: aref.ServerMomentum(0.7, 0.8),
+}
 
 
-@pytest.mark.parametrize("mode,name", [("jit", n) for n in FEDOPT] +
-                         [("eager", "fed_yogi")])
+@pytest.mark.parametrize(
+  "mode,name", [("jit", n) for n in FEDOPT] + [("eager", "fed_yogi")]
+)
 def test_fed_opt_matches_numpy(mode, name):
   engine, data = setup(name, mode, batch_size=None, num_epochs=1)
   state = engine.init(init_params())
@@ -213,8 +265,9 @@ def test_fed_opt_matches_numpy(mode, name):
 @pytest.mark.parametrize("mode", MODES)
 def test_scaffold_matches_numpy_and_keeps_client_state(mode):
   n = len(POPULATION)
-  engine, data = setup("scaffold", mode, clients_per_round=3,
-                       sampling="uniform", population=True)
+  engine, data = setup(
+    "scaffold", mode, clients_per_round=3, sampling="uniform", population=True
+  )
   state = engine.init(init_params(), seed=3, num_clients=n)
   x = to_list(init_params())
   c = [np.zeros_like(a) for a in x]
@@ -226,13 +279,13 @@ def test_scaffold_matches_numpy_and_keeps_client_state(mode):
     sampled[ids] += 1
     before = [np.asarray(a) for a in jax.tree.leaves(state.clients)]
     state, _ = step(engine, state, data, mode)
-    x, c = aref.scaffold_round(grad, x, c, cis, PEOPLE, ids, 0.1, 0.9, 2, 3,
-                               n)
+    x, c = aref.scaffold_round(grad, x, c, cis, PEOPLE, ids, 0.1, 0.9, 2, 3, n)
     assert_close(to_list(state.server.params), x)
     assert_close(to_list(state.server.control), c)
     for i in range(n):
-      got = [np.asarray(state.clients["Dense_0"][k][i])
-             for k in ("kernel", "bias")]
+      got = [
+        np.asarray(state.clients["Dense_0"][k][i]) for k in ("kernel", "bias")
+      ]
       assert_close(got, cis[i])
       if i not in ids:  # non-participants keep their state bit for bit
         after = [np.asarray(a) for a in jax.tree.leaves(state.clients)]
@@ -249,13 +302,18 @@ def test_scaffold_requires_population():
 
 
 # ------------------------------------------------------------------ FedNova
-NOVA = {"fed_nova_sgd": (LR, 0.0, 0.0), "fed_nova_momentum": (0.1, 0.6, 0.0),
-        "fed_nova_prox": (LR, 0.0, 0.7),
-        "fed_nova_momentum_prox": (0.1, 0.6, 0.7)}
+NOVA = {
+  "fed_nova_sgd": (LR, 0.0, 0.0),
+  "fed_nova_momentum": (0.1, 0.6, 0.0),
+  "fed_nova_prox": (LR, 0.0, 0.7),
+  "fed_nova_momentum_prox": (0.1, 0.6, 0.7),
+}
 
 
-@pytest.mark.parametrize("mode,name", [("jit", n) for n in NOVA] +
-                         [("eager", "fed_nova_momentum_prox")])
+@pytest.mark.parametrize(
+  "mode,name",
+  [("jit", n) for n in NOVA] + [("eager", "fed_nova_momentum_prox")],
+)
 def test_fed_nova_matches_numpy(mode, name):
   lr, momentum, mu = NOVA[name]
   engine, data = setup(name, mode)
@@ -268,21 +326,24 @@ def test_fed_nova_matches_numpy(mode, name):
   # tau_i = 2 epochs x ceil(n_i / 3) steps differ across clients.
   taus = [2 * -(-n // 3) for n in SIZES]
   norms = [aref.a_norm_impulse(t, lr, momentum, mu) for t in taus]
-  np.testing.assert_allclose(float(metrics["a_norm"]), np.mean(norms),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    float(metrics["a_norm"]), np.mean(norms), rtol=1e-5
+  )
 
 
-@pytest.mark.parametrize("momentum,mu", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.3),
-                                         (0.5, 0.3)])
+@pytest.mark.parametrize(
+  "momentum,mu", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.3), (0.5, 0.3)]
+)
 def test_a_norm_matches_coefficient_sums(momentum, mu):
   for tau in (1, 2, 7, 20):
     expected = aref.a_norm_impulse(tau, 0.1, momentum, mu)
     if momentum == 0 or mu == 0:
       np.testing.assert_allclose(
-          aref.a_norm_closed_form(tau, 0.1, momentum, mu), expected,
-          rtol=1e-12)
-    np.testing.assert_allclose(float(a_norm(tau, 0.1, momentum, mu)),
-                               expected, rtol=1e-5)
+        aref.a_norm_closed_form(tau, 0.1, momentum, mu), expected, rtol=1e-12
+      )
+    np.testing.assert_allclose(
+      float(a_norm(tau, 0.1, momentum, mu)), expected, rtol=1e-5
+    )
 
 
 # --------------------------------------------------------------------- Mime
@@ -299,12 +360,12 @@ def test_mime_matches_numpy(mode, name):
       state, _ = step(engine, state, data, mode)
       assert int(state.server.phase) == 1
       assert_close(to_list(state.server.params), x)
-      full = aref.weighted_mean([grad(x, cl["x"].astype(np.float64), cl["y"])
-                                 for cl in CLIENTS], SIZES)
+      full = aref.weighted_mean(
+        [grad(x, cl["x"].astype(np.float64), cl["y"]) for cl in CLIENTS], SIZES
+      )
       assert_close(to_list(state.server.control), full)
     state, _ = step(engine, state, data, mode)
-    x, m = aref.mime_round(grad, x, m, CLIENTS, 0.1, 0.7, 0.8, 2, 3,
-                           corrected)
+    x, m = aref.mime_round(grad, x, m, CLIENTS, 0.1, 0.7, 0.8, 2, 3, corrected)
     assert_close(to_list(state.server.params), x)
     assert_close(to_list(state.server.opt_state[0].trace), m)
   if mode == "jit":  # both of Mime's phases run the same compiled round
@@ -322,18 +383,21 @@ def test_q_fed_avg_matches_numpy(mode):
     w_prev = w
     w = aref.qfedavg_round(loss_grad, w, CLIENTS, 0.1, 2, 3, q=2.0)
     assert_close(to_list(state.server.params), w)
-  losses = [loss_grad(w_prev, c["x"].astype(np.float64), c["y"])[0]
-            for c in CLIENTS]
-  np.testing.assert_allclose(float(metrics["loss_at_server"]),
-                             np.mean(losses), rtol=1e-5)
+  losses = [
+    loss_grad(w_prev, c["x"].astype(np.float64), c["y"])[0] for c in CLIENTS
+  ]
+  np.testing.assert_allclose(
+    float(metrics["loss_at_server"]), np.mean(losses), rtol=1e-5
+  )
 
 
 # -------------------------------------------------------------------- Ditto
 @pytest.mark.parametrize("mode", MODES)
 def test_ditto_matches_numpy_and_keeps_personal_models(mode):
   n = len(POPULATION)
-  engine, data = setup("ditto", mode, clients_per_round=2,
-                       sampling="uniform", population=True)
+  engine, data = setup(
+    "ditto", mode, clients_per_round=2, sampling="uniform", population=True
+  )
   state = engine.init(init_params(), seed=4, num_clients=n)
   w = to_list(init_params())
   personal = [to_list(init_params()) for _ in range(n)]
@@ -350,9 +414,13 @@ def test_ditto_matches_numpy_and_keeps_personal_models(mode):
 # ------------------------------------------------------------ TFF facades
 def test_build_fed_prox_process_matches_numpy():
   process = fl.learning.build_fed_prox_process(
-      MODEL, client_optimizer_fn=lambda: optax.sgd(LR),
-      server_optimizer_fn=lambda: optax.sgd(1.0), mu=0.5, local_epochs=2,
-      batch_size=None)
+    MODEL,
+    client_optimizer_fn=lambda: optax.sgd(LR),
+    server_optimizer_fn=lambda: optax.sgd(1.0),
+    mu=0.5,
+    local_epochs=2,
+    batch_size=None,
+  )
   state = process.initialize(seed=0)
   w = to_list(process.get_model_weights(state))
   for _ in range(2):
@@ -365,4 +433,5 @@ def test_build_fed_prox_process_matches_numpy():
 def test_iterative_process_rejects_stateful_algorithms():
   with pytest.raises(ValueError, match="per-client state"):
     fl.learning.build_iterative_process(
-        MODEL, alg.scaffold(MODEL, 0.1, num_clients=4))
+      MODEL, alg.scaffold(MODEL, 0.1, num_clients=4)
+    )

@@ -24,8 +24,13 @@ MODEL = fl.models.logistic_regression(D, K)
 
 def make_clients(sizes, seed):
   r = np.random.default_rng(seed)
-  return [{"x": r.standard_normal((n, D)).astype(np.float32),
-           "y": r.integers(0, K, n).astype(np.int32)} for n in sizes]
+  return [
+    {
+      "x": r.standard_normal((n, D)).astype(np.float32),
+      "y": r.integers(0, K, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
 
 
 CLIENTS = make_clients(POPULATION, 1)
@@ -33,15 +38,19 @@ CLIENTS = make_clients(POPULATION, 1)
 
 def init_params(seed=2):
   r = np.random.default_rng(seed)
-  return {"Dense_0": {"kernel": np.asarray(r.standard_normal((D, K)) * 0.5,
-                                           np.float32),
-                      "bias": np.asarray(r.standard_normal(K) * 0.1,
-                                         np.float32)}}
+  return {
+    "Dense_0": {
+      "kernel": np.asarray(r.standard_normal((D, K)) * 0.5, np.float32),
+      "bias": np.asarray(r.standard_normal(K) * 0.1, np.float32),
+    }
+  }
 
 
 def to_list(p):
-  return [np.asarray(p["Dense_0"]["kernel"], np.float64),
-          np.asarray(p["Dense_0"]["bias"], np.float64)]
+  return [
+    np.asarray(p["Dense_0"]["kernel"], np.float64),
+    np.asarray(p["Dense_0"]["bias"], np.float64),
+  ]
 
 
 def grad(ws, x, y):
@@ -55,7 +64,7 @@ def test_byzantine_mask_is_seeded_exact_and_nested():
   m30 = attacks.byzantine_mask(100, 0.3, seed=3)
   assert m10.dtype == bool and m10.shape == (100,)
   assert [int(m.sum()) for m in (m10, m20, m30)] == [10, 20, 30]
-  assert np.all(m20[m10]) and np.all(m30[m20])            # nested sets
+  assert np.all(m20[m10]) and np.all(m30[m20])  # nested sets
   np.testing.assert_array_equal(m20, attacks.byzantine_mask(100, 0.2, 3))
   assert not np.array_equal(m20, attacks.byzantine_mask(100, 0.2, 4))
   assert attacks.byzantine_mask(100, 0.0).sum() == 0
@@ -93,15 +102,15 @@ def test_bad_attack_arguments():
 # -------------------------------------------------- update attacks (engine)
 @functools.cache
 def engine_for(attack_name):
-  attack = {"sign_flip": attacks.sign_flip(scale=2.0),
-            "scaling": attacks.scaling(3.0),
-            "label_flip": attacks.label_flip(K)}[attack_name]
+  attack = {
+    "sign_flip": attacks.sign_flip(scale=2.0),
+    "scaling": attacks.scaling(3.0),
+    "label_flip": attacks.label_flip(K),
+  }[attack_name]
   alg = attacks.with_attack(fl.fed_avg(MODEL, optax.sgd(LR)), attack, BYZ)
   work = fl.LocalWork(batch_size=3, num_epochs=2, shuffle=False)
-  engine = fl.Engine(alg, fl.RoundConfig(len(POPULATION), work,
-                                         sampling="all"))
-  data = engine.put_data(fl.FederatedDataset.from_clients(CLIENTS),
-                         buckets=1)
+  engine = fl.Engine(alg, fl.RoundConfig(len(POPULATION), work, sampling="all"))
+  data = engine.put_data(fl.FederatedDataset.from_clients(CLIENTS), buckets=1)
   return engine, data
 
 
@@ -124,8 +133,7 @@ def reference_round(w, attack_name):
   return aref.sub(w, mean)
 
 
-@pytest.mark.parametrize("attack_name", ["sign_flip", "scaling",
-                                         "label_flip"])
+@pytest.mark.parametrize("attack_name", ["sign_flip", "scaling", "label_flip"])
 def test_update_attacks_match_numpy_in_the_engine(attack_name):
   engine, data = engine_for(attack_name)
   p0 = init_params()
@@ -146,10 +154,13 @@ def one_client(k, seed=0, size=12):
   x = np.zeros((1, size, D), np.float32)
   y = np.zeros((1, size), np.int32)
   x[0, :n], y[0, :n] = c["x"], c["y"]
-  data = fl.ClientData(batches={"x": jnp.asarray(x), "y": jnp.asarray(y)},
-                       mask=jnp.asarray(np.arange(size) < n)[None],
-                       num_examples=jnp.int32(n), client_id=jnp.int32(k),
-                       slot=jnp.int32(0))
+  data = fl.ClientData(
+    batches={"x": jnp.asarray(x), "y": jnp.asarray(y)},
+    mask=jnp.asarray(np.arange(size) < n)[None],
+    num_examples=jnp.int32(n),
+    client_id=jnp.int32(k),
+    slot=jnp.int32(0),
+  )
   return data, jax.random.PRNGKey(seed)
 
 
@@ -172,17 +183,20 @@ def test_gaussian_replaces_byzantine_updates_and_keeps_benign_ones():
   update, honest = jax.jit(alg.client_update), jax.jit(base.client_update)
   # Benign client 1: its honest update, bit for bit.
   data, rng = one_client(1)
-  jax.tree.map(np.testing.assert_array_equal,
-               update(p0, None, data, rng).update,
-               honest(p0, None, data, rng).update)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    update(p0, None, data, rng).update,
+    honest(p0, None, data, rng).update,
+  )
   # Byzantine clients 0 and 3: noise that ignores their data (same key,
   # different data -> the same vector), not their update.
   u0 = update(p0, None, *one_client(0, seed=9)).update
   u3 = update(p0, None, *one_client(3, seed=9)).update
   jax.tree.map(np.testing.assert_array_equal, u0, u3)
   h0 = honest(p0, None, *one_client(0, seed=9)).update
-  assert not np.allclose(np.asarray(u0["Dense_0"]["kernel"]),
-                         np.asarray(h0["Dense_0"]["kernel"]))
+  assert not np.allclose(
+    np.asarray(u0["Dense_0"]["kernel"]), np.asarray(h0["Dense_0"]["kernel"])
+  )
 
 
 # --------------------------------------------- omniscient attacks (ALIE/IPM)
@@ -209,17 +223,31 @@ def test_alie_and_ipm_vectors_are_the_published_ones():
   z = scipy.stats.norm.ppf((n - (np.floor(n / 2 + 1) - f)) / n)
   alie_ref = good.mean(0) - z * good.std(0, ddof=1)
   ipm_ref = -0.3 * good.mean(0)
-  args = (jnp.asarray(u, jnp.float32), jnp.asarray(~byz), jnp.asarray(byz),
-          jax.random.PRNGKey(0))
+  args = (
+    jnp.asarray(u, jnp.float32),
+    jnp.asarray(~byz),
+    jnp.asarray(byz),
+    jax.random.PRNGKey(0),
+  )
+
   def sent(vec):  # Byzantine rows send vec, the others are untouched
     return np.where(byz[:, None], vec[None], u)
-  np.testing.assert_allclose(attacks.alie().byzantine_update(*args),
-                             sent(alie_ref), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(attacks.alie(z=1.5).byzantine_update(*args),
-                             sent(good.mean(0) - 1.5 * good.std(0, ddof=1)),
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(attacks.ipm(0.3).byzantine_update(*args),
-                             sent(ipm_ref), rtol=1e-5, atol=1e-6)
+
+  np.testing.assert_allclose(
+    attacks.alie().byzantine_update(*args), sent(alie_ref), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    attacks.alie(z=1.5).byzantine_update(*args),
+    sent(good.mean(0) - 1.5 * good.std(0, ddof=1)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  np.testing.assert_allclose(
+    attacks.ipm(0.3).byzantine_update(*args),
+    sent(ipm_ref),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def run_aggregator(agg, updates, flags, weights, valid, blocks):
@@ -227,24 +255,31 @@ def run_aggregator(agg, updates, flags, weights, valid, blocks):
   finalize, as the engine does; returns the AggregatorOutput."""
   num_slots = len(weights)
   spec = attacks.FlaggedUpdate(
-      update=jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:],
-                                                         jnp.float32),
-                          updates),
-      byzantine=jax.ShapeDtypeStruct((), jnp.float32))
+    update=jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape[1:], jnp.float32), updates
+    ),
+    byzantine=jax.ShapeDtypeStruct((), jnp.float32),
+  )
   state = agg.init_state(spec)
   accs = []
-  for rows in blocks:   # each "device" gets a block of slots plus padding
+  for rows in blocks:  # each "device" gets a block of slots plus padding
     rows = np.asarray(rows)
-    pad = np.concatenate([rows, [0]])           # a padding entry at slot 0
+    pad = np.concatenate([rows, [0]])  # a padding entry at slot 0
     ok = np.concatenate([valid[rows], [False]])
     acc = agg.init(state, spec, num_slots)
-    acc = agg.add(state, acc, attacks.FlaggedUpdate(
-        update=jax.tree.map(lambda a, pad=pad: jnp.asarray(a[pad],
-                                                          jnp.float32),
-                            updates),
-        byzantine=jnp.asarray(flags[pad], jnp.float32)),
-                  jnp.asarray(weights[pad], jnp.float32), jnp.asarray(ok),
-                  jnp.asarray(pad, jnp.int32))
+    acc = agg.add(
+      state,
+      acc,
+      attacks.FlaggedUpdate(
+        update=jax.tree.map(
+          lambda a, pad=pad: jnp.asarray(a[pad], jnp.float32), updates
+        ),
+        byzantine=jnp.asarray(flags[pad], jnp.float32),
+      ),
+      jnp.asarray(weights[pad], jnp.float32),
+      jnp.asarray(ok),
+      jnp.asarray(pad, jnp.int32),
+    )
     accs.append(acc)
   merged = agg.merge(jax.tree.map(lambda *a: jnp.stack(a), *accs))
   out, _ = agg.finalize(state, merged, jax.random.PRNGKey(0))
@@ -253,17 +288,25 @@ def run_aggregator(agg, updates, flags, weights, valid, blocks):
 
 @pytest.mark.parametrize("attack_name", ["alie", "ipm"])
 def test_omniscient_aggregator_sends_the_vector_into_the_inner_mean(
-    attack_name):
+  attack_name,
+):
   u, byz = benign_setup(1, n=8, d=6)
   valid = np.ones(8, bool)
-  valid[6] = False                           # a slot nobody filled
+  valid[6] = False  # a slot nobody filled
   weights = np.array([3.0, 5.0, 2.0, 7.0, 1.0, 4.0, 9.0, 6.0])
   updates = {"a": u[:, :4].reshape(8, 2, 2), "b": u[:, 4:]}
   attack = attacks.alie() if attack_name == "alie" else attacks.ipm(0.5)
   agg = attacks.omniscient_aggregator(aggs.weighted_mean(), attack)
   assert agg.materialized
-  run = functools.partial(run_aggregator, agg, updates, byz.astype(
-      np.float32), weights, valid, [[0, 2, 4, 6], [1, 3, 5, 7]])
+  run = functools.partial(
+    run_aggregator,
+    agg,
+    updates,
+    byz.astype(np.float32),
+    weights,
+    valid,
+    [[0, 2, 4, 6], [1, 3, 5, 7]],
+  )
   out = jax.jit(run)()
   good = u[valid & ~byz]
   n, f = int(valid.sum()), int((valid & byz).sum())
@@ -275,8 +318,9 @@ def test_omniscient_aggregator_sends_the_vector_into_the_inner_mean(
   sent = np.where(byz[:, None], vec[None], u)
   w = np.where(valid, weights, 0.0)
   want = (w[:, None] * sent).sum(0) / w.sum()
-  got = np.concatenate([np.asarray(out.mean["a"]).ravel(),
-                        np.asarray(out.mean["b"])])
+  got = np.concatenate(
+    [np.asarray(out.mean["a"]).ravel(), np.asarray(out.mean["b"])]
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert float(out.total_weight) == pytest.approx(w.sum())
   assert float(out.metrics["byzantine_slots"]) == f
@@ -286,14 +330,22 @@ def test_omniscient_aggregator_wraps_a_robust_inner_rule():
   u, byz = benign_setup(2, n=9, d=3)
   valid = np.ones(9, bool)
   weights = np.ones(9)
-  agg = attacks.omniscient_aggregator(aggs.coordinate_median(),
-                                      attacks.ipm(0.1))
-  out = run_aggregator(agg, {"w": u}, byz.astype(np.float32), weights,
-                       valid, [list(range(5)), list(range(5, 9))])
+  agg = attacks.omniscient_aggregator(
+    aggs.coordinate_median(), attacks.ipm(0.1)
+  )
+  out = run_aggregator(
+    agg,
+    {"w": u},
+    byz.astype(np.float32),
+    weights,
+    valid,
+    [list(range(5)), list(range(5, 9))],
+  )
   vec = -0.1 * u[~byz].mean(0)
   sent = np.where(byz[:, None], vec[None], u)
-  np.testing.assert_allclose(out.mean["w"], np.median(sent, axis=0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    out.mean["w"], np.median(sent, axis=0), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_omniscient_aggregator_rejects_unflagged_updates():
@@ -313,13 +365,22 @@ def test_with_attack_flags_only_byzantine_clients():
     assert isinstance(out.update, attacks.FlaggedUpdate)
     assert float(out.update.byzantine) == float(BYZ[k])
     honest = base.client_update(p0, None, data, rng).update
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-                 out.update.update, honest)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+      out.update.update,
+      honest,
+    )
 
 
 # --------------------------------------------------------- select_attack
-SELECTABLE = (attacks.no_attack(), attacks.sign_flip(2.0), attacks.scaling(3.0),
-              attacks.label_flip(K), attacks.gaussian(0.5), attacks.ipm(0.2))
+SELECTABLE = (
+  attacks.no_attack(),
+  attacks.sign_flip(2.0),
+  attacks.scaling(3.0),
+  attacks.label_flip(K),
+  attacks.gaussian(0.5),
+  attacks.ipm(0.2),
+)
 
 
 def test_select_attack_with_a_traced_index_is_each_attack():
@@ -328,34 +389,47 @@ def test_select_attack_with_a_traced_index_is_each_attack():
 
   @jax.jit
   def selected(index, data, rng):
-    alg = attacks.with_attack(base, attacks.select_attack(index, SELECTABLE),
-                              BYZ)
+    alg = attacks.with_attack(
+      base, attacks.select_attack(index, SELECTABLE), BYZ
+    )
     return alg.client_update(p0, None, data, rng).update.update
 
-  data, rng = one_client(0, seed=4)         # a Byzantine client
+  data, rng = one_client(0, seed=4)  # a Byzantine client
   for i, attack in enumerate(SELECTABLE):
-    alone = attacks.with_attack(base, attack, BYZ).client_update(
-        p0, None, data, rng).update
+    alone = (
+      attacks.with_attack(base, attack, BYZ)
+      .client_update(p0, None, data, rng)
+      .update
+    )
     if isinstance(alone, attacks.FlaggedUpdate):
       alone = alone.update
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
-                                                         atol=1e-7),
-                 selected(float(i), data, rng), alone)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      selected(float(i), data, rng),
+      alone,
+    )
 
 
 def test_select_attack_at_aggregation_time():
   u, byz = benign_setup(3)
-  args = (jnp.asarray(u, jnp.float32), jnp.asarray(~byz), jnp.asarray(byz),
-          jax.random.PRNGKey(0))
+  args = (
+    jnp.asarray(u, jnp.float32),
+    jnp.asarray(~byz),
+    jnp.asarray(byz),
+    jax.random.PRNGKey(0),
+  )
   choice = (attacks.sign_flip(), attacks.ipm(0.3), attacks.alie())
-  fn = jax.jit(lambda i: attacks.select_attack(i, choice).byzantine_update(
-      *args))
-  np.testing.assert_allclose(fn(0), u, rtol=1e-6)   # client-side: untouched
+  fn = jax.jit(
+    lambda i: attacks.select_attack(i, choice).byzantine_update(*args)
+  )
+  np.testing.assert_allclose(fn(0), u, rtol=1e-6)  # client-side: untouched
   # jitted vs eager float32: equal up to rounding.
-  np.testing.assert_allclose(fn(1), choice[1].byzantine_update(*args),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(fn(2), choice[2].byzantine_update(*args),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    fn(1), choice[1].byzantine_update(*args), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    fn(2), choice[2].byzantine_update(*args), rtol=1e-5, atol=1e-6
+  )
   with pytest.raises(ValueError, match="index"):
     attacks.select_attack(3, choice)
 
@@ -363,14 +437,16 @@ def test_select_attack_at_aggregation_time():
 def test_combine_boosts_a_label_flipped_update():
   base = fl.fed_avg(MODEL, optax.sgd(LR))
   p0 = init_params()
-  data, rng = one_client(0)                 # Byzantine
+  data, rng = one_client(0)  # Byzantine
   boosted = attacks.with_attack(
-      base, attacks.combine(attacks.label_flip(K), attacks.scaling(3.0)), BYZ)
+    base, attacks.combine(attacks.label_flip(K), attacks.scaling(3.0)), BYZ
+  )
   flipped = attacks.with_attack(base, attacks.label_flip(K), BYZ)
   got = boosted.client_update(p0, None, data, rng).update
   want = flipped.client_update(p0, None, data, rng).update
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, 3.0 * b, rtol=1e-6),
-               got, want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, 3.0 * b, rtol=1e-6), got, want
+  )
   assert attacks.combine(attacks.alie(), name="x").byzantine_update is not None
   with pytest.raises(TypeError, match="Attack"):
     attacks.combine("alie")

@@ -34,33 +34,49 @@ def test_help_lists_commands_options_and_config_fields(tiny, capsys):
   with pytest.raises(SystemExit):
     main(["run", tiny, "--help"])
   out = capsys.readouterr().out
-  for text in ("--set", "--resume", "--checkpoint-every", "--out",
-               "client_lr: float = 0.1", "num_rounds: int = 4",
-               "Tiny test experiment"):
+  for text in (
+    "--set",
+    "--resume",
+    "--checkpoint-every",
+    "--out",
+    "client_lr: float = 0.1",
+    "num_rounds: int = 4",
+    "Tiny test experiment",
+  ):
     assert text in out, text
   with pytest.raises(SystemExit):
     main(["sweep", "--help"])
   assert "--seeds" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "{tiny}", "--set", "num_round=3"],
-     "unknown config field 'num_round' for Config; expected one of "
-     "num_rounds,"),
-    (["run", "{tiny}", "--set", "num_rounds=three"],
-     "--set num_rounds: expected an int, got 'three'"),
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (
+      ["run", "{tiny}", "--set", "num_round=3"],
+      "unknown config field 'num_round' for Config; expected one of "
+      "num_rounds,",
+    ),
+    (
+      ["run", "{tiny}", "--set", "num_rounds=three"],
+      "--set num_rounds: expected an int, got 'three'",
+    ),
     (["run", "{tiny}x"], "does not exist"),
     (["run"], "needs an experiment file"),
     (["run", "--resume", "{dir}"], "not a run folder (no config.json)"),
     (["run", "--resume", "{dir}/nope"], "no such folder"),
     (["sweep", "--resume", "{dir}"], "not a sweep folder (no sweep.json)"),
-    (["sweep", "{tiny}", "--grid", "num_rounds=1,2"],
-     "cannot sweep 'num_rounds'"),
+    (
+      ["sweep", "{tiny}", "--grid", "num_rounds=1,2"],
+      "cannot sweep 'num_rounds'",
+    ),
     (["sweep", "{tiny}", "--seeds", "x"], "--seeds expects a count"),
     (["compare", "{dir}", "--out", "{dir}/cmp"], "no metrics.jsonl"),
-])
-def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys, argv,
-                                                message):
+  ],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+  tiny, tmp_path, capsys, argv, message
+):
   argv = [a.format(tiny=tiny, dir=tmp_path) for a in argv]
   assert main(argv) == 2
   err = capsys.readouterr().err
@@ -68,9 +84,13 @@ def test_bad_input_exits_2_with_a_clear_message(tiny, tmp_path, capsys, argv,
 
 
 def test_module_entry_point_runs():
-  out = subprocess.run([sys.executable, "-m", "fedjax_lite", "run", "--help"],
-                       capture_output=True, text=True, timeout=120,
-                       check=False)
+  out = subprocess.run(
+    [sys.executable, "-m", "fedjax_lite", "run", "--help"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr
   assert "--checkpoint-every" in out.stdout
 
@@ -89,14 +109,16 @@ def _strip(rows):
 def _checkpoint_round(run_dir):
   try:
     raw = flax.serialization.msgpack_restore(
-        (run_dir / "checkpoint.msgpack").read_bytes())
+      (run_dir / "checkpoint.msgpack").read_bytes()
+    )
   except (FileNotFoundError, ValueError):
     return -1
   return int(raw["meta"]["round"])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL],
-                         ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(
+  "signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"]
+)
 def test_kill_mid_run_then_resume_is_bit_identical(tiny, tmp_path, signum):
   """40 slow rounds (50 ms each) with the default checkpoint settings: run
   once uninterrupted; run again, stop it after >= 8 rounds (SIGTERM: it
@@ -105,22 +127,41 @@ def test_kill_mid_run_then_resume_is_bit_identical(tiny, tmp_path, signum):
   client states, rng, round) and all metrics must be identical, each round
   in metrics.jsonl exactly once."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=2").strip()
-  cmd = [sys.executable, "-m", "fedjax_lite", "run", f"{tiny}:long",
-         "--no-progress", "--out"]
-  full = subprocess.Popen(cmd + [str(tmp_path / "full")], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  cut = subprocess.Popen(cmd + [str(tmp_path / "cut")], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  ).strip()
+  cmd = [
+    sys.executable,
+    "-m",
+    "fedjax_lite",
+    "run",
+    f"{tiny}:long",
+    "--no-progress",
+    "--out",
+  ]
+  full = subprocess.Popen(
+    cmd + [str(tmp_path / "full")],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  cut = subprocess.Popen(
+    cmd + [str(tmp_path / "cut")],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.monotonic() + 300
     while True:
       dirs = list((tmp_path / "cut").glob("tiny-long-*"))
-      if dirs and _num_lines(dirs[0] / "metrics.jsonl") >= 8 and (
-          signum == signal.SIGTERM or _checkpoint_round(dirs[0]) >= 1):
+      if (
+        dirs
+        and _num_lines(dirs[0] / "metrics.jsonl") >= 8
+        and (signum == signal.SIGTERM or _checkpoint_round(dirs[0]) >= 1)
+      ):
         break
       assert cut.poll() is None, cut.communicate()
       assert time.monotonic() < deadline, "the run never reached round 8"
@@ -137,17 +178,28 @@ def test_kill_mid_run_then_resume_is_bit_identical(tiny, tmp_path, signum):
     summary = json.loads((cut_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert 8 <= summary["rounds_done"] < 40
-    assert len(read_jsonl(cut_dir / "metrics.jsonl")) == summary[
-        "rounds_done"]
+    assert len(read_jsonl(cut_dir / "metrics.jsonl")) == summary["rounds_done"]
   else:
     assert cut.returncode == -signal.SIGKILL, err
     assert not (cut_dir / "summary.json").exists()
     assert 1 <= _checkpoint_round(cut_dir) < 40
 
-  resumed = subprocess.run([sys.executable, "-m", "fedjax_lite", "run",
-                            "--resume", str(cut_dir), "--no-progress"],
-                           env=env, capture_output=True, text=True,
-                           timeout=300, check=False)
+  resumed = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fedjax_lite",
+      "run",
+      "--resume",
+      str(cut_dir),
+      "--no-progress",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert resumed.returncode == 0, resumed.stderr
   _, err = full.communicate(timeout=300)
   assert full.returncode == 0, err
@@ -155,8 +207,10 @@ def test_kill_mid_run_then_resume_is_bit_identical(tiny, tmp_path, signum):
 
   def final_state(d):
     raw = flax.serialization.msgpack_restore(
-        (d / "checkpoint.msgpack").read_bytes())
+      (d / "checkpoint.msgpack").read_bytes()
+    )
     return raw["state"]
+
   a, b = final_state(full_dir), final_state(cut_dir)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -175,21 +229,26 @@ def test_resume_without_checkpoint_says_restart(tiny, tmp_path, capsys):
   """A run folder whose run died before its first checkpoint: one clear
   line with the command that restarts it, no traceback."""
   from fedjax_lite.experiment.runner import run_file
+
   res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
   (res.run_dir / "checkpoint.msgpack").unlink()
   assert main(["run", "--resume", str(res.run_dir)]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "Traceback" not in err, err
   assert "no checkpoint.msgpack there" in err and "cannot be resumed" in err
-  assert f"restarted: python -m fedjax_lite run {tiny} --set num_rounds=1" \
-      in err
+  assert (
+    f"restarted: python -m fedjax_lite run {tiny} --set num_rounds=1" in err
+  )
   assert main(["sweep", "--resume", str(res.run_dir)]) == 2
-  assert "that is a run folder; resume it with `python -m fedjax_lite run " \
-      "--resume" in capsys.readouterr().err
+  assert (
+    "that is a run folder; resume it with `python -m fedjax_lite run "
+    "--resume" in capsys.readouterr().err
+  )
 
 
 def test_damaged_checkpoint_names_the_file(tiny, tmp_path, capsys):
   from fedjax_lite.experiment.runner import run_file
+
   res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
   path = res.run_dir / "checkpoint.msgpack"
   path.write_bytes(path.read_bytes()[:40])  # truncated

@@ -17,14 +17,17 @@ from fedjax_lite.algorithms.base import ClientOutput, FederatedAlgorithm
 @pytest.mark.parametrize("levels,bucket", [(4, None), (2, 7)])
 def test_qsgd_is_unbiased_with_the_published_variance(levels, bucket):
   r = np.random.default_rng(0)
-  v = {"a": r.standard_normal((4, 5)).astype(np.float32),
-       "b": r.standard_normal(6).astype(np.float32)}
+  v = {
+    "a": r.standard_normal((4, 5)).astype(np.float32),
+    "b": r.standard_normal(6).astype(np.float32),
+  }
   q = comp.qsgd(levels, bucket_size=bucket)
   m = 20000
   keys = jax.random.split(jax.random.PRNGKey(1), m)
   out = jax.jit(jax.vmap(lambda k: q.compress(v, None, k)[0]))(keys)
-  flat = np.concatenate([np.asarray(out["a"]).reshape(m, -1),
-                         np.asarray(out["b"])], axis=1).astype(np.float64)
+  flat = np.concatenate(
+    [np.asarray(out["a"]).reshape(m, -1), np.asarray(out["b"])], axis=1
+  ).astype(np.float64)
   x = np.concatenate([v["a"].ravel(), v["b"]]).astype(np.float64)
   d = x.size
   b = d if bucket is None else bucket
@@ -32,7 +35,7 @@ def test_qsgd_is_unbiased_with_the_published_variance(levels, bucket):
   norm = np.repeat(np.linalg.norm(pad, axis=1), b)[:d]
   ratio = np.abs(x) * levels / norm
   p = ratio - np.floor(ratio)
-  var = norm**2 * p * (1 - p) / levels**2          # Alistarh et al., Lemma 3.1
+  var = norm**2 * p * (1 - p) / levels**2  # Alistarh et al., Lemma 3.1
   # Every value is on the grid ||v|| * sign * l / s.
   lev = np.abs(flat) * levels / norm
   np.testing.assert_allclose(lev, np.round(lev), atol=1e-3)
@@ -50,8 +53,7 @@ def test_qsgd_is_unbiased_with_the_published_variance(levels, bucket):
 
 def test_qsgd_zero_update_and_bytes():
   q = comp.qsgd(8, bucket_size=16)
-  out, _, nbytes = q.compress({"w": jnp.zeros(40)}, None,
-                              jax.random.PRNGKey(0))
+  out, _, nbytes = q.compress({"w": jnp.zeros(40)}, None, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out["w"], 0.0)
   # 3 buckets x 32-bit norm + 40 x (1 sign + ceil(log2 9) = 4 level bits).
   assert float(nbytes) == math.ceil((3 * 32 + 40 * 5) / 8)
@@ -80,8 +82,12 @@ def signef_reference(updates, sizes):
   cuts = np.cumsum(sizes)[:-1]
   for u in updates:
     p = u + e
-    c = np.concatenate([np.abs(t).sum() / t.size * np.where(t >= 0, 1.0, -1.0)
-                        for t in np.split(p, cuts)])
+    c = np.concatenate(
+      [
+        np.abs(t).sum() / t.size * np.where(t >= 0, 1.0, -1.0)
+        for t in np.split(p, cuts)
+      ]
+    )
     e = p - c
     sent.append(c)
     res.append(e)
@@ -91,17 +97,26 @@ def signef_reference(updates, sizes):
 def data_algorithm():
   """A test algorithm whose update is read from the client's data (``u``)
   and whose own client state counts the client's rounds."""
+
   def client_update(params, count, data, rng):
     del params, rng
     u = data.batches["u"][0, 0]
-    return ClientOutput(update={"a": u[:6].reshape(2, 3), "b": u[6:]},
-                        weight=jnp.ones(()), state=count + 1,
-                        metrics={"seen": (jnp.ones(()), jnp.ones(()))})
+    return ClientOutput(
+      update={"a": u[:6].reshape(2, 3), "b": u[6:]},
+      weight=jnp.ones(()),
+      state=count + 1,
+      metrics={"seen": (jnp.ones(()), jnp.ones(()))},
+    )
+
   return FederatedAlgorithm(
-      server_init=lambda p: p, client_update=client_update,
-      server_update=lambda s, a: s, broadcast=lambda s: s,
-      client_init=lambda p: jnp.zeros((), jnp.int32), get_params=lambda s: s,
-      name="data")
+    server_init=lambda p: p,
+    client_update=client_update,
+    server_update=lambda s, a: s,
+    broadcast=lambda s: s,
+    client_init=lambda p: jnp.zeros((), jnp.int32),
+    get_params=lambda s: s,
+    name="data",
+  )
 
 
 PARAMS = {"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)}
@@ -113,10 +128,12 @@ def run_rounds(compressor, updates):
   step = jax.jit(alg.client_update)
   outs = []
   for t, u in enumerate(updates):
-    data = fl.ClientData(batches={"u": jnp.asarray(u, jnp.float32)[None,
-                                                                     None]},
-                         mask=jnp.ones((1, 1), bool),
-                         num_examples=jnp.int32(1), client_id=jnp.int32(0))
+    data = fl.ClientData(
+      batches={"u": jnp.asarray(u, jnp.float32)[None, None]},
+      mask=jnp.ones((1, 1), bool),
+      num_examples=jnp.int32(1),
+      client_id=jnp.int32(0),
+    )
     out = step(PARAMS, state, data, jax.random.PRNGKey(t))
     state = out.state
     outs.append(out)
@@ -124,8 +141,9 @@ def run_rounds(compressor, updates):
 
 
 def flat(tree):
-  return np.concatenate([np.asarray(tree["a"]).ravel(),
-                         np.asarray(tree["b"]).ravel()]).astype(np.float64)
+  return np.concatenate(
+    [np.asarray(tree["a"]).ravel(), np.asarray(tree["b"]).ravel()]
+  ).astype(np.float64)
 
 
 def test_top_k_keeps_k_entries_and_feeds_back_the_exact_residual():
@@ -138,13 +156,17 @@ def test_top_k_keeps_k_entries_and_feeds_back_the_exact_residual():
     got = flat(out.update)
     assert np.count_nonzero(got) == k
     np.testing.assert_allclose(got, sent_ref[t], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(flat(out.state.memory), res_ref[t],
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      flat(out.state.memory), res_ref[t], rtol=1e-6, atol=1e-6
+    )
     # Bytes: k values (32 bits) + k indices (ceil(log2 10) = 4 bits).
     assert float(out.metrics["uplink_bytes"][0]) == math.ceil(k * 36 / 8)
   # Nothing is lost: everything sent plus the residual is everything made.
-  np.testing.assert_allclose(sum(flat(o.update) for o in outs)
-                             + flat(state.memory), sum(updates), atol=1e-5)
+  np.testing.assert_allclose(
+    sum(flat(o.update) for o in outs) + flat(state.memory),
+    sum(updates),
+    atol=1e-5,
+  )
   # The wrapped algorithm's own client state is kept alongside.
   assert int(state.inner) == len(updates)
   assert "seen" in outs[0].metrics
@@ -166,26 +188,33 @@ def test_sign_ef_matches_numpy_over_rounds():
   outs, _ = run_rounds(comp.sign_ef(), updates)
   sent_ref, res_ref = signef_reference(updates, [6, 4])
   for t, out in enumerate(outs):
-    np.testing.assert_allclose(flat(out.update), sent_ref[t], rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(flat(out.state.memory), res_ref[t], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      flat(out.update), sent_ref[t], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+      flat(out.state.memory), res_ref[t], rtol=1e-5, atol=1e-6
+    )
     # 10 sign bits + 2 tensor scales of 32 bits.
     assert float(out.metrics["uplink_bytes"][0]) == math.ceil((10 + 64) / 8)
 
 
 def test_compressed_fed_avg_in_the_engine_keeps_unsampled_residuals():
   r = np.random.default_rng(0)
-  clients = [{"x": r.standard_normal((n, 4)).astype(np.float32),
-              "y": r.integers(0, 3, n).astype(np.int32)}
-             for n in (5, 3, 6, 4, 7, 2)]
+  clients = [
+    {
+      "x": r.standard_normal((n, 4)).astype(np.float32),
+      "y": r.integers(0, 3, n).astype(np.int32),
+    }
+    for n in (5, 3, 6, 4, 7, 2)
+  ]
   model = fl.models.logistic_regression(4, 3)
-  alg = comp.with_compression(fl.fed_avg(model, optax.sgd(0.3)),
-                              comp.top_k(k=4))
-  engine = fl.Engine(alg, fl.RoundConfig(
-      3, fl.LocalWork(batch_size=2, num_epochs=1)))
-  data = engine.put_data(fl.FederatedDataset.from_clients(clients),
-                         buckets=1)
+  alg = comp.with_compression(
+    fl.fed_avg(model, optax.sgd(0.3)), comp.top_k(k=4)
+  )
+  engine = fl.Engine(
+    alg, fl.RoundConfig(3, fl.LocalWork(batch_size=2, num_epochs=1))
+  )
+  data = engine.put_data(fl.FederatedDataset.from_clients(clients), buckets=1)
   state = engine.init(model.init(jax.random.PRNGKey(0)), num_clients=6)
   state, metrics = engine.round(state, data)
   memory = np.asarray(state.clients.memory["Dense_0"]["kernel"])
@@ -213,11 +242,15 @@ def test_bad_compression_arguments():
   with pytest.raises(ValueError, match="larger than the update"):
     run_rounds(comp.top_k(k=11), [np.zeros(10)])
   # A residual shaped like the params but an update of another structure.
-  alg = comp.with_compression(data_algorithm(), comp.sign_ef(),
-                              update_template=lambda p: {"only": p["a"]})
+  alg = comp.with_compression(
+    data_algorithm(), comp.sign_ef(), update_template=lambda p: {"only": p["a"]}
+  )
   state = alg.client_init(PARAMS)
-  data = fl.ClientData(batches={"u": jnp.zeros((1, 1, 10))},
-                       mask=jnp.ones((1, 1), bool), num_examples=jnp.int32(1),
-                       client_id=jnp.int32(0))
+  data = fl.ClientData(
+    batches={"u": jnp.zeros((1, 1, 10))},
+    mask=jnp.ones((1, 1), bool),
+    num_examples=jnp.int32(1),
+    client_id=jnp.int32(0),
+  )
   with pytest.raises(ValueError, match="update_template"):
     alg.client_update(PARAMS, state, data, jax.random.PRNGKey(0))

@@ -10,8 +10,13 @@ from fedjax_lite.data import batching
 
 
 def clients_of(rng, sizes, d=3):
-  return [{"x": rng.standard_normal((n, d)).astype(np.float32),
-           "y": rng.integers(0, 4, n).astype(np.int32)} for n in sizes]
+  return [
+    {
+      "x": rng.standard_normal((n, d)).astype(np.float32),
+      "y": rng.integers(0, 4, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
 
 
 # ------------------------------------------------------------ FederatedDataset
@@ -24,16 +29,18 @@ def test_from_clients_packs_and_roundtrips(rng):
   for k, c in enumerate(clients):
     np.testing.assert_array_equal(ds.client(k)["x"], c["x"])
     np.testing.assert_array_equal(ds.client(k)["y"], c["y"])
-  named = fl.FederatedDataset.from_clients({"alice": clients[0],
-                                            "bob": clients[1]})
+  named = fl.FederatedDataset.from_clients(
+    {"alice": clients[0], "bob": clients[1]}
+  )
   assert named.client_ids == ("alice", "bob")
 
 
 def test_from_partition_and_subset(rng):
   x = np.arange(20, dtype=np.float32).reshape(10, 2)
   y = np.arange(10) % 3
-  ds = fl.FederatedDataset.from_partition({"x": x, "y": y},
-                                          [[9, 0], [3], [4, 5, 6]])
+  ds = fl.FederatedDataset.from_partition(
+    {"x": x, "y": y}, [[9, 0], [3], [4, 5, 6]]
+  )
   np.testing.assert_array_equal(ds.client(0)["x"], x[[9, 0]])
   np.testing.assert_array_equal(ds.client(2)["y"], y[[4, 5, 6]])
   sub = ds.subset([2, 0])
@@ -44,8 +51,9 @@ def test_from_partition_and_subset(rng):
 def test_summary_reports_quantiles_and_label_skew():
   x = np.zeros((8, 1), np.float32)
   y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-  ds = fl.FederatedDataset.from_partition({"x": x, "y": y},
-                                          [[0, 1], [2, 3], [4, 5, 6, 7]])
+  ds = fl.FederatedDataset.from_partition(
+    {"x": x, "y": y}, [[0, 1], [2, 3], [4, 5, 6, 7]]
+  )
   s = ds.summary()
   assert s["examples_per_client"]["max"] == 4
   assert s["classes_per_client"]["max"] == 1
@@ -53,15 +61,22 @@ def test_summary_reports_quantiles_and_label_skew():
   np.testing.assert_allclose(s["label_skew_tv"]["mean"], 0.5)
 
 
-@pytest.mark.parametrize("bad,match", [
-    ([{"x": np.zeros((3, 2)), "y": np.zeros(2, int)}],
-     "mismatched feature lengths"),
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (
+      [{"x": np.zeros((3, 2)), "y": np.zeros(2, int)}],
+      "mismatched feature lengths",
+    ),
     ([{"x": np.zeros((0, 2)), "y": np.zeros(0, int)}], "0 examples"),
-    ([{"x": np.zeros((2, 2)), "y": np.zeros(2, int)}, {"x": np.zeros((2, 2))}],
-     "features"),
+    (
+      [{"x": np.zeros((2, 2)), "y": np.zeros(2, int)}, {"x": np.zeros((2, 2))}],
+      "features",
+    ),
     ([{"x": np.array([[1.0, np.nan]]), "y": np.zeros(1, int)}], "NaN"),
     ([], "empty"),
-])
+  ],
+)
 def test_bad_clients_get_clear_errors(bad, match):
   with pytest.raises(ValueError, match=match):
     fl.FederatedDataset.from_clients(bad)
@@ -107,25 +122,34 @@ def test_buckets_cut_padding_waste_on_power_law_sizes():
   assert report["waste"] < report["waste_one_bucket"] / 3
   assert len(sizes) <= 8 and sizes[-1] == counts.max()
   # Waste never grows with more buckets.
-  wastes = [fl.data.padding_report(
-      counts, work, fl.data.choose_buckets(counts, work, k))["waste"]
-            for k in (1, 2, 4, 8)]
+  wastes = [
+    fl.data.padding_report(
+      counts, work, fl.data.choose_buckets(counts, work, k)
+    )["waste"]
+    for k in (1, 2, 4, 8)
+  ]
   assert all(a >= b - 1e-12 for a, b in zip(wastes, wastes[1:]))
 
 
 def test_bucket_choice_is_optimal_by_brute_force():
   import itertools
+
   rng = np.random.default_rng(2)
-  counts = rng.choice([3, 5, 8, 13, 21, 34, 55, 89, 144], 200,
-                      p=[.3, .2, .15, .1, .08, .07, .05, .03, .02])
+  counts = rng.choice(
+    [3, 5, 8, 13, 21, 34, 55, 89, 144],
+    200,
+    p=[0.3, 0.2, 0.15, 0.1, 0.08, 0.07, 0.05, 0.03, 0.02],
+  )
   work = fl.LocalWork(batch_size=4, num_epochs=1)
   uniq = np.unique(counts)
   for k in (2, 3):
     best = min(
-        fl.data.padding_report(counts, work, tuple(c) + (uniq[-1],))["waste"]
-        for c in itertools.combinations(uniq[:-1], k - 1))
-    got = fl.data.padding_report(counts, work,
-                                 fl.data.choose_buckets(counts, work, k))
+      fl.data.padding_report(counts, work, tuple(c) + (uniq[-1],))["waste"]
+      for c in itertools.combinations(uniq[:-1], k - 1)
+    )
+    got = fl.data.padding_report(
+      counts, work, fl.data.choose_buckets(counts, work, k)
+    )
     np.testing.assert_allclose(got["waste"], best, rtol=1e-12)
 
 
@@ -146,8 +170,9 @@ def test_gather_epochs_visits_every_example_once_per_epoch(rng, shuffle):
   work = fl.LocalWork(batch_size=4, num_epochs=2, shuffle=shuffle)
   data = fl.data.to_device(ds, work, buckets=(12,))
   for k, n in enumerate(sizes):
-    cd = fl.data.gather_client(data, jnp.int32(k), jax.random.PRNGKey(k),
-                               work, 12)
+    cd = fl.data.gather_client(
+      data, jnp.int32(k), jax.random.PRNGKey(k), work, 12
+    )
     assert cd.mask.shape == (6, 4)
     rows = np.asarray(cd.batches["x"][..., 0]).reshape(2, 12)
     mask = np.asarray(cd.mask).reshape(2, 12)
@@ -165,28 +190,31 @@ def test_gather_fixed_steps_cycles_through_data(rng):
   ds = fl.FederatedDataset.from_clients(clients)
   work = fl.LocalWork(batch_size=3, num_steps=4, shuffle=False)
   data = fl.data.to_device(ds, work)
-  cd = fl.data.gather_client(data, jnp.int32(0), jax.random.PRNGKey(0), work,
-                             5)
+  cd = fl.data.gather_client(data, jnp.int32(0), jax.random.PRNGKey(0), work, 5)
   assert cd.batches["x"].shape == (4, 3) + clients[0]["x"].shape[1:]
   assert cd.batches["y"].shape == (4, 3) and cd.mask.shape == (4, 3)
-  np.testing.assert_array_equal(np.asarray(cd.batches["x"][..., 0]),
-                                (np.arange(12) % 5).reshape(4, 3))
+  np.testing.assert_array_equal(
+    np.asarray(cd.batches["x"][..., 0]), (np.arange(12) % 5).reshape(4, 3)
+  )
   assert bool(np.asarray(cd.mask).all())
   # Full batch for a fixed number of steps: every step sees all 5 examples.
   full = fl.LocalWork(batch_size=None, num_steps=2, shuffle=False)
-  cd = fl.data.gather_client(fl.data.to_device(ds, full), jnp.int32(0),
-                             jax.random.PRNGKey(0), full, 5)
+  cd = fl.data.gather_client(
+    fl.data.to_device(ds, full), jnp.int32(0), jax.random.PRNGKey(0), full, 5
+  )
   assert cd.batches["x"].shape == (2, 5) + clients[0]["x"].shape[1:]
-  np.testing.assert_array_equal(np.asarray(cd.batches["x"][..., 0]),
-                                np.tile(np.arange(5), (2, 1)))
+  np.testing.assert_array_equal(
+    np.asarray(cd.batches["x"][..., 0]), np.tile(np.arange(5), (2, 1))
+  )
 
 
 def test_random_order_matches_argsort():
   keys = jax.random.uniform(jax.random.PRNGKey(0), (5, 40))
   keys = keys.at[0, 3].set(keys[0, 7])  # a tie
-  np.testing.assert_array_equal(np.asarray(batching._random_order(keys)),  # pylint: disable=protected-access
-                                np.argsort(np.asarray(keys), axis=-1,
-                                           kind="stable"))
+  np.testing.assert_array_equal(
+    np.asarray(batching._random_order(keys)),  # pylint: disable=protected-access
+    np.argsort(np.asarray(keys), axis=-1, kind="stable"),
+  )
 
 
 # ------------------------------------------------------------------- sampling
@@ -195,7 +223,9 @@ def test_uniform_sampling_without_replacement():
   assert len(set(ids.tolist())) == 20 and ids.min() >= 0 and ids.max() < 50
   counts = np.zeros(10)
   for s in range(400):
-    counts[np.asarray(fl.data.sample_clients(jax.random.PRNGKey(s), 10, 3))] += 1
+    counts[
+      np.asarray(fl.data.sample_clients(jax.random.PRNGKey(s), 10, 3))
+    ] += 1
   # Each client is chosen with probability 3/10 each round.
   assert np.all(np.abs(counts / 400 - 0.3) < 0.08)
 
@@ -215,10 +245,12 @@ def test_too_many_clients_per_round_errors(rng):
   ds = fl.FederatedDataset.from_clients(clients_of(rng, [2, 3]))
   model = fl.models.logistic_regression(3, 4)
   import optax
+
   engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), fl.RoundConfig(5))
   data = engine.put_data(ds)
-  with pytest.raises(ValueError, match="clients_per_round=5 is larger than "
-                     "the population of 2"):
+  with pytest.raises(
+    ValueError, match="clients_per_round=5 is larger than the population of 2"
+  ):
     engine.round(engine.init(model.init(jax.random.PRNGKey(0))), data)
   with pytest.raises(ValueError, match="larger than the population"):
     fl.data.sample_clients(jax.random.PRNGKey(0), 2, 5)

@@ -43,20 +43,26 @@ def test_fedprox_deterministic_under_seed(iid):
 @pytest.mark.parametrize("iid", [False, True])
 def test_fedprox_labels_follow_argmax_rule_on_fresh_draws(seed, iid):
   train, test, p = synthetic.fedprox_synthetic(
-      1.0, 1.0, iid=iid, num_clients=12, seed=seed, return_params=True)
+    1.0, 1.0, iid=iid, num_clients=12, seed=seed, return_params=True
+  )
   for ds in (train, test):
     for k, c in enumerate(_clients(ds)):
       logits = c["x"].astype(np.float64) @ p["w"][k] + p["b"][k]
       np.testing.assert_array_equal(c["y"], np.argmax(logits, axis=1))
-  if iid:   # one shared model, v_k = 0
+  if iid:  # one shared model, v_k = 0
     assert np.all(p["w"] == p["w"][:1]) and np.all(p["b"] == p["b"][:1])
     assert np.all(p["v"] == 0)
 
 
 def test_fedprox_sample_counts_follow_lognormal_plus_50():
-  _, _, p = synthetic.fedprox_synthetic(num_clients=3000, num_features=2,
-                                        num_classes=2, test_fraction=0.0,
-                                        seed=5, return_params=True)
+  _, _, p = synthetic.fedprox_synthetic(
+    num_clients=3000,
+    num_features=2,
+    num_classes=2,
+    test_fraction=0.0,
+    seed=5,
+    return_params=True,
+  )
   n = p["counts"]
   assert n.min() >= 50
   # P(floor(L) + 50 <= m) = P(L < m - 49) = Phi((ln(m - 49) - 4) / 2).
@@ -68,8 +74,16 @@ def test_fedprox_sample_counts_follow_lognormal_plus_50():
 def test_fedprox_generative_moments():
   alpha, beta, d = 0.5, 2.0, 20
   train, _, p = synthetic.fedprox_synthetic(
-      alpha, beta, num_clients=1500, num_features=d, num_classes=5,
-      examples_per_client=40, test_fraction=0.0, seed=7, return_params=True)
+    alpha,
+    beta,
+    num_clients=1500,
+    num_features=d,
+    num_classes=5,
+    examples_per_client=40,
+    test_fraction=0.0,
+    seed=7,
+    return_params=True,
+  )
   k = p["u"].size
   # u_k ~ N(0, alpha), B_k ~ N(0, beta) (standard deviations).
   assert abs(p["u"].std() - alpha) < 4 * alpha / math.sqrt(2 * k)
@@ -87,8 +101,9 @@ def test_fedprox_generative_moments():
 
 
 def test_fedprox_split_is_first_90_percent_of_each_client():
-  full, none = synthetic.fedprox_synthetic(num_clients=8, test_fraction=0.0,
-                                           seed=2)
+  full, none = synthetic.fedprox_synthetic(
+    num_clients=8, test_fraction=0.0, seed=2
+  )
   assert none is None
   train, test = synthetic.fedprox_synthetic(num_clients=8, seed=2)
   n = full.counts
@@ -102,8 +117,9 @@ def test_fedprox_split_is_first_90_percent_of_each_client():
 def test_iid_and_non_iid_differ_in_label_skew():
   skew = {}
   for iid in (False, True):
-    train, _ = synthetic.fedprox_synthetic(1.0, 1.0, iid=iid, num_clients=60,
-                                           seed=1)
+    train, _ = synthetic.fedprox_synthetic(
+      1.0, 1.0, iid=iid, num_clients=60, seed=1
+    )
     skew[iid] = train.summary()["label_skew_tv"]["mean"]
   assert skew[False] > 2 * skew[True]
   assert skew[False] > 0.4
@@ -111,19 +127,26 @@ def test_iid_and_non_iid_differ_in_label_skew():
 
 def test_fedprox_scales_to_many_clients():
   train, test = synthetic.fedprox_synthetic(
-      num_clients=200_000, num_features=3, num_classes=2,
-      examples_per_client=2, seed=0)
+    num_clients=200_000,
+    num_features=3,
+    num_classes=2,
+    examples_per_client=2,
+    seed=0,
+  )
   assert train.num_clients == test.num_clients == 200_000
   assert np.all(train.counts == 1) and np.all(test.counts == 1)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(alpha=-1.0), "alpha and beta"),
     (dict(num_clients=0), "num_clients"),
     (dict(num_features=2.5), "num_features"),
     (dict(test_fraction=1.0), "test_fraction"),
     (dict(examples_per_client=1), "at least 2"),
-])
+  ],
+)
 def test_fedprox_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     synthetic.fedprox_synthetic(**kwargs)
@@ -140,14 +163,21 @@ def test_leaf_deterministic_under_seed():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_leaf_labels_follow_rule_without_noise(seed):
   train, test, p = synthetic.leaf_synthetic(
-      30, 4, 7, prob_clusters=(0.3, 0.7), label_noise=0.0, seed=seed,
-      return_params=True)
+    30,
+    4,
+    7,
+    prob_clusters=(0.3, 0.7),
+    label_noise=0.0,
+    seed=seed,
+    return_params=True,
+  )
   np.testing.assert_allclose(p["w"], np.einsum("icj,kj->kic", p["Q"], p["u"]))
   assert np.abs(p["u"] - p["cluster_means"][p["cluster"]]).max() < 0.6
   for ds in (train, test):
     for k, c in enumerate(_clients(ds)):
-      xt = np.concatenate([np.ones((c["x"].shape[0], 1)),
-                           c["x"].astype(np.float64)], axis=1)
+      xt = np.concatenate(
+        [np.ones((c["x"].shape[0], 1)), c["x"].astype(np.float64)], axis=1
+      )
       np.testing.assert_array_equal(c["y"], np.argmax(xt @ p["w"][k], 1))
 
 
@@ -162,17 +192,25 @@ def test_leaf_noise_flips_few_labels():
 
 def test_leaf_column_softmax_reproduces_released_generator():
   full, _, p = synthetic.leaf_synthetic(
-      10, 3, 5, label_noise=0.0, column_softmax=True, test_fraction=0.0,
-      seed=2, return_params=True)
+    10,
+    3,
+    5,
+    label_noise=0.0,
+    column_softmax=True,
+    test_fraction=0.0,
+    seed=2,
+    return_params=True,
+  )
   for k, c in enumerate(_clients(full)):
     z = c["x"].astype(np.float64) @ p["w"][k][1:] + p["w"][k][0]
-    prob = np.exp(z) / np.exp(z).sum(axis=0, keepdims=True)   # over examples
+    prob = np.exp(z) / np.exp(z).sum(axis=0, keepdims=True)  # over examples
     np.testing.assert_array_equal(c["y"], np.argmax(prob, axis=1))
 
 
 def test_leaf_sample_counts():
-  _, _, p = synthetic.leaf_synthetic(4000, 2, 2, test_fraction=0.0, seed=6,
-                                     return_params=True)
+  _, _, p = synthetic.leaf_synthetic(
+    4000, 2, 2, test_fraction=0.0, seed=6, return_params=True
+  )
   n = p["counts"]
   assert n.min() >= 5 and n.max() <= 1000
   for m in (6, 10, 30, 100, 500):
@@ -182,20 +220,24 @@ def test_leaf_sample_counts():
   assert abs(np.mean(n == 1000) - want_cap) < 0.02
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(prob_clusters=(0.5, 0.6)), "sum to 1"),
     (dict(min_examples=10, max_examples=5), "smaller than"),
     (dict(label_noise=-0.1), "label_noise"),
     (dict(num_classes=0), "num_classes"),
-])
+  ],
+)
 def test_leaf_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     synthetic.leaf_synthetic(5, **kwargs)
 
 
 # --------------------------------------------------------------- digits
-@pytest.mark.parametrize("partition", ["iid", "dirichlet", "shards",
-                                       "power_law"])
+@pytest.mark.parametrize(
+  "partition", ["iid", "dirichlet", "shards", "power_law"]
+)
 def test_digits_partitions_every_image_once(partition):
   train, test = fl.datasets.digits(10, partition, seed=1)
   assert train.client_ids == test.client_ids and train.num_clients == 10
@@ -204,10 +246,19 @@ def test_digits_partitions_every_image_once(partition):
   ref = fl.datasets.load_digits_arrays()
   key = lambda x: np.round(x.reshape(x.shape[0], -1) * 16).astype(np.int64)
   both = np.concatenate([train.features["x"], test.features["x"]])
-  got = np.unique(np.concatenate([key(both), np.concatenate(
-      [train.features["y"], test.features["y"]])[:, None]], 1), axis=0)
-  want = np.unique(np.concatenate([key(ref["x"]), ref["y"][:, None]], 1),
-                   axis=0)
+  got = np.unique(
+    np.concatenate(
+      [
+        key(both),
+        np.concatenate([train.features["y"], test.features["y"]])[:, None],
+      ],
+      1,
+    ),
+    axis=0,
+  )
+  want = np.unique(
+    np.concatenate([key(ref["x"]), ref["y"][:, None]], 1), axis=0
+  )
   np.testing.assert_array_equal(got, want)
 
 

@@ -14,31 +14,43 @@ def counting_algorithm(model):
 
   def client_init(params):
     del params
-    return {"count": jnp.zeros((), jnp.int32),
-            "last_round_examples": jnp.zeros((), jnp.float32)}
+    return {
+      "count": jnp.zeros((), jnp.int32),
+      "last_round_examples": jnp.zeros((), jnp.float32),
+    }
 
   def client_update(server_params, client_state, data, rng):
     out = base.client_update(server_params, None, data, rng)
-    new_state = {"count": client_state["count"] + 1,
-                 "last_round_examples": data.num_examples.astype(jnp.float32)}
+    new_state = {
+      "count": client_state["count"] + 1,
+      "last_round_examples": data.num_examples.astype(jnp.float32),
+    }
     return out._replace(state=new_state)
 
-  return base._replace(client_init=client_init, client_update=client_update,
-                       name="counting")
+  return base._replace(
+    client_init=client_init, client_update=client_update, name="counting"
+  )
 
 
 def test_client_states_persist_and_non_participants_keep_theirs(rng):
   sizes = [3, 5, 2, 7, 4, 6, 9, 1]
-  clients = [{"x": rng.standard_normal((n, 2)).astype(np.float32),
-              "y": rng.integers(0, 2, n).astype(np.int32)} for n in sizes]
+  clients = [
+    {
+      "x": rng.standard_normal((n, 2)).astype(np.float32),
+      "y": rng.integers(0, 2, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
   ds = fl.FederatedDataset.from_clients(clients)
   model = fl.models.logistic_regression(2, 2)
-  engine = fl.Engine(counting_algorithm(model),
-                     fl.RoundConfig(3, fl.LocalWork(batch_size=2),
-                                    block_size=1))
+  engine = fl.Engine(
+    counting_algorithm(model),
+    fl.RoundConfig(3, fl.LocalWork(batch_size=2), block_size=1),
+  )
   data = engine.put_data(ds)
-  state = engine.init(model.init(jax.random.PRNGKey(0)), seed=0,
-                      num_clients=len(sizes))
+  state = engine.init(
+    model.init(jax.random.PRNGKey(0)), seed=0, num_clients=len(sizes)
+  )
   expected = np.zeros(len(sizes), int)
   for t in range(5):
     # Recompute the round's sample exactly as the engine does.
@@ -51,8 +63,9 @@ def test_client_states_persist_and_non_participants_keep_theirs(rng):
     assert float(metrics["num_clients"]) == 3
   seen = expected > 0
   np.testing.assert_array_equal(
-      np.asarray(state.clients["last_round_examples"])[seen],
-      np.asarray(sizes)[seen])
+    np.asarray(state.clients["last_round_examples"])[seen],
+    np.asarray(sizes)[seen],
+  )
   assert not seen.all() or expected.sum() == 15
 
 
@@ -74,22 +87,32 @@ def _stack(states):
 def test_pooled_runs_match_separate_rounds(rng):
   """R runs in ONE pooled round (shared size-bucket blocks) == R rounds."""
   sizes = [3, 5, 2, 7, 4, 6, 9, 1, 8, 5]  # several size buckets
-  clients = [{"x": rng.standard_normal((n, 3)).astype(np.float32),
-              "y": rng.integers(0, 3, n).astype(np.int32)} for n in sizes]
+  clients = [
+    {
+      "x": rng.standard_normal((n, 3)).astype(np.float32),
+      "y": rng.integers(0, 3, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
   ds = fl.FederatedDataset.from_clients(clients)
   model = fl.models.logistic_regression(3, 3)
   lrs = [0.05, 0.2, 0.1]
 
   def make(h):
-    return fl.algorithms.scaffold(model, h["lr"], optax.sgd(1.0),
-                                  num_clients=len(sizes))
+    return fl.algorithms.scaffold(
+      model, h["lr"], optax.sgd(1.0), num_clients=len(sizes)
+    )
 
   cfg = fl.RoundConfig(4, fl.LocalWork(batch_size=2), sampling="weighted")
   engines = [fl.Engine(make({"lr": lr}), cfg) for lr in lrs]
   data = engines[0].put_data(ds, buckets=3)
   assert len(data.bucket_sizes) == 3
-  states = [e.init(model.init(jax.random.PRNGKey(s)), seed=10 + s,
-                   num_clients=len(sizes)) for s, e in enumerate(engines)]
+  states = [
+    e.init(
+      model.init(jax.random.PRNGKey(s)), seed=10 + s, num_clients=len(sizes)
+    )
+    for s, e in enumerate(engines)
+  ]
   pooled = engines[0]
   step = jax.jit(lambda st, h: pooled.rounds_body(st, data, make, h))
   st = _stack(states)
@@ -99,15 +122,18 @@ def test_pooled_runs_match_separate_rounds(rng):
     for r, e in enumerate(engines):
       states[r], m = e.round(states[r], data)
       got = jax.tree.map(lambda a, r=r: a[r], st)
-      np.testing.assert_array_equal(np.asarray(got.round),
-                                    np.asarray(states[r].round))
-      for a, b in zip(jax.tree.leaves((got.server, got.clients)),
-                      jax.tree.leaves((states[r].server, states[r].clients))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5,
-                                   atol=1e-6)
+      np.testing.assert_array_equal(
+        np.asarray(got.round), np.asarray(states[r].round)
+      )
+      for a, b in zip(
+        jax.tree.leaves((got.server, got.clients)),
+        jax.tree.leaves((states[r].server, states[r].clients)),
+      ):
+        np.testing.assert_allclose(
+          np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6
+        )
       for k in ("loss", "num_clients", "total_weight"):
-        np.testing.assert_allclose(float(metrics[k][r]), float(m[k]),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(float(metrics[k][r]), float(m[k]), rtol=1e-5)
   # The runs really differ (own seeds and learning rates).
   k = np.asarray(st.server.params["Dense_0"]["kernel"])
   assert not np.allclose(k[0], k[1]) and not np.allclose(k[1], k[2])
@@ -117,10 +143,12 @@ def test_pooled_rounds_check_hyperparameters(rng):
   model = fl.models.logistic_regression(2, 2)
   engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), fl.RoundConfig(2))
   ds = fl.FederatedDataset.from_clients(
-      [{"x": np.ones((2, 2), np.float32), "y": np.zeros(2, np.int32)}] * 3)
+    [{"x": np.ones((2, 2), np.float32), "y": np.zeros(2, np.int32)}] * 3
+  )
   data = engine.put_data(ds)
-  st = _stack([engine.init(model.init(jax.random.PRNGKey(0)), seed=s)
-               for s in range(2)])
+  st = _stack(
+    [engine.init(model.init(jax.random.PRNGKey(0)), seed=s) for s in range(2)]
+  )
   with np.testing.assert_raises_regex(ValueError, "together"):
     engine.rounds_body(st, data, hparams={"lr": jnp.ones(2)})
   one = engine.init(model.init(jax.random.PRNGKey(0)), seed=0)
@@ -129,5 +157,6 @@ def test_pooled_rounds_check_hyperparameters(rng):
   with np.testing.assert_raises_regex(ValueError, "size 2"):
     engine.rounds_body(st.replace(rng=st.rng[:1]), data)
   with np.testing.assert_raises_regex(ValueError, r"\[R=2\]"):
-    engine.rounds_body(st, data, lambda h: fl.fed_avg(model, optax.sgd(0.1)),
-                       {"lr": jnp.ones(3)})
+    engine.rounds_body(
+      st, data, lambda h: fl.fed_avg(model, optax.sgd(0.1)), {"lr": jnp.ones(3)}
+    )

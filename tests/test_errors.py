@@ -15,15 +15,21 @@ def model():
 
 
 def good_clients(rng):
-  return [{"x": rng.standard_normal((n, 2)).astype(np.float32),
-           "y": rng.integers(0, 3, n).astype(np.int32)} for n in (3, 4)]
+  return [
+    {
+      "x": rng.standard_normal((n, 2)).astype(np.float32),
+      "y": rng.integers(0, 3, n).astype(np.int32),
+    }
+    for n in (3, 4)
+  ]
 
 
 def test_process_rejects_float_labels(rng, model):
   clients = good_clients(rng)
   clients[1]["y"] = clients[1]["y"] + 0.5
   process = fl.learning.build_federated_averaging_process(
-      model, lambda: optax.sgd(0.1))
+    model, lambda: optax.sgd(0.1)
+  )
   with pytest.raises(ValueError, match="labels 'y' have dtype float"):
     process.next(process.initialize(), clients)
 
@@ -41,7 +47,8 @@ def test_engine_put_data_checks_labels_and_features(rng, model):
 
 def test_process_rejects_bad_data_containers(rng, model):
   process = fl.learning.build_federated_averaging_process(
-      model, lambda: optax.sgd(0.1))
+    model, lambda: optax.sgd(0.1)
+  )
   state = process.initialize()
   with pytest.raises(ValueError, match="empty"):
     process.next(state, [])
@@ -60,8 +67,11 @@ def test_nan_and_mismatched_lengths_name_the_feature(rng):
     fl.FederatedDataset.from_clients(bad)
   bad = good_clients(rng)
   bad[0]["y"] = bad[0]["y"][:2]
-  with pytest.raises(ValueError, match=r"client 0 has mismatched feature "
-                     r"lengths \{'x': 3, 'y': 2\}"):
+  with pytest.raises(
+    ValueError,
+    match=r"client 0 has mismatched feature "
+    r"lengths \{'x': 3, 'y': 2\}",
+  ):
     fl.FederatedDataset.from_clients(bad)
 
 

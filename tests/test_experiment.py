@@ -104,67 +104,87 @@ def test_overrides_are_typed_by_the_dataclass(tiny_file):
   ef = fe.load_experiment_file(f"{tiny_file}:long")
   base = ef.get_config()
   assert ef.arg == "long" and base.num_rounds == 40
-  cfg = fe.apply_overrides(base, ["client_lr=0.5", "num_rounds=7",
-                                  "hidden=8,16", "tag=none", "flag=true"])
+  cfg = fe.apply_overrides(
+    base,
+    ["client_lr=0.5", "num_rounds=7", "hidden=8,16", "tag=none", "flag=true"],
+  )
   assert cfg.client_lr == 0.5 and isinstance(cfg.client_lr, float)
   assert cfg.num_rounds == 7 and isinstance(cfg.num_rounds, int)
   assert cfg.hidden == (8, 16) and cfg.tag is None and cfg.flag is True
   assert fe.apply_overrides(base, ["tag=abc"]).tag == "abc"
   # Round trip through config.json.
-  back = cfglib.config_from_dict(base, json.loads(json.dumps(
-      fe.config_to_dict(cfg))))
+  back = cfglib.config_from_dict(
+    base, json.loads(json.dumps(fe.config_to_dict(cfg)))
+  )
   assert back == cfg
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ("num_round=3", "unknown config field 'num_round'.*num_rounds"),
     ("num_rounds=1.5", "expected an int, got '1.5'"),
     ("client_lr=fast", "expected a float, got 'fast'"),
     ("flag=maybe", "expected a bool"),
     ("hidden=a,b", "expected an int"),
     ("client_lr", "not of the form field=value"),
-])
+  ],
+)
 def test_bad_overrides_say_what_is_wrong(tiny_file, override, message):
   cfg = fe.load_experiment_file(str(tiny_file)).get_config()
   with pytest.raises(fe.ConfigError, match=message):
     fe.apply_overrides(cfg, [override])
 
 
-@pytest.mark.parametrize("source, message", [
+@pytest.mark.parametrize(
+  "source, message",
+  [
     ("def build(c): pass\n", "no function get_config"),
     ("def get_config(arg=''): return 1\n", "no function build"),
-    ("""
+    (
+      """
      def get_config(arg=''): return {'num_rounds': 3}
      def build(c): pass
-     """, "returned dict; expected an instance of a frozen dataclass"),
-    ("""
+     """,
+      "returned dict; expected an instance of a frozen dataclass",
+    ),
+    (
+      """
      import dataclasses
      @dataclasses.dataclass
      class C:
        n: int = 1
      def get_config(arg=''): return C()
      def build(c): pass
-     """, "not frozen"),
-    ("""
+     """,
+      "not frozen",
+    ),
+    (
+      """
      import dataclasses
      @dataclasses.dataclass(frozen=True)
      class C:
        opt: object = None
      def get_config(arg=''): return C()
      def build(c): pass
-     """, "config fields must be int, float, str, bool"),
-    ("""
+     """,
+      "config fields must be int, float, str, bool",
+    ),
+    (
+      """
      import dataclasses
      @dataclasses.dataclass(frozen=True)
      class C:
        n: int = 1.5
      def get_config(arg=''): return C()
      def build(c): pass
-     """, "field 'n' holds 1.5"),
+     """,
+      "field 'n' holds 1.5",
+    ),
     ("import not_a_module_anywhere\n", "importing experiment file .* failed"),
-])
-def test_malformed_experiment_files_get_clear_errors(tmp_path, source,
-                                                     message):
+  ],
+)
+def test_malformed_experiment_files_get_clear_errors(tmp_path, source, message):
   path = _write(tmp_path, "bad.py", source)
   with pytest.raises(fe.ConfigError, match=message):
     fe.load_experiment_file(str(path)).get_config()
@@ -173,25 +193,32 @@ def test_malformed_experiment_files_get_clear_errors(tmp_path, source,
 def test_missing_file_and_wrong_build_result(tmp_path):
   with pytest.raises(fe.ConfigError, match="does not exist.*expected a path"):
     fe.load_experiment_file(str(tmp_path / "nope.py"))
-  path = _write(tmp_path, "wrong.py", """
+  path = _write(
+    tmp_path,
+    "wrong.py",
+    """
       import dataclasses
       @dataclasses.dataclass(frozen=True)
       class C:
         n: int = 1
       def get_config(arg=''): return C()
       def build(c): return "an experiment"
-      """)
+      """,
+  )
   ef = fe.load_experiment_file(str(path))
-  with pytest.raises(fe.ConfigError, match="returned str; expected a "
-                     "fedjax_lite.experiment.Experiment"):
+  with pytest.raises(
+    fe.ConfigError,
+    match="returned str; expected a fedjax_lite.experiment.Experiment",
+  ):
     ef.build(ef.get_config())
 
 
 def test_experiment_validates_its_fields(tiny_file):
   ef = fe.load_experiment_file(str(tiny_file))
   exp = ef.build(ef.get_config())
-  with pytest.raises(TypeError, match="Experiment.model must be a fedjax_lite"
-                     " Model, got str"):
+  with pytest.raises(
+    TypeError, match="Experiment.model must be a fedjax_lite Model, got str"
+  ):
     dataclasses.replace(exp, model="logreg")
   with pytest.raises(ValueError, match="num_rounds must be >= 1, got 0"):
     dataclasses.replace(exp, num_rounds=0)
@@ -216,8 +243,13 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, tiny_file):
   assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.msgpack"]
   raw = flax.serialization.msgpack_restore(path.read_bytes())  # msgpack
   assert set(raw) == {"format", "state", "meta"}
-  assert set(raw["state"]) == {"server", "clients", "round", "rng",
-                              "aggregator"}
+  assert set(raw["state"]) == {
+    "server",
+    "clients",
+    "round",
+    "rng",
+    "aggregator",
+  }
   template = fe.init_state(exp, engine)
   restored, meta = fe.load_checkpoint(path, template)
   assert meta == {"round": 1}
@@ -225,9 +257,12 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, tiny_file):
   assert int(restored.round) == 1 and restored.clients.shape == (8,)
   # A different structure (another model) is refused with an explanation.
   other = dataclasses.replace(
-      exp, model=fl.models.logistic_regression(4, 5),
-      algorithm=fl.fed_avg(fl.models.logistic_regression(4, 5),
-                           optax.sgd(0.1)), algorithm_fn=None, hparams={})
+    exp,
+    model=fl.models.logistic_regression(4, 5),
+    algorithm=fl.fed_avg(fl.models.logistic_regression(4, 5), optax.sgd(0.1)),
+    algorithm_fn=None,
+    hparams={},
+  )
   other_engine = fl.Engine(other.algorithm, other.round_config)
   with pytest.raises(ValueError, match="does not match|expects"):
     fe.load_checkpoint(path, fe.init_state(other, other_engine))
@@ -235,12 +270,19 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, tiny_file):
 
 # ---------------------------------------------------------------------- runs
 def test_run_file_writes_the_run_folder(tmp_path, tiny_file):
-  res = fe.run_file(str(tiny_file), ["num_rounds=3"], out=tmp_path / "runs",
-                    progress=False)
+  res = fe.run_file(
+    str(tiny_file), ["num_rounds=3"], out=tmp_path / "runs", progress=False
+  )
   d = res.run_dir
   assert d.parent == tmp_path / "runs" and d.name.startswith("tiny-")
-  for name in ("config.json", "metrics.jsonl", "metrics.csv", "curves.png",
-               "summary.json", "checkpoint.msgpack"):
+  for name in (
+    "config.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "curves.png",
+    "summary.json",
+    "checkpoint.msgpack",
+  ):
     assert (d / name).is_file(), name
   record = json.loads((d / "config.json").read_text())
   assert record["config"]["num_rounds"] == 3
@@ -256,8 +298,10 @@ def test_run_file_writes_the_run_folder(tmp_path, tiny_file):
   assert "test_accuracy_p50" in header and header[0] == "round"
   # The metrics match an evaluation of the final params.
   exp = fe.load_experiment_file(str(tiny_file)).build(
-      fe.apply_overrides(fe.load_experiment_file(str(tiny_file)).get_config(),
-                         ["num_rounds=3"]))
+    fe.apply_overrides(
+      fe.load_experiment_file(str(tiny_file)).get_config(), ["num_rounds=3"]
+    )
+  )
   ev = fl.evaluate(exp.model, res.params, exp.test)
   assert rows[-1]["test_accuracy"] == pytest.approx(ev.mean["accuracy"])
   assert json.loads((d / "summary.json").read_text())["status"] == "finished"
@@ -267,29 +311,43 @@ def test_resume_in_process_matches_one_run(tmp_path, tiny_file):
   ef = fe.load_experiment_file(str(tiny_file))
   exp = ef.build(ef.get_config())
   full = fe.train(exp, tmp_path / "full", progress=False)
-  part = fe.train(dataclasses.replace(exp, num_rounds=2), tmp_path / "part",
-                  progress=False)
+  part = fe.train(
+    dataclasses.replace(exp, num_rounds=2), tmp_path / "part", progress=False
+  )
   assert int(part.state.round) == 2
   rest = fe.train(exp, tmp_path / "part", resume=True, progress=False)
-  chex.assert_trees_all_equal(jax.device_get(full.state),
-                              jax.device_get(rest.state))
-  strip = lambda rows: [{k: v for k, v in r.items()  # noqa: E731
-                         if k not in fe.records.TIMING_KEYS} for r in rows]
+  chex.assert_trees_all_equal(
+    jax.device_get(full.state), jax.device_get(rest.state)
+  )
+  strip = lambda rows: [
+    {
+      k: v
+      for k, v in r.items()  # noqa: E731
+      if k not in fe.records.TIMING_KEYS
+    }
+    for r in rows
+  ]
   assert strip(rest.rows) == strip(full.rows)
   assert strip(fe.read_jsonl(tmp_path / "part" / "metrics.jsonl")) == strip(
-      full.rows)
+    full.rows
+  )
 
 
 # -------------------------------------------------------------------- sweeps
 def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
   ef = fe.load_experiment_file(str(tiny_file))
-  exp = ef.build(fe.apply_overrides(ef.get_config(), ["num_rounds=3",
-                                                      "eval_every=0"]))
+  exp = ef.build(
+    fe.apply_overrides(ef.get_config(), ["num_rounds=3", "eval_every=0"])
+  )
   grid = {"client_lr": [0.05, 0.2]}
   res = fe.sweep(exp, seeds=[0, 1], grid=grid, progress=False)
   assert res.num_traces == 1
   assert [(s["seed"], s["client_lr"]) for s in res.settings] == [
-      (0, 0.05), (1, 0.05), (0, 0.2), (1, 0.2)]
+    (0, 0.05),
+    (1, 0.05),
+    (0, 0.2),
+    (1, 0.2),
+  ]
   for i in (1, 2):  # seed 1 with lr 0.05, seed 0 with lr 0.2
     s = res.settings[i]
     alg = exp.make_algorithm({"client_lr": s["client_lr"]})
@@ -301,16 +359,23 @@ def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
       state, m = engine.round(state, data)
       losses.append(float(m["loss"]))
     got = res.state_of(i)
-    chex.assert_trees_all_close(jax.device_get(got.server.params),
-                                jax.device_get(state.server.params),
-                                rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(got.clients),
-                                  np.asarray(state.clients))
-    np.testing.assert_allclose([r["train_loss"] for r in res.setting_rows(i)],
-                               losses, rtol=1e-5)
+    chex.assert_trees_all_close(
+      jax.device_get(got.server.params),
+      jax.device_get(state.server.params),
+      rtol=1e-5,
+      atol=1e-6,
+    )
+    np.testing.assert_array_equal(
+      np.asarray(got.clients), np.asarray(state.clients)
+    )
+    np.testing.assert_allclose(
+      [r["train_loss"] for r in res.setting_rows(i)], losses, rtol=1e-5
+    )
   # Different learning rates really gave different models.
-  assert not np.allclose(res.state_of(0).server.params["Dense_0"]["kernel"],
-                         res.state_of(2).server.params["Dense_0"]["kernel"])
+  assert not np.allclose(
+    res.state_of(0).server.params["Dense_0"]["kernel"],
+    res.state_of(2).server.params["Dense_0"]["kernel"],
+  )
   assert set(res.groups()) == {"client_lr=0.05", "client_lr=0.2"}
 
 
@@ -328,25 +393,32 @@ def test_pooled_and_lockstep_sweeps_agree(tiny_file):
     assert set(vm.block_sizes) == set(data.bucket_sizes)
     out.append((vm.engine_states(state), vm.flat(metrics, axis=1)))
   (sp, mp), (sl, ml) = out
-  chex.assert_trees_all_close(jax.device_get(sp.server),
-                              jax.device_get(sl.server), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(
+    jax.device_get(sp.server), jax.device_get(sl.server), rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_array_equal(np.asarray(sp.clients), np.asarray(sl.clients))
-  np.testing.assert_allclose(np.asarray(mp["loss"]), np.asarray(ml["loss"]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(mp["loss"]), np.asarray(ml["loss"]), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "lockstep"])
-def test_sweep_carries_a_stateful_aggregator_like_separate_runs(tiny_file,
-                                                                pooled):
+def test_sweep_carries_a_stateful_aggregator_like_separate_runs(
+  tiny_file, pooled
+):
   """An adaptive clip norm (aggregator state) evolves in a sweep exactly as
   in separate runs of each seed."""
   ef = fe.load_experiment_file(str(tiny_file))
   base = ef.build(fe.apply_overrides(ef.get_config(), ["eval_every=0"]))
-  aggregator = fl.aggregators.clipped(fl.aggregators.weighted_mean(), 0.05,
-                                      adaptive=True)
+  aggregator = fl.aggregators.clipped(
+    fl.aggregators.weighted_mean(), 0.05, adaptive=True
+  )
   exp = dataclasses.replace(
-      base, algorithm=base.algorithm._replace(aggregator=aggregator),
-      algorithm_fn=None, hparams={})
+    base,
+    algorithm=base.algorithm._replace(aggregator=aggregator),
+    algorithm_fn=None,
+    hparams={},
+  )
   engine = fl.Engine(exp.algorithm, exp.round_config)
   data = engine.put_data(exp.train)
   vm = fe.VmappedRounds(exp, [3, 4], None, 3, pooled=pooled)
@@ -356,12 +428,17 @@ def test_sweep_carries_a_stateful_aggregator_like_separate_runs(tiny_file,
     one = fe.init_state(exp, engine, seed, data)
     for _ in range(3):
       one, m = engine.round(one, data)
-    chex.assert_trees_all_close(jax.device_get(jax.tree.map(
-        lambda a, i=i: a[i], got.aggregator)), jax.device_get(one.aggregator),
-                                rtol=1e-5)
     chex.assert_trees_all_close(
-        jax.device_get(jax.tree.map(lambda a, i=i: a[i], got.server.params)),
-        jax.device_get(one.server.params), rtol=1e-5, atol=1e-6)
+      jax.device_get(jax.tree.map(lambda a, i=i: a[i], got.aggregator)),
+      jax.device_get(one.aggregator),
+      rtol=1e-5,
+    )
+    chex.assert_trees_all_close(
+      jax.device_get(jax.tree.map(lambda a, i=i: a[i], got.server.params)),
+      jax.device_get(one.server.params),
+      rtol=1e-5,
+      atol=1e-6,
+    )
   # The clip norm moved from its start.
   assert not np.allclose(jax.tree.leaves(got.aggregator)[0], 0.05)
 
@@ -370,8 +447,14 @@ def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
   """Grid points whose client weights differ are averaged separately."""
   sizes = [3, 6, 4, 6, 3, 5]
   train = fl.FederatedDataset.from_clients(
-      [{"x": rng.standard_normal((n, 4)).astype(np.float32),
-        "y": rng.integers(0, 3, n).astype(np.int32)} for n in sizes])
+    [
+      {
+        "x": rng.standard_normal((n, 4)).astype(np.float32),
+        "y": rng.integers(0, 3, n).astype(np.int32),
+      }
+      for n in sizes
+    ]
+  )
   model = fl.models.logistic_regression(4, 3)
 
   def algorithm_fn(h):
@@ -382,12 +465,18 @@ def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
       # A weight that depends on the grid point and on the client.
       w = out.weight * (1.0 + h["client_lr"] * data.client_id)
       return out._replace(weight=w)
+
     return base._replace(client_update=client_update)
 
-  exp = fe.Experiment(model=model, train=train,
-                      hparams={"client_lr": 0.1}, algorithm_fn=algorithm_fn,
-                      round_config=fl.RoundConfig(3, fl.LocalWork(batch_size=2)),
-                      num_rounds=2, eval_every=0)
+  exp = fe.Experiment(
+    model=model,
+    train=train,
+    hparams={"client_lr": 0.1},
+    algorithm_fn=algorithm_fn,
+    round_config=fl.RoundConfig(3, fl.LocalWork(batch_size=2)),
+    num_rounds=2,
+    eval_every=0,
+  )
   grid = {"client_lr": [0.05, 0.5, 2.0]}
   engine = fl.Engine(exp.algorithm, exp.round_config)
   data = engine.put_data(train)
@@ -397,29 +486,36 @@ def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
     state, metrics = vm.run(vm.init(), data, 2)
     out.append((vm.engine_states(state), vm.flat(metrics, axis=1)))
   (sp, mp), (sl, ml) = out
-  chex.assert_trees_all_close(jax.device_get(sp.server),
-                              jax.device_get(sl.server), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(mp["total_weight"]),
-                             np.asarray(ml["total_weight"]), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(mp["loss"]), np.asarray(ml["loss"]),
-                             rtol=1e-5)
+  chex.assert_trees_all_close(
+    jax.device_get(sp.server), jax.device_get(sl.server), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(mp["total_weight"]), np.asarray(ml["total_weight"]), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    np.asarray(mp["loss"]), np.asarray(ml["loss"]), rtol=1e-5
+  )
   # The grid algorithm's own init/get_params stack one state per point.
   alg = fl.algorithms.grid_algorithm(
-      algorithm_fn, {"client_lr": np.asarray(grid["client_lr"], np.float32)},
-      3)
+    algorithm_fn, {"client_lr": np.asarray(grid["client_lr"], np.float32)}, 3
+  )
   params = model.init(jax.random.PRNGKey(0))
   stacked = alg.get_params(alg.server_init(params))
   for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(np.asarray(got),
-                                  np.broadcast_to(want, (3,) + want.shape))
+    np.testing.assert_array_equal(
+      np.asarray(got), np.broadcast_to(want, (3,) + want.shape)
+    )
   assert alg.client_init is None and alg.name.endswith("x3")
 
 
 def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
   ef = fe.load_experiment_file(str(tiny_file))
   exp = ef.build(ef.get_config())
-  with pytest.raises(fe.ConfigError, match="cannot sweep 'num_rounds'.*"
-                     r"\['client_lr'\]"):
+  with pytest.raises(
+    fe.ConfigError,
+    match="cannot sweep 'num_rounds'.*"
+    r"\['client_lr'\]",
+  ):
     fe.sweep(exp, grid={"num_rounds": [1.0, 2.0]}, progress=False)
   with pytest.raises(fe.ConfigError, match="NAME=V1,V2"):
     cli.parse_grid(["client_lr"])
@@ -429,16 +525,27 @@ def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
 
 def test_sweep_file_and_compare_write_figures_and_tables(tmp_path, tiny_file):
   out = tmp_path / "runs"
-  res = fe.sweep_file(str(tiny_file), ["num_rounds=2"], seeds=2,
-                      grid={"client_lr": [0.05, 0.2]}, out=out,
-                      progress=False)
-  for name in ("sweep.json", "metrics.jsonl", "metrics.csv", "curves.png",
-               "summary.md"):
+  res = fe.sweep_file(
+    str(tiny_file),
+    ["num_rounds=2"],
+    seeds=2,
+    grid={"client_lr": [0.05, 0.2]},
+    out=out,
+    progress=False,
+  )
+  for name in (
+    "sweep.json",
+    "metrics.jsonl",
+    "metrics.csv",
+    "curves.png",
+    "summary.md",
+  ):
     assert (res.run_dir / name).is_file(), name
   assert "| client_lr=0.05 | 2 | 2 |" in res.table()
   run = fe.run_file(str(tiny_file), ["num_rounds=2"], out=out, progress=False)
-  table = fe.compare([run.run_dir, res.run_dir], tmp_path / "cmp",
-                  labels=["single", "swept"])
+  table = fe.compare(
+    [run.run_dir, res.run_dir], tmp_path / "cmp", labels=["single", "swept"]
+  )
   assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
   md = (tmp_path / "cmp" / "compare.md").read_text()
   assert table in md
@@ -450,14 +557,17 @@ def test_sweep_file_and_compare_write_figures_and_tables(tmp_path, tiny_file):
 
 
 def test_curves_show_uplink_bytes_and_epsilon_when_reported(tmp_path):
-  rows = [{"round": t, "train_loss": 1.0 / t, "train_accuracy": 0.5}
-          for t in range(1, 4)]
+  rows = [
+    {"round": t, "train_loss": 1.0 / t, "train_accuracy": 0.5}
+    for t in range(1, 4)
+  ]
   assert len(fe.plot_curves(rows).axes) == 2
-  rows = [dict(r, train_uplink_bytes=1326.0, train_dp_epsilon=0.1 * r["round"])
-          for r in rows]
+  rows = [
+    dict(r, train_uplink_bytes=1326.0, train_dp_epsilon=0.1 * r["round"])
+    for r in rows
+  ]
   fig = fe.plot_curves(rows, tmp_path / "c.png")
   titles = [ax.get_title() for ax in fig.axes]
   assert titles[-2:] == ["Uplink per client", "Privacy spent"], titles
-  np.testing.assert_allclose(fig.axes[-1].lines[0].get_ydata(), [0.1, 0.2,
-                                                                 0.3])
+  np.testing.assert_allclose(fig.axes[-1].lines[0].get_ydata(), [0.1, 0.2, 0.3])
   assert (tmp_path / "c.png").stat().st_size > 0

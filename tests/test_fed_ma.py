@@ -29,13 +29,15 @@ def twice_log_marginal_ref(members, mu0, noise_var, prior_var):
   for d in range(mu0.size):
     v = members[:, d]
     total += 2.0 * scipy.stats.multivariate_normal(
-        np.full(n, mu0[d]), cov).logpdf(v)
-    total += np.sum(v ** 2) / noise_var + n * np.log(2 * np.pi * noise_var)
+      np.full(n, mu0[d]), cov
+    ).logpdf(v)
+    total += np.sum(v**2) / noise_var + n * np.log(2 * np.pi * noise_var)
   return total
 
 
-@pytest.mark.parametrize("noise_var,prior_var,gamma",
-                         [(1.0, 1.0, 1.0), (0.05, 0.5, 3.0)])
+@pytest.mark.parametrize(
+  "noise_var,prior_var,gamma", [(1.0, 1.0, 1.0), (0.05, 0.5, 3.0)]
+)
 def test_bbp_map_cost_matches_float64_reference(noise_var, prior_var, gamma):
   r = np.random.default_rng(0)
   dim, J = 4, 5
@@ -45,22 +47,33 @@ def test_bbp_map_cost_matches_float64_reference(noise_var, prior_var, gamma):
   counts = np.array([m.shape[0] for m in members])
   atoms_j = r.normal(size=(3, dim))
   mu0 = r.normal(size=dim) * 0.3
-  cost = matching.bbp_map_cost(atoms_j, sums, counts, J, mu0=mu0,
-                               noise_var=noise_var, prior_var=prior_var,
-                               gamma=gamma, max_new=3)
+  cost = matching.bbp_map_cost(
+    atoms_j,
+    sums,
+    counts,
+    J,
+    mu0=mu0,
+    noise_var=noise_var,
+    prior_var=prior_var,
+    gamma=gamma,
+    max_new=3,
+  )
   assert cost.shape == (3, 6)
   expected = np.zeros((3, 6))
   for l, v in enumerate(atoms_j):
     for i, m in enumerate(members):
       n = m.shape[0]
       expected[l, i] = (
-          twice_log_marginal_ref(np.vstack([m, v]), mu0, noise_var, prior_var)
-          - twice_log_marginal_ref(m, mu0, noise_var, prior_var)
-          + 2 * np.log(n / (J - n)))
+        twice_log_marginal_ref(np.vstack([m, v]), mu0, noise_var, prior_var)
+        - twice_log_marginal_ref(m, mu0, noise_var, prior_var)
+        + 2 * np.log(n / (J - n))
+      )
     for k in range(1, 4):
-      expected[l, 2 + k] = (twice_log_marginal_ref(v, mu0, noise_var,
-                                                   prior_var)
-                            + 2 * np.log(gamma / J) - 2 * np.log(k))
+      expected[l, 2 + k] = (
+        twice_log_marginal_ref(v, mu0, noise_var, prior_var)
+        + 2 * np.log(gamma / J)
+        - 2 * np.log(k)
+      )
   np.testing.assert_allclose(cost, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -91,7 +104,7 @@ def trained_mlp(steps=60):
   model = fl.models.mlp(D, K, (10, 8))
   r = np.random.default_rng(2)
   x = r.normal(size=(64, D)).astype(np.float32)
-  y = (np.argmax(x[:, :K] + 0.3 * x[:, K:2 * K], 1)).astype(np.int32)
+  y = (np.argmax(x[:, :K] + 0.3 * x[:, K : 2 * K], 1)).astype(np.int32)
   batch, mask = {"x": x, "y": y}, np.ones(64, bool)
   params = model.init(jax.random.PRNGKey(0))
   opt = optax.sgd(0.5)
@@ -102,6 +115,7 @@ def trained_mlp(steps=60):
     g, _ = jax.grad(model.batch_loss, has_aux=True)(p, batch, mask)
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s
+
   for _ in range(steps):
     params, state = step(params, state)
   return model, params, x
@@ -117,16 +131,20 @@ def permuted(params, perms, noise, r):
       k = k[prev]
     if i < len(perms):
       k, b, prev = k[:, perms[i]], b[perms[i]], perms[i]
-    out[n] = {"kernel": k + noise * r.normal(size=k.shape),
-              "bias": b + noise * r.normal(size=b.shape)}
+    out[n] = {
+      "kernel": k + noise * r.normal(size=k.shape),
+      "bias": b + noise * r.normal(size=b.shape),
+    }
   return jax.tree.map(lambda a: np.asarray(a, np.float32), out)
 
 
 def test_matched_average_recovers_permuted_copies():
   model, params, x = trained_mlp()
   r = np.random.default_rng(3)
-  clients = [permuted(params, [r.permutation(10), r.permutation(8)], 1e-3, r)
-             for _ in range(4)]
+  clients = [
+    permuted(params, [r.permutation(10), r.permutation(8)], 1e-3, r)
+    for _ in range(4)
+  ]
   glob, assign = hetero.matched_average(clients, noise_var=0.01)
   # The original width, and the original function.
   assert glob["Dense_0"]["kernel"].shape == (D, 10)
@@ -138,7 +156,7 @@ def test_matched_average_recovers_permuted_copies():
   bad = np.asarray(model.apply(plain, {"x": x}))
   scale = np.abs(want).max()
   np.testing.assert_allclose(got, want, atol=0.01 * scale)
-  assert np.abs(bad - want).max() > 0.2 * scale   # plain averaging destroys it
+  assert np.abs(bad - want).max() > 0.2 * scale  # plain averaging destroys it
   assert (np.argmax(got, 1) == np.argmax(want, 1)).mean() > 0.95
 
 
@@ -146,20 +164,30 @@ def test_matched_average_of_different_widths():
   """Clients holding different subsets of the units map into one model."""
   _, params, _ = trained_mlp()
   r = np.random.default_rng(4)
-  keep = [np.arange(10), np.sort(r.choice(10, 6, replace=False)),
-          np.sort(r.choice(10, 7, replace=False))]
+  keep = [
+    np.arange(10),
+    np.sort(r.choice(10, 6, replace=False)),
+    np.sort(r.choice(10, 7, replace=False)),
+  ]
   clients, origin = [], []
   for kp in keep:
     sub = jax.tree.map(np.asarray, params)
     p = r.permutation(kp.size)
-    idx = kp[p]                     # client unit u is original unit idx[u]
+    idx = kp[p]  # client unit u is original unit idx[u]
     origin.append(idx)
-    clients.append({
-        "Dense_0": {"kernel": sub["Dense_0"]["kernel"][:, idx],
-                    "bias": sub["Dense_0"]["bias"][idx]},
-        "Dense_1": {"kernel": sub["Dense_1"]["kernel"][idx],
-                    "bias": sub["Dense_1"]["bias"]},
-        "Dense_2": sub["Dense_2"]})
+    clients.append(
+      {
+        "Dense_0": {
+          "kernel": sub["Dense_0"]["kernel"][:, idx],
+          "bias": sub["Dense_0"]["bias"][idx],
+        },
+        "Dense_1": {
+          "kernel": sub["Dense_1"]["kernel"][idx],
+          "bias": sub["Dense_1"]["bias"],
+        },
+        "Dense_2": sub["Dense_2"],
+      }
+    )
   glob, assign = hetero.matched_average(clients, noise_var=0.01)
   assert glob["Dense_0"]["kernel"].shape == (D, 10)
   g0 = np.asarray(glob["Dense_0"]["kernel"])
@@ -189,8 +217,9 @@ def test_fed_ma_without_training_is_a_fixed_point():
   """Identical client models (learning rate 0): matching returns the model."""
   model = fl.models.mlp(D, K, (8,))
   widths = [[6], [4], [6]]
-  proc = hetero.build_fed_ma_process(model, lambda: optax.sgd(0.0),
-                                     client_widths=widths, batch_size=4)
+  proc = hetero.build_fed_ma_process(
+    model, lambda: optax.sgd(0.0), client_widths=widths, batch_size=4
+  )
   clients = make_clients((6, 9, 5), 0)
   state = proc.initialize(0)
   init = proc.get_model_weights(state)
@@ -201,8 +230,11 @@ def test_fed_ma_without_training_is_a_fixed_point():
   want["Dense_0"]["kernel"][:, 6:] = 0
   want["Dense_0"]["bias"][6:] = 0
   want["Dense_1"]["kernel"][6:] = 0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               jax.tree.map(np.asarray, glob), want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+    jax.tree.map(np.asarray, glob),
+    want,
+  )
   assert proc.engine.num_traces == 1
   assert int(state.server.num_rounds) == 1 and int(state.server.stage) == 0
 
@@ -211,9 +243,13 @@ def test_fed_ma_round_with_different_widths():
   model = fl.models.mlp(D, K, (12, 8))
   widths = np.array([[8, 6], [4, 3], [6, 4], [8, 5]])
   clients = make_clients((8, 12, 6, 10), 1)
-  proc = hetero.build_fed_ma_process(model, lambda: optax.sgd(0.3),
-                                     client_widths=widths, batch_size=4,
-                                     local_epochs=2)
+  proc = hetero.build_fed_ma_process(
+    model,
+    lambda: optax.sgd(0.3),
+    client_widths=widths,
+    batch_size=4,
+    local_epochs=2,
+  )
   state = proc.initialize(1)
   losses = []
   for _ in range(2):
@@ -221,11 +257,13 @@ def test_fed_ma_round_with_different_widths():
     losses.append(metrics["stage0_loss"])
     assert all(np.isfinite(v) for k, v in metrics.items() if "loss" in k)
   g = metrics["global_widths"]
-  assert 8 <= g[0] <= 12 and 6 <= g[1] <= 8   # >= widest client, <= bound
+  assert 8 <= g[0] <= 12 and 6 <= g[1] <= 8  # >= widest client, <= bound
   glob = proc.get_model_weights(state)
   m0, m1 = (np.asarray(m) for m in state.server.masks)
-  k0, k1 = np.asarray(glob["Dense_0"]["kernel"]), np.asarray(
-      glob["Dense_1"]["kernel"])
+  k0, k1 = (
+    np.asarray(glob["Dense_0"]["kernel"]),
+    np.asarray(glob["Dense_1"]["kernel"]),
+  )
   assert np.all(k0[:, m0 == 0] == 0) and np.all(k1[m0 == 0] == 0)
   assert np.all(k1[:, m1 == 0] == 0)
   # Each client's model after the round: its layers hold global neurons; the
@@ -238,17 +276,27 @@ def test_fed_ma_round_with_different_widths():
 
 
 def test_bad_inputs():
-  with pytest.raises(ValueError, match=r"client_widths\[1, 0\] = 20; "
-                     r"expected 1..8"):
-    hetero.fed_ma(fl.models.mlp(D, K, (8,)), optax.sgd(0.1),
-                  client_widths=[[4], [20]])
-  with pytest.raises(ValueError, match=r"client_widths must be ints "
-                     r"\[num_clients, 1\]"):
-    hetero.fed_ma(fl.models.mlp(D, K, (8,)), optax.sgd(0.1),
-                  client_widths=[4, 5])
+  with pytest.raises(
+    ValueError,
+    match=r"client_widths\[1, 0\] = 20; "
+    r"expected 1..8",
+  ):
+    hetero.fed_ma(
+      fl.models.mlp(D, K, (8,)), optax.sgd(0.1), client_widths=[[4], [20]]
+    )
+  with pytest.raises(
+    ValueError,
+    match=r"client_widths must be ints "
+    r"\[num_clients, 1\]",
+  ):
+    hetero.fed_ma(
+      fl.models.mlp(D, K, (8,)), optax.sgd(0.1), client_widths=[4, 5]
+    )
   lstm = fl.models.char_lstm(vocab_size=10, embed_dim=4, hidden=(8,))
-  with pytest.raises(ValueError, match="only chains of flax Conv_i then "
-                     "Dense_j.*mlp.*cnn.*recurrent"):
+  with pytest.raises(
+    ValueError,
+    match="only chains of flax Conv_i then Dense_j.*mlp.*cnn.*recurrent",
+  ):
     hetero.fed_ma(lstm, optax.sgd(0.1), client_widths=[[4]])
 
   class BN(nn.Module):
@@ -256,12 +304,17 @@ def test_bad_inputs():
     def __call__(self, x):
       x = nn.BatchNorm(use_running_average=True)(nn.Dense(8)(x))
       return nn.Dense(K)(nn.relu(x))
+
   bn = fl.models.from_flax(BN(), jnp.zeros((1, D)), num_classes=K)
   with pytest.raises(ValueError, match="BatchNorm_0.*no batch norm"):
     hetero.fed_ma(bn, optax.sgd(0.1), client_widths=[[4]])
   with pytest.raises(ValueError, match="noise_var must be a positive"):
-    hetero.fed_ma(fl.models.mlp(D, K, (8,)), optax.sgd(0.1),
-                  client_widths=[[4]], noise_var=0.0)
+    hetero.fed_ma(
+      fl.models.mlp(D, K, (8,)),
+      optax.sgd(0.1),
+      client_widths=[[4]],
+      noise_var=0.0,
+    )
   with pytest.raises(ValueError, match="max_atoms=3 is smaller"):
     matching.match_atoms([np.zeros((4, 2))], max_atoms=3)
 
@@ -269,8 +322,7 @@ def test_bad_inputs():
 @pytest.mark.slow
 def test_matched_average_recovers_permuted_cnn():
   """Channels of the FedAvg CNN (conv -> conv -> flatten -> dense) too."""
-  model = fl.models.cnn((6, 6, 1), K, channels=(4, 6), hidden=8,
-                        kernel_size=3)
+  model = fl.models.cnn((6, 6, 1), K, channels=(4, 6), hidden=8, kernel_size=3)
   params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(5)))
   r = np.random.default_rng(6)
   params["Conv_0"]["bias"] = r.normal(size=4).astype(np.float32) * 0.1
@@ -280,16 +332,29 @@ def test_matched_average_recovers_permuted_cnn():
   for _ in range(3):
     p0, p1, p2 = r.permutation(4), r.permutation(6), r.permutation(8)
     d0 = params["Dense_0"]["kernel"].reshape(-1, 6, 8)[:, p1][:, :, p2]
-    clients.append(jax.tree.map(lambda a: a + 1e-4 * r.normal(
-        size=a.shape).astype(np.float32), {
-            "Conv_0": {"kernel": params["Conv_0"]["kernel"][..., p0],
-                       "bias": params["Conv_0"]["bias"][p0]},
-            "Conv_1": {"kernel": params["Conv_1"]["kernel"][:, :, p0][
-                ..., p1], "bias": params["Conv_1"]["bias"][p1]},
-            "Dense_0": {"kernel": d0.reshape(-1, 8),
-                        "bias": params["Dense_0"]["bias"][p2]},
-            "Dense_1": {"kernel": params["Dense_1"]["kernel"][p2],
-                        "bias": params["Dense_1"]["bias"]}}))
+    clients.append(
+      jax.tree.map(
+        lambda a: a + 1e-4 * r.normal(size=a.shape).astype(np.float32),
+        {
+          "Conv_0": {
+            "kernel": params["Conv_0"]["kernel"][..., p0],
+            "bias": params["Conv_0"]["bias"][p0],
+          },
+          "Conv_1": {
+            "kernel": params["Conv_1"]["kernel"][:, :, p0][..., p1],
+            "bias": params["Conv_1"]["bias"][p1],
+          },
+          "Dense_0": {
+            "kernel": d0.reshape(-1, 8),
+            "bias": params["Dense_0"]["bias"][p2],
+          },
+          "Dense_1": {
+            "kernel": params["Dense_1"]["kernel"][p2],
+            "bias": params["Dense_1"]["bias"],
+          },
+        },
+      )
+    )
   glob, _ = hetero.matched_average(clients, noise_var=0.01)
   assert jax.tree.map(np.shape, glob) == jax.tree.map(np.shape, params)
   want = np.asarray(model.apply(params, {"x": x}))

@@ -16,18 +16,29 @@ D, K = 4, 3
 
 
 def make_clients(rng, sizes=SIZES):
-  return [{"x": rng.standard_normal((n, D)).astype(np.float32),
-           "y": rng.integers(0, K, n).astype(np.int32)} for n in sizes]
+  return [
+    {
+      "x": rng.standard_normal((n, D)).astype(np.float32),
+      "y": rng.integers(0, K, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
 
 
 def logreg_setup(rng):
   model = fl.models.logistic_regression(D, K)
   w = rng.standard_normal((D, K)) * 0.5
   b = rng.standard_normal(K) * 0.1
-  params = {"Dense_0": {"kernel": jnp.asarray(w, jnp.float32),
-                        "bias": jnp.asarray(b, jnp.float32)}}
-  to_list = lambda p: [np.asarray(p["Dense_0"]["kernel"], np.float64),
-                       np.asarray(p["Dense_0"]["bias"], np.float64)]
+  params = {
+    "Dense_0": {
+      "kernel": jnp.asarray(w, jnp.float32),
+      "bias": jnp.asarray(b, jnp.float32),
+    }
+  }
+  to_list = lambda p: [
+    np.asarray(p["Dense_0"]["kernel"], np.float64),
+    np.asarray(p["Dense_0"]["bias"], np.float64),
+  ]
   grad = lambda ps, x, y: ref.logreg_loss_grad(ps[0], ps[1], x, y)[1:]
   return model, params, to_list, grad
 
@@ -35,9 +46,11 @@ def logreg_setup(rng):
 def mlp_setup(rng):
   model = fl.models.mlp(D, K, hidden=(6,))
   params = model.init(jax.random.PRNGKey(1))
-  to_list = lambda p: [np.asarray(p[l][k], np.float64)
-                       for l in ("Dense_0", "Dense_1")
-                       for k in ("kernel", "bias")]
+  to_list = lambda p: [
+    np.asarray(p[l][k], np.float64)
+    for l in ("Dense_0", "Dense_1")
+    for k in ("kernel", "bias")
+  ]
   grad = lambda ps, x, y: ref.mlp_loss_grad(ps, x, y)[1]
   return model, params, to_list, grad
 
@@ -60,16 +73,18 @@ def assert_close(actual, expected, rtol=1e-5):
 
 
 @pytest.mark.parametrize("mode", ["jit", "eager"])
-@pytest.mark.parametrize("setup", [logreg_setup, mlp_setup],
-                         ids=["logreg", "mlp"])
+@pytest.mark.parametrize(
+  "setup", [logreg_setup, mlp_setup], ids=["logreg", "mlp"]
+)
 def test_fedavg_full_batch_gd_matches_numpy(rng, mode, setup):
   model, params, to_list, grad = setup(rng)
   clients = make_clients(rng)
   lr, epochs, rounds = 0.3, 2, 3
   work = fl.LocalWork(batch_size=None, num_epochs=epochs)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(lr), optax.sgd(1.0)),
-                     fl.RoundConfig(len(clients), work, sampling="all",
-                                    block_size=1))
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(lr), optax.sgd(1.0)),
+    fl.RoundConfig(len(clients), work, sampling="all", block_size=1),
+  )
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
   states = run_rounds(engine, engine.init(params), data, rounds, mode)
   expected = to_list(params)
@@ -84,8 +99,10 @@ def test_fedadam_matches_numpy(rng, mode):
   clients = make_clients(rng)
   lr, epochs, rounds = 0.2, 1, 4
   work = fl.LocalWork(batch_size=None, num_epochs=epochs)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(lr), optax.adam(0.05)),
-                     fl.RoundConfig(len(clients), work, sampling="all"))
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(lr), optax.adam(0.05)),
+    fl.RoundConfig(len(clients), work, sampling="all"),
+  )
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
   states = run_rounds(engine, engine.init(params), data, rounds, mode)
   w = to_list(params)
@@ -100,8 +117,10 @@ def test_minibatch_sgd_in_order_matches_numpy(rng):
   model, params, to_list, grad = mlp_setup(rng)
   clients = make_clients(rng)
   work = fl.LocalWork(batch_size=3, num_epochs=2, shuffle=False)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)),
-                     fl.RoundConfig(len(clients), work, sampling="all"))
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(0.1)),
+    fl.RoundConfig(len(clients), work, sampling="all"),
+  )
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
   states = run_rounds(engine, engine.init(params), data, 2, "jit")
   w = to_list(params)
@@ -116,8 +135,10 @@ def test_fixed_local_steps_match_numpy(rng):
   clients = make_clients(rng)
   steps, b, lr = 4, 3, 0.1
   work = fl.LocalWork(batch_size=b, num_steps=steps, shuffle=False)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(lr)),
-                     fl.RoundConfig(len(clients), work, sampling="all"))
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(lr)),
+    fl.RoundConfig(len(clients), work, sampling="all"),
+  )
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
   states = run_rounds(engine, engine.init(params), data, 2, "jit")
 
@@ -128,13 +149,15 @@ def test_fixed_local_steps_match_numpy(rng):
       g = grad(w, c["x"][idx].astype(np.float64), c["y"][idx])
       w = [p - lr * gi for p, gi in zip(w, g)]
     return w
+
   w = to_list(params)
   total = sum(c["x"].shape[0] for c in clients)
   for t in range(2):
     locals_ = [local(w, c) for c in clients]
-    w = [sum(c["x"].shape[0] / total * lw[i] for c, lw in zip(clients,
-                                                              locals_))
-         for i in range(len(w))]
+    w = [
+      sum(c["x"].shape[0] / total * lw[i] for c, lw in zip(clients, locals_))
+      for i in range(len(w))
+    ]
     assert_close(to_list(states[t].server.params), w)
 
 
@@ -142,8 +165,10 @@ def test_training_metrics_are_example_weighted_means(rng):
   model, params, _, _ = logreg_setup(rng)
   clients = make_clients(rng)
   work = fl.LocalWork(batch_size=None, num_epochs=1)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)),
-                     fl.RoundConfig(len(clients), work, sampling="all"))
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(0.1)),
+    fl.RoundConfig(len(clients), work, sampling="all"),
+  )
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
   _, metrics = engine.round(engine.init(params), data)
   w = [np.asarray(params["Dense_0"][k], np.float64) for k in ("kernel", "bias")]
@@ -161,8 +186,9 @@ def test_run_scan_equals_repeated_rounds_and_compiles_once(rng):
   model, params, _, _ = logreg_setup(rng)
   clients = make_clients(rng, sizes=(4, 9, 2, 7, 5, 6, 3))
   work = fl.LocalWork(batch_size=2, num_epochs=1)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)),
-                     fl.RoundConfig(3, work, block_size=1))
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(0.1)), fl.RoundConfig(3, work, block_size=1)
+  )
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
   state0 = engine.init(params, seed=3)
   state = state0
@@ -170,8 +196,9 @@ def test_run_scan_equals_repeated_rounds_and_compiles_once(rng):
     state, _ = engine.round(state, data)
   assert engine.num_traces == 1
   scanned, history = engine.run(state0, data, 4)
-  chex.assert_trees_all_close(scanned.server.params, state.server.params,
-                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
+    scanned.server.params, state.server.params, rtol=1e-6, atol=1e-7
+  )
   assert history["loss"].shape == (4,)
   assert int(scanned.round) == 4
 
@@ -179,8 +206,10 @@ def test_run_scan_equals_repeated_rounds_and_compiles_once(rng):
 def test_round_traces_once_with_chex(rng):
   model, params, _, _ = logreg_setup(rng)
   clients = make_clients(rng)
-  engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)),
-                     fl.RoundConfig(2, fl.LocalWork(batch_size=2)))
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(0.1)),
+    fl.RoundConfig(2, fl.LocalWork(batch_size=2)),
+  )
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
 
   @jax.jit
@@ -203,14 +232,18 @@ def test_sharded_equals_unsharded(rng, one_device_mesh, buckets):
   work = fl.LocalWork(batch_size=4, num_epochs=2)
   out = []
   for mesh in (default_mesh(), one_device_mesh):
-    engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.05), optax.adam(0.01)),
-                       fl.RoundConfig(7, work, block_size=1), mesh=mesh)
+    engine = fl.Engine(
+      fl.fed_avg(model, optax.sgd(0.05), optax.adam(0.01)),
+      fl.RoundConfig(7, work, block_size=1),
+      mesh=mesh,
+    )
     data = engine.put_data(ds, buckets=buckets)
     state, hist = engine.run(engine.init(params, seed=5), data, 3)
     out.append((state, hist))
   assert engine.num_devices == 1
-  chex.assert_trees_all_close(out[0][0].server.params, out[1][0].server.params,
-                              rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(
+    out[0][0].server.params, out[1][0].server.params, rtol=1e-6, atol=1e-6
+  )
   np.testing.assert_allclose(out[0][1]["loss"], out[1][1]["loss"], rtol=1e-6)
 
 
@@ -220,8 +253,10 @@ def test_block_size_does_not_change_result(rng):
   work = fl.LocalWork(batch_size=2, num_epochs=1)
   results = []
   for block in (1, 2, None):
-    engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)),
-                       fl.RoundConfig(5, work, block_size=block))
+    engine = fl.Engine(
+      fl.fed_avg(model, optax.sgd(0.1)),
+      fl.RoundConfig(5, work, block_size=block),
+    )
     state, _ = engine.run(engine.init(params, seed=1), engine.put_data(ds), 2)
     results.append(state.server.params)
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-6, atol=1e-7)
@@ -232,13 +267,20 @@ def test_tff_process_matches_numpy(rng):
   clients = make_clients(rng)
   model = fl.models.logistic_regression(D, K)
   process = fl.learning.build_federated_averaging_process(
-      model, client_optimizer_fn=lambda: optax.sgd(0.5),
-      server_optimizer_fn=lambda: optax.sgd(1.0), local_epochs=2,
-      batch_size=None)
+    model,
+    client_optimizer_fn=lambda: optax.sgd(0.5),
+    server_optimizer_fn=lambda: optax.sgd(1.0),
+    local_epochs=2,
+    batch_size=None,
+  )
   state = process.initialize(seed=0)
-  w = [np.asarray(p, np.float64) for p in
-       (process.get_model_weights(state)["Dense_0"]["kernel"],
-        process.get_model_weights(state)["Dense_0"]["bias"])]
+  w = [
+    np.asarray(p, np.float64)
+    for p in (
+      process.get_model_weights(state)["Dense_0"]["kernel"],
+      process.get_model_weights(state)["Dense_0"]["bias"],
+    )
+  ]
   grad = lambda ps, x, y: ref.logreg_loss_grad(ps[0], ps[1], x, y)[1:]
   for _ in range(3):
     state, metrics = process.next(state, clients)
@@ -251,8 +293,11 @@ def test_tff_process_matches_numpy(rng):
   ds = fl.FederatedDataset.from_clients(clients)
   for _ in range(3):
     state2, _ = process.next(state2, ds)
-  chex.assert_trees_all_close(process.get_model_weights(state2),
-                              process.get_model_weights(state), rtol=1e-6)
+  chex.assert_trees_all_close(
+    process.get_model_weights(state2),
+    process.get_model_weights(state),
+    rtol=1e-6,
+  )
   ev = process.evaluate(state, clients)
   assert ev.per_client["accuracy"].shape == (len(clients),)
 
@@ -261,8 +306,11 @@ def test_tff_process_set_model_weights_and_cached_upload(rng):
   clients = make_clients(rng)
   model, params, to_list, grad = logreg_setup(rng)
   process = fl.learning.build_federated_averaging_process(
-      model, client_optimizer_fn=lambda: optax.sgd(0.5), local_epochs=1,
-      batch_size=None)
+    model,
+    client_optimizer_fn=lambda: optax.sgd(0.5),
+    local_epochs=1,
+    batch_size=None,
+  )
   state = process.set_model_weights(process.initialize(seed=0), params)
   chex.assert_trees_all_equal(process.get_model_weights(state), params)
   ds = fl.FederatedDataset.from_clients(clients)
@@ -276,4 +324,5 @@ def test_tff_process_set_model_weights_and_cached_upload(rng):
   assert_close(to_list(process.get_model_weights(state)), w)
   with pytest.raises(ValueError, match="shapes"):
     process.set_model_weights(
-        state, jax.tree.map(lambda p: jnp.zeros(p.shape + (1,)), params))
+      state, jax.tree.map(lambda p: jnp.zeros(p.shape + (1,)), params)
+    )

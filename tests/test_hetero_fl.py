@@ -21,15 +21,21 @@ CNN = fl.models.cnn((6, 6, 1), K, channels=(4, 8), hidden=8, kernel_size=3)
 
 def make_clients(sizes, shape, seed):
   r = np.random.default_rng(seed)
-  return [{"x": r.standard_normal((n,) + shape).astype(np.float32),
-           "y": r.integers(0, K, n).astype(np.int32)} for n in sizes]
+  return [
+    {
+      "x": r.standard_normal((n,) + shape).astype(np.float32),
+      "y": r.integers(0, K, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
 
 
 def engine_for(algorithm, epochs=2):
-  cfg = fl.RoundConfig(len(SIZES), fl.LocalWork(batch_size=3,
-                                                num_epochs=epochs,
-                                                shuffle=False),
-                       sampling="all")
+  cfg = fl.RoundConfig(
+    len(SIZES),
+    fl.LocalWork(batch_size=3, num_epochs=epochs, shuffle=False),
+    sampling="all",
+  )
   return fl.Engine(algorithm, cfg)
 
 
@@ -38,13 +44,20 @@ def one_client_data(client, client_id, batch_size=3):
   n = client["y"].shape[0]
   steps = -(-n // batch_size)
   pad = steps * batch_size - n
-  batches = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]
-                               ).reshape((steps, batch_size) + v.shape[1:])
-             for k, v in client.items()}
+  batches = {
+    k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]).reshape(
+      (steps, batch_size) + v.shape[1:]
+    )
+    for k, v in client.items()
+  }
   mask = (np.arange(steps * batch_size) < n).reshape(steps, batch_size)
-  return fl.ClientData(batches=batches, mask=mask,
-                       num_examples=np.int32(n), client_id=np.int32(client_id),
-                       slot=np.int32(client_id))
+  return fl.ClientData(
+    batches=batches,
+    mask=mask,
+    num_examples=np.int32(n),
+    client_id=np.int32(client_id),
+    slot=np.int32(client_id),
+  )
 
 
 def test_full_capacity_is_fed_avg():
@@ -52,25 +65,32 @@ def test_full_capacity_is_fed_avg():
   ds = fl.FederatedDataset.from_clients(clients)
   params = MLP.init(jax.random.PRNGKey(1))
   fed_avg = fl.fed_avg(MLP, optax.sgd(0.1))
-  full = hetero.hetero_fl(MLP, optax.sgd(0.1),
-                          client_rates=[1.0] * len(SIZES))
+  full = hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0] * len(SIZES))
   # Every client's update and the server rule are FedAvg's, bit for bit.
   for k, c in enumerate(clients):
     data = one_client_data(c, k)
-    a = jax.jit(fed_avg.client_update)(params, None, data,
-                                       jax.random.PRNGKey(k))
+    a = jax.jit(fed_avg.client_update)(
+      params, None, data, jax.random.PRNGKey(k)
+    )
     b = jax.jit(full.client_update)(params, None, data, jax.random.PRNGKey(k))
     chex.assert_trees_all_equal(b.update["d"], a.update)
     assert all(bool(jnp.all(z == 0)) for z in jax.tree.leaves(b.update["z"]))
     assert float(b.weight) == float(a.weight)
   mean = jax.tree.map(lambda p: jnp.full(p.shape, 0.37, p.dtype), params)
-  agg = fl.Aggregate(mean=mean, total_weight=jnp.float32(3.0),
-                     num_clients=jnp.float32(2.0), metrics={})
+  agg = fl.Aggregate(
+    mean=mean,
+    total_weight=jnp.float32(3.0),
+    num_clients=jnp.float32(2.0),
+    metrics={},
+  )
   s0 = fed_avg.server_init(params)
   chex.assert_trees_all_equal(
-      full.server_update(s0, agg._replace(mean={
-          "d": mean, "z": jax.tree.map(jnp.zeros_like, mean)})).params,
-      fed_avg.server_update(s0, agg).params)
+    full.server_update(
+      s0,
+      agg._replace(mean={"d": mean, "z": jax.tree.map(jnp.zeros_like, mean)}),
+    ).params,
+    fed_avg.server_update(s0, agg).params,
+  )
   # Whole engine rounds: equal up to XLA's float summation order (the two
   # programs fuse differently; about 1 ulp).
   out = []
@@ -84,19 +104,23 @@ def test_full_capacity_is_fed_avg():
   chex.assert_trees_all_close(out[0], out[1], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("model,shape,rate,jit", [
+@pytest.mark.parametrize(
+  "model,shape,rate,jit",
+  [
     pytest.param(MLP, (D,), 0.5, False, marks=pytest.mark.slow),
-    (MLP, (D,), 0.5, True), (MLP, (D,), 0.25, True),
-    pytest.param(CNN, (6, 6, 1), 0.5, True, marks=pytest.mark.slow)], ids=["mlp-half-eager", "mlp-half-jit",
-                                       "mlp-quarter-jit", "cnn-half-jit"])
+    (MLP, (D,), 0.5, True),
+    (MLP, (D,), 0.25, True),
+    pytest.param(CNN, (6, 6, 1), 0.5, True, marks=pytest.mark.slow),
+  ],
+  ids=["mlp-half-eager", "mlp-half-jit", "mlp-quarter-jit", "cnn-half-jit"],
+)
 def test_client_trains_exactly_the_sliced_sub_network(model, shape, rate, jit):
   client = make_clients((7,), shape, 1)[0]
   params = model.init(jax.random.PRNGKey(2))
   rates = [1.0, rate]
   algorithm = hetero.hetero_fl(model, optax.sgd(0.2), client_rates=rates)
   data = one_client_data(client, client_id=1)
-  update = jax.jit(algorithm.client_update) if jit else \
-      algorithm.client_update
+  update = jax.jit(algorithm.client_update) if jit else algorithm.client_update
   out = update(params, None, data, jax.random.PRNGKey(0))
 
   # The standalone smaller network with the sliced weights.
@@ -105,28 +129,36 @@ def test_client_trains_exactly_the_sliced_sub_network(model, shape, rate, jit):
   if model is MLP:
     small = fl.models.mlp(D, K, tuple(widths))
   else:
-    small = fl.models.cnn((6, 6, 1), K, channels=tuple(widths[:2]),
-                          hidden=widths[2], kernel_size=3)
+    small = fl.models.cnn(
+      (6, 6, 1), K, channels=tuple(widths[:2]), hidden=widths[2], kernel_size=3
+    )
   chex.assert_trees_all_equal_shapes(sub, small.init(jax.random.PRNGKey(0)))
   base = fl.fed_avg(small, optax.sgd(0.2))
   ref = base.client_update(sub, None, data, jax.random.PRNGKey(0))
 
   # Forward pass of the masked global network == the small network.
-  masks = L.param_masks(L.chain_of_model(model), L.prefix_masks(
-      L.hidden_widths(L.chain_of_model(model)), widths))
+  masks = L.param_masks(
+    L.chain_of_model(model),
+    L.prefix_masks(L.hidden_widths(L.chain_of_model(model)), widths),
+  )
   batch = {"x": client["x"]}
   np.testing.assert_allclose(
-      model.apply(L.apply_masks(params, masks), batch),
-      small.apply(sub, batch), rtol=1e-6, atol=1e-6)
+    model.apply(L.apply_masks(params, masks), batch),
+    small.apply(sub, batch),
+    rtol=1e-6,
+    atol=1e-6,
+  )
   # Its update, sliced, is the small network's update; zero elsewhere.
   got = hetero.sub_model_params(out.update["d"], model, rate)
   chex.assert_trees_all_close(got, ref.update, rtol=1e-5, atol=1e-6)
-  total = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(
-      out.update["d"]))
+  total = sum(
+    float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(out.update["d"])
+  )
   inside = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(got))
   np.testing.assert_allclose(total, inside, rtol=1e-6)
-  count = sum(int(np.sum(1 - np.asarray(x))) for x in jax.tree.leaves(
-      out.update["z"]))
+  count = sum(
+    int(np.sum(1 - np.asarray(x))) for x in jax.tree.leaves(out.update["z"])
+  )
   assert count == hetero.communication(model, rate)
   assert float(out.weight) == 7.0
 
@@ -138,40 +170,58 @@ def test_mixed_round_matches_float64_reference():
   algorithm = hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=rates)
   engine = engine_for(algorithm, epochs=1)
   state = engine.init(params, seed=0)
-  state, _ = engine.round(state, engine.put_data(
-      fl.FederatedDataset.from_clients(clients)))
+  state, _ = engine.round(
+    state, engine.put_data(fl.FederatedDataset.from_clients(clients))
+  )
   # Reference: every client's masked delta, then the per-parameter average
   # sum_k n_k M_k d_k / sum_k n_k M_k in float64 (0 where no client holds).
   num = jax.tree.map(lambda p: np.zeros(p.shape), params)
   den = jax.tree.map(lambda p: np.zeros(p.shape), params)
   for k, c in enumerate(clients):
-    out = algorithm.client_update(params, None, one_client_data(c, k),
-                                  jax.random.PRNGKey(0))
+    out = algorithm.client_update(
+      params, None, one_client_data(c, k), jax.random.PRNGKey(0)
+    )
     n = float(SIZES[k])
-    num = jax.tree.map(lambda a, d, n=n: a + n * np.asarray(d, np.float64),
-                       num, out.update["d"])
+    num = jax.tree.map(
+      lambda a, d, n=n: a + n * np.asarray(d, np.float64), num, out.update["d"]
+    )
     den = jax.tree.map(
-        lambda a, z, n=n: a + n * (1 - np.asarray(z, np.float64)), den,
-        out.update["z"])
+      lambda a, z, n=n: a + n * (1 - np.asarray(z, np.float64)),
+      den,
+      out.update["z"],
+    )
   expected = jax.tree.map(
-      lambda p, a, b: np.asarray(p, np.float64) - np.where(
-          b > 0, a / np.where(b > 0, b, 1.0), 0.0), params, num, den)
-  chex.assert_trees_all_close(state.server.params, expected, rtol=1e-5,
-                              atol=1e-6)
+    lambda p, a, b: (
+      np.asarray(p, np.float64)
+      - np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
+    ),
+    params,
+    num,
+    den,
+  )
+  chex.assert_trees_all_close(
+    state.server.params, expected, rtol=1e-5, atol=1e-6
+  )
   assert engine.num_traces == 1
 
 
 def test_bad_inputs():
-  with pytest.raises(ValueError, match=r"client_rates\[1\] = 0.3 .*supported"
-                     r" capacity level.*\(1.0, 0.5, 0.25, 0.125\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"client_rates\[1\] = 0.3 .*supported"
+    r" capacity level.*\(1.0, 0.5, 0.25, 0.125\)",
+  ):
     hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0, 0.3])
-  with pytest.raises(ValueError, match=r"round\(0.05 \* 8\) = 0 units of "
-                     r"hidden layer 0"):
-    hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0, 0.05],
-                     levels=(1.0, 0.05))
+  with pytest.raises(
+    ValueError,
+    match=r"round\(0.05 \* 8\) = 0 units of "
+    r"hidden layer 0",
+  ):
+    hetero.hetero_fl(
+      MLP, optax.sgd(0.1), client_rates=[1.0, 0.05], levels=(1.0, 0.05)
+    )
   with pytest.raises(ValueError, match=r"levels must lie in \(0, 1\]"):
-    hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0],
-                     levels=(1.0, 1.5))
+    hetero.hetero_fl(MLP, optax.sgd(0.1), client_rates=[1.0], levels=(1.0, 1.5))
   lstm = fl.models.char_lstm(vocab_size=10, embed_dim=4, hidden=(8,))
   with pytest.raises(ValueError, match="OptimizedLSTMCell_0.*mlp.*cnn"):
     hetero.hetero_fl(lstm, optax.sgd(0.1), client_rates=[1.0])
@@ -182,6 +232,7 @@ def test_bad_inputs():
       x = nn.Dense(8)(x)
       x = nn.BatchNorm(use_running_average=True)(x)
       return nn.Dense(K)(nn.relu(x))
+
   bn = fl.models.from_flax(BN(), jnp.zeros((1, D)), num_classes=K)
   with pytest.raises(ValueError, match="BatchNorm_0.*batch norm"):
     hetero.hetero_fl(bn, optax.sgd(0.1), client_rates=[1.0])

@@ -20,8 +20,13 @@ LEAF = fl.datasets.LEAF_VOCAB
 
 
 def client_arrays(rng, sizes=(3, 5, 2)):
-  return [{"pixels": rng.random((n, 4, 4)).astype(np.float32),
-           "label": rng.integers(0, 10, n).astype(np.int32)} for n in sizes]
+  return [
+    {
+      "pixels": rng.random((n, 4, 4)).astype(np.float32),
+      "label": rng.integers(0, 10, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
 
 
 def assert_clients(ds, ids, clients, rename=None):
@@ -36,8 +41,11 @@ def assert_clients(ds, ids, clients, rename=None):
 
 # ---------------------------------------------------------------- LEAF JSON
 def write_leaf(path, users, xs, ys, **extra):
-  obj = {"users": users, "num_samples": [len(y) for y in ys],
-         "user_data": {u: {"x": x, "y": y} for u, x, y in zip(users, xs, ys)}}
+  obj = {
+    "users": users,
+    "num_samples": [len(y) for y in ys],
+    "user_data": {u: {"x": x, "y": y} for u, x, y in zip(users, xs, ys)},
+  }
   obj.update(extra)
   path.write_text(json.dumps(obj))
   return path
@@ -46,11 +54,14 @@ def write_leaf(path, users, xs, ys, **extra):
 def test_leaf_json_numeric_files_and_directory(tmp_path, rng):
   xs = [rng.random((n, 6)).round(4).tolist() for n in (2, 4, 3)]
   ys = [rng.integers(0, 5, len(x)).tolist() for x in xs]
-  write_leaf(tmp_path / "a.json", ["u0", "u1"], xs[:2], ys[:2],
-             hierarchies=["h", "h"])
+  write_leaf(
+    tmp_path / "a.json", ["u0", "u1"], xs[:2], ys[:2], hierarchies=["h", "h"]
+  )
   write_leaf(tmp_path / "b.json", ["u2"], xs[2:], ys[2:])
-  want = [{"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int32)}
-          for x, y in zip(xs, ys)]
+  want = [
+    {"x": np.asarray(x, np.float32), "y": np.asarray(y, np.int32)}
+    for x, y in zip(xs, ys)
+  ]
   for arg in (tmp_path, [tmp_path / "a.json", tmp_path / "b.json"]):
     ds = loaders.load_leaf_json(arg)
     assert_clients(ds, ["u0", "u1", "u2"], want)
@@ -72,40 +83,91 @@ def test_leaf_json_shakespeare_strings_map_to_vocabulary(tmp_path):
 def test_leaf_json_transform_and_empty_users(tmp_path):
   write_leaf(tmp_path / "t.json", ["a", "b"], [[[1, 2]], []], [[1], []])
   ds = loaders.load_leaf_json(
-      tmp_path / "t.json",
-      transform=lambda cid, f: {"x": f["x"] * 2, "y": f["y"]})
-  assert ds.client_ids == ("a",)                   # b has no examples
+    tmp_path / "t.json", transform=lambda cid, f: {"x": f["x"] * 2, "y": f["y"]}
+  )
+  assert ds.client_ids == ("a",)  # b has no examples
   np.testing.assert_array_equal(ds.client(0)["x"], [[2, 4]])
 
 
-@pytest.mark.parametrize("content, match", [
+@pytest.mark.parametrize(
+  "content, match",
+  [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "holds a list"),
     (json.dumps({"users": [], "num_samples": []}), "no 'user_data' key"),
-    (json.dumps({"users": ["a"], "num_samples": [], "user_data": {}}),
-     "1 users but 0 num_samples"),
-    (json.dumps({"users": ["a"], "num_samples": [1], "user_data": {}}),
-     "missing from 'user_data'"),
-    (json.dumps({"users": ["a"], "num_samples": [2],
-                 "user_data": {"a": {"x": [[1], [2]], "y": [0]}}}),
-     "num_samples says 2"),
-    (json.dumps({"users": ["a"], "num_samples": [2],
-                 "user_data": {"a": {"x": [[1], [2, 3]], "y": [0, 1]}}}),
-     "ragged"),
-    (json.dumps({"users": ["a"], "num_samples": [1],
-                 "user_data": {"a": {"pixels": [[1]], "y": [0]}}}),
-     "'x' and 'y' lists"),
-    (json.dumps({"users": ["a", "b"], "num_samples": [1, 1],
-                 "user_data": {"a": {"x": [[1]], "y": [0]},
-                               "b": {"x": [[1, 2]], "y": [0]}}}),
-     "different per-example shapes"),
-    (json.dumps({"users": ["a"], "num_samples": [1],
-                 "user_data": {"a": {"x": [["id", 3]], "y": [0]}}}),
-     "transform"),
-    (json.dumps({"users": ["a"], "num_samples": [0],
-                 "user_data": {"a": {"x": [], "y": []}}}),
-     "no client with examples"),
-])
+    (
+      json.dumps({"users": ["a"], "num_samples": [], "user_data": {}}),
+      "1 users but 0 num_samples",
+    ),
+    (
+      json.dumps({"users": ["a"], "num_samples": [1], "user_data": {}}),
+      "missing from 'user_data'",
+    ),
+    (
+      json.dumps(
+        {
+          "users": ["a"],
+          "num_samples": [2],
+          "user_data": {"a": {"x": [[1], [2]], "y": [0]}},
+        }
+      ),
+      "num_samples says 2",
+    ),
+    (
+      json.dumps(
+        {
+          "users": ["a"],
+          "num_samples": [2],
+          "user_data": {"a": {"x": [[1], [2, 3]], "y": [0, 1]}},
+        }
+      ),
+      "ragged",
+    ),
+    (
+      json.dumps(
+        {
+          "users": ["a"],
+          "num_samples": [1],
+          "user_data": {"a": {"pixels": [[1]], "y": [0]}},
+        }
+      ),
+      "'x' and 'y' lists",
+    ),
+    (
+      json.dumps(
+        {
+          "users": ["a", "b"],
+          "num_samples": [1, 1],
+          "user_data": {
+            "a": {"x": [[1]], "y": [0]},
+            "b": {"x": [[1, 2]], "y": [0]},
+          },
+        }
+      ),
+      "different per-example shapes",
+    ),
+    (
+      json.dumps(
+        {
+          "users": ["a"],
+          "num_samples": [1],
+          "user_data": {"a": {"x": [["id", 3]], "y": [0]}},
+        }
+      ),
+      "transform",
+    ),
+    (
+      json.dumps(
+        {
+          "users": ["a"],
+          "num_samples": [0],
+          "user_data": {"a": {"x": [], "y": []}},
+        }
+      ),
+      "no client with examples",
+    ),
+  ],
+)
 def test_leaf_json_malformed(tmp_path, content, match):
   path = tmp_path / "bad.json"
   path.write_text(content)
@@ -132,22 +194,31 @@ def test_leaf_json_duplicate_user_across_files(tmp_path):
 # ------------------------------------------------------------ FedJAX SQLite
 def fedjax_pack(obj) -> bytes:
   """msgpack with FedJAX's extension types (1: ndarray, 4: bytes ndarray)."""
+
   def default(x):
     if isinstance(x, np.ndarray) and x.dtype == object:
-      return msgpack.ExtType(4, msgpack.packb(
-          (x.shape, list(x.reshape(-1))), use_bin_type=True))
+      return msgpack.ExtType(
+        4, msgpack.packb((x.shape, list(x.reshape(-1))), use_bin_type=True)
+      )
     if isinstance(x, np.ndarray):
-      return msgpack.ExtType(1, msgpack.packb(
-          (x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True))
+      return msgpack.ExtType(
+        1,
+        msgpack.packb(
+          (x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True
+        ),
+      )
     raise TypeError(type(x))
+
   return msgpack.packb(obj, default=default, strict_types=True)
 
 
 def write_sqlite(path, rows, table="federated_data"):
   conn = sqlite3.connect(path)
   with conn:
-    conn.execute(f"CREATE TABLE {table} (client_id BLOB NOT NULL PRIMARY KEY,"
-                 " data BLOB NOT NULL, num_examples INTEGER NOT NULL);")
+    conn.execute(
+      f"CREATE TABLE {table} (client_id BLOB NOT NULL PRIMARY KEY,"
+      " data BLOB NOT NULL, num_examples INTEGER NOT NULL);"
+    )
     for cid, data, n in rows:
       conn.execute(f"INSERT INTO {table} VALUES (?, ?, ?);", [cid, data, n])
   conn.close()
@@ -157,9 +228,13 @@ def write_sqlite(path, rows, table="federated_data"):
 def test_fedjax_sqlite_round_trip(tmp_path, rng):
   clients = client_arrays(rng)
   ids = [f"{i:04x}".encode() for i in range(3)]
-  path = write_sqlite(tmp_path / "d.sqlite", [
+  path = write_sqlite(
+    tmp_path / "d.sqlite",
+    [
       (cid, zlib.compress(fedjax_pack(c)), len(c["label"]))
-      for cid, c in zip(ids, clients)])
+      for cid, c in zip(ids, clients)
+    ],
+  )
   ds = loaders.load_fedjax_sqlite(path)
   assert_clients(ds, ["0000", "0001", "0002"], clients)
   only = loaders.load_fedjax_sqlite(path, features=["label"])
@@ -168,29 +243,41 @@ def test_fedjax_sqlite_round_trip(tmp_path, rng):
 
 def test_fedjax_sqlite_bytes_feature_needs_transform(tmp_path):
   snippets = np.array([b"to be", b"or not"], dtype=object)
-  path = write_sqlite(tmp_path / "s.sqlite", [
-      (b"\xff\x01", zlib.compress(fedjax_pack({"snippets": snippets})), 2)])
+  path = write_sqlite(
+    tmp_path / "s.sqlite",
+    [(b"\xff\x01", zlib.compress(fedjax_pack({"snippets": snippets})), 2)],
+  )
   with pytest.raises(ValueError, match="snippets.*transform"):
     loaders.load_fedjax_sqlite(path)
-  ds = loaders.load_fedjax_sqlite(path, transform=lambda cid, f: {
-      "length": np.array([len(s) for s in f["snippets"]])})
-  assert ds.client_ids == ("ff01",)          # non-UTF-8 ids become hex
+  ds = loaders.load_fedjax_sqlite(
+    path,
+    transform=lambda cid, f: {
+      "length": np.array([len(s) for s in f["snippets"]])
+    },
+  )
+  assert ds.client_ids == ("ff01",)  # non-UTF-8 ids become hex
   np.testing.assert_array_equal(ds.client(0)["length"], [5, 6])
 
 
 def test_fedjax_sqlite_malformed(tmp_path, rng):
   good = zlib.compress(fedjax_pack(client_arrays(rng, (2,))[0]))
   cases = {
-      "not_db.sqlite": ("text", "not an SQLite database"),
-      "no_table.sqlite": ("other", "no table 'federated_data'"),
-      "not_zlib.sqlite": ([(b"a", b"plain bytes", 1)], "not zlib-compressed"),
-      "not_msgpack.sqlite": ([(b"a", zlib.compress(b"\xc1\xc1"), 1)],
-                             "not a msgpack message"),
-      "not_dict.sqlite": ([(b"a", zlib.compress(msgpack.packb([1, 2])), 2)],
-                          "decodes to a list"),
-      "bad_count.sqlite": ([(b"a", good, 3)], "num_examples is 3"),
-      "bad_ext.sqlite": ([(b"a", zlib.compress(msgpack.packb(
-          {"x": msgpack.ExtType(9, b"")})), 1)], "extension type 9"),
+    "not_db.sqlite": ("text", "not an SQLite database"),
+    "no_table.sqlite": ("other", "no table 'federated_data'"),
+    "not_zlib.sqlite": ([(b"a", b"plain bytes", 1)], "not zlib-compressed"),
+    "not_msgpack.sqlite": (
+      [(b"a", zlib.compress(b"\xc1\xc1"), 1)],
+      "not a msgpack message",
+    ),
+    "not_dict.sqlite": (
+      [(b"a", zlib.compress(msgpack.packb([1, 2])), 2)],
+      "decodes to a list",
+    ),
+    "bad_count.sqlite": ([(b"a", good, 3)], "num_examples is 3"),
+    "bad_ext.sqlite": (
+      [(b"a", zlib.compress(msgpack.packb({"x": msgpack.ExtType(9, b"")})), 1)],
+      "extension type 9",
+    ),
   }
   for name, (rows, match) in cases.items():
     path = tmp_path / name
@@ -205,7 +292,7 @@ def test_fedjax_sqlite_malformed(tmp_path, rng):
     assert name in str(info.value), name
   with pytest.raises(FileNotFoundError, match="no such file"):
     loaders.load_fedjax_sqlite(tmp_path / "missing.sqlite")
-  assert not (tmp_path / "missing.sqlite").exists()   # never created
+  assert not (tmp_path / "missing.sqlite").exists()  # never created
 
 
 def test_fedjax_sqlite_wrong_columns(tmp_path):
@@ -214,8 +301,9 @@ def test_fedjax_sqlite_wrong_columns(tmp_path):
   with conn:
     conn.execute("CREATE TABLE federated_data (client_id BLOB, blob BLOB)")
   conn.close()
-  with pytest.raises(ValueError, match="expected \\['client_id', 'data', "
-                     "'num_examples'\\]"):
+  with pytest.raises(
+    ValueError, match="expected \\['client_id', 'data', 'num_examples'\\]"
+  ):
     loaders.load_fedjax_sqlite(path)
 
 
@@ -242,12 +330,16 @@ def test_tff_hdf5_round_trip_sorted_ids(tmp_path, rng):
 def test_tff_hdf5_strings_need_transform(tmp_path):
   path = tmp_path / "s.h5"
   with h5py.File(path, "w") as f:
-    f.create_dataset("examples/alice/snippets", data=np.array(
-        [b"to be", b"or"], dtype=h5py.string_dtype()))
+    f.create_dataset(
+      "examples/alice/snippets",
+      data=np.array([b"to be", b"or"], dtype=h5py.string_dtype()),
+    )
   with pytest.raises(ValueError, match="snippets.*transform"):
     loaders.load_tff_hdf5(path)
-  ds = loaders.load_tff_hdf5(path, transform=lambda cid, f: {
-      "n": np.array([len(s) for s in f["snippets"]])})
+  ds = loaders.load_tff_hdf5(
+    path,
+    transform=lambda cid, f: {"n": np.array([len(s) for s in f["snippets"]])},
+  )
   np.testing.assert_array_equal(ds.client(0)["n"], [5, 2])
 
 
@@ -266,13 +358,19 @@ def test_tff_hdf5_malformed(tmp_path, rng):
     f.create_dataset("examples/alice", data=np.zeros(3))
   with pytest.raises(ValueError, match="is a dataset; expected a group"):
     loaders.load_tff_hdf5(flat)
-  ragged = write_h5(tmp_path / "ragged.h5", {
-      "a": {"pixels": np.zeros((3, 2)), "label": np.zeros(2, np.int32)}})
+  ragged = write_h5(
+    tmp_path / "ragged.h5",
+    {"a": {"pixels": np.zeros((3, 2)), "label": np.zeros(2, np.int32)}},
+  )
   with pytest.raises(ValueError, match="example counts"):
     loaders.load_tff_hdf5(ragged)
-  mixed = write_h5(tmp_path / "mixed.h5", {
+  mixed = write_h5(
+    tmp_path / "mixed.h5",
+    {
       "a": {"pixels": np.zeros((2, 2)), "label": np.zeros(2, np.int32)},
-      "b": {"pixels": np.zeros((2, 2))}})
+      "b": {"pixels": np.zeros((2, 2))},
+    },
+  )
   with pytest.raises(ValueError, match="same features as the first client"):
     loaders.load_tff_hdf5(mixed)
   with pytest.raises(ValueError, match="no feature\\(s\\) \\['label'\\]"):

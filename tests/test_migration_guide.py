@@ -51,8 +51,10 @@ def parse_guide(text: str) -> list[tuple[str, list[tuple[int, str]]]]:
         if label == RUN:
           sections[-1][1].append((start + 1, "\n".join(lines[start:i])))
         elif label not in SHOWN:
-          raise ValueError(f"{GUIDE.name}:{start}: unknown block label "
-                           f"{label!r}; expected {RUN!r} or one of {SHOWN}.")
+          raise ValueError(
+            f"{GUIDE.name}:{start}: unknown block label "
+            f"{label!r}; expected {RUN!r} or one of {SHOWN}."
+          )
     i += 1
   return [(title, blocks) for title, blocks in sections if blocks]
 
@@ -62,15 +64,21 @@ SECTIONS = parse_guide(GUIDE.read_text(encoding="utf-8"))
 
 def test_guide_has_runnable_sections():
   titles = [t for t, _ in SECTIONS]
-  for framework in ("TensorFlow Federated", "FedJAX", "Flower",
-                    "numeric differences"):
+  for framework in (
+    "TensorFlow Federated",
+    "FedJAX",
+    "Flower",
+    "numeric differences",
+  ):
     assert any(framework in t for t in titles), (framework, titles)
   assert sum(len(b) for _, b in SECTIONS) >= 15
 
 
-@pytest.mark.parametrize("title,blocks", SECTIONS,
-                         ids=[t.split(" ")[0] + "_" + t.split(" ")[-1]
-                              for t, _ in SECTIONS])
+@pytest.mark.parametrize(
+  "title,blocks",
+  SECTIONS,
+  ids=[t.split(" ")[0] + "_" + t.split(" ")[-1] for t, _ in SECTIONS],
+)
 def test_guide_section_runs(title, blocks):
   namespace = {"__name__": f"migrating_guide_{len(title)}"}
   for line, code in blocks:

@@ -13,8 +13,9 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks"
-                    ).glob("*.ipynb"))
+NOTEBOOKS = sorted(
+  (Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")
+)
 
 
 def test_there_are_notebooks():
@@ -30,8 +31,9 @@ def test_notebook_is_stored_without_outputs(path):
   for cell in nb.cells:
     if cell.cell_type == "code":
       assert not cell.outputs and cell.execution_count is None, (
-          f"{path.name} has stored outputs; strip them (e.g. `jupyter "
-          "nbconvert --clear-output --inplace` or jupytext --update).")
+        f"{path.name} has stored outputs; strip them (e.g. `jupyter "
+        "nbconvert --clear-output --inplace` or jupytext --update)."
+      )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -39,11 +41,19 @@ def test_notebook_checks_its_results(path):
   """Every notebook asserts on what it computes (run by the test below), so
   a notebook whose numbers go wrong fails, not only one that crashes."""
   nb = nbformat.read(path, as_version=4)
-  checks = [c for c in nb.cells if c.cell_type == "code" and any(
+  checks = [
+    c
+    for c in nb.cells
+    if c.cell_type == "code"
+    and any(
       line.lstrip().startswith(("assert ", "np.testing.assert", "chex.assert"))
-      for line in c.source.splitlines())]
-  assert checks, (f"{path.name} has no cell that asserts on its results; "
-                  "add `assert` lines that check what it prints.")
+      for line in c.source.splitlines()
+    )
+  ]
+  assert checks, (
+    f"{path.name} has no cell that asserts on its results; "
+    "add `assert` lines that check what it prints."
+  )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -51,13 +61,26 @@ def test_notebook_executes_in_smoke_mode(path, monkeypatch):
   monkeypatch.setenv("FEDJAX_LITE_SMOKE", "1")
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
-      nb, timeout=600, kernel_name="python3",
-      resources={"metadata": {"path": str(path.parent)}})
+    nb,
+    timeout=600,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(path.parent)}},
+  )
   client.execute()  # raises CellExecutionError with the failing cell
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-            if o.output_type == "error"]
+  errors = [
+    o
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+    if o.output_type == "error"
+  ]
   assert not errors
   # Every figure cell produced an image.
-  images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-            if "image/png" in o.get("data", {})]
+  images = [
+    o
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+    if "image/png" in o.get("data", {})
+  ]
   assert images, f"{path.name} displayed no figure"

@@ -17,7 +17,7 @@ import fedjax_lite as fl
 from fedjax_lite.privacy import secure_aggregation as sa
 from fedjax_lite.privacy import shamir
 
-N, D = 16, 1024   # one shape for every protocol test (one compile each)
+N, D = 16, 1024  # one shape for every protocol test (one compile each)
 CLIP, BPV = 1.0, 12
 
 
@@ -29,20 +29,25 @@ def clipped_updates(rng, n=N, d=D):
 
 def numpy_quantize(x, dtype=np.float64):
   """numpy reference of the fixed-point encoding round(x L / C) + L."""
-  levels = dtype(2 ** BPV - 1)
-  v = np.clip(np.round(x.astype(dtype) / dtype(CLIP) * levels), -levels,
-              levels)
+  levels = dtype(2**BPV - 1)
+  v = np.clip(np.round(x.astype(dtype) / dtype(CLIP) * levels), -levels, levels)
   return (v + levels).astype(np.int64)
 
 
 def run_protocol(q, alive, num_neighbors, bits, seed=0):
   """Masks every client's q, sums the survivors' masked inputs, unmasks."""
-  proto = sa.SecAggRound(q.shape[0], num_neighbors=num_neighbors, seed=seed,
-                         message_bits=bits, num_params=q.shape[1])
-  y = np.asarray(sa.mask_inputs(jnp.asarray(q, jnp.uint32),
-                                *proto.client_masks(), bits))
+  proto = sa.SecAggRound(
+    q.shape[0],
+    num_neighbors=num_neighbors,
+    seed=seed,
+    message_bits=bits,
+    num_params=q.shape[1],
+  )
+  y = np.asarray(
+    sa.mask_inputs(jnp.asarray(q, jnp.uint32), *proto.client_masks(), bits)
+  )
   # The server's modular sum of what arrived (uint32 wraps mod 2^32).
-  masked_sum = y[alive].sum(0, dtype=np.uint32) & np.uint32(2 ** bits - 1)
+  masked_sum = y[alive].sum(0, dtype=np.uint32) & np.uint32(2**bits - 1)
   # Pair rows padded as the aggregator pads them (one compile per graph).
   rows = N - proto.threshold if proto.complete else N
   material, info = proto.unmask_material(alive, pad_rows=rows)
@@ -50,8 +55,9 @@ def run_protocol(q, alive, num_neighbors, bits, seed=0):
   return np.asarray(z).astype(np.int64), y, proto, info
 
 
-@pytest.mark.parametrize("num_neighbors", [None, 6], ids=["secagg",
-                                                          "secagg_plus"])
+@pytest.mark.parametrize(
+  "num_neighbors", [None, 6], ids=["secagg", "secagg_plus"]
+)
 @pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
 def test_unmasked_sum_equals_plain_quantized_sum(rng, rate, num_neighbors):
   x = clipped_updates(rng)
@@ -64,17 +70,22 @@ def test_unmasked_sum_equals_plain_quantized_sum(rng, rate, num_neighbors):
   bits = sa.min_modulus_bits(BPV, N)
   z, y, _, info = run_protocol(q, alive, num_neighbors, bits)
   plain = q.astype(np.int64)[alive].sum(0)
-  np.testing.assert_array_equal(z, plain)            # exact integers
+  np.testing.assert_array_equal(z, plain)  # exact integers
   assert info["survivors"] == alive.sum()
   # The masked inputs are not the inputs.
   assert (y != q).mean() > 0.99
   # Decoding: the mean of the dequantized updates, within C / 2L per
   # coordinate of the float64 mean of the clipped updates.
-  ints = np.asarray(sa.centered_sum(jnp.asarray(z, jnp.uint32),
-                                    jnp.int32(alive.sum()), BPV))
-  mean = ints * (CLIP / (2 ** BPV - 1)) / alive.sum()
-  np.testing.assert_allclose(mean, x[alive].astype(np.float64).mean(0),
-                             rtol=0, atol=CLIP / (2 * (2 ** BPV - 1)) + 1e-9)
+  ints = np.asarray(
+    sa.centered_sum(jnp.asarray(z, jnp.uint32), jnp.int32(alive.sum()), BPV)
+  )
+  mean = ints * (CLIP / (2**BPV - 1)) / alive.sum()
+  np.testing.assert_allclose(
+    mean,
+    x[alive].astype(np.float64).mean(0),
+    rtol=0,
+    atol=CLIP / (2 * (2**BPV - 1)) + 1e-9,
+  )
 
 
 def test_secagg_plus_gives_the_same_sums_as_secagg(rng):
@@ -89,41 +100,45 @@ def test_secagg_plus_gives_the_same_sums_as_secagg(rng):
   assert p_full.degree == N - 1 and p_plus.degree == 6
   assert (p_plus.neighbors != np.arange(N)[:, None]).all()
   # Every client masks with exactly k others (a k-regular graph).
-  assert np.bincount(p_plus.neighbors.ravel(), minlength=N).tolist() == \
-      [6] * N
+  assert np.bincount(p_plus.neighbors.ravel(), minlength=N).tolist() == [6] * N
   # The masks differ, the sums do not; SecAgg+ costs less per client.
   assert (y_full != y_plus).mean() > 0.99
   assert i_plus["client_bytes_sent"] < i_full["client_bytes_sent"]
   assert i_plus["server_key_agreements"] < i_full["server_key_agreements"]
 
 
-@pytest.mark.parametrize("num_neighbors", [None, 6], ids=["secagg",
-                                                          "secagg_plus"])
+@pytest.mark.parametrize(
+  "num_neighbors", [None, 6], ids=["secagg", "secagg_plus"]
+)
 def test_refuses_below_threshold_and_reveals_nothing(rng, num_neighbors):
   n = N
   q = numpy_quantize(clipped_updates(rng, n=n))
   proto = sa.SecAggRound(n, num_neighbors=num_neighbors, num_params=D)
   alive = np.zeros(n, bool)
-  alive[: proto.threshold - 2] = True      # fewer than t survivors
-  with pytest.raises(sa.SecAggError, match=r"refuses to unmask.*threshold "
-                     rf"t={proto.threshold}.*No shares were revealed"):
+  alive[: proto.threshold - 2] = True  # fewer than t survivors
+  with pytest.raises(
+    sa.SecAggError,
+    match=r"refuses to unmask.*threshold "
+    rf"t={proto.threshold}.*No shares were revealed",
+  ):
     proto.unmask_material(alive)
   assert proto.revealed_shares == 0
   # With enough survivors the same round unmasks.
   alive[:] = True
-  z, _, _, _ = run_protocol(q, alive, num_neighbors,
-                            sa.min_modulus_bits(BPV, n))
+  z, _, _, _ = run_protocol(
+    q, alive, num_neighbors, sa.min_modulus_bits(BPV, n)
+  )
   np.testing.assert_array_equal(z, q.sum(0))
 
 
 def test_one_masked_update_is_uniform(rng):
-  bits = sa.min_modulus_bits(BPV, N)          # 17
+  bits = sa.min_modulus_bits(BPV, N)  # 17
   q = numpy_quantize(clipped_updates(rng))
   _, y, _, _ = run_protocol(q, np.ones(N, bool), None, bits)
-  top = y[0] >> (bits - 4)                      # top 4 bits: 16 bins
+  top = y[0] >> (bits - 4)  # top 4 bits: 16 bins
   counts = np.bincount(top, minlength=16)
   assert stats.chisquare(counts).pvalue > 1e-3
-  low = np.bincount(y[0] % 7, minlength=7)      # residues mod 7
+  low = np.bincount(y[0] % 7, minlength=7)  # residues mod 7
   assert stats.chisquare(low).pvalue > 1e-3
   # The unmasked encoding is far from uniform (the test has power).
   q_top = np.bincount(q[0] >> (bits - 4), minlength=16)
@@ -138,22 +153,30 @@ def test_shamir_threshold_and_encoding():
   xs = list(range(1, 8))
   shares = shamir.split(elems, 4, xs, r.getrandbits)
   for subset in ([0, 1, 2, 3], [6, 4, 2, 0], [1, 3, 5, 6]):
-    got = shamir.reconstruct([xs[i] for i in subset],
-                             [shares[i] for i in subset], 4)
+    got = shamir.reconstruct(
+      [xs[i] for i in subset], [shares[i] for i in subset], 4
+    )
     assert shamir.elements_to_bytes(got, 32) == secret
   with pytest.raises(ValueError, match="needs threshold=4 shares, got 3"):
     shamir.reconstruct(xs[:3], shares[:3], 4)
   # Fewer than t shares look uniform whatever the secret: the top 4 bits of
   # the first two shares (t = 3) of the secrets 0 and 2^126 over 1500 splits.
   for s in (0, 1 << 126):
-    tops = np.array([[v[0] >> 123 for v in shamir.split([s], 3, [1, 2, 3],
-                                                        r.getrandbits)[:2]]
-                     for _ in range(1500)])
+    tops = np.array(
+      [
+        [
+          v[0] >> 123
+          for v in shamir.split([s], 3, [1, 2, 3], r.getrandbits)[:2]
+        ]
+        for _ in range(1500)
+      ]
+    )
     for col in range(2):
       counts = np.bincount(tops[:, col], minlength=16)
       assert stats.chisquare(counts).pvalue > 1e-3
-  with pytest.raises(ValueError, match="threshold=9 exceeds the number of "
-                     "share holders"):
+  with pytest.raises(
+    ValueError, match="threshold=9 exceeds the number of share holders"
+  ):
     shamir.split(elems, 9, xs, r.getrandbits)
 
 
@@ -161,7 +184,7 @@ def test_shamir_threshold_and_encoding():
 def test_each_client_derives_the_same_pairwise_seeds(num_neighbors):
   proto = sa.SecAggRound(9, num_neighbors=num_neighbors, num_params=D)
   for u in (0, 4, 8):
-    assert proto.rederive_client(u) >= 0.0   # raises if a seed differs
+    assert proto.rederive_client(u) >= 0.0  # raises if a seed differs
 
 
 def test_traffic_accounting_matches_the_messages():
@@ -171,10 +194,10 @@ def test_traffic_accounting_matches_the_messages():
   alive[3] = False
   _, info = proto.unmask_material(alive)
   sent, recv = proto.last_traffic.sent, proto.last_traffic.received
-  ct = 12 + 8 + 5 * 16 + 16       # nonce + ids + 5 field elements + GCM tag
+  ct = 12 + 8 + 5 * 16 + 16  # nonce + ids + 5 field elements + GCM tag
   for u in range(n):
     nb = proto.neighbors[u]
-    if u == 3:                     # dropped after ShareKeys
+    if u == 3:  # dropped after ShareKeys
       assert sent[u] == 64 + k * ct
       continue
     shares = sum(4 + 16 * (3 if v == 3 else 2) for v in nb) + 4 + 16 * 2
@@ -185,46 +208,72 @@ def test_traffic_accounting_matches_the_messages():
 
 
 def test_bad_input_errors():
-  with pytest.raises(ValueError, match=r"threshold=13 \(t=13\) exceeds the "
-                     r"12 share holders.*expected 7 <= t <= 12"):
+  with pytest.raises(
+    ValueError,
+    match=r"threshold=13 \(t=13\) exceeds the "
+    r"12 share holders.*expected 7 <= t <= 12",
+  ):
     sa.SecAggRound(12, threshold=13)
-  with pytest.raises(ValueError, match=r"threshold=3 \(t=3\) is below the "
-                     r"safe minimum.*expected t >= 12 // 2 \+ 1 = 7"):
+  with pytest.raises(
+    ValueError,
+    match=r"threshold=3 \(t=3\) is below the "
+    r"safe minimum.*expected t >= 12 // 2 \+ 1 = 7",
+  ):
     sa.SecAggRound(12, threshold=3)
-  with pytest.raises(ValueError, match=r"threshold=2 \(t=2\) is below the "
-                     r"safe minimum for 5 share holders \(the client and its "
-                     "neighbours\\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"threshold=2 \(t=2\) is below the "
+    r"safe minimum for 5 share holders \(the client and its "
+    "neighbours\\)",
+  ):
     sa.SecAggRound(12, threshold=2, num_neighbors=4)
-  with pytest.raises(ValueError, match=r"bits=20 is too small for the sum of "
-                     r"100 values of bits_per_value=16: expected bits >= "
-                     r".* = 24"):
+  with pytest.raises(
+    ValueError,
+    match=r"bits=20 is too small for the sum of "
+    r"100 values of bits_per_value=16: expected bits >= "
+    r".* = 24",
+  ):
     sa.check_modulus_bits(20, 16, 100)
-  with pytest.raises(ValueError, match=r"bits=40 exceeds 32; expected bits "
-                     "<= 32"):
+  with pytest.raises(
+    ValueError,
+    match=r"bits=40 exceeds 32; expected bits "
+    "<= 32",
+  ):
     sa.secure_aggregator(1.0, bits=40)
   with pytest.raises(ValueError, match="num_neighbors must be None"):
     sa.secure_aggregator(1.0, num_neighbors=1)
   agg = sa.secure_aggregator(1.0, num_neighbors=5)
   spec = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
-  with pytest.raises(ValueError, match="num_neighbors=5 must be even for a "
-                     "Harary graph on 10 clients"):
+  with pytest.raises(
+    ValueError,
+    match="num_neighbors=5 must be even for a Harary graph on 10 clients",
+  ):
     agg.init(agg.init_state(spec), spec, 10)
-  agg = sa.secure_aggregator(1.0, num_neighbors=9)       # >= m - 1: SecAgg
+  agg = sa.secure_aggregator(1.0, num_neighbors=9)  # >= m - 1: SecAgg
   agg.init(agg.init_state(spec), spec, 10)
   with pytest.raises(ValueError, match="clip_norm must be a positive"):
     sa.secure_aggregator(0.0)
   spec = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
   agg = sa.secure_aggregator(1.0, bits=20, bits_per_value=16)
-  with pytest.raises(ValueError, match=r"bits=20 is too small for the sum of "
-                     r"10 values.*expected bits >= .* = 21"):
+  with pytest.raises(
+    ValueError,
+    match=r"bits=20 is too small for the sum of "
+    r"10 values.*expected bits >= .* = 21",
+  ):
     agg.init(agg.init_state(spec), spec, 10)
   agg = sa.secure_aggregator(1.0, threshold=11)
-  with pytest.raises(ValueError, match=r"threshold=11 \(t=11\) exceeds the "
-                     r"10 share holders"):
+  with pytest.raises(
+    ValueError,
+    match=r"threshold=11 \(t=11\) exceeds the "
+    r"10 share holders",
+  ):
     agg.init(agg.init_state(spec), spec, 10)
   agg = sa.secure_aggregator(1.0, bits_per_value=30)
-  with pytest.raises(ValueError, match=r"bits_per_value=30 is too large for "
-                     r"10 clients per round.*expected bits_per_value <= 27"):
+  with pytest.raises(
+    ValueError,
+    match=r"bits_per_value=30 is too large for "
+    r"10 clients per round.*expected bits_per_value <= 27",
+  ):
     agg.init(agg.init_state(spec), spec, 10)
 
 
@@ -232,10 +281,10 @@ def test_secagg_plus_degree_follows_the_binomial_rule():
   k, t = sa.secagg_plus_degree(1000, dropout_rate=0.1)
   assert k % 2 == 0 and k < 999 and t == (k + 1) // 2 + 1
   fail = stats.binom.cdf(t - 2, k, 0.9)
-  assert 1000 * fail <= 2.0 ** -20
+  assert 1000 * fail <= 2.0**-20
   k2, _ = sa.secagg_plus_degree(1000, dropout_rate=0.1)
   smaller = stats.binom.cdf(((k - 1) // 2 + 1) - 2, k - 2, 0.9)
-  assert 1000 * smaller > 2.0 ** -20 or k2 == k     # minimal
+  assert 1000 * smaller > 2.0**-20 or k2 == k  # minimal
   assert sa.secagg_plus_degree(10, dropout_rate=0.5)[0] == 9  # complete
 
 
@@ -250,10 +299,14 @@ def _run_aggregator(agg, x, weights, round_state=None, rng_key=0):
   for part in (np.arange(0, 10), np.arange(10, n)):
     acc = agg.init(state, spec, n)
     idx = np.concatenate([part, np.zeros(n - len(part), int)])
-    acc = agg.add(state, acc, {"w": jnp.asarray(x[idx])},
-                  jnp.asarray(weights[idx], jnp.float32),
-                  jnp.asarray(np.arange(n) < len(part)),
-                  jnp.asarray(idx, jnp.int32))
+    acc = agg.add(
+      state,
+      acc,
+      {"w": jnp.asarray(x[idx])},
+      jnp.asarray(weights[idx], jnp.float32),
+      jnp.asarray(np.arange(n) < len(part)),
+      jnp.asarray(idx, jnp.int32),
+    )
     accs.append(acc)
   acc = agg.merge(jax.tree.map(lambda *a: jnp.stack(a), *accs))
   return agg.finalize(state, acc, jax.random.PRNGKey(rng_key))
@@ -262,20 +315,25 @@ def _run_aggregator(agg, x, weights, round_state=None, rng_key=0):
 @pytest.mark.parametrize("num_neighbors", [None, 8])
 def test_aggregator_mean_with_dropouts(rng, num_neighbors):
   n = N
-  x = clipped_updates(rng, n=n) * 3.0          # some exceed the clip norm
+  x = clipped_updates(rng, n=n) * 3.0  # some exceed the clip norm
   weights = np.ones(n)
-  weights[5] = 0.0                              # sends nothing
-  agg = sa.secure_aggregator(CLIP, bits_per_value=BPV, dropout_rate=0.25,
-                             num_neighbors=num_neighbors, seed=7)
+  weights[5] = 0.0  # sends nothing
+  agg = sa.secure_aggregator(
+    CLIP,
+    bits_per_value=BPV,
+    dropout_rate=0.25,
+    num_neighbors=num_neighbors,
+    seed=7,
+  )
   (out, new_state) = _run_aggregator(agg, x, weights)
   sent = ~sa.dropped_clients(n, 0.25, 0, seed=7) & (weights > 0)
   norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
   bounded = x * np.minimum(1.0, CLIP / norms)
-  ints = (numpy_quantize(bounded) - (2 ** BPV - 1))[sent].sum(0)
-  want = ints * (CLIP / (2 ** BPV - 1)) / sent.sum()
+  ints = (numpy_quantize(bounded) - (2**BPV - 1))[sent].sum(0)
+  want = ints * (CLIP / (2**BPV - 1)) / sent.sum()
   # float32 clipping may move a value across a rounding tie: at most one
   # level C/L of one client per coordinate.
-  step = CLIP / (2 ** BPV - 1) / sent.sum()
+  step = CLIP / (2**BPV - 1) / sent.sum()
   np.testing.assert_allclose(out.mean["w"], want, rtol=0, atol=step + 1e-7)
   assert np.mean(np.abs(np.asarray(out.mean["w"]) - want) > 1e-6) < 0.01
   assert float(out.metrics["secagg_survivors"]) == sent.sum()
@@ -284,22 +342,31 @@ def test_aggregator_mean_with_dropouts(rng, num_neighbors):
   # Next round: fresh keys and dropouts, still exact.
   out2, _ = _run_aggregator(agg, x, weights, round_state=new_state)
   sent2 = ~sa.dropped_clients(n, 0.25, 1, seed=7) & (weights > 0)
-  ints2 = (numpy_quantize(bounded) - (2 ** BPV - 1))[sent2].sum(0)
-  np.testing.assert_allclose(out2.mean["w"],
-                             ints2 * (CLIP / (2 ** BPV - 1)) / sent2.sum(),
-                             rtol=0, atol=step * sent.sum() / sent2.sum()
-                             + 1e-7)
+  ints2 = (numpy_quantize(bounded) - (2**BPV - 1))[sent2].sum(0)
+  np.testing.assert_allclose(
+    out2.mean["w"],
+    ints2 * (CLIP / (2**BPV - 1)) / sent2.sum(),
+    rtol=0,
+    atol=step * sent.sum() / sent2.sum() + 1e-7,
+  )
 
 
 def test_aggregator_central_dp_noise(rng):
   z = 0.5
   x = clipped_updates(rng)
   noisy, _ = _run_aggregator(
-      sa.secure_aggregator(CLIP, bits_per_value=BPV, noise_multiplier=z),
-      x, np.ones(N))
-  levels = 2 ** BPV - 1
-  exact = (np.asarray(sa.quantize(jnp.asarray(x), CLIP, BPV), np.int64)
-           - levels).sum(0) * (CLIP / levels) / N   # fixed denominator N
+    sa.secure_aggregator(CLIP, bits_per_value=BPV, noise_multiplier=z),
+    x,
+    np.ones(N),
+  )
+  levels = 2**BPV - 1
+  exact = (
+    (np.asarray(sa.quantize(jnp.asarray(x), CLIP, BPV), np.int64) - levels).sum(
+      0
+    )
+    * (CLIP / levels)
+    / N
+  )  # fixed denominator N
   c_q = CLIP * (1 + math.sqrt(D) / (2 * levels))
   std = z * c_q / N
   assert float(noisy.metrics["secagg_dp_noise_std"]) == pytest.approx(std)
@@ -314,13 +381,18 @@ def test_secure_fed_avg_round_in_the_engine(rng, one_device_mesh):
   """One FedAvg round (full-batch, one step) through the engine with SecAgg+
   and 25% dropouts, against a float64 numpy reference."""
   n, dim, classes, lr = 8, 3, 2, 0.5
-  clients = [{"x": rng.standard_normal((6, dim)).astype(np.float32),
-              "y": rng.integers(0, classes, 6).astype(np.int32)}
-             for _ in range(n)]
+  clients = [
+    {
+      "x": rng.standard_normal((6, dim)).astype(np.float32),
+      "y": rng.integers(0, classes, 6).astype(np.int32),
+    }
+    for _ in range(n)
+  ]
   model = fl.models.logistic_regression(dim, classes)
   params = model.init(jax.random.PRNGKey(0))
-  agg = sa.secure_aggregator(0.05, bits_per_value=BPV, num_neighbors=4,
-                             dropout_rate=0.25, seed=11)
+  agg = sa.secure_aggregator(
+    0.05, bits_per_value=BPV, num_neighbors=4, dropout_rate=0.25, seed=11
+  )
   alg = fl.fed_avg(model, optax.sgd(lr), aggregator=agg)
   engine = fl.Engine(alg, fl.RoundConfig(n, sampling="all"), one_device_mesh)
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
@@ -336,23 +408,30 @@ def test_secure_fed_avg_round_in_the_engine(rng, one_device_mesh):
     p /= p.sum(1, keepdims=True)
     g = (p - np.eye(classes)[c["y"]]) / len(c["y"])
     deltas.append(lr * np.concatenate([(c["x"].T @ g).ravel(), g.sum(0)]))
-  deltas = np.stack(deltas)          # ravel order: bias < kernel? see below
+  deltas = np.stack(deltas)  # ravel order: bias < kernel? see below
   # ravel_pytree orders leaves by key: bias, then kernel.
-  deltas = np.concatenate([deltas[:, dim * classes:],
-                           deltas[:, :dim * classes]], axis=1)
+  deltas = np.concatenate(
+    [deltas[:, dim * classes :], deltas[:, : dim * classes]], axis=1
+  )
   norms = np.linalg.norm(deltas, axis=1, keepdims=True)
   bounded = deltas * np.minimum(1.0, 0.05 / norms)
-  levels = 2 ** BPV - 1
+  levels = 2**BPV - 1
   sent = ~sa.dropped_clients(n, 0.25, 0, seed=11)
-  mean = np.round(bounded[sent] / 0.05 * levels).sum(0) * 0.05 / levels / \
-      sent.sum()
+  mean = (
+    np.round(bounded[sent] / 0.05 * levels).sum(0) * 0.05 / levels / sent.sum()
+  )
   new = engine.algorithm.get_params(state.server)
-  got = np.concatenate([np.asarray(new["Dense_0"]["bias"]).ravel(),
-                        np.asarray(new["Dense_0"]["kernel"]).ravel()])
+  got = np.concatenate(
+    [
+      np.asarray(new["Dense_0"]["bias"]).ravel(),
+      np.asarray(new["Dense_0"]["kernel"]).ravel(),
+    ]
+  )
   start = np.concatenate([b, w.ravel()])
   # float32 training may flip a rounding: one step C/L per client at most.
-  np.testing.assert_allclose(got, start - mean, rtol=0,
-                             atol=0.05 / levels + 1e-6)
+  np.testing.assert_allclose(
+    got, start - mean, rtol=0, atol=0.05 / levels + 1e-6
+  )
   assert float(metrics["secagg_survivors"]) == 6
   assert float(metrics["secagg_dropped"]) == 2
   assert float(metrics["secagg_degree"]) == 4
@@ -362,9 +441,13 @@ def test_secure_fed_avg_round_in_the_engine(rng, one_device_mesh):
 def test_aggregator_refuses_below_threshold(rng):
   """Inside the (traced) aggregator the refusal surfaces as the round's
   error, with the protocol's message; nothing is unmasked."""
-  agg = sa.secure_aggregator(CLIP, bits_per_value=BPV, dropout_rate=0.5,
-                             seed=7)           # 8 of 16 survive, t = 9
-  with pytest.raises(Exception, match=r"refuses to unmask: 8 of 16 clients "
-                     r"survived.*threshold t=9.*No shares were revealed"):
+  agg = sa.secure_aggregator(
+    CLIP, bits_per_value=BPV, dropout_rate=0.5, seed=7
+  )  # 8 of 16 survive, t = 9
+  with pytest.raises(
+    Exception,
+    match=r"refuses to unmask: 8 of 16 clients "
+    r"survived.*threshold t=9.*No shares were revealed",
+  ):
     out, _ = _run_aggregator(agg, clipped_updates(rng), np.ones(N))
     jax.block_until_ready(out.mean)

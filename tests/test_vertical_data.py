@@ -10,14 +10,21 @@ def test_split_and_align_recovers_the_centralized_rows():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(120, 7)).astype(np.float32)
   y = rng.integers(0, 2, 120)
-  ds = fv.split_vertical(x, y, feature_splits=[[0, 1, 2], [3, 4], [5, 6]],
-                         keep=[0.9, 0.8, 0.85], standardize=False, seed=1)
+  ds = fv.split_vertical(
+    x,
+    y,
+    feature_splits=[[0, 1, 2], [3, 4], [5, 6]],
+    keep=[0.9, 0.8, 0.85],
+    standardize=False,
+    seed=1,
+  )
   assert [p.y is not None for p in ds.parties] == [True, False, False]
   orders = [p.ids[:5].tolist() for p in ds.parties]
-  assert orders[0] != orders[1]              # each party has its own order
+  assert orders[0] != orders[1]  # each party has its own order
   aligned, res = ds.align(seed=0)
-  truth = set(ds.parties[0].ids).intersection(ds.parties[1].ids,
-                                              ds.parties[2].ids)
+  truth = set(ds.parties[0].ids).intersection(
+    ds.parties[1].ids, ds.parties[2].ids
+  )
   assert aligned.num_examples == res.size == len(truth)
   rows = np.asarray([int(i[1:]) for i in aligned.ids])
   np.testing.assert_array_equal(aligned.joined(), x[rows])
@@ -41,15 +48,17 @@ def _party(name, ids, d=2, y=None):
 
 
 def test_no_overlap_is_an_error():
-  ds = fv.VerticalDataset((_party("g", ["a", "b"], y=[0, 1]),
-                           _party("h", ["c", "d"])))
+  ds = fv.VerticalDataset(
+    (_party("g", ["a", "b"], y=[0, 1]), _party("h", ["c", "d"]))
+  )
   with pytest.raises(ValueError, match="share no sample ids"):
     ds.align(seed=0)
 
 
 def test_duplicate_ids_are_an_error():
-  with pytest.raises(ValueError,
-                     match=r"party 'h': duplicate sample ids \['a'\]"):
+  with pytest.raises(
+    ValueError, match=r"party 'h': duplicate sample ids \['a'\]"
+  ):
     _party("h", ["a", "b", "a"])
 
 
@@ -66,8 +75,12 @@ def test_mismatched_row_counts_are_errors():
   with pytest.raises(ValueError, match=r"y has shape \(3,\)"):
     fv.Party("g", np.asarray(["a", "b"]), np.ones((2, 2)), np.zeros(3))
   with pytest.raises(ValueError, match="misaligned"):
-    fv.AlignedData(xs=(np.ones((3, 2)), np.ones((2, 2))), y=np.zeros(3),
-                   ids=np.arange(3), names=("g", "h"))
+    fv.AlignedData(
+      xs=(np.ones((3, 2)), np.ones((2, 2))),
+      y=np.zeros(3),
+      ids=np.arange(3),
+      names=("g", "h"),
+    )
 
 
 def test_mixed_id_types_are_an_error():

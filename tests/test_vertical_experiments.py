@@ -10,8 +10,9 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(name, EXPERIMENTS /
-                                                f"{name}.py")
+  spec = importlib.util.spec_from_file_location(
+    name, EXPERIMENTS / f"{name}.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -26,7 +27,8 @@ def test_experiment_smoke(name, tmp_path):
   for f in ("metrics.jsonl", "curves.png", "summary.json"):
     assert (run_dir / f).stat().st_size > 0, f
   assert json.loads((run_dir / "summary.json").read_text()) == json.loads(
-      json.dumps(summary))
+    json.dumps(summary)
+  )
   if name == "vertical_lr":
     assert summary["paillier"]["epochs"][0]["abs_loss_diff"] < 1e-3
   if name == "ftl":

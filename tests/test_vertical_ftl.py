@@ -40,22 +40,24 @@ def test_closed_form_gradients_match_autodiff_and_reference():
 
   @jax.jit
   def both(u_a, u_b, y, rows):
-    return (ftl.rep_grads(u_a, u_b, y, rows, gamma),
-            jax.grad(ftl.ftl_loss, argnums=(0, 1))(u_a, u_b, y, rows, gamma))
+    return (
+      ftl.rep_grads(u_a, u_b, y, rows, gamma),
+      jax.grad(ftl.ftl_loss, argnums=(0, 1))(u_a, u_b, y, rows, gamma),
+    )
 
   (g_a, g_b, loss), auto = both(*args)
   np.testing.assert_allclose(g_a, auto[0], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g_b, auto[1], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(loss, _numpy_loss(u_a, u_b, y, rows, gamma),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    loss, _numpy_loss(u_a, u_b, y, rows, gamma), rtol=1e-5
+  )
 
 
 def test_paillier_protocol_matches_plaintext():
   # 256-bit keys: fast, for testing the protocol only (insecure).
   u_a, u_b, y, rows = _reps()
   keys = (fv.paillier.keypair(256), fv.paillier.keypair(256))
-  g_a, g_b, loss, sent = ftl.encrypted_rep_grads(u_a, u_b, y, rows, 0.7,
-                                                 *keys)
+  g_a, g_b, loss, sent = ftl.encrypted_rep_grads(u_a, u_b, y, rows, 0.7, *keys)
   ref = ftl.rep_grads(*(jnp.asarray(v) for v in (u_a, u_b, y, rows)), 0.7)
   np.testing.assert_allclose(g_a, ref[0], atol=1e-6)
   np.testing.assert_allclose(g_b, ref[1], atol=1e-6)
@@ -64,8 +66,9 @@ def test_paillier_protocol_matches_plaintext():
 
 
 def _small_data():
-  src, tgt, labels = fv.digits_transfer(num_overlap=6, num_source=20,
-                                        num_target=14, seed=0)
+  src, tgt, labels = fv.digits_transfer(
+    num_overlap=6, num_source=20, num_target=14, seed=0
+  )
   data, res = fv.FTLData.from_parties(src, tgt, seed=0)
   assert res.size == 6
   return data, labels
@@ -73,18 +76,24 @@ def _small_data():
 
 def test_process_modes_agree_and_plaintext_trains():
   data, labels = _small_data()
-  net_a, net_b = fl.models.mlp(32, 3, hidden=()), fl.models.mlp(32, 3,
-                                                                hidden=())
+  net_a, net_b = (
+    fl.models.mlp(32, 3, hidden=()),
+    fl.models.mlp(32, 3, hidden=()),
+  )
   kw = dict(gamma=0.1, l2=1e-3, key_bits=256)
   plain = fv.build_ftl_process(data, net_a, net_b, optax.sgd(0.5), **kw)
-  enc = fv.build_ftl_process(data, net_a, net_b, optax.sgd(0.5),
-                             mode="paillier", **kw)
+  enc = fv.build_ftl_process(
+    data, net_a, net_b, optax.sgd(0.5), mode="paillier", **kw
+  )
   sp, se = plain.initialize(0), enc.initialize(0)
   sp, mp = plain.next(sp)
   se, me = enc.next(se)
   assert abs(mp["loss"] - me["loss"]) < 1e-4
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               se.params, sp.params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+    se.params,
+    sp.params,
+  )
   first = mp["loss"]
   for _ in range(20):
     sp, mp = plain.next(sp)
@@ -95,13 +104,13 @@ def test_process_modes_agree_and_plaintext_trains():
 
 
 def test_ftl_input_errors():
-  src, tgt, _ = fv.digits_transfer(num_overlap=5, num_source=20,
-                                   num_target=10, seed=0)
+  src, tgt, _ = fv.digits_transfer(
+    num_overlap=5, num_source=20, num_target=10, seed=0
+  )
   unlabeled = fv.Party(src.name, src.ids, src.x)
   with pytest.raises(ValueError, match="no label column"):
     fv.FTLData.from_parties(unlabeled, tgt)
-  stranger = fv.Party("target", np.asarray([f"x{i}" for i in range(10)]),
-                      tgt.x)
+  stranger = fv.Party("target", np.asarray([f"x{i}" for i in range(10)]), tgt.x)
   with pytest.raises(ValueError, match="share no sample ids"):
     fv.FTLData.from_parties(src, stranger)
   with pytest.raises(ValueError, match="misaligned overlap"):

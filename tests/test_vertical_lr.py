@@ -17,8 +17,14 @@ def _aligned(n=40, dims=(3, 2), seed=0):
   w = rng.normal(size=sum(dims))
   y = (x @ w + 0.3 * rng.normal(size=n) > 0).astype(np.int32)
   cols = np.split(np.arange(sum(dims)), np.cumsum(dims)[:-1])
-  ds = fv.split_vertical(x, y, feature_splits=cols, keep=[1.0] * len(dims),
-                         standardize=False, seed=seed)
+  ds = fv.split_vertical(
+    x,
+    y,
+    feature_splits=cols,
+    keep=[1.0] * len(dims),
+    standardize=False,
+    seed=seed,
+  )
   aligned, _ = ds.align(seed=0)
   return aligned
 
@@ -31,8 +37,9 @@ def _reference(aligned, batches, lr, l2):
   for rows in batches:
     xb, yb = x[rows], y[rows]
     z = xb @ w + b
-    losses.append(np.mean(math.log(2) - 0.5 * yb * z + 0.125 * z * z)
-                  + 0.5 * l2 * w @ w)
+    losses.append(
+      np.mean(math.log(2) - 0.5 * yb * z + 0.125 * z * z) + 0.5 * l2 * w @ w
+    )
     d = 0.25 * z - 0.5 * yb
     w, b = w - lr * (xb.T @ d / len(rows) + l2 * w), b - lr * d.mean()
   return w, b, losses
@@ -44,17 +51,24 @@ def test_plaintext_equals_centralized_reference(batch_size, dims):
   aligned = _aligned(dims=dims)
   lr, l2, epochs = 0.3, 0.01, 4
   proc = fv.build_vertical_logistic_regression_process(
-      aligned, learning_rate=lr, l2=l2, batch_size=batch_size)
+    aligned, learning_rate=lr, l2=l2, batch_size=batch_size
+  )
   state = proc.initialize(seed=5)
   batches, losses = [], []
   for e in range(epochs):
-    batches += list(np.asarray(hetero_lr.batch_indices(
-        state.rng, state.epoch, aligned.num_examples, batch_size)))
+    batches += list(
+      np.asarray(
+        hetero_lr.batch_indices(
+          state.rng, state.epoch, aligned.num_examples, batch_size
+        )
+      )
+    )
     state, m = proc.next(state)
     losses.append(m["loss"])
   w_ref, b_ref, l_ref = _reference(aligned, batches, lr, l2)
-  np.testing.assert_allclose(np.concatenate(state.weights), w_ref,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.concatenate(state.weights), w_ref, rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_allclose(float(state.bias), b_ref, rtol=1e-5, atol=1e-6)
   per_epoch = np.asarray(l_ref).reshape(epochs, -1).mean(1)
   np.testing.assert_allclose(losses, per_epoch, rtol=1e-5)
@@ -75,15 +89,17 @@ def test_paillier_matches_plaintext():
   aligned = _aligned(n=16)
   kw = dict(learning_rate=0.3, l2=0.01, batch_size=8, key_bits=256)
   plain = fv.build_vertical_logistic_regression_process(aligned, **kw)
-  enc = fv.build_vertical_logistic_regression_process(aligned,
-                                                      mode="paillier", **kw)
+  enc = fv.build_vertical_logistic_regression_process(
+    aligned, mode="paillier", **kw
+  )
   sp, se = plain.initialize(1), enc.initialize(1)
   for _ in range(2):
     sp, mp = plain.next(sp)
     se, me = enc.next(se)
     assert abs(mp["loss"] - me["loss"]) < 1e-3
-  np.testing.assert_allclose(np.concatenate(se.weights),
-                             np.concatenate(sp.weights), atol=1e-5)
+  np.testing.assert_allclose(
+    np.concatenate(se.weights), np.concatenate(sp.weights), atol=1e-5
+  )
   # 2 ciphertexts per row from the host, one from the guest, per epoch.
   ct = (enc._keys[0].nsquare.bit_length() + 7) // 8
   assert me["bytes_host"] >= 2 * 16 * ct and me["bytes_guest"] >= 16 * ct
@@ -95,5 +111,6 @@ def test_hetero_lr_rejects_bad_labels():
   with pytest.raises(ValueError, match="hetero LR is binary"):
     fv.build_vertical_logistic_regression_process(bad)
   with pytest.raises(ValueError, match="two-party"):
-    fv.build_vertical_logistic_regression_process(_aligned(dims=(2, 2, 2)),
-                                                  mode="paillier")
+    fv.build_vertical_logistic_regression_process(
+      _aligned(dims=(2, 2, 2)), mode="paillier"
+    )

@@ -42,8 +42,10 @@ def test_blinding_agrees_with_x25519_key_agreement():
 def test_psi_finds_exact_intersection(seed, kind):
   rng = np.random.default_rng(seed)
   universe = rng.choice(10_000, size=300, replace=False)
-  sets = [rng.choice(universe, size=int(rng.integers(60, 200)), replace=False)
-          for _ in range(3)]
+  sets = [
+    rng.choice(universe, size=int(rng.integers(60, 200)), replace=False)
+    for _ in range(3)
+  ]
   if kind == "str":
     sets = [np.asarray([f"cust-{v}" for v in s]) for s in sets]
   truth = set(sets[0]).intersection(sets[1], sets[2])
@@ -51,7 +53,7 @@ def test_psi_finds_exact_intersection(seed, kind):
   assert res.size == len(truth)
   aligned = [s[r] for s, r in zip(sets, res.rows)]
   assert set(aligned[0].tolist()) == truth
-  for a in aligned[1:]:                      # same ids in the same order
+  for a in aligned[1:]:  # same ids in the same order
     np.testing.assert_array_equal(a, aligned[0])
 
 
@@ -66,8 +68,10 @@ def test_two_party_psi_order_is_independent_of_row_order():
 
 
 def test_messages_never_contain_unblinded_ids():
-  ids = [np.asarray([f"alice{i}" for i in range(30)]),
-         np.asarray([f"alice{i}" for i in range(10, 50)])]
+  ids = [
+    np.asarray([f"alice{i}" for i in range(30)]),
+    np.asarray([f"alice{i}" for i in range(10, 50)]),
+  ]
   res = psi.ecdh_psi(ids, names=["bank", "shop"], seed=0)
   raw = {psi.encode_id(i) for s in ids for i in s}
   hashed = {psi.hash_to_u(i) for s in ids for i in s}
@@ -75,15 +79,17 @@ def test_messages_never_contain_unblinded_ids():
   for m in res.messages:
     for p in m.payload:
       assert len(p) == psi.ELEMENT_BYTES
-      assert p not in hashed                 # not the bare hash
+      assert p not in hashed  # not the bare hash
   for r in raw:
-    assert r not in everything               # no raw id bytes anywhere
+    assert r not in everything  # no raw id bytes anywhere
   assert b"alice" not in everything
   # Byte accounting: the host sends 32 B per own id and per guest id; the
   # guest 32 B per own id, per host id and per common id.
   n_g, n_h, m = 30, 40, res.size
-  assert res.bytes_sent == {"bank": 32 * (n_g + n_h + m),
-                            "shop": 32 * (n_h + n_g)}
+  assert res.bytes_sent == {
+    "bank": 32 * (n_g + n_h + m),
+    "shop": 32 * (n_h + n_g),
+  }
 
 
 def test_psi_errors():

@@ -11,19 +11,37 @@ Materialized (keep the round's ``[clients_per_round, ...]`` updates):
 :func:`geometric_median`, :func:`centered_clipping`.
 """
 
-from fedjax_lite.aggregators.base import (Aggregator, AggregatorOutput,
-                                          clip_by_norm, sum_over_devices,
-                                          tree_norm, update_bytes)
+from fedjax_lite.aggregators.base import (
+  Aggregator,
+  AggregatorOutput,
+  clip_by_norm,
+  sum_over_devices,
+  tree_norm,
+  update_bytes,
+)
 from fedjax_lite.aggregators.clipping import clipped
 from fedjax_lite.aggregators.mean import unweighted_mean, weighted_mean
-from fedjax_lite.aggregators.robust import (centered_clipping,
-                                            coordinate_median,
-                                            geometric_median, krum,
-                                            trimmed_mean)
+from fedjax_lite.aggregators.robust import (
+  centered_clipping,
+  coordinate_median,
+  geometric_median,
+  krum,
+  trimmed_mean,
+)
 
 __all__ = [
-    "Aggregator", "AggregatorOutput", "centered_clipping", "clip_by_norm",
-    "clipped", "coordinate_median", "geometric_median", "krum",
-    "sum_over_devices", "tree_norm", "trimmed_mean", "unweighted_mean",
-    "update_bytes", "weighted_mean",
+  "Aggregator",
+  "AggregatorOutput",
+  "centered_clipping",
+  "clip_by_norm",
+  "clipped",
+  "coordinate_median",
+  "geometric_median",
+  "krum",
+  "sum_over_devices",
+  "tree_norm",
+  "trimmed_mean",
+  "unweighted_mean",
+  "update_bytes",
+  "weighted_mean",
 ]

@@ -45,6 +45,7 @@ class AggregatorOutput(NamedTuple):
       weights of the clients that took part).
     metrics: name -> float32 scalar, reported in the round's metrics.
   """
+
   mean: PyTree
   total_weight: jax.Array
   metrics: dict
@@ -75,6 +76,7 @@ class Aggregator(NamedTuple):
       run); False for streaming aggregators (memory ``O(update)``).
     name: for reports and errors.
   """
+
   init_state: Callable[[PyTree], PyTree]
   init: Callable[[PyTree, PyTree, int], PyTree]
   add: Callable[..., PyTree]
@@ -117,8 +119,11 @@ def sum_over_devices(acc: PyTree) -> PyTree:
 
 def accumulator_dtype(dtype) -> np.dtype:
   """Floats keep their dtype; integer and bool leaves are summed in float32."""
-  return np.dtype(dtype) if jnp.issubdtype(dtype, jnp.floating) else \
-      np.dtype(jnp.float32)
+  return (
+    np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating)
+    else np.dtype(jnp.float32)
+  )
 
 
 def taking_part(weights: jax.Array, valid: jax.Array) -> jax.Array:
@@ -134,21 +139,29 @@ def expand(x: jax.Array, ndim: int) -> jax.Array:
 def check_float_updates(update_spec: PyTree, name: str) -> None:
   """Raises if an update leaf is not floating point (trace-time check)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(update_spec)
-  bad = [(jax.tree_util.keystr(p), np.dtype(s.dtype)) for p, s in flat
-         if not jnp.issubdtype(s.dtype, jnp.floating)]
+  bad = [
+    (jax.tree_util.keystr(p), np.dtype(s.dtype))
+    for p, s in flat
+    if not jnp.issubdtype(s.dtype, jnp.floating)
+  ]
   if bad:
     path, dtype = bad[0]
     raise TypeError(
-        f"aggregator {name} needs floating-point updates, but the client "
-        f"update leaf {path or '<root>'} has dtype {dtype} ({len(bad)} "
-        f"non-float leaves); expected float16/bfloat16/float32/float64. "
-        "Cast the update in client_update, or use weighted_mean().")
+      f"aggregator {name} needs floating-point updates, but the client "
+      f"update leaf {path or '<root>'} has dtype {dtype} ({len(bad)} "
+      f"non-float leaves); expected float16/bfloat16/float32/float64. "
+      "Cast the update in client_update, or use weighted_mean()."
+    )
 
 
 def update_bytes(update_spec: PyTree) -> int:
   """Bytes of one client's update."""
-  return int(sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
-                 for s in jax.tree.leaves(update_spec)))
+  return int(
+    sum(
+      int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
+      for s in jax.tree.leaves(update_spec)
+    )
+  )
 
 
 def check_positive(value, arg: str, factory: str, allow_zero: bool = False):
@@ -158,12 +171,14 @@ def check_positive(value, arg: str, factory: str, allow_zero: bool = False):
   try:
     v = float(value)
   except (TypeError, ValueError):
-    raise TypeError(f"{factory}: {arg} must be a number, got "
-                    f"{value!r}.") from None
+    raise TypeError(
+      f"{factory}: {arg} must be a number, got {value!r}."
+    ) from None
   if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
     want = "a non-negative" if allow_zero else "a positive"
-    raise ValueError(f"{factory}: {arg} must be {want} finite number, got "
-                     f"{value!r}.")
+    raise ValueError(
+      f"{factory}: {arg} must be {want} finite number, got {value!r}."
+    )
   return v
 
 

@@ -23,13 +23,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import (Aggregator, check_positive, expand,
-                                          taking_part, tree_norm)
+from fedjax_lite.aggregators.base import (
+  Aggregator,
+  check_positive,
+  expand,
+  taking_part,
+  tree_norm,
+)
 
 
-def clipped(inner: Aggregator, clip_norm, *, adaptive: bool = False,
-            target_quantile: float = 0.5, learning_rate: float = 0.2
-            ) -> Aggregator:
+def clipped(
+  inner: Aggregator,
+  clip_norm,
+  *,
+  adaptive: bool = False,
+  target_quantile: float = 0.5,
+  learning_rate: float = 0.2,
+) -> Aggregator:
   """Bounds each client's update to L2 norm ``clip_norm``, then ``inner``.
 
   Streaming itself (two counters); memory is ``inner``'s.
@@ -43,17 +53,21 @@ def clipped(inner: Aggregator, clip_norm, *, adaptive: bool = False,
     learning_rate: ``eta_C`` >= 0 of the geometric update (adaptive only).
   """
   if not isinstance(inner, Aggregator):
-    raise TypeError(f"clipped: inner must be an Aggregator, got "
-                    f"{type(inner).__name__}.")
+    raise TypeError(
+      f"clipped: inner must be an Aggregator, got {type(inner).__name__}."
+    )
   clip_norm = check_positive(clip_norm, "clip_norm", "clipped")
   if adaptive:
-    gamma = check_positive(target_quantile, "target_quantile", "clipped",
-                           allow_zero=True)
+    gamma = check_positive(
+      target_quantile, "target_quantile", "clipped", allow_zero=True
+    )
     if not isinstance(gamma, jax.Array) and gamma > 1:
-      raise ValueError(f"clipped: target_quantile must be in [0, 1], got "
-                       f"{target_quantile!r}.")
-    eta = check_positive(learning_rate, "learning_rate", "clipped",
-                         allow_zero=True)
+      raise ValueError(
+        f"clipped: target_quantile must be in [0, 1], got {target_quantile!r}."
+      )
+    eta = check_positive(
+      learning_rate, "learning_rate", "clipped", allow_zero=True
+    )
 
   def init_state(update_spec):
     state = {"inner": inner.init_state(update_spec)}
@@ -62,32 +76,40 @@ def clipped(inner: Aggregator, clip_norm, *, adaptive: bool = False,
     return state
 
   def current(state):
-    return state["clip_norm"] if adaptive else jnp.asarray(clip_norm,
-                                                           jnp.float32)
+    return (
+      state["clip_norm"] if adaptive else jnp.asarray(clip_norm, jnp.float32)
+    )
 
   def init(state, update_spec, num_slots):
-    return {"inner": inner.init(state["inner"], update_spec, num_slots),
-            "clipped": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32)}
+    return {
+      "inner": inner.init(state["inner"], update_spec, num_slots),
+      "clipped": jnp.zeros((), jnp.float32),
+      "count": jnp.zeros((), jnp.float32),
+    }
 
   def add(state, acc, updates, weights, valid, slots):
     c = current(state)
     norms = jax.vmap(tree_norm)(updates)  # [B]
     scale = jnp.minimum(1.0, c / jnp.maximum(norms, 1e-30))
     bounded = jax.tree.map(
-        lambda u: u * expand(scale, u.ndim).astype(u.dtype), updates)
+      lambda u: u * expand(scale, u.ndim).astype(u.dtype), updates
+    )
     part = taking_part(weights, valid)
     was_clipped = part & (norms > c)
-    return {"inner": inner.add(state["inner"], acc["inner"], bounded, weights,
-                               valid, slots),
-            "clipped": acc["clipped"] + jnp.sum(was_clipped.astype(
-                jnp.float32)),
-            "count": acc["count"] + jnp.sum(part.astype(jnp.float32))}
+    return {
+      "inner": inner.add(
+        state["inner"], acc["inner"], bounded, weights, valid, slots
+      ),
+      "clipped": acc["clipped"] + jnp.sum(was_clipped.astype(jnp.float32)),
+      "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
+    }
 
   def merge(accs):
-    return {"inner": inner.merge(accs["inner"]),
-            "clipped": jnp.sum(accs["clipped"], axis=0),
-            "count": jnp.sum(accs["count"], axis=0)}
+    return {
+      "inner": inner.merge(accs["inner"]),
+      "clipped": jnp.sum(accs["clipped"], axis=0),
+      "count": jnp.sum(accs["count"], axis=0),
+    }
 
   def finalize(state, acc, rng):
     out, inner_state = inner.finalize(state["inner"], acc["inner"], rng)
@@ -98,13 +120,20 @@ def clipped(inner: Aggregator, clip_norm, *, adaptive: bool = False,
     if adaptive:
       # b = unclipped fraction; no clients: C stays.
       b = 1.0 - frac
-      new_state["clip_norm"] = jnp.where(n > 0, c * jnp.exp(-eta * (b - gamma)),
-                                         c)
+      new_state["clip_norm"] = jnp.where(
+        n > 0, c * jnp.exp(-eta * (b - gamma)), c
+      )
     metrics = dict(out.metrics)
     metrics["clip_norm"] = c
     metrics["clipped_fraction"] = frac
     return out._replace(metrics=metrics), new_state
 
-  return Aggregator(init_state=init_state, init=init, add=add, merge=merge,
-                    finalize=finalize, materialized=inner.materialized,
-                    name=f"clipped({inner.name})")
+  return Aggregator(
+    init_state=init_state,
+    init=init,
+    add=add,
+    merge=merge,
+    finalize=finalize,
+    materialized=inner.materialized,
+    name=f"clipped({inner.name})",
+  )

@@ -10,25 +10,36 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.aggregators.base import (Aggregator, AggregatorOutput,
-                                          _no_state, accumulator_dtype, expand,
-                                          sum_over_devices, taking_part)
+from fedjax_lite.aggregators.base import (
+  Aggregator,
+  AggregatorOutput,
+  _no_state,
+  accumulator_dtype,
+  expand,
+  sum_over_devices,
+  taking_part,
+)
 
 
 def _zeros_acc(update_spec):
-  return {"sum": jax.tree.map(
-      lambda s: jnp.zeros(s.shape, accumulator_dtype(s.dtype)), update_spec),
-          "weight": jnp.zeros((), jnp.float32)}
+  return {
+    "sum": jax.tree.map(
+      lambda s: jnp.zeros(s.shape, accumulator_dtype(s.dtype)), update_spec
+    ),
+    "weight": jnp.zeros((), jnp.float32),
+  }
 
 
 def _weighted_sum(acc_sum, updates, scale, valid):
   """``acc + sum_b [valid_b] scale_b u_b`` per leaf (padding never counts)."""
+
   def one(a, u):
     x = jnp.where(expand(valid, u.ndim), u, jnp.zeros((), u.dtype))
     if not jnp.issubdtype(x.dtype, jnp.floating):
       x = x.astype(a.dtype)
     x = x * expand(scale, x.ndim).astype(x.dtype)
     return a + jnp.sum(x, axis=0)
+
   return jax.tree.map(one, acc_sum, updates)
 
 
@@ -38,7 +49,8 @@ def _mean(sums, divisor):
   FedAvg rounds stay bit for bit what they were."""
   inv = 1.0 / jnp.where(divisor > 0, divisor, 1.0)
   return jax.tree.map(
-      lambda a: jnp.where(divisor > 0, a * inv, jnp.zeros((), a.dtype)), sums)
+    lambda a: jnp.where(divisor > 0, a * inv, jnp.zeros((), a.dtype)), sums
+  )
 
 
 def weighted_mean() -> Aggregator:
@@ -50,6 +62,7 @@ def weighted_mean() -> Aggregator:
   :math:`\sum_k w_k u_k` and :math:`\sum_k w_k` (memory one update).
   Integer update leaves are summed in float32.
   """
+
   def init(state, update_spec, num_slots):
     del state, num_slots
     return _zeros_acc(update_spec)
@@ -57,18 +70,26 @@ def weighted_mean() -> Aggregator:
   def add(state, acc, updates, weights, valid, slots):
     del state, slots
     w = jnp.where(valid, weights.astype(jnp.float32), 0.0)
-    return {"sum": _weighted_sum(acc["sum"], updates, w, valid),
-            "weight": acc["weight"] + jnp.sum(jnp.where(valid, w, 0.0))}
+    return {
+      "sum": _weighted_sum(acc["sum"], updates, w, valid),
+      "weight": acc["weight"] + jnp.sum(jnp.where(valid, w, 0.0)),
+    }
 
   def finalize(state, acc, rng):
     del rng
     total = acc["weight"]
-    return AggregatorOutput(mean=_mean(acc["sum"], total),
-                            total_weight=total, metrics={}), state
+    return AggregatorOutput(
+      mean=_mean(acc["sum"], total), total_weight=total, metrics={}
+    ), state
 
-  return Aggregator(init_state=_no_state, init=init, add=add,
-                    merge=sum_over_devices, finalize=finalize,
-                    name="weighted_mean")
+  return Aggregator(
+    init_state=_no_state,
+    init=init,
+    add=add,
+    merge=sum_over_devices,
+    finalize=finalize,
+    name="weighted_mean",
+  )
 
 
 def unweighted_mean() -> Aggregator:
@@ -80,6 +101,7 @@ def unweighted_mean() -> Aggregator:
   ``total_weight`` still reports :math:`\sum_k w_k`. Streaming (memory one
   update per device and run).
   """
+
   def init(state, update_spec, num_slots):
     del state, num_slots
     acc = _zeros_acc(update_spec)
@@ -90,15 +112,25 @@ def unweighted_mean() -> Aggregator:
     del state, slots
     part = taking_part(weights, valid)
     one = part.astype(jnp.float32)
-    return {"sum": _weighted_sum(acc["sum"], updates, one, part),
-            "weight": acc["weight"] + jnp.sum(jnp.where(part, weights, 0.0)),
-            "count": acc["count"] + jnp.sum(one)}
+    return {
+      "sum": _weighted_sum(acc["sum"], updates, one, part),
+      "weight": acc["weight"] + jnp.sum(jnp.where(part, weights, 0.0)),
+      "count": acc["count"] + jnp.sum(one),
+    }
 
   def finalize(state, acc, rng):
     del rng
-    return AggregatorOutput(mean=_mean(acc["sum"], acc["count"]),
-                            total_weight=acc["weight"], metrics={}), state
+    return AggregatorOutput(
+      mean=_mean(acc["sum"], acc["count"]),
+      total_weight=acc["weight"],
+      metrics={},
+    ), state
 
-  return Aggregator(init_state=_no_state, init=init, add=add,
-                    merge=sum_over_devices, finalize=finalize,
-                    name="unweighted_mean")
+  return Aggregator(
+    init_state=_no_state,
+    init=init,
+    add=add,
+    merge=sum_over_devices,
+    finalize=finalize,
+    name="unweighted_mean",
+  )

@@ -23,10 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lite.aggregators.base import (Aggregator, AggregatorOutput,
-                                          _no_state, check_float_updates,
-                                          check_int, check_positive, expand,
-                                          sum_over_devices, taking_part)
+from fedjax_lite.aggregators.base import (
+  Aggregator,
+  AggregatorOutput,
+  _no_state,
+  check_float_updates,
+  check_int,
+  check_positive,
+  expand,
+  sum_over_devices,
+  taking_part,
+)
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -34,22 +41,28 @@ _HI = jax.lax.Precision.HIGHEST
 # ------------------------------------------------------------------ buffer
 def _buffer_init(update_spec, num_slots, name):
   check_float_updates(update_spec, name)
-  return {"updates": jax.tree.map(
-      lambda s: jnp.zeros((num_slots,) + tuple(s.shape), s.dtype),
-      update_spec),
-          "weights": jnp.zeros((num_slots,), jnp.float32),
-          "mask": jnp.zeros((num_slots,), jnp.float32)}
+  return {
+    "updates": jax.tree.map(
+      lambda s: jnp.zeros((num_slots,) + tuple(s.shape), s.dtype), update_spec
+    ),
+    "weights": jnp.zeros((num_slots,), jnp.float32),
+    "mask": jnp.zeros((num_slots,), jnp.float32),
+  }
 
 
 def _buffer_add(acc, updates, weights, valid, slots):
   num_slots = acc["mask"].shape[0]
   part = taking_part(weights, valid)
   idx = jnp.where(part, slots, num_slots)  # out of range: dropped
-  return {"updates": jax.tree.map(
+  return {
+    "updates": jax.tree.map(
       lambda a, u: a.at[idx].set(u.astype(a.dtype), mode="drop"),
-      acc["updates"], updates),
-          "weights": acc["weights"].at[idx].set(weights, mode="drop"),
-          "mask": acc["mask"].at[idx].set(1.0, mode="drop")}
+      acc["updates"],
+      updates,
+    ),
+    "weights": acc["weights"].at[idx].set(weights, mode="drop"),
+    "mask": acc["mask"].at[idx].set(1.0, mode="drop"),
+  }
 
 
 def _materialized(name, finalize, init_state=_no_state, check=None):
@@ -63,9 +76,15 @@ def _materialized(name, finalize, init_state=_no_state, check=None):
     del state
     return _buffer_add(acc, updates, weights, valid, slots)
 
-  return Aggregator(init_state=init_state, init=init, add=add,
-                    merge=sum_over_devices, finalize=finalize,
-                    materialized=True, name=name)
+  return Aggregator(
+    init_state=init_state,
+    init=init,
+    add=add,
+    merge=sum_over_devices,
+    finalize=finalize,
+    materialized=True,
+    name=name,
+  )
 
 
 def _total_weight(acc):
@@ -74,9 +93,11 @@ def _total_weight(acc):
 
 def _sq_distances_to(updates, point):
   """``[m]``: ``||u_i - point||^2`` over all leaves (point: one update)."""
+
   def one(u, p):
     d = (u - p[None]).astype(jnp.float32).reshape(u.shape[0], -1)
     return jnp.sum(d * d, axis=1)
+
   return sum(jax.tree.leaves(jax.tree.map(one, updates, point)))
 
 
@@ -93,13 +114,15 @@ def _pairwise_sq_distances(updates):
 def _weighted_rows(updates, coef):
   """``sum_i coef_i u_i`` (coef ``[m]``)."""
   return jax.tree.map(
-      lambda u: jnp.einsum("m,m...->...", coef.astype(u.dtype), u,
-                           precision=_HI), updates)
+    lambda u: jnp.einsum("m,m...->...", coef.astype(u.dtype), u, precision=_HI),
+    updates,
+  )
 
 
 def _zeros_if_empty(n, tree):
-  return jax.tree.map(lambda a: jnp.where(n > 0, a, jnp.zeros((), a.dtype)),
-                      tree)
+  return jax.tree.map(
+    lambda a: jnp.where(n > 0, a, jnp.zeros((), a.dtype)), tree
+  )
 
 
 def _sorted_valid(a, mask):
@@ -120,6 +143,7 @@ def coordinate_median() -> Aggregator:
   number of clients). Unweighted. Materialized: ``clients_per_round x
   update`` per device and run.
   """
+
   def finalize(state, acc, rng):
     del rng
     mask = acc["mask"]
@@ -129,9 +153,11 @@ def coordinate_median() -> Aggregator:
     def med(a):
       s = _sorted_valid(a, mask)
       return 0.5 * (jnp.take(s, lo, axis=0) + jnp.take(s, hi, axis=0))
+
     mean = _zeros_if_empty(n, jax.tree.map(med, acc["updates"]))
-    return AggregatorOutput(mean=mean, total_weight=_total_weight(acc),
-                            metrics={}), state
+    return AggregatorOutput(
+      mean=mean, total_weight=_total_weight(acc), metrics={}
+    ), state
 
   return _materialized("coordinate_median", finalize)
 
@@ -150,14 +176,18 @@ def trimmed_mean(beta: float) -> Aggregator:
   Args:
     beta: the fraction trimmed from each side, ``0 <= beta < 0.5``.
   """
-  if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating,
-                                                     np.integer)):
-    raise TypeError(f"trimmed_mean: beta must be a float in [0, 0.5), got "
-                    f"{beta!r}.")
+  if isinstance(beta, bool) or not isinstance(
+    beta, (int, float, np.floating, np.integer)
+  ):
+    raise TypeError(
+      f"trimmed_mean: beta must be a float in [0, 0.5), got {beta!r}."
+    )
   if not 0.0 <= float(beta) < 0.5:
-    raise ValueError(f"trimmed_mean: beta must be in [0, 0.5) (the fraction "
-                     f"trimmed from EACH side), got {beta!r}; beta >= 0.5 "
-                     "would trim every client.")
+    raise ValueError(
+      f"trimmed_mean: beta must be in [0, 0.5) (the fraction "
+      f"trimmed from EACH side), got {beta!r}; beta >= 0.5 "
+      "would trim every client."
+    )
   beta = float(beta)
 
   def finalize(state, acc, rng):
@@ -165,8 +195,9 @@ def trimmed_mean(beta: float) -> Aggregator:
     mask = acc["mask"]
     m = mask.shape[0]
     # k for every possible n, computed exactly (float64) on the host.
-    table = jnp.asarray([int(np.floor(beta * n)) for n in range(m + 1)],
-                        jnp.int32)
+    table = jnp.asarray(
+      [int(np.floor(beta * n)) for n in range(m + 1)], jnp.int32
+    )
     n = jnp.sum(mask).astype(jnp.int32)
     k = table[n]
     pos = jnp.arange(m)
@@ -177,9 +208,11 @@ def trimmed_mean(beta: float) -> Aggregator:
       s = _sorted_valid(a, mask)
       kept = jnp.where(expand(keep, a.ndim), s, jnp.zeros((), a.dtype))
       return (jnp.sum(kept, axis=0) / denom).astype(a.dtype)
+
     mean = _zeros_if_empty(n, jax.tree.map(tmean, acc["updates"]))
-    return AggregatorOutput(mean=mean, total_weight=_total_weight(acc),
-                            metrics={}), state
+    return AggregatorOutput(
+      mean=mean, total_weight=_total_weight(acc), metrics={}
+    ), state
 
   return _materialized(f"trimmed_mean({beta})", finalize)
 
@@ -209,12 +242,15 @@ def krum(num_byzantine: int, multi: int = 1) -> Aggregator:
   def check(num_slots):
     if 2 * f + 2 >= num_slots:
       raise ValueError(
-          f"krum: num_byzantine={f} needs clients_per_round > 2 * "
-          f"num_byzantine + 2 = {2 * f + 2}, got clients_per_round="
-          f"{num_slots}; sample more clients or lower num_byzantine.")
+        f"krum: num_byzantine={f} needs clients_per_round > 2 * "
+        f"num_byzantine + 2 = {2 * f + 2}, got clients_per_round="
+        f"{num_slots}; sample more clients or lower num_byzantine."
+      )
     if multi > num_slots - f:
-      raise ValueError(f"krum: multi={multi} must be <= clients_per_round - "
-                       f"num_byzantine = {num_slots - f}.")
+      raise ValueError(
+        f"krum: multi={multi} must be <= clients_per_round - "
+        f"num_byzantine = {num_slots - f}."
+      )
 
   def finalize(state, acc, rng):
     del rng
@@ -226,24 +262,30 @@ def krum(num_byzantine: int, multi: int = 1) -> Aggregator:
     d = jnp.where(others, d, jnp.inf)
     nearest = jnp.sort(d, axis=1)
     k = jnp.clip(n - f - 2, 1, jnp.maximum(n - 1, 1))
-    scores = jnp.sum(jnp.where(jnp.arange(m)[None, :] < k, nearest, 0.0),
-                     axis=1)
+    scores = jnp.sum(
+      jnp.where(jnp.arange(m)[None, :] < k, nearest, 0.0), axis=1
+    )
     scores = jnp.where(mask, scores, jnp.inf)
     order = jnp.argsort(scores, stable=True)
     chosen = jnp.minimum(multi, n)
-    coef = jnp.zeros((m,), jnp.float32).at[order].set(
-        (jnp.arange(m) < chosen).astype(jnp.float32))
+    coef = (
+      jnp.zeros((m,), jnp.float32)
+      .at[order]
+      .set((jnp.arange(m) < chosen).astype(jnp.float32))
+    )
     coef = coef / jnp.maximum(chosen, 1).astype(jnp.float32)
     mean = _zeros_if_empty(n, _weighted_rows(acc["updates"], coef))
-    return AggregatorOutput(mean=mean, total_weight=_total_weight(acc),
-                            metrics={}), state
+    return AggregatorOutput(
+      mean=mean, total_weight=_total_weight(acc), metrics={}
+    ), state
 
   name = f"krum({f})" if multi == 1 else f"multi_krum({f}, {multi})"
   return _materialized(name, finalize, check=check)
 
 
-def geometric_median(eps: float = 1e-6, iters: int = 10,
-                     nu: float = 1e-6) -> Aggregator:
+def geometric_median(
+  eps: float = 1e-6, iters: int = 10, nu: float = 1e-6
+) -> Aggregator:
   r"""The weighted geometric median by smoothed Weiszfeld (RFA: Pillutla et
   al. 2019, "Robust Aggregation for Federated Learning", arXiv:1912.13445).
 
@@ -292,11 +334,14 @@ def geometric_median(eps: float = 1e-6, iters: int = 10,
       return (t < iters) & ~done
 
     t, z, _, _ = jax.lax.while_loop(
-        cond, step, (jnp.int32(0), z0, objective(z0), total <= 0))
+      cond, step, (jnp.int32(0), z0, objective(z0), total <= 0)
+    )
     mean = _zeros_if_empty(total, z)
     return AggregatorOutput(
-        mean=mean, total_weight=total,
-        metrics={"geometric_median_iters": t.astype(jnp.float32)}), state
+      mean=mean,
+      total_weight=total,
+      metrics={"geometric_median_iters": t.astype(jnp.float32)},
+    ), state
 
   return _materialized("geometric_median", finalize)
 
@@ -326,8 +371,9 @@ def centered_clipping(tau: float, iters: int = 1) -> Aggregator:
 
   def init_state(update_spec):
     check_float_updates(update_spec, "centered_clipping")
-    return {"center": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                   update_spec)}
+    return {
+      "center": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_spec)
+    }
 
   def finalize(state, acc, rng):
     del rng
@@ -342,15 +388,19 @@ def centered_clipping(tau: float, iters: int = 1) -> Aggregator:
       moved = _weighted_rows(u, coef)
       # v + sum_k c_k (u_k - v) = v (1 - sum_k c_k) + sum_k c_k u_k
       s = jnp.sum(coef)
-      return jax.tree.map(lambda vv, mv: vv * (1.0 - s).astype(vv.dtype) + mv,
-                          v, moved)
+      return jax.tree.map(
+        lambda vv, mv: vv * (1.0 - s).astype(vv.dtype) + mv, v, moved
+      )
 
     v = jax.lax.fori_loop(0, iters, step, state["center"])
-    center = jax.tree.map(lambda new, old: jnp.where(n > 0, new, old), v,
-                          state["center"])
+    center = jax.tree.map(
+      lambda new, old: jnp.where(n > 0, new, old), v, state["center"]
+    )
     mean = _zeros_if_empty(n, v)
-    return AggregatorOutput(mean=mean, total_weight=_total_weight(acc),
-                            metrics={}), {"center": center}
+    return AggregatorOutput(
+      mean=mean, total_weight=_total_weight(acc), metrics={}
+    ), {"center": center}
 
-  return _materialized(f"centered_clipping({tau})", finalize,
-                       init_state=init_state)
+  return _materialized(
+    f"centered_clipping({tau})", finalize, init_state=init_state
+  )

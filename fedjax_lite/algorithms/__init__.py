@@ -77,26 +77,48 @@ The family and what each one changes
 ============================  ==============================================
 """
 
-from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
-                                         FederatedAlgorithm, hyperparameter,
-                                         tree_select, tree_sub,
-                                         tree_zeros_like)
+from fedjax_lite.algorithms.base import (
+  Aggregate,
+  ClientOutput,
+  FederatedAlgorithm,
+  hyperparameter,
+  tree_select,
+  tree_sub,
+  tree_zeros_like,
+)
 from fedjax_lite.algorithms.ditto import ditto, personal_params
-from fedjax_lite.algorithms.fed_avg import (ServerState, fed_avg,
-                                            model_objective, server_opt_update)
+from fedjax_lite.algorithms.fed_avg import (
+  ServerState,
+  fed_avg,
+  model_objective,
+  server_opt_update,
+)
 from fedjax_lite.algorithms.fed_nova import fed_nova
-from fedjax_lite.algorithms.fed_opt import (fed_adagrad, fed_adam, fed_avg_m,
-                                            fed_yogi, fedopt_server_optimizer,
-                                            scale_by_fedopt)
+from fedjax_lite.algorithms.fed_opt import (
+  fed_adagrad,
+  fed_adam,
+  fed_avg_m,
+  fed_yogi,
+  fedopt_server_optimizer,
+  scale_by_fedopt,
+)
 from fedjax_lite.algorithms.fed_prox import fed_prox, prox_objective
 from fedjax_lite.algorithms.grid import grid_algorithm
-from fedjax_lite.algorithms.full_batch import (first_epoch, full_batch_grad,
-                                               full_batch_loss)
-from fedjax_lite.algorithms.local import (LocalResult, local_train,
-                                         objective_grad_fn)
+from fedjax_lite.algorithms.full_batch import (
+  first_epoch,
+  full_batch_grad,
+  full_batch_loss,
+)
+from fedjax_lite.algorithms.local import (
+  LocalResult,
+  local_train,
+  objective_grad_fn,
+)
 from fedjax_lite.algorithms.mime import MimeState, mime, mime_lite
 from fedjax_lite.algorithms.q_ffl import q_fed_avg
 from fedjax_lite.algorithms.scaffold import ScaffoldState, scaffold
-from fedjax_lite.algorithms.stragglers import (StragglerState,
-                                               straggler_epochs,
-                                               with_stragglers)
+from fedjax_lite.algorithms.stragglers import (
+  StragglerState,
+  straggler_epochs,
+  with_stragglers,
+)

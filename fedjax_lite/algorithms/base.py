@@ -31,6 +31,7 @@ class ClientOutput(NamedTuple):
     metrics: name -> ``(sum, count)``; the engine reports
       ``sum over clients of sums / sum of counts``.
   """
+
   update: PyTree
   weight: jax.Array
   state: PyTree = None
@@ -46,6 +47,7 @@ class Aggregate(NamedTuple):
     num_clients: number of clients that took part (float scalar).
     metrics: name -> ``(sum, count)`` summed over clients.
   """
+
   mean: PyTree
   total_weight: jax.Array
   num_clients: jax.Array
@@ -84,6 +86,7 @@ class FederatedAlgorithm(NamedTuple):
       :class:`fedjax_lite.aggregators.Aggregator`); None is the weighted mean
       ``sum_k w_k u_k / sum_k w_k``.
   """
+
   server_init: Callable[[PyTree], PyTree]
   client_update: Callable[..., ClientOutput]
   server_update: Callable[[PyTree, Aggregate], PyTree]

@@ -33,10 +33,16 @@ from fedjax_lite.algorithms.local import local_train, objective_grad_fn
 from fedjax_lite.models.core import Model
 
 
-def ditto(model: Model, client_optimizer: optax.GradientTransformation,
-          server_optimizer: optax.GradientTransformation | None = None, *,
-          lam: float, personal_optimizer: optax.GradientTransformation | None
-          = None, name: str = "ditto", aggregator=None) -> FederatedAlgorithm:
+def ditto(
+  model: Model,
+  client_optimizer: optax.GradientTransformation,
+  server_optimizer: optax.GradientTransformation | None = None,
+  *,
+  lam: float,
+  personal_optimizer: optax.GradientTransformation | None = None,
+  name: str = "ditto",
+  aggregator=None,
+) -> FederatedAlgorithm:
   """Ditto over FedAvg/FedOpt.
 
   Args:
@@ -53,8 +59,9 @@ def ditto(model: Model, client_optimizer: optax.GradientTransformation,
   The engine's ``state.clients`` holds the personal models (leading axis
   ``num_clients``); :func:`personal_params` picks one client's.
   """
-  base = fed_avg(model, client_optimizer, server_optimizer,
-                 aggregator=aggregator)
+  base = fed_avg(
+    model, client_optimizer, server_optimizer, aggregator=aggregator
+  )
   personal = personal_optimizer or client_optimizer
   objective = prox_objective(model, lam)
 
@@ -64,14 +71,20 @@ def ditto(model: Model, client_optimizer: optax.GradientTransformation,
   def client_update(server_params, personal_params, data, rng):
     k_global, k_personal = jax.random.split(rng)
     out = base.client_update(server_params, None, data, k_global)
-    result = local_train(objective_grad_fn(objective, server_params), personal,
-                         personal_params, data, k_personal)
+    result = local_train(
+      objective_grad_fn(objective, server_params),
+      personal,
+      personal_params,
+      data,
+      k_personal,
+    )
     metrics = dict(out.metrics)
     metrics.update({f"personal_{k}": v for k, v in result.metrics.items()})
     return out._replace(state=result.params, metrics=metrics)
 
-  return base._replace(client_init=client_init, client_update=client_update,
-                       name=name)
+  return base._replace(
+    client_init=client_init, client_update=client_update, name=name
+  )
 
 
 def personal_params(engine_state, client: int):

@@ -25,8 +25,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
-                                         FederatedAlgorithm, tree_sub)
+from fedjax_lite.algorithms.base import (
+  Aggregate,
+  ClientOutput,
+  FederatedAlgorithm,
+  tree_sub,
+)
 from fedjax_lite.algorithms.local import local_train, objective_grad_fn
 from fedjax_lite.models.core import Model
 
@@ -38,32 +42,44 @@ LocalObjective = Callable[..., tuple[jax.Array, dict]]
 @flax.struct.dataclass
 class ServerState:
   """FedAvg/FedOpt server state: the global params and the server optimizer."""
+
   params: PyTree
   opt_state: PyTree
 
 
 def model_objective(model: Model) -> LocalObjective:
   """The plain local objective: the model's masked mean batch loss."""
+
   def objective(params, server_params, batch, mask, rng):
     del server_params
     return model.batch_loss(params, batch, mask, rng, train=True)
+
   return objective
 
 
-def server_opt_update(server_optimizer: optax.GradientTransformation,
-                      state: ServerState, pseudo_gradient: PyTree
-                      ) -> ServerState:
+def server_opt_update(
+  server_optimizer: optax.GradientTransformation,
+  state: ServerState,
+  pseudo_gradient: PyTree,
+) -> ServerState:
   """Applies the server optimizer to a pseudo-gradient."""
-  updates, opt_state = server_optimizer.update(pseudo_gradient,
-                                               state.opt_state, state.params)
-  return state.replace(params=optax.apply_updates(state.params, updates),
-                       opt_state=opt_state)
+  updates, opt_state = server_optimizer.update(
+    pseudo_gradient, state.opt_state, state.params
+  )
+  return state.replace(
+    params=optax.apply_updates(state.params, updates), opt_state=opt_state
+  )
 
 
-def fed_avg(model: Model, client_optimizer: optax.GradientTransformation,
-            server_optimizer: optax.GradientTransformation | None = None, *,
-            local_objective: LocalObjective | None = None,
-            name: str = "fed_avg", aggregator=None) -> FederatedAlgorithm:
+def fed_avg(
+  model: Model,
+  client_optimizer: optax.GradientTransformation,
+  server_optimizer: optax.GradientTransformation | None = None,
+  *,
+  local_objective: LocalObjective | None = None,
+  name: str = "fed_avg",
+  aggregator=None,
+) -> FederatedAlgorithm:
   """FedAvg/FedOpt.
 
   Args:
@@ -92,18 +108,31 @@ def fed_avg(model: Model, client_optimizer: optax.GradientTransformation,
 
   def client_update(server_params, client_state, data, rng):
     del client_state
-    result = local_train(objective_grad_fn(objective, server_params),
-                         client_optimizer, server_params, data, rng)
+    result = local_train(
+      objective_grad_fn(objective, server_params),
+      client_optimizer,
+      server_params,
+      data,
+      rng,
+    )
     delta = tree_sub(server_params, result.params)
     weight = data.num_examples.astype(jnp.float32)
-    metrics = dict(result.metrics, local_steps=(
-        result.num_steps.astype(jnp.float32), jnp.ones((), jnp.float32)))
+    metrics = dict(
+      result.metrics,
+      local_steps=(
+        result.num_steps.astype(jnp.float32),
+        jnp.ones((), jnp.float32),
+      ),
+    )
     return ClientOutput(update=delta, weight=weight, metrics=metrics)
 
   def server_update(state: ServerState, aggregate: Aggregate) -> ServerState:
     return server_opt_update(server_optimizer, state, aggregate.mean)
 
-  return FederatedAlgorithm(server_init=server_init,
-                            client_update=client_update,
-                            server_update=server_update, name=name,
-                            aggregator=aggregator)
+  return FederatedAlgorithm(
+    server_init=server_init,
+    client_update=client_update,
+    server_update=server_update,
+    name=name,
+    aggregator=aggregator,
+  )

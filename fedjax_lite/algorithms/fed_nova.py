@@ -33,8 +33,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.base import (Aggregate, FederatedAlgorithm,
-                                         hyperparameter)
+from fedjax_lite.algorithms.base import (
+  Aggregate,
+  FederatedAlgorithm,
+  hyperparameter,
+)
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.algorithms.fed_prox import prox_objective
 from fedjax_lite.models.core import Model
@@ -57,10 +60,9 @@ def a_norm(tau: jax.Array, learning_rate, momentum=0.0, mu=0.0) -> jax.Array:
   rho = jnp.asarray(momentum, jnp.float32)
   if no_prox:
     return (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
-  alpha = jnp.asarray(learning_rate, jnp.float32) * jnp.asarray(mu,
-                                                                 jnp.float32)
+  alpha = jnp.asarray(learning_rate, jnp.float32) * jnp.asarray(mu, jnp.float32)
   if no_momentum:
-    return (1 - (1 - alpha)**tau) / alpha
+    return (1 - (1 - alpha) ** tau) / alpha
 
   def step(_, carry):
     e, m = carry
@@ -72,10 +74,16 @@ def a_norm(tau: jax.Array, learning_rate, momentum=0.0, mu=0.0) -> jax.Array:
   return -e / learning_rate
 
 
-def fed_nova(model: Model, client_learning_rate: float,
-             server_optimizer: optax.GradientTransformation | None = None, *,
-             momentum: float = 0.0, mu: float = 0.0, name: str = "fed_nova",
-             aggregator=None) -> FederatedAlgorithm:
+def fed_nova(
+  model: Model,
+  client_learning_rate: float,
+  server_optimizer: optax.GradientTransformation | None = None,
+  *,
+  momentum: float = 0.0,
+  mu: float = 0.0,
+  name: str = "fed_nova",
+  aggregator=None,
+) -> FederatedAlgorithm:
   """FedNova with a local SGD / momentum / proximal solver.
 
   FedAvg (with FedProx's objective when ``mu > 0``) whose clients send
@@ -96,9 +104,13 @@ def fed_nova(model: Model, client_learning_rate: float,
   if not 0 <= momentum < 1:
     raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
   lr = hyperparameter(client_learning_rate)
-  base = fed_avg(model, optax.sgd(lr, momentum=momentum or None),
-                 server_optimizer, local_objective=prox_objective(model, mu),
-                 aggregator=aggregator)
+  base = fed_avg(
+    model,
+    optax.sgd(lr, momentum=momentum or None),
+    server_optimizer,
+    local_objective=prox_objective(model, mu),
+    aggregator=aggregator,
+  )
 
   def client_update(server_params, client_state, data, rng):
     out = base.client_update(server_params, client_state, data, rng)
@@ -113,5 +125,6 @@ def fed_nova(model: Model, client_learning_rate: float,
     pseudo_gradient = jax.tree.map(lambda d: tau_eff * d, aggregate.mean["d"])
     return base.server_update(state, aggregate._replace(mean=pseudo_gradient))
 
-  return base._replace(client_update=client_update,
-                       server_update=server_update, name=name)
+  return base._replace(
+    client_update=client_update, server_update=server_update, name=name
+  )

@@ -51,8 +51,9 @@ class FedOptState(NamedTuple):
   v: optax.Updates
 
 
-def scale_by_fedopt(rule: str, b1: float = 0.9, b2: float = 0.99,
-                    tau: float = 1e-3) -> optax.GradientTransformation:
+def scale_by_fedopt(
+  rule: str, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3
+) -> optax.GradientTransformation:
   """``Delta -> m_t / (sqrt(v_t) + tau)`` for Reddi et al.'s ``rule``.
 
   Args:
@@ -64,13 +65,15 @@ def scale_by_fedopt(rule: str, b1: float = 0.9, b2: float = 0.99,
   if rule not in _RULES:
     raise ValueError(f"rule must be one of {_RULES}, got {rule!r}.")
   if not (0 <= b1 < 1 and 0 <= b2 < 1 and tau > 0):
-    raise ValueError(f"need 0 <= b1, b2 < 1 and tau > 0; got b1={b1}, "
-                     f"b2={b2}, tau={tau}.")
+    raise ValueError(
+      f"need 0 <= b1, b2 < 1 and tau > 0; got b1={b1}, b2={b2}, tau={tau}."
+    )
 
   def init(params):
-    return FedOptState(m=jax.tree.map(jnp.zeros_like, params),
-                       v=jax.tree.map(lambda p: jnp.full_like(p, tau**2),
-                                      params))
+    return FedOptState(
+      m=jax.tree.map(jnp.zeros_like, params),
+      v=jax.tree.map(lambda p: jnp.full_like(p, tau**2), params),
+    )
 
   def second_moment(v, d):
     d2 = d * d
@@ -90,27 +93,44 @@ def scale_by_fedopt(rule: str, b1: float = 0.9, b2: float = 0.99,
   return optax.GradientTransformation(init, update)
 
 
-def fedopt_server_optimizer(rule: str, learning_rate: float, *,
-                            b1: float = 0.9, b2: float = 0.99,
-                            tau: float = 1e-3) -> optax.GradientTransformation:
+def fedopt_server_optimizer(
+  rule: str,
+  learning_rate: float,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.99,
+  tau: float = 1e-3,
+) -> optax.GradientTransformation:
   """The server optimizer of FedAdagrad / FedAdam / FedYogi."""
-  return optax.chain(scale_by_fedopt(rule, b1, b2, tau),
-                     optax.scale(-learning_rate))
+  return optax.chain(
+    scale_by_fedopt(rule, b1, b2, tau), optax.scale(-learning_rate)
+  )
 
 
 def _fed_opt(rule):
-  def factory(model: Model, client_optimizer: optax.GradientTransformation,
-              server_learning_rate: float, *, b1: float = 0.9,
-              b2: float = 0.99, tau: float = 1e-3,
-              aggregator=None) -> FederatedAlgorithm:
-    server = fedopt_server_optimizer(rule, server_learning_rate, b1=b1, b2=b2,
-                                     tau=tau)
-    return fed_avg(model, client_optimizer, server, name=f"fed_{rule}",
-                   aggregator=aggregator)
+  def factory(
+    model: Model,
+    client_optimizer: optax.GradientTransformation,
+    server_learning_rate: float,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    tau: float = 1e-3,
+    aggregator=None,
+  ) -> FederatedAlgorithm:
+    server = fedopt_server_optimizer(
+      rule, server_learning_rate, b1=b1, b2=b2, tau=tau
+    )
+    return fed_avg(
+      model, client_optimizer, server, name=f"fed_{rule}", aggregator=aggregator
+    )
+
   factory.__name__ = f"fed_{rule}"
-  factory.__doc__ = (f"Fed{rule.capitalize()} (Reddi et al. 2021, "
-                     "arXiv:2003.00295): FedAvg with the server rule "
-                     f"``{rule}`` (see the module docstring).")
+  factory.__doc__ = (
+    f"Fed{rule.capitalize()} (Reddi et al. 2021, "
+    "arXiv:2003.00295): FedAvg with the server rule "
+    f"``{rule}`` (see the module docstring)."
+  )
   return factory
 
 
@@ -119,10 +139,19 @@ fed_adam = _fed_opt("adam")
 fed_yogi = _fed_opt("yogi")
 
 
-def fed_avg_m(model: Model, client_optimizer: optax.GradientTransformation,
-              server_learning_rate: float = 1.0, *,
-              momentum: float = 0.9, aggregator=None) -> FederatedAlgorithm:
+def fed_avg_m(
+  model: Model,
+  client_optimizer: optax.GradientTransformation,
+  server_learning_rate: float = 1.0,
+  *,
+  momentum: float = 0.9,
+  aggregator=None,
+) -> FederatedAlgorithm:
   """FedAvgM: FedAvg with server heavy-ball momentum (arXiv:1909.06335)."""
-  return fed_avg(model, client_optimizer,
-                 optax.sgd(server_learning_rate, momentum=momentum),
-                 name="fed_avg_m", aggregator=aggregator)
+  return fed_avg(
+    model,
+    client_optimizer,
+    optax.sgd(server_learning_rate, momentum=momentum),
+    name="fed_avg_m",
+    aggregator=aggregator,
+  )

@@ -21,19 +21,25 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite.algorithms.base import FederatedAlgorithm
-from fedjax_lite.algorithms.fed_avg import (LocalObjective, fed_avg,
-                                            model_objective)
+from fedjax_lite.algorithms.fed_avg import (
+  LocalObjective,
+  fed_avg,
+  model_objective,
+)
 from fedjax_lite.models.core import Model
 
 
 def squared_distance(a, b) -> jax.Array:
   """``||a - b||^2`` summed over every leaf of two same-shaped pytrees."""
-  return sum(jnp.sum(jnp.square(x - y)) for x, y in
-             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return sum(
+    jnp.sum(jnp.square(x - y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
-def prox_objective(model: Model, mu: float,
-                   base: LocalObjective | None = None) -> LocalObjective:
+def prox_objective(
+  model: Model, mu: float, base: LocalObjective | None = None
+) -> LocalObjective:
   """``base(w) + mu/2 ||w - w_t||^2`` as a local objective.
 
   Args:
@@ -50,13 +56,19 @@ def prox_objective(model: Model, mu: float,
     if mu == 0:
       return loss, stats
     return loss + 0.5 * mu * squared_distance(params, server_params), stats
+
   return objective
 
 
-def fed_prox(model: Model, client_optimizer: optax.GradientTransformation,
-             server_optimizer: optax.GradientTransformation | None = None, *,
-             mu: float, name: str = "fed_prox", aggregator=None
-             ) -> FederatedAlgorithm:
+def fed_prox(
+  model: Model,
+  client_optimizer: optax.GradientTransformation,
+  server_optimizer: optax.GradientTransformation | None = None,
+  *,
+  mu: float,
+  name: str = "fed_prox",
+  aggregator=None,
+) -> FederatedAlgorithm:
   """FedProx: :func:`fed_avg` with the proximal local objective.
 
   Args:
@@ -68,6 +80,11 @@ def fed_prox(model: Model, client_optimizer: optax.GradientTransformation,
     name: for reports.
     aggregator: the round's aggregator (None: example-weighted mean).
   """
-  return fed_avg(model, client_optimizer, server_optimizer,
-                 local_objective=prox_objective(model, mu), name=name,
-                 aggregator=aggregator)
+  return fed_avg(
+    model,
+    client_optimizer,
+    server_optimizer,
+    local_objective=prox_objective(model, mu),
+    name=name,
+    aggregator=aggregator,
+  )

@@ -22,8 +22,9 @@ from fedjax_lite.data.batching import ClientData
 from fedjax_lite.models.core import Model
 
 
-def first_epoch(data: ClientData, num_epochs: int = 1
-                ) -> tuple[dict, jax.Array]:
+def first_epoch(
+  data: ClientData, num_epochs: int = 1
+) -> tuple[dict, jax.Array]:
   """The first ``steps // num_epochs`` steps flattened to one batch + mask.
 
   Shapes: batch features ``[steps // num_epochs * batch, ...]``, mask the same
@@ -31,24 +32,29 @@ def first_epoch(data: ClientData, num_epochs: int = 1
   """
   steps = data.num_steps
   if not isinstance(num_epochs, int) or num_epochs < 1 or steps % num_epochs:
-    raise ValueError(f"num_epochs={num_epochs!r} must be a positive int "
-                     f"dividing the client's {steps} local steps; pass the "
-                     "LocalWork's num_epochs (or 1).")
+    raise ValueError(
+      f"num_epochs={num_epochs!r} must be a positive int "
+      f"dividing the client's {steps} local steps; pass the "
+      "LocalWork's num_epochs (or 1)."
+    )
   spe = steps // num_epochs
-  batch = {k: v[:spe].reshape((-1,) + v.shape[2:])
-           for k, v in data.batches.items()}
+  batch = {
+    k: v[:spe].reshape((-1,) + v.shape[2:]) for k, v in data.batches.items()
+  }
   return batch, data.mask[:spe].reshape(-1)
 
 
-def full_batch_loss(model: Model, params, data: ClientData,
-                    num_epochs: int = 1) -> tuple[jax.Array, dict]:
+def full_batch_loss(
+  model: Model, params, data: ClientData, num_epochs: int = 1
+) -> tuple[jax.Array, dict]:
   """``F_k(params)``: the mean loss over the client's examples (eval mode)."""
   batch, mask = first_epoch(data, num_epochs)
   return model.batch_loss(params, batch, mask, None, train=False)
 
 
-def full_batch_grad(model: Model, params, data: ClientData, rng: jax.Array,
-                    num_epochs: int = 1):
+def full_batch_grad(
+  model: Model, params, data: ClientData, rng: jax.Array, num_epochs: int = 1
+):
   """``(grad F_k(params), stats)`` over the client's examples (train mode).
 
   A ``lax.scan`` over the first epoch's steps accumulating ``count_s *
@@ -68,14 +74,19 @@ def full_batch_grad(model: Model, params, data: ClientData, rng: jax.Array,
     grads, stats = grad_fn(params, batch, m, jax.random.fold_in(rng, i))
     n = jnp.sum(m.astype(jnp.float32))
     acc_grads, acc_stats = acc
-    return (jax.tree.map(lambda a, g: a + n * g, acc_grads, grads),
-            jax.tree.map(jnp.add, acc_stats, stats)), None
+    return (
+      jax.tree.map(lambda a, g: a + n * g, acc_grads, grads),
+      jax.tree.map(jnp.add, acc_stats, stats),
+    ), None
 
   first = jax.tree.map(lambda v: v[0], batches)
   _, stats_shape = jax.eval_shape(grad_fn, params, first, mask[0], rng)
-  zeros = (jax.tree.map(jnp.zeros_like, params),
-           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape))
-  (grads, stats), _ = jax.lax.scan(body, zeros,
-                                   (batches, mask, jnp.arange(spe)))
+  zeros = (
+    jax.tree.map(jnp.zeros_like, params),
+    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape),
+  )
+  (grads, stats), _ = jax.lax.scan(
+    body, zeros, (batches, mask, jnp.arange(spe))
+  )
   total = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
   return jax.tree.map(lambda g: g / total, grads), stats

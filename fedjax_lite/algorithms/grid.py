@@ -20,14 +20,18 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
-                                         FederatedAlgorithm)
+from fedjax_lite.algorithms.base import (
+  Aggregate,
+  ClientOutput,
+  FederatedAlgorithm,
+)
 
 GRID_WEIGHT = "_grid_mean_weight"
 
 
-def grid_algorithm(make_algorithm, h: Mapping[str, jax.Array],
-                   num_points: int) -> FederatedAlgorithm:
+def grid_algorithm(
+  make_algorithm, h: Mapping[str, jax.Array], num_points: int
+) -> FederatedAlgorithm:
   """``num_points`` grid points of one run as ONE federated algorithm.
 
   Server and client states carry a leading grid axis. Every client trains
@@ -45,8 +49,9 @@ def grid_algorithm(make_algorithm, h: Mapping[str, jax.Array],
   h = dict(h)
 
   def over_points(fn, *args, in_axes=0):
-    return jax.vmap(fn, in_axes=(0,) + (in_axes,) * len(args),
-                    axis_size=num_points)(h, *args)
+    return jax.vmap(
+      fn, in_axes=(0,) + (in_axes,) * len(args), axis_size=num_points
+    )(h, *args)
 
   def each(method):  # (hg, *args) -> make_algorithm(hg).<method>(*args)
     return lambda hg, *a: getattr(make_algorithm(hg), method)(*a)
@@ -62,39 +67,60 @@ def grid_algorithm(make_algorithm, h: Mapping[str, jax.Array],
       metrics = dict(out.metrics)
       metrics[GRID_WEIGHT] = (w, jnp.ones((), jnp.float32))
       return wu, w, out.state, metrics
+
     wu, w, state, metrics = jax.vmap(
-        one, in_axes=(0, 0, None if cstate is None else 0),
-        axis_size=num_points)(h, bcast, cstate)
-    return ClientOutput(update={"wu": wu, "w": w},
-                        weight=jnp.ones((), jnp.float32), state=state,
-                        metrics=metrics)
+      one, in_axes=(0, 0, None if cstate is None else 0), axis_size=num_points
+    )(h, bcast, cstate)
+    return ClientOutput(
+      update={"wu": wu, "w": w},
+      weight=jnp.ones((), jnp.float32),
+      state=state,
+      metrics=metrics,
+    )
 
   def server_update(server, agg):
     # agg.mean = {"wu": mean_k w_kg u_kg, "w": mean_k w_kg} over clients.
     def one(hg, s, wu, w, metrics):
       safe = jnp.where(w > 0, w, 1.0)
-      mean = jax.tree.map(lambda a: jnp.where(w > 0, a / safe.astype(a.dtype),
-                                              jnp.zeros((), a.dtype)), wu)
+      mean = jax.tree.map(
+        lambda a: jnp.where(
+          w > 0, a / safe.astype(a.dtype), jnp.zeros((), a.dtype)
+        ),
+        wu,
+      )
       metrics = {k: v for k, v in metrics.items() if k != GRID_WEIGHT}
-      g = Aggregate(mean=mean, total_weight=w * agg.total_weight,
-                    num_clients=agg.num_clients, metrics=metrics)
+      g = Aggregate(
+        mean=mean,
+        total_weight=w * agg.total_weight,
+        num_clients=agg.num_clients,
+        metrics=metrics,
+      )
       return make_algorithm(hg).server_update(s, g)
+
     return jax.vmap(one, axis_size=num_points)(
-        h, server, agg.mean["wu"], agg.mean["w"], agg.metrics)
+      h, server, agg.mean["wu"], agg.mean["w"], agg.metrics
+    )
 
   probe = make_algorithm({n: v[0] for n, v in h.items()})
   if probe.aggregator is not None and num_points > 1:
     agg = getattr(probe.aggregator, "name", probe.aggregator)
     raise ValueError(
-        f"{probe.name} uses the aggregator {agg!r}; several "
-        "grid points of one run share the round's reduction, which is only "
-        "exact for the default weighted mean. Sweep seeds only, or run each "
-        "grid point separately and overlay them with `compare`.")
-  client_init = None if probe.client_init is None else (
-      lambda p: over_points(each("client_init"), p, in_axes=None))
+      f"{probe.name} uses the aggregator {agg!r}; several "
+      "grid points of one run share the round's reduction, which is only "
+      "exact for the default weighted mean. Sweep seeds only, or run each "
+      "grid point separately and overlay them with `compare`."
+    )
+  client_init = (
+    None
+    if probe.client_init is None
+    else (lambda p: over_points(each("client_init"), p, in_axes=None))
+  )
   return FederatedAlgorithm(
-      server_init=lambda p: over_points(each("server_init"), p, in_axes=None),
-      client_update=client_update, server_update=server_update,
-      broadcast=broadcast, client_init=client_init,
-      get_params=lambda s: over_points(each("get_params"), s),
-      name=f"{probe.name} x{num_points}")
+    server_init=lambda p: over_points(each("server_init"), p, in_axes=None),
+    client_update=client_update,
+    server_update=server_update,
+    broadcast=broadcast,
+    client_init=client_init,
+    get_params=lambda s: over_points(each("get_params"), s),
+    name=f"{probe.name} x{num_points}",
+  )

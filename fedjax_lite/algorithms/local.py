@@ -31,16 +31,23 @@ class LocalResult(NamedTuple):
     metrics: name -> ``(sum, count)`` accumulated over the steps, each
       evaluated at the parameters before that step's update.
   """
+
   params: PyTree
   opt_state: PyTree
   num_steps: jax.Array
   metrics: dict
 
 
-def local_train(grad_fn: GradFn, optimizer: optax.GradientTransformation,
-                params: PyTree, data: ClientData, rng: jax.Array, *,
-                step_mask: jax.Array | None = None,
-                opt_state: PyTree | None = None) -> LocalResult:
+def local_train(
+  grad_fn: GradFn,
+  optimizer: optax.GradientTransformation,
+  params: PyTree,
+  data: ClientData,
+  rng: jax.Array,
+  *,
+  step_mask: jax.Array | None = None,
+  opt_state: PyTree | None = None,
+) -> LocalResult:
   """Runs ``optimizer`` on ``grad_fn`` over the client's batches.
 
   Args:
@@ -86,8 +93,9 @@ def local_train(grad_fn: GradFn, optimizer: optax.GradientTransformation,
   return LocalResult(params, opt_state, taken, sums)
 
 
-def objective_grad_fn(objective: Callable[..., tuple[jax.Array, dict]],
-                      server_params: PyTree) -> GradFn:
+def objective_grad_fn(
+  objective: Callable[..., tuple[jax.Array, dict]], server_params: PyTree
+) -> GradFn:
   """The :data:`GradFn` of a local objective around the server weights.
 
   ``objective(params, server_params, batch, mask, rng) -> (loss, stats)`` (a
@@ -99,4 +107,5 @@ def objective_grad_fn(objective: Callable[..., tuple[jax.Array, dict]],
 
   def fn(params, batch, mask, rng):
     return grad(params, server_params, batch, mask, rng)
+
   return fn

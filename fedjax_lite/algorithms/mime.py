@@ -47,10 +47,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
-                                         FederatedAlgorithm, hyperparameter,
-                                         tree_select, tree_sub,
-                                         tree_zeros_like)
+from fedjax_lite.algorithms.base import (
+  Aggregate,
+  ClientOutput,
+  FederatedAlgorithm,
+  hyperparameter,
+  tree_select,
+  tree_sub,
+  tree_zeros_like,
+)
 from fedjax_lite.algorithms.full_batch import full_batch_grad
 from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.models.core import Model
@@ -62,33 +67,46 @@ PyTree = Any
 class MimeState:
   """Server weights ``x``, base-optimizer state ``s``, Mime's ``c`` and phase
   (0: gradient round, 1: training round; MimeLite stays at 1)."""
+
   params: PyTree
   opt_state: PyTree
   control: PyTree
   phase: jax.Array
 
 
-def frozen(optimizer: optax.GradientTransformation, state: PyTree
-           ) -> optax.GradientTransformation:
+def frozen(
+  optimizer: optax.GradientTransformation, state: PyTree
+) -> optax.GradientTransformation:
   """``U(., s)``: ``optimizer``'s update with its state fixed at ``state``."""
+
   def init(params):
     del params
     return ()
 
   def update(grads, opt_state, params=None):
     return optimizer.update(grads, state, params)[0], opt_state
+
   return optax.GradientTransformation(init, update)
 
 
-def _mime(model: Model, base_optimizer: optax.GradientTransformation,
-          server_learning_rate: float, num_epochs: int, corrected: bool,
-          name: str, aggregator) -> FederatedAlgorithm:
+def _mime(
+  model: Model,
+  base_optimizer: optax.GradientTransformation,
+  server_learning_rate: float,
+  num_epochs: int,
+  corrected: bool,
+  name: str,
+  aggregator,
+) -> FederatedAlgorithm:
   eta_g = hyperparameter(server_learning_rate)
 
   def server_init(params):
-    return MimeState(params=params, opt_state=base_optimizer.init(params),
-                     control=tree_zeros_like(params),
-                     phase=jnp.asarray(0 if corrected else 1, jnp.int32))
+    return MimeState(
+      params=params,
+      opt_state=base_optimizer.init(params),
+      control=tree_zeros_like(params),
+      phase=jnp.asarray(0 if corrected else 1, jnp.int32),
+    )
 
   def broadcast(state):
     return state.params, state.opt_state, state.control, state.phase
@@ -106,24 +124,27 @@ def _mime(model: Model, base_optimizer: optax.GradientTransformation,
     def training_round():
       def grad_fn(params, batch, mask, step_rng):
         g, stats = jax.grad(model.batch_loss, has_aux=True)(
-            params, batch, mask, step_rng)
+          params, batch, mask, step_rng
+        )
         if corrected:
           gx, _ = jax.grad(model.batch_loss, has_aux=True)(
-              x, batch, mask, step_rng)
+            x, batch, mask, step_rng
+          )
           g = jax.tree.map(lambda a, b, cc: a - b + cc, g, gx, c)
         return g, stats
-      result = local_train(grad_fn, frozen(base_optimizer, s), x, data,
-                           k_train)
+
+      result = local_train(grad_fn, frozen(base_optimizer, s), x, data, k_train)
       if corrected:  # c was computed in the gradient round
         grads = tree_zeros_like(x)
       else:
         grads, _ = full_batch_grad(model, x, data, k_full, num_epochs)
-      return {"delta": tree_sub(x, result.params), "grad": grads}, \
-          result.metrics
+      return {
+        "delta": tree_sub(x, result.params),
+        "grad": grads,
+      }, result.metrics
 
     if corrected:
-      update, metrics = jax.lax.cond(phase == 0, gradient_round,
-                                     training_round)
+      update, metrics = jax.lax.cond(phase == 0, gradient_round, training_round)
     else:
       update, metrics = training_round()
     return ClientOutput(update=update, weight=weight, metrics=metrics)
@@ -133,25 +154,39 @@ def _mime(model: Model, base_optimizer: optax.GradientTransformation,
     grad = state.control if corrected else mean["grad"]
     _, opt_state = base_optimizer.update(grad, state.opt_state, state.params)
     trained = MimeState(
-        params=jax.tree.map(lambda p, d: p - eta_g * d, state.params,
-                            mean["delta"]),
-        opt_state=opt_state, control=state.control,
-        phase=jnp.asarray(0 if corrected else 1, jnp.int32))
+      params=jax.tree.map(
+        lambda p, d: p - eta_g * d, state.params, mean["delta"]
+      ),
+      opt_state=opt_state,
+      control=state.control,
+      phase=jnp.asarray(0 if corrected else 1, jnp.int32),
+    )
     if not corrected:
       return trained
-    gathered = state.replace(control=mean["grad"],
-                             phase=jnp.ones((), jnp.int32))
+    gathered = state.replace(
+      control=mean["grad"], phase=jnp.ones((), jnp.int32)
+    )
     return tree_select(state.phase == 0, gathered, trained)
 
-  return FederatedAlgorithm(server_init=server_init,
-                            client_update=client_update,
-                            server_update=server_update, broadcast=broadcast,
-                            name=name, aggregator=aggregator)
+  return FederatedAlgorithm(
+    server_init=server_init,
+    client_update=client_update,
+    server_update=server_update,
+    broadcast=broadcast,
+    name=name,
+    aggregator=aggregator,
+  )
 
 
-def mime_lite(model: Model, base_optimizer: optax.GradientTransformation,
-              server_learning_rate: float = 1.0, *, num_epochs: int = 1,
-              name: str = "mime_lite", aggregator=None) -> FederatedAlgorithm:
+def mime_lite(
+  model: Model,
+  base_optimizer: optax.GradientTransformation,
+  server_learning_rate: float = 1.0,
+  *,
+  num_epochs: int = 1,
+  name: str = "mime_lite",
+  aggregator=None,
+) -> FederatedAlgorithm:
   """MimeLite: local steps ``U(grad f_i(y), s)`` with the server state fixed.
 
   Args:
@@ -165,15 +200,35 @@ def mime_lite(model: Model, base_optimizer: optax.GradientTransformation,
     aggregator: the round's aggregator of ``{"delta", "grad"}`` (None:
       example-weighted mean).
   """
-  return _mime(model, base_optimizer, server_learning_rate, num_epochs,
-               corrected=False, name=name, aggregator=aggregator)
+  return _mime(
+    model,
+    base_optimizer,
+    server_learning_rate,
+    num_epochs,
+    corrected=False,
+    name=name,
+    aggregator=aggregator,
+  )
 
 
-def mime(model: Model, base_optimizer: optax.GradientTransformation,
-         server_learning_rate: float = 1.0, *, num_epochs: int = 1,
-         name: str = "mime", aggregator=None) -> FederatedAlgorithm:
+def mime(
+  model: Model,
+  base_optimizer: optax.GradientTransformation,
+  server_learning_rate: float = 1.0,
+  *,
+  num_epochs: int = 1,
+  name: str = "mime",
+  aggregator=None,
+) -> FederatedAlgorithm:
   """Mime: MimeLite plus the SVRG correction; TWO engine rounds per Mime round
   (gradient, then training; see the module docstring). Arguments as
   :func:`mime_lite`."""
-  return _mime(model, base_optimizer, server_learning_rate, num_epochs,
-               corrected=True, name=name, aggregator=aggregator)
+  return _mime(
+    model,
+    base_optimizer,
+    server_learning_rate,
+    num_epochs,
+    corrected=True,
+    name=name,
+    aggregator=aggregator,
+  )

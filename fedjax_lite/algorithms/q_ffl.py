@@ -24,8 +24,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.base import (Aggregate, FederatedAlgorithm,
-                                         hyperparameter)
+from fedjax_lite.algorithms.base import (
+  Aggregate,
+  FederatedAlgorithm,
+  hyperparameter,
+)
 from fedjax_lite.algorithms.fed_avg import fed_avg, server_opt_update
 from fedjax_lite.algorithms.full_batch import full_batch_loss
 from fedjax_lite.models.core import Model
@@ -33,9 +36,14 @@ from fedjax_lite.models.core import Model
 LOSS_OFFSET = 1e-10
 
 
-def q_fed_avg(model: Model, client_learning_rate: float, *, q: float,
-              num_epochs: int = 1, name: str = "q_fed_avg"
-              ) -> FederatedAlgorithm:
+def q_fed_avg(
+  model: Model,
+  client_learning_rate: float,
+  *,
+  q: float,
+  num_epochs: int = 1,
+  name: str = "q_fed_avg",
+) -> FederatedAlgorithm:
   """q-FedAvg: FedAvg's local SGD with the q-FFL aggregation.
 
   Args:
@@ -58,18 +66,21 @@ def q_fed_avg(model: Model, client_learning_rate: float, *, q: float,
     out = base.client_update(server_params, client_state, data, rng)
     dw = jax.tree.map(lambda d: lipschitz * d, out.update)
     fq = loss**q
-    h = q * loss**(q - 1) * optax.tree.norm(dw, squared=True) + \
-        lipschitz * fq
-    metrics = dict(out.metrics, loss_at_server=(loss, jnp.ones((),
-                                                               jnp.float32)))
-    return out._replace(update={"delta": jax.tree.map(lambda d: fq * d, dw),
-                                "h": h},
-                        weight=jnp.ones((), jnp.float32), metrics=metrics)
+    h = q * loss ** (q - 1) * optax.tree.norm(dw, squared=True) + lipschitz * fq
+    metrics = dict(
+      out.metrics, loss_at_server=(loss, jnp.ones((), jnp.float32))
+    )
+    return out._replace(
+      update={"delta": jax.tree.map(lambda d: fq * d, dw), "h": h},
+      weight=jnp.ones((), jnp.float32),
+      metrics=metrics,
+    )
 
   def server_update(state, aggregate: Aggregate):
     mean = aggregate.mean
     step = jax.tree.map(lambda d: d / mean["h"], mean["delta"])
     return server_opt_update(server_optimizer, state, step)
 
-  return base._replace(client_update=client_update,
-                       server_update=server_update, name=name)
+  return base._replace(
+    client_update=client_update, server_update=server_update, name=name
+  )

@@ -34,10 +34,14 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lite import checks
-from fedjax_lite.algorithms.base import (Aggregate, ClientOutput,
-                                         hyperparameter,
-                                         FederatedAlgorithm, tree_sub,
-                                         tree_zeros_like)
+from fedjax_lite.algorithms.base import (
+  Aggregate,
+  ClientOutput,
+  hyperparameter,
+  FederatedAlgorithm,
+  tree_sub,
+  tree_zeros_like,
+)
 from fedjax_lite.algorithms.fed_avg import server_opt_update
 from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.models.core import Model
@@ -48,15 +52,21 @@ PyTree = Any
 @flax.struct.dataclass
 class ScaffoldState:
   """Server weights, server optimizer state and control variate ``c``."""
+
   params: PyTree
   opt_state: PyTree
   control: PyTree
 
 
-def scaffold(model: Model, client_learning_rate: float,
-             server_optimizer: optax.GradientTransformation | None = None, *,
-             num_clients: int, name: str = "scaffold", aggregator=None
-             ) -> FederatedAlgorithm:
+def scaffold(
+  model: Model,
+  client_learning_rate: float,
+  server_optimizer: optax.GradientTransformation | None = None,
+  *,
+  num_clients: int,
+  name: str = "scaffold",
+  aggregator=None,
+) -> FederatedAlgorithm:
   """SCAFFOLD with option-II control variates and local SGD.
 
   Args:
@@ -70,16 +80,17 @@ def scaffold(model: Model, client_learning_rate: float,
     aggregator: the round's aggregator of ``{"y": Delta y_i, "c": Delta c_i}``
       (None: the uniform mean, all weights are 1).
   """
-  checks.positive_int("num_clients", num_clients,
-                      hint=" (the population size)")
+  checks.positive_int("num_clients", num_clients, hint=" (the population size)")
   lr = hyperparameter(client_learning_rate)
   client_optimizer = optax.sgd(lr)
   server_optimizer = server_optimizer or optax.sgd(1.0)
 
   def server_init(params):
-    return ScaffoldState(params=params,
-                         opt_state=server_optimizer.init(params),
-                         control=tree_zeros_like(params))
+    return ScaffoldState(
+      params=params,
+      opt_state=server_optimizer.init(params),
+      control=tree_zeros_like(params),
+    )
 
   def broadcast(state):
     return state.params, state.control
@@ -93,29 +104,39 @@ def scaffold(model: Model, client_learning_rate: float,
 
     def grad_fn(params, batch, mask, step_rng):
       grads, stats = jax.grad(model.batch_loss, has_aux=True)(
-          params, batch, mask, step_rng)
+        params, batch, mask, step_rng
+      )
       return jax.tree.map(jnp.add, grads, correction), stats
 
     result = local_train(grad_fn, client_optimizer, x, data, rng)
     delta_y = tree_sub(x, result.params)
     scale = 1.0 / (jnp.maximum(result.num_steps, 1).astype(jnp.float32) * lr)
-    new_control = jax.tree.map(lambda ci, ci0, d: ci - ci0 + scale * d,
-                               client_control, c, delta_y)
+    new_control = jax.tree.map(
+      lambda ci, ci0, d: ci - ci0 + scale * d, client_control, c, delta_y
+    )
     delta_c = tree_sub(new_control, client_control)
-    return ClientOutput(update={"y": delta_y, "c": delta_c},
-                        weight=jnp.ones((), jnp.float32), state=new_control,
-                        metrics=result.metrics)
+    return ClientOutput(
+      update={"y": delta_y, "c": delta_c},
+      weight=jnp.ones((), jnp.float32),
+      state=new_control,
+      metrics=result.metrics,
+    )
 
   def server_update(state, aggregate: Aggregate):
     # Weights are 1, so total_weight = |S| (clients that reported).
     share = aggregate.total_weight / num_clients
-    control = jax.tree.map(lambda c, d: c + share * d, state.control,
-                           aggregate.mean["c"])
+    control = jax.tree.map(
+      lambda c, d: c + share * d, state.control, aggregate.mean["c"]
+    )
     state = server_opt_update(server_optimizer, state, aggregate.mean["y"])
     return state.replace(control=control)
 
-  return FederatedAlgorithm(server_init=server_init,
-                            client_update=client_update,
-                            server_update=server_update, broadcast=broadcast,
-                            client_init=client_init, name=name,
-                            aggregator=aggregator)
+  return FederatedAlgorithm(
+    server_init=server_init,
+    client_update=client_update,
+    server_update=server_update,
+    broadcast=broadcast,
+    client_init=client_init,
+    name=name,
+    aggregator=aggregator,
+  )

@@ -43,13 +43,15 @@ PyTree = Any
 @flax.struct.dataclass
 class StragglerState:
   """The wrapped server state, plus the round counter and straggler key."""
+
   inner: PyTree
   round: jax.Array
   rng: jax.Array
 
 
-def straggler_epochs(rng: jax.Array, clients_per_round: int,
-                     num_stragglers: int, num_epochs: int) -> jax.Array:
+def straggler_epochs(
+  rng: jax.Array, clients_per_round: int, num_stragglers: int, num_epochs: int
+) -> jax.Array:
   """Local epochs of each slot of a round, int32 ``[clients_per_round]``.
 
   ``num_stragglers`` slots (uniformly at random, without replacement) get
@@ -57,8 +59,9 @@ def straggler_epochs(rng: jax.Array, clients_per_round: int,
   """
   k_pick, k_epochs = jax.random.split(rng)
   order = jax.random.permutation(k_pick, clients_per_round)
-  is_straggler = jnp.zeros((clients_per_round,), bool).at[
-      order[:num_stragglers]].set(True)
+  is_straggler = (
+    jnp.zeros((clients_per_round,), bool).at[order[:num_stragglers]].set(True)
+  )
   short = jax.random.randint(k_epochs, (clients_per_round,), 1, num_epochs)
   return jnp.where(is_straggler, short, num_epochs).astype(jnp.int32)
 
@@ -68,9 +71,15 @@ def round_key(state: StragglerState) -> jax.Array:
   return jax.random.fold_in(state.rng, state.round)
 
 
-def with_stragglers(algorithm: FederatedAlgorithm, *, fraction: float,
-                    num_epochs: int, clients_per_round: int, drop: bool,
-                    seed: int = 0) -> FederatedAlgorithm:
+def with_stragglers(
+  algorithm: FederatedAlgorithm,
+  *,
+  fraction: float,
+  num_epochs: int,
+  clients_per_round: int,
+  drop: bool,
+  seed: int = 0,
+) -> FederatedAlgorithm:
   """``algorithm`` with a fraction of stragglers per round.
 
   Args:
@@ -85,16 +94,19 @@ def with_stragglers(algorithm: FederatedAlgorithm, *, fraction: float,
   """
   if not 0 <= fraction <= 1:
     raise ValueError(f"fraction must be in [0, 1], got {fraction!r}.")
-  checks.int_at_least("num_epochs", num_epochs, 2,
-                      hint=" (a straggler runs 1..E-1 epochs)")
+  checks.int_at_least(
+    "num_epochs", num_epochs, 2, hint=" (a straggler runs 1..E-1 epochs)"
+  )
   checks.positive_int("clients_per_round", clients_per_round)
   num_stragglers = int(round(fraction * clients_per_round))
   inner = algorithm
 
   def server_init(params):
-    return StragglerState(inner=inner.server_init(params),
-                          round=jnp.zeros((), jnp.int32),
-                          rng=jax.random.PRNGKey(seed))
+    return StragglerState(
+      inner=inner.server_init(params),
+      round=jnp.zeros((), jnp.int32),
+      rng=jax.random.PRNGKey(seed),
+    )
 
   def broadcast(state):
     return inner.broadcast(state.inner), round_key(state)
@@ -103,44 +115,61 @@ def with_stragglers(algorithm: FederatedAlgorithm, *, fraction: float,
     inner_shared, key = shared
     steps = data.mask.shape[0]
     if steps % num_epochs:
-      raise ValueError(f"the client data has {steps} steps, not a multiple of "
-                       f"num_epochs={num_epochs}; use LocalWork(num_epochs="
-                       f"{num_epochs}) (epoch layout) with with_stragglers.")
-    epochs = straggler_epochs(key, clients_per_round, num_stragglers,
-                              num_epochs)[data.slot]
+      raise ValueError(
+        f"the client data has {steps} steps, not a multiple of "
+        f"num_epochs={num_epochs}; use LocalWork(num_epochs="
+        f"{num_epochs}) (epoch layout) with with_stragglers."
+      )
+    epochs = straggler_epochs(
+      key, clients_per_round, num_stragglers, num_epochs
+    )[data.slot]
     straggler = epochs < num_epochs
     if not drop:
       keep = jnp.arange(steps) < epochs * (steps // num_epochs)
       data = data.replace(mask=jnp.logical_and(data.mask, keep[:, None]))
     out = inner.client_update(inner_shared, client_state, data, rng)
     metrics = dict(out.metrics)
-    metrics["stragglers"] = (straggler.astype(jnp.float32),
-                             jnp.ones((), jnp.float32))
+    metrics["stragglers"] = (
+      straggler.astype(jnp.float32),
+      jnp.ones((), jnp.float32),
+    )
     if not drop:
       return out._replace(metrics=metrics)
     kept = 1.0 - straggler.astype(jnp.float32)
-    metrics = {k: jax.tree.map(lambda v: v * kept.astype(v.dtype), v)
-               if k != "stragglers" else v for k, v in metrics.items()}
+    metrics = {
+      k: jax.tree.map(lambda v: v * kept.astype(v.dtype), v)
+      if k != "stragglers"
+      else v
+      for k, v in metrics.items()
+    }
     state = out.state
     if client_state is not None and state is not None:
-      state = jax.tree.map(lambda old, new: jnp.where(straggler, old, new),
-                           client_state, state)
-    return ClientOutput(update=out.update,
-                        weight=jnp.where(straggler, 0.0, out.weight),
-                        state=state, metrics=metrics)
+      state = jax.tree.map(
+        lambda old, new: jnp.where(straggler, old, new), client_state, state
+      )
+    return ClientOutput(
+      update=out.update,
+      weight=jnp.where(straggler, 0.0, out.weight),
+      state=state,
+      metrics=metrics,
+    )
 
   def server_update(state, aggregate):
-    return state.replace(inner=inner.server_update(state.inner, aggregate),
-                         round=state.round + 1)
+    return state.replace(
+      inner=inner.server_update(state.inner, aggregate), round=state.round + 1
+    )
 
   def get_params(state):
     return inner.get_params(state.inner)
 
   suffix = "drop" if drop else "keep"
-  return FederatedAlgorithm(server_init=server_init,
-                            client_update=client_update,
-                            server_update=server_update, broadcast=broadcast,
-                            client_init=inner.client_init,
-                            get_params=get_params,
-                            name=f"{inner.name}+stragglers({fraction:g},"
-                            f"{suffix})", aggregator=inner.aggregator)
+  return FederatedAlgorithm(
+    server_init=server_init,
+    client_update=client_update,
+    server_update=server_update,
+    broadcast=broadcast,
+    client_init=inner.client_init,
+    get_params=get_params,
+    name=f"{inner.name}+stragglers({fraction:g},{suffix})",
+    aggregator=inner.aggregator,
+  )

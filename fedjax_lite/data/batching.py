@@ -45,20 +45,23 @@ class LocalWork:
     num_steps: a fixed number of local steps instead of epochs.
     shuffle: reshuffle the client's examples every pass.
   """
+
   batch_size: int | None = 10
   num_epochs: int | None = 1
   num_steps: int | None = None
   shuffle: bool = True
 
   def __post_init__(self):
-    checks.positive_int("batch_size", self.batch_size, allow_none=True,
-                        hint=" (None: full batch)")
+    checks.positive_int(
+      "batch_size", self.batch_size, allow_none=True, hint=" (None: full batch)"
+    )
     if self.num_steps is not None:
       checks.positive_int("num_steps", self.num_steps)
       object.__setattr__(self, "num_epochs", None)
     else:
-      checks.positive_int("num_epochs", self.num_epochs,
-                          hint=" (or give num_steps)")
+      checks.positive_int(
+        "num_epochs", self.num_epochs, hint=" (or give num_steps)"
+      )
 
   def plan(self, max_examples: int) -> tuple[int, int]:
     """Static ``(num_steps, batch_size)`` for clients of at most ``max_examples``."""
@@ -80,9 +83,12 @@ class LocalWork:
 
 
 # --------------------------------------------------------------------- buckets
-def choose_buckets(counts: np.ndarray, local_work: LocalWork,
-                   max_buckets: int | str = "auto",
-                   max_waste: float = 0.15) -> tuple[int, ...]:
+def choose_buckets(
+  counts: np.ndarray,
+  local_work: LocalWork,
+  max_buckets: int | str = "auto",
+  max_waste: float = 0.15,
+) -> tuple[int, ...]:
   """Upper client sizes of the size buckets, ascending.
 
   Minimises the total padded example slots over the population with dynamic
@@ -93,8 +99,9 @@ def choose_buckets(counts: np.ndarray, local_work: LocalWork,
   counts = np.asarray(counts, np.int64)
   if isinstance(max_buckets, str):
     if max_buckets != "auto":
-      raise ValueError(f"max_buckets must be a positive int or 'auto', got "
-                       f"{max_buckets!r}.")
+      raise ValueError(
+        f"max_buckets must be a positive int or 'auto', got {max_buckets!r}."
+      )
     limit = 8
   else:
     limit = int(max_buckets)
@@ -149,8 +156,9 @@ def choose_buckets(counts: np.ndarray, local_work: LocalWork,
   return results[max(results)][0]
 
 
-def padding_report(counts: np.ndarray, local_work: LocalWork,
-                   bucket_sizes: Sequence[int]) -> dict:
+def padding_report(
+  counts: np.ndarray, local_work: LocalWork, bucket_sizes: Sequence[int]
+) -> dict:
   """Share of padded example slots when every client is sampled equally often."""
   counts = np.asarray(counts, np.int64)
   bucket_sizes = tuple(bucket_sizes)
@@ -159,10 +167,10 @@ def padding_report(counts: np.ndarray, local_work: LocalWork,
   used = local_work.examples_processed(counts).astype(np.float64)
   one = float(local_work.slots(int(counts.max())))
   return {
-      "bucket_sizes": list(bucket_sizes),
-      "clients_per_bucket": np.bincount(b, minlength=len(bucket_sizes)).tolist(),
-      "waste": float(1.0 - used.sum() / slots.sum()),
-      "waste_one_bucket": float(1.0 - used.sum() / (one * counts.size)),
+    "bucket_sizes": list(bucket_sizes),
+    "clients_per_bucket": np.bincount(b, minlength=len(bucket_sizes)).tolist(),
+    "waste": float(1.0 - used.sum() / slots.sum()),
+    "waste_one_bucket": float(1.0 - used.sum() / (one * counts.size)),
   }
 
 
@@ -181,6 +189,7 @@ class DeviceData:
       bucket (the engine sizes each bucket's blocks by its expected share of
       a round's clients).
   """
+
   features: Mapping[str, jax.Array]
   offsets: jax.Array
   counts: jax.Array
@@ -194,9 +203,12 @@ class DeviceData:
     return int(self.counts.shape[0])
 
 
-def to_device(dataset: FederatedDataset, local_work: LocalWork,
-              buckets: int | str | Sequence[int] = "auto",
-              sharding: jax.sharding.Sharding | None = None) -> DeviceData:
+def to_device(
+  dataset: FederatedDataset,
+  local_work: LocalWork,
+  buckets: int | str | Sequence[int] = "auto",
+  sharding: jax.sharding.Sharding | None = None,
+) -> DeviceData:
   """Uploads a dataset and fixes its padding plan (bucket sizes).
 
   Args:
@@ -208,41 +220,57 @@ def to_device(dataset: FederatedDataset, local_work: LocalWork,
       mesh of the engine, or the default device).
   """
   if not isinstance(dataset, FederatedDataset):
-    raise TypeError(f"dataset must be a FederatedDataset, got "
-                    f"{type(dataset).__name__}. Build one with "
-                    "FederatedDataset.from_clients(...).")
+    raise TypeError(
+      f"dataset must be a FederatedDataset, got "
+      f"{type(dataset).__name__}. Build one with "
+      "FederatedDataset.from_clients(...)."
+    )
   counts = dataset.counts
   if isinstance(buckets, (list, tuple)):
     sizes = tuple(int(s) for s in buckets)
     if list(sizes) != sorted(set(sizes)) or sizes[-1] < counts.max():
-      raise ValueError(f"buckets={buckets!r} must be strictly ascending and end "
-                       f">= the largest client ({int(counts.max())}).")
+      raise ValueError(
+        f"buckets={buckets!r} must be strictly ascending and end "
+        f">= the largest client ({int(counts.max())})."
+      )
   else:
     sizes = choose_buckets(counts, local_work, buckets)
   bucket = np.searchsorted(np.asarray(sizes), counts).astype(np.int32)
-  put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else (
-      jnp.asarray)
+  put = (
+    (lambda a: jax.device_put(a, sharding))
+    if sharding is not None
+    else (jnp.asarray)
+  )
   if int(counts.sum()) >= 2**31:
     raise ValueError("datasets with >= 2**31 examples are not supported.")
   pad = int(max(sizes))
-  feats = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-           for k, v in dataset.features.items()}
+  feats = {
+    k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+    for k, v in dataset.features.items()
+  }
   return DeviceData(
-      features={k: put(v) for k, v in feats.items()},
-      offsets=put(dataset.offsets.astype(np.int32)),
-      counts=put(counts.astype(np.int32)),
-      bucket=put(bucket),
-      bucket_sizes=tuple(sizes),
-      bucket_clients=tuple(int(v) for v in np.bincount(
-          bucket, minlength=len(sizes))),
-      bucket_examples=tuple(int(v) for v in np.bincount(
-          bucket, weights=counts, minlength=len(sizes))))
+    features={k: put(v) for k, v in feats.items()},
+    offsets=put(dataset.offsets.astype(np.int32)),
+    counts=put(counts.astype(np.int32)),
+    bucket=put(bucket),
+    bucket_sizes=tuple(sizes),
+    bucket_clients=tuple(
+      int(v) for v in np.bincount(bucket, minlength=len(sizes))
+    ),
+    bucket_examples=tuple(
+      int(v) for v in np.bincount(bucket, weights=counts, minlength=len(sizes))
+    ),
+  )
 
 
 # -------------------------------------------------------------------- sampling
-def sample_clients(rng: jax.Array, num_clients: int, num_sampled: int,
-                   weights: jax.Array | None = None,
-                   replace: bool = False) -> jax.Array:
+def sample_clients(
+  rng: jax.Array,
+  num_clients: int,
+  num_sampled: int,
+  weights: jax.Array | None = None,
+  replace: bool = False,
+) -> jax.Array:
   """Client indices for one round, int32 ``[num_sampled]``.
 
   Uniform without replacement uses the top-``k`` of i.i.d. uniform keys;
@@ -250,13 +278,16 @@ def sample_clients(rng: jax.Array, num_clients: int, num_sampled: int,
   proportional to ``weights``); ``replace=True`` draws i.i.d.
   """
   if num_sampled > num_clients and not replace:
-    raise ValueError(f"clients_per_round={num_sampled} is larger than the "
-                     f"population of {num_clients} clients; expected at most "
-                     f"{num_clients} (or sample with replacement).")
+    raise ValueError(
+      f"clients_per_round={num_sampled} is larger than the "
+      f"population of {num_clients} clients; expected at most "
+      f"{num_clients} (or sample with replacement)."
+    )
   if replace:
     p = None if weights is None else weights / jnp.sum(weights)
-    return jax.random.choice(rng, num_clients, (num_sampled,), replace=True,
-                             p=p).astype(jnp.int32)
+    return jax.random.choice(
+      rng, num_clients, (num_sampled,), replace=True, p=p
+    ).astype(jnp.int32)
   if weights is None:
     if num_sampled == num_clients:
       return jax.random.permutation(rng, num_clients).astype(jnp.int32)
@@ -284,10 +315,11 @@ def _random_order(keys: jax.Array) -> jax.Array:
   ki, kj = keys[..., :, None], keys[..., None, :]
   tie = (idx[None, :] < idx[:, None]).reshape(lead + (n, n))
   before = (kj < ki) | ((kj == ki) & tie)
-  rank = jnp.sum(before, axis=-1, dtype=jnp.int32)          # [..., n]
+  rank = jnp.sum(before, axis=-1, dtype=jnp.int32)  # [..., n]
   onehot = rank[..., None, :] == idx.reshape(lead + (n, 1))  # [..., pos, i]
-  return jnp.sum(jnp.where(onehot, idx.reshape(lead + (1, n)), 0), axis=-1,
-                 dtype=jnp.int32)
+  return jnp.sum(
+    jnp.where(onehot, idx.reshape(lead + (1, n)), 0), axis=-1, dtype=jnp.int32
+  )
 
 
 @flax.struct.dataclass
@@ -303,6 +335,7 @@ class ClientData:
       (``0 .. clients_per_round-1``); lets an algorithm make round-level
       choices (e.g. exactly 90% stragglers) from a key it broadcasts.
   """
+
   batches: Mapping[str, jax.Array]
   mask: jax.Array
   num_examples: jax.Array
@@ -315,9 +348,14 @@ class ClientData:
     return self.mask.shape[0]
 
 
-def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,
-                  local_work: LocalWork, bucket_size: int,
-                  slot: jax.Array | None = None) -> ClientData:
+def gather_client(
+  data: DeviceData,
+  client_id: jax.Array,
+  rng: jax.Array,
+  local_work: LocalWork,
+  bucket_size: int,
+  slot: jax.Array | None = None,
+) -> ClientData:
   """Gathers one client's examples into ``[steps, batch, ...]`` (traceable)."""
   steps, b = local_work.plan(bucket_size)
   n = data.counts[client_id]
@@ -360,7 +398,12 @@ def gather_client(data: DeviceData, client_id: jax.Array, rng: jax.Array,
   for k, v in data.features.items():
     block = jax.lax.dynamic_slice_in_dim(v, off, L, axis=0)
     batches[k] = jnp.take(block, rows, axis=0, mode="clip")
-  return ClientData(batches=batches, mask=mask, num_examples=n,
-                    client_id=client_id.astype(jnp.int32),
-                    slot=(jnp.zeros((), jnp.int32) if slot is None
-                          else jnp.asarray(slot, jnp.int32)))
+  return ClientData(
+    batches=batches,
+    mask=mask,
+    num_examples=n,
+    client_id=client_id.astype(jnp.int32),
+    slot=(
+      jnp.zeros((), jnp.int32) if slot is None else jnp.asarray(slot, jnp.int32)
+    ),
+  )

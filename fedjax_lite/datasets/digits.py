@@ -21,15 +21,22 @@ PARTITIONS = ("iid", "dirichlet", "shards", "power_law")
 def load_digits_arrays() -> dict:
   """Centralised digits: ``x`` float32 ``[1797, 8, 8, 1]`` in [0, 1], ``y``."""
   import sklearn.datasets  # pylint: disable=g-import-not-at-top
+
   bunch = sklearn.datasets.load_digits()
   x = (np.asarray(bunch.images, np.float32) / 16.0)[..., None]
   return {"x": x, "y": np.asarray(bunch.target, np.int32)}
 
 
-def digits(num_clients: int = 20, partition: str = "dirichlet", *,
-           alpha: float = 0.5, shards_per_client: int = 2,
-           exponent: float = 1.0, test_fraction: float = 0.2,
-           seed: int = 0) -> tuple[FederatedDataset, FederatedDataset]:
+def digits(
+  num_clients: int = 20,
+  partition: str = "dirichlet",
+  *,
+  alpha: float = 0.5,
+  shards_per_client: int = 2,
+  exponent: float = 1.0,
+  test_fraction: float = 0.2,
+  seed: int = 0,
+) -> tuple[FederatedDataset, FederatedDataset]:
   """Federated 8x8 digits.
 
   Args:
@@ -49,15 +56,19 @@ def digits(num_clients: int = 20, partition: str = "dirichlet", *,
   if partition == "iid":
     ds = _partition.iid_partition(data, num_clients, seed=seed)
   elif partition == "dirichlet":
-    ds = _partition.dirichlet_partition(data, num_clients, alpha,
-                                        min_examples=2, seed=seed)
+    ds = _partition.dirichlet_partition(
+      data, num_clients, alpha, min_examples=2, seed=seed
+    )
   elif partition == "shards":
-    ds = _partition.shard_partition(data, num_clients, shards_per_client,
-                                    seed=seed)
+    ds = _partition.shard_partition(
+      data, num_clients, shards_per_client, seed=seed
+    )
   elif partition == "power_law":
-    ds = _partition.power_law_partition(data, num_clients, exponent,
-                                        min_examples=2, seed=seed)
+    ds = _partition.power_law_partition(
+      data, num_clients, exponent, min_examples=2, seed=seed
+    )
   else:
-    raise ValueError(f"partition must be one of {PARTITIONS}, got "
-                     f"{partition!r}.")
+    raise ValueError(
+      f"partition must be one of {PARTITIONS}, got {partition!r}."
+    )
   return _partition.train_test_split(ds, test_fraction, seed=seed + 1)

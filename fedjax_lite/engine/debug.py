@@ -19,8 +19,12 @@ import numpy as np
 
 from fedjax_lite.algorithms.base import Aggregate
 from fedjax_lite.data.batching import DeviceData
-from fedjax_lite.engine.round import (Engine, EngineState, finalize_metrics,
-                                      round_keys)
+from fedjax_lite.engine.round import (
+  Engine,
+  EngineState,
+  finalize_metrics,
+  round_keys,
+)
 
 
 def _to_float(x):
@@ -28,8 +32,9 @@ def _to_float(x):
   return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.integer) else x
 
 
-def debug_round(engine: Engine, state: EngineState, data: DeviceData
-                ) -> tuple[EngineState, dict]:
+def debug_round(
+  engine: Engine, state: EngineState, data: DeviceData
+) -> tuple[EngineState, dict]:
   """One round of ``engine``, client by client in Python (no jit).
 
   Args:
@@ -53,38 +58,67 @@ def debug_round(engine: Engine, state: EngineState, data: DeviceData
     acc = spec = None
     metric_sums, count = None, jnp.zeros((), jnp.float32)
     for slot, cid in enumerate(ids):
-      cstate = None if clients is None else jax.tree.map(
-          lambda a, cid=cid: a[cid], clients)
+      cstate = (
+        None
+        if clients is None
+        else jax.tree.map(lambda a, cid=cid: a[cid], clients)
+      )
       out = engine._one_client_output(  # pylint: disable=protected-access
-          alg, bcast, cstate, data, jnp.int32(cid), k_clients,
-          jnp.int32(slot), data.bucket_sizes[int(buckets[cid])])
+        alg,
+        bcast,
+        cstate,
+        data,
+        jnp.int32(cid),
+        k_clients,
+        jnp.int32(slot),
+        data.bucket_sizes[int(buckets[cid])],
+      )
       if acc is None:
-        spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-            jnp.shape(a), jnp.asarray(a).dtype), out.update)
+        spec = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype),
+          out.update,
+        )
         if agg_state is None:
           agg_state = agg.init_state(spec)
         acc = agg.init(agg_state, spec, m)
-      acc = agg.add(agg_state, acc,
-                    jax.tree.map(lambda u: jnp.asarray(u)[None], out.update),
-                    jnp.asarray(out.weight, jnp.float32).reshape(1),
-                    jnp.ones((1,), bool), jnp.full((1,), slot, jnp.int32))
+      acc = agg.add(
+        agg_state,
+        acc,
+        jax.tree.map(lambda u: jnp.asarray(u)[None], out.update),
+        jnp.asarray(out.weight, jnp.float32).reshape(1),
+        jnp.ones((1,), bool),
+        jnp.full((1,), slot, jnp.int32),
+      )
       metrics = jax.tree.map(_to_float, out.metrics)
-      metric_sums = metrics if metric_sums is None else jax.tree.map(
-          jnp.add, metric_sums, metrics)
+      metric_sums = (
+        metrics
+        if metric_sums is None
+        else jax.tree.map(jnp.add, metric_sums, metrics)
+      )
       count = count + 1.0
       if clients is not None:
         clients = jax.tree.map(
-            lambda a, s, cid=cid: a.at[cid].set(jnp.asarray(s).astype(a.dtype)),
-            clients, out.state)
+          lambda a, s, cid=cid: a.at[cid].set(jnp.asarray(s).astype(a.dtype)),
+          clients,
+          out.state,
+        )
     merged = agg.merge(jax.tree.map(lambda a: jnp.asarray(a)[None], acc))
     output, new_agg_state = agg.finalize(agg_state, merged, k_agg)
-    aggregate = Aggregate(mean=output.mean, total_weight=output.total_weight,
-                          num_clients=count, metrics=metric_sums)
+    aggregate = Aggregate(
+      mean=output.mean,
+      total_weight=output.total_weight,
+      num_clients=count,
+      metrics=metric_sums,
+    )
     server = alg.server_update(state.server, aggregate)
   stateful = bool(jax.tree.leaves(new_agg_state))
-  new_state = EngineState(server=server, clients=clients,
-                          round=state.round + 1, rng=state.rng,
-                          aggregator=new_agg_state if stateful else None)
+  new_state = EngineState(
+    server=server,
+    clients=clients,
+    round=state.round + 1,
+    rng=state.rng,
+    aggregator=new_agg_state if stateful else None,
+  )
   metrics = finalize_metrics(aggregate)
   metrics.update(output.metrics)
   return new_state, metrics

@@ -18,8 +18,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_lite import checks
-from fedjax_lite.data.batching import (DeviceData, LocalWork, gather_client,
-                                       to_device)
+from fedjax_lite.data.batching import (
+  DeviceData,
+  LocalWork,
+  gather_client,
+  to_device,
+)
 from fedjax_lite.data.federated_dataset import FederatedDataset
 from fedjax_lite.engine.round import AXIS, auto_block_size, default_mesh
 from fedjax_lite.models.core import Model
@@ -35,13 +39,17 @@ class EvalResult:
     client_indices: int ``[num_eval_clients]`` population indices.
     mean: name -> example-weighted mean over all evaluated examples.
   """
+
   per_client: dict
   num_examples: np.ndarray
   client_indices: np.ndarray
   mean: dict
 
-  def quantiles(self, name: str = "accuracy",
-                q: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> dict:
+  def quantiles(
+    self,
+    name: str = "accuracy",
+    q: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9),
+  ) -> dict:
     """Quantiles of a per-client metric across clients."""
     v = self.per_client[name]
     return {f"p{int(round(x * 100))}": float(np.quantile(v, x)) for x in q}
@@ -50,8 +58,9 @@ class EvalResult:
 _CACHE: dict = {}
 
 
-def _eval_fn(model: Model, mesh: Mesh, bucket_size: int, batch_size: int,
-             block: int):
+def _eval_fn(
+  model: Model, mesh: Mesh, bucket_size: int, batch_size: int, block: int
+):
   key = (id(model), id(mesh), bucket_size, batch_size, block)
   if key in _CACHE:
     return _CACHE[key][1]
@@ -77,9 +86,10 @@ def _eval_fn(model: Model, mesh: Mesh, bucket_size: int, batch_size: int,
     def body(_, blk_ids):
       if nd > 1:
         blk_ids = jax.lax.with_sharding_constraint(
-            blk_ids, NamedSharding(mesh, P(AXIS)))
-      return None, jax.vmap(one, in_axes=(None, None, 0))(params, data,
-                                                          blk_ids)
+          blk_ids, NamedSharding(mesh, P(AXIS))
+        )
+      return None, jax.vmap(one, in_axes=(None, None, 0))(params, data, blk_ids)
+
     _, out = jax.lax.scan(body, None, ids)
     return out
 
@@ -88,12 +98,16 @@ def _eval_fn(model: Model, mesh: Mesh, bucket_size: int, batch_size: int,
   return fn
 
 
-def evaluate(model: Model, params: Any,
-             data: FederatedDataset | DeviceData, *,
-             clients: Sequence[int] | None = None,
-             batch_size: int | None = 256,
-             mesh: Mesh | None = None,
-             block_size: int | None = None) -> EvalResult:
+def evaluate(
+  model: Model,
+  params: Any,
+  data: FederatedDataset | DeviceData,
+  *,
+  clients: Sequence[int] | None = None,
+  batch_size: int | None = 256,
+  mesh: Mesh | None = None,
+  block_size: int | None = None,
+) -> EvalResult:
   """Evaluates ``params`` on every client (or ``clients``) of ``data``.
 
   Args:
@@ -108,10 +122,15 @@ def evaluate(model: Model, params: Any,
   mesh = mesh if mesh is not None else default_mesh()
   nd = mesh.shape[AXIS]
   if isinstance(data, FederatedDataset):
-    checks.model_features(model, data.features, "evaluate data",
-                          labels_required=False)
-    data = to_device(data, LocalWork(batch_size=batch_size, num_epochs=1),
-                     "auto", sharding=NamedSharding(mesh, P()))
+    checks.model_features(
+      model, data.features, "evaluate data", labels_required=False
+    )
+    data = to_device(
+      data,
+      LocalWork(batch_size=batch_size, num_epochs=1),
+      "auto",
+      sharding=NamedSharding(mesh, P()),
+    )
   counts = np.asarray(data.counts)
   bucket = np.asarray(data.bucket)
   c = counts.size
@@ -121,8 +140,9 @@ def evaluate(model: Model, params: Any,
   if idx.min() < 0 or idx.max() >= c:
     raise IndexError(f"clients must index the {c} clients of data.")
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  per_example = sum(math.prod(v.shape[1:]) * v.dtype.itemsize
-                    for v in data.features.values())
+  per_example = sum(
+    math.prod(v.shape[1:]) * v.dtype.itemsize for v in data.features.values()
+  )
   sums: dict = {}
   cnts: dict = {}
   for j, L in enumerate(data.bucket_sizes):
@@ -133,20 +153,27 @@ def evaluate(model: Model, params: Any,
     bs = L if batch_size is None else min(batch_size, L)
     steps = math.ceil(L / bs)
     platform = mesh.devices.reshape(-1)[0].platform
-    blk = block_size or auto_block_size(steps * bs * per_example * 2,
-                                        math.ceil(sel.size / nd), platform)
+    blk = block_size or auto_block_size(
+      steps * bs * per_example * 2, math.ceil(sel.size / nd), platform
+    )
     width = nd * blk
     nblk = math.ceil(sel.size / width)
     padded = np.zeros(nblk * width, np.int32)
-    padded[:sel.size] = sel
+    padded[: sel.size] = sel
     fn = _eval_fn(model, mesh, L, bs, blk)
     out = fn(params, data, jnp.asarray(padded.reshape(nblk, width)))
     for name, (s, n) in out.items():
-      sums.setdefault(name, np.zeros(idx.size))[where] = np.asarray(
-          s).reshape(-1)[:sel.size]
-      cnts.setdefault(name, np.zeros(idx.size))[where] = np.asarray(
-          n).reshape(-1)[:sel.size]
+      sums.setdefault(name, np.zeros(idx.size))[where] = np.asarray(s).reshape(
+        -1
+      )[: sel.size]
+      cnts.setdefault(name, np.zeros(idx.size))[where] = np.asarray(n).reshape(
+        -1
+      )[: sel.size]
   per_client = {k: sums[k] / np.maximum(cnts[k], 1e-12) for k in sums}
   mean = {k: float(sums[k].sum() / max(cnts[k].sum(), 1e-12)) for k in sums}
-  return EvalResult(per_client=per_client, num_examples=counts[idx],
-                    client_indices=idx, mean=mean)
+  return EvalResult(
+    per_client=per_client,
+    num_examples=counts[idx],
+    client_indices=idx,
+    mean=mean,
+  )

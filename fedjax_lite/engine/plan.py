@@ -24,12 +24,17 @@ PyTree = Any
 
 def tree_bytes(tree) -> int:
   """Bytes of a pytree of arrays or ``ShapeDtypeStruct``."""
-  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
+  return int(
+    sum(
+      math.prod(x.shape) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+    )
+  )
 
 
-def auto_block_size(per_client_bytes: int, clients_per_device: int,
-                    platform: str) -> int:
+def auto_block_size(
+  per_client_bytes: int, clients_per_device: int, platform: str
+) -> int:
   """Clients per device per block.
 
   On CPU a block should stay within a core's share of the caches (about
@@ -44,8 +49,13 @@ def auto_block_size(per_client_bytes: int, clients_per_device: int,
   return int(math.ceil(clients_per_device / num_blocks))
 
 
-def expected_clients(data: DeviceData, bucket: int, clients_per_round: int,
-                     sampling: str, replace: bool) -> float:
+def expected_clients(
+  data: DeviceData,
+  bucket: int,
+  clients_per_round: int,
+  sampling: str,
+  replace: bool,
+) -> float:
   """Expected number of a round's clients that fall in ``bucket``."""
   if data.bucket_clients is None:
     return float(clients_per_round)
@@ -53,8 +63,12 @@ def expected_clients(data: DeviceData, bucket: int, clients_per_round: int,
     share = data.bucket_examples[bucket] / max(1, sum(data.bucket_examples))
   else:
     share = data.bucket_clients[bucket] / max(1, sum(data.bucket_clients))
-  return min(float(data.bucket_clients[bucket]) if not replace else
-             float(clients_per_round), clients_per_round * share)
+  return min(
+    float(data.bucket_clients[bucket])
+    if not replace
+    else float(clients_per_round),
+    clients_per_round * share,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +81,7 @@ class BlockPlan:
     num_devices: ``nd``.
     num_runs: ``R`` pooled runs sharing the blocks.
   """
+
   bucket_sizes: tuple
   block_sizes: tuple
   num_devices: int
@@ -83,11 +98,20 @@ class BlockPlan:
     return self.num_devices * max(self.block_sizes)
 
 
-def make_plan(data: DeviceData, local_work: LocalWork, *,
-              clients_per_round: int, sampling: str, replace: bool,
-              block_size: int | None, num_devices: int, platform: str,
-              broadcast_spec: PyTree, client_state_spec: PyTree,
-              num_runs: int) -> BlockPlan:
+def make_plan(
+  data: DeviceData,
+  local_work: LocalWork,
+  *,
+  clients_per_round: int,
+  sampling: str,
+  replace: bool,
+  block_size: int | None,
+  num_devices: int,
+  platform: str,
+  broadcast_spec: PyTree,
+  client_state_spec: PyTree,
+  num_runs: int,
+) -> BlockPlan:
   """Chooses every bucket's block size (host side, from shapes only).
 
   Args:
@@ -101,27 +125,38 @@ def make_plan(data: DeviceData, local_work: LocalWork, *,
     num_runs: pooled runs sharing the blocks.
   """
   sizes = []
-  per_example = sum(math.prod(v.shape[1:]) * np.dtype(v.dtype).itemsize
-                    for v in data.features.values())
-  one_state = 0 if client_state_spec is None else tree_bytes(
-      client_state_spec)
+  per_example = sum(
+    math.prod(v.shape[1:]) * np.dtype(v.dtype).itemsize
+    for v in data.features.values()
+  )
+  one_state = 0 if client_state_spec is None else tree_bytes(client_state_spec)
   for j, bucket_size in enumerate(data.bucket_sizes):
     if block_size is not None:
       sizes.append(int(block_size))
       continue
     steps, b = local_work.plan(bucket_size)
     # params + update + gradient + optimizer state, plus the gathered data.
-    per_client = 4 * tree_bytes(broadcast_spec) + steps * b * per_example + \
-        2 * one_state
+    per_client = (
+      4 * tree_bytes(broadcast_spec) + steps * b * per_example + 2 * one_state
+    )
     # A block holds about the bucket's expected share of the round (never
     # the whole round for a rarely sampled bucket: that block would be
     # mostly padding).
-    per_device = max(1, math.ceil(num_runs * expected_clients(
-        data, j, clients_per_round, sampling, replace) / num_devices))
+    per_device = max(
+      1,
+      math.ceil(
+        num_runs
+        * expected_clients(data, j, clients_per_round, sampling, replace)
+        / num_devices
+      ),
+    )
     sizes.append(auto_block_size(per_client, per_device, platform))
-  return BlockPlan(bucket_sizes=tuple(int(s) for s in data.bucket_sizes),
-                   block_sizes=tuple(sizes), num_devices=int(num_devices),
-                   num_runs=int(num_runs))
+  return BlockPlan(
+    bucket_sizes=tuple(int(s) for s in data.bucket_sizes),
+    block_sizes=tuple(sizes),
+    num_devices=int(num_devices),
+    num_runs=int(num_runs),
+  )
 
 
 # ------------------------------------------------------------------ memory
@@ -145,10 +180,17 @@ def device_memory_bytes(device) -> tuple[int | None, str]:
     return None, "unknown"
 
 
-def check_materialized_memory(name: str, *, num_slots: int, one_update: int,
-                              num_runs: int, num_devices: int, device,
-                              available: int | None = None,
-                              source: str | None = None) -> int:
+def check_materialized_memory(
+  name: str,
+  *,
+  num_slots: int,
+  one_update: int,
+  num_runs: int,
+  num_devices: int,
+  device,
+  available: int | None = None,
+  source: str | None = None,
+) -> int:
   """Raises if a materialized aggregator's buffers cannot fit in memory.
 
   Every device keeps ``num_slots x one_update x num_runs`` bytes; on CPU the
@@ -164,15 +206,17 @@ def check_materialized_memory(name: str, *, num_slots: int, one_update: int,
     available, source = device_memory_bytes(device)
   if available is not None and need > available:
     gib = 2.0**30
-    where = (f"{num_devices} CPU devices sharing {available / gib:.2f} GiB "
-             f"of {source}" if shared else
-             f"{available / gib:.2f} GiB per {device.platform} device "
-             f"({source})")
+    where = (
+      f"{num_devices} CPU devices sharing {available / gib:.2f} GiB of {source}"
+      if shared
+      else f"{available / gib:.2f} GiB per {device.platform} device ({source})"
+    )
     raise MemoryError(
-        f"aggregator {name} keeps every client's update: "
-        f"clients_per_round={num_slots} x {one_update} bytes per update x "
-        f"{num_runs} run(s) = {per_device / gib:.2f} GiB per device "
-        f"({need / gib:.2f} GiB in all) but only {where}. Use fewer clients "
-        "per round or runs, a smaller model, or a streaming aggregator "
-        "(weighted_mean, clipped(...)).")
+      f"aggregator {name} keeps every client's update: "
+      f"clients_per_round={num_slots} x {one_update} bytes per update x "
+      f"{num_runs} run(s) = {per_device / gib:.2f} GiB per device "
+      f"({need / gib:.2f} GiB in all) but only {where}. Use fewer clients "
+      "per round or runs, a smaller model, or a streaming aggregator "
+      "(weighted_mean, clipped(...))."
+    )
   return need

@@ -51,12 +51,22 @@ from fedjax_lite import checks
 from fedjax_lite.aggregators.base import Aggregator, update_bytes
 from fedjax_lite.aggregators.mean import weighted_mean
 from fedjax_lite.algorithms.base import Aggregate, FederatedAlgorithm
-from fedjax_lite.data.batching import (DeviceData, LocalWork, gather_client,
-                                       sample_clients, to_device)
+from fedjax_lite.data.batching import (
+  DeviceData,
+  LocalWork,
+  gather_client,
+  sample_clients,
+  to_device,
+)
 from fedjax_lite.data.federated_dataset import FederatedDataset
-from fedjax_lite.engine.plan import (BlockPlan, auto_block_size,
-                                     check_materialized_memory,
-                                     expected_clients, make_plan, tree_bytes)
+from fedjax_lite.engine.plan import (
+  BlockPlan,
+  auto_block_size,
+  check_materialized_memory,
+  expected_clients,
+  make_plan,
+  tree_bytes,
+)
 
 PyTree = Any
 AXIS = "clients"
@@ -65,9 +75,18 @@ _SAMPLING = ("uniform", "weighted", "all")
 # stay split(fold_in(rng, round)) as before aggregators existed).
 _AGGREGATION_STREAM = 0x61676772
 
-__all__ = ["AXIS", "BlockPlan", "Engine", "EngineState", "RoundConfig",
-           "auto_block_size", "client_keys", "default_mesh",
-           "finalize_metrics", "round_keys"]
+__all__ = [
+  "AXIS",
+  "BlockPlan",
+  "Engine",
+  "EngineState",
+  "RoundConfig",
+  "auto_block_size",
+  "client_keys",
+  "default_mesh",
+  "finalize_metrics",
+  "round_keys",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +104,7 @@ class RoundConfig:
     block_size: clients per device per block; None chooses automatically from
       the model and data sizes (see :func:`auto_block_size`).
   """
+
   clients_per_round: int
   local_work: LocalWork = dataclasses.field(default_factory=LocalWork)
   sampling: str = "uniform"
@@ -94,10 +114,12 @@ class RoundConfig:
   def __post_init__(self):
     checks.positive_int("clients_per_round", self.clients_per_round)
     if self.sampling not in _SAMPLING:
-      raise ValueError(f"sampling must be one of {_SAMPLING}, got "
-                       f"{self.sampling!r}.")
-    checks.positive_int("block_size", self.block_size, allow_none=True,
-                        hint=" (None: automatic)")
+      raise ValueError(
+        f"sampling must be one of {_SAMPLING}, got {self.sampling!r}."
+      )
+    checks.positive_int(
+      "block_size", self.block_size, allow_none=True, hint=" (None: automatic)"
+    )
     checks.instance_of("local_work", self.local_work, LocalWork)
 
 
@@ -117,6 +139,7 @@ class EngineState:
       aggregators (and before the first round, which then starts from
       ``aggregator.init_state``).
   """
+
   server: PyTree
   clients: PyTree
   round: jax.Array
@@ -147,14 +170,22 @@ _WARNED = []
 
 def _warn_if_untuned_cpu(platform: str, num_devices: int) -> None:
   from fedjax_lite import runtime  # pylint: disable=g-import-not-at-top
-  if (platform == "cpu" and num_devices == 1 and runtime.usable_cores() > 1
-      and not runtime.settings().get("applied") and not _WARNED):
+
+  if (
+    platform == "cpu"
+    and num_devices == 1
+    and runtime.usable_cores() > 1
+    and not runtime.settings().get("applied")
+    and not _WARNED
+  ):
     _WARNED.append(True)
     warnings.warn(
-        "fedjax_lite runs on one CPU device with JAX's default threading, "
-        "which is several times slower for federated rounds. Import "
-        "fedjax_lite (or call fedjax_lite.configure_cpu()) before any JAX "
-        "computation so each core becomes its own device.", stacklevel=3)
+      "fedjax_lite runs on one CPU device with JAX's default threading, "
+      "which is several times slower for federated rounds. Import "
+      "fedjax_lite (or call fedjax_lite.configure_cpu()) before any JAX "
+      "computation so each core becomes its own device.",
+      stacklevel=3,
+    )
 
 
 def _tree_bytes(tree) -> int:
@@ -170,9 +201,11 @@ def _aggregator_of(algorithm: FederatedAlgorithm) -> Aggregator:
   if agg is None:
     return weighted_mean()
   if not isinstance(agg, Aggregator):
-    raise TypeError(f"{algorithm.name}: aggregator must be a "
-                    f"fedjax_lite.aggregators.Aggregator or None, got "
-                    f"{type(agg).__name__}.")
+    raise TypeError(
+      f"{algorithm.name}: aggregator must be a "
+      f"fedjax_lite.aggregators.Aggregator or None, got "
+      f"{type(agg).__name__}."
+    )
   return agg
 
 
@@ -190,8 +223,10 @@ class _Runs:
     if algorithm_fn is not None:
       hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
       if any(v.shape != (num_runs,) for v in hparams.values()):
-        raise ValueError(f"hparams must be [R={num_runs}] arrays, got "
-                         f"{ {k: v.shape for k, v in hparams.items()} }.")
+        raise ValueError(
+          f"hparams must be [R={num_runs}] arrays, got "
+          f"{ {k: v.shape for k, v in hparams.items()} }."
+        )
       probe = algorithm_fn({k: v[0] for k, v in hparams.items()})
     else:
       probe = algorithm
@@ -200,8 +235,9 @@ class _Runs:
     self.probe_aggregator = _aggregator_of(probe)
 
   def of(self, h):
-    alg = self.algorithm_fn(h) if self.algorithm_fn is not None else \
-        self.algorithm
+    alg = (
+      self.algorithm_fn(h) if self.algorithm_fn is not None else self.algorithm
+    )
     return alg, _aggregator_of(alg)
 
   def of_run(self, run):
@@ -212,11 +248,11 @@ class _Runs:
 
   def map(self, fn, *args):
     if self.algorithm_fn is not None:
-      return jax.vmap(lambda h, *a: fn(*self.of(h), *a),
-                      axis_size=self.num_runs)(self.hparams, *args)
+      return jax.vmap(
+        lambda h, *a: fn(*self.of(h), *a), axis_size=self.num_runs
+      )(self.hparams, *args)
     alg, agg = self.algorithm, self.probe_aggregator
-    return jax.vmap(lambda *a: fn(alg, agg, *a), axis_size=self.num_runs)(
-        *args)
+    return jax.vmap(lambda *a: fn(alg, agg, *a), axis_size=self.num_runs)(*args)
 
 
 class Engine:
@@ -241,8 +277,14 @@ class Engine:
       aggregation, so ``print`` and breakpoints inside ``client_update`` work.
   """
 
-  def __init__(self, algorithm: FederatedAlgorithm, config: RoundConfig,
-               mesh: Mesh | None = None, *, debug: bool = False):
+  def __init__(
+    self,
+    algorithm: FederatedAlgorithm,
+    config: RoundConfig,
+    mesh: Mesh | None = None,
+    *,
+    debug: bool = False,
+  ):
     checks.instance_of("algorithm", algorithm, FederatedAlgorithm)
     checks.instance_of("config", config, RoundConfig)
     _aggregator_of(algorithm)  # type check early
@@ -251,8 +293,9 @@ class Engine:
     self.debug = bool(debug)
     self.mesh = mesh if mesh is not None else default_mesh()
     if AXIS not in self.mesh.axis_names:
-      raise ValueError(f"mesh must have an axis named {AXIS!r}, got "
-                       f"{self.mesh.axis_names}.")
+      raise ValueError(
+        f"mesh must have an axis named {AXIS!r}, got {self.mesh.axis_names}."
+      )
     self.num_devices = int(self.mesh.shape[AXIS])
     self.platform = self.mesh.devices.reshape(-1)[0].platform
     _warn_if_untuned_cpu(self.platform, self.num_devices)
@@ -280,9 +323,13 @@ class Engine:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
-  def put_data(self, dataset: FederatedDataset | DeviceData,
-               buckets: int | str | tuple = "auto", *,
-               model=None) -> DeviceData:
+  def put_data(
+    self,
+    dataset: FederatedDataset | DeviceData,
+    buckets: int | str | tuple = "auto",
+    *,
+    model=None,
+  ) -> DeviceData:
     """Uploads a dataset, replicated on every device of the mesh.
 
     Args:
@@ -296,14 +343,20 @@ class Engine:
       return dataset
     if model is not None:
       checks.model_features(model, dataset.features, "dataset")
-    data = to_device(dataset, self.config.local_work, buckets,
-                     sharding=self.replicated)
+    data = to_device(
+      dataset, self.config.local_work, buckets, sharding=self.replicated
+    )
     self._data_layout = data
     return data
 
-  def init(self, params: PyTree, seed: int | jax.Array = 0,
-           num_clients: int | None = None, *,
-           data: DeviceData | None = None) -> EngineState:
+  def init(
+    self,
+    params: PyTree,
+    seed: int | jax.Array = 0,
+    num_clients: int | None = None,
+    *,
+    data: DeviceData | None = None,
+  ) -> EngineState:
     """The initial state: server state from ``params``, client states if any.
 
     Args:
@@ -315,19 +368,26 @@ class Engine:
         with ``jax.eval_shape``). Without any, and in debug mode, the
         aggregator state is created in the first round.
     """
-    rng = jax.random.PRNGKey(seed) if isinstance(seed, (int, np.integer)) \
-        else jnp.asarray(seed)
+    rng = (
+      jax.random.PRNGKey(seed)
+      if isinstance(seed, (int, np.integer))
+      else jnp.asarray(seed)
+    )
     server = self.algorithm.server_init(params)
     clients = None
     if self.algorithm.client_init is not None:
       if num_clients is None:
-        raise ValueError(f"{self.algorithm.name} keeps per-client state: pass "
-                         "num_clients (the population size) to init().")
+        raise ValueError(
+          f"{self.algorithm.name} keeps per-client state: pass "
+          "num_clients (the population size) to init()."
+        )
       one = self.algorithm.client_init(params)
       clients = jax.tree.map(
-          lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), one)
-    state = EngineState(server=server, clients=clients,
-                        round=jnp.zeros((), jnp.int32), rng=rng)
+        lambda a: jnp.broadcast_to(a, (num_clients,) + a.shape), one
+      )
+    state = EngineState(
+      server=server, clients=clients, round=jnp.zeros((), jnp.int32), rng=rng
+    )
     data = data if data is not None else self._data_layout
     if data is not None:
       state = self.init_aggregator_state(state, data)
@@ -335,22 +395,32 @@ class Engine:
 
   def update_spec(self, state: EngineState, data: DeviceData) -> PyTree:
     """Shapes (``jax.ShapeDtypeStruct``) of ONE client's update."""
-    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                       state)
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
 
     def update(s):
-      cstate = None if s.clients is None else jax.tree.map(lambda a: a[0],
-                                                           s.clients)
+      cstate = (
+        None if s.clients is None else jax.tree.map(lambda a: a[0], s.clients)
+      )
       return self._one_client_output(
-          self.algorithm, self.algorithm.broadcast(s.server), cstate, data,
-          jnp.int32(0), s.rng, jnp.int32(0), data.bucket_sizes[0]).update
+        self.algorithm,
+        self.algorithm.broadcast(s.server),
+        cstate,
+        data,
+        jnp.int32(0),
+        s.rng,
+        jnp.int32(0),
+        data.bucket_sizes[0],
+      ).update
+
     return jax.eval_shape(update, one)
 
-  def init_aggregator_state(self, state: EngineState, data: DeviceData
-                            ) -> EngineState:
+  def init_aggregator_state(
+    self, state: EngineState, data: DeviceData
+  ) -> EngineState:
     """``state`` with the aggregator's initial state (None if stateless)."""
-    if state.aggregator is not None or self._stateless_aggregator or \
-        self.debug:  # debug rounds size it from the first client's update
+    if (
+      state.aggregator is not None or self._stateless_aggregator or self.debug
+    ):  # debug rounds size it from the first client's update
       return state
     agg = self.aggregator
     spec = self.update_spec(state, data)
@@ -362,36 +432,47 @@ class Engine:
   # -------------------------------------------------------------------- check
   def _check(self, state: EngineState, data: DeviceData) -> None:
     if not isinstance(data, DeviceData):
-      raise TypeError(f"data must be DeviceData (use engine.put_data(dataset)),"
-                      f" got {type(data).__name__}.")
+      raise TypeError(
+        f"data must be DeviceData (use engine.put_data(dataset)),"
+        f" got {type(data).__name__}."
+      )
     c = data.num_clients
     m = self.config.clients_per_round
     if self.config.sampling == "all" and m != c:
-      raise ValueError(f"sampling='all' needs clients_per_round == population; "
-                       f"got clients_per_round={m} for {c} clients.")
+      raise ValueError(
+        f"sampling='all' needs clients_per_round == population; "
+        f"got clients_per_round={m} for {c} clients."
+      )
     if m > c and not self.config.replace:
-      raise ValueError(f"clients_per_round={m} is larger than the population "
-                       f"of {c} clients; expected at most {c} (or "
-                       "replace=True).")
+      raise ValueError(
+        f"clients_per_round={m} is larger than the population "
+        f"of {c} clients; expected at most {c} (or "
+        "replace=True)."
+      )
     if state.clients is not None:
       n = jax.tree.leaves(state.clients)[0].shape[0]
       if n != c:
-        raise ValueError(f"state holds client states for {n} clients but the "
-                         f"data has {c}; init the engine with num_clients={c}.")
+        raise ValueError(
+          f"state holds client states for {n} clients but the "
+          f"data has {c}; init the engine with num_clients={c}."
+        )
 
   # ------------------------------------------------------------------- public
-  def round(self, state: EngineState, data: DeviceData
-            ) -> tuple[EngineState, dict]:
+  def round(
+    self, state: EngineState, data: DeviceData
+  ) -> tuple[EngineState, dict]:
     """Runs one round (compiled once per data layout)."""
     self._check(state, data)
     state = self.init_aggregator_state(state, data)
     if self.debug:
       from fedjax_lite.engine.debug import debug_round  # pylint: disable=g-import-not-at-top
+
       return debug_round(self, state, data)
     return self._round_jit(state, data)
 
-  def run(self, state: EngineState, data: DeviceData, num_rounds: int
-          ) -> tuple[EngineState, dict]:
+  def run(
+    self, state: EngineState, data: DeviceData, num_rounds: int
+  ) -> tuple[EngineState, dict]:
     """Runs ``num_rounds`` rounds in one ``lax.scan`` (no host work between).
 
     Returns the final state and metrics stacked over rounds.
@@ -407,8 +488,9 @@ class Engine:
       return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
     return self._run_jit(state, data, int(num_rounds))
 
-  def round_body(self, state: EngineState, data: DeviceData
-                 ) -> tuple[EngineState, dict]:
+  def round_body(
+    self, state: EngineState, data: DeviceData
+  ) -> tuple[EngineState, dict]:
     """The round as a pure, traceable function (not jitted).
 
     Use it to compose rounds with other transformations, e.g. ``jax.vmap``
@@ -419,11 +501,13 @@ class Engine:
   def expected_clients(self, data: DeviceData, bucket: int) -> float:
     """Expected number of a round's clients that fall in ``bucket``."""
     cfg = self.config
-    return expected_clients(data, bucket, cfg.clients_per_round, cfg.sampling,
-                            cfg.replace)
+    return expected_clients(
+      data, bucket, cfg.clients_per_round, cfg.sampling, cfg.replace
+    )
 
-  def block_plan(self, data: DeviceData, state: EngineState,
-                 num_runs: int = 1) -> BlockPlan:
+  def block_plan(
+    self, data: DeviceData, state: EngineState, num_runs: int = 1
+  ) -> BlockPlan:
     """The block sizes a round over ``data`` uses (host side, cached).
 
     Args:
@@ -432,34 +516,57 @@ class Engine:
       num_runs: pooled runs sharing the blocks.
     """
     bcast = jax.eval_shape(self.algorithm.broadcast, state.server)
-    cstate = None if state.clients is None else jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.clients)
+    cstate = (
+      None
+      if state.clients is None
+      else jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), state.clients
+      )
+    )
     return self._plan(data, bcast, cstate, num_runs)
 
   # ------------------------------------------------------------------ tracing
-  def _plan(self, data, broadcast_spec, client_state_spec, num_runs
-            ) -> BlockPlan:
-    spec = lambda t: tuple((tuple(x.shape), str(x.dtype))
-                           for x in jax.tree.leaves(t))
-    key = (data.bucket_sizes, data.bucket_clients, data.bucket_examples,
-           data.num_clients,
-           tuple((k, tuple(v.shape[1:]), str(v.dtype))
-                 for k, v in sorted(data.features.items())),
-           spec(broadcast_spec), spec(client_state_spec), int(num_runs))
+  def _plan(
+    self, data, broadcast_spec, client_state_spec, num_runs
+  ) -> BlockPlan:
+    spec = lambda t: tuple(
+      (tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(t)
+    )
+    key = (
+      data.bucket_sizes,
+      data.bucket_clients,
+      data.bucket_examples,
+      data.num_clients,
+      tuple(
+        (k, tuple(v.shape[1:]), str(v.dtype))
+        for k, v in sorted(data.features.items())
+      ),
+      spec(broadcast_spec),
+      spec(client_state_spec),
+      int(num_runs),
+    )
     if key not in self._plans:
       cfg = self.config
       self._plans[key] = make_plan(
-          data, cfg.local_work, clients_per_round=cfg.clients_per_round,
-          sampling=cfg.sampling, replace=cfg.replace,
-          block_size=cfg.block_size, num_devices=self.num_devices,
-          platform=self.platform, broadcast_spec=broadcast_spec,
-          client_state_spec=client_state_spec, num_runs=num_runs)
+        data,
+        cfg.local_work,
+        clients_per_round=cfg.clients_per_round,
+        sampling=cfg.sampling,
+        replace=cfg.replace,
+        block_size=cfg.block_size,
+        num_devices=self.num_devices,
+        platform=self.platform,
+        broadcast_spec=broadcast_spec,
+        client_state_spec=client_state_spec,
+        num_runs=num_runs,
+      )
     self._last_plan = self._plans[key]
     return self._last_plan
 
   def _run_body(self, state, data, num_rounds):
     def body(s, _):
       return self._round_body(s, data)
+
     return jax.lax.scan(body, state, None, length=num_rounds)
 
   def _constrain(self, x, spec):
@@ -472,16 +579,19 @@ class Engine:
     c = data.num_clients
     if cfg.sampling == "all":
       return jnp.arange(c, dtype=jnp.int32)
-    weights = data.counts.astype(jnp.float32) if cfg.sampling == "weighted" \
-        else None
+    weights = (
+      data.counts.astype(jnp.float32) if cfg.sampling == "weighted" else None
+    )
     return sample_clients(rng, c, cfg.clients_per_round, weights, cfg.replace)
 
-  def _one_client_output(self, alg, bcast, cstate, data, cid, k_clients, slot,
-                         bucket_size):
+  def _one_client_output(
+    self, alg, bcast, cstate, data, cid, k_clients, slot, bucket_size
+  ):
     """ONE client's ``ClientOutput`` (the jitted and debug rounds share it)."""
     k_data, k_train = client_keys(k_clients, slot)
-    cdata = gather_client(data, cid, k_data, self.config.local_work,
-                          bucket_size, slot)
+    cdata = gather_client(
+      data, cid, k_data, self.config.local_work, bucket_size, slot
+    )
     return alg.client_update(bcast, cstate, cdata, k_train)
 
   def _round_body(self, state: EngineState, data: DeviceData):
@@ -519,24 +629,33 @@ class Engine:
     want = jax.tree.structure(fresh_spec)
     got = jax.tree.structure(jax.tree.map(lambda a: a[0], states.aggregator))
     if want != got:
-      raise ValueError(f"EngineState.aggregator has structure {got}, but "
-                       f"aggregator {agg.name} keeps {want}; init the state "
-                       "with this engine (engine.init) or set "
-                       "state.replace(aggregator=None) to start it afresh.")
+      raise ValueError(
+        f"EngineState.aggregator has structure {got}, but "
+        f"aggregator {agg.name} keeps {want}; init the state "
+        "with this engine (engine.init) or set "
+        "state.replace(aggregator=None) to start it afresh."
+      )
     return states.aggregator, True
 
   def _check_aggregator(self, runs: _Runs, update_spec):
     agg = runs.probe_aggregator
     if agg.materialized:
       check_materialized_memory(
-          agg.name, num_slots=self.config.clients_per_round,
-          one_update=update_bytes(update_spec), num_runs=runs.num_runs,
-          num_devices=self.num_devices,
-          device=self.mesh.devices.reshape(-1)[0])
+        agg.name,
+        num_slots=self.config.clients_per_round,
+        one_update=update_bytes(update_spec),
+        num_runs=runs.num_runs,
+        num_devices=self.num_devices,
+        device=self.mesh.devices.reshape(-1)[0],
+      )
 
-  def _rounds_body(self, states: EngineState, data: DeviceData,
-                   algorithm_fn: Callable[[dict], FederatedAlgorithm] | None
-                   = None, hparams: dict | None = None):
+  def _rounds_body(
+    self,
+    states: EngineState,
+    data: DeviceData,
+    algorithm_fn: Callable[[dict], FederatedAlgorithm] | None = None,
+    hparams: dict | None = None,
+  ):
     """One round of ``R`` independent runs (leading axis ``R`` on ``states``).
 
     The stages of the module docstring: block plan, sample, blocks (gather,
@@ -552,55 +671,96 @@ class Engine:
     k_sample, k_clients, k_agg = jax.vmap(round_keys)(states.rng, states.round)
     broadcast = runs.map(lambda a, _, s: a.broadcast(s), states.server)
     one_broadcast = jax.tree.map(lambda a: a[0], broadcast)
-    one_cstates = None if states.clients is None else jax.tree.map(
-        lambda a: a[0], states.clients)
+    one_cstates = (
+      None
+      if states.clients is None
+      else jax.tree.map(lambda a: a[0], states.clients)
+    )
     plan = self._plan(
-        data, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                           one_broadcast),
-        None if one_cstates is None else jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
-            one_cstates), R)
+      data,
+      jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), one_broadcast
+      ),
+      None
+      if one_cstates is None
+      else jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), one_cstates
+      ),
+      R,
+    )
     sample = self._sorted_sample(k_sample, data, R)
 
     # One client's output shapes (zero accumulators, aggregator state).
-    cs0 = None if one_cstates is None else jax.tree.map(lambda a: a[0],
-                                                        one_cstates)
+    cs0 = (
+      None if one_cstates is None else jax.tree.map(lambda a: a[0], one_cstates)
+    )
     out_shape = jax.eval_shape(
-        lambda: self._one_client_output(
-            runs.probe, one_broadcast, cs0, data, jnp.int32(0), k_clients[0],
-            jnp.int32(0), data.bucket_sizes[0]))
+      lambda: self._one_client_output(
+        runs.probe,
+        one_broadcast,
+        cs0,
+        data,
+        jnp.int32(0),
+        k_clients[0],
+        jnp.int32(0),
+        data.bucket_sizes[0],
+      )
+    )
     self._check_aggregator(runs, out_shape.update)
-    agg_states, stateful_agg = self._aggregator_states(runs, states,
-                                                       out_shape.update)
+    agg_states, stateful_agg = self._aggregator_states(
+      runs, states, out_shape.update
+    )
 
     carry = self._init_carry(runs, states, agg_states, out_shape)
     for j, bucket_size in enumerate(plan.bucket_sizes):
-      step = self._block_step(runs, plan, j, bucket_size, sample, data,
-                              broadcast, one_broadcast, k_clients, agg_states)
+      step = self._block_step(
+        runs,
+        plan,
+        j,
+        bucket_size,
+        sample,
+        data,
+        broadcast,
+        one_broadcast,
+        k_clients,
+        agg_states,
+      )
       start, count = sample[3][j], sample[4][j]
       blk = plan.num_devices * plan.block_sizes[j]
-      carry = jax.lax.fori_loop(0, (count + blk - 1) // blk,
-                                lambda i, c, step=step, start=start,
-                                count=count: step(i, c, start, count), carry)
+      carry = jax.lax.fori_loop(
+        0,
+        (count + blk - 1) // blk,
+        lambda i, c, step=step, start=start, count=count: step(
+          i, c, start, count
+        ),
+        carry,
+      )
 
-    output, new_agg_states = self._reduce(runs, carry["acc"], agg_states,
-                                          k_agg)
-    agg = Aggregate(mean=output.mean, total_weight=output.total_weight,
-                    num_clients=jnp.sum(carry["count"], axis=0),
-                    metrics=jax.tree.map(lambda a: a.sum(0),
-                                         carry["metrics"]))
-    server = runs.map(lambda a, _, s, g: a.server_update(s, g), states.server,
-                      agg)
+    output, new_agg_states = self._reduce(runs, carry["acc"], agg_states, k_agg)
+    agg = Aggregate(
+      mean=output.mean,
+      total_weight=output.total_weight,
+      num_clients=jnp.sum(carry["count"], axis=0),
+      metrics=jax.tree.map(lambda a: a.sum(0), carry["metrics"]),
+    )
+    server = runs.map(
+      lambda a, _, s, g: a.server_update(s, g), states.server, agg
+    )
     new_states = EngineState(
-        server=server, clients=carry["clients"], round=states.round + 1,
-        rng=states.rng,
-        aggregator=new_agg_states if stateful_agg else None)
+      server=server,
+      clients=carry["clients"],
+      round=states.round + 1,
+      rng=states.rng,
+      aggregator=new_agg_states if stateful_agg else None,
+    )
     metrics = finalize_metrics(agg)
     for name, value in output.metrics.items():
       if name in metrics:
-        raise ValueError(f"aggregator {runs.probe_aggregator.name} reports a "
-                         f"metric {name!r} that the round already reports "
-                         f"({sorted(metrics)}); rename it.")
+        raise ValueError(
+          f"aggregator {runs.probe_aggregator.name} reports a "
+          f"metric {name!r} that the round already reports "
+          f"({sorted(metrics)}); rename it."
+        )
       metrics[name] = value
     return new_states, metrics
 
@@ -609,8 +769,9 @@ class Engine:
     sharded over devices."""
     nd = self.num_devices
     return jax.tree.map(
-        lambda a: self._constrain(jnp.broadcast_to(a, (nd,) + a.shape),
-                                  P(AXIS)), tree)
+      lambda a: self._constrain(jnp.broadcast_to(a, (nd,) + a.shape), P(AXIS)),
+      tree,
+    )
 
   def _init_carry(self, runs: _Runs, states, agg_states, out_shape):
     nd, R = self.num_devices, runs.num_runs
@@ -618,25 +779,44 @@ class Engine:
     spec = out_shape.update
     if R == 1 and runs.algorithm_fn is None:
       one = jax.tree.map(lambda a: a[0], agg_states)
-      acc = jax.tree.map(lambda a: a[None],
-                         runs.probe_aggregator.init(one, spec, m))
+      acc = jax.tree.map(
+        lambda a: a[None], runs.probe_aggregator.init(one, spec, m)
+      )
     else:
       acc = runs.map(lambda _, ag, st: ag.init(st, spec, m), agg_states)
 
     def zeros(shape_tree):
       return jax.tree.map(
-          lambda s: self._constrain(jnp.zeros((nd, R) + s.shape, jnp.float32
-                                              if jnp.issubdtype(s.dtype,
-                                                                jnp.integer)
-                                              else s.dtype), P(AXIS)),
-          shape_tree)
-    return {"acc": self._per_device(acc, R),
-            "count": self._constrain(jnp.zeros((nd, R), jnp.float32), P(AXIS)),
-            "metrics": zeros(out_shape.metrics),
-            "clients": states.clients}
+        lambda s: self._constrain(
+          jnp.zeros(
+            (nd, R) + s.shape,
+            jnp.float32 if jnp.issubdtype(s.dtype, jnp.integer) else s.dtype,
+          ),
+          P(AXIS),
+        ),
+        shape_tree,
+      )
 
-  def _block_step(self, runs: _Runs, plan: BlockPlan, j, bucket_size, sample,
-                  data, broadcast, one_broadcast, k_clients, agg_states):
+    return {
+      "acc": self._per_device(acc, R),
+      "count": self._constrain(jnp.zeros((nd, R), jnp.float32), P(AXIS)),
+      "metrics": zeros(out_shape.metrics),
+      "clients": states.clients,
+    }
+
+  def _block_step(
+    self,
+    runs: _Runs,
+    plan: BlockPlan,
+    j,
+    bucket_size,
+    sample,
+    data,
+    broadcast,
+    one_broadcast,
+    k_clients,
+    agg_states,
+  ):
     """``(i, carry, start, count) -> carry``: block ``i`` of bucket ``j``."""
     nd, bpd = plan.num_devices, plan.block_sizes[j]
     blk, R = nd * bpd, runs.num_runs
@@ -648,8 +828,16 @@ class Engine:
     runs_pad = jnp.concatenate([run_ids, zpad])
 
     def one_client(bcast, cstate, cid, slot, run):
-      return self._one_client_output(runs.of_run(run), bcast, cstate, data,
-                                     cid, k_clients[run], slot, bucket_size)
+      return self._one_client_output(
+        runs.of_run(run),
+        bcast,
+        cstate,
+        data,
+        cid,
+        k_clients[run],
+        slot,
+        bucket_size,
+      )
 
     def step(i, carry, start, count):
       lo = start + i * blk
@@ -660,31 +848,45 @@ class Engine:
       cid = self._constrain(cid, P(AXIS))
       valid = self._constrain(valid, P(AXIS))
       stateful = carry["clients"] is not None
-      cstate = None if not stateful else jax.tree.map(
-          lambda a: self._constrain(a[run, cid], P(AXIS)), carry["clients"])
+      cstate = (
+        None
+        if not stateful
+        else jax.tree.map(
+          lambda a: self._constrain(a[run, cid], P(AXIS)), carry["clients"]
+        )
+      )
       if R == 1:
         bcast, b_axis = one_broadcast, None
       else:
-        bcast = jax.tree.map(lambda a: self._constrain(a[run], P(AXIS)),
-                             broadcast)
+        bcast = jax.tree.map(
+          lambda a: self._constrain(a[run], P(AXIS)), broadcast
+        )
         b_axis = 0
       out = jax.vmap(one_client, in_axes=(b_axis, 0, 0, 0, 0))(
-          bcast, cstate, cid, slot, run)
+        bcast, cstate, cid, slot, run
+      )
 
       new = dict(carry)
-      new["acc"] = self._add(runs, carry["acc"], agg_states, out, valid, slot,
-                             run, nd, bpd)
+      new["acc"] = self._add(
+        runs, carry["acc"], agg_states, out, valid, slot, run, nd, bpd
+      )
       new["count"] = carry["count"] + _per_device_sum(
-          valid.astype(jnp.float32), valid, run, nd, bpd, R)
+        valid.astype(jnp.float32), valid, run, nd, bpd, R
+      )
       new["metrics"] = jax.tree.map(
-          lambda a, v: a + _per_device_sum(v, valid, run, nd, bpd, R),
-          carry["metrics"], out.metrics)
+        lambda a, v: a + _per_device_sum(v, valid, run, nd, bpd, R),
+        carry["metrics"],
+        out.metrics,
+      )
       if stateful:
         idx = jnp.where(valid, cid, c)
         new["clients"] = jax.tree.map(
-            lambda a, s: a.at[run, idx].set(s.astype(a.dtype), mode="drop"),
-            carry["clients"], out.state)
+          lambda a, s: a.at[run, idx].set(s.astype(a.dtype), mode="drop"),
+          carry["clients"],
+          out.state,
+        )
       return new
+
     return step
 
   def _add(self, runs: _Runs, acc, agg_states, out, valid, slot, run, nd, bpd):
@@ -699,15 +901,19 @@ class Engine:
       st = jax.tree.map(lambda a: a[0], agg_states)
       a0 = jax.tree.map(lambda a: a[:, 0], acc)
       new = jax.vmap(lambda a, u, w, v, s: agg.add(st, a, u, w, v, s))(
-          a0, updates, weights, valid, slot)
+        a0, updates, weights, valid, slot
+      )
       return jax.tree.map(lambda a: a[:, None], new)
 
     def per_device(acc_d, u, w, v, s, r):
       # acc_d [R, ...]: every run adds its own clients of the device's block.
       def per_run(_, ag, st, a, run_index):
         return ag.add(st, a, u, w, v & (r == run_index), s)
-      return runs.map(per_run, agg_states, acc_d,
-                      jnp.arange(runs.num_runs, dtype=jnp.int32))
+
+      return runs.map(
+        per_run, agg_states, acc_d, jnp.arange(runs.num_runs, dtype=jnp.int32)
+      )
+
     return jax.vmap(per_device)(acc, updates, weights, valid, slot, run)
 
   def _reduce(self, runs: _Runs, acc, agg_states, k_agg):
@@ -718,18 +924,23 @@ class Engine:
       # shapes, hence XLA's fusions and float results, of the reduction
       # before aggregators existed.
       agg = runs.probe_aggregator
-      return jax.vmap(lambda a, st, k: agg.finalize(st, agg.merge(a), k),
-                      in_axes=(1, 0, 0))(acc, agg_states, k_agg)
+      return jax.vmap(
+        lambda a, st, k: agg.finalize(st, agg.merge(a), k), in_axes=(1, 0, 0)
+      )(acc, agg_states, k_agg)
 
     def per_run(_, ag, a, st, k):
       return ag.finalize(st, ag.merge(a), k)
+
     by_run = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), acc)
     return runs.map(per_run, by_run, agg_states, k_agg)
 
-  def rounds_body(self, states: EngineState, data: DeviceData,
-                  algorithm_fn: Callable[[dict], FederatedAlgorithm] | None
-                  = None, hparams: dict | None = None
-                  ) -> tuple[EngineState, dict]:
+  def rounds_body(
+    self,
+    states: EngineState,
+    data: DeviceData,
+    algorithm_fn: Callable[[dict], FederatedAlgorithm] | None = None,
+    hparams: dict | None = None,
+  ) -> tuple[EngineState, dict]:
     """One round of ``R`` independent runs as ONE pooled round (traceable).
 
     ``states`` carries a leading run axis ``R`` on every leaf (server,
@@ -751,14 +962,18 @@ class Engine:
     if (algorithm_fn is None) != (hparams is None):
       raise ValueError("pass algorithm_fn and hparams together.")
     if not isinstance(states, EngineState) or jnp.ndim(states.round) != 1:
-      raise ValueError("rounds_body expects EngineStates stacked on a leading "
-                       "run axis (round of shape [R]); stack them with "
-                       "jax.tree.map(lambda *xs: jnp.stack(xs), *states).")
+      raise ValueError(
+        "rounds_body expects EngineStates stacked on a leading "
+        "run axis (round of shape [R]); stack them with "
+        "jax.tree.map(lambda *xs: jnp.stack(xs), *states)."
+      )
     r = jnp.shape(states.round)[0]
     bad = [x.shape for x in jax.tree.leaves(states) if x.shape[:1] != (r,)]
     if bad:
-      raise ValueError(f"every state leaf needs the leading run axis of size "
-                       f"{r}; got leaves of shape {bad[:3]}.")
+      raise ValueError(
+        f"every state leaf needs the leading run axis of size "
+        f"{r}; got leaves of shape {bad[:3]}."
+      )
     return self._rounds_body(states, data, algorithm_fn, hparams)
 
 
@@ -773,10 +988,12 @@ def _per_device_sum(x, valid, run, nd, bpd, R):
     x = x.astype(jnp.float32)
   if R == 1:
     return jnp.sum(x, axis=1)[:, None]
-  onehot = (run[:, None] == jnp.arange(R)[None, :]).astype(x.dtype).reshape(
-      nd, bpd, R)
-  return jnp.einsum("dbr,db...->dr...", onehot, x,
-                    precision=jax.lax.Precision.HIGHEST)
+  onehot = (
+    (run[:, None] == jnp.arange(R)[None, :]).astype(x.dtype).reshape(nd, bpd, R)
+  )
+  return jnp.einsum(
+    "dbr,db...->dr...", onehot, x, precision=jax.lax.Precision.HIGHEST
+  )
 
 
 def finalize_metrics(agg: Aggregate) -> dict:

@@ -16,20 +16,30 @@ Command line: ``python -m fedjax_lite {run,sweep,compare} --help``.
 
 from fedjax_lite.experiment import records
 from fedjax_lite.experiment import runner
-from fedjax_lite.experiment.checkpoint import (atomic_write_bytes,
-                                               load_checkpoint,
-                                               save_checkpoint)
+from fedjax_lite.experiment.checkpoint import (
+  atomic_write_bytes,
+  load_checkpoint,
+  save_checkpoint,
+)
 from fedjax_lite.experiment.comparison import compare
-from fedjax_lite.experiment.config import (ConfigError, ExperimentFile,
-                                           apply_overrides, check_config,
-                                           config_to_dict,
-                                           load_experiment_file)
+from fedjax_lite.experiment.config import (
+  ConfigError,
+  ExperimentFile,
+  apply_overrides,
+  check_config,
+  config_to_dict,
+  load_experiment_file,
+)
 from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.loop import Checkpointing
 from fedjax_lite.experiment.plots import plot_curves, plot_runs
-from fedjax_lite.experiment.records import (final_table, final_values,
-                                            read_jsonl)
-from fedjax_lite.experiment.runner import (RunResult, engine_for, init_state,
-                                           run_file, train)
+from fedjax_lite.experiment.records import final_table, final_values, read_jsonl
+from fedjax_lite.experiment.runner import (
+  RunResult,
+  engine_for,
+  init_state,
+  run_file,
+  train,
+)
 from fedjax_lite.experiment.sweeps import SweepResult, sweep, sweep_file
 from fedjax_lite.experiment.vmapped import VmappedRounds

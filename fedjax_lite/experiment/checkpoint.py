@@ -33,8 +33,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` so readers see the old or the new file only."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                             dir=path.parent)
+  fd, tmp = tempfile.mkstemp(
+    prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+  )
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -65,8 +66,9 @@ def _to_host(tree: Any) -> Any:
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def save_checkpoint(path: str | os.PathLike, state: Any,
-                    meta: dict | None = None) -> None:
+def save_checkpoint(
+  path: str | os.PathLike, state: Any, meta: dict | None = None
+) -> None:
   """Atomically writes ``state`` (any flax-serializable pytree) and ``meta``.
 
   Args:
@@ -74,14 +76,15 @@ def save_checkpoint(path: str | os.PathLike, state: Any,
     state: e.g. an EngineState; device arrays are copied to host.
     meta: JSON-like runner bookkeeping (next round, elapsed time, ...).
   """
-  payload = {"format": FORMAT,
-             "state": flax.serialization.to_state_dict(_to_host(state)),
-             "meta": meta or {}}
+  payload = {
+    "format": FORMAT,
+    "state": flax.serialization.to_state_dict(_to_host(state)),
+    "meta": meta or {},
+  }
   atomic_write_bytes(path, flax.serialization.msgpack_serialize(payload))
 
 
-def load_checkpoint(path: str | os.PathLike, target: Any
-                    ) -> tuple[Any, dict]:
+def load_checkpoint(path: str | os.PathLike, target: Any) -> tuple[Any, dict]:
   """Restores a checkpoint into the structure of ``target``.
 
   Args:
@@ -94,31 +97,42 @@ def load_checkpoint(path: str | os.PathLike, target: Any
   """
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"no checkpoint at {path}; a run folder holds "
-                            "checkpoint.msgpack once a round has finished.")
+    raise FileNotFoundError(
+      f"no checkpoint at {path}; a run folder holds "
+      "checkpoint.msgpack once a round has finished."
+    )
   try:
     raw = flax.serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several types for bad bytes
     raise DamagedCheckpointError(
-        f"checkpoint {path} is damaged ({type(e).__name__}: {e}); it was "
-        "truncated or overwritten outside fedjax_lite (its own writes are "
-        "atomic). Restore it from a backup, or delete the run folder and "
-        "start the run again.") from e
+      f"checkpoint {path} is damaged ({type(e).__name__}: {e}); it was "
+      "truncated or overwritten outside fedjax_lite (its own writes are "
+      "atomic). Restore it from a backup, or delete the run folder and "
+      "start the run again."
+    ) from e
   if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-    raise ValueError(f"{path} is not a fedjax_lite checkpoint (format "
-                     f"{FORMAT}); got keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}.")
+    raise ValueError(
+      f"{path} is not a fedjax_lite checkpoint (format "
+      f"{FORMAT}); got keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}."
+    )
   host_target = _to_host(target)
   try:
     state = flax.serialization.from_state_dict(host_target, raw["state"])
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"checkpoint {path} does not match the experiment's state "
-                     f"structure ({e}); was the experiment or its config "
-                     "changed since the checkpoint was written?") from e
+    raise ValueError(
+      f"checkpoint {path} does not match the experiment's state "
+      f"structure ({e}); was the experiment or its config "
+      "changed since the checkpoint was written?"
+    ) from e
   for want, got in zip(jax.tree.leaves(host_target), jax.tree.leaves(state)):
-    if np.shape(want) != np.shape(got) or np.asarray(want).dtype != np.asarray(
-        got).dtype:
-      raise ValueError(f"checkpoint {path} holds an array of shape "
-                       f"{np.shape(got)} {np.asarray(got).dtype} where the "
-                       f"experiment expects {np.shape(want)} "
-                       f"{np.asarray(want).dtype}; was the config changed?")
+    if (
+      np.shape(want) != np.shape(got)
+      or np.asarray(want).dtype != np.asarray(got).dtype
+    ):
+      raise ValueError(
+        f"checkpoint {path} holds an array of shape "
+        f"{np.shape(got)} {np.asarray(got).dtype} where the "
+        f"experiment expects {np.shape(want)} "
+        f"{np.asarray(want).dtype}; was the config changed?"
+      )
   return state, dict(raw.get("meta") or {})

@@ -19,9 +19,12 @@ import signal
 import sys
 from typing import Sequence
 
-from fedjax_lite.experiment.config import (ConfigError, describe_config,
-                                           load_experiment_file,
-                                           parse_overrides)
+from fedjax_lite.experiment.config import (
+  ConfigError,
+  describe_config,
+  load_experiment_file,
+  parse_overrides,
+)
 
 EPILOG_RUN = """\
 Experiment files define get_config(arg="") -> frozen dataclass and
@@ -44,111 +47,171 @@ def _spec_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     cfg = ef.get_config()
     doc = (ef.module.__doc__ or "").strip()
     parser.epilog = (parser.epilog or "") + (
-        f"\n\n{ef.path.name}: {doc.splitlines()[0] if doc else ''}\n"
-        f"config fields (--set name=value), {type(cfg).__name__} for arg "
-        f"{ef.arg!r}:\n{describe_config(cfg)}")
+      f"\n\n{ef.path.name}: {doc.splitlines()[0] if doc else ''}\n"
+      f"config fields (--set name=value), {type(cfg).__name__} for arg "
+      f"{ef.arg!r}:\n{describe_config(cfg)}"
+    )
   except ConfigError as e:
-    parser.epilog = (parser.epilog or "") + f"\n\n(could not load {specs[0]}: {e})"
+    parser.epilog = (
+      parser.epilog or ""
+    ) + f"\n\n(could not load {specs[0]}: {e})"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
   p = argparse.ArgumentParser(
-      prog="python -m fedjax_lite",
-      description="fedjax_lite experiments: run, sweep and compare.",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="Run `python -m fedjax_lite <command> --help` for details.")
+    prog="python -m fedjax_lite",
+    description="fedjax_lite experiments: run, sweep and compare.",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="Run `python -m fedjax_lite <command> --help` for details.",
+  )
   sub = p.add_subparsers(dest="command", metavar="{run,sweep,compare}")
   sub.required = True
 
   r = sub.add_parser(
-      "run", help="run (or resume) one experiment file",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Run an experiment file: progress bar, metrics, curves, "
-                  "checkpoints.", epilog=EPILOG_RUN)
-  r.add_argument("experiment", nargs="?",
-                 help="experiments/<name>.py[:arg] (optional with --resume)")
+    "run",
+    help="run (or resume) one experiment file",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    description="Run an experiment file: progress bar, metrics, curves, "
+    "checkpoints.",
+    epilog=EPILOG_RUN,
+  )
+  r.add_argument(
+    "experiment",
+    nargs="?",
+    help="experiments/<name>.py[:arg] (optional with --resume)",
+  )
   _common(r)
-  r.add_argument("--resume", metavar="RUN_DIR",
-                 help="continue the run in RUN_DIR from its checkpoint "
-                      "(--set applies on top of its saved config, e.g. to "
-                      "raise num_rounds)")
+  r.add_argument(
+    "--resume",
+    metavar="RUN_DIR",
+    help="continue the run in RUN_DIR from its checkpoint "
+    "(--set applies on top of its saved config, e.g. to "
+    "raise num_rounds)",
+  )
   _checkpoint_args(r)
 
   s = sub.add_parser(
-      "sweep", help="run several seeds / hyperparameters as ONE computation",
-      formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Vectorized sweep: every setting (seed x grid point) "
-                  "advances in one jitted computation. With several seeds the "
-                  "settings are runs of one pooled engine round (their "
-                  "clients share the blocks); with one seed, grid points are "
-                  "vmapped and share the seed's client data.",
-      epilog="Seeds vary the initial params and the sampling/client rng (the "
-             "data is built once from the base config). --grid names must be "
-             "declared by the experiment in Experiment.hparams (with "
-             "algorithm_fn). Outputs: OUT/<name>-sweep-<timestamp>/ with "
-             "sweep.json, metrics.jsonl/csv (a 'setting' column), curves.png "
-             "(mean +- std over seeds per grid point), summary.md.")
-  s.add_argument("experiment", nargs="?",
-                 help="experiments/<name>.py[:arg] (optional with --resume)")
+    "sweep",
+    help="run several seeds / hyperparameters as ONE computation",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    description="Vectorized sweep: every setting (seed x grid point) "
+    "advances in one jitted computation. With several seeds the "
+    "settings are runs of one pooled engine round (their "
+    "clients share the blocks); with one seed, grid points are "
+    "vmapped and share the seed's client data.",
+    epilog="Seeds vary the initial params and the sampling/client rng (the "
+    "data is built once from the base config). --grid names must be "
+    "declared by the experiment in Experiment.hparams (with "
+    "algorithm_fn). Outputs: OUT/<name>-sweep-<timestamp>/ with "
+    "sweep.json, metrics.jsonl/csv (a 'setting' column), curves.png "
+    "(mean +- std over seeds per grid point), summary.md.",
+  )
+  s.add_argument(
+    "experiment",
+    nargs="?",
+    help="experiments/<name>.py[:arg] (optional with --resume)",
+  )
   _common(s)
-  s.add_argument("--resume", metavar="SWEEP_DIR",
-                 help="continue the sweep in SWEEP_DIR from its checkpoint "
-                      "(its seeds and grid; --set applies on top)")
+  s.add_argument(
+    "--resume",
+    metavar="SWEEP_DIR",
+    help="continue the sweep in SWEEP_DIR from its checkpoint "
+    "(its seeds and grid; --set applies on top)",
+  )
   _checkpoint_args(s)
-  s.add_argument("--seeds", default="1", metavar="N|S1,S2,..",
-                 help="N seeds (config seed, seed+1, ...) or an explicit "
-                      "comma-separated list (default 1)")
-  s.add_argument("--grid", action="extend", nargs="+", default=[],
-                 metavar="NAME=V1,V2,..",
-                 help="values of a sweepable hyperparameter (repeatable; "
-                      "settings are the product of all grids and seeds)")
+  s.add_argument(
+    "--seeds",
+    default="1",
+    metavar="N|S1,S2,..",
+    help="N seeds (config seed, seed+1, ...) or an explicit "
+    "comma-separated list (default 1)",
+  )
+  s.add_argument(
+    "--grid",
+    action="extend",
+    nargs="+",
+    default=[],
+    metavar="NAME=V1,V2,..",
+    help="values of a sweepable hyperparameter (repeatable; "
+    "settings are the product of all grids and seeds)",
+  )
 
   c = sub.add_parser(
-      "compare", help="overlay several runs' curves and tabulate final "
-                      "metrics",
-      description="Overlay convergence curves of run (or sweep) folders into "
-                  "one figure and write a markdown table of final metrics.")
+    "compare",
+    help="overlay several runs' curves and tabulate final metrics",
+    description="Overlay convergence curves of run (or sweep) folders into "
+    "one figure and write a markdown table of final metrics.",
+  )
   c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-  c.add_argument("--out", required=True, metavar="DIR",
-                 help="folder for compare.png and compare.md")
-  c.add_argument("--labels", nargs="+", metavar="LABEL",
-                 help="legend labels, one per RUN_DIR (default: folder "
-                      "names)")
+  c.add_argument(
+    "--out",
+    required=True,
+    metavar="DIR",
+    help="folder for compare.png and compare.md",
+  )
+  c.add_argument(
+    "--labels",
+    nargs="+",
+    metavar="LABEL",
+    help="legend labels, one per RUN_DIR (default: folder names)",
+  )
   c.add_argument("--title", default=None)
   return p, {"run": r, "sweep": s, "compare": c}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--set", dest="overrides", action="extend", nargs="+",
-                 default=[], metavar="FIELD=VALUE",
-                 help="override config fields, typed by the config dataclass "
-                      "(repeatable)")
-  p.add_argument("--out", default="runs", metavar="DIR",
-                 help="parent folder of the run folder (default: runs)")
-  p.add_argument("--no-progress", action="store_true",
-                 help="no progress bar")
+  p.add_argument(
+    "--set",
+    dest="overrides",
+    action="extend",
+    nargs="+",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="override config fields, typed by the config dataclass (repeatable)",
+  )
+  p.add_argument(
+    "--out",
+    default="runs",
+    metavar="DIR",
+    help="parent folder of the run folder (default: runs)",
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--checkpoint-every-seconds", type=float, default=60.0,
-                 metavar="S",
-                 help="the most wall time between two checkpoints, i.e. the "
-                      "most work a crash can lose (default 60; cheap "
-                      "checkpoints are written more often); 0 turns "
-                      "time-based checkpoints off")
-  p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                 help="also checkpoint every N rounds (default 0: off)")
+  p.add_argument(
+    "--checkpoint-every-seconds",
+    type=float,
+    default=60.0,
+    metavar="S",
+    help="the most wall time between two checkpoints, i.e. the "
+    "most work a crash can lose (default 60; cheap "
+    "checkpoints are written more often); 0 turns "
+    "time-based checkpoints off",
+  )
+  p.add_argument(
+    "--checkpoint-every",
+    type=int,
+    default=0,
+    metavar="N",
+    help="also checkpoint every N rounds (default 0: off)",
+  )
 
 
 def _checkpointing(args) -> dict:
   if args.checkpoint_every < 0:
-    raise ConfigError(f"--checkpoint-every must be >= 0, got "
-                      f"{args.checkpoint_every}.")
+    raise ConfigError(
+      f"--checkpoint-every must be >= 0, got {args.checkpoint_every}."
+    )
   if args.checkpoint_every_seconds < 0:
-    raise ConfigError(f"--checkpoint-every-seconds must be >= 0 (0: off), got "
-                      f"{args.checkpoint_every_seconds}.")
-  return {"checkpoint_every": args.checkpoint_every,
-          "checkpoint_every_seconds": args.checkpoint_every_seconds or None}
+    raise ConfigError(
+      f"--checkpoint-every-seconds must be >= 0 (0: off), got "
+      f"{args.checkpoint_every_seconds}."
+    )
+  return {
+    "checkpoint_every": args.checkpoint_every,
+    "checkpoint_every_seconds": args.checkpoint_every_seconds or None,
+  }
 
 
 def parse_seeds(text: str) -> int | list[int]:
@@ -159,8 +222,9 @@ def parse_seeds(text: str) -> int | list[int]:
       return [int(x) for x in text.split(",") if x.strip()]
     n = int(text)
   except ValueError:
-    raise ConfigError(f"--seeds expects a count (e.g. 8) or a list "
-                      f"(e.g. 0,1,2), got {text!r}.") from None
+    raise ConfigError(
+      f"--seeds expects a count (e.g. 8) or a list (e.g. 0,1,2), got {text!r}."
+    ) from None
   if n < 1:
     raise ConfigError(f"--seeds must be >= 1, got {n}.")
   return n
@@ -170,15 +234,18 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[float]]:
   """``["client_lr=0.01,0.1"]`` -> ``{"client_lr": [0.01, 0.1]}``."""
   for item in items:
     if not item.partition("=")[0].strip() or "=" not in item:
-      raise ConfigError(f"--grid {item!r} is not NAME=V1,V2,... "
-                        "(e.g. --grid client_lr=0.01,0.03,0.1).")
+      raise ConfigError(
+        f"--grid {item!r} is not NAME=V1,V2,... "
+        "(e.g. --grid client_lr=0.01,0.03,0.1)."
+      )
   grid: dict = {}
   for name, values in parse_overrides(items).items():
     try:
       grid[name] = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
-      raise ConfigError(f"--grid {name}: expected comma-separated "
-                        f"numbers, got {values!r}.") from None
+      raise ConfigError(
+        f"--grid {name}: expected comma-separated numbers, got {values!r}."
+      ) from None
     if not grid[name]:
       raise ConfigError(f"--grid {name}= has no values.")
   return grid
@@ -203,12 +270,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args) -> int:
   from fedjax_lite.experiment.runner import run_file  # pylint: disable=g-import-not-at-top
+
   if args.experiment is None and args.resume is None:
-    raise ConfigError("`run` needs an experiment file "
-                      "(experiments/<name>.py[:arg]) or --resume RUN_DIR.")
-  res = run_file(args.experiment, args.overrides, out=args.out,
-                 resume=args.resume, progress=not args.no_progress,
-                 **_checkpointing(args))
+    raise ConfigError(
+      "`run` needs an experiment file "
+      "(experiments/<name>.py[:arg]) or --resume RUN_DIR."
+    )
+  res = run_file(
+    args.experiment,
+    args.overrides,
+    out=args.out,
+    resume=args.resume,
+    progress=not args.no_progress,
+    **_checkpointing(args),
+  )
   if res.interrupted:
     return _interrupted(res, "run")
   _print_final(res.run_dir, res.final)
@@ -217,41 +292,68 @@ def _run(args) -> int:
 
 def _interrupted(res, command: str) -> int:
   name = signal.Signals(res.signum).name if res.signum else "signal"
-  print(f"{name}: stopped after round {res.rows[-1]['round'] if res.rows else 0}"
-        f"; checkpoint in {res.run_dir}.\nResume with: python -m "
-        f"fedjax_lite {command} --resume {res.run_dir}", file=sys.stderr)
+  print(
+    f"{name}: stopped after round {res.rows[-1]['round'] if res.rows else 0}"
+    f"; checkpoint in {res.run_dir}.\nResume with: python -m "
+    f"fedjax_lite {command} --resume {res.run_dir}",
+    file=sys.stderr,
+  )
   return 128 + int(res.signum or 0)
 
 
 def _print_final(run_dir, final: dict) -> None:
-  keys = [k for k in ("round", "train_loss", "train_accuracy", "test_loss",
-                      "test_accuracy", "test_accuracy_p10") if k in final]
-  print("final: " + ", ".join(
-      f"{k}={final[k]:.4f}" if isinstance(final[k], float) else
-      f"{k}={final[k]}" for k in keys))
+  keys = [
+    k
+    for k in (
+      "round",
+      "train_loss",
+      "train_accuracy",
+      "test_loss",
+      "test_accuracy",
+      "test_accuracy_p10",
+    )
+    if k in final
+  ]
+  print(
+    "final: "
+    + ", ".join(
+      f"{k}={final[k]:.4f}"
+      if isinstance(final[k], float)
+      else f"{k}={final[k]}"
+      for k in keys
+    )
+  )
   print(f"run folder: {run_dir} (curves.png, metrics.jsonl, metrics.csv)")
 
 
 def _sweep(args) -> int:
   from fedjax_lite.experiment.sweeps import sweep_file  # pylint: disable=g-import-not-at-top
+
   if args.experiment is None and args.resume is None:
-    raise ConfigError("`sweep` needs an experiment file "
-                      "(experiments/<name>.py[:arg]) or --resume SWEEP_DIR.")
-  res = sweep_file(args.experiment, args.overrides,
-                   seeds=parse_seeds(args.seeds),
-                   grid=parse_grid(args.grid), out=args.out,
-                   resume=args.resume, progress=not args.no_progress,
-                   **_checkpointing(args))
+    raise ConfigError(
+      "`sweep` needs an experiment file "
+      "(experiments/<name>.py[:arg]) or --resume SWEEP_DIR."
+    )
+  res = sweep_file(
+    args.experiment,
+    args.overrides,
+    seeds=parse_seeds(args.seeds),
+    grid=parse_grid(args.grid),
+    out=args.out,
+    resume=args.resume,
+    progress=not args.no_progress,
+    **_checkpointing(args),
+  )
   if res.interrupted:
     return _interrupted(res, "sweep")
   print(res.table())
-  print(f"sweep folder: {res.run_dir} (curves.png, metrics.jsonl, "
-        "summary.md)")
+  print(f"sweep folder: {res.run_dir} (curves.png, metrics.jsonl, summary.md)")
   return 0
 
 
 def _compare(args) -> int:
   from fedjax_lite.experiment.comparison import compare  # pylint: disable=g-import-not-at-top
+
   table = compare(args.runs, args.out, labels=args.labels, title=args.title)
   print(table)
   print(f"wrote {args.out}/compare.png and {args.out}/compare.md")

@@ -19,25 +19,39 @@ import numpy as np
 from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.checkpoint import atomic_write_text
 from fedjax_lite.experiment.config import ConfigError
-from fedjax_lite.experiment.records import (final_table, read_jsonl,
-                                            setting_label)
+from fedjax_lite.experiment.records import (
+  final_table,
+  read_jsonl,
+  setting_label,
+)
 
-KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
-        "test_accuracy_p10", "test_accuracy_p50")
+KEYS = (
+  "train_loss",
+  "train_accuracy",
+  "test_loss",
+  "test_accuracy",
+  "test_accuracy_p10",
+  "test_accuracy_p50",
+)
 _STAMP = re.compile(r"-\d{8}-\d{6}(-\d+)?$")
 
 
-def load_groups(run_dir: str | os.PathLike, label: str | None = None
-                ) -> dict[str, list[list[dict]]]:
+def load_groups(
+  run_dir: str | os.PathLike, label: str | None = None
+) -> dict[str, list[list[dict]]]:
   """``{label: [rows per seed]}`` of a run or sweep folder."""
   d = Path(run_dir)
   metrics = d / "metrics.jsonl"
   if not d.is_dir():
-    raise ConfigError(f"{d} is not a folder; expected a run folder written by "
-                      "`python -m fedjax_lite run` or `sweep`.")
+    raise ConfigError(
+      f"{d} is not a folder; expected a run folder written by "
+      "`python -m fedjax_lite run` or `sweep`."
+    )
   if not metrics.is_file():
-    raise ConfigError(f"{d} has no metrics.jsonl; expected a run folder "
-                      "written by `python -m fedjax_lite run` or `sweep`.")
+    raise ConfigError(
+      f"{d} has no metrics.jsonl; expected a run folder "
+      "written by `python -m fedjax_lite run` or `sweep`."
+    )
   rows = read_jsonl(metrics)
   if not rows:
     raise ConfigError(f"{metrics} is empty (the run has not finished a round).")
@@ -49,14 +63,19 @@ def load_groups(run_dir: str | os.PathLike, label: str | None = None
       sub = setting_label(s)
       name = label if sub == "seeds" else f"{label} [{sub}]"
       groups.setdefault(name, []).append(
-          [r for r in rows if r.get("setting") == i])
+        [r for r in rows if r.get("setting") == i]
+      )
     return groups
   return {label: [rows]}
 
 
-def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
-            labels: Sequence[str] | None = None, title: str | None = None,
-            keys: Sequence[str] = KEYS) -> str:
+def compare(
+  run_dirs: Sequence[str | os.PathLike],
+  out: str | os.PathLike,
+  labels: Sequence[str] | None = None,
+  title: str | None = None,
+  keys: Sequence[str] = KEYS,
+) -> str:
   """Writes ``out/compare.png`` and ``out/compare.md``; returns the table.
 
   Args:
@@ -68,12 +87,17 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     keys: metrics to tabulate.
   """
   if labels is not None and len(labels) != len(run_dirs):
-    raise ConfigError(f"--labels has {len(labels)} entries for "
-                      f"{len(run_dirs)} run folders; give one per folder.")
+    raise ConfigError(
+      f"--labels has {len(labels)} entries for "
+      f"{len(run_dirs)} run folders; give one per folder."
+    )
   if labels is None:
     short = [_STAMP.sub("", Path(d).name) for d in run_dirs]
-    labels = short if len(set(short)) == len(short) else [
-        Path(d).name for d in run_dirs]
+    labels = (
+      short
+      if len(set(short)) == len(short)
+      else [Path(d).name for d in run_dirs]
+    )
   groups: dict = {}
   rates = {}
   for d, lab in zip(run_dirs, labels):
@@ -81,8 +105,12 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
       if name in groups:
         raise ConfigError(f"two runs are labelled {name!r}; pass --labels.")
       groups[name] = runs
-      r = [row["rounds_per_s"] for rows in runs for row in rows[1:]
-           if isinstance(row.get("rounds_per_s"), (int, float))]
+      r = [
+        row["rounds_per_s"]
+        for rows in runs
+        for row in rows[1:]
+        if isinstance(row.get("rounds_per_s"), (int, float))
+      ]
       rates[name] = float(np.median(r)) if r else None
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -96,9 +124,11 @@ def compare(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
     lines[2 + i] += f" {rate:.1f} |" if rate else " |"
   table = "\n".join(lines)
   sources = "\n".join(f"- {lab}: `{d}`" for d, lab in zip(run_dirs, labels))
-  atomic_write_text(out / "compare.md",
-                    f"# {title or 'Comparison'}\n\n{table}\n\n"
-                    f"Final values (test metrics from each run's last "
-                    f"evaluation); ± is the std over seeds.\n\nRuns:\n"
-                    f"{sources}\n")
+  atomic_write_text(
+    out / "compare.md",
+    f"# {title or 'Comparison'}\n\n{table}\n\n"
+    f"Final values (test metrics from each run's last "
+    f"evaluation); ± is the std over seeds.\n\nRuns:\n"
+    f"{sources}\n",
+  )
   return table

@@ -57,6 +57,7 @@ class ExperimentFile:
     module: the imported module.
     name: the file's stem (run folders are named after it).
   """
+
   path: Path
   arg: str
   module: types.ModuleType
@@ -75,21 +76,25 @@ class ExperimentFile:
     try:
       cfg = fn(self.arg) if self.arg else fn()
     except TypeError as e:
-      raise ConfigError(f"{self.path}: calling get_config({self.arg!r}) "
-                        f"failed: {e}. Expected the signature "
-                        "get_config(arg: str = \"\").") from e
+      raise ConfigError(
+        f"{self.path}: calling get_config({self.arg!r}) "
+        f"failed: {e}. Expected the signature "
+        "get_config(arg: str = \"\")."
+      ) from e
     check_config(cfg, f"{self.path}: get_config({self.arg!r})")
     return cfg
 
   def build(self, config: Any):
     """Calls ``build(config)`` and checks it returns an Experiment."""
     from fedjax_lite.experiment.core import Experiment  # pylint: disable=g-import-not-at-top
+
     exp = self.module.build(config)
     if not isinstance(exp, Experiment):
       raise ConfigError(
-          f"{self.path}: build(config) returned {type(exp).__name__}; expected "
-          "a fedjax_lite.experiment.Experiment(model=..., algorithm=..., "
-          "train=..., round_config=..., num_rounds=...).")
+        f"{self.path}: build(config) returned {type(exp).__name__}; expected "
+        "a fedjax_lite.experiment.Experiment(model=..., algorithm=..., "
+        "train=..., round_config=..., num_rounds=...)."
+      )
     return exp
 
 
@@ -111,18 +116,27 @@ def load_experiment_file(spec: str) -> ExperimentFile:
   path_str, arg = split_spec(spec)
   path = Path(path_str).expanduser()
   if not path.exists():
-    near = sorted(p.name for p in path.parent.glob("*.py")) if \
-        path.parent.is_dir() else []
+    near = (
+      sorted(p.name for p in path.parent.glob("*.py"))
+      if path.parent.is_dir()
+      else []
+    )
     hint = f" Files in {path.parent}/: {', '.join(near)}." if near else ""
-    raise ConfigError(f"experiment file {str(path)!r} does not exist; expected "
-                      f"a path like experiments/fedavg_synthetic.py[:smoke]."
-                      f"{hint}")
+    raise ConfigError(
+      f"experiment file {str(path)!r} does not exist; expected "
+      f"a path like experiments/fedavg_synthetic.py[:smoke]."
+      f"{hint}"
+    )
   if path.suffix != ".py" or not path.is_file():
-    raise ConfigError(f"experiment {str(path)!r} is not a .py file; expected "
-                      "experiments/<name>.py[:arg].")
+    raise ConfigError(
+      f"experiment {str(path)!r} is not a .py file; expected "
+      "experiments/<name>.py[:arg]."
+    )
   path = path.resolve()
-  mod_name = "_fedjax_lite_experiment_" + hashlib.sha1(
-      str(path).encode()).hexdigest()[:12]
+  mod_name = (
+    "_fedjax_lite_experiment_"
+    + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+  )
   module_spec = importlib.util.spec_from_file_location(mod_name, path)
   module = importlib.util.module_from_spec(module_spec)
   sys.modules[mod_name] = module  # dataclasses need their module registered
@@ -133,17 +147,19 @@ def load_experiment_file(spec: str) -> ExperimentFile:
     module_spec.loader.exec_module(module)
   except Exception as e:
     sys.modules.pop(mod_name, None)
-    raise ConfigError(f"importing experiment file {path} failed: "
-                      f"{type(e).__name__}: {e}") from e
+    raise ConfigError(
+      f"importing experiment file {path} failed: {type(e).__name__}: {e}"
+    ) from e
   finally:
     if added:
       sys.path.remove(str(path.parent))
   for fn in ("get_config", "build"):
     if not callable(getattr(module, fn, None)):
       raise ConfigError(
-          f"{path} has no function {fn}(); an experiment file defines "
-          "get_config(arg: str = \"\") -> <frozen dataclass> and "
-          "build(config) -> fedjax_lite.experiment.Experiment.")
+        f"{path} has no function {fn}(); an experiment file defines "
+        "get_config(arg: str = \"\") -> <frozen dataclass> and "
+        "build(config) -> fedjax_lite.experiment.Experiment."
+      )
   return ExperimentFile(path=path, arg=arg, module=module, name=path.stem)
 
 
@@ -155,8 +171,10 @@ def _field_types(cls) -> dict:
   try:
     hints = typing.get_type_hints(cls)
   except (NameError, TypeError, AttributeError) as e:  # e.g. an unknown name
-    raise ConfigError(f"cannot resolve the field types of {cls.__name__}: {e}."
-                      " Use built-in types (int, float, str, bool, tuple).")
+    raise ConfigError(
+      f"cannot resolve the field types of {cls.__name__}: {e}."
+      " Use built-in types (int, float, str, bool, tuple)."
+    )
   return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
 
 
@@ -164,26 +182,32 @@ def check_config(cfg: Any, where: str = "config") -> None:
   """Raises ConfigError unless ``cfg`` is a frozen dataclass of primitives."""
   if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
     raise ConfigError(
-        f"{where} returned {type(cfg).__name__}; expected an instance of a "
-        "frozen dataclass, e.g. @dataclasses.dataclass(frozen=True) class "
-        "Config: num_rounds: int = 100.")
+      f"{where} returned {type(cfg).__name__}; expected an instance of a "
+      "frozen dataclass, e.g. @dataclasses.dataclass(frozen=True) class "
+      "Config: num_rounds: int = 100."
+    )
   params = getattr(type(cfg), "__dataclass_params__", None)
   if params is None or not params.frozen:
-    raise ConfigError(f"{where} returned a {type(cfg).__name__} that is not "
-                      "frozen; declare it with "
-                      "@dataclasses.dataclass(frozen=True).")
+    raise ConfigError(
+      f"{where} returned a {type(cfg).__name__} that is not "
+      "frozen; declare it with "
+      "@dataclasses.dataclass(frozen=True)."
+    )
   for name, tp in _field_types(type(cfg)).items():
     if not _supported(tp):
       raise ConfigError(
-          f"{type(cfg).__name__}.{name} has type {_type_name(tp)}; config "
-          "fields must be int, float, str, bool, Literal[...], tuples of "
-          "those, optionally | None (build objects in build(config), not the "
-          "config).")
+        f"{type(cfg).__name__}.{name} has type {_type_name(tp)}; config "
+        "fields must be int, float, str, bool, Literal[...], tuples of "
+        "those, optionally | None (build objects in build(config), not the "
+        "config)."
+      )
     value = getattr(cfg, name)
     if not _matches(value, tp):
-      raise ConfigError(f"{where}: field {name!r} holds {value!r} "
-                        f"({type(value).__name__}); its declared type is "
-                        f"{_type_name(tp)}.")
+      raise ConfigError(
+        f"{where}: field {name!r} holds {value!r} "
+        f"({type(value).__name__}); its declared type is "
+        f"{_type_name(tp)}."
+      )
 
 
 def _union_args(tp):
@@ -194,8 +218,11 @@ def _union_args(tp):
 
 
 def _supported(tp) -> bool:
-  if tp in _PRIMITIVES or tp is type(None) or (
-      typing.get_origin(tp) is typing.Literal):
+  if (
+    tp in _PRIMITIVES
+    or tp is type(None)
+    or (typing.get_origin(tp) is typing.Literal)
+  ):
     return True
   if _union_args(tp) or typing.get_origin(tp) is tuple:
     return all(a is ... or _supported(a) for a in typing.get_args(tp))
@@ -203,8 +230,11 @@ def _supported(tp) -> bool:
 
 
 def _type_name(tp) -> str:
-  return getattr(tp, "__name__", None) if isinstance(tp, type) else str(
-      tp).replace("typing.", "")
+  return (
+    getattr(tp, "__name__", None)
+    if isinstance(tp, type)
+    else str(tp).replace("typing.", "")
+  )
 
 
 def _matches(value, tp) -> bool:
@@ -225,10 +255,23 @@ def _matches(value, tp) -> bool:
   return isinstance(value, (int, float) if tp is float else tp)
 
 
-_BOOLS = {"true": True, "yes": True, "on": True, "1": True,
-          "false": False, "no": False, "off": False, "0": False}
-_WORDS = {int: "an int", float: "a float", str: "a string", type(None): "none",
-          bool: "a bool (true/false, yes/no, on/off, 1/0)"}
+_BOOLS = {
+  "true": True,
+  "yes": True,
+  "on": True,
+  "1": True,
+  "false": False,
+  "no": False,
+  "off": False,
+  "0": False,
+}
+_WORDS = {
+  int: "an int",
+  float: "a float",
+  str: "a string",
+  type(None): "none",
+  bool: "a bool (true/false, yes/no, on/off, 1/0)",
+}
 
 
 def _expected(tp) -> str:
@@ -299,17 +342,20 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-      raise ConfigError(f"override {item!r} is not of the form field=value "
-                        "(e.g. --set client_lr=0.1).")
+      raise ConfigError(
+        f"override {item!r} is not of the form field=value "
+        "(e.g. --set client_lr=0.1)."
+      )
     if key in out:
-      raise ConfigError(f"field {key!r} is overridden twice ({out[key]!r} and "
-                        f"{value!r}); keep one.")
+      raise ConfigError(
+        f"field {key!r} is overridden twice ({out[key]!r} and "
+        f"{value!r}); keep one."
+      )
     out[key] = value
   return out
 
 
-def apply_overrides(cfg: Any, overrides: dict[str, Any] | Sequence[str]
-                    ) -> Any:
+def apply_overrides(cfg: Any, overrides: dict[str, Any] | Sequence[str]) -> Any:
   """A copy of ``cfg`` with ``overrides`` (field -> text or typed value).
 
   Raises:
@@ -327,37 +373,47 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any] | Sequence[str]
     tp = types_.get(key)
     if tp is None:
       close = difflib.get_close_matches(key, types_, n=1) or [
-          n for n in types_ if key.lower() in n.lower()]
-      errors.append(f"unknown config field {key!r} for {type(cfg).__name__}; "
-                    f"expected one of {', '.join(types_)}."
-                    + (f" Did you mean {close[0]!r}?" if close else ""))
+        n for n in types_ if key.lower() in n.lower()
+      ]
+      errors.append(
+        f"unknown config field {key!r} for {type(cfg).__name__}; "
+        f"expected one of {', '.join(types_)}."
+        + (f" Did you mean {close[0]!r}?" if close else "")
+      )
     elif not isinstance(raw, str):
       if _matches(raw, tp):
         values[key] = raw
       else:
-        errors.append(f"field {key!r}: expected {_expected(tp)}, got {raw!r} "
-                      f"({type(raw).__name__}).")
+        errors.append(
+          f"field {key!r}: expected {_expected(tp)}, got {raw!r} "
+          f"({type(raw).__name__})."
+        )
     else:
       try:
         values[key] = _parse(raw, tp)
       except ValueError as e:
         errors.append(f"--set {key}: {e}.")
   if errors:
-    raise ConfigError(errors[0] if len(errors) == 1 else
-                      f"{len(errors)} bad overrides:\n  " + "\n  ".join(errors))
+    raise ConfigError(
+      errors[0]
+      if len(errors) == 1
+      else f"{len(errors)} bad overrides:\n  " + "\n  ".join(errors)
+    )
   try:
     new = dataclasses.replace(cfg, **values)
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"{type(cfg).__name__} rejected the overrides "
-                      f"{values}: {e}") from e
+    raise ConfigError(
+      f"{type(cfg).__name__} rejected the overrides {values}: {e}"
+    ) from e
   check_config(new, "config after overrides")
   return new
 
 
 def config_to_dict(cfg: Any) -> dict:
   """The config as JSON-ready data (tuples become lists)."""
-  return {f.name: _jsonable(getattr(cfg, f.name))
-          for f in dataclasses.fields(cfg)}
+  return {
+    f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+  }
 
 
 def _jsonable(v):
@@ -368,8 +424,10 @@ def config_from_dict(cfg: Any, data: dict) -> Any:
   """Replaces ``cfg``'s fields by values from :func:`config_to_dict`."""
   unknown = sorted(set(data) - set(_field_types(type(cfg))))
   if unknown:
-    raise ConfigError(f"saved config has fields {unknown} that "
-                      f"{type(cfg).__name__} no longer defines.")
+    raise ConfigError(
+      f"saved config has fields {unknown} that "
+      f"{type(cfg).__name__} no longer defines."
+    )
   return apply_overrides(cfg, {k: _tuples(v) for k, v in data.items()})
 
 
@@ -380,8 +438,9 @@ def _tuples(v):  # JSON has lists where the config had tuples
 def describe_config(cfg: Any) -> str:
   """One line per field: ``name: type = value`` (for --help and errors)."""
   types_ = _field_types(type(cfg))
-  return "\n".join(f"  {n}: {_type_name(t)} = {getattr(cfg, n)!r}"
-                   for n, t in types_.items())
+  return "\n".join(
+    f"  {n}: {_type_name(t)} = {getattr(cfg, n)!r}" for n, t in types_.items()
+  )
 
 
 def dumps(obj: Any) -> str:

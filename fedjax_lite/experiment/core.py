@@ -65,6 +65,7 @@ class Experiment:
     algorithm_fn: ``hparams mapping -> FederatedAlgorithm`` for sweeps over
       ``hparams``; its values may be traced scalars (see the module docstring).
   """
+
   model: Model
   algorithm: FederatedAlgorithm | None = None
   train: FederatedDataset
@@ -83,59 +84,89 @@ class Experiment:
   def __post_init__(self):
     def bad(field, expected, fix=""):
       value = getattr(self, field)
-      raise TypeError(f"Experiment.{field} must be {expected}, got "
-                      f"{type(value).__name__} ({value!r:.80}).{fix}")
+      raise TypeError(
+        f"Experiment.{field} must be {expected}, got "
+        f"{type(value).__name__} ({value!r:.80}).{fix}"
+      )
+
     if not isinstance(self.model, Model):
-      bad("model", "a fedjax_lite Model", " Build one with "
-          "fl.models.logistic_regression(...) or fl.models.from_flax(...).")
+      bad(
+        "model",
+        "a fedjax_lite Model",
+        " Build one with "
+        "fl.models.logistic_regression(...) or fl.models.from_flax(...).",
+      )
     if not isinstance(self.train, FederatedDataset):
-      bad("train", "a FederatedDataset", " Build one with "
-          "fl.FederatedDataset.from_clients(...) or a fl.datasets loader.")
+      bad(
+        "train",
+        "a FederatedDataset",
+        " Build one with "
+        "fl.FederatedDataset.from_clients(...) or a fl.datasets loader.",
+      )
     if self.test is not None and not isinstance(self.test, FederatedDataset):
       bad("test", "a FederatedDataset or None")
     if not isinstance(self.round_config, RoundConfig):
-      bad("round_config", "a RoundConfig", " e.g. fl.RoundConfig("
-          "clients_per_round=10, local_work=fl.LocalWork(batch_size=10)).")
+      bad(
+        "round_config",
+        "a RoundConfig",
+        " e.g. fl.RoundConfig("
+        "clients_per_round=10, local_work=fl.LocalWork(batch_size=10)).",
+      )
     for field in ("num_rounds", "seed"):
       if not checks.is_int(getattr(self, field)):
         bad(field, "an int")
     if self.num_rounds < 1:
-      raise ValueError(f"Experiment.num_rounds must be >= 1, got "
-                       f"{self.num_rounds}.")
-    checks.int_at_least("Experiment.eval_every", self.eval_every, 0,
-                        hint=" (0: only after the last round)")
-    checks.positive_int("Experiment.eval_batch_size", self.eval_batch_size,
-                        allow_none=True)
+      raise ValueError(
+        f"Experiment.num_rounds must be >= 1, got {self.num_rounds}."
+      )
+    checks.int_at_least(
+      "Experiment.eval_every",
+      self.eval_every,
+      0,
+      hint=" (0: only after the last round)",
+    )
+    checks.positive_int(
+      "Experiment.eval_batch_size", self.eval_batch_size, allow_none=True
+    )
     if self.name is not None and not isinstance(self.name, str):
       bad("name", "a str or None")
     if not isinstance(self.hparams, Mapping) or not all(
-        isinstance(k, str) for k in self.hparams):
+      isinstance(k, str) for k in self.hparams
+    ):
       bad("hparams", "a mapping of str names to default float values")
     if self.hparams and self.algorithm_fn is None:
       raise ValueError(
-          f"Experiment.hparams={dict(self.hparams)} declares sweepable "
-          "hyperparameters but algorithm_fn is None; pass "
-          "algorithm_fn=lambda h: <algorithm built from h[name]>.")
+        f"Experiment.hparams={dict(self.hparams)} declares sweepable "
+        "hyperparameters but algorithm_fn is None; pass "
+        "algorithm_fn=lambda h: <algorithm built from h[name]>."
+      )
     if self.algorithm_fn is not None and not callable(self.algorithm_fn):
       bad("algorithm_fn", "a callable hparams -> FederatedAlgorithm")
     if self.algorithm is None:
       if self.algorithm_fn is None:
-        raise ValueError("Experiment needs algorithm=... (e.g. "
-                         "fl.fed_avg(model, optax.sgd(0.01))) or "
-                         "algorithm_fn=... with hparams=....")
+        raise ValueError(
+          "Experiment needs algorithm=... (e.g. "
+          "fl.fed_avg(model, optax.sgd(0.01))) or "
+          "algorithm_fn=... with hparams=...."
+        )
       object.__setattr__(self, "algorithm", self.make_algorithm())
     if not isinstance(self.algorithm, FederatedAlgorithm):
-      bad("algorithm", "a FederatedAlgorithm", " e.g. "
-          "fl.fed_avg(model, optax.sgd(0.01)).")
+      bad(
+        "algorithm",
+        "a FederatedAlgorithm",
+        " e.g. fl.fed_avg(model, optax.sgd(0.01)).",
+      )
     rc = self.round_config
-    if (rc.clients_per_round > self.train.num_clients and not rc.replace):
+    if rc.clients_per_round > self.train.num_clients and not rc.replace:
       raise ValueError(
-          f"round_config.clients_per_round={rc.clients_per_round} exceeds the "
-          f"{self.train.num_clients} training clients; lower it or set "
-          "RoundConfig(replace=True).")
+        f"round_config.clients_per_round={rc.clients_per_round} exceeds the "
+        f"{self.train.num_clients} training clients; lower it or set "
+        "RoundConfig(replace=True)."
+      )
 
-  def make_algorithm(self, hparams: Mapping[str, Any] | None = None
-                     ) -> FederatedAlgorithm:
+  def make_algorithm(
+    self, hparams: Mapping[str, Any] | None = None
+  ) -> FederatedAlgorithm:
     """``algorithm_fn`` applied to ``hparams`` (missing names: the defaults).
 
     Without ``algorithm_fn`` this returns ``algorithm`` and ``hparams`` must
@@ -144,31 +175,39 @@ class Experiment:
     hparams = dict(hparams or {})
     if self.algorithm_fn is None:
       if hparams:
-        raise ValueError(f"hyperparameters {sorted(hparams)} given but this "
-                         "experiment has no algorithm_fn (nothing is "
-                         "sweepable); see fedjax_lite.experiment.core.")
+        raise ValueError(
+          f"hyperparameters {sorted(hparams)} given but this "
+          "experiment has no algorithm_fn (nothing is "
+          "sweepable); see fedjax_lite.experiment.core."
+        )
       return self.algorithm
     unknown = sorted(set(hparams) - set(self.hparams))
     if unknown:
-      raise ValueError(f"unknown hyperparameters {unknown}; this experiment "
-                       f"declares {sorted(self.hparams)} in Experiment.hparams.")
+      raise ValueError(
+        f"unknown hyperparameters {unknown}; this experiment "
+        f"declares {sorted(self.hparams)} in Experiment.hparams."
+      )
     full = {**self.hparams, **hparams}
     alg = self.algorithm_fn(full)
     if not isinstance(alg, FederatedAlgorithm):
-      raise TypeError(f"algorithm_fn returned {type(alg).__name__}; expected "
-                      "a FederatedAlgorithm (e.g. fl.fed_avg(...)).")
+      raise TypeError(
+        f"algorithm_fn returned {type(alg).__name__}; expected "
+        "a FederatedAlgorithm (e.g. fl.fed_avg(...))."
+      )
     return alg
 
   def initial_params(self, seed: int | None = None) -> PyTree:
     """``init_params`` or ``model.init(k_init)`` for ``seed`` (default own)."""
     if self.init_params is not None:
       return self.init_params
-    k_init, _ = jax.random.split(jax.random.PRNGKey(
-        self.seed if seed is None else seed))
+    k_init, _ = jax.random.split(
+      jax.random.PRNGKey(self.seed if seed is None else seed)
+    )
     return self.model.init(k_init)
 
   def engine_rng(self, seed: int | None = None) -> jax.Array:
     """The engine's base key for ``seed`` (independent of ``k_init``)."""
-    _, k_engine = jax.random.split(jax.random.PRNGKey(
-        self.seed if seed is None else seed))
+    _, k_engine = jax.random.split(
+      jax.random.PRNGKey(self.seed if seed is None else seed)
+    )
     return k_engine

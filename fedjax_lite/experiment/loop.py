@@ -46,25 +46,35 @@ class Checkpointing:
     overhead: checkpoint more often than ``every_seconds`` while writing
       them costs at most this share of the run's wall time (0: never early).
   """
+
   every_seconds: float | None = 60.0
   every_rounds: int = 0
   overhead: float = 0.01
 
   def __post_init__(self):
     if self.every_seconds is not None and not (
-        isinstance(self.every_seconds, (int, float))
-        and not isinstance(self.every_seconds, bool)
-        and self.every_seconds > 0):
-      raise ValueError(f"checkpoint every_seconds must be a positive number "
-                       f"of seconds or None (off), got "
-                       f"{self.every_seconds!r}.")
-    if isinstance(self.every_rounds, bool) or not isinstance(
-        self.every_rounds, int) or self.every_rounds < 0:
-      raise ValueError(f"checkpoint every_rounds must be an int >= 0 (0: "
-                       f"off), got {self.every_rounds!r}.")
+      isinstance(self.every_seconds, (int, float))
+      and not isinstance(self.every_seconds, bool)
+      and self.every_seconds > 0
+    ):
+      raise ValueError(
+        f"checkpoint every_seconds must be a positive number "
+        f"of seconds or None (off), got "
+        f"{self.every_seconds!r}."
+      )
+    if (
+      isinstance(self.every_rounds, bool)
+      or not isinstance(self.every_rounds, int)
+      or self.every_rounds < 0
+    ):
+      raise ValueError(
+        f"checkpoint every_rounds must be an int >= 0 (0: "
+        f"off), got {self.every_rounds!r}."
+      )
     if not 0 <= self.overhead < 1:
-      raise ValueError(f"checkpoint overhead must be in [0, 1), got "
-                       f"{self.overhead!r}.")
+      raise ValueError(
+        f"checkpoint overhead must be in [0, 1), got {self.overhead!r}."
+      )
 
   def gap(self, cost: float) -> float:
     """Seconds between time-based checkpoints, given the last one's cost."""
@@ -82,8 +92,9 @@ class StopOnSignal:
   """
 
   def __init__(self, enabled: bool = True):
-    self.enabled = enabled and threading.current_thread() is \
-        threading.main_thread()
+    self.enabled = (
+      enabled and threading.current_thread() is threading.main_thread()
+    )
     self.signum: int | None = None
     self._old: dict = {}
 
@@ -93,8 +104,11 @@ class StopOnSignal:
       raise KeyboardInterrupt
     self.signum = signum
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    tqdm.write(f"received {signal.Signals(signum).name}: finishing the "
-               "current round and writing a checkpoint ...")
+
+    tqdm.write(
+      f"received {signal.Signals(signum).name}: finishing the "
+      "current round and writing a checkpoint ..."
+    )
 
   @property
   def requested(self) -> bool:
@@ -123,6 +137,7 @@ class LoopResult(NamedTuple):
       round) and the last (at the end or on a signal) included.
     checkpoint_seconds: wall time spent writing them.
   """
+
   state: Any
   interrupted: bool
   signum: int | None
@@ -142,25 +157,39 @@ def _postfix(rows: Sequence[dict], history: Sequence[dict]) -> dict:
     return {}
   last = [r for r in rows if r.get("round") == rows[-1].get("round")]
   out = {}
-  for key, label, fmt in (("train_loss", "loss", ".4f"),
-                          ("train_accuracy", "acc", ".3f")):
+  for key, label, fmt in (
+    ("train_loss", "loss", ".4f"),
+    ("train_accuracy", "acc", ".3f"),
+  ):
     vals = [r[key] for r in last if isinstance(r.get(key), (int, float))]
     if vals:
       out[label] = f"{sum(vals) / len(vals):{fmt}}"
   for r in reversed(history):
     if isinstance(r.get("test_accuracy"), (int, float)):
-      tests = [q["test_accuracy"] for q in history
-               if q.get("round") == r["round"] and "test_accuracy" in q]
+      tests = [
+        q["test_accuracy"]
+        for q in history
+        if q.get("round") == r["round"] and "test_accuracy" in q
+      ]
       out["test_acc"] = f"{sum(tests) / len(tests):.3f}"
       break
   return out
 
 
-def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
-               log: MetricsLog, run_dir: Path | None,
-               checkpointing: Checkpointing = Checkpointing(),
-               elapsed0: float = 0.0, progress: bool = True,
-               desc: str = "", handle_signals: bool = True) -> LoopResult:
+def run_rounds(
+  advance: Advance,
+  state,
+  *,
+  start: int,
+  num_rounds: int,
+  log: MetricsLog,
+  run_dir: Path | None,
+  checkpointing: Checkpointing = Checkpointing(),
+  elapsed0: float = 0.0,
+  progress: bool = True,
+  desc: str = "",
+  handle_signals: bool = True,
+) -> LoopResult:
   """Advances ``state`` from round ``start`` to ``num_rounds``.
 
   Args:
@@ -177,6 +206,7 @@ def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
     handle_signals: stop cleanly on SIGINT/SIGTERM.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
   t0 = time.perf_counter()
 
   written = [0, 0.0]
@@ -186,18 +216,30 @@ def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
     tick = time.perf_counter()
     written[0] += 1
     log.sync()
-    ckpt.save_checkpoint(run_dir / CHECKPOINT, state, {
-        "round": t, "elapsed": elapsed0 + (tick - t0),
+    ckpt.save_checkpoint(
+      run_dir / CHECKPOINT,
+      state,
+      {
+        "round": t,
+        "elapsed": elapsed0 + (tick - t0),
         "num_rows": len(log.rows),
-        "time": datetime.datetime.now().isoformat(timespec="seconds")})
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+      },
+    )
     written[1] += time.perf_counter() - tick
     return time.perf_counter() - tick
 
   t = start
   cost = save(t) if run_dir is not None else 0.0
   last_save = time.perf_counter()
-  bar = tqdm(total=num_rounds, initial=start, unit="round", desc=desc,
-             disable=not progress, dynamic_ncols=True)
+  bar = tqdm(
+    total=num_rounds,
+    initial=start,
+    unit="round",
+    desc=desc,
+    disable=not progress,
+    dynamic_ncols=True,
+  )
   stopper = StopOnSignal(handle_signals)
   interrupted = False
   try:
@@ -206,12 +248,15 @@ def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
         if run_dir is None:
           seconds = math.inf
         else:
-          seconds = max(0.0, checkpointing.gap(cost) -
-                        (time.perf_counter() - last_save))
+          seconds = max(
+            0.0, checkpointing.gap(cost) - (time.perf_counter() - last_save)
+          )
         max_rounds = num_rounds - t
         if checkpointing.every_rounds and run_dir is not None:
-          max_rounds = min(max_rounds, checkpointing.every_rounds -
-                           t % checkpointing.every_rounds)
+          max_rounds = min(
+            max_rounds,
+            checkpointing.every_rounds - t % checkpointing.every_rounds,
+          )
         tick = time.perf_counter()
         state, rows, done = advance(state, t, max_rounds, seconds)
         dt = time.perf_counter() - tick
@@ -219,7 +264,9 @@ def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
         for row in rows:
           log.append(row)
         post = _postfix(rows, log.rows)
-        post["rounds/s"] = f"{bar.format_dict.get('rate') or done / max(dt, 1e-9):.1f}"
+        post["rounds/s"] = (
+          f"{bar.format_dict.get('rate') or done / max(dt, 1e-9):.1f}"
+        )
         bar.set_postfix(post, refresh=False)
         bar.update(done)
         if run_dir is None:
@@ -229,8 +276,8 @@ def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
           continue
         now = time.perf_counter()
         due = (now - last_save >= checkpointing.gap(cost)) or (
-            checkpointing.every_rounds and t % checkpointing.every_rounds
-            == 0)
+          checkpointing.every_rounds and t % checkpointing.every_rounds == 0
+        )
         if stopper.requested and t < num_rounds:
           interrupted = True
           save(t)
@@ -244,5 +291,10 @@ def run_rounds(advance: Advance, state, *, start: int, num_rounds: int,
   finally:
     bar.close()
     log.close()
-  return LoopResult(state, interrupted, stopper.signum if interrupted else
-                    None, written[0], written[1])
+  return LoopResult(
+    state,
+    interrupted,
+    stopper.signum if interrupted else None,
+    written[0],
+    written[1],
+  )

@@ -18,14 +18,13 @@ Rows = Sequence[dict]
 
 # (panel title, y label, [(metric key, line style)])
 PANELS = (
-    ("Loss", "loss", (("train_loss", "-"), ("test_loss", "--"))),
-    ("Accuracy", "accuracy", (("train_accuracy", "-"), ("test_accuracy",
-                                                         "--"))),
+  ("Loss", "loss", (("train_loss", "-"), ("test_loss", "--"))),
+  ("Accuracy", "accuracy", (("train_accuracy", "-"), ("test_accuracy", "--"))),
 )
 # Panels shown when a run reports the metric: (title, y label, key).
 EXTRA_PANELS = (
-    ("Uplink per client", "bytes / round", "train_uplink_bytes"),
-    ("Privacy spent", "epsilon", "train_dp_epsilon"),
+  ("Uplink per client", "bytes / round", "train_uplink_bytes"),
+  ("Privacy spent", "epsilon", "train_dp_epsilon"),
 )
 
 
@@ -50,9 +49,12 @@ def _band(group: Sequence[Rows], key: str):
   return np.asarray(common), ys.mean(0), ys.std(0)
 
 
-def plot_runs(groups: Mapping[str, Sequence[Rows]], path: str | os.PathLike |
-              None = None, title: str | None = None,
-              panels=PANELS) -> Figure:
+def plot_runs(
+  groups: Mapping[str, Sequence[Rows]],
+  path: str | os.PathLike | None = None,
+  title: str | None = None,
+  panels=PANELS,
+) -> Figure:
   """Overlays runs: ``{label: [rows of run 1, rows of run 2, ...]}``.
 
   A label with several runs is drawn as the mean and a ``mean +- std`` band.
@@ -73,18 +75,26 @@ def plot_runs(groups: Mapping[str, Sequence[Rows]], path: str | os.PathLike |
         if len(groups) > 1 and any(k2 != key for k2, _ in keys):
           name = f"{label} ({split})"
         marker = "o" if split == "test" and x.size <= 30 else None
-        ax.plot(x, mean, style, color=color if len(groups) > 1 else None,
-                label=name + (f" (n={len(group)})" if len(group) > 1 else ""),
-                marker=marker, markersize=3)
+        ax.plot(
+          x,
+          mean,
+          style,
+          color=color if len(groups) > 1 else None,
+          label=name + (f" (n={len(group)})" if len(group) > 1 else ""),
+          marker=marker,
+          markersize=3,
+        )
         if len(group) > 1:
-          ax.fill_between(x, mean - std, mean + std, alpha=0.2,
-                          color=color, linewidth=0)
+          ax.fill_between(
+            x, mean - std, mean + std, alpha=0.2, color=color, linewidth=0
+          )
     _decorate(ax, ptitle, ylabel)
   return _finish(fig, title, path)
 
 
-def plot_curves(rows: Rows, path: str | os.PathLike | None = None,
-                title: str | None = None) -> Figure:
+def plot_curves(
+  rows: Rows, path: str | os.PathLike | None = None, title: str | None = None
+) -> Figure:
   """One run: train/test loss and accuracy vs round, plus the spread of the
   per-client test accuracy (median, p25-p75 and p10-p90 bands) if evaluated,
   and the uplink bytes per client (compressed updates) and the privacy spent
@@ -98,9 +108,14 @@ def plot_curves(rows: Rows, path: str | os.PathLike | None = None,
     for key, style in keys:
       x, y = series(rows, key)
       if x.size:
-        ax.plot(x, y, style, label=key.replace("_", " "), markersize=3,
-                marker="o" if key.startswith("test") and x.size <= 30
-                else None)
+        ax.plot(
+          x,
+          y,
+          style,
+          label=key.replace("_", " "),
+          markersize=3,
+          marker="o" if key.startswith("test") and x.size <= 30 else None,
+        )
     _decorate(ax, ptitle, ylabel)
   if has_q:
     ax = axes[2]
@@ -108,13 +123,26 @@ def plot_curves(rows: Rows, path: str | os.PathLike | None = None,
       xl, ylo = series(rows, f"test_accuracy_{lo}")
       xh, yhi = series(rows, f"test_accuracy_{hi}")
       if xl.size and xl.size == xh.size:
-        ax.fill_between(xl, ylo, yhi, alpha=alpha, color="C2", linewidth=0,
-                        label=f"clients {lo}-{hi}")
+        ax.fill_between(
+          xl,
+          ylo,
+          yhi,
+          alpha=alpha,
+          color="C2",
+          linewidth=0,
+          label=f"clients {lo}-{hi}",
+        )
     x, p50 = series(rows, "test_accuracy_p50")
-    ax.plot(x, p50, color="C2", label="median client", markersize=3,
-            marker="o" if x.size <= 30 else None)
+    ax.plot(
+      x,
+      p50,
+      color="C2",
+      label="median client",
+      markersize=3,
+      marker="o" if x.size <= 30 else None,
+    )
     _decorate(ax, "Per-client test accuracy", "accuracy")
-  for ax, (ptitle, ylabel, key) in zip(axes[2 + has_q:], extra):
+  for ax, (ptitle, ylabel, key) in zip(axes[2 + has_q :], extra):
     x, y = series(rows, key)
     ax.plot(x, y, "-", label=key.replace("_", " "))
     _decorate(ax, ptitle, ylabel)

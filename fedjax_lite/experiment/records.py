@@ -58,8 +58,9 @@ def columns(rows: Sequence[dict]) -> list[str]:
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
   buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=columns(rows), restval="",
-                     lineterminator="\n")
+  w = csv.DictWriter(
+    buf, fieldnames=columns(rows), restval="", lineterminator="\n"
+  )
   w.writeheader()
   for r in rows:
     w.writerow(r)
@@ -75,8 +76,9 @@ class MetricsLog:
       (they were computed after the checkpoint and will be recomputed).
   """
 
-  def __init__(self, run_dir: str | os.PathLike | None,
-               keep_until_round: int | None = None):
+  def __init__(
+    self, run_dir: str | os.PathLike | None, keep_until_round: int | None = None
+  ):
     self.rows: list[dict] = []
     self._f = None
     if run_dir is None:
@@ -88,8 +90,9 @@ class MetricsLog:
       kept = [r for r in self.rows if r.get("round", 0) <= keep_until_round]
       if len(kept) != len(self.rows) or self.jsonl.exists():
         self.rows = kept
-        atomic_write_text(self.jsonl, "".join(
-            json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(
+          self.jsonl, "".join(json.dumps(r) + "\n" for r in kept)
+        )
     self._f = open(self.jsonl, "a", encoding="utf-8")
 
   def append(self, row: dict) -> None:
@@ -127,8 +130,7 @@ def final_values(rows: Iterable[dict], drop: Sequence[str] = ()) -> dict:
   """
   out: dict = {}
   for r in rows:
-    out.update({k: v for k, v in r.items() if v is not None and k not in
-                drop})
+    out.update({k: v for k, v in r.items() if v is not None and k not in drop})
   return out
 
 
@@ -138,20 +140,25 @@ def setting_label(setting: Mapping[str, Any]) -> str:
   return ", ".join(f"{k}={v:g}" for k, v in hp.items()) or "seeds"
 
 
-def final_table(groups: Mapping[str, Sequence[Sequence[dict]]],
-                keys: Sequence[str]) -> str:
+def final_table(
+  groups: Mapping[str, Sequence[Sequence[dict]]], keys: Sequence[str]
+) -> str:
   """Markdown table of each group's final metrics (mean +- std over runs)."""
-  finals = {label: [final_values(rows, TIMING_KEYS) for rows in runs]
-            for label, runs in groups.items()}
-  keys = [k for k in keys if any(k in f for runs in finals.values()
-                                 for f in runs)]
+  finals = {
+    label: [final_values(rows, TIMING_KEYS) for rows in runs]
+    for label, runs in groups.items()
+  }
+  keys = [
+    k for k in keys if any(k in f for runs in finals.values() for f in runs)
+  ]
   head = "| run | n | rounds | " + " | ".join(keys) + " |"
   lines = [head, "|" + "---|" * (3 + len(keys))]
   for label, runs in finals.items():
     cells = [label, str(len(runs)), str(max(f.get("round", 0) for f in runs))]
     for k in keys:
-      vals = np.asarray([f[k] for f in runs if isinstance(f.get(k), (int,
-                                                                     float))])
+      vals = np.asarray(
+        [f[k] for f in runs if isinstance(f.get(k), (int, float))]
+      )
       if vals.size == 0:
         cells.append("")
       elif vals.size == 1:

@@ -45,10 +45,8 @@ from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment import config as cfglib
 from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.core import Experiment
-from fedjax_lite.experiment.loop import (CHECKPOINT, Checkpointing,
-                                         run_rounds)
-from fedjax_lite.experiment.records import (TIMING_KEYS, MetricsLog,
-                                            final_values)
+from fedjax_lite.experiment.loop import CHECKPOINT, Checkpointing, run_rounds
+from fedjax_lite.experiment.records import TIMING_KEYS, MetricsLog, final_values
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -65,6 +63,7 @@ class RunResult:
     signum: the signal that stopped it, if any.
     get_params: the algorithm's ``server_state -> params``.
   """
+
   run_dir: Path | None
   state: EngineState
   rows: list
@@ -101,25 +100,34 @@ def environment() -> dict:
   """Versions and devices, for config.json."""
   from fedjax_lite import runtime  # pylint: disable=g-import-not-at-top
   import fedjax_lite  # pylint: disable=g-import-not-at-top
+
   devs = jax.devices()
-  return {"fedjax_lite": getattr(fedjax_lite, "__version__", "?"),
-          "jax": jax.__version__, "python": platform.python_version(),
-          "platform": devs[0].platform, "num_devices": len(devs),
-          "machine": platform.machine(), "cpu_settings": runtime.settings()}
+  return {
+    "fedjax_lite": getattr(fedjax_lite, "__version__", "?"),
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "platform": devs[0].platform,
+    "num_devices": len(devs),
+    "machine": platform.machine(),
+    "cpu_settings": runtime.settings(),
+  }
 
 
 def describe(exp: Experiment) -> dict:
   """A JSON summary of what an Experiment holds (for config.json)."""
   rc = exp.round_config
-  return {"model": exp.model.name, "algorithm": exp.algorithm.name,
-          "num_train_clients": exp.train.num_clients,
-          "num_train_examples": exp.train.num_examples,
-          "num_test_clients": None if exp.test is None else
-          exp.test.num_clients,
-          "round_config": json.loads(json.dumps(dataclasses.asdict(rc),
-                                                default=str)),
-          "num_rounds": exp.num_rounds, "eval_every": exp.eval_every,
-          "seed": exp.seed, "hparams": dict(exp.hparams)}
+  return {
+    "model": exp.model.name,
+    "algorithm": exp.algorithm.name,
+    "num_train_clients": exp.train.num_clients,
+    "num_train_examples": exp.train.num_examples,
+    "num_test_clients": None if exp.test is None else exp.test.num_clients,
+    "round_config": json.loads(json.dumps(dataclasses.asdict(rc), default=str)),
+    "num_rounds": exp.num_rounds,
+    "eval_every": exp.eval_every,
+    "seed": exp.seed,
+    "hparams": dict(exp.hparams),
+  }
 
 
 _ENGINES: dict = {}
@@ -137,20 +145,28 @@ def engine_for(exp: Experiment) -> Engine:
   key = (id(exp.algorithm), exp.round_config, id(exp.mesh))
   hit = _ENGINES.pop(key, None)
   if hit is None or hit[0] is not exp.algorithm or hit[1] is not exp.mesh:
-    hit = (exp.algorithm, exp.mesh,
-           Engine(exp.algorithm, exp.round_config, exp.mesh))
+    hit = (
+      exp.algorithm,
+      exp.mesh,
+      Engine(exp.algorithm, exp.round_config, exp.mesh),
+    )
   _ENGINES[key] = hit  # most recent last
   while len(_ENGINES) > _MAX_ENGINES:
     _ENGINES.pop(next(iter(_ENGINES)))
   return hit[2]
 
 
-def init_state(exp: Experiment, engine: Engine, seed: int | None = None,
-               data=None) -> EngineState:
+def init_state(
+  exp: Experiment, engine: Engine, seed: int | None = None, data=None
+) -> EngineState:
   """The experiment's initial EngineState for ``seed`` (default its own);
   ``data`` (device data) lets a stateful aggregator size its state."""
-  return engine.init(exp.initial_params(seed), seed=exp.engine_rng(seed),
-                     num_clients=exp.train.num_clients, data=data)
+  return engine.init(
+    exp.initial_params(seed),
+    seed=exp.engine_rng(seed),
+    num_clients=exp.train.num_clients,
+    data=data,
+  )
 
 
 class Evaluator:
@@ -160,21 +176,33 @@ class Evaluator:
     self.exp, self.mesh = exp, engine.mesh
     self.data = None
     if exp.test is not None:
-      checks.model_features(exp.model, exp.test.features, "test data",
-                            labels_required=False)
+      checks.model_features(
+        exp.model, exp.test.features, "test data", labels_required=False
+      )
       self.data = to_device(
-          exp.test, LocalWork(batch_size=exp.eval_batch_size, num_epochs=1),
-          "auto", sharding=NamedSharding(engine.mesh, P()))
+        exp.test,
+        LocalWork(batch_size=exp.eval_batch_size, num_epochs=1),
+        "auto",
+        sharding=NamedSharding(engine.mesh, P()),
+      )
 
   def __call__(self, params) -> dict:
     """``{test_<metric>: mean, test_<q-metric>_pXX: quantile}``."""
     if self.data is None:
       return {}
-    res = evaluate(self.exp.model, params, self.data,
-                   batch_size=self.exp.eval_batch_size, mesh=self.mesh)
+    res = evaluate(
+      self.exp.model,
+      params,
+      self.data,
+      batch_size=self.exp.eval_batch_size,
+      mesh=self.mesh,
+    )
     row = {f"test_{k}": float(v) for k, v in res.mean.items()}
-    qname = "accuracy" if "accuracy" in res.per_client else next(
-        (k for k in res.per_client if k != "loss"), None)
+    qname = (
+      "accuracy"
+      if "accuracy" in res.per_client
+      else next((k for k in res.per_client if k != "loss"), None)
+    )
     if qname is not None:
       for k, v in res.quantiles(qname, QUANTILES).items():
         row[f"test_{qname}_{k}"] = v
@@ -193,8 +221,7 @@ def _train_row(metrics: dict) -> dict:
 
 
 def _eval_due(exp: Experiment, t: int) -> bool:
-  return t == exp.num_rounds or (exp.eval_every > 0 and t % exp.eval_every
-                                 == 0)
+  return t == exp.num_rounds or (exp.eval_every > 0 and t % exp.eval_every == 0)
 
 
 def load_resume_state(run_dir: Path, target):
@@ -207,20 +234,27 @@ def load_resume_state(run_dir: Path, target):
   path = run_dir / CHECKPOINT
   if not path.is_file():
     raise cfglib.ConfigError(
-        f"{run_dir} has no {CHECKPOINT}: the run stopped before its first "
-        "checkpoint was written, so it cannot be resumed; start it again "
-        "(see config.json for its experiment and overrides).")
+      f"{run_dir} has no {CHECKPOINT}: the run stopped before its first "
+      "checkpoint was written, so it cannot be resumed; start it again "
+      "(see config.json for its experiment and overrides)."
+    )
   try:
     return ckpt.load_checkpoint(path, target)
   except ckpt.DamagedCheckpointError as e:
     raise cfglib.ConfigError(str(e)) from None
 
 
-def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
-          resume: bool = False, checkpoint_every: int = 0,
-          checkpoint_every_seconds: float | None = 60.0,
-          progress: bool = True, handle_signals: bool = True,
-          desc: str | None = None) -> RunResult:
+def train(
+  exp: Experiment,
+  run_dir: str | os.PathLike | None = None,
+  *,
+  resume: bool = False,
+  checkpoint_every: int = 0,
+  checkpoint_every_seconds: float | None = 60.0,
+  progress: bool = True,
+  handle_signals: bool = True,
+  desc: str | None = None,
+) -> RunResult:
   """Runs ``exp`` (or resumes it) and writes the run folder.
 
   Args:
@@ -240,8 +274,9 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
   Returns:
     A :class:`RunResult`.
   """
-  policy = Checkpointing(every_seconds=checkpoint_every_seconds,
-                         every_rounds=checkpoint_every)
+  policy = Checkpointing(
+    every_seconds=checkpoint_every_seconds, every_rounds=checkpoint_every
+  )
   if run_dir is None and resume:
     raise ValueError("resume=True needs the run_dir holding the checkpoint.")
   engine = engine_for(exp)
@@ -258,8 +293,10 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
     elapsed0 = float(meta.get("elapsed", 0.0))
   start = int(state.round)
   if start > exp.num_rounds:
-    raise ValueError(f"the checkpoint is at round {start}, beyond "
-                     f"num_rounds={exp.num_rounds}; raise num_rounds.")
+    raise ValueError(
+      f"the checkpoint is at round {start}, beyond "
+      f"num_rounds={exp.num_rounds}; raise num_rounds."
+    )
   log = MetricsLog(run_dir, keep_until_round=start if run_dir else None)
   t0 = time.perf_counter()
 
@@ -269,28 +306,58 @@ def train(exp: Experiment, run_dir: str | os.PathLike | None = None, *,
     state, metrics = engine.round(state, data)
     metrics = jax.device_get(metrics)
     dt = time.perf_counter() - tick
-    row = {"round": t + 1, **_train_row(metrics), "round_time_s": dt,
-           "rounds_per_s": 1.0 / max(dt, 1e-9)}
+    row = {
+      "round": t + 1,
+      **_train_row(metrics),
+      "round_time_s": dt,
+      "rounds_per_s": 1.0 / max(dt, 1e-9),
+    }
     if _eval_due(exp, t + 1):
       row.update(evaluator(exp.algorithm.get_params(state.server)))
     row["wall_time"] = elapsed0 + (time.perf_counter() - t0)
     return state, [row], 1
 
-  out = run_rounds(advance, state, start=start, num_rounds=exp.num_rounds,
-                   log=log, run_dir=run_dir, checkpointing=policy,
-                   elapsed0=elapsed0, progress=progress,
-                   desc=desc or exp.name or exp.algorithm.name,
-                   handle_signals=handle_signals)
+  out = run_rounds(
+    advance,
+    state,
+    start=start,
+    num_rounds=exp.num_rounds,
+    log=log,
+    run_dir=run_dir,
+    checkpointing=policy,
+    elapsed0=elapsed0,
+    progress=progress,
+    desc=desc or exp.name or exp.algorithm.name,
+    handle_signals=handle_signals,
+  )
   if run_dir is not None:
-    finish(run_dir, log.rows, exp, out.interrupted,
-           {"checkpoints": out.checkpoints,
-            "checkpoint_seconds": out.checkpoint_seconds})
-  return RunResult(run_dir, out.state, list(log.rows), out.interrupted,
-                   out.signum, exp.algorithm.get_params)
+    finish(
+      run_dir,
+      log.rows,
+      exp,
+      out.interrupted,
+      {
+        "checkpoints": out.checkpoints,
+        "checkpoint_seconds": out.checkpoint_seconds,
+      },
+    )
+  return RunResult(
+    run_dir,
+    out.state,
+    list(log.rows),
+    out.interrupted,
+    out.signum,
+    exp.algorithm.get_params,
+  )
 
 
-def finish(run_dir: Path, rows: Sequence[dict], exp: Experiment,
-           interrupted: bool, extra: dict | None = None) -> None:
+def finish(
+  run_dir: Path,
+  rows: Sequence[dict],
+  exp: Experiment,
+  interrupted: bool,
+  extra: dict | None = None,
+) -> None:
   """Writes ``curves.png`` and ``summary.json`` for the rows so far
   (``extra``: e.g. checkpoints written and their cost in this session)."""
   title = f"{exp.name or run_dir.name}: {exp.algorithm.name}, {exp.model.name}"
@@ -298,12 +365,15 @@ def finish(run_dir: Path, rows: Sequence[dict], exp: Experiment,
   fig.savefig(run_dir / "curves.png", dpi=110)
   final = final_values(rows, TIMING_KEYS)
   rate = [r["rounds_per_s"] for r in rows[1:] if "rounds_per_s" in r]
-  summary = {"status": "interrupted" if interrupted else "finished",
-             "rounds_done": rows[-1]["round"] if rows else 0,
-             "num_rounds": exp.num_rounds, "final": final,
-             "median_rounds_per_s": float(np.median(rate)) if rate else None,
-             "wall_time": rows[-1].get("wall_time") if rows else None,
-             **(extra or {})}
+  summary = {
+    "status": "interrupted" if interrupted else "finished",
+    "rounds_done": rows[-1]["round"] if rows else 0,
+    "num_rounds": exp.num_rounds,
+    "final": final,
+    "median_rounds_per_s": float(np.median(rate)) if rate else None,
+    "wall_time": rows[-1].get("wall_time") if rows else None,
+    **(extra or {}),
+  }
   ckpt.atomic_write_text(run_dir / "summary.json", cfglib.dumps(summary))
 
 
@@ -334,62 +404,90 @@ def read_record(run_dir: str | os.PathLike, command: str = "run") -> dict:
   name = "sweep.json" if command == "sweep" else "config.json"
   other = "config.json" if command == "sweep" else "sweep.json"
   if not rdir.is_dir():
-    raise cfglib.ConfigError(f"--resume {rdir}: no such folder; expected a "
-                             f"folder written by `python -m fedjax_lite "
-                             f"{command}`.")
+    raise cfglib.ConfigError(
+      f"--resume {rdir}: no such folder; expected a "
+      f"folder written by `python -m fedjax_lite "
+      f"{command}`."
+    )
   if not (rdir / name).is_file():
     if (rdir / other).is_file():
       kind = "run" if command == "sweep" else "sweep"
       raise cfglib.ConfigError(
-          f"--resume {rdir}: that is a {kind} folder; resume it with "
-          f"`python -m fedjax_lite {kind} --resume {rdir}`.")
+        f"--resume {rdir}: that is a {kind} folder; resume it with "
+        f"`python -m fedjax_lite {kind} --resume {rdir}`."
+      )
     raise cfglib.ConfigError(
-        f"--resume {rdir}: not a {command} folder (no {name}); expected a "
-        f"folder written by `python -m fedjax_lite {command}`.")
+      f"--resume {rdir}: not a {command} folder (no {name}); expected a "
+      f"folder written by `python -m fedjax_lite {command}`."
+    )
   record = json.loads((rdir / name).read_text())
   if not (rdir / CHECKPOINT).is_file():
     raise cfglib.ConfigError(
-        f"--resume {rdir}: no {CHECKPOINT} there (the {command} stopped "
-        "before its first checkpoint), so it cannot be resumed, only "
-        f"restarted: {restart_command(record, command)}")
+      f"--resume {rdir}: no {CHECKPOINT} there (the {command} stopped "
+      "before its first checkpoint), so it cannot be resumed, only "
+      f"restarted: {restart_command(record, command)}"
+    )
   return record
 
 
-def run_record(ef: cfglib.ExperimentFile, cfg, overrides, exp: Experiment,
-               **extra) -> dict:
+def run_record(
+  ef: cfglib.ExperimentFile, cfg, overrides, exp: Experiment, **extra
+) -> dict:
   """What ``config.json`` / ``sweep.json`` hold: the experiment file, its
   resolved config and overrides, a summary, the environment, the time."""
   if isinstance(overrides, dict):
     over = {k: str(v) for k, v in overrides.items()}
   else:
     over = cfglib.parse_overrides(overrides)
-  return {"experiment": {"spec": ef.spec, "file": str(ef.path),
-                         "arg": ef.arg, "sha256": ef.sha256()},
-          "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
-          "config": cfglib.config_to_dict(cfg), "overrides": over, **extra,
-          "experiment_summary": describe(exp), "environment": environment(),
-          "created": datetime.datetime.now().isoformat(timespec="seconds"),
-          "resumes": []}
+  return {
+    "experiment": {
+      "spec": ef.spec,
+      "file": str(ef.path),
+      "arg": ef.arg,
+      "sha256": ef.sha256(),
+    },
+    "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
+    "config": cfglib.config_to_dict(cfg),
+    "overrides": over,
+    **extra,
+    "experiment_summary": describe(exp),
+    "environment": environment(),
+    "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    "resumes": [],
+  }
 
 
-def note_resume(record: dict, ef: cfglib.ExperimentFile, cfg, overrides
-                ) -> None:
+def note_resume(
+  record: dict, ef: cfglib.ExperimentFile, cfg, overrides
+) -> None:
   """Records a resume (and warns if the experiment file changed)."""
   if record["experiment"].get("sha256") != ef.sha256():
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    tqdm.write(f"warning: {ef.path} changed since this run started; "
-               "resuming with the current file.")
+
+    tqdm.write(
+      f"warning: {ef.path} changed since this run started; "
+      "resuming with the current file."
+    )
   record["config"] = cfglib.config_to_dict(cfg)
-  over = ({k: str(v) for k, v in overrides.items()}
-          if isinstance(overrides, dict) else
-          cfglib.parse_overrides(overrides))
+  over = (
+    {k: str(v) for k, v in overrides.items()}
+    if isinstance(overrides, dict)
+    else cfglib.parse_overrides(overrides)
+  )
   record.setdefault("resumes", []).append(
-      {"time": datetime.datetime.now().isoformat(timespec="seconds"),
-       "overrides": over})
+    {
+      "time": datetime.datetime.now().isoformat(timespec="seconds"),
+      "overrides": over,
+    }
+  )
 
 
-def prepare(spec: str | None, overrides: Sequence[str] | dict = (),
-            resume: str | os.PathLike | None = None, command: str = "run"):
+def prepare(
+  spec: str | None,
+  overrides: Sequence[str] | dict = (),
+  resume: str | os.PathLike | None = None,
+  command: str = "run",
+):
   """Loads an experiment file (or a run folder's) and resolves its config.
 
   Returns:
@@ -402,8 +500,10 @@ def prepare(spec: str | None, overrides: Sequence[str] | dict = (),
     if spec is None:
       spec = record["experiment"]["spec"]
   if spec is None:
-    raise cfglib.ConfigError("no experiment given; expected "
-                             "experiments/<name>.py[:arg] (or --resume RUN_DIR)")
+    raise cfglib.ConfigError(
+      "no experiment given; expected "
+      "experiments/<name>.py[:arg] (or --resume RUN_DIR)"
+    )
   ef = cfglib.load_experiment_file(spec)
   cfg = ef.get_config()
   if record is not None:
@@ -412,12 +512,16 @@ def prepare(spec: str | None, overrides: Sequence[str] | dict = (),
   return ef, cfg, record
 
 
-def run_file(spec: str | None, overrides: Sequence[str] | dict = (), *,
-             out: str | os.PathLike = "runs",
-             resume: str | os.PathLike | None = None,
-             checkpoint_every: int = 0,
-             checkpoint_every_seconds: float | None = 60.0,
-             progress: bool = True) -> RunResult:
+def run_file(
+  spec: str | None,
+  overrides: Sequence[str] | dict = (),
+  *,
+  out: str | os.PathLike = "runs",
+  resume: str | os.PathLike | None = None,
+  checkpoint_every: int = 0,
+  checkpoint_every_seconds: float | None = 60.0,
+  progress: bool = True,
+) -> RunResult:
   """``python -m fedjax_lite run``: build, run and record an experiment file.
 
   Args:
@@ -438,7 +542,12 @@ def run_file(spec: str | None, overrides: Sequence[str] | dict = (), *,
     run_dir = Path(resume)
     note_resume(record, ef, cfg, overrides)
   ckpt.atomic_write_text(run_dir / "config.json", cfglib.dumps(record))
-  return train(exp, run_dir, resume=resume is not None,
-               checkpoint_every=checkpoint_every,
-               checkpoint_every_seconds=checkpoint_every_seconds,
-               progress=progress, desc=run_dir.name)
+  return train(
+    exp,
+    run_dir,
+    resume=resume is not None,
+    checkpoint_every=checkpoint_every,
+    checkpoint_every_seconds=checkpoint_every_seconds,
+    progress=progress,
+    desc=run_dir.name,
+  )

@@ -30,14 +30,27 @@ from fedjax_lite.experiment import config as cfglib
 from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.loop import Checkpointing, run_rounds
-from fedjax_lite.experiment.records import (MetricsLog, final_table,
-                                            setting_label)
-from fedjax_lite.experiment.runner import (Evaluator, _train_row,
-                                           engine_for, load_resume_state,
-                                           new_run_dir, note_resume, prepare,
-                                           run_name, run_record)
-from fedjax_lite.experiment.vmapped import (VmappedRounds, check_grid,
-                                            make_settings)
+from fedjax_lite.experiment.records import (
+  MetricsLog,
+  final_table,
+  setting_label,
+)
+from fedjax_lite.experiment.runner import (
+  Evaluator,
+  _train_row,
+  engine_for,
+  load_resume_state,
+  new_run_dir,
+  note_resume,
+  prepare,
+  run_name,
+  run_record,
+)
+from fedjax_lite.experiment.vmapped import (
+  VmappedRounds,
+  check_grid,
+  make_settings,
+)
 
 
 @dataclasses.dataclass
@@ -53,6 +66,7 @@ class SweepResult:
     interrupted: True if a signal stopped the sweep early.
     signum: the signal that stopped it, if any.
   """
+
   run_dir: Path | None
   settings: list
   state: EngineState
@@ -74,9 +88,16 @@ class SweepResult:
   def state_of(self, i: int) -> EngineState:
     return jax.tree.map(lambda a: a[i], self.state)
 
-  def table(self, keys: Sequence[str] = ("train_loss", "train_accuracy",
-                                         "test_loss", "test_accuracy",
-                                         "test_accuracy_p10")) -> str:
+  def table(
+    self,
+    keys: Sequence[str] = (
+      "train_loss",
+      "train_accuracy",
+      "test_loss",
+      "test_accuracy",
+      "test_accuracy_p10",
+    ),
+  ) -> str:
     """Markdown table: final metrics per grid point, mean +- std over seeds."""
     return final_table(self.groups(), keys)
 
@@ -92,13 +113,19 @@ def _seed_list(exp: Experiment, seeds: Sequence[int] | int) -> list[int]:
   return seeds
 
 
-def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
-          grid: Mapping[str, Sequence[float]] | None = None,
-          run_dir: str | os.PathLike | None = None, *,
-          resume: bool = False, checkpoint_every: int = 0,
-          checkpoint_every_seconds: float | None = 60.0,
-          progress: bool = True, handle_signals: bool = True,
-          desc: str | None = None) -> SweepResult:
+def sweep(
+  exp: Experiment,
+  seeds: Sequence[int] | int = 1,
+  grid: Mapping[str, Sequence[float]] | None = None,
+  run_dir: str | os.PathLike | None = None,
+  *,
+  resume: bool = False,
+  checkpoint_every: int = 0,
+  checkpoint_every_seconds: float | None = 60.0,
+  progress: bool = True,
+  handle_signals: bool = True,
+  desc: str | None = None,
+) -> SweepResult:
   """Runs every (grid point, seed) setting of ``exp`` in one vmapped computation.
 
   Args:
@@ -119,16 +146,22 @@ def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
   Returns:
     A :class:`SweepResult`.
   """
-  policy = Checkpointing(every_seconds=checkpoint_every_seconds,
-                         every_rounds=checkpoint_every)
+  policy = Checkpointing(
+    every_seconds=checkpoint_every_seconds, every_rounds=checkpoint_every
+  )
   grid = dict(grid or {})
   check_grid(exp, grid)
   seeds = _seed_list(exp, seeds)
   if run_dir is None and resume:
     raise ValueError("resume=True needs the run_dir holding the checkpoint.")
-  ends = sorted({t for t in range(1, exp.num_rounds + 1)
-                 if exp.eval_every and t % exp.eval_every == 0}
-                | {exp.num_rounds})
+  ends = sorted(
+    {
+      t
+      for t in range(1, exp.num_rounds + 1)
+      if exp.eval_every and t % exp.eval_every == 0
+    }
+    | {exp.num_rounds}
+  )
   chunk = max(b - a for a, b in zip([0] + ends[:-1], ends))
   runner = VmappedRounds(exp, seeds, grid, chunk)
   settings = runner.settings
@@ -161,14 +194,21 @@ def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
     evals = None
     if t + n in ends:
       params = runner.flat(exp.algorithm.get_params(state.server))
-      evals = [evaluator(jax.tree.map(lambda a, i=i: a[i], params))
-               for i in range(len(settings))]
+      evals = [
+        evaluator(jax.tree.map(lambda a, i=i: a[i], params))
+        for i in range(len(settings))
+      ]
     rows = []
     for k in range(n):
       for i, s in enumerate(settings):
         m = jax.tree.map(lambda a, i=i, k=k: a[k, i], metrics)
-        row = {"setting": i, **s, "round": t + k + 1, **_train_row(m),
-               "rounds_per_s": n / max(dt, 1e-9)}
+        row = {
+          "setting": i,
+          **s,
+          "round": t + k + 1,
+          **_train_row(m),
+          "rounds_per_s": n / max(dt, 1e-9),
+        }
         if k == n - 1:
           if evals is not None:
             row.update(evals[i])
@@ -176,29 +216,50 @@ def sweep(exp: Experiment, seeds: Sequence[int] | int = 1,
         rows.append(row)
     return state, rows, n
 
-  out = run_rounds(advance, state, start=start, num_rounds=exp.num_rounds,
-                   log=log, run_dir=run_dir, checkpointing=policy,
-                   elapsed0=elapsed0, progress=progress,
-                   desc=desc or f"sweep x{len(settings)}",
-                   handle_signals=handle_signals)
-  res = SweepResult(run_dir, settings, runner.engine_states(out.state),
-                    list(log.rows), runner.num_traces, out.interrupted,
-                    out.signum)
+  out = run_rounds(
+    advance,
+    state,
+    start=start,
+    num_rounds=exp.num_rounds,
+    log=log,
+    run_dir=run_dir,
+    checkpointing=policy,
+    elapsed0=elapsed0,
+    progress=progress,
+    desc=desc or f"sweep x{len(settings)}",
+    handle_signals=handle_signals,
+  )
+  res = SweepResult(
+    run_dir,
+    settings,
+    runner.engine_states(out.state),
+    list(log.rows),
+    runner.num_traces,
+    out.interrupted,
+    out.signum,
+  )
   if run_dir is not None:
-    title = f"{exp.name or run_dir.name}: {exp.algorithm.name}, " \
-            f"{len(seeds)} seed(s) per setting (mean ± std)"
+    title = (
+      f"{exp.name or run_dir.name}: {exp.algorithm.name}, "
+      f"{len(seeds)} seed(s) per setting (mean ± std)"
+    )
     plots.plot_runs(res.groups(), run_dir / "curves.png", title)
     ckpt.atomic_write_text(run_dir / "summary.md", res.table() + "\n")
   return res
 
 
-def sweep_file(spec: str | None, overrides: Sequence[str] = (), *,
-               seeds: Sequence[int] | int = 1, grid: Mapping | None = None,
-               out: str | os.PathLike = "runs",
-               resume: str | os.PathLike | None = None,
-               checkpoint_every: int = 0,
-               checkpoint_every_seconds: float | None = 60.0,
-               progress: bool = True) -> SweepResult:
+def sweep_file(
+  spec: str | None,
+  overrides: Sequence[str] = (),
+  *,
+  seeds: Sequence[int] | int = 1,
+  grid: Mapping | None = None,
+  out: str | os.PathLike = "runs",
+  resume: str | os.PathLike | None = None,
+  checkpoint_every: int = 0,
+  checkpoint_every_seconds: float | None = 60.0,
+  progress: bool = True,
+) -> SweepResult:
   """``python -m fedjax_lite sweep``: a vmapped sweep of an experiment file.
 
   Args:
@@ -219,14 +280,28 @@ def sweep_file(spec: str | None, overrides: Sequence[str] = (), *,
     grid = {k: [float(v) for v in vs] for k, vs in dict(grid or {}).items()}
     check_grid(exp, grid)
     run_dir = new_run_dir(out, run_name(ef, exp) + "-sweep")
-    record = run_record(ef, cfg, overrides, exp, seeds=seed_list, grid=grid,
-                        settings=make_settings(seed_list, grid))
+    record = run_record(
+      ef,
+      cfg,
+      overrides,
+      exp,
+      seeds=seed_list,
+      grid=grid,
+      settings=make_settings(seed_list, grid),
+    )
   else:
     run_dir = Path(resume)
     seed_list, grid = record["seeds"], record["grid"]
     note_resume(record, ef, cfg, overrides)
   ckpt.atomic_write_text(run_dir / "sweep.json", cfglib.dumps(record))
-  return sweep(exp, seed_list, grid, run_dir, resume=resume is not None,
-               checkpoint_every=checkpoint_every,
-               checkpoint_every_seconds=checkpoint_every_seconds,
-               progress=progress, desc=run_dir.name)
+  return sweep(
+    exp,
+    seed_list,
+    grid,
+    run_dir,
+    resume=resume is not None,
+    checkpoint_every=checkpoint_every,
+    checkpoint_every_seconds=checkpoint_every_seconds,
+    progress=progress,
+    desc=run_dir.name,
+  )

@@ -48,15 +48,17 @@ from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.runner import init_state
 
 
-def make_settings(seeds: Sequence[int], grid: Mapping[str, Sequence[float]]
-                  ) -> list[dict]:
+def make_settings(
+  seeds: Sequence[int], grid: Mapping[str, Sequence[float]]
+) -> list[dict]:
   """The product of ``grid`` (outer, in order) and ``seeds`` (inner)."""
   names = list(grid)
   out = []
   for values in itertools.product(*(grid[n] for n in names)):
     for s in seeds:
-      out.append({"seed": int(s), **{n: float(v) for n, v in
-                                     zip(names, values)}})
+      out.append(
+        {"seed": int(s), **{n: float(v) for n, v in zip(names, values)}}
+      )
   return out
 
 
@@ -64,11 +66,12 @@ def check_grid(exp: Experiment, grid: Mapping[str, Sequence[float]]) -> None:
   for name, values in grid.items():
     if name not in exp.hparams:
       raise cfglib.ConfigError(
-          f"cannot sweep {name!r}: the experiment declares the sweepable "
-          f"hyperparameters {sorted(exp.hparams) or '(none)'} in "
-          "Experiment.hparams (with algorithm_fn). Declare it there, or run "
-          f"the values separately with `run --set {name}=...` and overlay "
-          "them with `compare`.")
+        f"cannot sweep {name!r}: the experiment declares the sweepable "
+        f"hyperparameters {sorted(exp.hparams) or '(none)'} in "
+        "Experiment.hparams (with algorithm_fn). Declare it there, or run "
+        f"the values separately with `run --set {name}=...` and overlay "
+        "them with `compare`."
+      )
     if len(values) == 0:
       raise cfglib.ConfigError(f"--grid {name}= has no values.")
 
@@ -111,46 +114,58 @@ class VmappedRounds:
       lockstep 6.8-6.9x; 8 learning rates of one seed (lockstep) 4.2-4.9x.
   """
 
-  def __init__(self, exp: Experiment, seeds: Sequence[int],
-               grid: Mapping[str, Sequence[float]] | None = None,
-               max_rounds_per_call: int = 1, block_size: int | None = None,
-               pooled: bool | None = None):
+  def __init__(
+    self,
+    exp: Experiment,
+    seeds: Sequence[int],
+    grid: Mapping[str, Sequence[float]] | None = None,
+    max_rounds_per_call: int = 1,
+    block_size: int | None = None,
+    pooled: bool | None = None,
+  ):
     grid = dict(grid or {})
     check_grid(exp, grid)
     self.exp = exp
     self.seeds = [int(s) for s in seeds]
     self.names = tuple(grid)
-    self.points = [dict(zip(self.names, v)) for v in
-                   itertools.product(*(grid[n] for n in self.names))]
+    self.points = [
+      dict(zip(self.names, v))
+      for v in itertools.product(*(grid[n] for n in self.names))
+    ]
     self.settings = make_settings(self.seeds, grid)
     self.max_rounds = int(max_rounds_per_call)
     self.num_traces = 0
     # Clients per device per block for each size bucket, as last traced.
     self.block_sizes: dict[int, int] = {}
     self.mesh = exp.mesh
-    self.h = {n: jnp.asarray([p[n] for p in self.points], jnp.float32)
-              for n in self.names}
+    self.h = {
+      n: jnp.asarray([p[n] for p in self.points], jnp.float32)
+      for n in self.names
+    }
     self.round_config = exp.round_config
     self.pooled = len(self.seeds) > 1 if pooled is None else bool(pooled)
     if block_size is not None:
-      self.round_config = dataclasses.replace(exp.round_config,
-                                              block_size=int(block_size))
+      self.round_config = dataclasses.replace(
+        exp.round_config, block_size=int(block_size)
+      )
     self._run = jax.jit(self._run_body)
 
   def _resolve_block_size(self, state: EngineState, data) -> None:
     """Sets the sweep's block size from one run's automatic choice."""
     if self.round_config.block_size is not None or self.pooled:
       return  # pooled: the engine sizes blocks for all runs' clients
-    probe = Engine(self.exp.make_algorithm(self.points[0]),
-                   self.round_config, self.mesh)
+    probe = Engine(
+      self.exp.make_algorithm(self.points[0]), self.round_config, self.mesh
+    )
     first = self.engine_states(state)
-    first = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
-                         first)
+    first = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), first
+    )
     jax.eval_shape(probe.round_body, first, data)
     single = max(probe.block_sizes.values())
     self.round_config = dataclasses.replace(
-        self.round_config,
-        block_size=max(1, single // len(self.settings)))
+      self.round_config, block_size=max(1, single // len(self.settings))
+    )
 
   def _one_round(self, h, state, data):
     engine = Engine(self.exp.make_algorithm(h), self.round_config, self.mesh)
@@ -164,9 +179,11 @@ class VmappedRounds:
       return self._pooled_rounds(h, carry, rnd, rng, data)
 
     def inner(h1, carry1, rng1):
-      s, m = self._one_round(h1, EngineState(*carry1[:2], rnd, rng1,
-                                             carry1[2]), data)
+      s, m = self._one_round(
+        h1, EngineState(*carry1[:2], rnd, rng1, carry1[2]), data
+      )
       return (s.server, s.clients, s.aggregator), m
+
     grid_axis = jax.vmap(inner, in_axes=(0, 0, None))
     return jax.vmap(grid_axis, in_axes=(None, 0, 0))(h, carry, rng)
 
@@ -180,19 +197,30 @@ class VmappedRounds:
     if ng == 1:
       point = jax.tree.map(lambda a: a[0], h)
       one = lambda t: jax.tree.map(lambda a: a[:, 0], t)
-      states = EngineState(one(server), one(clients),
-                           jnp.full((ns,), rnd, jnp.int32), rng, one(agg))
-      engine = Engine(self.exp.make_algorithm(point), self.round_config,
-                      self.mesh)
+      states = EngineState(
+        one(server),
+        one(clients),
+        jnp.full((ns,), rnd, jnp.int32),
+        rng,
+        one(agg),
+      )
+      engine = Engine(
+        self.exp.make_algorithm(point), self.round_config, self.mesh
+      )
       new, m = engine.rounds_body(states, data)
       self.block_sizes = dict(engine.block_sizes)
       grid = lambda t: jax.tree.map(lambda a: a[:, None], t)
-      return (grid(new.server), grid(new.clients), grid(new.aggregator)), \
-          grid(m)
-    states = EngineState(server, _swap_client_axes(clients),
-                         jnp.full((ns,), rnd, jnp.int32), rng)
-    engine = Engine(grid_algorithm(self.exp.make_algorithm, h, ng),
-                    self.round_config, self.mesh)
+      return (grid(new.server), grid(new.clients), grid(new.aggregator)), grid(
+        m
+      )
+    states = EngineState(
+      server, _swap_client_axes(clients), jnp.full((ns,), rnd, jnp.int32), rng
+    )
+    engine = Engine(
+      grid_algorithm(self.exp.make_algorithm, h, ng),
+      self.round_config,
+      self.mesh,
+    )
     new, m = engine.rounds_body(states, data)
     self.block_sizes = dict(engine.block_sizes)
     m = dict(m)
@@ -206,21 +234,24 @@ class VmappedRounds:
     self.num_traces += 1
     start = (state.server, state.clients, state.aggregator)
     shape = jax.eval_shape(
-        lambda: self._rounds_of_all(h, start, state.round, state.rng,
-                                    data)[1])
-    buf = jax.tree.map(lambda d: jnp.zeros((self.max_rounds,) + d.shape,
-                                           d.dtype), shape)
+      lambda: self._rounds_of_all(h, start, state.round, state.rng, data)[1]
+    )
+    buf = jax.tree.map(
+      lambda d: jnp.zeros((self.max_rounds,) + d.shape, d.dtype), shape
+    )
 
     def body(i, loop_carry):
       carry, buf = loop_carry
-      carry, m = self._rounds_of_all(h, carry, state.round + i, state.rng,
-                                     data)
+      carry, m = self._rounds_of_all(h, carry, state.round + i, state.rng, data)
       buf = jax.tree.map(lambda b, v: b.at[i].set(v), buf, m)
       return carry, buf
-    (server, clients, agg), buf = jax.lax.fori_loop(0, num_rounds, body,
-                                                    (start, buf))
-    return EngineState(server, clients, state.round + num_rounds, state.rng,
-                       agg), buf
+
+    (server, clients, agg), buf = jax.lax.fori_loop(
+      0, num_rounds, body, (start, buf)
+    )
+    return EngineState(
+      server, clients, state.round + num_rounds, state.rng, agg
+    ), buf
 
   def init(self, data=None) -> EngineState:
     """The stacked initial state (see the class docstring for the layout).
@@ -231,27 +262,39 @@ class VmappedRounds:
     for seed in self.seeds:
       row = []
       for point in self.points:
-        engine = Engine(self.exp.make_algorithm(point), self.round_config,
-                        self.mesh)
+        engine = Engine(
+          self.exp.make_algorithm(point), self.round_config, self.mesh
+        )
         row.append(jax.device_get(init_state(self.exp, engine, seed, data)))
       per_seed.append(row)
     first = per_seed[0][0]
-    if any(jax.tree.structure(s) != jax.tree.structure(first)
-           for row in per_seed for s in row):
-      raise ValueError("settings produce differently structured states; "
-                       "hyperparameters must not change the state's shape.")
+    if any(
+      jax.tree.structure(s) != jax.tree.structure(first)
+      for row in per_seed
+      for s in row
+    ):
+      raise ValueError(
+        "settings produce differently structured states; "
+        "hyperparameters must not change the state's shape."
+      )
 
     def stack2(get):
       return jax.tree.map(
-          lambda *xs: jnp.asarray(np.stack(xs).reshape(
-              (len(self.seeds), len(self.points)) + np.shape(xs[0]))),
-          *[get(s) for row in per_seed for s in row])
-    return EngineState(server=stack2(lambda s: s.server),
-                       clients=stack2(lambda s: s.clients),
-                       round=jnp.asarray(first.round),
-                       rng=jnp.asarray(np.stack([row[0].rng for row in
-                                                 per_seed])),
-                       aggregator=stack2(lambda s: s.aggregator))
+        lambda *xs: jnp.asarray(
+          np.stack(xs).reshape(
+            (len(self.seeds), len(self.points)) + np.shape(xs[0])
+          )
+        ),
+        *[get(s) for row in per_seed for s in row],
+      )
+
+    return EngineState(
+      server=stack2(lambda s: s.server),
+      clients=stack2(lambda s: s.clients),
+      round=jnp.asarray(first.round),
+      rng=jnp.asarray(np.stack([row[0].rng for row in per_seed])),
+      aggregator=stack2(lambda s: s.aggregator),
+    )
 
   def run(self, state: EngineState, data, num_rounds: int):
     """``num_rounds`` (<= max_rounds_per_call) rounds of every setting.
@@ -261,17 +304,20 @@ class VmappedRounds:
       num_grid]``, of which the first ``num_rounds`` rows are filled.
     """
     if not 1 <= num_rounds <= self.max_rounds:
-      raise ValueError(f"num_rounds must be in [1, {self.max_rounds}], got "
-                       f"{num_rounds}.")
+      raise ValueError(
+        f"num_rounds must be in [1, {self.max_rounds}], got {num_rounds}."
+      )
     self._resolve_block_size(state, data)
     return self._run(self.h, state, data, jnp.int32(num_rounds))
 
   def flat(self, tree, axis: int = 0):
     """``[..., num_seeds, num_grid, ...]`` (at ``axis``) -> ``[..., S, ...]``
     in settings order (grid outer, seeds inner)."""
+
     def f(a):
       a = jnp.swapaxes(jnp.asarray(a), axis, axis + 1)
-      return a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:])
+      return a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2 :])
+
     return jax.tree.map(f, tree)
 
   def engine_states(self, state: EngineState) -> EngineState:
@@ -279,7 +325,10 @@ class VmappedRounds:
     ng = len(self.points)
     rng = jnp.repeat(jnp.asarray(state.rng)[None], ng, axis=0)  # [grid, seeds]
     rng = rng.reshape((-1,) + rng.shape[2:])
-    return EngineState(server=self.flat(state.server),
-                       clients=self.flat(state.clients),
-                       round=jnp.full((len(self.settings),), state.round),
-                       rng=rng, aggregator=self.flat(state.aggregator))
+    return EngineState(
+      server=self.flat(state.server),
+      clients=self.flat(state.clients),
+      round=jnp.full((len(self.settings),), state.round),
+      rng=rng,
+      aggregator=self.flat(state.aggregator),
+    )

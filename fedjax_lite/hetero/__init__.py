@@ -13,11 +13,20 @@ Sits beside :mod:`fedjax_lite.learning`: it uses ``algorithms/``,
 """
 
 from fedjax_lite.hetero import layers, matching
-from fedjax_lite.hetero.fed_ma import (FedMAClientState, FedMAProcess,
-                                       FedMAState, build_fed_ma_process,
-                                       fed_ma, matched_average,
-                                       round_communication,
-                                       stages_per_round)
-from fedjax_lite.hetero.hetero_fl import (LEVELS, communication, hetero_fl,
-                                          sub_model_params)
+from fedjax_lite.hetero.fed_ma import (
+  FedMAClientState,
+  FedMAProcess,
+  FedMAState,
+  build_fed_ma_process,
+  fed_ma,
+  matched_average,
+  round_communication,
+  stages_per_round,
+)
+from fedjax_lite.hetero.hetero_fl import (
+  LEVELS,
+  communication,
+  hetero_fl,
+  sub_model_params,
+)
 from fedjax_lite.hetero.matching import Matching, bbp_map_cost, match_atoms

@@ -69,8 +69,12 @@ import optax
 from fedjax_lite.algorithms.base import ClientOutput, FederatedAlgorithm
 from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.data.batching import LocalWork
-from fedjax_lite.engine.round import (Engine, EngineState, RoundConfig,
-                                     default_mesh)
+from fedjax_lite.engine.round import (
+  Engine,
+  EngineState,
+  RoundConfig,
+  default_mesh,
+)
 from fedjax_lite.hetero import layers as L
 from fedjax_lite.hetero import matching
 from fedjax_lite.models.core import Model
@@ -126,23 +130,30 @@ def set_layer_from_atoms(params: PyTree, chain, l: int, atoms) -> PyTree:
   new[layer.name] = {"kernel": kernel, "bias": atoms[:, n_in]}
   if l + 1 == len(chain) - 1:  # the matched outgoing weights
     nxt = chain[l + 1]
-    out = atoms[:, n_in + 1:].reshape(atoms.shape[0], nxt.in_repeat,
-                                      nxt.width)
+    out = atoms[:, n_in + 1 :].reshape(atoms.shape[0], nxt.in_repeat, nxt.width)
     out = jnp.moveaxis(out, 0, 1).reshape(-1, nxt.width)
     new[nxt.name] = {"kernel": out, "bias": params[nxt.name]["bias"]}
   return new
 
 
-def fill_unheld_inputs(kernel: jax.Array, glob: jax.Array, layer: L.Layer,
-                       assign: jax.Array, valid: jax.Array) -> jax.Array:
+def fill_unheld_inputs(
+  kernel: jax.Array,
+  glob: jax.Array,
+  layer: L.Layer,
+  assign: jax.Array,
+  valid: jax.Array,
+) -> jax.Array:
   """Rows of input units the client does not hold taken from ``glob``.
 
   Used for the output layer after the last hidden layer is matched: a
   global neuron's outgoing weights are the matched average of its holders'
   (part of its matched vector), a better start than zero.
   """
-  held = jnp.zeros((layer.in_units,), bool).at[
-      jnp.where(valid, assign, layer.in_units)].set(True, mode="drop")
+  held = (
+    jnp.zeros((layer.in_units,), bool)
+    .at[jnp.where(valid, assign, layer.in_units)]
+    .set(True, mode="drop")
+  )
   view, axis = L.unit_view(kernel, layer)
   gview, _ = L.unit_view(glob, layer)
   shape = [1] * view.ndim
@@ -150,8 +161,13 @@ def fill_unheld_inputs(kernel: jax.Array, glob: jax.Array, layer: L.Layer,
   return jnp.where(held.reshape(shape), view, gview).reshape(kernel.shape)
 
 
-def scatter_inputs(kernel: jax.Array, layer: L.Layer, assign: jax.Array,
-                   valid: jax.Array, num_units: int) -> jax.Array:
+def scatter_inputs(
+  kernel: jax.Array,
+  layer: L.Layer,
+  assign: jax.Array,
+  valid: jax.Array,
+  num_units: int,
+) -> jax.Array:
   """Moves input unit ``u`` of ``kernel`` to ``assign[u]`` (valid ``u`` only).
 
   The result reads ``num_units`` input units; others are zero.
@@ -164,19 +180,24 @@ def scatter_inputs(kernel: jax.Array, layer: L.Layer, assign: jax.Array,
   out = jnp.zeros((num_units,) + moved.shape[1:], kernel.dtype)
   out = out.at[idx].set(moved, mode="drop")
   out = jnp.moveaxis(out, 0, axis)
-  return out.reshape(kernel.shape[:-2] + (-1, kernel.shape[-1])) \
-      if layer.kind == "dense" else out
+  return (
+    out.reshape(kernel.shape[:-2] + (-1, kernel.shape[-1]))
+    if layer.kind == "dense"
+    else out
+  )
 
 
-def gather_layer(kernel, bias, layer: L.Layer, in_idx, in_valid, out_idx,
-                 out_valid):
+def gather_layer(
+  kernel, bias, layer: L.Layer, in_idx, in_valid, out_idx, out_valid
+):
   """Client slice of a global layer: unit ``u`` takes global ``out_idx[u]``.
 
   Input units likewise from ``in_idx`` (None: keep all inputs). Invalid
   positions are zero.
   """
   k = jnp.take(kernel, out_idx, axis=-1) * out_valid.astype(
-      kernel.dtype).reshape((1,) * (kernel.ndim - 1) + (-1,))
+    kernel.dtype
+  ).reshape((1,) * (kernel.ndim - 1) + (-1,))
   b = jnp.take(bias, out_idx) * out_valid.astype(bias.dtype)
   if in_idx is not None:
     view, axis = L.unit_view(k, layer)
@@ -190,17 +211,23 @@ def gather_layer(kernel, bias, layer: L.Layer, in_idx, in_valid, out_idx,
 
 def _outputs_only(kernel, bias, layer, in_idx, in_valid):
   ones = jnp.ones((layer.width,), bool)
-  return gather_layer(kernel, bias, layer, in_idx, in_valid,
-                      jnp.arange(layer.width), ones)
+  return gather_layer(
+    kernel, bias, layer, in_idx, in_valid, jnp.arange(layer.width), ones
+  )
 
 
 # ------------------------------------------------------------------ one shot
-def matched_average(client_params: Sequence[PyTree], *,
-                    class_counts: Sequence[np.ndarray] | None = None,
-                    max_widths: Sequence[int] | None = None,
-                    noise_var: float = 1.0, prior_var: float = 1.0,
-                    gamma: float = 1.0, num_iters: int = 3, seed: int = 0
-                    ) -> tuple[dict, list]:
+def matched_average(
+  client_params: Sequence[PyTree],
+  *,
+  class_counts: Sequence[np.ndarray] | None = None,
+  max_widths: Sequence[int] | None = None,
+  noise_var: float = 1.0,
+  prior_var: float = 1.0,
+  gamma: float = 1.0,
+  num_iters: int = 3,
+  seed: int = 0,
+) -> tuple[dict, list]:
   """One-shot layer-wise matched averaging of trained client models (host).
 
   FedMA without retraining between layers (the clients' models are only
@@ -224,31 +251,49 @@ def matched_average(client_params: Sequence[PyTree], *,
   """
   if not client_params:
     raise ValueError("matched_average needs at least one client model.")
-  chains = [L.layer_chain(jax.tree.map(np.asarray, p), f"client_params[{j}]")
-            for j, p in enumerate(client_params)]
+  chains = [
+    L.layer_chain(jax.tree.map(np.asarray, p), f"client_params[{j}]")
+    for j, p in enumerate(client_params)
+  ]
   kinds = {tuple((c.name, c.kind) for c in ch) for ch in chains}
   if len(kinds) != 1:
-    raise ValueError(f"client models have different layer structures "
-                     f"{sorted(kinds)}; FedMA matches models with the same "
-                     "layers (widths may differ).")
+    raise ValueError(
+      f"client models have different layer structures "
+      f"{sorted(kinds)}; FedMA matches models with the same "
+      "layers (widths may differ)."
+    )
   J = len(client_params)
   num_hidden = len(chains[0]) - 1
   if max_widths is None:
     max_widths = [sum(ch[l].width for ch in chains) for l in range(num_hidden)]
-  locals_ = [jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
-             for p in client_params]
+  locals_ = [
+    jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+    for p in client_params
+  ]
   glob = dict(locals_[0])
   assignments = []
   for l in range(num_hidden):
-    atoms = [np.asarray(layer_atoms(p, L.layer_chain(p), l), np.float64)
-             for p in locals_]
-    res = matching.match_atoms(atoms, max_atoms=int(max_widths[l]),
-                               noise_var=noise_var, prior_var=prior_var,
-                               gamma=gamma, num_iters=num_iters, seed=seed)
+    atoms = [
+      np.asarray(layer_atoms(p, L.layer_chain(p), l), np.float64)
+      for p in locals_
+    ]
+    res = matching.match_atoms(
+      atoms,
+      max_atoms=int(max_widths[l]),
+      noise_var=noise_var,
+      prior_var=prior_var,
+      gamma=gamma,
+      num_iters=num_iters,
+      seed=seed,
+    )
     g = res.atoms.shape[0]
     name = chains[0][l].name
-    tmp = set_layer_from_atoms(locals_[0], L.layer_chain(locals_[0]), l,
-                               jnp.asarray(res.atoms, jnp.float32))
+    tmp = set_layer_from_atoms(
+      locals_[0],
+      L.layer_chain(locals_[0]),
+      l,
+      jnp.asarray(res.atoms, jnp.float32),
+    )
     glob[name] = tmp[name]
     nxt = chains[0][l + 1]
     for j in range(J):
@@ -260,8 +305,9 @@ def matched_average(client_params: Sequence[PyTree], *,
       ones = jnp.ones(a.shape, bool)
       k = scatter_inputs(k, lay, a, ones, g)
       if l + 1 == num_hidden:
-        k = fill_unheld_inputs(k, tmp[nxt.name]["kernel"],
-                               lay._replace(in_units=g), a, ones)
+        k = fill_unheld_inputs(
+          k, tmp[nxt.name]["kernel"], lay._replace(in_units=g), a, ones
+        )
       p[nxt.name] = {"kernel": k, "bias": p[nxt.name]["bias"]}
       locals_[j] = p
     assignments.append(res.assignments)
@@ -274,9 +320,10 @@ def matched_average(client_params: Sequence[PyTree], *,
   p = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / J)  # [J, C]
   ks = np.stack([np.asarray(q[last]["kernel"], np.float64) for q in locals_])
   bs = np.stack([np.asarray(q[last]["bias"], np.float64) for q in locals_])
-  glob[last] = {"kernel": jnp.asarray(np.einsum("jc,jic->ic", p, ks),
-                                      jnp.float32),
-                "bias": jnp.asarray(np.einsum("jc,jc->c", p, bs), jnp.float32)}
+  glob[last] = {
+    "kernel": jnp.asarray(np.einsum("jc,jic->ic", p, ks), jnp.float32),
+    "bias": jnp.asarray(np.einsum("jc,jc->c", p, bs), jnp.float32),
+  }
   return glob, assignments
 
 
@@ -297,6 +344,7 @@ class FedMAState:
       output layer's per-class average).
     num_rounds: int32, completed FedMA rounds.
   """
+
   params: PyTree
   masks: tuple
   assign: tuple
@@ -310,6 +358,7 @@ class FedMAState:
 @flax.struct.dataclass
 class FedMAClientState:
   """One client's model between stages (padded) and its unit masks."""
+
   params: PyTree
   masks: tuple
 
@@ -317,24 +366,40 @@ class FedMAClientState:
 def check_client_widths(client_widths, widths: Sequence[int]) -> np.ndarray:
   """int ``[J, L]`` client hidden widths, validated against the bound."""
   cw = np.asarray(client_widths)
-  if cw.ndim != 2 or cw.shape[1] != len(widths) or cw.shape[0] < 1 or not (
-      np.issubdtype(cw.dtype, np.integer)):
-    raise ValueError(f"client_widths must be ints [num_clients, {len(widths)}]"
-                     f" (one width per hidden layer of every client), got "
-                     f"shape {cw.shape} dtype {cw.dtype}.")
+  if (
+    cw.ndim != 2
+    or cw.shape[1] != len(widths)
+    or cw.shape[0] < 1
+    or not (np.issubdtype(cw.dtype, np.integer))
+  ):
+    raise ValueError(
+      f"client_widths must be ints [num_clients, {len(widths)}]"
+      f" (one width per hidden layer of every client), got "
+      f"shape {cw.shape} dtype {cw.dtype}."
+    )
   bad = (cw < 1) | (cw > np.asarray(widths)[None, :])
   if bad.any():
     j, l = map(int, np.argwhere(bad)[0])
-    raise ValueError(f"client_widths[{j}, {l}] = {int(cw[j, l])}; expected 1.."
-                     f"{widths[l]} (the model's width of hidden layer {l} "
-                     "bounds the global layer). Build the model wider.")
+    raise ValueError(
+      f"client_widths[{j}, {l}] = {int(cw[j, l])}; expected 1.."
+      f"{widths[l]} (the model's width of hidden layer {l} "
+      "bounds the global layer). Build the model wider."
+    )
   return cw.astype(np.int32)
 
 
-def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
-           client_widths, noise_var: float = 1.0, prior_var: float = 1.0,
-           gamma: float = 1.0, num_iters: int = 3, seed: int = 0,
-           name: str = "fed_ma") -> FederatedAlgorithm:
+def fed_ma(
+  model: Model,
+  client_optimizer: optax.GradientTransformation,
+  *,
+  client_widths,
+  noise_var: float = 1.0,
+  prior_var: float = 1.0,
+  gamma: float = 1.0,
+  num_iters: int = 3,
+  seed: int = 0,
+  name: str = "fed_ma",
+) -> FederatedAlgorithm:
   """FedMA as an engine algorithm; one engine round is one stage.
 
   Args:
@@ -364,25 +429,36 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
   cw = jnp.asarray(cw_np)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
   kshape = [tuple(shapes[c.name]["kernel"].shape) for c in chain]
-  dims = [int(np.prod(kshape[l][:-1])) + 1 + (
-      chain[l + 1].in_repeat * chain[l + 1].width if l + 1 == nh else 0)
-          for l in range(nh)]
+  dims = [
+    int(np.prod(kshape[l][:-1]))
+    + 1
+    + (chain[l + 1].in_repeat * chain[l + 1].width if l + 1 == nh else 0)
+    for l in range(nh)
+  ]
   num_classes = chain[-1].width
   last = chain[-1].name
-  settings = dict(noise_var=noise_var, prior_var=prior_var, gamma=gamma,
-                  num_iters=num_iters)
+  settings = dict(
+    noise_var=noise_var, prior_var=prior_var, gamma=gamma, num_iters=num_iters
+  )
   for k in ("noise_var", "prior_var", "gamma"):
     matching._check_var(k, settings[k])  # pylint: disable=protected-access
 
   # ----------------------------------------------------------- server
   def server_init(params):
     masks = tuple(jnp.ones((w,), jnp.float32) for w in widths)
-    assign = tuple(jnp.tile(jnp.arange(w, dtype=jnp.int32), (J, 1))
-                   for w in widths)
-    return FedMAState(params=params, masks=masks, assign=assign, work=params,
-                      work_masks=masks, work_assign=assign,
-                      stage=jnp.zeros((), jnp.int32),
-                      num_rounds=jnp.zeros((), jnp.int32))
+    assign = tuple(
+      jnp.tile(jnp.arange(w, dtype=jnp.int32), (J, 1)) for w in widths
+    )
+    return FedMAState(
+      params=params,
+      masks=masks,
+      assign=assign,
+      work=params,
+      work_masks=masks,
+      work_assign=assign,
+      stage=jnp.zeros((), jnp.int32),
+      num_rounds=jnp.zeros((), jnp.int32),
+    )
 
   def host_match(stage, atoms, units, in_masks, rnd):
     stage = int(stage)
@@ -393,12 +469,16 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
       g_assign = np.zeros((J, widths[l]), np.int32)
       if l == stage:
         held = np.asarray(units[l]) > 0.5
-        dmask = atom_dim_mask(chain, l, kshape[l],
-                              None if l == 0 else in_masks[l - 1])
-        local = [np.asarray(atoms[l][j], np.float64)[held[j]][:, dmask]
-                 for j in range(J)]
-        res = matching.match_atoms(local, max_atoms=widths[l],
-                                   seed=seed + int(rnd), **settings)
+        dmask = atom_dim_mask(
+          chain, l, kshape[l], None if l == 0 else in_masks[l - 1]
+        )
+        local = [
+          np.asarray(atoms[l][j], np.float64)[held[j]][:, dmask]
+          for j in range(J)
+        ]
+        res = matching.match_atoms(
+          local, max_atoms=widths[l], seed=seed + int(rnd), **settings
+        )
         g = res.atoms.shape[0]
         g_atoms[:g] = 0.0
         g_atoms[np.ix_(np.arange(g), dmask)] = res.atoms
@@ -409,52 +489,74 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
     return tuple(outs)
 
   def server_update(state: FedMAState, aggregate) -> FedMAState:
-    stacked = jax.tree.map(lambda a: a * aggregate.total_weight,
-                           aggregate.mean)
+    stacked = jax.tree.map(lambda a: a * aggregate.total_weight, aggregate.mean)
     result_shape = tuple(
-        (jax.ShapeDtypeStruct((widths[l], dims[l]), jnp.float32),
-         jax.ShapeDtypeStruct((widths[l],), jnp.float32),
-         jax.ShapeDtypeStruct((J, widths[l]), jnp.int32)) for l in range(nh))
-    matched = jax.pure_callback(host_match, result_shape, state.stage,
-                                stacked["atoms"], stacked["units"],
-                                state.work_masks, state.num_rounds,
-                                vmap_method="sequential")
-    work, masks, assign = dict(state.work), list(state.work_masks), list(
-        state.work_assign)
+      (
+        jax.ShapeDtypeStruct((widths[l], dims[l]), jnp.float32),
+        jax.ShapeDtypeStruct((widths[l],), jnp.float32),
+        jax.ShapeDtypeStruct((J, widths[l]), jnp.int32),
+      )
+      for l in range(nh)
+    )
+    matched = jax.pure_callback(
+      host_match,
+      result_shape,
+      state.stage,
+      stacked["atoms"],
+      stacked["units"],
+      state.work_masks,
+      state.num_rounds,
+      vmap_method="sequential",
+    )
+    work, masks, assign = (
+      dict(state.work),
+      list(state.work_masks),
+      list(state.work_assign),
+    )
     for l in range(nh):
       hit = state.stage == l
       g_atoms, g_mask, g_assign = matched[l]
       new = set_layer_from_atoms(work, chain, l, g_atoms)
       for key in dict.fromkeys((chain[l].name, chain[min(l + 1, nh)].name)):
-        work[key] = jax.tree.map(lambda a, b, hit=hit: jnp.where(hit, a, b),
-                                 new[key], work[key])
+        work[key] = jax.tree.map(
+          lambda a, b, hit=hit: jnp.where(hit, a, b), new[key], work[key]
+        )
       masks[l] = jnp.where(hit, g_mask, masks[l])
       assign[l] = jnp.where(hit, g_assign, assign[l])
     # Output layer: per-class average with the clients' class proportions.
-    counts = stacked["class_counts"]                            # [J, C]
+    counts = stacked["class_counts"]  # [J, C]
     tot = jnp.sum(counts, axis=0, keepdims=True)
     p = jnp.where(tot > 0, counts / jnp.where(tot > 0, tot, 1.0), 1.0 / J)
-    out = {"kernel": jnp.einsum("jc,jic->ic", p, stacked["last_kernel"]),
-           "bias": jnp.einsum("jc,jc->c", p, stacked["last_bias"])}
+    out = {
+      "kernel": jnp.einsum("jc,jic->ic", p, stacked["last_kernel"]),
+      "bias": jnp.einsum("jc,jc->c", p, stacked["last_bias"]),
+    }
     done = state.stage == nh
-    work[last] = jax.tree.map(lambda a, b: jnp.where(done, a, b), out,
-                              work[last])
+    work[last] = jax.tree.map(
+      lambda a, b: jnp.where(done, a, b), out, work[last]
+    )
     masks, assign = tuple(masks), tuple(assign)
 
     def pick(a, b):
       return jax.tree.map(lambda x, y: jnp.where(done, x, y), a, b)
+
     return FedMAState(
-        params=pick(work, state.params), masks=pick(masks, state.masks),
-        assign=pick(assign, state.assign), work=work, work_masks=masks,
-        work_assign=assign,
-        stage=jnp.where(done, 0, state.stage + 1).astype(jnp.int32),
-        num_rounds=state.num_rounds + done.astype(jnp.int32))
+      params=pick(work, state.params),
+      masks=pick(masks, state.masks),
+      assign=pick(assign, state.assign),
+      work=work,
+      work_masks=masks,
+      work_assign=assign,
+      stage=jnp.where(done, 0, state.stage + 1).astype(jnp.int32),
+      num_rounds=state.num_rounds + done.astype(jnp.int32),
+    )
 
   # ----------------------------------------------------------- client
   def client_init(params):
     return FedMAClientState(
-        params=jax.tree.map(jnp.zeros_like, params),
-        masks=tuple(jnp.zeros((w,), jnp.float32) for w in widths))
+      params=jax.tree.map(jnp.zeros_like, params),
+      masks=tuple(jnp.zeros((w,), jnp.float32) for w in widths),
+    )
 
   def rebuild(state: FedMAState, slot, own):
     """Stage 0: the client's own-width slice of the global model."""
@@ -464,8 +566,15 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
       in_idx = state.assign[i - 1][slot] if i > 0 else None
       in_valid = own[i - 1] > 0 if i > 0 else None
       if i < nh:
-        k, b = gather_layer(g["kernel"], g["bias"], layer, in_idx, in_valid,
-                            state.assign[i][slot], own[i] > 0)
+        k, b = gather_layer(
+          g["kernel"],
+          g["bias"],
+          layer,
+          in_idx,
+          in_valid,
+          state.assign[i][slot],
+          own[i] > 0,
+        )
       else:
         k, b = _outputs_only(g["kernel"], g["bias"], layer, in_idx, in_valid)
       params[layer.name] = {"kernel": k, "bias": b}
@@ -479,11 +588,13 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
     params[prev.name] = state.work[prev.name]
     masks[s - 1] = state.work_masks[s - 1]
     a, valid = state.work_assign[s - 1][slot], cstate.masks[s - 1] > 0
-    k = scatter_inputs(params[layer.name]["kernel"], layer, a, valid,
-                       widths[s - 1])
+    k = scatter_inputs(
+      params[layer.name]["kernel"], layer, a, valid, widths[s - 1]
+    )
     if s == nh:
-      k = fill_unheld_inputs(k, state.work[layer.name]["kernel"], layer, a,
-                             valid)
+      k = fill_unheld_inputs(
+        k, state.work[layer.name]["kernel"], layer, a, valid
+      )
     params[layer.name] = {"kernel": k, "bias": params[layer.name]["bias"]}
     return params, tuple(masks)
 
@@ -494,19 +605,23 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
     slot = data.slot
     own = L.prefix_masks(widths, [cw[data.client_id, l] for l in range(nh)])
     starts = [lambda: rebuild(state, slot, own)] + [
-        lambda i=i: take_matched(state, cstate, slot, i)
-        for i in range(1, nh + 1)]
+      lambda i=i: take_matched(state, cstate, slot, i) for i in range(1, nh + 1)
+    ]
     params, masks = jax.lax.switch(s, starts)
     pm = L.param_masks(chain, masks)
     keep = {c.name: (i >= s).astype(jnp.float32) for i, c in enumerate(chain)}
 
     def grad_fn(p, batch, mask, step_rng):
       def objective(q):
-        return model.batch_loss(L.apply_masks(q, pm), batch, mask, step_rng,
-                                train=True)
+        return model.batch_loss(
+          L.apply_masks(q, pm), batch, mask, step_rng, train=True
+        )
+
       g, stats = jax.grad(objective, has_aux=True)(p)
-      return {k: jax.tree.map(lambda x, k=k: x * keep[k], v)
-              for k, v in g.items()}, stats
+      return {
+        k: jax.tree.map(lambda x, k=k: x * keep[k], v) for k, v in g.items()
+      }, stats
+
     result = local_train(grad_fn, client_optimizer, params, data, rng)
     new = L.apply_masks(result.params, pm)
     onehot = (jnp.arange(J) == slot).astype(jnp.float32)
@@ -516,23 +631,35 @@ def fed_ma(model: Model, client_optimizer: optax.GradientTransformation, *,
       atoms.append(hot[:, None, None] * layer_atoms(new, chain, l)[None])
       units.append(hot[:, None] * masks[l][None, :])
     labels = data.batches[model.label_key].reshape(-1)
-    counts = jnp.sum(jax.nn.one_hot(labels, num_classes) *
-                     data.mask.reshape(-1, 1).astype(jnp.float32), axis=0)
+    counts = jnp.sum(
+      jax.nn.one_hot(labels, num_classes)
+      * data.mask.reshape(-1, 1).astype(jnp.float32),
+      axis=0,
+    )
     hot = onehot * (s == nh).astype(jnp.float32)
     update = {
-        "atoms": tuple(atoms), "units": tuple(units),
-        "last_kernel": hot[:, None, None] * new[last]["kernel"][None],
-        "last_bias": hot[:, None] * new[last]["bias"][None],
-        "class_counts": hot[:, None] * counts[None, :],
+      "atoms": tuple(atoms),
+      "units": tuple(units),
+      "last_kernel": hot[:, None, None] * new[last]["kernel"][None],
+      "last_bias": hot[:, None] * new[last]["bias"][None],
+      "class_counts": hot[:, None] * counts[None, :],
     }
-    return ClientOutput(update=update, weight=jnp.ones((), jnp.float32),
-                        state=FedMAClientState(new, masks),
-                        metrics=result.metrics)
+    return ClientOutput(
+      update=update,
+      weight=jnp.ones((), jnp.float32),
+      state=FedMAClientState(new, masks),
+      metrics=result.metrics,
+    )
 
   return FederatedAlgorithm(
-      server_init=server_init, client_update=client_update,
-      server_update=server_update, broadcast=lambda s: s,
-      client_init=client_init, get_params=lambda s: s.params, name=name)
+    server_init=server_init,
+    client_update=client_update,
+    server_update=server_update,
+    broadcast=lambda s: s,
+    client_init=client_init,
+    get_params=lambda s: s.params,
+    name=name,
+  )
 
 
 def stages_per_round(model: Model) -> int:
@@ -549,42 +676,61 @@ class FedMAProcess:
   order, every round (client ``j`` has architecture ``client_widths[j]``).
   """
 
-  def __init__(self, model: Model, algorithm: FederatedAlgorithm,
-               local_work: LocalWork, num_clients: int, *,
-               block_size: int | None = None, mesh=None):
+  def __init__(
+    self,
+    model: Model,
+    algorithm: FederatedAlgorithm,
+    local_work: LocalWork,
+    num_clients: int,
+    *,
+    block_size: int | None = None,
+    mesh=None,
+  ):
     self.model = model
     self.algorithm = algorithm
     self.num_clients = num_clients
     self.stages = stages_per_round(model)
     if mesh is None:  # the host matching inside the round: one device
       mesh = default_mesh(jax.devices()[:1])
-    self.engine = Engine(algorithm, RoundConfig(
-        num_clients, local_work, sampling="all", block_size=block_size),
-                         mesh)
+    self.engine = Engine(
+      algorithm,
+      RoundConfig(
+        num_clients, local_work, sampling="all", block_size=block_size
+      ),
+      mesh,
+    )
     self._data = None
 
   def initialize(self, seed: int = 0) -> EngineState:
     """Initial state: global params from ``seed``, empty client models."""
     params = self.model.init(jax.random.PRNGKey(seed))
-    return self.engine.init(params, seed=jax.random.PRNGKey(seed + 1),
-                            num_clients=self.num_clients)
+    return self.engine.init(
+      params, seed=jax.random.PRNGKey(seed + 1), num_clients=self.num_clients
+    )
 
   def _device_data(self, data):
     from fedjax_lite.data.federated_dataset import FederatedDataset  # pylint: disable=g-import-not-at-top
+
     if self._data is not None and self._data[0] is data:
       return self._data[1]
-    ds = data if isinstance(data, FederatedDataset) else \
-        FederatedDataset.from_clients(data)
+    ds = (
+      data
+      if isinstance(data, FederatedDataset)
+      else FederatedDataset.from_clients(data)
+    )
     if ds.num_clients != self.num_clients:
-      raise ValueError(f"federated_train_data has {ds.num_clients} clients; "
-                       f"this FedMA process was built for {self.num_clients} "
-                       "(one architecture per client, in order).")
+      raise ValueError(
+        f"federated_train_data has {ds.num_clients} clients; "
+        f"this FedMA process was built for {self.num_clients} "
+        "(one architecture per client, in order)."
+      )
     dev = self.engine.put_data(ds, model=self.model)
     self._data = (data, dev)
     return dev
 
-  def next(self, state: EngineState, federated_train_data
-           ) -> tuple[EngineState, dict]:
+  def next(
+    self, state: EngineState, federated_train_data
+  ) -> tuple[EngineState, dict]:
     """One FedMA round; metrics are the stages' training means (floats)."""
     data = self._device_data(federated_train_data)
     metrics = {}
@@ -596,8 +742,9 @@ class FedMAProcess:
     metrics["loss"] = metrics[f"stage{self.stages - 1}_loss"]
     if f"stage{self.stages - 1}_accuracy" in metrics:
       metrics["accuracy"] = metrics[f"stage{self.stages - 1}_accuracy"]
-    metrics["global_widths"] = [int(np.sum(np.asarray(m))) for m in
-                                state.server.masks]
+    metrics["global_widths"] = [
+      int(np.sum(np.asarray(m))) for m in state.server.masks
+    ]
     return state, metrics
 
   def get_model_weights(self, state: EngineState) -> PyTree:
@@ -606,11 +753,21 @@ class FedMAProcess:
 
 
 def build_fed_ma_process(
-    model: Model, client_optimizer_fn, *, client_widths,
-    local_epochs: int = 1, batch_size: int | None = None,
-    num_local_steps: int | None = None, noise_var: float = 1.0,
-    prior_var: float = 1.0, gamma: float = 1.0, num_iters: int = 3,
-    seed: int = 0, block_size: int | None = None, mesh=None) -> FedMAProcess:
+  model: Model,
+  client_optimizer_fn,
+  *,
+  client_widths,
+  local_epochs: int = 1,
+  batch_size: int | None = None,
+  num_local_steps: int | None = None,
+  noise_var: float = 1.0,
+  prior_var: float = 1.0,
+  gamma: float = 1.0,
+  num_iters: int = 3,
+  seed: int = 0,
+  block_size: int | None = None,
+  mesh=None,
+) -> FedMAProcess:
   """FedMA as a TFF-style process.
 
   Args:
@@ -624,21 +781,37 @@ def build_fed_ma_process(
       device only (see the module docstring).
   """
   if not callable(client_optimizer_fn):
-    raise TypeError("client_optimizer_fn must be a no-argument function "
-                    "returning an optax optimizer, got "
-                    f"{type(client_optimizer_fn).__name__}.")
-  algorithm = fed_ma(model, client_optimizer_fn(), client_widths=client_widths,
-                     noise_var=noise_var, prior_var=prior_var, gamma=gamma,
-                     num_iters=num_iters, seed=seed)
-  work = LocalWork(batch_size=batch_size, num_epochs=local_epochs,
-                   num_steps=num_local_steps)
-  return FedMAProcess(model, algorithm, work,
-                      int(np.asarray(client_widths).shape[0]),
-                      block_size=block_size, mesh=mesh)
+    raise TypeError(
+      "client_optimizer_fn must be a no-argument function "
+      "returning an optax optimizer, got "
+      f"{type(client_optimizer_fn).__name__}."
+    )
+  algorithm = fed_ma(
+    model,
+    client_optimizer_fn(),
+    client_widths=client_widths,
+    noise_var=noise_var,
+    prior_var=prior_var,
+    gamma=gamma,
+    num_iters=num_iters,
+    seed=seed,
+  )
+  work = LocalWork(
+    batch_size=batch_size, num_epochs=local_epochs, num_steps=num_local_steps
+  )
+  return FedMAProcess(
+    model,
+    algorithm,
+    work,
+    int(np.asarray(client_widths).shape[0]),
+    block_size=block_size,
+    mesh=mesh,
+  )
 
 
-def round_communication(model: Model, client_widths: Sequence[int],
-                        global_widths: Sequence[int]) -> tuple[int, int]:
+def round_communication(
+  model: Model, client_widths: Sequence[int], global_widths: Sequence[int]
+) -> tuple[int, int]:
   """Numbers a client sends and receives in one FedMA round.
 
   Args:

@@ -61,22 +61,26 @@ def level_units(widths: Sequence[int], levels: Sequence[float]) -> np.ndarray:
   out = np.zeros((len(levels), len(widths)), np.int32)
   for a, r in enumerate(levels):
     if not 0.0 < float(r) <= 1.0:
-      raise ValueError(f"capacity levels must lie in (0, 1], got {r!r} in "
-                       f"levels={tuple(levels)}.")
+      raise ValueError(
+        f"capacity levels must lie in (0, 1], got {r!r} in "
+        f"levels={tuple(levels)}."
+      )
     for l, w in enumerate(widths):
       u = int(np.floor(float(r) * w + 0.5))
       if u < 1:
         raise ValueError(
-            f"capacity level {r} keeps round({r} * {w}) = 0 units of hidden "
-            f"layer {l} (width {w}); every client needs at least one unit per "
-            f"layer. Use levels >= {0.5 / w:.3g} for this model or widen the "
-            "layer.")
+          f"capacity level {r} keeps round({r} * {w}) = 0 units of hidden "
+          f"layer {l} (width {w}); every client needs at least one unit per "
+          f"layer. Use levels >= {0.5 / w:.3g} for this model or widen the "
+          "layer."
+        )
       out[a, l] = u
   return out
 
 
-def client_levels(client_rates: Sequence[float], levels: Sequence[float]
-                  ) -> np.ndarray:
+def client_levels(
+  client_rates: Sequence[float], levels: Sequence[float]
+) -> np.ndarray:
   """int ``[num_clients]``: each client's index into ``levels``.
 
   Raises:
@@ -88,17 +92,24 @@ def client_levels(client_rates: Sequence[float], levels: Sequence[float]
   for k, r in enumerate(rates):
     hit = np.flatnonzero(np.isclose(lv, r, rtol=0, atol=1e-9))
     if hit.size == 0:
-      raise ValueError(f"client_rates[{k}] = {r} is not a supported capacity "
-                       f"level; supported levels are {tuple(levels)}. Pass "
-                       "levels=(...) to add it.")
+      raise ValueError(
+        f"client_rates[{k}] = {r} is not a supported capacity "
+        f"level; supported levels are {tuple(levels)}. Pass "
+        "levels=(...) to add it."
+      )
     idx[k] = hit[0]
   return idx
 
 
-def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
-              server_optimizer: optax.GradientTransformation | None = None, *,
-              client_rates: Sequence[float], levels: Sequence[float] = LEVELS,
-              name: str = "hetero_fl") -> FederatedAlgorithm:
+def hetero_fl(
+  model: Model,
+  client_optimizer: optax.GradientTransformation,
+  server_optimizer: optax.GradientTransformation | None = None,
+  *,
+  client_rates: Sequence[float],
+  levels: Sequence[float] = LEVELS,
+  name: str = "hetero_fl",
+) -> FederatedAlgorithm:
   """HeteroFL over FedAvg/FedOpt (see the module docstring).
 
   Args:
@@ -119,8 +130,10 @@ def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
   widths = L.hidden_widths(chain)
   for r in levels:
     if not 0.0 < float(r) <= 1.0:
-      raise ValueError(f"capacity levels must lie in (0, 1], got {r!r} in "
-                       f"levels={tuple(levels)}.")
+      raise ValueError(
+        f"capacity levels must lie in (0, 1], got {r!r} in "
+        f"levels={tuple(levels)}."
+      )
   idx = client_levels(client_rates, levels)
   used = sorted(set(idx.tolist()))
   table = np.ones((len(levels), len(widths)), np.int32)
@@ -132,24 +145,32 @@ def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
 
   def client_masks(client_id):
     u = units[rate_idx[client_id]]
-    return L.param_masks(chain, L.prefix_masks(widths, [u[l] for l in range(
-        len(widths))]))
+    return L.param_masks(
+      chain, L.prefix_masks(widths, [u[l] for l in range(len(widths))])
+    )
 
   def client_update(server_params, client_state, data, rng):
     masks = client_masks(data.client_id)
 
     def objective(params, server_params, batch, mask, step_rng):
       del server_params
-      return model.batch_loss(L.apply_masks(params, masks), batch, mask,
-                              step_rng, train=True)
+      return model.batch_loss(
+        L.apply_masks(params, masks), batch, mask, step_rng, train=True
+      )
+
     # FedAvg's client update on the masked objective: masked entries get
     # exactly zero gradient, so they stay at w_t.
-    out = fed_avg(model, client_optimizer, local_objective=objective
-                  ).client_update(server_params, client_state, data, rng)
-    missing = jax.tree.map(lambda p, m: 1.0 - jnp.broadcast_to(
-        m, p.shape).astype(p.dtype), server_params, masks)
-    return out._replace(update={"d": L.apply_masks(out.update, masks),
-                                "z": missing})
+    out = fed_avg(
+      model, client_optimizer, local_objective=objective
+    ).client_update(server_params, client_state, data, rng)
+    missing = jax.tree.map(
+      lambda p, m: 1.0 - jnp.broadcast_to(m, p.shape).astype(p.dtype),
+      server_params,
+      masks,
+    )
+    return out._replace(
+      update={"d": L.apply_masks(out.update, masks), "z": missing}
+    )
 
   def server_update(state, aggregate):
     # sum_k n_k M_k / sum_k n_k = 1 - mean(1 - M_k): exactly 1 when every
@@ -157,16 +178,22 @@ def hetero_fl(model: Model, client_optimizer: optax.GradientTransformation,
     # whatever rounding the mean has), and d is exactly 0 where none does.
     d, z = aggregate.mean["d"], aggregate.mean["z"]
     delta = jax.tree.map(
-        lambda a, b: jnp.where(1.0 - b > 0, a / jnp.where(1.0 - b > 0, 1.0 - b,
-                                                          1.0), 0.0), d, z)
+      lambda a, b: jnp.where(
+        1.0 - b > 0, a / jnp.where(1.0 - b > 0, 1.0 - b, 1.0), 0.0
+      ),
+      d,
+      z,
+    )
     return base.server_update(state, aggregate._replace(mean=delta))
 
-  return base._replace(client_update=client_update,
-                       server_update=server_update, name=name)
+  return base._replace(
+    client_update=client_update, server_update=server_update, name=name
+  )
 
 
-def sub_model_params(params, model: Model, rate: float,
-                     levels: Sequence[float] = LEVELS):
+def sub_model_params(
+  params, model: Model, rate: float, levels: Sequence[float] = LEVELS
+):
   """The capacity-``rate`` slice of ``params`` as a smaller network's params.
 
   Slices every hidden layer to its first ``round(rate W_l)`` units (inputs
@@ -184,16 +211,18 @@ def sub_model_params(params, model: Model, rate: float,
       view = jax.lax.slice_in_dim(view, 0, int(u[i - 1]), axis=axis)
       k = view.reshape(-1, view.shape[-1]) if layer.in_repeat > 1 else view
     if i < len(chain) - 1:
-      k = k[..., :int(u[i])]
-      b = b[:int(u[i])]
+      k = k[..., : int(u[i])]
+      b = b[: int(u[i])]
     out[layer.name] = {"kernel": k, "bias": b}
   return out
 
 
-def communication(model: Model, rate: float, levels: Sequence[float] = LEVELS
-                  ) -> int:
+def communication(
+  model: Model, rate: float, levels: Sequence[float] = LEVELS
+) -> int:
   """Parameters a capacity-``rate`` client receives (and sends) per round."""
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-  sub = jax.eval_shape(lambda p: sub_model_params(p, model, rate, levels),
-                       params)
+  sub = jax.eval_shape(
+    lambda p: sub_model_params(p, model, rate, levels), params
+  )
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(sub)))

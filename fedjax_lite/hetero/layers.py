@@ -41,9 +41,11 @@ import numpy as np
 
 PyTree = Any
 
-SUPPORTED = ("chains of flax Conv_i then Dense_j layers with a kernel and a "
-             "bias each, as built by fedjax_lite.models.mlp(...) and "
-             "fedjax_lite.models.cnn(...) (the FedAvg CNN)")
+SUPPORTED = (
+  "chains of flax Conv_i then Dense_j layers with a kernel and a "
+  "bias each, as built by fedjax_lite.models.mlp(...) and "
+  "fedjax_lite.models.cnn(...) (the FedAvg CNN)"
+)
 
 
 class Layer(NamedTuple):
@@ -57,6 +59,7 @@ class Layer(NamedTuple):
     in_repeat: flattened inputs per previous unit (``P = H' W'`` for the first
       dense layer after a convolution, else 1).
   """
+
   name: str
   kind: str
   width: int
@@ -75,62 +78,81 @@ def layer_chain(params: PyTree, what: str = "model") -> tuple[Layer, ...]:
     ValueError: for any other network (naming what is supported).
   """
   if not isinstance(params, dict) or not params:
-    raise ValueError(f"{what}: expected flax params (a dict of layers), got "
-                     f"{type(params).__name__}. Supported: {SUPPORTED}.")
+    raise ValueError(
+      f"{what}: expected flax params (a dict of layers), got "
+      f"{type(params).__name__}. Supported: {SUPPORTED}."
+    )
   convs, denses = {}, {}
   for key, sub in params.items():
     m = re.fullmatch(r"(Conv|Dense)_(\d+)", str(key))
-    if m is None or not isinstance(sub, dict) or set(sub) != {"kernel",
-                                                                "bias"}:
+    if m is None or not isinstance(sub, dict) or set(sub) != {"kernel", "bias"}:
       inner = sorted(sub) if isinstance(sub, dict) else type(sub).__name__
       raise ValueError(
-          f"{what} has a layer {key!r} with parameters {inner}; only "
-          f"{SUPPORTED} can be width-matched or sliced (no batch norm, "
-          "attention, recurrent cells or layers without bias).")
+        f"{what} has a layer {key!r} with parameters {inner}; only "
+        f"{SUPPORTED} can be width-matched or sliced (no batch norm, "
+        "attention, recurrent cells or layers without bias)."
+      )
     (convs if m.group(1) == "Conv" else denses)[int(m.group(2))] = sub
-  if sorted(convs) != list(range(len(convs))) or sorted(denses) != list(
-      range(len(denses))) or not denses:
-    raise ValueError(f"{what} has layers {sorted(params)}; expected Conv_0.."
-                     f"Conv_a then Dense_0..Dense_b (at least one dense "
-                     f"layer). Supported: {SUPPORTED}.")
+  if (
+    sorted(convs) != list(range(len(convs)))
+    or sorted(denses) != list(range(len(denses)))
+    or not denses
+  ):
+    raise ValueError(
+      f"{what} has layers {sorted(params)}; expected Conv_0.."
+      f"Conv_a then Dense_0..Dense_b (at least one dense "
+      f"layer). Supported: {SUPPORTED}."
+    )
   chain = []
   prev = None
   for i in range(len(convs)):
     k = _shape(convs[i]["kernel"])
     if len(k) != 4 or _shape(convs[i]["bias"]) != (k[3],):
-      raise ValueError(f"{what}: Conv_{i} has kernel {k}; expected a 2-D "
-                       f"convolution [kh, kw, c_in, c_out]. Supported: "
-                       f"{SUPPORTED}.")
+      raise ValueError(
+        f"{what}: Conv_{i} has kernel {k}; expected a 2-D "
+        f"convolution [kh, kw, c_in, c_out]. Supported: "
+        f"{SUPPORTED}."
+      )
     if prev is not None and k[2] != prev:
-      raise ValueError(f"{what}: Conv_{i} reads {k[2]} channels but Conv_"
-                       f"{i - 1} writes {prev}; not a chain.")
+      raise ValueError(
+        f"{what}: Conv_{i} reads {k[2]} channels but Conv_"
+        f"{i - 1} writes {prev}; not a chain."
+      )
     chain.append(Layer(f"Conv_{i}", "conv", k[3], k[2]))
     prev = k[3]
   for i in range(len(denses)):
     k = _shape(denses[i]["kernel"])
     if len(k) != 2 or _shape(denses[i]["bias"]) != (k[1],):
-      raise ValueError(f"{what}: Dense_{i} has kernel {k}; expected [in, out]."
-                       f" Supported: {SUPPORTED}.")
+      raise ValueError(
+        f"{what}: Dense_{i} has kernel {k}; expected [in, out]."
+        f" Supported: {SUPPORTED}."
+      )
     repeat = 1
     if prev is None:
       in_units = k[0]
     elif i == 0:  # first dense after the convolutions: flattened map
       if k[0] % prev:
-        raise ValueError(f"{what}: Dense_0 reads {k[0]} inputs, not a "
-                         f"multiple of Conv_{len(convs) - 1}'s {prev} "
-                         "channels; not a chain.")
+        raise ValueError(
+          f"{what}: Dense_0 reads {k[0]} inputs, not a "
+          f"multiple of Conv_{len(convs) - 1}'s {prev} "
+          "channels; not a chain."
+        )
       in_units, repeat = prev, k[0] // prev
     else:
       if k[0] != prev:
-        raise ValueError(f"{what}: Dense_{i} reads {k[0]} inputs but the "
-                         f"previous layer writes {prev}; not a chain.")
+        raise ValueError(
+          f"{what}: Dense_{i} reads {k[0]} inputs but the "
+          f"previous layer writes {prev}; not a chain."
+        )
       in_units = prev
     chain.append(Layer(f"Dense_{i}", "dense", k[1], in_units, repeat))
     prev = k[1]
   if len(chain) < 2:
-    raise ValueError(f"{what} has a single layer ({chain[0].name}); there are "
-                     "no hidden units to match or slice. Supported: "
-                     f"{SUPPORTED} with at least one hidden layer.")
+    raise ValueError(
+      f"{what} has a single layer ({chain[0].name}); there are "
+      "no hidden units to match or slice. Supported: "
+      f"{SUPPORTED} with at least one hidden layer."
+    )
   return tuple(chain)
 
 
@@ -168,12 +190,15 @@ def out_unit_mask(layer: Layer, mask: jax.Array) -> jax.Array:
   return mask[None, None, None, :] if layer.kind == "conv" else mask[None, :]
 
 
-def param_masks(chain: Sequence[Layer], unit_masks: Sequence[jax.Array]
-                ) -> PyTree:
+def param_masks(
+  chain: Sequence[Layer], unit_masks: Sequence[jax.Array]
+) -> PyTree:
   """Params-shaped multipliers for hidden unit masks ``[width_l]`` (l < L)."""
   if len(unit_masks) != len(chain) - 1:
-    raise ValueError(f"expected {len(chain) - 1} unit masks (one per hidden "
-                     f"layer), got {len(unit_masks)}.")
+    raise ValueError(
+      f"expected {len(chain) - 1} unit masks (one per hidden "
+      f"layer), got {len(unit_masks)}."
+    )
   out = {}
   for i, layer in enumerate(chain):
     dtype = jnp.asarray(unit_masks[0]).dtype
@@ -195,8 +220,8 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   return jax.tree.map(lambda p, m: p * m.astype(p.dtype), params, masks)
 
 
-def prefix_masks(widths: Sequence[int], units: Sequence, dtype=jnp.float32
-                 ) -> tuple[jax.Array, ...]:
+def prefix_masks(
+  widths: Sequence[int], units: Sequence, dtype=jnp.float32
+) -> tuple[jax.Array, ...]:
   """Unit masks that keep the first ``units[l]`` of ``widths[l]`` units."""
-  return tuple((jnp.arange(w) < u).astype(dtype)
-               for w, u in zip(widths, units))
+  return tuple((jnp.arange(w) < u).astype(dtype) for w, u in zip(widths, units))

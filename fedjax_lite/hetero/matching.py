@@ -56,6 +56,7 @@ class Matching(NamedTuple):
     atoms: float64 ``[G, D]`` matched averages ``S_i / n_i``.
     counts: int ``[G]``, clients holding each atom.
   """
+
   assignments: list
   atoms: np.ndarray
   counts: np.ndarray
@@ -66,18 +67,32 @@ def _check_var(name, v):
     raise ValueError(f"{name} must be a positive finite variance, got {v!r}.")
 
 
-def log_marginal(n: np.ndarray, s: np.ndarray, mu0: np.ndarray,
-                 noise_var: float, prior_var: float) -> np.ndarray:
+def log_marginal(
+  n: np.ndarray,
+  s: np.ndarray,
+  mu0: np.ndarray,
+  noise_var: float,
+  prior_var: float,
+) -> np.ndarray:
   """``F(n, S)`` of the module docstring for ``n [...]`` and ``S [..., D]``."""
   n = np.asarray(n, np.float64)[..., None]
   den = noise_var + n * prior_var
-  quad = ((prior_var / noise_var) * s ** 2 + 2.0 * mu0 * s - n * mu0 ** 2)
+  quad = (prior_var / noise_var) * s**2 + 2.0 * mu0 * s - n * mu0**2
   return np.sum(quad / den - np.log(den) + np.log(noise_var), axis=-1)
 
 
-def bbp_map_cost(atoms_j: np.ndarray, sums: np.ndarray, counts: np.ndarray,
-                 num_clients: int, *, mu0: np.ndarray, noise_var: float,
-                 prior_var: float, gamma: float, max_new: int) -> np.ndarray:
+def bbp_map_cost(
+  atoms_j: np.ndarray,
+  sums: np.ndarray,
+  counts: np.ndarray,
+  num_clients: int,
+  *,
+  mu0: np.ndarray,
+  noise_var: float,
+  prior_var: float,
+  gamma: float,
+  max_new: int,
+) -> np.ndarray:
   """The BBP-MAP score matrix ``[L_j, G + max_new]`` (higher is better).
 
   Args:
@@ -98,30 +113,41 @@ def bbp_map_cost(atoms_j: np.ndarray, sums: np.ndarray, counts: np.ndarray,
   r = prior_var / noise_var
   # The variances are the same in every dimension, so F(n + 1, S + v) only
   # needs |S|^2, S.v, |v|^2, mu0.S and mu0.v: O(L_j G D) as one matmul.
-  ss = np.sum(sums ** 2, axis=1)                                     # [G]
-  vv = np.sum(v ** 2, axis=1)                                        # [Lj]
-  sv = v @ sums.T                                                    # [Lj, G]
+  ss = np.sum(sums**2, axis=1)  # [G]
+  vv = np.sum(v**2, axis=1)  # [Lj]
+  sv = v @ sums.T  # [Lj, G]
   ms, mv, mm = sums @ mu0, v @ mu0, float(mu0 @ mu0)
   den0 = noise_var + counts * prior_var
   den1 = den0 + prior_var
   base = (r * ss + 2 * ms - counts * mm) / den0 - dim * np.log(den0)
-  joined = ((r * (ss[None, :] + 2 * sv + vv[:, None])
-             + 2 * (ms[None, :] + mv[:, None]) - (counts + 1)[None, :] * mm)
-            / den1[None, :] - dim * np.log(den1)[None, :])
+  joined = (
+    r * (ss[None, :] + 2 * sv + vv[:, None])
+    + 2 * (ms[None, :] + mv[:, None])
+    - (counts + 1)[None, :] * mm
+  ) / den1[None, :] - dim * np.log(den1)[None, :]
   prior = 2.0 * np.log(counts / (J - counts))
   matched = joined - base[None, :] + prior[None, :]
   den_new = noise_var + prior_var
-  alone = ((r * vv + 2 * mv - mm) / den_new - dim * np.log(den_new)
-           + dim * np.log(noise_var))
+  alone = (
+    (r * vv + 2 * mv - mm) / den_new
+    - dim * np.log(den_new)
+    + dim * np.log(noise_var)
+  )
   k = np.arange(1, max_new + 1, dtype=np.float64)
   new = alone[:, None] + 2.0 * np.log(gamma / J) - 2.0 * np.log(k)[None, :]
   return np.concatenate([matched, new], axis=1)
 
 
-def match_atoms(local_atoms: Sequence[np.ndarray], *, max_atoms: int,
-                noise_var: float = 1.0, prior_var: float = 1.0,
-                gamma: float = 1.0, num_iters: int = 3, seed: int = 0
-                ) -> Matching:
+def match_atoms(
+  local_atoms: Sequence[np.ndarray],
+  *,
+  max_atoms: int,
+  noise_var: float = 1.0,
+  prior_var: float = 1.0,
+  gamma: float = 1.0,
+  num_iters: int = 3,
+  seed: int = 0,
+) -> Matching:
   """BBP-MAP matching of the clients' neurons (see the module docstring).
 
   Args:
@@ -140,13 +166,17 @@ def match_atoms(local_atoms: Sequence[np.ndarray], *, max_atoms: int,
     raise ValueError("match_atoms needs at least one client's neurons.")
   dims = {a.shape[1] if a.ndim == 2 else None for a in atoms}
   if len(dims) != 1 or None in dims:
-    raise ValueError(f"every client's neurons must be [L_j, D] with one D; "
-                     f"got shapes {[a.shape for a in atoms]}.")
+    raise ValueError(
+      f"every client's neurons must be [L_j, D] with one D; "
+      f"got shapes {[a.shape for a in atoms]}."
+    )
   sizes = [a.shape[0] for a in atoms]
   if max_atoms < max(sizes):
-    raise ValueError(f"max_atoms={max_atoms} is smaller than a client's "
-                     f"{max(sizes)} neurons; the global layer must be able to "
-                     "hold every client's neurons.")
+    raise ValueError(
+      f"max_atoms={max_atoms} is smaller than a client's "
+      f"{max(sizes)} neurons; the global layer must be able to "
+      "hold every client's neurons."
+    )
   J = len(atoms)
   mu0 = np.concatenate(atoms).mean(axis=0)
   order = sorted(range(J), key=lambda j: -sizes[j])
@@ -159,9 +189,17 @@ def match_atoms(local_atoms: Sequence[np.ndarray], *, max_atoms: int,
   def match(j, sums, counts):
     g = sums.shape[0]
     max_new = min(sizes[j], max_atoms - g)
-    cost = bbp_map_cost(atoms[j], sums, counts, J, mu0=mu0,
-                        noise_var=noise_var, prior_var=prior_var, gamma=gamma,
-                        max_new=max_new)
+    cost = bbp_map_cost(
+      atoms[j],
+      sums,
+      counts,
+      J,
+      mu0=mu0,
+      noise_var=noise_var,
+      prior_var=prior_var,
+      gamma=gamma,
+      max_new=max_new,
+    )
     rows, cols = scipy.optimize.linear_sum_assignment(cost, maximize=True)
     a = np.empty(sizes[j], np.int64)
     old = cols < g

@@ -24,6 +24,7 @@ from fedjax_lite.models.layers import Dense
 
 class FedAvgCNN(nn.Module):
   """conv5x5(c1)-pool-conv5x5(c2)-pool-dense(hidden)-dense(num_classes)."""
+
   input_shape: tuple
   num_classes: int
   channels: tuple = (32, 64)
@@ -42,9 +43,15 @@ class FedAvgCNN(nn.Module):
     return Dense(self.num_classes, fast_grad=self.fast_grad)(x)
 
 
-def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, *,
-        channels: Sequence[int] = (32, 64), hidden: int = 512,
-        kernel_size: int = 5, fast_grad: bool = True) -> Model:
+def cnn(
+  input_shape: Sequence[int] = (28, 28, 1),
+  num_classes: int = 10,
+  *,
+  channels: Sequence[int] = (32, 64),
+  hidden: int = 512,
+  kernel_size: int = 5,
+  fast_grad: bool = True,
+) -> Model:
   """The FedAvg CNN as a :class:`Model` (inputs under ``"x"``, labels ``"y"``).
 
   Args:
@@ -59,15 +66,21 @@ def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, *,
   if len(shape) == 2:
     shape = shape + (1,)
   if len(shape) != 3 or min(shape) < 1:
-    raise ValueError(f"input_shape must be (H, W) or (H, W, C) with positive "
-                     f"sizes, got {tuple(input_shape)!r}.")
-  checks.positive_ints(num_classes=num_classes, hidden=hidden,
-                       kernel_size=kernel_size)
+    raise ValueError(
+      f"input_shape must be (H, W) or (H, W, C) with positive "
+      f"sizes, got {tuple(input_shape)!r}."
+    )
+  checks.positive_ints(
+    num_classes=num_classes, hidden=hidden, kernel_size=kernel_size
+  )
   chans = tuple(int(c) for c in channels)
   if not chans or min(chans) < 1:
     raise ValueError(f"channels must be positive ints, got {tuple(channels)}.")
   module = FedAvgCNN(shape, num_classes, chans, hidden, kernel_size, fast_grad)
   dims = "x".join(str(s) for s in shape)
-  return from_flax(module, jnp.zeros((1,) + shape, jnp.float32),
-                   num_classes=num_classes,
-                   name=f"cnn{dims}-c{'-'.join(map(str, chans))}-d{hidden}")
+  return from_flax(
+    module,
+    jnp.zeros((1,) + shape, jnp.float32),
+    num_classes=num_classes,
+    name=f"cnn{dims}-c{'-'.join(map(str, chans))}-d{hidden}",
+  )

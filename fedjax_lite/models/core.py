@@ -50,19 +50,26 @@ class Model:
       validate data), or None.
     name: a short description.
   """
+
   init: Callable[[jax.Array], Params]
   apply: Callable[..., jax.Array]
   loss: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy
   metrics: Mapping[str, Callable[[jax.Array, jax.Array], jax.Array]] = (
-      dataclasses.field(default_factory=lambda: {"accuracy": accuracy}))
+    dataclasses.field(default_factory=lambda: {"accuracy": accuracy})
+  )
   input_key: str = "x"
   label_key: str = "y"
   num_classes: int | None = None
   name: str = "model"
 
-  def batch_loss(self, params: Params, batch: Batch, mask: jax.Array,
-                 rng: jax.Array | None = None, train: bool = True
-                 ) -> tuple[jax.Array, dict]:
+  def batch_loss(
+    self,
+    params: Params,
+    batch: Batch,
+    mask: jax.Array,
+    rng: jax.Array | None = None,
+    train: bool = True,
+  ) -> tuple[jax.Array, dict]:
     """Masked mean loss over a batch, plus ``(sum, count)`` metric pairs.
 
     Args:
@@ -88,8 +95,9 @@ class Model:
       stats[name] = (jnp.sum(fn(preds, labels) * m), count)
     return mean, jax.tree.map(jax.lax.stop_gradient, stats)
 
-  def evaluate_batch(self, params: Params, batch: Batch, mask: jax.Array
-                     ) -> dict:
+  def evaluate_batch(
+    self, params: Params, batch: Batch, mask: jax.Array
+  ) -> dict:
     """``(sum, count)`` of the loss and every metric over a masked batch."""
     _, stats = self.batch_loss(params, batch, mask, None, train=False)
     return stats
@@ -99,24 +107,36 @@ class Model:
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
       sample = labels.reshape(-1)[:3]
-      raise ValueError(f"{where}: labels {self.label_key!r} have dtype "
-                       f"{labels.dtype} (e.g. {sample.tolist()}); expected "
-                       "integer class indices. Convert with "
-                       "y.astype(np.int32) if they are whole numbers.")
-    if self.num_classes is not None and labels.size and (
-        labels.min() < 0 or labels.max() >= self.num_classes):
-      raise ValueError(f"{where}: labels {self.label_key!r} range over "
-                       f"[{labels.min()}, {labels.max()}]; expected values in "
-                       f"[0, {self.num_classes}).")
+      raise ValueError(
+        f"{where}: labels {self.label_key!r} have dtype "
+        f"{labels.dtype} (e.g. {sample.tolist()}); expected "
+        "integer class indices. Convert with "
+        "y.astype(np.int32) if they are whole numbers."
+      )
+    if (
+      self.num_classes is not None
+      and labels.size
+      and (labels.min() < 0 or labels.max() >= self.num_classes)
+    ):
+      raise ValueError(
+        f"{where}: labels {self.label_key!r} range over "
+        f"[{labels.min()}, {labels.max()}]; expected values in "
+        f"[0, {self.num_classes})."
+      )
 
 
-def from_flax(module: nn.Module, sample_input: Any, *,
-              num_classes: int | None = None,
-              loss: Callable = softmax_cross_entropy,
-              metrics: Mapping[str, Callable] | None = None,
-              input_key: str = "x", label_key: str = "y",
-              rng_collections: tuple[str, ...] = (),
-              name: str | None = None) -> Model:
+def from_flax(
+  module: nn.Module,
+  sample_input: Any,
+  *,
+  num_classes: int | None = None,
+  loss: Callable = softmax_cross_entropy,
+  metrics: Mapping[str, Callable] | None = None,
+  input_key: str = "x",
+  label_key: str = "y",
+  rng_collections: tuple[str, ...] = (),
+  name: str | None = None,
+) -> Model:
   """Wraps a flax linen module as a :class:`Model`.
 
   Args:
@@ -144,17 +164,23 @@ def from_flax(module: nn.Module, sample_input: Any, *,
     kwargs = {"train": train} if takes_train else {}
     rngs = None
     if rng is not None and rng_collections:
-      rngs = {c: jax.random.fold_in(rng, i) for i, c in
-              enumerate(rng_collections)}
-    return module.apply({"params": params}, batch[input_key], rngs=rngs,
-                        **kwargs)
+      rngs = {
+        c: jax.random.fold_in(rng, i) for i, c in enumerate(rng_collections)
+      }
+    return module.apply(
+      {"params": params}, batch[input_key], rngs=rngs, **kwargs
+    )
 
-  return Model(init=init, apply=apply, loss=loss,
-               metrics=dict(metrics) if metrics is not None else
-               {"accuracy": accuracy},
-               input_key=input_key, label_key=label_key,
-               num_classes=num_classes,
-               name=name or type(module).__name__)
+  return Model(
+    init=init,
+    apply=apply,
+    loss=loss,
+    metrics=dict(metrics) if metrics is not None else {"accuracy": accuracy},
+    input_key=input_key,
+    label_key=label_key,
+    num_classes=num_classes,
+    name=name or type(module).__name__,
+  )
 
 
 def num_params(params: Params) -> int:

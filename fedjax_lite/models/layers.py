@@ -53,6 +53,7 @@ dense_matmul.defvjp(_dense_fwd, _dense_bwd)
 
 class Dense(nn.Module):
   """A dense layer ``y = x W + b`` with the fast weight-gradient layout."""
+
   features: int
   use_bias: bool = True
   fast_grad: bool = True
@@ -61,8 +62,9 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init,
-                        (x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+      "kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32
+    )
     y = dense_matmul(x, kernel) if self.fast_grad else x @ kernel
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)

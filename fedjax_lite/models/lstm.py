@@ -38,6 +38,7 @@ from fedjax_lite.models.layers import Dense
 
 class CharLSTM(nn.Module):
   """Embedding -> stacked LSTMs -> dense on the last output."""
+
   vocab_size: int = 80
   embed_dim: int = 8
   hidden: tuple = (256, 256)
@@ -45,19 +46,30 @@ class CharLSTM(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    table = self.param("embedding", nn.initializers.xavier_uniform(),
-                       (self.vocab_size, self.embed_dim), jnp.float32)
-    onehot = jax.nn.one_hot(x.astype(jnp.int32), self.vocab_size,
-                            dtype=jnp.float32)                # [b, T, V]
-    h = onehot @ table                                        # [b, T, E]
+    table = self.param(
+      "embedding",
+      nn.initializers.xavier_uniform(),
+      (self.vocab_size, self.embed_dim),
+      jnp.float32,
+    )
+    onehot = jax.nn.one_hot(
+      x.astype(jnp.int32), self.vocab_size, dtype=jnp.float32
+    )  # [b, T, V]
+    h = onehot @ table  # [b, T, E]
     for units in self.hidden:
-      h = nn.RNN(nn.OptimizedLSTMCell(units))(h)             # [b, T, H]
+      h = nn.RNN(nn.OptimizedLSTMCell(units))(h)  # [b, T, H]
     return Dense(self.vocab_size, fast_grad=self.fast_grad)(h[:, -1])
 
 
-def char_lstm(vocab_size: int = 80, seq_len: int = 80, *, embed_dim: int = 8,
-              hidden: Sequence[int] = (256, 256), forget_bias: float = 1.0,
-              fast_grad: bool = True) -> Model:
+def char_lstm(
+  vocab_size: int = 80,
+  seq_len: int = 80,
+  *,
+  embed_dim: int = 8,
+  hidden: Sequence[int] = (256, 256),
+  forget_bias: float = 1.0,
+  fast_grad: bool = True,
+) -> Model:
   """The LEAF Shakespeare LSTM as a :class:`Model`.
 
   Args:
@@ -68,17 +80,21 @@ def char_lstm(vocab_size: int = 80, seq_len: int = 80, *, embed_dim: int = 8,
     forget_bias: initial forget-gate bias of every layer (LEAF: 1).
     fast_grad: the output layer uses the fast weight-gradient layout.
   """
-  checks.positive_ints(vocab_size=vocab_size, seq_len=seq_len,
-                       embed_dim=embed_dim)
+  checks.positive_ints(
+    vocab_size=vocab_size, seq_len=seq_len, embed_dim=embed_dim
+  )
   units = tuple(int(h) for h in hidden)
   if not units or min(units) < 1:
-    raise ValueError(f"hidden must be positive layer sizes, got "
-                     f"{tuple(hidden)!r}.")
+    raise ValueError(
+      f"hidden must be positive layer sizes, got {tuple(hidden)!r}."
+    )
   module = CharLSTM(vocab_size, embed_dim, units, fast_grad)
-  model = from_flax(module, jnp.zeros((1, seq_len), jnp.int32),
-                    num_classes=vocab_size,
-                    name=f"char_lstm{vocab_size}-e{embed_dim}-"
-                         f"{'x'.join(map(str, units))}")
+  model = from_flax(
+    module,
+    jnp.zeros((1, seq_len), jnp.int32),
+    num_classes=vocab_size,
+    name=f"char_lstm{vocab_size}-e{embed_dim}-{'x'.join(map(str, units))}",
+  )
   base_init = model.init
 
   def init(rng):

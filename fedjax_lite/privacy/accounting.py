@@ -71,10 +71,13 @@ def _quiet_absl():
 
 # ------------------------------------------------------------------- checks
 def _real(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
-                                                       np.floating)):
-    raise TypeError(f"{name} must be a real number, got "
-                    f"{type(value).__name__} ({value!r:.60}).")
+  if isinstance(value, bool) or not isinstance(
+    value, (int, float, np.integer, np.floating)
+  ):
+    raise TypeError(
+      f"{name} must be a real number, got "
+      f"{type(value).__name__} ({value!r:.60})."
+    )
   value = float(value)
   if math.isnan(value):
     raise ValueError(f"{name} must be a number, got nan.")
@@ -85,8 +88,10 @@ def check_noise_multiplier(value, name: str = "noise_multiplier") -> float:
   """``z >= 0`` (0: no noise, no privacy)."""
   value = _real(name, value)
   if value < 0 or math.isinf(value):
-    raise ValueError(f"{name} must be a finite number >= 0 (noise std = "
-                     f"{name} x clip), got {value!r}.")
+    raise ValueError(
+      f"{name} must be a finite number >= 0 (noise std = "
+      f"{name} x clip), got {value!r}."
+    )
   return value
 
 
@@ -102,8 +107,10 @@ def check_sampling_rate(value, name: str = "sampling_rate") -> float:
   """``q`` in ``(0, 1]``."""
   value = _real(name, value)
   if not 0 < value <= 1:
-    raise ValueError(f"{name} must be in (0, 1] (the probability that a user "
-                     f"takes part in a round), got {value!r}.")
+    raise ValueError(
+      f"{name} must be in (0, 1] (the probability that a user "
+      f"takes part in a round), got {value!r}."
+    )
   return value
 
 
@@ -111,22 +118,26 @@ def check_delta(value, name: str = "delta") -> float:
   """``delta`` in ``(0, 1)``."""
   value = _real(name, value)
   if not 0 < value < 1:
-    raise ValueError(f"{name} must be in (0, 1) (typically below 1 / "
-                     f"population), got {value!r}.")
+    raise ValueError(
+      f"{name} must be in (0, 1) (typically below 1 / "
+      f"population), got {value!r}."
+    )
   return value
 
 
 def _positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or \
-      value < 1:
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or value < 1
+  ):
     raise ValueError(f"{name} must be a positive int, got {value!r}.")
   return int(value)
 
 
 def _accountant_name(value) -> str:
   if value not in ACCOUNTANTS:
-    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got "
-                     f"{value!r}.")
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {value!r}.")
   return value
 
 
@@ -145,6 +156,7 @@ class DpMechanism:
       ``q N`` for ``"poisson"`` (``sampling_rate = m / N`` unless given).
     sampling_rate: ``q`` for ``"poisson"``; default ``m / N``.
   """
+
   noise_multiplier: float
   sampling: str
   population: int
@@ -152,73 +164,94 @@ class DpMechanism:
   sampling_rate: float | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "noise_multiplier",
-                       check_noise_multiplier(self.noise_multiplier))
+    object.__setattr__(
+      self, "noise_multiplier", check_noise_multiplier(self.noise_multiplier)
+    )
     if self.sampling not in SAMPLINGS:
-      raise ValueError(f"sampling must be one of {SAMPLINGS}, got "
-                       f"{self.sampling!r}.")
+      raise ValueError(
+        f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}."
+      )
     _positive_int("population", self.population)
     if self.sampling == "poisson":
       if self.sampling_rate is None:
         if self.clients_per_round is None:
-          raise ValueError("poisson sampling needs sampling_rate (q) or "
-                           "clients_per_round (q = clients_per_round / "
-                           "population).")
+          raise ValueError(
+            "poisson sampling needs sampling_rate (q) or "
+            "clients_per_round (q = clients_per_round / "
+            "population)."
+          )
         m = _real("clients_per_round", self.clients_per_round)
         q = m / self.population
         if not 0 < q <= 1:
-          raise ValueError(f"clients_per_round must be in (0, population="
-                           f"{self.population}] for poisson sampling, got "
-                           f"{m!r} (sampling_rate {q!r}).")
+          raise ValueError(
+            f"clients_per_round must be in (0, population="
+            f"{self.population}] for poisson sampling, got "
+            f"{m!r} (sampling_rate {q!r})."
+          )
         object.__setattr__(self, "sampling_rate", q)
       else:
-        object.__setattr__(self, "sampling_rate",
-                           check_sampling_rate(self.sampling_rate))
-      object.__setattr__(self, "clients_per_round",
-                         self.sampling_rate * self.population)
+        object.__setattr__(
+          self, "sampling_rate", check_sampling_rate(self.sampling_rate)
+        )
+      object.__setattr__(
+        self, "clients_per_round", self.sampling_rate * self.population
+      )
     elif self.sampling == "fixed":
       m = _positive_int("clients_per_round", self.clients_per_round)
       if m > self.population:
-        raise ValueError(f"clients_per_round must be at most population="
-                         f"{self.population} for fixed-size sampling without "
-                         f"replacement, got {m}.")
+        raise ValueError(
+          f"clients_per_round must be at most population="
+          f"{self.population} for fixed-size sampling without "
+          f"replacement, got {m}."
+        )
       object.__setattr__(self, "clients_per_round", m)
       object.__setattr__(self, "sampling_rate", m / self.population)
 
   @property
   def neighboring_relation(self) -> NeighborRel:
     """Add-or-remove-one user (Poisson, local) or replace-one (fixed)."""
-    return (NeighborRel.REPLACE_ONE if self.sampling == "fixed"
-            else NeighborRel.ADD_OR_REMOVE_ONE)
+    return (
+      NeighborRel.REPLACE_ONE
+      if self.sampling == "fixed"
+      else NeighborRel.ADD_OR_REMOVE_ONE
+    )
 
   def round_event(self) -> dp_accounting.DpEvent:
     """The ``DpEvent`` of one round (see the module docstring)."""
     z = self.noise_multiplier
     if self.sampling == "poisson":
       return dp_accounting.PoissonSampledDpEvent(
-          self.sampling_rate, dp_accounting.GaussianDpEvent(z))
+        self.sampling_rate, dp_accounting.GaussianDpEvent(z)
+      )
     if self.sampling == "fixed":
       return dp_accounting.SampledWithoutReplacementDpEvent(
-          self.population, self.clients_per_round,
-          dp_accounting.GaussianDpEvent(z / 2))
+        self.population,
+        self.clients_per_round,
+        dp_accounting.GaussianDpEvent(z / 2),
+      )
     return dp_accounting.GaussianDpEvent(z / 2)
 
   def event(self, num_rounds: int) -> dp_accounting.DpEvent:
     """``SelfComposedDpEvent(round_event, num_rounds)``."""
     return dp_accounting.SelfComposedDpEvent(
-        self.round_event(), _positive_int("num_rounds", num_rounds))
+      self.round_event(), _positive_int("num_rounds", num_rounds)
+    )
 
-  def accountant(self, accountant: str = "rdp"
-                 ) -> dp_accounting.PrivacyAccountant:
+  def accountant(
+    self, accountant: str = "rdp"
+  ) -> dp_accounting.PrivacyAccountant:
     """A fresh dp-accounting accountant for this mechanism's relation."""
     if _accountant_name(accountant) == "rdp":
       return dp_rdp.RdpAccountant(
-          neighboring_relation=self.neighboring_relation)
+        neighboring_relation=self.neighboring_relation
+      )
     if self.sampling == "fixed":
-      raise ValueError("accountant='pld' cannot account fixed-size sampling "
-                       "without replacement: dp-accounting's PLD accountant "
-                       "has no SampledWithoutReplacementDpEvent. Use "
-                       "accountant='rdp', or poisson sampling.")
+      raise ValueError(
+        "accountant='pld' cannot account fixed-size sampling "
+        "without replacement: dp-accounting's PLD accountant "
+        "has no SampledWithoutReplacementDpEvent. Use "
+        "accountant='rdp', or poisson sampling."
+      )
     return dp_pld.PLDAccountant(neighboring_relation=self.neighboring_relation)
 
   def describe(self) -> str:
@@ -231,8 +264,9 @@ class DpMechanism:
     return f"z={self.noise_multiplier:g}, {s}"
 
 
-def epsilon(mechanism: DpMechanism, num_rounds: int, delta: float,
-            accountant: str = "rdp") -> float:
+def epsilon(
+  mechanism: DpMechanism, num_rounds: int, delta: float, accountant: str = "rdp"
+) -> float:
   """``epsilon`` after ``num_rounds`` rounds at ``delta`` (a fresh accountant
   composing ``mechanism.event(num_rounds)``)."""
   delta = check_delta(delta)
@@ -254,8 +288,9 @@ class EpsilonCurve:
   values are memoised.
   """
 
-  def __init__(self, mechanism: DpMechanism, delta: float,
-               accountant: str = "rdp"):
+  def __init__(
+    self, mechanism: DpMechanism, delta: float, accountant: str = "rdp"
+  ):
     self._memo: dict[int, float] = {}
     self.mechanism = mechanism
     self.delta = check_delta(delta)
@@ -279,11 +314,13 @@ class EpsilonCurve:
       if self._rdp1 is not None:
         with _quiet_absl():
           eps, _ = _rdp_lib.compute_epsilon(
-              self._orders, num_rounds * self._rdp1, self.delta)
+            self._orders, num_rounds * self._rdp1, self.delta
+          )
         self._memo[num_rounds] = float(eps)
       else:
-        self._memo[num_rounds] = epsilon(self.mechanism, num_rounds,
-                                         self.delta, self.accountant)
+        self._memo[num_rounds] = epsilon(
+          self.mechanism, num_rounds, self.delta, self.accountant
+        )
     return self._memo[num_rounds]
 
   def curve(self, num_rounds: int) -> np.ndarray:
@@ -292,14 +329,19 @@ class EpsilonCurve:
 
 
 # -------------------------------------------------------------- calibration
-def calibrate_noise_multiplier(target_epsilon: float, delta: float,
-                               num_rounds: int, *, sampling: str = "poisson",
-                               population: int,
-                               clients_per_round: float | None = None,
-                               sampling_rate: float | None = None,
-                               accountant: str = "rdp",
-                               max_noise_multiplier: float = 1000.0,
-                               tol: float = 1e-4) -> float:
+def calibrate_noise_multiplier(
+  target_epsilon: float,
+  delta: float,
+  num_rounds: int,
+  *,
+  sampling: str = "poisson",
+  population: int,
+  clients_per_round: float | None = None,
+  sampling_rate: float | None = None,
+  accountant: str = "rdp",
+  max_noise_multiplier: float = 1000.0,
+  tol: float = 1e-4,
+) -> float:
   """The smallest ``z`` whose ``epsilon`` after ``num_rounds`` is at most
   ``target_epsilon`` at ``delta`` (``dp_accounting.calibrate_dp_mechanism``,
   Brent's method on ``[0.01 * ..., max_noise_multiplier]``).
@@ -310,25 +352,28 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
   """
   target_epsilon = _real("target_epsilon", target_epsilon)
   if not 0 < target_epsilon < math.inf:
-    raise ValueError(f"target_epsilon must be a finite number > 0, got "
-                     f"{target_epsilon!r}.")
+    raise ValueError(
+      f"target_epsilon must be a finite number > 0, got {target_epsilon!r}."
+    )
   delta = check_delta(delta)
   num_rounds = _positive_int("num_rounds", num_rounds)
   max_z = check_noise_multiplier(max_noise_multiplier, "max_noise_multiplier")
 
   def mech(z):
-    return DpMechanism(z, sampling, population, clients_per_round,
-                       sampling_rate)
+    return DpMechanism(
+      z, sampling, population, clients_per_round, sampling_rate
+    )
 
   best = epsilon(mech(max_z), num_rounds, delta, accountant)
   if best > target_epsilon:
     raise ValueError(
-        f"target_epsilon={target_epsilon!r} is not reachable: even "
-        f"noise_multiplier={max_z:g} (max_noise_multiplier) gives epsilon="
-        f"{best:.4g} at delta={delta:g} after {num_rounds} rounds "
-        f"({mech(max_z).describe()}). Expected a target >= {best:.4g}; raise "
-        "the target, delta or max_noise_multiplier, or use fewer rounds or "
-        "a smaller sampling rate.")
+      f"target_epsilon={target_epsilon!r} is not reachable: even "
+      f"noise_multiplier={max_z:g} (max_noise_multiplier) gives epsilon="
+      f"{best:.4g} at delta={delta:g} after {num_rounds} rounds "
+      f"({mech(max_z).describe()}). Expected a target >= {best:.4g}; raise "
+      "the target, delta or max_noise_multiplier, or use fewer rounds or "
+      "a smaller sampling rate."
+    )
   # Lower end of the bracket: a z whose epsilon exceeds the target (halving
   # from 0.5; epsilon grows without bound as z -> 0 when rounds > 0).
   lo = 0.5
@@ -338,22 +383,30 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float,
       return lo
   with _quiet_absl():
     z = dp_accounting.calibrate_dp_mechanism(
-        lambda: mech(1.0).accountant(accountant),
-        lambda v: mech(v).event(num_rounds), target_epsilon, delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, max_z),
-        tol=tol)
+      lambda: mech(1.0).accountant(accountant),
+      lambda v: mech(v).event(num_rounds),
+      target_epsilon,
+      delta,
+      bracket_interval=dp_accounting.ExplicitBracketInterval(lo, max_z),
+      tol=tol,
+    )
   return float(z)
 
 
 # --------------------------------------------------------- poisson via a cap
-def overflow_probability(population: int, sampling_rate: float,
-                         num_slots: int) -> float:
+def overflow_probability(
+  population: int, sampling_rate: float, num_slots: int
+) -> float:
   """``P(K > num_slots)`` for ``K ~ Binomial(population, sampling_rate)``."""
   return float(stats.binom.sf(num_slots, population, sampling_rate))
 
 
-def poisson_cap(population: int, sampling_rate: float, num_rounds: int,
-                max_overflow: float = 1e-9) -> int:
+def poisson_cap(
+  population: int,
+  sampling_rate: float,
+  num_rounds: int,
+  max_overflow: float = 1e-9,
+) -> int:
   """The fewest slots ``M`` with ``num_rounds * P(K > M) <= max_overflow``.
 
   ``K ~ Binomial(N, q)`` is the Poisson sample's size; a round with
@@ -372,8 +425,13 @@ def poisson_cap(population: int, sampling_rate: float, num_rounds: int,
   return max(1, min(n, m))
 
 
-def truncation_delta(epsilon_value: float, num_rounds: int, population: int,
-                     sampling_rate: float, num_slots: int) -> float:
+def truncation_delta(
+  epsilon_value: float,
+  num_rounds: int,
+  population: int,
+  sampling_rate: float,
+  num_slots: int,
+) -> float:
   r"""Extra delta from capping a Poisson sample at ``num_slots`` users.
 
   In each round the capped and the uncapped mechanisms differ only on the

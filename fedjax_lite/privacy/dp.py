@@ -103,10 +103,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_lite.aggregators.base import (Aggregator, AggregatorOutput,
-                                          check_float_updates, clip_by_norm,
-                                          expand, sum_over_devices,
-                                          taking_part, tree_norm)
+from fedjax_lite.aggregators.base import (
+  Aggregator,
+  AggregatorOutput,
+  check_float_updates,
+  clip_by_norm,
+  expand,
+  sum_over_devices,
+  taking_part,
+  tree_norm,
+)
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.models.core import Model
@@ -125,13 +131,15 @@ class DpState:
     rounds: int32 rounds released so far (what epsilon composes).
     sample_key: key of the next round's Poisson sample size ``K``.
   """
+
   clip_norm: jax.Array
   rounds: jax.Array
   sample_key: jax.Array
 
 
-def sum_noise_multiplier(noise_multiplier: float,
-                         clipped_count_stddev: float) -> float:
+def sum_noise_multiplier(
+  noise_multiplier: float, clipped_count_stddev: float
+) -> float:
   r"""``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Andrew et al. 2021).
 
   Raises:
@@ -144,30 +152,40 @@ def sum_noise_multiplier(noise_multiplier: float,
   s = accounting._real("clipped_count_stddev", clipped_count_stddev)  # pylint: disable=protected-access
   if not s > z / 2:
     raise ValueError(
-        f"clipped_count_stddev must be > noise_multiplier / 2 = {z / 2:g} so "
-        f"that the sum keeps a finite noise multiplier, got {s!r}. Raise "
-        "clipped_count_stddev (the paper uses clients_per_round / 20), or "
-        "use more clients per round or adaptive=False.")
-  return float((z ** -2 - (2 * s) ** -2) ** -0.5)
+      f"clipped_count_stddev must be > noise_multiplier / 2 = {z / 2:g} so "
+      f"that the sum keeps a finite noise multiplier, got {s!r}. Raise "
+      "clipped_count_stddev (the paper uses clients_per_round / 20), or "
+      "use more clients per round or adaptive=False."
+    )
+  return float((z**-2 - (2 * s) ** -2) ** -0.5)
 
 
 def _gaussian_like(rng: jax.Array, tree: PyTree, std) -> PyTree:
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(rng, max(1, len(leaves)))
-  noise = [std * jax.random.normal(k, x.shape, x.dtype)
-           for k, x in zip(keys, leaves)]
+  noise = [
+    std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)
+  ]
   return jax.tree.unflatten(treedef, noise)
 
 
-def dp_aggregator(noise_multiplier: float, clients_per_round: float,
-                  clip: float = 1.0, adaptive: bool = False, *,
-                  target_quantile: float = 0.5, learning_rate: float = 0.2,
-                  clipped_count_stddev: float | None = None,
-                  sampling: str | None = None,
-                  population: int | None = None, delta: float | None = None,
-                  accountant: str = "rdp", local: bool = False,
-                  simulate_sampling: bool = True, seed: int = 0
-                  ) -> Aggregator:
+def dp_aggregator(
+  noise_multiplier: float,
+  clients_per_round: float,
+  clip: float = 1.0,
+  adaptive: bool = False,
+  *,
+  target_quantile: float = 0.5,
+  learning_rate: float = 0.2,
+  clipped_count_stddev: float | None = None,
+  sampling: str | None = None,
+  population: int | None = None,
+  delta: float | None = None,
+  accountant: str = "rdp",
+  local: bool = False,
+  simulate_sampling: bool = True,
+  seed: int = 0,
+) -> Aggregator:
   """The DP-FedAvg aggregator (module docstring): clip, noise, fixed mean.
 
   Streaming: memory one update per device and run, plus three counters.
@@ -200,27 +218,32 @@ def dp_aggregator(noise_multiplier: float, clients_per_round: float,
   c0 = accounting.check_clip(clip)
   d = accounting._real("clients_per_round", clients_per_round)  # pylint: disable=protected-access
   if not 0 < d < math.inf:
-    raise ValueError(f"clients_per_round must be > 0 (the expected users per "
-                     f"round, the fixed denominator), got {clients_per_round!r}.")
+    raise ValueError(
+      f"clients_per_round must be > 0 (the expected users per "
+      f"round, the fixed denominator), got {clients_per_round!r}."
+    )
   if sampling not in (None,) + accounting.SAMPLINGS[:2]:
-    raise ValueError(f"sampling must be 'poisson', 'fixed' or None, got "
-                     f"{sampling!r}.")
+    raise ValueError(
+      f"sampling must be 'poisson', 'fixed' or None, got {sampling!r}."
+    )
   if local and adaptive:
-    raise ValueError("adaptive=True needs the server to see the clipped "
-                     "count; with local=True clients clip themselves. Use a "
-                     "fixed clip for local DP.")
+    raise ValueError(
+      "adaptive=True needs the server to see the clipped "
+      "count; with local=True clients clip themselves. Use a "
+      "fixed clip for local DP."
+    )
   gamma = eta = 0.0
   z_sum, sigma_b = z, 0.0
   if adaptive:
     gamma = accounting._real("target_quantile", target_quantile)  # pylint: disable=protected-access
     if not 0 <= gamma <= 1:
-      raise ValueError(f"target_quantile must be in [0, 1], got "
-                       f"{target_quantile!r}.")
+      raise ValueError(
+        f"target_quantile must be in [0, 1], got {target_quantile!r}."
+      )
     eta = accounting._real("learning_rate", learning_rate)  # pylint: disable=protected-access
     if not 0 <= eta < math.inf:
       raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}.")
-    sigma_b = d / 20 if clipped_count_stddev is None else \
-        clipped_count_stddev
+    sigma_b = d / 20 if clipped_count_stddev is None else clipped_count_stddev
     if z > 0:
       z_sum = sum_noise_multiplier(z, sigma_b)
     else:
@@ -230,17 +253,24 @@ def dp_aggregator(noise_multiplier: float, clients_per_round: float,
   mechanism = None
   if sampling is not None or delta is not None:
     if sampling is None or population is None:
-      raise ValueError(f"accounting needs sampling ('poisson' or 'fixed') and "
-                       f"population; got sampling={sampling!r}, population="
-                       f"{population!r}.")
+      raise ValueError(
+        f"accounting needs sampling ('poisson' or 'fixed') and "
+        f"population; got sampling={sampling!r}, population="
+        f"{population!r}."
+      )
     mech_sampling = "local" if local else sampling
     mechanism = accounting.DpMechanism(
-        z, mech_sampling, population,
-        clients_per_round=(int(d) if sampling == "fixed" and
-                           float(d).is_integer() else d))
+      z,
+      mech_sampling,
+      population,
+      clients_per_round=(
+        int(d) if sampling == "fixed" and float(d).is_integer() else d
+      ),
+    )
     if sampling == "poisson":
-      accounting.check_sampling_rate(d / population,
-                                     "clients_per_round / population")
+      accounting.check_sampling_rate(
+        d / population, "clients_per_round / population"
+      )
   curve = None
   if delta is not None:
     curve = accounting.EpsilonCurve(mechanism, delta, accountant)
@@ -249,9 +279,11 @@ def dp_aggregator(noise_multiplier: float, clients_per_round: float,
 
   def init_state(update_spec):
     check_float_updates(update_spec, "dp_aggregator")
-    return DpState(clip_norm=jnp.asarray(c0, jnp.float32),
-                   rounds=jnp.zeros((), jnp.int32),
-                   sample_key=jax.random.PRNGKey(seed))
+    return DpState(
+      clip_norm=jnp.asarray(c0, jnp.float32),
+      rounds=jnp.zeros((), jnp.int32),
+      sample_key=jax.random.PRNGKey(seed),
+    )
 
   def init(state, update_spec, num_slots):
     del state
@@ -259,22 +291,25 @@ def dp_aggregator(noise_multiplier: float, clients_per_round: float,
       p = accounting.overflow_probability(population, q, num_slots)
       if p > MAX_OVERFLOW_PER_ROUND:
         raise ValueError(
-            f"dp_aggregator: clients_per_round={num_slots} slots for Poisson "
-            f"sampling with q={q:g} of {population} users overflow with "
-            f"probability {p:.3g} per round; expected at most "
-            f"{MAX_OVERFLOW_PER_ROUND:g}. Use RoundConfig(clients_per_round="
-            f"fedjax_lite.privacy.poisson_cap({population}, {q:g}, "
-            "num_rounds)).")
+          f"dp_aggregator: clients_per_round={num_slots} slots for Poisson "
+          f"sampling with q={q:g} of {population} users overflow with "
+          f"probability {p:.3g} per round; expected at most "
+          f"{MAX_OVERFLOW_PER_ROUND:g}. Use RoundConfig(clients_per_round="
+          f"fedjax_lite.privacy.poisson_cap({population}, {q:g}, "
+          "num_rounds))."
+        )
     if sampling == "fixed" and simulate_sampling and num_slots != d:
       raise ValueError(
-          f"dp_aggregator: fixed-size sampling is accounted for "
-          f"clients_per_round={d:g} users per round but the round samples "
-          f"{num_slots}; set RoundConfig(clients_per_round={d:g}).")
-    return {"sum": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                update_spec),
-            "unclipped": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32),
-            "num_slots": jnp.asarray(num_slots, jnp.float32)}
+        f"dp_aggregator: fixed-size sampling is accounted for "
+        f"clients_per_round={d:g} users per round but the round samples "
+        f"{num_slots}; set RoundConfig(clients_per_round={d:g})."
+      )
+    return {
+      "sum": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_spec),
+      "unclipped": jnp.zeros((), jnp.float32),
+      "count": jnp.zeros((), jnp.float32),
+      "num_slots": jnp.asarray(num_slots, jnp.float32),
+    }
 
   def merge(accs):
     out = sum_over_devices(accs)
@@ -290,66 +325,87 @@ def dp_aggregator(noise_multiplier: float, clients_per_round: float,
       part = part & (slots.astype(jnp.float32) < sample_size(state))
     if local:
       scaled = jax.tree.map(
-          lambda u: jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype)),
-          updates)
+        lambda u: jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype)),
+        updates,
+      )
       unclipped = part
     else:
       c = state.clip_norm
       norms = jax.vmap(tree_norm)(updates)  # [B]
-      scale = jnp.where(part, jnp.minimum(1.0, c / jnp.maximum(norms, 1e-30)),
-                        0.0)
+      scale = jnp.where(
+        part, jnp.minimum(1.0, c / jnp.maximum(norms, 1e-30)), 0.0
+      )
       scaled = jax.tree.map(
-          lambda u: jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype))
-          * expand(scale, u.ndim).astype(u.dtype), updates)
+        lambda u: (
+          jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype))
+          * expand(scale, u.ndim).astype(u.dtype)
+        ),
+        updates,
+      )
       unclipped = part & (norms <= c)
-    return {"sum": jax.tree.map(lambda a, u: a + jnp.sum(u, axis=0),
-                                acc["sum"], scaled),
-            "unclipped": acc["unclipped"] + jnp.sum(unclipped.astype(
-                jnp.float32)),
-            "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
-            "num_slots": acc["num_slots"]}
+    return {
+      "sum": jax.tree.map(
+        lambda a, u: a + jnp.sum(u, axis=0), acc["sum"], scaled
+      ),
+      "unclipped": acc["unclipped"] + jnp.sum(unclipped.astype(jnp.float32)),
+      "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
+      "num_slots": acc["num_slots"],
+    }
 
   def finalize(state, acc, rng):
     k_sum, k_count, k_next = jax.random.split(rng, 3)
     c = state.clip_norm
-    noised = jax.tree.map(jnp.add, acc["sum"],
-                          _gaussian_like(k_sum, acc["sum"], z_sum * c))
+    noised = jax.tree.map(
+      jnp.add, acc["sum"], _gaussian_like(k_sum, acc["sum"], z_sum * c)
+    )
     mean = jax.tree.map(lambda a: a / jnp.asarray(d, a.dtype), noised)
     n = acc["count"]
     b_noised = (acc["unclipped"] + sigma_b * jax.random.normal(k_count)) / d
     new_clip = c * jnp.exp(-eta * (b_noised - gamma)) if adaptive else c
     rounds = state.rounds + 1
     metrics = {
-        "dp_clip_norm": c,
-        "dp_clipped_fraction": jnp.where(
-            n > 0, 1.0 - acc["unclipped"] / jnp.maximum(n, 1.0), 0.0),
-        "dp_participants": n,
-        "dp_noise_std": jnp.asarray(z_sum, jnp.float32) * c / d,
+      "dp_clip_norm": c,
+      "dp_clipped_fraction": jnp.where(
+        n > 0, 1.0 - acc["unclipped"] / jnp.maximum(n, 1.0), 0.0
+      ),
+      "dp_participants": n,
+      "dp_noise_std": jnp.asarray(z_sum, jnp.float32) * c / d,
     }
     if adaptive:
       metrics["dp_unclipped_noised"] = b_noised
     if poisson:
-      metrics["dp_overflow"] = (sample_size(state) > acc["num_slots"]
-                               ).astype(jnp.float32)
+      metrics["dp_overflow"] = (sample_size(state) > acc["num_slots"]).astype(
+        jnp.float32
+      )
     if curve is not None:
       metrics["dp_epsilon"] = jax.pure_callback(
-          lambda t: np.asarray(curve(int(t)), np.float32),
-          jax.ShapeDtypeStruct((), jnp.float32), rounds,
-          vmap_method="sequential")
-    new_state = DpState(clip_norm=new_clip.astype(jnp.float32),
-                        rounds=rounds, sample_key=k_next)
-    return AggregatorOutput(mean=mean, total_weight=jnp.asarray(
-        d, jnp.float32), metrics=metrics), new_state
+        lambda t: np.asarray(curve(int(t)), np.float32),
+        jax.ShapeDtypeStruct((), jnp.float32),
+        rounds,
+        vmap_method="sequential",
+      )
+    new_state = DpState(
+      clip_norm=new_clip.astype(jnp.float32), rounds=rounds, sample_key=k_next
+    )
+    return AggregatorOutput(
+      mean=mean, total_weight=jnp.asarray(d, jnp.float32), metrics=metrics
+    ), new_state
 
   kind = "local_dp" if local else ("dp_adaptive" if adaptive else "dp")
-  agg = Aggregator(init_state=init_state, init=init, add=add,
-                   merge=merge, finalize=finalize,
-                   name=f"{kind}(z={z:g},C={c0:g},D={d:g})")
+  agg = Aggregator(
+    init_state=init_state,
+    init=init,
+    add=add,
+    merge=merge,
+    finalize=finalize,
+    name=f"{kind}(z={z:g},C={c0:g},D={d:g})",
+  )
   return agg
 
 
-def with_local_dp(algorithm: FederatedAlgorithm, noise_multiplier: float,
-                  clip: float) -> FederatedAlgorithm:
+def with_local_dp(
+  algorithm: FederatedAlgorithm, noise_multiplier: float, clip: float
+) -> FederatedAlgorithm:
   r"""Each client clips its update and adds Gaussian noise before upload.
 
   .. math:: u_k \mapsto u_k \min(1, C / \|u_k\|_2) + \mathcal N(0, z^2 C^2 I)
@@ -369,32 +425,47 @@ def with_local_dp(algorithm: FederatedAlgorithm, noise_multiplier: float,
     noise = _gaussian_like(k_noise, bounded, z * c)
     return out._replace(update=jax.tree.map(jnp.add, bounded, noise))
 
-  return algorithm._replace(client_update=client_update,
-                            name=f"{inner.name}+local_dp(z={z:g},C={c:g})")
+  return algorithm._replace(
+    client_update=client_update, name=f"{inner.name}+local_dp(z={z:g},C={c:g})"
+  )
 
 
-def dp_fed_avg(model: Model, client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation | None = None, *,
-               noise_multiplier: float, clients_per_round: float,
-               clip: float = 1.0, adaptive: bool = False, local: bool = False,
-               name: str = "dp_fed_avg", **aggregator_kw
-               ) -> FederatedAlgorithm:
+def dp_fed_avg(
+  model: Model,
+  client_optimizer: optax.GradientTransformation,
+  server_optimizer: optax.GradientTransformation | None = None,
+  *,
+  noise_multiplier: float,
+  clients_per_round: float,
+  clip: float = 1.0,
+  adaptive: bool = False,
+  local: bool = False,
+  name: str = "dp_fed_avg",
+  **aggregator_kw,
+) -> FederatedAlgorithm:
   """FedAvg/FedOpt whose aggregation is :func:`dp_aggregator`.
 
   ``local=True`` also wraps the clients with :func:`with_local_dp`. Other
   keywords (``sampling``, ``population``, ``delta``, ``accountant``,
   ``target_quantile``, ...) go to :func:`dp_aggregator`.
   """
-  agg = dp_aggregator(noise_multiplier, clients_per_round, clip, adaptive,
-                      local=local, **aggregator_kw)
+  agg = dp_aggregator(
+    noise_multiplier,
+    clients_per_round,
+    clip,
+    adaptive,
+    local=local,
+    **aggregator_kw,
+  )
   alg = fed_avg(model, client_optimizer, server_optimizer)
   if local:
     alg = with_local_dp(alg, noise_multiplier, clip)
   return alg._replace(aggregator=agg, name=name)
 
 
-def poisson_sample(seed: int, population: int, sampling_rate: float
-                   ) -> np.ndarray:
+def poisson_sample(
+  seed: int, population: int, sampling_rate: float
+) -> np.ndarray:
   """Host-side Poisson sample: indices of the users that join (each with
   probability ``sampling_rate``, independently), for TFF-style processes."""
   q = accounting.check_sampling_rate(sampling_rate)

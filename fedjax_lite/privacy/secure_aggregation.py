@@ -137,12 +137,12 @@ PyTree = Any
 MAX_BITS = 32
 _MASK_INFO = b"fedjax_lite secagg pairwise mask v1"
 _ENC_INFO = b"fedjax_lite secagg share encryption v1"
-_KEY_BYTES = 32        # X25519 private key
-_SEED_BYTES = 16       # self-mask seed b_u
-_ID_BYTES = 4          # a client index on the wire
+_KEY_BYTES = 32  # X25519 private key
+_SEED_BYTES = 16  # self-mask seed b_u
+_ID_BYTES = 4  # a client index on the wire
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
-_SK_ELEMS = shamir.num_elements(_KEY_BYTES)    # 3
+_SK_ELEMS = shamir.num_elements(_KEY_BYTES)  # 3
 _SEED_ELEMS = shamir.num_elements(_SEED_BYTES)  # 2
 
 
@@ -156,31 +156,46 @@ def min_modulus_bits(bits_per_value: int, num_clients: int) -> int:
   return int(bits_per_value + math.ceil(math.log2(max(1, num_clients))) + 1)
 
 
-def check_modulus_bits(bits: int, bits_per_value: int, num_clients: int,
-                       where: str = "secure aggregation") -> int:
+def check_modulus_bits(
+  bits: int,
+  bits_per_value: int,
+  num_clients: int,
+  where: str = "secure aggregation",
+) -> int:
   """Validates the modulus width ``b`` (``bits``) for ``num_clients``."""
-  if isinstance(bits_per_value, bool) or not isinstance(
-      bits_per_value, (int, np.integer)) or bits_per_value < 1:
-    raise ValueError(f"{where}: bits_per_value must be an int >= 1, got "
-                     f"{bits_per_value!r}.")
+  if (
+    isinstance(bits_per_value, bool)
+    or not isinstance(bits_per_value, (int, np.integer))
+    or bits_per_value < 1
+  ):
+    raise ValueError(
+      f"{where}: bits_per_value must be an int >= 1, got {bits_per_value!r}."
+    )
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-    raise ValueError(f"{where}: bits must be an int in [2, {MAX_BITS}], got "
-                     f"{bits!r}.")
+    raise ValueError(
+      f"{where}: bits must be an int in [2, {MAX_BITS}], got {bits!r}."
+    )
   if bits > MAX_BITS:
-    raise ValueError(f"{where}: bits={bits} exceeds {MAX_BITS}; expected "
-                     f"bits <= {MAX_BITS} (the masked sum is computed in "
-                     "uint32 on device). Lower bits_per_value or the number "
-                     "of clients per round.")
+    raise ValueError(
+      f"{where}: bits={bits} exceeds {MAX_BITS}; expected "
+      f"bits <= {MAX_BITS} (the masked sum is computed in "
+      "uint32 on device). Lower bits_per_value or the number "
+      "of clients per round."
+    )
   need = min_modulus_bits(bits_per_value, num_clients)
   if bits < need:
     raise ValueError(
-        f"{where}: bits={bits} is too small for the sum of {num_clients} "
-        f"values of bits_per_value={bits_per_value}: expected bits >= "
-        f"bits_per_value + ceil(log2(num_clients)) + 1 = {need} (else the "
-        f"sum wraps mod 2^{bits}). Pass bits={min(need, MAX_BITS)}"
-        + ("." if need <= MAX_BITS else
-           f" after lowering bits_per_value to "
-           f"{bits_per_value - (need - MAX_BITS)}."))
+      f"{where}: bits={bits} is too small for the sum of {num_clients} "
+      f"values of bits_per_value={bits_per_value}: expected bits >= "
+      f"bits_per_value + ceil(log2(num_clients)) + 1 = {need} (else the "
+      f"sum wraps mod 2^{bits}). Pass bits={min(need, MAX_BITS)}"
+      + (
+        "."
+        if need <= MAX_BITS
+        else f" after lowering bits_per_value to "
+        f"{bits_per_value - (need - MAX_BITS)}."
+      )
+    )
   return int(bits)
 
 
@@ -202,30 +217,41 @@ def resolve_threshold(threshold, num_holders: int, num_clients: int) -> int:
   if isinstance(threshold, float) and 0 < threshold <= 1:
     t = math.ceil(threshold * num_holders)
   elif isinstance(threshold, (int, np.integer)) and not isinstance(
-      threshold, bool):
+    threshold, bool
+  ):
     t = int(threshold)
   else:
-    raise ValueError(f"threshold must be an int, a fraction in (0, 1] of the "
-                     f"share holders, or None; got {threshold!r}.")
-  what = ("all clients" if num_holders == num_clients else
-          "the client and its neighbours")
+    raise ValueError(
+      f"threshold must be an int, a fraction in (0, 1] of the "
+      f"share holders, or None; got {threshold!r}."
+    )
+  what = (
+    "all clients"
+    if num_holders == num_clients
+    else "the client and its neighbours"
+  )
   if t > num_holders:
     raise ValueError(
-        f"threshold={threshold!r} (t={t}) exceeds the {num_holders} share "
-        f"holders of each secret ({what}, {num_clients} clients per round); "
-        f"expected {lo} <= t <= {num_holders}.")
+      f"threshold={threshold!r} (t={t}) exceeds the {num_holders} share "
+      f"holders of each secret ({what}, {num_clients} clients per round); "
+      f"expected {lo} <= t <= {num_holders}."
+    )
   if t < lo:
     raise ValueError(
-        f"threshold={threshold!r} (t={t}) is below the safe minimum for "
-        f"{num_holders} share holders ({what}): expected t >= "
-        f"{num_holders} // 2 + 1 = {lo} (a strict majority, so no two "
-        f"disjoint sets of t holders exist) and t <= {num_holders}.")
+      f"threshold={threshold!r} (t={t}) is below the safe minimum for "
+      f"{num_holders} share holders ({what}): expected t >= "
+      f"{num_holders} // 2 + 1 = {lo} (a strict majority, so no two "
+      f"disjoint sets of t holders exist) and t <= {num_holders}."
+    )
   return t
 
 
-def secagg_plus_degree(num_clients: int, dropout_rate: float = 0.1,
-                       corrupt_fraction: float = 0.0,
-                       failure_log2: float = -20.0) -> tuple[int, int]:
+def secagg_plus_degree(
+  num_clients: int,
+  dropout_rate: float = 0.1,
+  corrupt_fraction: float = 0.0,
+  failure_log2: float = -20.0,
+) -> tuple[int, int]:
   r"""SecAgg+ neighbourhood size ``k`` and threshold ``t`` for ``n`` clients.
 
   The smallest even ``k`` such that, with ``t = (k + 1) // 2 + 1`` (a strict
@@ -250,26 +276,33 @@ def secagg_plus_degree(num_clients: int, dropout_rate: float = 0.1,
   ``(n - 1, n // 2 + 1)`` when no ``k < n - 1`` qualifies.
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   n = int(num_clients)
   if n < 2:
     raise ValueError(f"num_clients must be >= 2, got {num_clients!r}.")
   if not 0 <= dropout_rate < 1 or not 0 <= corrupt_fraction < 1:
-    raise ValueError(f"dropout_rate and corrupt_fraction must be in [0, 1), "
-                     f"got {dropout_rate!r} and {corrupt_fraction!r}.")
-  bound = 2.0 ** failure_log2 / n
+    raise ValueError(
+      f"dropout_rate and corrupt_fraction must be in [0, 1), "
+      f"got {dropout_rate!r} and {corrupt_fraction!r}."
+    )
+  bound = 2.0**failure_log2 / n
   for k in range(2, n - 1, 2):
     t = safe_threshold(k + 1)
     fail = stats.binom.cdf(t - 2, k, 1.0 - dropout_rate)  # P[Bin + 1 < t]
     fail_dropped = stats.binom.cdf(t - 1, k, 1.0 - dropout_rate)
-    leak = stats.binom.sf(t - 1, k, corrupt_fraction) \
-        if corrupt_fraction > 0 else 0.0
+    leak = (
+      stats.binom.sf(t - 1, k, corrupt_fraction)
+      if corrupt_fraction > 0
+      else 0.0
+    )
     if max(fail, fail_dropped * dropout_rate) <= bound and leak <= bound:
       return k, t
   return n - 1, safe_threshold(n)
 
 
-def harary_graph(num_clients: int, num_neighbors: int | None,
-                 rng: np.random.Generator) -> np.ndarray:
+def harary_graph(
+  num_clients: int, num_neighbors: int | None, rng: np.random.Generator
+) -> np.ndarray:
   """Neighbour lists ``[n, k]`` (sorted, int32) of a random Harary graph.
 
   The clients sit on a ring in a random order (``rng.permutation``); each is
@@ -283,22 +316,26 @@ def harary_graph(num_clients: int, num_neighbors: int | None,
     return np.stack([np.delete(full, u) for u in range(n)]).astype(np.int32)
   k = int(num_neighbors)
   if k < 2 or k % 2:
-    raise ValueError(f"num_neighbors must be an even int >= 2 (a Harary "
-                     f"graph joins k/2 clients on either side), or None for "
-                     f"the complete graph; got {num_neighbors!r}.")
+    raise ValueError(
+      f"num_neighbors must be an even int >= 2 (a Harary "
+      f"graph joins k/2 clients on either side), or None for "
+      f"the complete graph; got {num_neighbors!r}."
+    )
   perm = rng.permutation(n)
   pos = np.empty(n, np.int64)
   pos[perm] = np.arange(n)
-  offsets = np.concatenate([np.arange(1, k // 2 + 1), -np.arange(1,
-                                                                 k // 2 + 1)])
+  offsets = np.concatenate(
+    [np.arange(1, k // 2 + 1), -np.arange(1, k // 2 + 1)]
+  )
   nbrs = perm[(pos[:, None] + offsets[None, :]) % n]
   return np.sort(nbrs, axis=1).astype(np.int32)
 
 
 # ------------------------------------------------------------ host crypto
 def _hkdf(shared: bytes, info: bytes, length: int = 32) -> bytes:
-  return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
-              info=info).derive(shared)
+  return HKDF(
+    algorithm=hashes.SHA256(), length=length, salt=None, info=info
+  ).derive(shared)
 
 
 def _public_bytes(key: X25519PrivateKey) -> bytes:
@@ -310,18 +347,18 @@ def seed_words(seed: bytes) -> np.ndarray:
   return np.frombuffer(seed[:8], dtype=">u4").astype(np.uint32)
 
 
-def pairwise_seed(own_mask_key: X25519PrivateKey, peer_public: bytes,
-                  round_index: int) -> bytes:
+def pairwise_seed(
+  own_mask_key: X25519PrivateKey, peer_public: bytes, round_index: int
+) -> bytes:
   """``s_uv = HKDF-SHA256(X25519(s_u^SK, s_v^PK), info=round)`` (32 bytes)."""
-  shared = own_mask_key.exchange(X25519PublicKey.from_public_bytes(
-      peer_public))
+  shared = own_mask_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
   return _hkdf(shared, _MASK_INFO + struct.pack(">q", round_index))
 
 
-def _encryption_key(own_enc_key: X25519PrivateKey, peer_public: bytes,
-                    round_index: int) -> AESGCM:
-  shared = own_enc_key.exchange(X25519PublicKey.from_public_bytes(
-      peer_public))
+def _encryption_key(
+  own_enc_key: X25519PrivateKey, peer_public: bytes, round_index: int
+) -> AESGCM:
+  shared = own_enc_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
   return AESGCM(_hkdf(shared, _ENC_INFO + struct.pack(">q", round_index)))
 
 
@@ -332,22 +369,32 @@ def _nonce(sender: int, receiver: int) -> bytes:
 
 def _encode_shares(sender: int, receiver: int, sk_share, seed_share) -> bytes:
   return struct.pack(">II", sender, receiver) + b"".join(
-      int(e).to_bytes(shamir.ELEMENT_BYTES, "big")
-      for e in list(sk_share) + list(seed_share))
+    int(e).to_bytes(shamir.ELEMENT_BYTES, "big")
+    for e in list(sk_share) + list(seed_share)
+  )
 
 
 def _decode_shares(plain: bytes):
   sender, receiver = struct.unpack(">II", plain[:8])
   body = plain[8:]
-  elems = [int.from_bytes(body[i:i + shamir.ELEMENT_BYTES], "big")
-           for i in range(0, len(body), shamir.ELEMENT_BYTES)]
+  elems = [
+    int.from_bytes(body[i : i + shamir.ELEMENT_BYTES], "big")
+    for i in range(0, len(body), shamir.ELEMENT_BYTES)
+  ]
   return sender, receiver, elems[:_SK_ELEMS], elems[_SK_ELEMS:]
 
 
-def client_host_work(u: int, enc_key: X25519PrivateKey,
-                     mask_key: X25519PrivateKey, self_seed: bytes,
-                     neighbors, neighbor_public, threshold: int,
-                     round_index: int, randbits):
+def client_host_work(
+  u: int,
+  enc_key: X25519PrivateKey,
+  mask_key: X25519PrivateKey,
+  self_seed: bytes,
+  neighbors,
+  neighbor_public,
+  threshold: int,
+  round_index: int,
+  randbits,
+):
   """Client ``u``'s host work in one round (ShareKeys and MaskedInput seeds).
 
   For each neighbour ``v``: ``X25519(s_u^SK, s_v^PK)`` + HKDF -> mask seed,
@@ -374,26 +421,28 @@ def client_host_work(u: int, enc_key: X25519PrivateKey,
   for j, (c_pub, s_pub) in enumerate(neighbor_public):
     seeds[j] = seed_words(pairwise_seed(mask_key, s_pub, round_index))
     aeads.append(_encryption_key(enc_key, c_pub, round_index))
-  ciphertexts, own = _share_keys(u, mask_key, self_seed, neighbors, aeads,
-                                 threshold, randbits)
+  ciphertexts, own = _share_keys(
+    u, mask_key, self_seed, neighbors, aeads, threshold, randbits
+  )
   return seeds, ciphertexts, own
 
 
-def _share_keys(u, mask_key, self_seed, neighbors, aeads, threshold,
-                randbits):
+def _share_keys(u, mask_key, self_seed, neighbors, aeads, threshold, randbits):
   """ShareKeys for client ``u``: Shamir-splits ``(s_u^SK, b_u)`` among
   itself (point ``u + 1``) and its neighbours, encrypts each neighbour's
   share; returns ``({v: ciphertext}, own share)``."""
   holders = [u] + [int(v) for v in neighbors]
-  secret = shamir.bytes_to_elements(mask_key.private_bytes_raw()) + \
-      shamir.bytes_to_elements(self_seed)
-  shares = shamir.split(secret, threshold, [h + 1 for h in holders],
-                        randbits)
+  secret = shamir.bytes_to_elements(
+    mask_key.private_bytes_raw()
+  ) + shamir.bytes_to_elements(self_seed)
+  shares = shamir.split(secret, threshold, [h + 1 for h in holders], randbits)
   ciphertexts = {}
   for h, share, aead in zip(holders[1:], shares[1:], aeads):
     ciphertexts[h] = _nonce(u, h) + aead.encrypt(
-        _nonce(u, h), _encode_shares(u, h, share[:_SK_ELEMS],
-                                     share[_SK_ELEMS:]), None)
+      _nonce(u, h),
+      _encode_shares(u, h, share[:_SK_ELEMS], share[_SK_ELEMS:]),
+      None,
+    )
   return ciphertexts, (shares[0][:_SK_ELEMS], shares[0][_SK_ELEMS:])
 
 
@@ -405,8 +454,8 @@ class _Client:
     self.enc_key = X25519PrivateKey.from_private_bytes(entropy(_KEY_BYTES))
     self.mask_key = X25519PrivateKey.from_private_bytes(entropy(_KEY_BYTES))
     self.self_seed = entropy(_SEED_BYTES)
-    self.inbox: dict[int, bytes] = {}       # sender -> ciphertext for me
-    self.own_shares = None                   # my share of my own secrets
+    self.inbox: dict[int, bytes] = {}  # sender -> ciphertext for me
+    self.own_shares = None  # my share of my own secrets
     self.aead: dict[int, AESGCM] = {}
 
 
@@ -418,6 +467,7 @@ class Traffic:
     sent: ``[n]`` bytes sent by each client.
     received: ``[n]`` bytes received by each client.
   """
+
   sent: np.ndarray
   received: np.ndarray
 
@@ -447,15 +497,27 @@ class SecAggRound:
     num_params: ``d`` (for the masked input's wire size).
   """
 
-  def __init__(self, num_clients: int, *, threshold=None,
-               num_neighbors: int | None = None, round_index: int = 0,
-               seed: int | None = 0, message_bits: int = 32,
-               num_params: int = 0):
-    if isinstance(num_clients, bool) or not isinstance(
-        num_clients, (int, np.integer)) or num_clients < 2:
-      raise ValueError(f"num_clients must be an int >= 2 (secure aggregation "
-                       f"of one client reveals its update), got "
-                       f"{num_clients!r}.")
+  def __init__(
+    self,
+    num_clients: int,
+    *,
+    threshold=None,
+    num_neighbors: int | None = None,
+    round_index: int = 0,
+    seed: int | None = 0,
+    message_bits: int = 32,
+    num_params: int = 0,
+  ):
+    if (
+      isinstance(num_clients, bool)
+      or not isinstance(num_clients, (int, np.integer))
+      or num_clients < 2
+    ):
+      raise ValueError(
+        f"num_clients must be an int >= 2 (secure aggregation "
+        f"of one client reveals its update), got "
+        f"{num_clients!r}."
+      )
     n = self.num_clients = int(num_clients)
     self.round_index = int(round_index)
     self.message_bits = int(message_bits)
@@ -465,12 +527,13 @@ class SecAggRound:
       self._randbits = _secrets.randbits
       graph_rng = np.random.default_rng()
     else:
-      gen = np.random.default_rng([int(seed), self.round_index, 0x5ec])
+      gen = np.random.default_rng([int(seed), self.round_index, 0x5EC])
       entropy = gen.bytes
       self._randbits = random.Random(
-          int(seed) * 1_000_003 + self.round_index).getrandbits
-      graph_rng = np.random.default_rng([int(seed), self.round_index, 0x6a])
-    self.neighbors = harary_graph(n, num_neighbors, graph_rng)   # [n, k]
+        int(seed) * 1_000_003 + self.round_index
+      ).getrandbits
+      graph_rng = np.random.default_rng([int(seed), self.round_index, 0x6A])
+    self.neighbors = harary_graph(n, num_neighbors, graph_rng)  # [n, k]
     self.degree = int(self.neighbors.shape[1])
     self.complete = self.degree == n - 1
     self.num_holders = self.degree + 1
@@ -480,30 +543,36 @@ class SecAggRound:
     sent = np.zeros(n, np.int64)
     recv = np.zeros(n, np.int64)
     # 0 AdvertiseKeys: (c^PK, s^PK) to the server, forwarded to neighbours.
-    self.public = [(_public_bytes(c.enc_key), _public_bytes(c.mask_key))
-                   for c in self._clients]
+    self.public = [
+      (_public_bytes(c.enc_key), _public_bytes(c.mask_key))
+      for c in self._clients
+    ]
     for u in range(n):
       sent[u] += len(self.public[u][0]) + len(self.public[u][1])
-      recv[u] += sum(len(self.public[v][0]) + len(self.public[v][1])
-                     for v in self.neighbors[u])
+      recv[u] += sum(
+        len(self.public[v][0]) + len(self.public[v][1])
+        for v in self.neighbors[u]
+      )
     # Pairwise secrets, once per edge (u < v).
     k = self.degree
     self._pair_seeds = np.zeros((n, k, 2), np.uint32)
-    self._signs = np.where(self.neighbors > np.arange(n)[:, None], 1,
-                           -1).astype(np.int32)
-    col = [{int(v): j for j, v in enumerate(self.neighbors[u])}
-           for u in range(n)]
+    self._signs = np.where(
+      self.neighbors > np.arange(n)[:, None], 1, -1
+    ).astype(np.int32)
+    col = [
+      {int(v): j for j, v in enumerate(self.neighbors[u])} for u in range(n)
+    ]
     for u, cu in enumerate(self._clients):
       for j, v in enumerate(self.neighbors[u]):
         v = int(v)
         if v < u:
           continue
-        s = seed_words(pairwise_seed(cu.mask_key, self.public[v][1],
-                                     self.round_index))
+        s = seed_words(
+          pairwise_seed(cu.mask_key, self.public[v][1], self.round_index)
+        )
         self._pair_seeds[u, j] = s
         self._pair_seeds[v, col[v][u]] = s
-        aead = _encryption_key(cu.enc_key, self.public[v][0],
-                               self.round_index)
+        aead = _encryption_key(cu.enc_key, self.public[v][0], self.round_index)
         cu.aead[v] = aead
         self._clients[v].aead[u] = aead
     # 1 ShareKeys: Shamir shares of s_u^SK and b_u, encrypted per holder.
@@ -511,16 +580,22 @@ class SecAggRound:
     for u, cu in enumerate(self._clients):
       nbrs = [int(v) for v in self.neighbors[u]]
       cts, cu.own_shares = _share_keys(
-          u, cu.mask_key, cu.self_seed, nbrs, [cu.aead[v] for v in nbrs],
-          self.threshold, self._randbits)
+        u,
+        cu.mask_key,
+        cu.self_seed,
+        nbrs,
+        [cu.aead[v] for v in nbrs],
+        self.threshold,
+        self._randbits,
+      )
       for h, ct in cts.items():
-        self._clients[h].inbox[u] = ct      # routed by the server
+        self._clients[h].inbox[u] = ct  # routed by the server
         sent[u] += len(ct)
         recv[h] += len(ct)
         self.ciphertexts_routed += 1
     self.setup_seconds = time.perf_counter() - t0
     self.traffic = Traffic(sent, recv)
-    self.revealed_shares = 0   # what the server has learned from Unmasking
+    self.revealed_shares = 0  # what the server has learned from Unmasking
 
   # -------------------------------------------------------- client side
   def client_masks(self, clients=None):
@@ -530,11 +605,14 @@ class SecAggRound:
       ``(self_words [m, 2] uint32, pair_words [m, k, 2] uint32,
       signs [m, k] int32)`` for ``clients`` (default all ``n``).
     """
-    idx = np.arange(self.num_clients) if clients is None else np.asarray(
-        clients)
-    self_words = np.stack([seed_words(self._clients[u].self_seed)
-                           for u in idx]) if len(idx) else np.zeros(
-                               (0, 2), np.uint32)
+    idx = (
+      np.arange(self.num_clients) if clients is None else np.asarray(clients)
+    )
+    self_words = (
+      np.stack([seed_words(self._clients[u].self_seed) for u in idx])
+      if len(idx)
+      else np.zeros((0, 2), np.uint32)
+    )
     return self_words, self._pair_seeds[idx], self._signs[idx]
 
   def rederive_client(self, u: int) -> float:
@@ -547,13 +625,22 @@ class SecAggRound:
     cu = self._clients[u]
     t0 = time.perf_counter()
     seeds, ciphertexts, _ = client_host_work(
-        u, cu.enc_key, cu.mask_key, cu.self_seed, self.neighbors[u],
-        [self.public[int(v)] for v in self.neighbors[u]], self.threshold,
-        self.round_index, self._randbits)
+      u,
+      cu.enc_key,
+      cu.mask_key,
+      cu.self_seed,
+      self.neighbors[u],
+      [self.public[int(v)] for v in self.neighbors[u]],
+      self.threshold,
+      self.round_index,
+      self._randbits,
+    )
     secs = time.perf_counter() - t0
     if not np.array_equal(seeds, self._pair_seeds[u]):
-      raise AssertionError(f"client {u} derived pairwise seeds that differ "
-                           "from its neighbours' derivations.")
+      raise AssertionError(
+        f"client {u} derived pairwise seeds that differ "
+        "from its neighbours' derivations."
+      )
     if len(ciphertexts) != self.degree:
       raise AssertionError("wrong number of share ciphertexts.")
     return secs
@@ -570,28 +657,36 @@ class SecAggRound:
     alive = np.asarray(survivors, bool)
     n, t = self.num_clients, self.threshold
     if alive.shape != (n,):
-      raise ValueError(f"survivors must be a bool [{n}] mask, got shape "
-                       f"{alive.shape}.")
+      raise ValueError(
+        f"survivors must be a bool [{n}] mask, got shape {alive.shape}."
+      )
     holders = alive[self.neighbors].sum(1) + alive  # own share if alive
     bad = np.flatnonzero(holders < t)
     if alive.sum() < t or len(bad):
       u = int(bad[0]) if len(bad) else 0
-      graph = "all clients" if self.complete else \
-          f"the client and its {self.degree} neighbours"
+      graph = (
+        "all clients"
+        if self.complete
+        else f"the client and its {self.degree} neighbours"
+      )
       raise SecAggError(
-          f"secure aggregation refuses to unmask: {int(alive.sum())} of "
-          f"{n} clients survived, and client {u} has only {int(holders[u])} "
-          f"surviving share holders ({graph}) but threshold t={t} shares "
-          f"are needed to remove its masks. No shares were revealed and the "
-          f"masked sum stays masked. Expected at least t={t} surviving "
-          f"holders for every client (lower the dropout rate"
-          + (", use more neighbours" if not self.complete else "")
-          + (f", or pick a smaller t >= {safe_threshold(self.num_holders)})."
-             if t > safe_threshold(self.num_holders) else
-             "; t is already the safe minimum)."))
+        f"secure aggregation refuses to unmask: {int(alive.sum())} of "
+        f"{n} clients survived, and client {u} has only {int(holders[u])} "
+        f"surviving share holders ({graph}) but threshold t={t} shares "
+        f"are needed to remove its masks. No shares were revealed and the "
+        f"masked sum stays masked. Expected at least t={t} surviving "
+        f"holders for every client (lower the dropout rate"
+        + (", use more neighbours" if not self.complete else "")
+        + (
+          f", or pick a smaller t >= {safe_threshold(self.num_holders)})."
+          if t > safe_threshold(self.num_holders)
+          else "; t is already the safe minimum)."
+        )
+      )
 
-  def unmask_material(self, survivors, pad_rows: int | None = None
-                      ) -> tuple[tuple, dict]:
+  def unmask_material(
+    self, survivors, pad_rows: int | None = None
+  ) -> tuple[tuple, dict]:
     """The server's Unmasking round for the survivor set ``survivors``.
 
     Survivors decrypt the ciphertexts they hold and reveal shares of ``b_u``
@@ -638,7 +733,8 @@ class SecAggRound:
       for u in [int(x) for x in self.neighbors[v]]:
         ct = cv.inbox[u]
         sender, receiver, sk_share, seed_share = _decode_shares(
-            cv.aead[u].decrypt(ct[:_NONCE_BYTES], ct[_NONCE_BYTES:], None))
+          cv.aead[u].decrypt(ct[:_NONCE_BYTES], ct[_NONCE_BYTES:], None)
+        )
         if (sender, receiver) != (u, int(v)):
           raise AssertionError("misrouted share ciphertext.")
         share = seed_share if alive[u] else sk_share
@@ -657,8 +753,7 @@ class SecAggRound:
     dropped = np.flatnonzero(~alive)
     rows = len(dropped) if pad_rows is None else int(pad_rows)
     if rows < len(dropped):
-      raise ValueError(f"pad_rows={pad_rows} < {len(dropped)} dropped "
-                       "clients.")
+      raise ValueError(f"pad_rows={pad_rows} < {len(dropped)} dropped clients.")
     row_of = {int(u): r for r, u in enumerate(dropped)}
     pair_words = np.zeros((rows, k, 2), np.uint32)
     signs = np.zeros((rows, k), np.int32)
@@ -671,36 +766,36 @@ class SecAggRound:
         lam_cache[key] = shamir.lagrange_at_zero(xs)
       elems = shamir.reconstruct(xs, sh, t, lam_cache[key])
       if alive[u]:
-        self_words[u] = seed_words(shamir.elements_to_bytes(elems,
-                                                            _SEED_BYTES))
+        self_words[u] = seed_words(shamir.elements_to_bytes(elems, _SEED_BYTES))
       else:
         sk = X25519PrivateKey.from_private_bytes(
-            shamir.elements_to_bytes(elems, _KEY_BYTES))
+          shamir.elements_to_bytes(elems, _KEY_BYTES)
+        )
         r = row_of[u]
         for j, v in enumerate(self.neighbors[u]):
           if alive[v]:
-            pair_words[r, j] = seed_words(pairwise_seed(
-                sk, self.public[v][1], self.round_index))
+            pair_words[r, j] = seed_words(
+              pairwise_seed(sk, self.public[v][1], self.round_index)
+            )
             # Survivor v added sgn(v, u) PRG(s_vu).
             signs[r, j] = 1 if v < u else -1
             key_agreements += 1
     stats = {
-        "survivors": float(alive.sum()),
-        "dropped": float(n - alive.sum()),
-        "threshold": float(t),
-        "degree": float(k),
-        "client_bytes_sent": float(sent.mean()),
-        "client_bytes_received": float(recv.mean()),
-        "server_bytes_received": float(sent.sum()),
-        "server_bytes_sent": float(recv.sum()),
-        "server_key_agreements": float(key_agreements),
-        "server_reconstructions": float(n),
-        "server_lagrange_sets": float(len(lam_cache)),
-        "server_prg_expansions": float(alive.sum() + (signs != 0).sum()),
-        "server_host_seconds": time.perf_counter() - t_server + (
-            t_clients - t0),
-        "clients_unmask_seconds": clients_seconds,
-        "setup_host_seconds": self.setup_seconds,
+      "survivors": float(alive.sum()),
+      "dropped": float(n - alive.sum()),
+      "threshold": float(t),
+      "degree": float(k),
+      "client_bytes_sent": float(sent.mean()),
+      "client_bytes_received": float(recv.mean()),
+      "server_bytes_received": float(sent.sum()),
+      "server_bytes_sent": float(recv.sum()),
+      "server_key_agreements": float(key_agreements),
+      "server_reconstructions": float(n),
+      "server_lagrange_sets": float(len(lam_cache)),
+      "server_prg_expansions": float(alive.sum() + (signs != 0).sum()),
+      "server_host_seconds": time.perf_counter() - t_server + (t_clients - t0),
+      "clients_unmask_seconds": clients_seconds,
+      "setup_host_seconds": self.setup_seconds,
     }
     self.last_traffic = Traffic(sent, recv)
     return (self_words, self_on, pair_words, signs), stats
@@ -709,14 +804,17 @@ class SecAggRound:
 # ------------------------------------------------------------ device side
 def _prg(words: jax.Array, num: int) -> jax.Array:
   """``num`` uint32 words of threefry2x32 keyed by ``words`` (uint32[2])."""
-  key = jax.random.wrap_key_data(words.astype(jnp.uint32),
-                                 impl="threefry2x32")
+  key = jax.random.wrap_key_data(words.astype(jnp.uint32), impl="threefry2x32")
   return jax.random.bits(key, (num,), jnp.uint32)
 
 
-def client_mask(self_words: jax.Array, self_on: jax.Array,
-                pair_words: jax.Array, signs: jax.Array, num: int
-                ) -> jax.Array:
+def client_mask(
+  self_words: jax.Array,
+  self_on: jax.Array,
+  pair_words: jax.Array,
+  signs: jax.Array,
+  num: int,
+) -> jax.Array:
   r"""ONE client's total mask, uint32 ``[num]`` (mod :math:`2^{32}`).
 
   .. math:: m = [\text{self\_on}]\,\mathrm{PRG}(b) + \sum_j \mathrm{sgn}_j\,
@@ -726,13 +824,16 @@ def client_mask(self_words: jax.Array, self_on: jax.Array,
   (``0`` = no mask). A ``fori_loop`` over the ``k`` neighbours keeps memory
   at one ``[num]`` vector; vmap it over clients.
   """
-  acc = jnp.where(self_on > 0, _prg(self_words, num),
-                  jnp.zeros((num,), jnp.uint32))
+  acc = jnp.where(
+    self_on > 0, _prg(self_words, num), jnp.zeros((num,), jnp.uint32)
+  )
 
   def body(j, acc):
     m = _prg(pair_words[j], num)
-    return jnp.where(signs[j] > 0, acc + m,
-                     jnp.where(signs[j] < 0, acc - m, acc))
+    return jnp.where(
+      signs[j] > 0, acc + m, jnp.where(signs[j] < 0, acc - m, acc)
+    )
+
   return jax.lax.fori_loop(0, signs.shape[0], body, acc)
 
 
@@ -743,18 +844,21 @@ def _mod(x: jax.Array, bits: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="bits")
-def mask_inputs(q: jax.Array, self_words, pair_words, signs, bits: int
-                ) -> jax.Array:
+def mask_inputs(
+  q: jax.Array, self_words, pair_words, signs, bits: int
+) -> jax.Array:
   """MaskedInput for a batch: ``y = q + mask mod 2^b``, uint32 ``[m, d]``."""
   d = q.shape[-1]
   masks = jax.vmap(lambda s, p, g: client_mask(s, jnp.int32(1), p, g, d))(
-      self_words, pair_words, signs)
+    self_words, pair_words, signs
+  )
   return _mod(q.astype(jnp.uint32) + masks, bits)
 
 
 @functools.partial(jax.jit, static_argnames="bits")
-def remove_masks(masked_sum: jax.Array, self_words, self_on, pair_words,
-                 signs, bits: int) -> jax.Array:
+def remove_masks(
+  masked_sum: jax.Array, self_words, self_on, pair_words, signs, bits: int
+) -> jax.Array:
   """``masked_sum - reconstructed masks mod 2^b`` (uint32 [d]).
 
   Shapes: self_words [n, 2], self_on [n], pair_words [R, k, 2], signs
@@ -762,12 +866,14 @@ def remove_masks(masked_sum: jax.Array, self_words, self_on, pair_words,
   """
   d = masked_sum.shape[-1]
   own = jax.vmap(lambda s, o: jnp.where(o > 0, _prg(s, d), jnp.uint32(0)))(
-      self_words, self_on)
+    self_words, self_on
+  )
   total = jnp.sum(own, axis=0, dtype=jnp.uint32)
   if signs.shape[0]:
     zero = jnp.zeros((2,), jnp.uint32)
     pairs = jax.vmap(lambda p, g: client_mask(zero, jnp.int32(0), p, g, d))(
-        pair_words, signs)
+      pair_words, signs
+    )
     total = total + jnp.sum(pairs, axis=0, dtype=jnp.uint32)
   return _mod(masked_sum - total, bits)
 
@@ -782,13 +888,15 @@ def quantize(x: jax.Array, clip_norm, bits_per_value: int) -> jax.Array:
   r"""Fixed point: ``round(x L / C) + L`` in ``[0, 2L]``, uint32
   (``L = 2^{bits_per_value} - 1``; ``x`` already clipped to norm ``C``)."""
   levels = float((1 << bits_per_value) - 1)
-  v = jnp.clip(jnp.round(x.astype(jnp.float32) / clip_norm * levels),
-               -levels, levels)
+  v = jnp.clip(
+    jnp.round(x.astype(jnp.float32) / clip_norm * levels), -levels, levels
+  )
   return (v + levels).astype(jnp.uint32)
 
 
-def centered_sum(z: jax.Array, num_summed: jax.Array,
-                 bits_per_value: int) -> jax.Array:
+def centered_sum(
+  z: jax.Array, num_summed: jax.Array, bits_per_value: int
+) -> jax.Array:
   """Exact ``sum_u round(x_u L / C)`` as int32 from the unmasked ``z``.
 
   ``z = sum_u q_u < 2^b`` and ``|z - n L| < 2^{b-1} <= 2^31``: the uint32
@@ -803,16 +911,19 @@ def centered_sum(z: jax.Array, num_summed: jax.Array,
 _HOSTS: dict[tuple, dict] = {}
 
 
-def dropped_clients(num_clients: int, dropout_rate: float, round_index: int,
-                    seed: int | None) -> np.ndarray:
+def dropped_clients(
+  num_clients: int, dropout_rate: float, round_index: int, seed: int | None
+) -> np.ndarray:
   """The simulated dropouts of a round: ``round(rate * n)`` clients chosen
   uniformly from ``(seed, round_index)`` (bool ``[n]``, True = dropped after
   masking)."""
   rng = np.random.default_rng(
-      None if seed is None else [int(seed), int(round_index), 0xd0])
+    None if seed is None else [int(seed), int(round_index), 0xD0]
+  )
   drop = np.zeros(num_clients, bool)
-  drop[rng.choice(num_clients, round(dropout_rate * num_clients),
-                  replace=False)] = True
+  drop[
+    rng.choice(num_clients, round(dropout_rate * num_clients), replace=False)
+  ] = True
   return drop
 
 
@@ -820,16 +931,23 @@ def _plan(num_clients: int, num_neighbors, threshold, dropout_rate: float):
   if num_neighbors == "auto":
     k, t = secagg_plus_degree(num_clients, max(dropout_rate, 0.05))
     return (None if k >= num_clients - 1 else k), (
-        t if threshold is None else threshold)
+      t if threshold is None else threshold
+    )
   return num_neighbors, threshold
 
 
-def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
-                      bits: int | None = None, threshold=None,
-                      num_neighbors: int | str | None = None,
-                      dropout_rate: float = 0.0, seed: int | None = 0,
-                      noise_multiplier: float | None = None,
-                      name: str = "secure_aggregator") -> Aggregator:
+def secure_aggregator(
+  clip_norm: float,
+  *,
+  bits_per_value: int = 16,
+  bits: int | None = None,
+  threshold=None,
+  num_neighbors: int | str | None = None,
+  dropout_rate: float = 0.0,
+  seed: int | None = 0,
+  noise_multiplier: float | None = None,
+  name: str = "secure_aggregator",
+) -> Aggregator:
   r"""The mean of the survivors' clipped updates through SecAgg / SecAgg+.
 
   .. math:: \bar u = \frac{C}{L |U|} \Big(\big(\textstyle\sum_{u \in U} y_u
@@ -913,53 +1031,78 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
   for all clients), ``secagg_threshold``, ``secagg_degree``.
   """
   factory = name
-  if not isinstance(clip_norm, (int, float, np.floating)) or isinstance(
-      clip_norm, bool) or not np.isfinite(clip_norm) or clip_norm <= 0:
-    raise ValueError(f"{factory}: clip_norm must be a positive finite float "
-                     f"(the L2 bound that makes quantization exact), got "
-                     f"{clip_norm!r}.")
+  if (
+    not isinstance(clip_norm, (int, float, np.floating))
+    or isinstance(clip_norm, bool)
+    or not np.isfinite(clip_norm)
+    or clip_norm <= 0
+  ):
+    raise ValueError(
+      f"{factory}: clip_norm must be a positive finite float "
+      f"(the L2 bound that makes quantization exact), got "
+      f"{clip_norm!r}."
+    )
   if bits is not None:
     check_modulus_bits(bits, bits_per_value, 1, factory)
   else:
     check_modulus_bits(MAX_BITS, bits_per_value, 1, factory)
   if not 0.0 <= float(dropout_rate) < 1.0:
-    raise ValueError(f"{factory}: dropout_rate must be in [0, 1), got "
-                     f"{dropout_rate!r}.")
+    raise ValueError(
+      f"{factory}: dropout_rate must be in [0, 1), got {dropout_rate!r}."
+    )
   if num_neighbors not in (None, "auto") and (
-      isinstance(num_neighbors, bool) or not isinstance(
-          num_neighbors, (int, np.integer)) or num_neighbors < 2):
-    raise ValueError(f"{factory}: num_neighbors must be None (SecAgg), "
-                     f"'auto' or an even int >= 2 (SecAgg+), got "
-                     f"{num_neighbors!r}.")
+    isinstance(num_neighbors, bool)
+    or not isinstance(num_neighbors, (int, np.integer))
+    or num_neighbors < 2
+  ):
+    raise ValueError(
+      f"{factory}: num_neighbors must be None (SecAgg), "
+      f"'auto' or an even int >= 2 (SecAgg+), got "
+      f"{num_neighbors!r}."
+    )
   if noise_multiplier is not None and (
-      isinstance(noise_multiplier, bool) or not isinstance(
-          noise_multiplier, (int, float, np.floating)) or
-      not np.isfinite(noise_multiplier) or noise_multiplier < 0):
-    raise ValueError(f"{factory}: noise_multiplier must be None or a finite "
-                     f"float >= 0, got {noise_multiplier!r}.")
+    isinstance(noise_multiplier, bool)
+    or not isinstance(noise_multiplier, (int, float, np.floating))
+    or not np.isfinite(noise_multiplier)
+    or noise_multiplier < 0
+  ):
+    raise ValueError(
+      f"{factory}: noise_multiplier must be None or a finite "
+      f"float >= 0, got {noise_multiplier!r}."
+    )
   clip_norm = float(clip_norm)
-  stat_names = ("survivors", "dropped", "threshold", "degree",
-                "client_bytes_sent", "client_bytes_received",
-                "server_key_agreements", "server_prg_expansions",
-                "server_host_seconds", "clients_unmask_seconds",
-                "setup_host_seconds")
+  stat_names = (
+    "survivors",
+    "dropped",
+    "threshold",
+    "degree",
+    "client_bytes_sent",
+    "client_bytes_received",
+    "server_key_agreements",
+    "server_prg_expansions",
+    "server_host_seconds",
+    "clients_unmask_seconds",
+    "setup_host_seconds",
+  )
 
   class _Host:
     """Host side for one round size ``m``: per-round protocol objects."""
 
     def __init__(self, m, d, b, spec):
       self.m, self.d, self.b = m, d, b
-      self.k_arg, self.t_arg = _plan(m, num_neighbors, threshold,
-                                     float(dropout_rate))
+      self.k_arg, self.t_arg = _plan(
+        m, num_neighbors, threshold, float(dropout_rate)
+      )
       self.spec = spec
       self.rounds: dict[int, SecAggRound] = {}
       self.drops: dict[int, np.ndarray] = {}
       k = m - 1 if self.k_arg is None or self.k_arg >= m - 1 else self.k_arg
       if k < m - 1 and k % 2:
         raise ValueError(
-            f"{factory}: num_neighbors={num_neighbors} must be even for a "
-            f"Harary graph on {m} clients (k/2 neighbours on either side), "
-            f"or >= {m - 1} for the complete graph; got an odd {k}.")
+          f"{factory}: num_neighbors={num_neighbors} must be even for a "
+          f"Harary graph on {m} clients (k/2 neighbours on either side), "
+          f"or >= {m - 1} for the complete graph; got an odd {k}."
+        )
       t = resolve_threshold(self.t_arg, k + 1, m)  # trace-time error if bad
       self.degree = k
       # Pair rows the server may need: one per dropped client; with the
@@ -971,9 +1114,14 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
         for old in [x for x in self.rounds if x < r - 1]:
           del self.rounds[old], self.drops[old]
         self.rounds[r] = SecAggRound(
-            self.m, threshold=self.t_arg, num_neighbors=self.k_arg,
-            round_index=r, seed=None if seed is None else seed,
-            message_bits=self.b, num_params=self.d)
+          self.m,
+          threshold=self.t_arg,
+          num_neighbors=self.k_arg,
+          round_index=r,
+          seed=None if seed is None else seed,
+          message_bits=self.b,
+          num_params=self.d,
+        )
         self.drops[r] = dropped_clients(self.m, dropout_rate, r, seed)
       return self.rounds[r]
 
@@ -983,8 +1131,7 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
       out = ([], [], [], [])
       for i in np.ndindex(r.shape):
         proto = self.round(int(r[i]))
-        for lst, v in zip(out, proto.client_masks() + (
-            self.drops[int(r[i])],)):
+        for lst, v in zip(out, proto.client_masks() + (self.drops[int(r[i])],)):
           lst.append(v)
       return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
 
@@ -994,18 +1141,35 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
       for i in np.ndindex(r.shape):
         proto = self.round(int(r[i]))
         (sw, so, pw, sg), stats = proto.unmask_material(
-            arrived[i] > 0, pad_rows=self.rows)
-        for lst, v in zip(out, (sw, so, pw, sg, np.asarray(
-            [stats[s] for s in stat_names], np.float32))):
+          arrived[i] > 0, pad_rows=self.rows
+        )
+        for lst, v in zip(
+          out,
+          (
+            sw,
+            so,
+            pw,
+            sg,
+            np.asarray([stats[s] for s in stat_names], np.float32),
+          ),
+        ):
           lst.append(v)
       return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
 
   # Host sides live in a module-level table keyed by the configuration, so
   # aggregators rebuilt from the same arguments (per-run algorithms of a
   # sweep) share one; seed=None makes every factory call its own.
-  config = (clip_norm, bits_per_value, bits, threshold, num_neighbors,
-            float(dropout_rate), seed if seed is not None else object(),
-            noise_multiplier, name)
+  config = (
+    clip_norm,
+    bits_per_value,
+    bits,
+    threshold,
+    num_neighbors,
+    float(dropout_rate),
+    seed if seed is not None else object(),
+    noise_multiplier,
+    name,
+  )
   hosts = _HOSTS.setdefault(config, {})
 
   def host_for(update_spec, num_slots):
@@ -1013,16 +1177,23 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
     need = min_modulus_bits(bits_per_value, num_slots)
     if bits is None and need > MAX_BITS:
       raise ValueError(
-          f"{factory}: bits_per_value={bits_per_value} is too large for "
-          f"{num_slots} clients per round: the sum needs bits_per_value + "
-          f"ceil(log2({num_slots})) + 1 = {need} > {MAX_BITS} bits; expected "
-          f"bits_per_value <= {bits_per_value - (need - MAX_BITS)}.")
+        f"{factory}: bits_per_value={bits_per_value} is too large for "
+        f"{num_slots} clients per round: the sum needs bits_per_value + "
+        f"ceil(log2({num_slots})) + 1 = {need} > {MAX_BITS} bits; expected "
+        f"bits_per_value <= {bits_per_value - (need - MAX_BITS)}."
+      )
     b = bits if bits is not None else need
     check_modulus_bits(b, bits_per_value, num_slots, factory)
     key = (num_slots, d)
     if key not in hosts:
-      hosts[key] = _Host(num_slots, d, b, jax.tree.map(
-          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), update_spec))
+      hosts[key] = _Host(
+        num_slots,
+        d,
+        b,
+        jax.tree.map(
+          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), update_spec
+        ),
+      )
     return hosts[key]
 
   def init_state(update_spec):
@@ -1032,62 +1203,80 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
   def init(state, update_spec, num_slots):
     del state
     if num_slots < 2:
-      raise ValueError(f"{factory}: secure aggregation needs at least 2 "
-                       f"clients per round, got clients_per_round="
-                       f"{num_slots}; the sum of one client is its update.")
+      raise ValueError(
+        f"{factory}: secure aggregation needs at least 2 "
+        f"clients per round, got clients_per_round="
+        f"{num_slots}; the sum of one client is its update."
+      )
     host = host_for(update_spec, num_slots)
-    return {"sum": jnp.zeros((host.d,), jnp.uint32),
-            "arrived": jnp.zeros((num_slots,), jnp.int32),
-            "weight": jnp.zeros((), jnp.float32)}
+    return {
+      "sum": jnp.zeros((host.d,), jnp.uint32),
+      "arrived": jnp.zeros((num_slots,), jnp.int32),
+      "weight": jnp.zeros((), jnp.float32),
+    }
 
   def _host_of(acc):
     key = (acc["arrived"].shape[-1], acc["sum"].shape[-1])
     if key not in hosts:
-      raise RuntimeError(f"{factory}: add/finalize before init for "
-                         f"(clients, params) = {key}.")
+      raise RuntimeError(
+        f"{factory}: add/finalize before init for (clients, params) = {key}."
+      )
     return hosts[key]
 
   def add(state, acc, updates, weights, valid, slots):
     host = _host_of(acc)
     bounded = jax.vmap(lambda u: clip_by_norm(u, clip_norm))(updates)
-    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(bounded)      # [B, d]
+    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(bounded)  # [B, d]
     q = quantize(flat, clip_norm, bits_per_value)
     m, k = host.m, host.degree
-    shapes = (jax.ShapeDtypeStruct((m, 2), jnp.uint32),
-              jax.ShapeDtypeStruct((m, k, 2), jnp.uint32),
-              jax.ShapeDtypeStruct((m, k), jnp.int32),
-              jax.ShapeDtypeStruct((m,), jnp.bool_))
+    shapes = (
+      jax.ShapeDtypeStruct((m, 2), jnp.uint32),
+      jax.ShapeDtypeStruct((m, k, 2), jnp.uint32),
+      jax.ShapeDtypeStruct((m, k), jnp.int32),
+      jax.ShapeDtypeStruct((m,), jnp.bool_),
+    )
     # The round's seeds (the host runs AdvertiseKeys/ShareKeys once per
     # round); each client of the block uses only its own row.
-    material = jax.pure_callback(host.client_material, shapes,
-                                 state["round"], vmap_method="broadcast_all")
+    material = jax.pure_callback(
+      host.client_material, shapes, state["round"], vmap_method="broadcast_all"
+    )
     sw, pw, sg, dropped = (a[jnp.clip(slots, 0, m - 1)] for a in material)
     y = mask_inputs(q, sw, pw, sg, host.b)
     sends = taking_part(weights, valid) & ~dropped
     y = jnp.where(sends[:, None], y, jnp.zeros((), jnp.uint32))
-    arrived = acc["arrived"].at[jnp.where(sends, slots, host.m)].max(
-        1, mode="drop")
-    return {"sum": acc["sum"] + jnp.sum(y, axis=0, dtype=jnp.uint32),
-            "arrived": arrived,
-            "weight": acc["weight"] + jnp.sum(jnp.where(sends, weights,
-                                                        0.0))}
+    arrived = (
+      acc["arrived"].at[jnp.where(sends, slots, host.m)].max(1, mode="drop")
+    )
+    return {
+      "sum": acc["sum"] + jnp.sum(y, axis=0, dtype=jnp.uint32),
+      "arrived": arrived,
+      "weight": acc["weight"] + jnp.sum(jnp.where(sends, weights, 0.0)),
+    }
 
   def merge(accs):
-    return {"sum": jnp.sum(accs["sum"], axis=0, dtype=jnp.uint32),
-            "arrived": jnp.sum(accs["arrived"], axis=0),
-            "weight": jnp.sum(accs["weight"], axis=0)}
+    return {
+      "sum": jnp.sum(accs["sum"], axis=0, dtype=jnp.uint32),
+      "arrived": jnp.sum(accs["arrived"], axis=0),
+      "weight": jnp.sum(accs["weight"], axis=0),
+    }
 
   def finalize(state, acc, rng):
     host = _host_of(acc)
     m, k = host.m, host.degree
-    shapes = (jax.ShapeDtypeStruct((m, 2), jnp.uint32),
-              jax.ShapeDtypeStruct((m,), jnp.int32),
-              jax.ShapeDtypeStruct((host.rows, k, 2), jnp.uint32),
-              jax.ShapeDtypeStruct((host.rows, k), jnp.int32),
-              jax.ShapeDtypeStruct((len(stat_names),), jnp.float32))
+    shapes = (
+      jax.ShapeDtypeStruct((m, 2), jnp.uint32),
+      jax.ShapeDtypeStruct((m,), jnp.int32),
+      jax.ShapeDtypeStruct((host.rows, k, 2), jnp.uint32),
+      jax.ShapeDtypeStruct((host.rows, k), jnp.int32),
+      jax.ShapeDtypeStruct((len(stat_names),), jnp.float32),
+    )
     sw, so, pw, sg, stats = jax.pure_callback(
-        host.server_material, shapes, state["round"], acc["arrived"],
-        vmap_method="broadcast_all")
+      host.server_material,
+      shapes,
+      state["round"],
+      acc["arrived"],
+      vmap_method="broadcast_all",
+    )
     z = remove_masks(acc["sum"], sw, so, pw, sg, host.b)
     n_sum = jnp.sum((acc["arrived"] > 0).astype(jnp.int32))
     ints = centered_sum(z, n_sum, bits_per_value)
@@ -1103,12 +1292,21 @@ def secure_aggregator(clip_norm: float, *, bits_per_value: int = 16,
       noise = std * jax.random.normal(rng, flat_sum.shape, jnp.float32)
       flat_mean = (flat_sum + noise) / float(host.m)
       metrics["secagg_dp_noise_std"] = jnp.asarray(std / host.m, jnp.float32)
-    _, unravel = ravel_pytree(jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), host.spec))
+    _, unravel = ravel_pytree(
+      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), host.spec)
+    )
     mean = unravel(flat_mean)
-    return (AggregatorOutput(mean=mean, total_weight=acc["weight"],
-                             metrics=metrics),
-            {"round": state["round"] + 1})
+    return (
+      AggregatorOutput(mean=mean, total_weight=acc["weight"], metrics=metrics),
+      {"round": state["round"] + 1},
+    )
 
-  return Aggregator(init_state=init_state, init=init, add=add, merge=merge,
-                    finalize=finalize, materialized=False, name=name)
+  return Aggregator(
+    init_state=init_state,
+    init=init,
+    add=add,
+    merge=merge,
+    finalize=finalize,
+    materialized=False,
+    name=name,
+  )

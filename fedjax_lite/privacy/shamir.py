@@ -28,14 +28,16 @@ import operator
 from collections.abc import Sequence
 
 PRIME = (1 << 127) - 1
-CHUNK_BYTES = 15   # 120 bits < 127: every chunk is a field element
+CHUNK_BYTES = 15  # 120 bits < 127: every chunk is a field element
 ELEMENT_BYTES = 16  # wire size of one field element (127 bits)
 
 
 def bytes_to_elements(secret: bytes) -> list[int]:
   """Splits a byte string into field elements of 15 bytes (big-endian)."""
-  return [int.from_bytes(secret[i:i + CHUNK_BYTES], "big")
-          for i in range(0, len(secret), CHUNK_BYTES)]
+  return [
+    int.from_bytes(secret[i : i + CHUNK_BYTES], "big")
+    for i in range(0, len(secret), CHUNK_BYTES)
+  ]
 
 
 def elements_to_bytes(elements: Sequence[int], num_bytes: int) -> bytes:
@@ -44,9 +46,11 @@ def elements_to_bytes(elements: Sequence[int], num_bytes: int) -> bytes:
   for i, e in enumerate(elements):
     size = min(CHUNK_BYTES, num_bytes - i * CHUNK_BYTES)
     if size <= 0 or not 0 <= e < (1 << (8 * size)):
-      raise ValueError(f"field element {i} ({e}) does not encode a "
-                       f"{size}-byte chunk of a {num_bytes}-byte secret: the "
-                       "shares are inconsistent or too few.")
+      raise ValueError(
+        f"field element {i} ({e}) does not encode a "
+        f"{size}-byte chunk of a {num_bytes}-byte secret: the "
+        "shares are inconsistent or too few."
+      )
     out += int(e).to_bytes(size, "big")
   return out
 
@@ -56,17 +60,23 @@ def num_elements(num_bytes: int) -> int:
 
 
 def _check_threshold(threshold: int, num_points: int) -> None:
-  if isinstance(threshold, bool) or not isinstance(threshold, int) or \
-      threshold < 1:
+  if (
+    isinstance(threshold, bool)
+    or not isinstance(threshold, int)
+    or threshold < 1
+  ):
     raise ValueError(f"threshold must be an int >= 1, got {threshold!r}.")
   if threshold > num_points:
-    raise ValueError(f"threshold={threshold} exceeds the number of share "
-                     f"holders ({num_points}); expected threshold <= "
-                     f"{num_points}.")
+    raise ValueError(
+      f"threshold={threshold} exceeds the number of share "
+      f"holders ({num_points}); expected threshold <= "
+      f"{num_points}."
+    )
 
 
-def split(secrets: Sequence[int], threshold: int, xs: Sequence[int],
-          randbits) -> list[list[int]]:
+def split(
+  secrets: Sequence[int], threshold: int, xs: Sequence[int], randbits
+) -> list[list[int]]:
   """Shares field elements among holders at points ``xs``.
 
   Args:
@@ -121,9 +131,12 @@ def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
   return lams
 
 
-def reconstruct(xs: Sequence[int], shares: Sequence[Sequence[int]],
-                threshold: int, lams: Sequence[int] | None = None
-                ) -> list[int]:
+def reconstruct(
+  xs: Sequence[int],
+  shares: Sequence[Sequence[int]],
+  threshold: int,
+  lams: Sequence[int] | None = None,
+) -> list[int]:
   """The secrets from ``len(xs) >= threshold`` holders' shares.
 
   Uses the first ``threshold`` shares (any ``t`` give the same answer).
@@ -141,11 +154,14 @@ def reconstruct(xs: Sequence[int], shares: Sequence[Sequence[int]],
   if len(xs) != len(shares):
     raise ValueError(f"got {len(xs)} points but {len(shares)} shares.")
   if len(xs) < threshold:
-    raise ValueError(f"reconstruction needs threshold={threshold} shares, "
-                     f"got {len(xs)}.")
+    raise ValueError(
+      f"reconstruction needs threshold={threshold} shares, got {len(xs)}."
+    )
   xs, shares = list(xs[:threshold]), list(shares[:threshold])
   if lams is None:
     lams = lagrange_at_zero(xs)
   num = len(shares[0])
-  return [sum(map(operator.mul, lams, [s[e] for s in shares])) % PRIME
-          for e in range(num)]
+  return [
+    sum(map(operator.mul, lams, [s[e] for s in shares])) % PRIME
+    for e in range(num)
+  ]

@@ -92,6 +92,7 @@ class FTLData:
       table, in the common (PSI) order.
     names: (source name, target name).
   """
+
   x_source: np.ndarray
   y_source: np.ndarray
   x_target: np.ndarray
@@ -101,12 +102,16 @@ class FTLData:
 
   def __post_init__(self):
     if self.x_source.shape[0] != self.y_source.shape[0]:
-      raise ValueError(f"x_source has {self.x_source.shape[0]} rows, y_source "
-                       f"{self.y_source.shape[0]}: expected one label per row.")
+      raise ValueError(
+        f"x_source has {self.x_source.shape[0]} rows, y_source "
+        f"{self.y_source.shape[0]}: expected one label per row."
+      )
     if self.rows_source.shape != self.rows_target.shape:
-      raise ValueError(f"overlap rows differ in length: source "
-                       f"{self.rows_source.shape}, target "
-                       f"{self.rows_target.shape}: misaligned overlap.")
+      raise ValueError(
+        f"overlap rows differ in length: source "
+        f"{self.rows_source.shape}, target "
+        f"{self.rows_target.shape}: misaligned overlap."
+      )
     if self.rows_source.size == 0:
       raise ValueError("the parties share no samples; FTL needs an overlap.")
 
@@ -121,28 +126,48 @@ class FTLData:
     return np.flatnonzero(mask)
 
   @classmethod
-  def from_parties(cls, source: Party, target: Party, *,
-                   seed: int | None = None) -> tuple["FTLData", object]:
+  def from_parties(
+    cls, source: Party, target: Party, *, seed: int | None = None
+  ) -> tuple["FTLData", object]:
     """Aligns the overlap by ECDH PSI; returns ``(FTLData, PsiResult)``.
 
     Raises ValueError if the source has no labels or the ids do not overlap.
     """
     from fedjax_lite.vertical import psi as _psi  # pylint: disable=g-import-not-at-top
+
     if source.y is None:
-      raise ValueError(f"the source party {source.name!r} has no label column "
-                       "(y=None); FTL needs labels on the source side.")
-    res = _psi.ecdh_psi([source.ids, target.ids],
-                        names=(source.name, target.name), guest=0, seed=seed)
-    return cls(source.x, to_pm1(source.y, f"party {source.name!r} y"),
-               target.x, res.rows[0], res.rows[1],
-               (source.name, target.name)), res
+      raise ValueError(
+        f"the source party {source.name!r} has no label column "
+        "(y=None); FTL needs labels on the source side."
+      )
+    res = _psi.ecdh_psi(
+      [source.ids, target.ids],
+      names=(source.name, target.name),
+      guest=0,
+      seed=seed,
+    )
+    return cls(
+      source.x,
+      to_pm1(source.y, f"party {source.name!r} y"),
+      target.x,
+      res.rows[0],
+      res.rows[1],
+      (source.name, target.name),
+    ), res
 
 
-def split_transfer(x: np.ndarray, y: np.ndarray, *,
-                   source_cols: Sequence[int], target_cols: Sequence[int],
-                   num_source: int, num_target: int, num_overlap: int,
-                   id_type: str = "str", seed: int = 0
-                   ) -> tuple[Party, Party, np.ndarray]:
+def split_transfer(
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  source_cols: Sequence[int],
+  target_cols: Sequence[int],
+  num_source: int,
+  num_target: int,
+  num_overlap: int,
+  id_type: str = "str",
+  seed: int = 0,
+) -> tuple[Party, Party, np.ndarray]:
   """A centralized table as an FTL pair: different columns, different rows.
 
   Draws ``num_overlap`` rows held by both parties, ``num_source -
@@ -157,12 +182,14 @@ def split_transfer(x: np.ndarray, y: np.ndarray, *,
   x = np.asarray(x, np.float32).reshape(len(x), -1)
   n = x.shape[0]
   if not 0 < num_overlap <= min(num_source, num_target):
-    raise ValueError(f"num_overlap={num_overlap} must be in "
-                     f"(0, min(num_source, num_target)].")
+    raise ValueError(
+      f"num_overlap={num_overlap} must be in (0, min(num_source, num_target)]."
+    )
   need = num_source + num_target - num_overlap
   if need > n:
-    raise ValueError(f"the split needs {need} distinct rows, the table has "
-                     f"{n}.")
+    raise ValueError(
+      f"the split needs {need} distinct rows, the table has {n}."
+    )
   rng = np.random.default_rng(seed)
   perm = rng.permutation(n)
   both = perm[:num_overlap]
@@ -170,32 +197,50 @@ def split_transfer(x: np.ndarray, y: np.ndarray, *,
   only_t = perm[num_source:need]
   rows_s = rng.permutation(np.concatenate([both, only_s]))
   rows_t = rng.permutation(np.concatenate([both, only_t]))
-  ids = (np.asarray([f"u{i:06d}" for i in range(n)]) if id_type == "str"
-         else np.arange(n, dtype=np.int64))
-  src = Party("source", ids[rows_s], x[rows_s][:, np.asarray(source_cols)],
-              np.asarray(y)[rows_s])
+  ids = (
+    np.asarray([f"u{i:06d}" for i in range(n)])
+    if id_type == "str"
+    else np.arange(n, dtype=np.int64)
+  )
+  src = Party(
+    "source",
+    ids[rows_s],
+    x[rows_s][:, np.asarray(source_cols)],
+    np.asarray(y)[rows_s],
+  )
   tgt = Party("target", ids[rows_t], x[rows_t][:, np.asarray(target_cols)])
   return src, tgt, np.asarray(y)[rows_t]
 
 
-def digits_transfer(num_overlap: int = 100, num_source: int = 900,
-                    num_target: int = 897, seed: int = 0):
+def digits_transfer(
+  num_overlap: int = 100,
+  num_source: int = 900,
+  num_target: int = 897,
+  seed: int = 0,
+):
   """Digits, binary (digit >= 5): source sees the left image half, target the
   right half; see :func:`split_transfer` for the return value."""
   import sklearn.datasets  # pylint: disable=g-import-not-at-top
+
   b = sklearn.datasets.load_digits()
   cols = np.arange(64).reshape(8, 8)
-  return split_transfer(b.data / 16.0, (b.target >= 5).astype(np.int32),
-                        source_cols=cols[:, :4].ravel(),
-                        target_cols=cols[:, 4:].ravel(),
-                        num_source=num_source, num_target=num_target,
-                        num_overlap=num_overlap, seed=seed)
+  return split_transfer(
+    b.data / 16.0,
+    (b.target >= 5).astype(np.int32),
+    source_cols=cols[:, :4].ravel(),
+    target_cols=cols[:, 4:].ravel(),
+    num_source=num_source,
+    num_target=num_target,
+    num_overlap=num_overlap,
+    seed=seed,
+  )
 
 
 @flax.struct.dataclass
 class FTLState:
   """``params = (source net params, target net params)``, optimizer state,
   step counter."""
+
   params: tuple
   opt_state: optax.OptState
   step: jax.Array
@@ -204,8 +249,10 @@ class FTLState:
 def representations(nets: tuple[Model, Model], params, x_source, x_target_ab):
   """``(u^A [N_A, d], u^B [N_AB, d])``: each party's own forward pass."""
   (net_a, net_b), (pa, pb) = nets, params
-  return (net_a.apply(pa, {net_a.input_key: x_source}),
-          net_b.apply(pb, {net_b.input_key: x_target_ab}))
+  return (
+    net_a.apply(pa, {net_a.input_key: x_source}),
+    net_b.apply(pb, {net_b.input_key: x_target_ab}),
+  )
 
 
 def ftl_loss(u_a, u_b, y, rows_source, gamma):
@@ -226,8 +273,10 @@ def rep_grads(u_a, u_b, y, rows_source, gamma):
   yc = y[rows_source]
   ua_ab = u_a[rows_source]
   scores = u_b @ phi
-  g_b = ((-0.5 * yc + 0.25 * scores)[:, None] * phi[None]
-         + 2.0 * gamma * (u_b - ua_ab)) / n_ab
+  g_b = (
+    (-0.5 * yc + 0.25 * scores)[:, None] * phi[None]
+    + 2.0 * gamma * (u_b - ua_ab)
+  ) / n_ab
   # B -> A: u^B on the overlap (A forms sum y u^B and sum u^B u^B^T).
   g_phi = (-0.5 * (yc @ u_b) + 0.25 * (u_b.T @ (u_b @ phi))) / n_ab
   g_a = y[:, None] * g_phi[None] / n_a
@@ -245,12 +294,20 @@ class FTLProcess:
   step); metrics ``loss`` (``L_1 + gamma L_2 + lambda/2 ||theta||^2``),
   ``seconds`` and bytes per party. Build with :func:`build_ftl_process`."""
 
-  def __init__(self, data: FTLData, source_net: Model, target_net: Model,
-               optimizer: optax.GradientTransformation, *, gamma: float,
-               l2: float, mode: str, key_bits: int):
+  def __init__(
+    self,
+    data: FTLData,
+    source_net: Model,
+    target_net: Model,
+    optimizer: optax.GradientTransformation,
+    *,
+    gamma: float,
+    l2: float,
+    mode: str,
+    key_bits: int,
+  ):
     if mode not in ("plaintext", "paillier"):
-      raise ValueError(f"mode must be 'plaintext' or 'paillier', got "
-                       f"{mode!r}.")
+      raise ValueError(f"mode must be 'plaintext' or 'paillier', got {mode!r}.")
     if not isinstance(data, FTLData):
       raise TypeError(f"data must be FTLData, got {type(data).__name__}.")
     self.data, self.nets = data, (source_net, target_net)
@@ -265,16 +322,21 @@ class FTLProcess:
     nets, gamma, l2 = self.nets, self.gamma, self.l2
 
     def forward(params):
-      return jax.vjp(lambda p: representations(nets, p, self._xa,
-                                               self._xb_ab), params)
+      return jax.vjp(
+        lambda p: representations(nets, p, self._xa, self._xb_ab), params
+      )
 
     def apply(state, vjp, g_a, g_b):
       grads = vjp((g_a, g_b))[0]
       grads = jax.tree.map(lambda g, p: g + l2 * p, grads, state.params)
-      updates, opt_state = optimizer.update(grads, state.opt_state,
-                                            state.params)
-      return state.replace(params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state, step=state.step + 1)
+      updates, opt_state = optimizer.update(
+        grads, state.opt_state, state.params
+      )
+      return state.replace(
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        step=state.step + 1,
+      )
 
     def plain_step(state):
       (u_a, u_b), vjp = forward(state.params)
@@ -282,8 +344,9 @@ class FTLProcess:
       return apply(state, vjp, g_a, g_b), loss + 0.5 * l2 * _l2(state.params)
 
     self._plain_step = jax.jit(plain_step)
-    self._forward = jax.jit(lambda p: representations(nets, p, self._xa,
-                                                      self._xb_ab))
+    self._forward = jax.jit(
+      lambda p: representations(nets, p, self._xa, self._xb_ab)
+    )
 
     def enc_apply(state, g_a, g_b):
       _, vjp = forward(state.params)
@@ -303,15 +366,21 @@ class FTLProcess:
 
   @functools.partial(jax.jit, static_argnums=0)
   def _init(self, key) -> FTLState:
-    params = (self.nets[0].init(jax.random.fold_in(key, 0)),
-              self.nets[1].init(jax.random.fold_in(key, 1)))
-    return FTLState(params=params, opt_state=self.optimizer.init(params),
-                    step=jnp.zeros((), jnp.int32))
+    params = (
+      self.nets[0].init(jax.random.fold_in(key, 0)),
+      self.nets[1].init(jax.random.fold_in(key, 1)),
+    )
+    return FTLState(
+      params=params,
+      opt_state=self.optimizer.init(params),
+      step=jnp.zeros((), jnp.int32),
+    )
 
   def next(self, state: FTLState) -> tuple[FTLState, dict]:
     if not isinstance(state, FTLState):
-      raise TypeError(f"state must come from initialize(), got "
-                      f"{type(state).__name__}.")
+      raise TypeError(
+        f"state must come from initialize(), got {type(state).__name__}."
+      )
     t0 = time.perf_counter()
     if self.mode == "plaintext":
       state, loss = self._plain_step(state)
@@ -319,43 +388,55 @@ class FTLProcess:
       # float32 messages: A sends Phi, the overlap's labels and u^A; B u^B.
       n_ab = self._xb_ab.shape[0]
       d = self._rep_dim(state.params)
-      sent = {"bytes_source": 4 * (d + n_ab + n_ab * d),
-              "bytes_target": 4 * n_ab * d}
-      return state, {"loss": loss, "seconds": time.perf_counter() - t0,
-                     **sent}
+      sent = {
+        "bytes_source": 4 * (d + n_ab + n_ab * d),
+        "bytes_target": 4 * n_ab * d,
+      }
+      return state, {"loss": loss, "seconds": time.perf_counter() - t0, **sent}
     if self._keys is None:
       self._keys = (_pl.keypair(self.key_bits), _pl.keypair(self.key_bits))
-      t0 = time.perf_counter()   # key generation is setup, not a step
+      t0 = time.perf_counter()  # key generation is setup, not a step
     c0 = time.process_time()
-    u_a, u_b = (np.asarray(u, np.float64) for u in self._forward(
-        state.params))
+    u_a, u_b = (np.asarray(u, np.float64) for u in self._forward(state.params))
     reg_a, reg_b = (float(r) for r in self._reg(state.params))
     g_a, g_b, loss, sent = encrypted_rep_grads(
-        u_a, u_b, np.asarray(self._y, np.float64), np.asarray(self._rows),
-        self.gamma, self._keys[0], self._keys[1])
+      u_a,
+      u_b,
+      np.asarray(self._y, np.float64),
+      np.asarray(self._rows),
+      self.gamma,
+      self._keys[0],
+      self._keys[1],
+    )
     loss += 0.5 * self.l2 * (reg_a + reg_b)
-    state = self._enc_apply(state, jnp.asarray(g_a, jnp.float32),
-                            jnp.asarray(g_b, jnp.float32))
-    return state, {"loss": loss, "seconds": time.perf_counter() - t0,
-                   "cpu_seconds": time.process_time() - c0, **sent}
+    state = self._enc_apply(
+      state, jnp.asarray(g_a, jnp.float32), jnp.asarray(g_b, jnp.float32)
+    )
+    return state, {
+      "loss": loss,
+      "seconds": time.perf_counter() - t0,
+      "cpu_seconds": time.process_time() - c0,
+      **sent,
+    }
 
-  def predict_scores(self, state: FTLState, x_target: np.ndarray
-                     ) -> np.ndarray:
+  def predict_scores(self, state: FTLState, x_target: np.ndarray) -> np.ndarray:
     """``Phi^A . u^B_j`` for target rows ``x_target`` (sign = label)."""
     net_a, net_b = self.nets
     u_a = net_a.apply(state.params[0], {net_a.input_key: self._xa})
-    phi = jnp.mean(self._y[:, None] * u_a, axis=0)        # A -> B
-    u_b = net_b.apply(state.params[1], {net_b.input_key: jnp.asarray(
-        x_target)})
+    phi = jnp.mean(self._y[:, None] * u_a, axis=0)  # A -> B
+    u_b = net_b.apply(state.params[1], {net_b.input_key: jnp.asarray(x_target)})
     return np.asarray(u_b @ phi)
 
-  def evaluate(self, state: FTLState, x_target: np.ndarray,
-               labels: np.ndarray) -> dict:
+  def evaluate(
+    self, state: FTLState, x_target: np.ndarray, labels: np.ndarray
+  ) -> dict:
     """Accuracy and logistic loss of ``sign(Phi . u^B)`` on target rows."""
     s = self.predict_scores(state, x_target)
     y = to_pm1(labels, "labels")
-    return {"accuracy": float(np.mean(np.where(s >= 0, 1.0, -1.0) == y)),
-            "loss": float(np.mean(np.logaddexp(0.0, -y * s)))}
+    return {
+      "accuracy": float(np.mean(np.where(s >= 0, 1.0, -1.0) == y)),
+      "loss": float(np.mean(np.logaddexp(0.0, -y * s))),
+    }
 
 
 def encrypted_rep_grads(u_a, u_b, y, rows_source, gamma, keys_a, keys_b):
@@ -395,13 +476,17 @@ def encrypted_rep_grads(u_a, u_b, y, rows_source, gamma, keys_a, keys_b):
     coef = _pl.encode(pk_a, u_b[i] / n_ab)
     two_g = _pl.encode(pk_a, [-2.0 * gamma / n_ab])[0]
     for r in range(d):
-      quad = _pl.total([_pl.mul(e_phiphi[r * d + c], coef[c])
-                          for c in range(d)])
-      val = (e_yphi[i * d + r] * (1.0 / n_ab) + quad
-             + _pl.mul(e_ua[i * d + r], two_g)
-             + 2.0 * gamma * u_b[i, r] / n_ab)
+      quad = _pl.total(
+        [_pl.mul(e_phiphi[r * d + c], coef[c]) for c in range(d)]
+      )
+      val = (
+        e_yphi[i * d + r] * (1.0 / n_ab)
+        + quad
+        + _pl.mul(e_ua[i * d + r], two_g)
+        + 2.0 * gamma * u_b[i, r] / n_ab
+      )
       g_b_enc.append(val)
-  g_b, up, down = _pl.masked_decrypt(pk_a, sk_a, g_b_enc)   # A decrypts
+  g_b, up, down = _pl.masked_decrypt(pk_a, sk_a, g_b_enc)  # A decrypts
   sent["bytes_target"] += up
   sent["bytes_source"] += down
   # A computes [[dL/dPhi]], the alignment part of [[dL/du^A]] and the loss,
@@ -410,40 +495,51 @@ def encrypted_rep_grads(u_a, u_b, y, rows_source, gamma, keys_a, keys_b):
   phi_enc = _pl.encode(pk_b, 0.25 * phi / n_ab)
   g_phi_enc = []
   for c in range(d):
-    lin = _pl.total([_pl.mul(e_ub[i * d + c], yc_enc[i])
-                     for i in range(n_ab)])
-    quad = _pl.total([_pl.mul(e_uu[c * d + k], phi_enc[k])
-                      for k in range(d)])
+    lin = _pl.total([_pl.mul(e_ub[i * d + c], yc_enc[i]) for i in range(n_ab)])
+    quad = _pl.total([_pl.mul(e_uu[c * d + k], phi_enc[k]) for k in range(d)])
     g_phi_enc.append(lin + quad)
   align_coef = _pl.encode(pk_b, [-2.0 * gamma / n_ab])[0]
-  g_align_enc = [_pl.mul(e_ub[j], align_coef) + 2.0 * gamma * float(v) / n_ab
-                 for j, v in enumerate(ua_ab.ravel())]
+  g_align_enc = [
+    _pl.mul(e_ub[j], align_coef) + 2.0 * gamma * float(v) / n_ab
+    for j, v in enumerate(ua_ab.ravel())
+  ]
   # Loss: L1 = log2 + sum_i(-y_i/2 Phi.u^B_i)/N + Phi^T (sum u u^T) Phi/(8N);
   # L2 = (sum ||u^A_i||^2 - 2 sum u^A_i.u^B_i + tr(sum u u^T)) / N.
-  lin_coef = _pl.encode(pk_b, (-0.5 * yc[:, None] * phi[None]
-                               - 2.0 * gamma * ua_ab).ravel() / n_ab)
-  quad_coef = _pl.encode(pk_b, (np.outer(phi, phi) / 8.0
-                                + gamma * np.eye(d)).ravel() / n_ab)
-  e_loss = (_pl.total([_pl.mul(e, c) for e, c in zip(e_ub, lin_coef)])
-            + _pl.total([_pl.mul(e, c) for e, c in zip(e_uu, quad_coef)])
-            + (LOG2 + gamma * float(np.sum(ua_ab ** 2)) / n_ab))
-  vals, up, down = _pl.masked_decrypt(pk_b, sk_b,
-                                      g_phi_enc + g_align_enc + [e_loss])
+  lin_coef = _pl.encode(
+    pk_b, (-0.5 * yc[:, None] * phi[None] - 2.0 * gamma * ua_ab).ravel() / n_ab
+  )
+  quad_coef = _pl.encode(
+    pk_b, (np.outer(phi, phi) / 8.0 + gamma * np.eye(d)).ravel() / n_ab
+  )
+  e_loss = (
+    _pl.total([_pl.mul(e, c) for e, c in zip(e_ub, lin_coef)])
+    + _pl.total([_pl.mul(e, c) for e, c in zip(e_uu, quad_coef)])
+    + (LOG2 + gamma * float(np.sum(ua_ab**2)) / n_ab)
+  )
+  vals, up, down = _pl.masked_decrypt(
+    pk_b, sk_b, g_phi_enc + g_align_enc + [e_loss]
+  )
   sent["bytes_source"] += up
   sent["bytes_target"] += down
   g_phi = vals[:d]
-  g_align = vals[d:d + n_ab * d].reshape(n_ab, d)
+  g_align = vals[d : d + n_ab * d].reshape(n_ab, d)
   loss = float(vals[-1])
   g_a = y[:, None] * g_phi[None] / n_a
   np.add.at(g_a, rows_source, g_align)
   return g_a, g_b.reshape(n_ab, d), loss, sent
 
 
-def build_ftl_process(data: FTLData, source_net: Model, target_net: Model,
-                      optimizer: optax.GradientTransformation, *,
-                      gamma: float = 1.0, l2: float = 1e-3,
-                      mode: str = "plaintext", key_bits: int = 1024
-                      ) -> FTLProcess:
+def build_ftl_process(
+  data: FTLData,
+  source_net: Model,
+  target_net: Model,
+  optimizer: optax.GradientTransformation,
+  *,
+  gamma: float = 1.0,
+  l2: float = 1e-3,
+  mode: str = "plaintext",
+  key_bits: int = 1024,
+) -> FTLProcess:
   """FTL as a process.
 
   Args:
@@ -457,13 +553,28 @@ def build_ftl_process(data: FTLData, source_net: Model, target_net: Model,
       ``key_bits`` bits; keep the overlap and ``d`` small: every overlap
       coordinate is a ciphertext).
   """
-  return FTLProcess(data, source_net, target_net, optimizer, gamma=gamma,
-                    l2=l2, mode=mode, key_bits=key_bits)
+  return FTLProcess(
+    data,
+    source_net,
+    target_net,
+    optimizer,
+    gamma=gamma,
+    l2=l2,
+    mode=mode,
+    key_bits=key_bits,
+  )
 
 
-def train_target_alone(x: np.ndarray, labels: np.ndarray, net: Model,
-                       optimizer: optax.GradientTransformation, *,
-                       num_steps: int, l2: float = 1e-3, seed: int = 0):
+def train_target_alone(
+  x: np.ndarray,
+  labels: np.ndarray,
+  net: Model,
+  optimizer: optax.GradientTransformation,
+  *,
+  num_steps: int,
+  l2: float = 1e-3,
+  seed: int = 0,
+):
   """The baseline: the target's own network plus a linear head trained on the
   only labeled rows it has, with the (exact) logistic loss, full batch.
 
@@ -472,8 +583,9 @@ def train_target_alone(x: np.ndarray, labels: np.ndarray, net: Model,
   y = jnp.asarray(to_pm1(labels, "labels"))
   x = jnp.asarray(x)
   key = jax.random.PRNGKey(seed)
-  width = jax.eval_shape(lambda p: net.apply(p, {net.input_key: x}),
-                         jax.eval_shape(net.init, key)).shape[1]
+  width = jax.eval_shape(
+    lambda p: net.apply(p, {net.input_key: x}), jax.eval_shape(net.init, key)
+  ).shape[1]
   params = (net.init(key), jnp.zeros((width,)), jnp.zeros(()))
 
   def scores(p, x):
@@ -489,8 +601,10 @@ def train_target_alone(x: np.ndarray, labels: np.ndarray, net: Model,
       g = jax.grad(loss)(p)
       u, s = optimizer.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
-    (params, _), _ = jax.lax.scan(body, (params, optimizer.init(params)),
-                                  None, length=num_steps)
+
+    (params, _), _ = jax.lax.scan(
+      body, (params, optimizer.init(params)), None, length=num_steps
+    )
     return params
 
   params = run(params)

@@ -28,14 +28,16 @@ from typing import Sequence
 import numpy as np
 import phe
 
-PRECISION = 2.0 ** -32
+PRECISION = 2.0**-32
 
 
 def keypair(key_bits: int):
   """``(public_key, private_key)`` with an ``key_bits``-bit modulus ``n``."""
   if key_bits < 128:
-    raise ValueError(f"key_bits={key_bits} is too small to hold the "
-                     "fixed-point values; use >= 256 (tests) or 2048 (real).")
+    raise ValueError(
+      f"key_bits={key_bits} is too small to hold the "
+      "fixed-point values; use >= 256 (tests) or 2048 (real)."
+    )
   return phe.generate_paillier_keypair(n_length=key_bits)
 
 
@@ -49,8 +51,10 @@ def plaintext_bytes(pk) -> int:
 
 def encode(pk, values) -> list:
   """Fixed-point ``EncodedNumber`` per value (exponent from PRECISION)."""
-  return [phe.EncodedNumber.encode(pk, float(v), precision=PRECISION)
-          for v in np.asarray(values, np.float64).ravel()]
+  return [
+    phe.EncodedNumber.encode(pk, float(v), precision=PRECISION)
+    for v in np.asarray(values, np.float64).ravel()
+  ]
 
 
 def encrypt(pk, values) -> list:
@@ -81,7 +85,7 @@ def mul(e, p):
   """
   pk = e.public_key
   c, k = e.ciphertext(be_secure=False), p.encoding
-  if k >= pk.n - pk.max_int:                    # a negative mantissa
+  if k >= pk.n - pk.max_int:  # a negative mantissa
     c, k = pow(c, -1, pk.nsquare), pk.n - k
   return phe.EncryptedNumber(pk, pow(c, k, pk.nsquare), e.exponent + p.exponent)
 
@@ -114,11 +118,17 @@ def decrypt_raw(sk, enc: Sequence) -> list[int]:
   return [sk.raw_decrypt(e.ciphertext(be_secure=False)) for e in enc]
 
 
-def unmask(pk, raw: Sequence[int], masks: Sequence[int],
-           exponents: Sequence[int]) -> np.ndarray:
+def unmask(
+  pk, raw: Sequence[int], masks: Sequence[int], exponents: Sequence[int]
+) -> np.ndarray:
   """Removes the masks and decodes: ``[m_i]`` float64."""
-  return np.asarray([phe.EncodedNumber(pk, (v - r) % pk.n, ex).decode()
-                     for v, r, ex in zip(raw, masks, exponents)], np.float64)
+  return np.asarray(
+    [
+      phe.EncodedNumber(pk, (v - r) % pk.n, ex).decode()
+      for v, r, ex in zip(raw, masks, exponents)
+    ],
+    np.float64,
+  )
 
 
 def masked_decrypt(pk, sk, enc: Sequence) -> tuple[np.ndarray, int, int]:

@@ -90,9 +90,10 @@ def blind(key: x25519.X25519PrivateKey, u: bytes) -> bytes:
   try:
     return key.exchange(x25519.X25519PublicKey.from_public_bytes(u))
   except ValueError as e:  # all-zero output: u is a low-order point
-    raise ValueError("PSI: an element is a low-order point (X25519 output "
-                     "is zero); rehash the id set with a different domain."
-                     ) from e
+    raise ValueError(
+      "PSI: an element is a low-order point (X25519 output "
+      "is zero); rehash the id set with a different domain."
+    ) from e
 
 
 def new_key(rng: np.random.Generator | None) -> x25519.X25519PrivateKey:
@@ -103,6 +104,7 @@ def new_key(rng: np.random.Generator | None) -> x25519.X25519PrivateKey:
 @dataclasses.dataclass(frozen=True)
 class Message:
   """One protocol message: a list of 32-byte group elements."""
+
   sender: str
   receiver: str
   name: str
@@ -124,6 +126,7 @@ class PsiResult:
     bytes_sent: party name -> bytes it sent.
     messages: the transcript (everything that crossed between parties).
   """
+
   rows: tuple[np.ndarray, ...]
   size: int
   bytes_sent: dict
@@ -152,8 +155,12 @@ def _pairwise(g_name, g_ids, g_key, h_name, h_ids, h_key, log):
   return guest_map, host_map
 
 
-def ecdh_psi(id_lists: Sequence[Sequence], names: Sequence[str] | None = None,
-             guest: int = 0, seed: int | None = None) -> PsiResult:
+def ecdh_psi(
+  id_lists: Sequence[Sequence],
+  names: Sequence[str] | None = None,
+  guest: int = 0,
+  seed: int | None = None,
+) -> PsiResult:
   """Intersects the parties' id sets; every party learns the intersection.
 
   Args:
@@ -172,8 +179,11 @@ def ecdh_psi(id_lists: Sequence[Sequence], names: Sequence[str] | None = None,
       intersection.
   """
   num = len(id_lists)
-  names = tuple(names) if names is not None else tuple(
-      f"party{k}" for k in range(num))
+  names = (
+    tuple(names)
+    if names is not None
+    else tuple(f"party{k}" for k in range(num))
+  )
   if num < 2:
     raise ValueError(f"PSI needs at least 2 parties, got {num}.")
   ids = [np.asarray(i) for i in id_lists]
@@ -185,27 +195,33 @@ def ecdh_psi(id_lists: Sequence[Sequence], names: Sequence[str] | None = None,
     if i.size == 0:
       raise ValueError(f"party {n!r} has no ids.")
   if len(set(kinds.values())) > 1:
-    raise TypeError(f"parties use different id types {kinds}; convert them "
-                    "to one type (e.g. ids.astype(str)).")
+    raise TypeError(
+      f"parties use different id types {kinds}; convert them "
+      "to one type (e.g. ids.astype(str))."
+    )
   rng = None if seed is None else np.random.default_rng(seed)
   keys = [new_key(rng) for _ in range(num)]
   log: list[Message] = []
   hosts = [k for k in range(num) if k != guest]
   pair = {}
   for k in hosts:
-    pair[k] = _pairwise(names[guest], ids[guest], keys[guest], names[k],
-                        ids[k], keys[k], log)
+    pair[k] = _pairwise(
+      names[guest], ids[guest], keys[guest], names[k], ids[k], keys[k], log
+    )
     if not pair[k][0]:
-      raise ValueError(f"parties {names[guest]!r} and {names[k]!r} share no "
-                       "sample ids; vertical training needs common samples. "
-                       "Check that both use the same id scheme (e.g. the same "
-                       "customer key, same formatting).")
+      raise ValueError(
+        f"parties {names[guest]!r} and {names[k]!r} share no "
+        "sample ids; vertical training needs common samples. "
+        "Check that both use the same id scheme (e.g. the same "
+        "customer key, same formatting)."
+      )
   # Guest: rows present in every pairwise intersection, ordered by the first
   # host's doubly blinded value.
   common = set.intersection(*(set(pair[k][0].values()) for k in hosts))
   if not common:
-    raise ValueError(f"the parties {list(names)} share no sample id common "
-                     "to all of them.")
+    raise ValueError(
+      f"the parties {list(names)} share no sample id common to all of them."
+    )
   first = hosts[0]
   order = sorted((v, j) for v, j in pair[first][0].items() if j in common)
   guest_rows = np.asarray([j for _, j in order], np.int64)
@@ -215,10 +231,11 @@ def ecdh_psi(id_lists: Sequence[Sequence], names: Sequence[str] | None = None,
     by_row = {j: v for v, j in pair[k][0].items()}
     final = tuple(by_row[j] for j in guest_rows)
     log.append(Message(names[guest], names[k], "final_order", final))
-    host_map = pair[k][1]      # host k maps each value to its own row
+    host_map = pair[k][1]  # host k maps each value to its own row
     rows[k] = np.asarray([host_map[v] for v in final], np.int64)
   sent = {n: 0 for n in names}
   for m in log:
     sent[m.sender] += m.nbytes
-  return PsiResult(rows=tuple(rows), size=len(guest_rows), bytes_sent=sent,
-                   messages=tuple(log))
+  return PsiResult(
+    rows=tuple(rows), size=len(guest_rows), bytes_sent=sent, messages=tuple(log)
+  )
