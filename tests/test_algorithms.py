@@ -166,7 +166,9 @@ BUILDERS = {
   ),
 }
 
-MODES = ["jit", "eager"]
+# Eager (op-by-op) runs of every algorithm are slow; one per family stays in
+# the default run (FedOpt and FedNova below), the rest run with -m slow.
+MODES = ["jit", pytest.param("eager", marks=pytest.mark.slow)]
 
 
 # ------------------------------------------------------------------ FedProx

@@ -42,7 +42,7 @@ def setup(aggregator=None, stateful=False, clients_per_round=5):
 @pytest.mark.parametrize(
   "aggregator,stateful",
   [
-    (None, True),
+    pytest.param(None, True, marks=pytest.mark.slow),
     (agg.clipped(agg.trimmed_mean(0.2), 0.3, adaptive=True), False),
   ],
   ids=["scaffold_fedavg", "adaptive_trimmed"],

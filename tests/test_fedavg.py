@@ -72,7 +72,9 @@ def assert_close(actual, expected, rtol=1e-5):
     np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.abs(e).max())
 
 
-@pytest.mark.parametrize("mode", ["jit", "eager"])
+@pytest.mark.parametrize(
+  "mode", ["jit", pytest.param("eager", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize(
   "setup", [logreg_setup, mlp_setup], ids=["logreg", "mlp"]
 )
@@ -93,7 +95,9 @@ def test_fedavg_full_batch_gd_matches_numpy(rng, mode, setup):
     assert_close(to_list(states[t].server.params), expected)
 
 
-@pytest.mark.parametrize("mode", ["jit", "eager"])
+@pytest.mark.parametrize(
+  "mode", ["jit", pytest.param("eager", marks=pytest.mark.slow)]
+)
 def test_fedadam_matches_numpy(rng, mode):
   model, params, to_list, grad = logreg_setup(rng)
   clients = make_clients(rng)
