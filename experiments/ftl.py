@@ -29,11 +29,8 @@ vertical training, so this file has its own ``main()``; it writes
   python experiments/ftl.py --smoke    # seconds
 """
 
-import argparse
 import dataclasses
-import datetime
 import json
-import os
 import time
 from pathlib import Path
 
@@ -222,21 +219,7 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--smoke", action="store_true")
-  p.add_argument("--out", default="runs")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-  args = p.parse_args(argv)
-  cfg = fl.experiment.apply_overrides(
-    get_config("smoke" if args.smoke else ""), args.set
-  )
-  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  run_dir = Path(args.out) / f"{Path(__file__).stem}-{stamp}"
-  os.makedirs(run_dir, exist_ok=False)
-  summary = run(cfg, run_dir)
-  print(json.dumps(summary, indent=1))
-  print(f"wrote {run_dir}")
-  return summary
+  return fl.experiment.runner.script_main(__file__, get_config, run, argv)
 
 
 if __name__ == "__main__":

@@ -551,3 +551,27 @@ def run_file(
     progress=progress,
     desc=run_dir.name,
   )
+
+
+def script_main(file: str, get_config, run, argv=None) -> dict:
+  """``main()`` of a script-style experiment file (one the runner's
+  :class:`Experiment` does not fit, e.g. vertical FL): ``python
+  experiments/X.py [--smoke] [--out runs] [--set field=value ...]`` calls
+  ``run(config, run_dir)`` with a fresh ``<out>/X-<time>/`` folder and prints
+  the summary it returns."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  name = Path(file).stem
+  p = argparse.ArgumentParser(prog=f"python {file}")
+  p.add_argument("--smoke", action="store_true", help="a seconds-long run")
+  p.add_argument("--out", default="runs", help="parent of the run folder")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  args = p.parse_args(argv)
+  cfg = cfglib.apply_overrides(
+    get_config("smoke" if args.smoke else ""), args.set
+  )
+  run_dir = new_run_dir(args.out, name)
+  summary = run(cfg, run_dir)
+  print(json.dumps(summary, indent=1))
+  print(f"wrote {run_dir}")
+  return summary
