@@ -45,7 +45,12 @@ from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment import config as cfglib
 from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.core import Experiment
-from fedjax_lite.experiment.loop import CHECKPOINT, Checkpointing, run_rounds
+from fedjax_lite.experiment.loop import (
+  CHECKPOINT,
+  Checkpointing,
+  LoopResult,
+  run_rounds,
+)
 from fedjax_lite.experiment.records import TIMING_KEYS, MetricsLog, final_values
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -244,6 +249,103 @@ def load_resume_state(run_dir: Path, target):
     raise cfglib.ConfigError(str(e)) from None
 
 
+@dataclasses.dataclass
+class Session:
+  """What a run (:func:`train`) or a sweep sets up before its first round.
+
+  Attributes:
+    exp: the experiment.
+    run_dir: the run folder (None: in memory only).
+    engine: ``exp``'s Engine (see :func:`engine_for`).
+    data: the training data on the devices.
+    evaluator: the test-data :class:`Evaluator`.
+    state: the initial state, or the checkpoint's when resuming.
+    elapsed0: wall time of the run before this session (resumes).
+    log: the metrics log, without the rows after the checkpoint.
+    t0: ``time.perf_counter()`` when the session started.
+  """
+
+  exp: Experiment
+  run_dir: Path | None
+  engine: Engine
+  data: Any
+  evaluator: Evaluator
+  state: Any
+  elapsed0: float
+  log: MetricsLog
+  t0: float
+
+  @property
+  def start(self) -> int:
+    """Rounds done before this session."""
+    return int(self.state.round)
+
+  @classmethod
+  def open(
+    cls,
+    exp: Experiment,
+    run_dir: str | os.PathLike | None,
+    resume: bool,
+    init: Callable[[Engine, Any], Any],
+  ) -> "Session":
+    """Uploads the data, makes the initial state (``init(engine, data)``) and,
+    when ``resume``, replaces it by ``run_dir``'s checkpoint."""
+    if run_dir is None and resume:
+      raise ValueError("resume=True needs the run_dir holding the checkpoint.")
+    engine = engine_for(exp)
+    data = engine.put_data(exp.train)
+    state = init(engine, data)
+    evaluator = Evaluator(exp, engine)
+    run_dir = None if run_dir is None else Path(run_dir)
+    elapsed0 = 0.0
+    if resume:
+      host_state, meta = load_resume_state(run_dir, state)
+      state = jax.device_put(host_state, engine.replicated)
+      elapsed0 = float(meta.get("elapsed", 0.0))
+    start = int(state.round)
+    log = MetricsLog(run_dir, keep_until_round=start if run_dir else None)
+    return cls(
+      exp,
+      run_dir,
+      engine,
+      data,
+      evaluator,
+      state,
+      elapsed0,
+      log,
+      time.perf_counter(),
+    )
+
+  def wall_time(self) -> float:
+    """Wall time of the run so far, sessions before this one included."""
+    return self.elapsed0 + (time.perf_counter() - self.t0)
+
+  def run(
+    self,
+    advance,
+    checkpointing: Checkpointing,
+    *,
+    progress: bool,
+    desc: str,
+    handle_signals: bool,
+  ) -> LoopResult:
+    """:func:`~fedjax_lite.experiment.loop.run_rounds` from :attr:`start`
+    to ``exp.num_rounds``."""
+    return run_rounds(
+      advance,
+      self.state,
+      start=self.start,
+      num_rounds=self.exp.num_rounds,
+      log=self.log,
+      run_dir=self.run_dir,
+      checkpointing=checkpointing,
+      elapsed0=self.elapsed0,
+      progress=progress,
+      desc=desc,
+      handle_signals=handle_signals,
+    )
+
+
 def train(
   exp: Experiment,
   run_dir: str | os.PathLike | None = None,
@@ -277,33 +379,22 @@ def train(
   policy = Checkpointing(
     every_seconds=checkpoint_every_seconds, every_rounds=checkpoint_every
   )
-  if run_dir is None and resume:
-    raise ValueError("resume=True needs the run_dir holding the checkpoint.")
-  engine = engine_for(exp)
-  data = engine.put_data(exp.train)
-  evaluator = Evaluator(exp, engine)
-  state = init_state(exp, engine)
-  elapsed0 = 0.0
-  run_dir = None if run_dir is None else Path(run_dir)
   if run_dir is not None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-  if resume:
-    host_state, meta = load_resume_state(run_dir, state)
-    state = jax.device_put(host_state, engine.replicated)
-    elapsed0 = float(meta.get("elapsed", 0.0))
-  start = int(state.round)
-  if start > exp.num_rounds:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+  sess = Session.open(
+    exp, run_dir, resume, lambda engine, data: init_state(exp, engine)
+  )
+  if sess.start > exp.num_rounds:
     raise ValueError(
-      f"the checkpoint is at round {start}, beyond "
+      f"the checkpoint is at round {sess.start}, beyond "
       f"num_rounds={exp.num_rounds}; raise num_rounds."
     )
-  log = MetricsLog(run_dir, keep_until_round=start if run_dir else None)
-  t0 = time.perf_counter()
+  run_dir, log = sess.run_dir, sess.log
 
   def advance(state, t, max_rounds, seconds):
     del max_rounds, seconds  # one round at a time
     tick = time.perf_counter()
-    state, metrics = engine.round(state, data)
+    state, metrics = sess.engine.round(state, sess.data)
     metrics = jax.device_get(metrics)
     dt = time.perf_counter() - tick
     row = {
@@ -313,19 +404,13 @@ def train(
       "rounds_per_s": 1.0 / max(dt, 1e-9),
     }
     if _eval_due(exp, t + 1):
-      row.update(evaluator(exp.algorithm.get_params(state.server)))
-    row["wall_time"] = elapsed0 + (time.perf_counter() - t0)
+      row.update(sess.evaluator(exp.algorithm.get_params(state.server)))
+    row["wall_time"] = sess.wall_time()
     return state, [row], 1
 
-  out = run_rounds(
+  out = sess.run(
     advance,
-    state,
-    start=start,
-    num_rounds=exp.num_rounds,
-    log=log,
-    run_dir=run_dir,
-    checkpointing=policy,
-    elapsed0=elapsed0,
+    policy,
     progress=progress,
     desc=desc or exp.name or exp.algorithm.name,
     handle_signals=handle_signals,
@@ -533,23 +618,65 @@ def run_file(
     checkpoint_every_seconds: the most wall time between checkpoints.
     progress: show the progress bar.
   """
-  ef, cfg, record = prepare(spec, overrides, resume)
-  exp = ef.build(cfg)
-  if resume is None:
-    run_dir = new_run_dir(out, run_name(ef, exp))
-    record = run_record(ef, cfg, overrides, exp)
-  else:
-    run_dir = Path(resume)
-    note_resume(record, ef, cfg, overrides)
-  ckpt.atomic_write_text(run_dir / "config.json", cfglib.dumps(record))
-  return train(
-    exp,
-    run_dir,
-    resume=resume is not None,
+  return launch_file(
+    "run",
+    spec,
+    overrides,
+    out,
+    resume,
+    lambda exp, run_dir, record, **kw: train(exp, run_dir, **kw),
     checkpoint_every=checkpoint_every,
     checkpoint_every_seconds=checkpoint_every_seconds,
     progress=progress,
+  )
+
+
+def launch_file(
+  command: str,
+  spec: str | None,
+  overrides,
+  out,
+  resume,
+  launch: Callable[..., Any],
+  new_record: Callable[[Experiment], dict] | None = None,
+  **options,
+):
+  """What :func:`run_file` and ``sweep_file`` share: loads the experiment
+  file (or the folder's, when resuming), makes the run folder (or notes the
+  resume), writes its record, then returns ``launch(exp, run_dir, record,
+  resume=..., desc=<folder name>, **options)``.
+
+  Args:
+    command: ``"run"`` (record ``config.json``) or ``"sweep"`` (record
+      ``sweep.json``, folder name ending in ``-sweep``).
+    spec: ``path.py[:arg]`` (optional when resuming).
+    overrides: applied to the config.
+    out: parent folder of new run folders.
+    resume: the folder to continue, or None.
+    launch: runs the experiment (:func:`train`, ``sweep``).
+    new_record: ``exp -> {field: value}`` more fields for a new record
+      (called before the folder is made, so it may check and raise).
+    **options: passed on to ``launch``.
+  """
+  ef, cfg, record = prepare(spec, overrides, resume, command=command)
+  exp = ef.build(cfg)
+  if resume is None:
+    extra = new_record(exp) if new_record is not None else {}
+    suffix = "-sweep" if command == "sweep" else ""
+    run_dir = new_run_dir(out, run_name(ef, exp) + suffix)
+    record = run_record(ef, cfg, overrides, exp, **extra)
+  else:
+    run_dir = Path(resume)
+    note_resume(record, ef, cfg, overrides)
+  name = "sweep.json" if command == "sweep" else "config.json"
+  ckpt.atomic_write_text(run_dir / name, cfglib.dumps(record))
+  return launch(
+    exp,
+    run_dir,
+    record,
+    resume=resume is not None,
     desc=run_dir.name,
+    **options,
   )
 
 

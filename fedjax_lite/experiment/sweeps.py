@@ -26,25 +26,17 @@ import numpy as np
 
 from fedjax_lite.engine.round import EngineState
 from fedjax_lite.experiment import checkpoint as ckpt
-from fedjax_lite.experiment import config as cfglib
 from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.core import Experiment
-from fedjax_lite.experiment.loop import Checkpointing, run_rounds
+from fedjax_lite.experiment.loop import Checkpointing
 from fedjax_lite.experiment.records import (
-  MetricsLog,
   final_table,
   setting_label,
 )
 from fedjax_lite.experiment.runner import (
-  Evaluator,
+  Session,
+  launch_file,
   _train_row,
-  engine_for,
-  load_resume_state,
-  new_run_dir,
-  note_resume,
-  prepare,
-  run_name,
-  run_record,
 )
 from fedjax_lite.experiment.vmapped import (
   VmappedRounds,
@@ -165,19 +157,10 @@ def sweep(
   chunk = max(b - a for a, b in zip([0] + ends[:-1], ends))
   runner = VmappedRounds(exp, seeds, grid, chunk)
   settings = runner.settings
-  engine = engine_for(exp)
-  data = engine.put_data(exp.train)
-  state = runner.init(data)
-  evaluator = Evaluator(exp, engine)
-  run_dir = None if run_dir is None else Path(run_dir)
-  elapsed0 = 0.0
-  if resume:
-    host_state, meta = load_resume_state(run_dir, state)
-    state = jax.device_put(host_state, engine.replicated)
-    elapsed0 = float(meta.get("elapsed", 0.0))
-  start = int(state.round)
-  log = MetricsLog(run_dir, keep_until_round=start if run_dir else None)
-  t0 = time.perf_counter()
+  sess = Session.open(
+    exp, run_dir, resume, lambda engine, data: runner.init(data)
+  )
+  run_dir, data = sess.run_dir, sess.data
   speed = {"s_per_round": None}
 
   def advance(state, t, max_rounds, seconds):
@@ -195,7 +178,7 @@ def sweep(
     if t + n in ends:
       params = runner.flat(exp.algorithm.get_params(state.server))
       evals = [
-        evaluator(jax.tree.map(lambda a, i=i: a[i], params))
+        sess.evaluator(jax.tree.map(lambda a, i=i: a[i], params))
         for i in range(len(settings))
       ]
     rows = []
@@ -212,19 +195,13 @@ def sweep(
         if k == n - 1:
           if evals is not None:
             row.update(evals[i])
-          row["wall_time"] = elapsed0 + (time.perf_counter() - t0)
+          row["wall_time"] = sess.wall_time()
         rows.append(row)
     return state, rows, n
 
-  out = run_rounds(
+  out = sess.run(
     advance,
-    state,
-    start=start,
-    num_rounds=exp.num_rounds,
-    log=log,
-    run_dir=run_dir,
-    checkpointing=policy,
-    elapsed0=elapsed0,
+    policy,
     progress=progress,
     desc=desc or f"sweep x{len(settings)}",
     handle_signals=handle_signals,
@@ -233,7 +210,7 @@ def sweep(
     run_dir,
     settings,
     runner.engine_states(out.state),
-    list(log.rows),
+    list(sess.log.rows),
     runner.num_traces,
     out.interrupted,
     out.signum,
@@ -273,35 +250,29 @@ def sweep_file(
     checkpoint_every_seconds: the most wall time between checkpoints.
     progress: show the progress bar.
   """
-  ef, cfg, record = prepare(spec, overrides, resume, command="sweep")
-  exp = ef.build(cfg)
-  if resume is None:
+
+  def new_record(exp: Experiment) -> dict:
     seed_list = _seed_list(exp, seeds)
-    grid = {k: [float(v) for v in vs] for k, vs in dict(grid or {}).items()}
-    check_grid(exp, grid)
-    run_dir = new_run_dir(out, run_name(ef, exp) + "-sweep")
-    record = run_record(
-      ef,
-      cfg,
-      overrides,
-      exp,
-      seeds=seed_list,
-      grid=grid,
-      settings=make_settings(seed_list, grid),
-    )
-  else:
-    run_dir = Path(resume)
-    seed_list, grid = record["seeds"], record["grid"]
-    note_resume(record, ef, cfg, overrides)
-  ckpt.atomic_write_text(run_dir / "sweep.json", cfglib.dumps(record))
-  return sweep(
-    exp,
-    seed_list,
-    grid,
-    run_dir,
-    resume=resume is not None,
+    points = {k: [float(v) for v in vs] for k, vs in dict(grid or {}).items()}
+    check_grid(exp, points)
+    return {
+      "seeds": seed_list,
+      "grid": points,
+      "settings": make_settings(seed_list, points),
+    }
+
+  def launch(exp, run_dir, record, **kw):
+    return sweep(exp, record["seeds"], record["grid"], run_dir, **kw)
+
+  return launch_file(
+    "sweep",
+    spec,
+    overrides,
+    out,
+    resume,
+    launch,
+    new_record,
     checkpoint_every=checkpoint_every,
     checkpoint_every_seconds=checkpoint_every_seconds,
     progress=progress,
-    desc=run_dir.name,
   )
