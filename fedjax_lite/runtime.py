@@ -157,3 +157,24 @@ def auto_configure() -> None:
 def settings() -> dict:
   """What :func:`configure_cpu` applied in this process (for reports)."""
   return dict(_applied) if _applied else {"applied": False}
+
+
+def device_memory_bytes(device) -> tuple[int | None, str]:
+  """Memory one device can hold and where the number came from.
+
+  Accelerators: ``device.memory_stats()["bytes_limit"]``. CPU (or when the
+  backend reports nothing): the host's physical memory from ``os.sysconf``
+  (all CPU devices of a process share it).
+  """
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), "device.memory_stats()['bytes_limit']"
+  try:
+    pages = os.sysconf("SC_PHYS_PAGES")
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(pages) * int(page), "host physical memory (os.sysconf)"
+  except (ValueError, OSError, AttributeError):
+    return None, "unknown"

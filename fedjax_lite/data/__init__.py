@@ -11,3 +11,10 @@ from fedjax_lite.data.batching import (
   to_device,
 )
 from fedjax_lite.data.federated_dataset import FederatedDataset
+from fedjax_lite.data.sharding import (
+  ClientLoader,
+  client_rows,
+  resident_bytes,
+  shard_clients,
+  to_device_sharded,
+)

@@ -188,6 +188,12 @@ class DeviceData:
     bucket_clients, bucket_examples: static tuples, clients and examples per
       bucket (the engine sizes each bucket's blocks by its expected share of
       a round's clients).
+    owner: None for replicated data (every device holds every client). For
+      client-sharded data (:func:`fedjax_lite.data.to_device_sharded`),
+      int32 ``[num_clients]``, the mesh position of the device holding each
+      client; ``features`` then have shape ``[num_devices, shard_rows, ...]``
+      (sharded on the first axis) and ``offsets`` index each client's rows
+      inside its device's shard.
   """
 
   features: Mapping[str, jax.Array]
@@ -197,10 +203,44 @@ class DeviceData:
   bucket_sizes: tuple = flax.struct.field(pytree_node=False)
   bucket_clients: tuple = flax.struct.field(pytree_node=False, default=None)
   bucket_examples: tuple = flax.struct.field(pytree_node=False, default=None)
+  owner: jax.Array | None = None
 
   @property
   def num_clients(self) -> int:
     return int(self.counts.shape[0])
+
+  @property
+  def sharded(self) -> bool:
+    """True when each device holds only its share of the clients."""
+    return self.owner is not None
+
+  def shard_view(self, shard: jax.Array) -> "DeviceData":
+    """The replicated-style view of one device's shard (``features[shard]``)
+    for the clients that device holds (offsets are local to the shard)."""
+    if not self.sharded:
+      return self
+    return self.replace(
+      features={k: v[shard] for k, v in self.features.items()}, owner=None
+    )
+
+
+def bucket_plan(
+  counts: np.ndarray,
+  local_work: LocalWork,
+  buckets: int | str | Sequence[int] = "auto",
+) -> tuple[tuple, np.ndarray]:
+  """``(bucket sizes, int32 bucket of every client)`` for client sizes
+  ``counts`` (``buckets``: ``"auto"``, a maximum count, or explicit limits)."""
+  if isinstance(buckets, (list, tuple)):
+    sizes = tuple(int(s) for s in buckets)
+    if list(sizes) != sorted(set(sizes)) or sizes[-1] < counts.max():
+      raise ValueError(
+        f"buckets={buckets!r} must be strictly ascending and end "
+        f">= the largest client ({int(counts.max())})."
+      )
+  else:
+    sizes = choose_buckets(counts, local_work, buckets)
+  return sizes, np.searchsorted(np.asarray(sizes), counts).astype(np.int32)
 
 
 def to_device(
@@ -226,16 +266,7 @@ def to_device(
       "FederatedDataset.from_clients(...)."
     )
   counts = dataset.counts
-  if isinstance(buckets, (list, tuple)):
-    sizes = tuple(int(s) for s in buckets)
-    if list(sizes) != sorted(set(sizes)) or sizes[-1] < counts.max():
-      raise ValueError(
-        f"buckets={buckets!r} must be strictly ascending and end "
-        f">= the largest client ({int(counts.max())})."
-      )
-  else:
-    sizes = choose_buckets(counts, local_work, buckets)
-  bucket = np.searchsorted(np.asarray(sizes), counts).astype(np.int32)
+  sizes, bucket = bucket_plan(counts, local_work, buckets)
   put = (
     (lambda a: jax.device_put(a, sharding))
     if sharding is not None

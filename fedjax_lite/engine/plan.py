@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
 from fedjax_lite.data.batching import DeviceData, LocalWork
+from fedjax_lite.runtime import device_memory_bytes
 
 PyTree = Any
 
@@ -160,26 +160,6 @@ def make_plan(
 
 
 # ------------------------------------------------------------------ memory
-def device_memory_bytes(device) -> tuple[int | None, str]:
-  """Memory one device can hold and where the number came from.
-
-  Accelerators: ``device.memory_stats()["bytes_limit"]``. CPU (or when the
-  backend reports nothing): the host's physical memory from ``os.sysconf``.
-  """
-  try:
-    stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    stats = None
-  if stats and stats.get("bytes_limit"):
-    return int(stats["bytes_limit"]), "device.memory_stats()['bytes_limit']"
-  try:
-    pages = os.sysconf("SC_PHYS_PAGES")
-    page = os.sysconf("SC_PAGE_SIZE")
-    return int(pages) * int(page), "host physical memory (os.sysconf)"
-  except (ValueError, OSError, AttributeError):
-    return None, "unknown"
-
-
 def check_materialized_memory(
   name: str,
   *,

@@ -59,6 +59,11 @@ from fedjax_lite.data.batching import (
   to_device,
 )
 from fedjax_lite.data.federated_dataset import FederatedDataset
+from fedjax_lite.data.sharding import (
+  ClientLoader,
+  check_data_memory,
+  to_device_sharded,
+)
 from fedjax_lite.engine.plan import (
   BlockPlan,
   auto_block_size,
@@ -71,6 +76,7 @@ from fedjax_lite.engine.plan import (
 PyTree = Any
 AXIS = "clients"
 _SAMPLING = ("uniform", "weighted", "all")
+_PLACEMENTS = ("replicated", "sharded")
 # fold_in data of the round's aggregation key (the sampling and client keys
 # stay split(fold_in(rng, round)) as before aggregators existed).
 _AGGREGATION_STREAM = 0x61676772
@@ -325,24 +331,64 @@ class Engine:
 
   def put_data(
     self,
-    dataset: FederatedDataset | DeviceData,
+    dataset: FederatedDataset | ClientLoader | DeviceData,
     buckets: int | str | tuple = "auto",
     *,
     model=None,
+    placement: str = "replicated",
   ) -> DeviceData:
-    """Uploads a dataset, replicated on every device of the mesh.
+    """Uploads a dataset to the mesh's devices.
 
     Args:
-      dataset: the packed federated dataset.
+      dataset: the packed federated dataset (or, with
+        ``placement="sharded"``, a :class:`~fedjax_lite.data.ClientLoader`
+        that reads clients' examples on demand).
       buckets: size buckets (``"auto"``, a maximum count, or explicit limits).
       model: if given, its input and label features are checked (present,
         integer class labels in range) before upload.
+      placement: ``"replicated"``: every device holds every client (small
+        populations); ``"sharded"``: each device holds ~1/nd of the clients
+        and trains the sampled clients it holds (see
+        :mod:`fedjax_lite.data.sharding`); results equal replicated data up
+        to float summation order.
+
+    Raises:
+      MemoryError: the data cannot fit in the devices' memory (the message
+        says how much it needs).
     """
     if isinstance(dataset, DeviceData):
       self._data_layout = dataset
       return dataset
-    if model is not None:
+    if placement not in _PLACEMENTS:
+      raise ValueError(
+        f"placement must be one of {_PLACEMENTS}, got {placement!r}."
+      )
+    if isinstance(dataset, ClientLoader) and placement != "sharded":
+      raise TypeError(
+        "a ClientLoader reads clients on demand for placement='sharded'; "
+        "pack a FederatedDataset for replicated data."
+      )
+    if model is not None and isinstance(dataset, FederatedDataset):
       checks.model_features(model, dataset.features, "dataset")
+    if placement == "sharded":
+      data = to_device_sharded(
+        dataset, self.config.local_work, self.mesh, buckets, axis=AXIS
+      )
+      self._data_layout = data
+      return data
+    checks.instance_of("dataset", dataset, FederatedDataset)
+    local = [
+      d
+      for d in self.mesh.devices.reshape(-1)
+      if d.process_index == jax.process_index()
+    ]
+    check_data_memory(
+      [dataset.num_examples + int(dataset.counts.max())] * len(local),
+      sum(v[:1].nbytes for v in dataset.features.values()),
+      local,
+      what=f"replicated data ({dataset.num_clients} clients, "
+      f"{dataset.num_examples} examples on each of {len(local)} devices)",
+    )
     data = to_device(
       dataset, self.config.local_work, buckets, sharding=self.replicated
     )
@@ -438,6 +484,13 @@ class Engine:
       )
     c = data.num_clients
     m = self.config.clients_per_round
+    if data.sharded:
+      shards = jax.tree.leaves(data.features)[0].shape[0]
+      if shards != self.num_devices:
+        raise ValueError(
+          f"the data is sharded over {shards} devices but the engine's mesh "
+          f"has {self.num_devices}; upload it with this engine's put_data."
+        )
     if self.config.sampling == "all" and m != c:
       raise ValueError(
         f"sampling='all' needs clients_per_round == population; "
@@ -587,8 +640,14 @@ class Engine:
   def _one_client_output(
     self, alg, bcast, cstate, data, cid, k_clients, slot, bucket_size
   ):
-    """ONE client's ``ClientOutput`` (the jitted and debug rounds share it)."""
+    """ONE client's ``ClientOutput`` (the jitted and debug rounds share it).
+
+    With client-sharded data this reads the shard of the client's device
+    (the jitted round gathers sharded blocks with :meth:`_gather_sharded`
+    instead, where every device reads only its own shard)."""
     k_data, k_train = client_keys(k_clients, slot)
+    if data.sharded:
+      data = data.shard_view(data.owner[cid])
     cdata = gather_client(
       data, cid, k_data, self.config.local_work, bucket_size, slot
     )
@@ -607,6 +666,15 @@ class Engine:
     runs = jnp.repeat(jnp.arange(num_runs, dtype=jnp.int32), m)
     slots = jnp.tile(jnp.arange(m, dtype=jnp.int32), num_runs)
     nb = len(data.bucket_sizes)
+    if data.sharded:
+      # Per (bucket, device) runs: device d trains the clients it holds.
+      nd = self.num_devices
+      key = data.bucket[ids] * nd + data.owner[ids]
+      order = jnp.argsort(key, stable=True)
+      ids, slots, runs, key = ids[order], slots[order], runs[order], key[order]
+      counts = jnp.zeros((nb * nd,), jnp.int32).at[key].add(1)
+      starts = jnp.cumsum(counts) - counts
+      return ids, slots, runs, starts.reshape(nb, nd), counts.reshape(nb, nd)
     if nb > 1:
       bk = data.bucket[ids]
       order = jnp.argsort(bk, stable=True)
@@ -726,10 +794,13 @@ class Engine:
         agg_states,
       )
       start, count = sample[3][j], sample[4][j]
-      blk = plan.num_devices * plan.block_sizes[j]
+      if data.sharded:  # blocks until the fullest device is done
+        blk, most = plan.block_sizes[j], jnp.max(count)
+      else:
+        blk, most = plan.num_devices * plan.block_sizes[j], count
       carry = jax.lax.fori_loop(
         0,
-        (count + blk - 1) // blk,
+        (most + blk - 1) // blk,
         lambda i, c, step=step, start=start, count=count: step(
           i, c, start, count
         ),
@@ -839,12 +910,24 @@ class Engine:
         bucket_size,
       )
 
-    def step(i, carry, start, count):
+    def sharded_client(bcast, cstate, cdata, k_train, run):
+      return runs.of_run(run).client_update(bcast, cstate, cdata, k_train)
+
+    def block_clients(i, start, count):
+      """``(valid, client id, slot, run)`` of the block, device-major."""
+      if data.sharded:  # device d: its next B clients, from start[d]
+        local = i * bpd + jnp.arange(bpd)
+        valid = (local[None, :] < count[:, None]).reshape(-1)
+        pos = jnp.where(valid, (start[:, None] + local[None, :]).reshape(-1), 0)
+        return valid, ids_pad[pos], slots_pad[pos], runs_pad[pos]
       lo = start + i * blk
       valid = lo + jnp.arange(blk) < start + count
-      cid = jnp.where(valid, jax.lax.dynamic_slice(ids_pad, (lo,), (blk,)), 0)
-      slot = jax.lax.dynamic_slice(slots_pad, (lo,), (blk,))
-      run = jax.lax.dynamic_slice(runs_pad, (lo,), (blk,))
+      cut = lambda a: jax.lax.dynamic_slice(a, (lo,), (blk,))
+      return valid, cut(ids_pad), cut(slots_pad), cut(runs_pad)
+
+    def step(i, carry, start, count):
+      valid, cid, slot, run = block_clients(i, start, count)
+      cid = jnp.where(valid, cid, 0)
       cid = self._constrain(cid, P(AXIS))
       valid = self._constrain(valid, P(AXIS))
       stateful = carry["clients"] is not None
@@ -862,9 +945,17 @@ class Engine:
           lambda a: self._constrain(a[run], P(AXIS)), broadcast
         )
         b_axis = 0
-      out = jax.vmap(one_client, in_axes=(b_axis, 0, 0, 0, 0))(
-        bcast, cstate, cid, slot, run
-      )
+      if data.sharded:
+        keys = jax.vmap(lambda r, s: client_keys(k_clients[r], s))(run, slot)
+        k_data, k_train = keys[:, 0], keys[:, 1]
+        cdata = self._gather_sharded(data, cid, k_data, slot, bucket_size)
+        out = jax.vmap(sharded_client, in_axes=(b_axis, 0, 0, 0, 0))(
+          bcast, cstate, cdata, k_train, run
+        )
+      else:
+        out = jax.vmap(one_client, in_axes=(b_axis, 0, 0, 0, 0))(
+          bcast, cstate, cid, slot, run
+        )
 
       new = dict(carry)
       new["acc"] = self._add(
@@ -888,6 +979,31 @@ class Engine:
       return new
 
     return step
+
+  def _gather_sharded(self, data, cid, k_data, slot, bucket_size):
+    """``ClientData [nd*B, ...]`` of a block of client-sharded data: every
+    device gathers its ``B`` clients from its own shard (no cross-device
+    traffic; the per-client offsets are local to the shard)."""
+    local_work = self.config.local_work
+
+    def local(features, offsets, counts, cid, k_data, slot):
+      view = DeviceData(
+        features={k: v[0] for k, v in features.items()},
+        offsets=offsets,
+        counts=counts,
+        bucket=counts,
+        bucket_sizes=data.bucket_sizes,
+      )
+      return jax.vmap(
+        lambda c, k, s: gather_client(view, c, k, local_work, bucket_size, s)
+      )(cid, k_data, slot)
+
+    return jax.shard_map(
+      local,
+      mesh=self.mesh,
+      in_specs=(P(AXIS), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
+      out_specs=P(AXIS),
+    )(data.features, data.offsets, data.counts, cid, k_data, slot)
 
   def _add(self, runs: _Runs, acc, agg_states, out, valid, slot, run, nd, bpd):
     """The aggregator's ``add`` on every device's part of the block (and,

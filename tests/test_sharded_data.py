@@ -1,0 +1,191 @@
+"""Client-sharded data: each device holds ~1/nd of the clients; rounds equal
+rounds on replicated data up to float summation order."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_lite as fl
+from fedjax_lite import data as fd
+from fedjax_lite.engine.round import default_mesh
+
+D, K = 4, 3
+SIZES = (2, 30, 3, 4, 25, 6, 7, 3, 2, 40, 5, 9, 11, 1, 17, 8, 3)
+
+
+def make_dataset(rng, sizes=SIZES):
+  return fl.FederatedDataset.from_clients(
+    [
+      {
+        "x": rng.standard_normal((n, D)).astype(np.float32),
+        "y": rng.integers(0, K, n).astype(np.int32),
+      }
+      for n in sizes
+    ]
+  )
+
+
+def run_both(algorithm, ds, config, rounds=3, seed=5, buckets="auto"):
+  out = {}
+  for placement in ("replicated", "sharded"):
+    engine = fl.Engine(algorithm, config)
+    data = engine.put_data(ds, buckets=buckets, placement=placement)
+    params = fl.models.mlp(D, K, hidden=(6,)).init(jax.random.PRNGKey(1))
+    state = engine.init(params, seed=seed, num_clients=ds.num_clients)
+    out[placement] = engine.run(state, data, rounds) + (data,)
+  return out
+
+
+def assert_same(out):
+  (s1, h1, _), (s2, h2, _) = out["replicated"], out["sharded"]
+  chex.assert_trees_all_close(s1.server, s2.server, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(h1["num_clients"], h2["num_clients"])
+  np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-6)
+  if s1.clients is not None:
+    chex.assert_trees_all_close(s1.clients, s2.clients, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "sampling,buckets", [("uniform", "auto"), ("weighted", 1), ("uniform", 3)]
+)
+def test_sharded_equals_replicated(rng, sampling, buckets):
+  assert len(jax.devices()) == 4, "conftest forces 4 CPU devices"
+  model = fl.models.mlp(D, K, hidden=(6,))
+  work = fl.LocalWork(batch_size=4, num_epochs=2)
+  config = fl.RoundConfig(9, work, sampling=sampling, block_size=1)
+  alg = fl.fed_avg(model, optax.sgd(0.05), optax.adam(0.01))
+  out = run_both(alg, make_dataset(rng), config, buckets=buckets)
+  assert out["sharded"][2].sharded and not out["replicated"][2].sharded
+  assert_same(out)
+
+
+def test_sharded_stateful_algorithm_and_auto_blocks(rng):
+  model = fl.models.mlp(D, K, hidden=(6,))
+  config = fl.RoundConfig(6, fl.LocalWork(batch_size=3, num_steps=4))
+  ds = make_dataset(rng)
+  alg = fl.algorithms.scaffold(model, 0.05, num_clients=ds.num_clients)
+  assert_same(run_both(alg, ds, config))
+
+
+def test_sharded_pooled_runs_equal_separate_runs(rng):
+  model = fl.models.mlp(D, K, hidden=(6,))
+  ds = make_dataset(rng)
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(0.05)),
+    fl.RoundConfig(5, fl.LocalWork(batch_size=4, num_epochs=1)),
+  )
+  data = engine.put_data(ds, placement="sharded")
+  params = model.init(jax.random.PRNGKey(1))
+  states = [engine.init(params, seed=s) for s in (0, 1, 2)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  pooled, _ = jax.jit(engine.rounds_body)(stacked, data)
+  for r, s in enumerate(states):
+    one, _ = engine.round(s, data)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda a: a[r], pooled.server.params),
+      one.server.params,
+      rtol=1e-6,
+      atol=1e-6,
+    )
+
+
+def test_sharded_debug_round_equals_jitted(rng):
+  model = fl.models.logistic_regression(D, K)
+  ds = make_dataset(rng)
+  config = fl.RoundConfig(5, fl.LocalWork(batch_size=4, num_epochs=1))
+  out = []
+  for debug in (False, True):
+    engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), config, debug=debug)
+    data = engine.put_data(ds, placement="sharded")
+    state = engine.init(model.init(jax.random.PRNGKey(0)), seed=3)
+    out.append(engine.round(state, data)[0].server.params)
+  chex.assert_trees_all_close(out[0], out[1], rtol=1e-6, atol=1e-6)
+
+
+def test_shard_assignment_is_balanced():
+  counts = np.random.default_rng(0).integers(1, 100, size=1001)
+  bucket = (counts > 50).astype(np.int32)
+  owner, local, rows = fd.shard_clients(counts, bucket, 4)
+  for j in (0, 1):
+    per_device = np.bincount(owner[bucket == j], minlength=4)
+    assert per_device.max() - per_device.min() <= 1
+  assert rows.sum() == counts.sum()
+  assert rows.max() / rows.mean() < 1.02
+  # Within a shard, clients sit back to back in index order.
+  for d in range(4):
+    idx = np.flatnonzero(owner == d)
+    np.testing.assert_array_equal(
+      local[idx], np.cumsum(counts[idx]) - counts[idx]
+    )
+
+
+def test_sharded_memory_is_a_share_of_replicated(rng):
+  ds = make_dataset(rng, sizes=tuple(range(1, 201)))
+  engine = fl.Engine(
+    fl.fed_avg(fl.models.logistic_regression(D, K), optax.sgd(0.1)),
+    fl.RoundConfig(4, fl.LocalWork(batch_size=4)),
+  )
+  rep = fd.resident_bytes(engine.put_data(ds, buckets=1))
+  sh = fd.resident_bytes(engine.put_data(ds, buckets=1, placement="sharded"))
+  ratio = max(sh["features_per_device"].values()) / max(
+    rep["features_per_device"].values()
+  )
+  # 1/4 of the rows plus one padded client per device.
+  assert 0.24 < ratio < 0.30, ratio
+
+
+def test_client_loader_reads_each_client_once(rng):
+  ds = make_dataset(rng)
+  asked = []
+
+  def load(clients):
+    asked.append(clients)
+    return fd.client_rows(ds, clients)
+
+  engine = fl.Engine(
+    fl.fed_avg(fl.models.logistic_regression(D, K), optax.sgd(0.1)),
+    fl.RoundConfig(4, fl.LocalWork(batch_size=4)),
+  )
+  loader = fd.ClientLoader(ds.counts, load)
+  data = engine.put_data(loader, placement="sharded")
+  seen = np.sort(np.concatenate(asked[1:]))  # asked[0]: one feature probe
+  np.testing.assert_array_equal(seen, np.arange(ds.num_clients))
+  ref = engine.put_data(ds, placement="sharded")
+  for k in ds.features:
+    np.testing.assert_array_equal(data.features[k], ref.features[k])
+
+
+def test_bad_inputs(rng, monkeypatch):
+  ds = make_dataset(rng)
+  engine = fl.Engine(
+    fl.fed_avg(fl.models.logistic_regression(D, K), optax.sgd(0.1)),
+    fl.RoundConfig(4, fl.LocalWork(batch_size=4)),
+  )
+  with pytest.raises(ValueError, match="placement must be one of"):
+    engine.put_data(ds, placement="everywhere")
+  bad = fd.ClientLoader(ds.counts, lambda c: {"x": np.zeros((1, D))})
+  with pytest.raises(ValueError, match="expected the clients' rows"):
+    engine.put_data(bad, placement="sharded")
+  with pytest.raises(TypeError, match="placement='sharded'"):
+    engine.put_data(fd.ClientLoader(ds.counts, lambda c: {}))
+  # Data sharded over 4 devices given to a 1-device engine.
+  data = engine.put_data(ds, placement="sharded")
+  small = fl.Engine(
+    engine.algorithm, engine.config, default_mesh(jax.devices()[:1])
+  )
+  state = small.init(
+    fl.models.logistic_regression(D, K).init(jax.random.PRNGKey(0))
+  )
+  with pytest.raises(ValueError, match="sharded over 4 devices"):
+    small.round(state, data)
+  # Too large for memory: the error says how much is needed.
+  monkeypatch.setattr(
+    fl.runtime, "device_memory_bytes", lambda device: (1000, "a test limit")
+  )
+  with pytest.raises(MemoryError, match=r"needs .* GiB .* a test limit"):
+    engine.put_data(ds)
+  with pytest.raises(MemoryError, match="Shard the clients"):
+    engine.put_data(ds, placement="sharded")
