@@ -53,6 +53,29 @@ def _mean(sums, divisor):
   )
 
 
+def _streaming_mean(name: str, init, add, divisor: str) -> Aggregator:
+  """A stateless streaming Aggregator whose accumulator (made by ``init``,
+  grown by ``add``) holds ``"sum"``, ``"weight"`` and ``divisor``; the mean
+  is ``sum / acc[divisor]``, the total weight ``acc["weight"]``."""
+
+  def finalize(state, acc, rng):
+    del rng
+    return AggregatorOutput(
+      mean=_mean(acc["sum"], acc[divisor]),
+      total_weight=acc["weight"],
+      metrics={},
+    ), state
+
+  return Aggregator(
+    init_state=_no_state,
+    init=init,
+    add=add,
+    merge=sum_over_devices,
+    finalize=finalize,
+    name=name,
+  )
+
+
 def weighted_mean() -> Aggregator:
   r"""The weighted mean of the clients' updates (the engine's default).
 
@@ -75,21 +98,7 @@ def weighted_mean() -> Aggregator:
       "weight": acc["weight"] + jnp.sum(jnp.where(valid, w, 0.0)),
     }
 
-  def finalize(state, acc, rng):
-    del rng
-    total = acc["weight"]
-    return AggregatorOutput(
-      mean=_mean(acc["sum"], total), total_weight=total, metrics={}
-    ), state
-
-  return Aggregator(
-    init_state=_no_state,
-    init=init,
-    add=add,
-    merge=sum_over_devices,
-    finalize=finalize,
-    name="weighted_mean",
-  )
+  return _streaming_mean("weighted_mean", init, add, divisor="weight")
 
 
 def unweighted_mean() -> Aggregator:
@@ -118,19 +127,4 @@ def unweighted_mean() -> Aggregator:
       "count": acc["count"] + jnp.sum(one),
     }
 
-  def finalize(state, acc, rng):
-    del rng
-    return AggregatorOutput(
-      mean=_mean(acc["sum"], acc["count"]),
-      total_weight=acc["weight"],
-      metrics={},
-    ), state
-
-  return Aggregator(
-    init_state=_no_state,
-    init=init,
-    add=add,
-    merge=sum_over_devices,
-    finalize=finalize,
-    name="unweighted_mean",
-  )
+  return _streaming_mean("unweighted_mean", init, add, divisor="count")
