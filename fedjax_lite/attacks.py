@@ -96,11 +96,7 @@ def byzantine_mask(num_clients: int, fraction, seed: int = 0):
   Returns:
     A numpy bool array for a concrete ``fraction``, else a jax bool array.
   """
-  if (
-    isinstance(num_clients, bool)
-    or not isinstance(num_clients, (int, np.integer))
-    or num_clients < 1
-  ):
+  if not checks.is_int(num_clients) or num_clients < 1:
     raise ValueError(
       f"num_clients must be a positive int (the population "
       f"size), got {num_clients!r}."
@@ -144,11 +140,7 @@ def label_flip(num_classes: int, label_key: str = "y") -> Attack:
   flipped labels (Tolpegin et al. 2020, "Data Poisoning Attacks Against
   Federated Learning Systems", arXiv:2007.08432; Fang et al. 2020).
   """
-  if (
-    isinstance(num_classes, bool)
-    or not isinstance(num_classes, (int, np.integer))
-    or num_classes < 2
-  ):
+  if not checks.is_int(num_classes) or num_classes < 2:
     raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
   c = int(num_classes)
 

@@ -129,9 +129,7 @@ def top_k(
       f"density must be in (0, 1], got {density!r} (e.g. 0.1 "
       "sends 10% of the coordinates)."
     )
-  if k is not None and (
-    isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
-  ):
+  if k is not None and (not checks.is_int(k) or k < 1):
     raise ValueError(f"k must be a positive int, got {k!r}.")
 
   def num_kept(d: int) -> int:
@@ -187,11 +185,7 @@ def qsgd(levels: int, *, bucket_size: int | None = None) -> Compressor:
     bucket_size: quantize buckets of this many coordinates, each with its
       own norm (the paper's bucketing); None: one bucket.
   """
-  if (
-    isinstance(levels, bool)
-    or not isinstance(levels, (int, np.integer))
-    or levels < 1
-  ):
+  if not checks.is_int(levels) or levels < 1:
     raise ValueError(
       f"levels must be an int >= 1 (s quantization levels), got {levels!r}."
     )

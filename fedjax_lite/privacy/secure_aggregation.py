@@ -124,6 +124,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jax.flatten_util import ravel_pytree
 
+from fedjax_lite import checks
 from fedjax_lite.aggregators.base import (
   Aggregator,
   AggregatorOutput,
@@ -163,15 +164,11 @@ def check_modulus_bits(
   where: str = "secure aggregation",
 ) -> int:
   """Validates the modulus width ``b`` (``bits``) for ``num_clients``."""
-  if (
-    isinstance(bits_per_value, bool)
-    or not isinstance(bits_per_value, (int, np.integer))
-    or bits_per_value < 1
-  ):
+  if not checks.is_int(bits_per_value) or bits_per_value < 1:
     raise ValueError(
       f"{where}: bits_per_value must be an int >= 1, got {bits_per_value!r}."
     )
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+  if not checks.is_int(bits):
     raise ValueError(
       f"{where}: bits must be an int in [2, {MAX_BITS}], got {bits!r}."
     )
@@ -508,11 +505,7 @@ class SecAggRound:
     message_bits: int = 32,
     num_params: int = 0,
   ):
-    if (
-      isinstance(num_clients, bool)
-      or not isinstance(num_clients, (int, np.integer))
-      or num_clients < 2
-    ):
+    if not checks.is_int(num_clients) or num_clients < 2:
       raise ValueError(
         f"num_clients must be an int >= 2 (secure aggregation "
         f"of one client reveals its update), got "
@@ -1051,9 +1044,7 @@ def secure_aggregator(
       f"{factory}: dropout_rate must be in [0, 1), got {dropout_rate!r}."
     )
   if num_neighbors not in (None, "auto") and (
-    isinstance(num_neighbors, bool)
-    or not isinstance(num_neighbors, (int, np.integer))
-    or num_neighbors < 2
+    not checks.is_int(num_neighbors) or num_neighbors < 2
   ):
     raise ValueError(
       f"{factory}: num_neighbors must be None (SecAgg), "
