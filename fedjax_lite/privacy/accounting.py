@@ -51,6 +51,8 @@ from dp_accounting import rdp as dp_rdp
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 from scipy import stats
 
+from fedjax_lite import checks
+
 SAMPLINGS = ("poisson", "fixed", "local")
 ACCOUNTANTS = ("rdp", "pld")
 NeighborRel = dp_accounting.NeighboringRelation
@@ -84,53 +86,54 @@ def _real(name: str, value) -> float:
   return value
 
 
+def _real_where(name: str, value, ok, expected: str) -> float:
+  """``value`` as a float (see :func:`_real`) if ``ok(value)``, else a
+  ``ValueError`` saying ``name must be <expected>``."""
+  value = _real(name, value)
+  if not ok(value):
+    raise ValueError(f"{name} must be {expected}, got {value!r}.")
+  return value
+
+
 def check_noise_multiplier(value, name: str = "noise_multiplier") -> float:
   """``z >= 0`` (0: no noise, no privacy)."""
-  value = _real(name, value)
-  if value < 0 or math.isinf(value):
-    raise ValueError(
-      f"{name} must be a finite number >= 0 (noise std = "
-      f"{name} x clip), got {value!r}."
-    )
-  return value
+  return _real_where(
+    name,
+    value,
+    lambda v: 0 <= v < math.inf,
+    f"a finite number >= 0 (noise std = {name} x clip)",
+  )
 
 
 def check_clip(value, name: str = "clip") -> float:
   """``C > 0``."""
-  value = _real(name, value)
-  if not 0 < value < math.inf:
-    raise ValueError(f"{name} must be a finite L2 norm > 0, got {value!r}.")
-  return value
+  return _real_where(
+    name, value, lambda v: 0 < v < math.inf, "a finite L2 norm > 0"
+  )
 
 
 def check_sampling_rate(value, name: str = "sampling_rate") -> float:
   """``q`` in ``(0, 1]``."""
-  value = _real(name, value)
-  if not 0 < value <= 1:
-    raise ValueError(
-      f"{name} must be in (0, 1] (the probability that a user "
-      f"takes part in a round), got {value!r}."
-    )
-  return value
+  return _real_where(
+    name,
+    value,
+    lambda v: 0 < v <= 1,
+    "in (0, 1] (the probability that a user takes part in a round)",
+  )
 
 
 def check_delta(value, name: str = "delta") -> float:
   """``delta`` in ``(0, 1)``."""
-  value = _real(name, value)
-  if not 0 < value < 1:
-    raise ValueError(
-      f"{name} must be in (0, 1) (typically below 1 / "
-      f"population), got {value!r}."
-    )
-  return value
+  return _real_where(
+    name,
+    value,
+    lambda v: 0 < v < 1,
+    "in (0, 1) (typically below 1 / population)",
+  )
 
 
 def _positive_int(name: str, value) -> int:
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, (int, np.integer))
-    or value < 1
-  ):
+  if not checks.is_int(value) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}.")
   return int(value)
 
