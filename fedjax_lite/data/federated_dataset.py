@@ -35,6 +35,17 @@ def _as_array(name: str, value: Any) -> np.ndarray:
   return arr
 
 
+def _num_rows(feats: Mapping[str, np.ndarray]) -> int:
+  """The examples every (non-empty) feature array holds: the same number."""
+  lens = {k: v.shape[0] for k, v in feats.items()}
+  if len(set(lens.values())) != 1:
+    raise ValueError(
+      f"features have different numbers of examples {lens}; "
+      "expected one row per example in every feature."
+    )
+  return next(iter(lens.values()))
+
+
 def _check_finite(name: str, arr: np.ndarray, where: str) -> None:
   if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
     bad = np.argwhere(~np.isfinite(arr.reshape(arr.shape[0], -1)))[0]
@@ -85,13 +96,7 @@ class FederatedDataset:
         "expected every client to hold at least one example. "
         "Drop empty clients before packing."
       )
-    total = {k: v.shape[0] for k, v in feats.items()}
-    if len(set(total.values())) != 1:
-      raise ValueError(
-        f"features have different numbers of examples: {total}; "
-        "expected every feature to have one row per example."
-      )
-    n = next(iter(total.values()))
+    n = _num_rows(feats)
     if np.any(offsets < 0) or np.any(offsets + counts > n):
       raise ValueError(
         f"client rows exceed the {n} packed examples; offsets "
@@ -211,13 +216,7 @@ class FederatedDataset:
     feats = {k: _as_array(k, v) for k, v in dict(features).items()}
     if not feats:
       raise ValueError("features is empty.")
-    lens = {k: v.shape[0] for k, v in feats.items()}
-    if len(set(lens.values())) != 1:
-      raise ValueError(
-        f"features have different numbers of examples {lens}; "
-        "expected one row per example in every feature."
-      )
-    n = next(iter(lens.values()))
+    n = _num_rows(feats)
     parts = [
       np.asarray(
         list(p) if not isinstance(p, np.ndarray) else p, dtype=np.int64
