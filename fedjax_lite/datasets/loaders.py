@@ -481,23 +481,31 @@ def load_tff_hdf5(
       )
     group = fh["examples"]
 
-    def clients():
-      for cid in sorted(group.keys()):
-        g = group[cid]
-        if not isinstance(g, h5py.Group):
+    def members(g, path: str, kind, expected: str):
+      # ``(name, member)`` of HDF5 group ``g`` by sorted name, each checked
+      # to be a ``kind`` (h5py.Group or h5py.Dataset).
+      for name in sorted(g.keys()):
+        m = g[name]
+        if not isinstance(m, kind):
+          other = "dataset" if kind is h5py.Group else "group"
           raise ValueError(
-            f"{source}: /examples/{cid} is a dataset; expected "
-            "a group holding one dataset per feature."
+            f"{source}: {path}/{name} is a {other}; expected {expected}."
           )
-        feats = {}
-        for name in sorted(g.keys()):
-          ds = g[name]
-          if not isinstance(ds, h5py.Dataset):
-            raise ValueError(
-              f"{source}: /examples/{cid}/{name} is a group; "
-              "expected a dataset (one array per feature)."
-            )
-          feats[name] = ds[()]
-        yield cid, feats
+        yield name, m
+
+    def clients():
+      for cid, g in members(
+        group,
+        "/examples",
+        h5py.Group,
+        "a group holding one dataset per feature",
+      ):
+        feats = members(
+          g,
+          f"/examples/{cid}",
+          h5py.Dataset,
+          "a dataset (one array per feature)",
+        )
+        yield cid, {name: ds[()] for name, ds in feats}
 
     return _build(clients(), source, features, transform)
