@@ -71,6 +71,18 @@ def _shape(x) -> tuple:
   return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
 
 
+def _kernel(what: str, name: str, layer, ndim: int, expected: str) -> tuple:
+  """The kernel shape of ``layer`` (params or shapes), checked: ``ndim``
+  axes, and a bias as long as the last (else ``expected`` in the error)."""
+  k = _shape(layer["kernel"])
+  if len(k) != ndim or _shape(layer["bias"]) != (k[-1],):
+    raise ValueError(
+      f"{what}: {name} has kernel {k}; expected {expected}. "
+      f"Supported: {SUPPORTED}."
+    )
+  return k
+
+
 def layer_chain(params: PyTree, what: str = "model") -> tuple[Layer, ...]:
   """The chain of a supported network's params (or their shapes).
 
@@ -106,13 +118,9 @@ def layer_chain(params: PyTree, what: str = "model") -> tuple[Layer, ...]:
   chain = []
   prev = None
   for i in range(len(convs)):
-    k = _shape(convs[i]["kernel"])
-    if len(k) != 4 or _shape(convs[i]["bias"]) != (k[3],):
-      raise ValueError(
-        f"{what}: Conv_{i} has kernel {k}; expected a 2-D "
-        f"convolution [kh, kw, c_in, c_out]. Supported: "
-        f"{SUPPORTED}."
-      )
+    k = _kernel(
+      what, f"Conv_{i}", convs[i], 4, "a 2-D convolution [kh, kw, c_in, c_out]"
+    )
     if prev is not None and k[2] != prev:
       raise ValueError(
         f"{what}: Conv_{i} reads {k[2]} channels but Conv_"
@@ -121,12 +129,7 @@ def layer_chain(params: PyTree, what: str = "model") -> tuple[Layer, ...]:
     chain.append(Layer(f"Conv_{i}", "conv", k[3], k[2]))
     prev = k[3]
   for i in range(len(denses)):
-    k = _shape(denses[i]["kernel"])
-    if len(k) != 2 or _shape(denses[i]["bias"]) != (k[1],):
-      raise ValueError(
-        f"{what}: Dense_{i} has kernel {k}; expected [in, out]."
-        f" Supported: {SUPPORTED}."
-      )
+    k = _kernel(what, f"Dense_{i}", denses[i], 2, "[in, out]")
     repeat = 1
     if prev is None:
       in_units = k[0]
