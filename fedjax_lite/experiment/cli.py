@@ -268,22 +268,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _run(args) -> int:
-  from fedjax_lite.experiment.runner import run_file  # pylint: disable=g-import-not-at-top
-
+def _launch(args, command: str, launch, extra=dict):
+  """``launch`` (``run_file`` or ``sweep_file``) with the arguments that
+  ``run`` and ``sweep`` share, plus ``extra()``'s."""
   if args.experiment is None and args.resume is None:
+    folder = "SWEEP_DIR" if command == "sweep" else "RUN_DIR"
     raise ConfigError(
-      "`run` needs an experiment file "
-      "(experiments/<name>.py[:arg]) or --resume RUN_DIR."
+      f"`{command}` needs an experiment file "
+      f"(experiments/<name>.py[:arg]) or --resume {folder}."
     )
-  res = run_file(
+  return launch(
     args.experiment,
     args.overrides,
+    **extra(),
     out=args.out,
     resume=args.resume,
     progress=not args.no_progress,
     **_checkpointing(args),
   )
+
+
+def _run(args) -> int:
+  from fedjax_lite.experiment.runner import run_file  # pylint: disable=g-import-not-at-top
+
+  res = _launch(args, "run", run_file)
   if res.interrupted:
     return _interrupted(res, "run")
   _print_final(res.run_dir, res.final)
@@ -329,20 +337,11 @@ def _print_final(run_dir, final: dict) -> None:
 def _sweep(args) -> int:
   from fedjax_lite.experiment.sweeps import sweep_file  # pylint: disable=g-import-not-at-top
 
-  if args.experiment is None and args.resume is None:
-    raise ConfigError(
-      "`sweep` needs an experiment file "
-      "(experiments/<name>.py[:arg]) or --resume SWEEP_DIR."
-    )
-  res = sweep_file(
-    args.experiment,
-    args.overrides,
-    seeds=parse_seeds(args.seeds),
-    grid=parse_grid(args.grid),
-    out=args.out,
-    resume=args.resume,
-    progress=not args.no_progress,
-    **_checkpointing(args),
+  res = _launch(
+    args,
+    "sweep",
+    sweep_file,
+    lambda: {"seeds": parse_seeds(args.seeds), "grid": parse_grid(args.grid)},
   )
   if res.interrupted:
     return _interrupted(res, "sweep")
