@@ -21,12 +21,16 @@ and applies its optimizer to ``\Delta_t`` (``sgd(1)`` gives
 ``w_{t+1} = w_t - \Delta_t``, the paper's rule). Inside the engine's one
 jitted round, every client sends ``{"d": M_k (w_t - w^k), "z": 1 - M_k}`` with
 weight ``n_k``; the engine's weighted means give the ratio above (the
-denominator is ``1 - mean(z)``, exactly 1 when every client holds a
-parameter), so
-mixed-capacity rounds are one vmapped computation over the padded global
-shapes. With every client at capacity 1 the client updates and the server
-rule are FedAvg's bit for bit (whole compiled rounds agree up to XLA's float
-summation order).
+denominator is ``1 - mean(z)``), so mixed-capacity rounds are one vmapped
+computation over the padded global shapes. A parameter leaf that every
+client of the population holds whole (every leaf at capacity 1; the output
+bias always) has the denominator ``n`` everywhere: its average is the
+weighted mean of ``d`` itself, used as is. With every client at capacity 1
+the whole compiled round is therefore FedAvg's, bit for bit. (Dividing that
+mean by the exact 1 would not change its value, but it would change the
+round's last kernel: XLA's CPU backend contracts FedAvg's ``w_t - D (1 / n)``
+into one fused multiply-add per element, and a division between the product
+and the subtraction leaves some of them rounded twice, an ulp apart.)
 
 Not implemented: the paper's static batch norm ("sBN") and the scaler
 module; the supported networks (:mod:`fedjax_lite.hetero.layers`) have no
@@ -101,6 +105,21 @@ def client_levels(
   return idx
 
 
+def _held_whole(
+  chain: Sequence[L.Layer], widths: Sequence[int], units: np.ndarray
+) -> dict:
+  """``{layer: {"kernel": bool, "bias": bool}}``: True for the parameter
+  leaves that clients of every level in ``units`` (int ``[levels, hidden]``)
+  hold whole, i.e. whose adjacent hidden layers they never slice."""
+  full = np.all(np.asarray(units) == np.asarray(widths)[None, :], axis=0)
+  out = {}
+  for i, layer in enumerate(chain):
+    out_whole = i == len(chain) - 1 or bool(full[i])
+    in_whole = i == 0 or bool(full[i - 1])
+    out[layer.name] = {"kernel": in_whole and out_whole, "bias": out_whole}
+  return out
+
+
 def hetero_fl(
   model: Model,
   client_optimizer: optax.GradientTransformation,
@@ -140,6 +159,7 @@ def hetero_fl(
   # Raises if a level in use leaves a layer with no unit.
   table[used] = level_units(widths, [levels[a] for a in used])
   units = jnp.asarray(table)
+  whole = _held_whole(chain, widths, table[used])
   rate_idx = jnp.asarray(idx)
   base = fed_avg(model, client_optimizer, server_optimizer)
 
@@ -173,17 +193,19 @@ def hetero_fl(
     )
 
   def server_update(state, aggregate):
-    # sum_k n_k M_k / sum_k n_k = 1 - mean(1 - M_k): exactly 1 when every
-    # client holds the parameter (at capacity 1 the rule is FedAvg's exactly,
-    # whatever rounding the mean has), and d is exactly 0 where none does.
+    # sum_k n_k M_k / sum_k n_k = 1 - mean(1 - M_k); d is exactly 0 where no
+    # client holds the parameter. Leaves every client holds whole take the
+    # weighted mean of d as is (FedAvg's float operations, see the module
+    # docstring).
     d, z = aggregate.mean["d"], aggregate.mean["z"]
-    delta = jax.tree.map(
-      lambda a, b: jnp.where(
-        1.0 - b > 0, a / jnp.where(1.0 - b > 0, 1.0 - b, 1.0), 0.0
-      ),
-      d,
-      z,
-    )
+
+    def one(held_whole, a, b):
+      if held_whole:
+        return a
+      held = 1.0 - b
+      return jnp.where(held > 0, a / jnp.where(held > 0, held, 1.0), 0.0)
+
+    delta = jax.tree.map(one, whole, d, z)
     return base.server_update(state, aggregate._replace(mean=delta))
 
   return base._replace(
