@@ -1,0 +1,191 @@
+r"""Multi-process runs on JAX's own multi-controller runtime.
+
+One federated round can span several processes (one per host, or several on
+one machine): every process runs the same program, ``jax.devices()`` lists
+the devices of all processes, and the engine's ``"clients"`` mesh axis spans
+processes x devices. The round is one SPMD computation; its cross-device
+reductions are XLA collectives (gloo over TCP between CPU processes, NCCL
+between GPUs). There is no home-made RPC: :func:`initialize` wraps
+``jax.distributed.initialize``.
+
+With client-sharded data (``Engine.put_data(..., placement="sharded")``)
+each process uploads, and with a :class:`~fedjax_lite.data.ClientLoader`
+reads, only the clients its own devices hold. Server state and metrics are
+replicated: every process holds the same values, process 0 writes files.
+
+On one machine, :mod:`fedjax_lite.experiment.launch` starts the processes
+(``python -m fedjax_lite launch --processes 2 experiments/X.py``). On a
+cluster, start one process per host (SLURM: ``srun --ntasks=N``) with
+``--coordinator host0:port --num-processes N --process-id $SLURM_PROCID``.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+import time
+
+from fedjax_lite import checks, runtime
+
+__all__ = ["initialize", "is_main", "process_count", "split_devices"]
+
+_state: dict = {}
+
+
+def split_devices(num_devices: int, num_processes: int) -> int:
+  """Devices per process when ``num_devices`` are split over processes.
+
+  Raises:
+    ValueError: the process count does not divide the devices.
+  """
+  checks.positive_int("num_devices", num_devices)
+  checks.positive_int("num_processes", num_processes)
+  if num_devices % num_processes:
+    raise ValueError(
+      f"{num_processes} processes cannot share {num_devices} devices "
+      "equally; choose a process count that divides the device count "
+      f"(e.g. {', '.join(str(p) for p in _divisors(num_devices))})."
+    )
+  return num_devices // num_processes
+
+
+def _divisors(n: int) -> list[int]:
+  return [p for p in range(1, n + 1) if n % p == 0]
+
+
+def _check_address(coordinator: str) -> None:
+  if not isinstance(coordinator, str) or not re.fullmatch(
+    r"[^\s:]+:\d{1,5}", coordinator
+  ):
+    raise ValueError(
+      f"coordinator must be 'host:port' (e.g. 'localhost:12355'), got "
+      f"{coordinator!r}."
+    )
+
+
+def _wait_for_coordinator(
+  coordinator: str, timeout_s: float, process_id: int, num_processes: int
+) -> None:
+  """Polls the coordinator's TCP port: JAX's own wait ends in a process
+  abort (a C++ check failure) rather than a Python error."""
+  host, port = coordinator.rsplit(":", 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1.0):
+        return
+    except OSError:
+      if time.monotonic() > deadline:
+        raise TimeoutError(
+          f"process {process_id} of {num_processes}: no answer from the "
+          f"coordinator at {coordinator} within {timeout_s} s. Start "
+          "process 0 (it hosts the coordinator) on that host and port, "
+          "check that every process was given the same --coordinator, or "
+          "raise the timeout."
+        ) from None
+      time.sleep(0.2)
+
+
+def initialize(
+  coordinator: str,
+  num_processes: int,
+  process_id: int,
+  *,
+  local_devices: int | None = None,
+  timeout_s: int = 60,
+  cpu: bool = True,
+) -> dict:
+  """Joins this process to a multi-process run (call before any JAX work).
+
+  Args:
+    coordinator: ``"host:port"`` of process 0's coordination service.
+    num_processes: processes in the run.
+    process_id: this process's index, ``0 .. num_processes-1``.
+    local_devices: CPU devices of this process (default: one per usable
+      core, as :func:`fedjax_lite.configure_cpu` chooses).
+    timeout_s: seconds to wait for the coordinator and the other processes.
+    cpu: run on CPU devices with gloo collectives (False: the default
+      backend, e.g. GPUs with NCCL).
+
+  Returns:
+    ``{"process_id", "num_processes", "local_devices", "global_devices"}``.
+
+  Raises:
+    TimeoutError: the coordinator (or another process) did not answer
+      within ``timeout_s``.
+    RuntimeError: JAX was already initialised in this process.
+  """
+  _check_address(coordinator)
+  checks.positive_int("num_processes", num_processes)
+  if not checks.is_int(process_id) or not 0 <= process_id < num_processes:
+    raise ValueError(
+      f"process_id must be an int in [0, {num_processes}), got {process_id!r}."
+    )
+  checks.positive_int("timeout_s", timeout_s)
+  checks.positive_int("local_devices", local_devices, allow_none=True)
+  if _state:
+    return dict(_state)
+  if runtime.backend_initialized():
+    raise RuntimeError(
+      "JAX is already initialised in this process; call "
+      "fedjax_lite.distributed.initialize before any JAX computation."
+    )
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if cpu:
+    runtime.configure_cpu(local_devices, force=True)
+    if local_devices is not None:
+      jax.config.update("jax_num_cpu_devices", int(local_devices))
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if process_id != 0:
+    _wait_for_coordinator(coordinator, timeout_s, process_id, num_processes)
+  else:
+    print(
+      f"fedjax_lite: coordinator at {coordinator}, waiting up to {timeout_s}"
+      f" s for {num_processes} processes to join",
+      file=sys.stderr,
+      flush=True,
+    )
+  try:
+    jax.distributed.initialize(
+      coordinator_address=coordinator,
+      num_processes=int(num_processes),
+      process_id=int(process_id),
+      initialization_timeout=int(timeout_s),
+    )
+    # The first backend use connects the collectives of all processes.
+    devices = jax.devices()
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e)
+    if any(
+      s in text for s in ("DEADLINE", "timed out", "Timed out", "UNAVAIL")
+    ):
+      raise TimeoutError(
+        f"process {process_id} of {num_processes}: no answer from the "
+        f"coordinator at {coordinator} (or from the other processes) within "
+        f"{timeout_s} s. Start process 0 on that host and port, check that "
+        "every process was given the same --coordinator and "
+        "--num-processes, or raise --timeout."
+      ) from e
+    raise
+  _state.update(
+    process_id=int(jax.process_index()),
+    num_processes=int(jax.process_count()),
+    local_devices=len(jax.local_devices()),
+    global_devices=len(devices),
+  )
+  return dict(_state)
+
+
+def is_main() -> bool:
+  """True in process 0 (the one that writes files), and in a plain run."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return jax.process_index() == 0
+
+
+def process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return jax.process_count()

@@ -1,0 +1,110 @@
+"""Multi-process runs on jax.distributed: 2 processes x 2 CPU devices (gloo
+collectives on localhost) against 1 process x 1 device."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lite import distributed
+
+WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
+ROOT = WORKER.parent.parent
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start(out, n, pid, devices, placement, coordinator):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  return subprocess.Popen(
+    [
+      sys.executable,
+      str(WORKER),
+      str(out),
+      str(n),
+      str(pid),
+      str(devices),
+      placement,
+      coordinator,
+    ],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def finish(procs, timeout=300):
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  return logs
+
+
+@pytest.mark.parametrize("placement", ["sharded", "replicated"])
+def test_two_processes_equal_one_device(tmp_path, placement):
+  coordinator = f"localhost:{free_port()}"
+  finish(
+    [
+      start(tmp_path / "one", 1, 0, 1, "replicated", "-"),
+    ]
+  )
+  finish(
+    [
+      start(tmp_path / "two", 2, pid, 2, placement, coordinator)
+      for pid in (0, 1)
+    ]
+  )
+  one = json.loads((tmp_path / "one.0").read_text())
+  two = [json.loads((tmp_path / f"two.{p}").read_text()) for p in (0, 1)]
+  assert one["devices"] == 1 and one["processes"] == 1
+  assert two[0]["devices"] == 4 and two[0]["processes"] == 2
+  for leaf_a, leaf_b in zip(
+    jax.tree.leaves(one["params"]), jax.tree.leaves(two[0]["params"])
+  ):
+    np.testing.assert_allclose(leaf_a, leaf_b, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(one["loss"], two[0]["loss"], rtol=1e-6)
+  # Both processes hold the same (replicated) server state.
+  assert two[0]["params"] == two[1]["params"]
+  if placement == "sharded":
+    # Each process read only the clients its two devices hold (40 in all).
+    assert two[0]["clients_loaded"] + two[1]["clients_loaded"] == 40
+    assert 15 <= two[0]["clients_loaded"] <= 25
+
+
+def test_coordinator_that_never_answers(tmp_path):
+  port = free_port()  # nothing listens there
+  p = start(tmp_path / "x", 2, 1, 1, "replicated", f"localhost:{port}")
+  (log,) = [p.communicate(timeout=120)[0]]
+  assert p.returncode != 0
+  assert "TimeoutError" in log and f"localhost:{port}" in log, log[-2000:]
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="cannot share 4 devices equally"):
+    distributed.split_devices(4, 3)
+  assert distributed.split_devices(4, 2) == 2
+  with pytest.raises(ValueError, match="host:port"):
+    distributed.initialize("localhost", 2, 0)
+  with pytest.raises(ValueError, match="process_id"):
+    distributed.initialize("localhost:1234", 2, 2)
+  jax.devices()  # this process's backend is up: too late to join a run
+  with pytest.raises(RuntimeError, match="already initialised"):
+    distributed.initialize("localhost:1234", 2, 0)
