@@ -28,7 +28,13 @@ import time
 
 from fedjax_lite import checks, runtime
 
-__all__ = ["initialize", "is_main", "process_count", "split_devices"]
+__all__ = [
+  "broadcast_text",
+  "initialize",
+  "is_main",
+  "process_count",
+  "split_devices",
+]
 
 _state: dict = {}
 
@@ -189,3 +195,24 @@ def process_count() -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
   return jax.process_count()
+
+
+def broadcast_text(text: str, size: int = 4096) -> str:
+  """Process 0's ``text`` in every process (e.g. a run folder it named).
+
+  A no-op in a single-process run.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  if jax.process_count() == 1:
+    return text
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  raw = text.encode()
+  if len(raw) > size:
+    raise ValueError(f"text of {len(raw)} bytes; at most {size} can be sent.")
+  buf = np.zeros(size, np.uint8)
+  buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return bytes(out).rstrip(b"\0").decode()

@@ -58,7 +58,7 @@ def finish(procs, timeout=300):
   return logs
 
 
-@pytest.mark.parametrize("placement", ["sharded", "replicated"])
+@pytest.mark.parametrize("placement", ["sharded"])
 def test_two_processes_equal_one_device(tmp_path, placement):
   coordinator = f"localhost:{free_port()}"
   finish(
@@ -108,3 +108,118 @@ def test_bad_arguments():
   jax.devices()  # this process's backend is up: too late to join a run
   with pytest.raises(RuntimeError, match="already initialised"):
     distributed.initialize("localhost:1234", 2, 0)
+
+
+def _cli(args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  p = subprocess.run(
+    [sys.executable, "-m", "fedjax_lite", *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=ROOT,
+  )
+  assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+  return p.stdout + p.stderr
+
+
+def _final_params(run_dir: pathlib.Path):
+  import flax.serialization  # noqa: PLC0415
+
+  raw = flax.serialization.msgpack_restore(
+    (run_dir / "checkpoint.msgpack").read_bytes()
+  )
+  return raw["meta"]["round"], jax.tree.leaves(raw["state"]["server"])
+
+
+def test_launch_checkpoint_and_resume_equal_one_device(tmp_path):
+  """`launch` runs 2 processes x 2 devices on client-sharded data for 2
+  rounds; a second launch resumes the checkpoint process 0 wrote, to round
+  3. Same parameters as 3 rounds in 1 process on 1 device."""
+  exp = "experiments/fedavg_synthetic.py:smoke"
+  _cli(
+    [
+      "run",
+      exp,
+      "--local-devices",
+      "1",
+      "--out",
+      str(tmp_path / "one"),
+      "--no-progress",
+    ]
+  )
+  (one,) = (tmp_path / "one").iterdir()
+  _cli(
+    [
+      "launch",
+      "--processes",
+      "2",
+      "--devices",
+      "4",
+      "--log-dir",
+      str(tmp_path),
+      exp,
+      "--placement",
+      "sharded",
+      "--set",
+      "num_rounds=2",
+      "--out",
+      str(tmp_path / "two"),
+      "--no-progress",
+    ]
+  )
+  (two,) = (tmp_path / "two").iterdir()
+  assert _final_params(two)[0] == 2
+  out = _cli(
+    [
+      "launch",
+      "--processes",
+      "2",
+      "--devices",
+      "4",
+      "--log-dir",
+      str(tmp_path),
+      "--resume",
+      str(two),
+      "--placement",
+      "sharded",
+      "--set",
+      "num_rounds=3",
+      "--no-progress",
+    ]
+  )
+  assert "round=3" in out
+  r1, p1 = _final_params(one)
+  r2, p2 = _final_params(two)
+  assert r1 == r2 == 3
+  for a, b in zip(p1, p2):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  rows = [
+    json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert [r["round"] for r in rows] == [1, 2, 3]  # process 0 alone wrote
+
+
+def test_launch_bad_process_count(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "fedjax_lite",
+      "launch",
+      "--processes",
+      "3",
+      "--devices",
+      "4",
+      "experiments/fedavg_synthetic.py:smoke",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+  )
+  assert p.returncode == 2
+  assert "3 processes cannot share 4 devices equally" in p.stderr

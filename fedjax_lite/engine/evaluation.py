@@ -93,7 +93,9 @@ def _eval_fn(
     _, out = jax.lax.scan(body, None, ids)
     return out
 
-  fn = jax.jit(run)
+  # Replicated per-client sums: every process of a multi-process run can
+  # read them (a small all-gather at the end).
+  fn = jax.jit(run, out_shardings=NamedSharding(mesh, P()))
   _CACHE[key] = (model, fn)  # keep model alive so id() stays unique
   return fn
 
@@ -161,7 +163,8 @@ def evaluate(
     padded = np.zeros(nblk * width, np.int32)
     padded[: sel.size] = sel
     fn = _eval_fn(model, mesh, L, bs, blk)
-    out = fn(params, data, jnp.asarray(padded.reshape(nblk, width)))
+    ids = jax.device_put(padded.reshape(nblk, width), NamedSharding(mesh, P()))
+    out = fn(params, data, ids)
     for name, (s, n) in out.items():
       sums.setdefault(name, np.zeros(idx.size))[where] = np.asarray(s).reshape(
         -1

@@ -7,6 +7,8 @@
       [--grid client_lr=0.01,0.03,0.1]
   python -m fedjax_lite sweep --resume runs/fedavg_synthetic-sweep-...
   python -m fedjax_lite compare runs/a runs/b --out runs/compare
+  python -m fedjax_lite launch --processes 2 experiments/fedavg_synthetic.py \
+      [run options]        # one run as 2 processes (jax.distributed)
 
 ``python -m fedjax_lite run experiments/x.py --help`` also lists the
 experiment's config fields (what ``--set`` accepts).
@@ -64,7 +66,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="Run `python -m fedjax_lite <command> --help` for details.",
   )
-  sub = p.add_subparsers(dest="command", metavar="{run,sweep,compare}")
+  sub = p.add_subparsers(dest="command", metavar="{run,sweep,compare,launch}")
   sub.required = True
 
   r = sub.add_parser(
@@ -89,6 +91,37 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     "raise num_rounds)",
   )
   _checkpoint_args(r)
+  r.add_argument(
+    "--placement",
+    choices=("replicated", "sharded"),
+    default=None,
+    help="where the training clients live: every device holds all of them "
+    "(replicated), or each holds ~1/devices of them (sharded); default: "
+    "the experiment's (replicated unless it says)",
+  )
+  mp = r.add_argument_group(
+    "multi-process runs (jax.distributed; see `launch` for one machine)"
+  )
+  mp.add_argument(
+    "--coordinator",
+    metavar="HOST:PORT",
+    help="process 0's address; every process of the run gets the same one",
+  )
+  mp.add_argument("--num-processes", type=int, metavar="N")
+  mp.add_argument("--process-id", type=int, metavar="I", help="0 .. N-1")
+  mp.add_argument(
+    "--local-devices",
+    type=int,
+    metavar="D",
+    help="CPU devices of this process (default: one per core)",
+  )
+  mp.add_argument(
+    "--timeout",
+    type=int,
+    default=120,
+    metavar="S",
+    help="seconds to wait for the coordinator and the other processes",
+  )
 
   s = sub.add_parser(
     "sweep",
@@ -156,7 +189,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     help="legend labels, one per RUN_DIR (default: folder names)",
   )
   c.add_argument("--title", default=None)
-  return p, {"run": r, "sweep": s, "compare": c}
+
+  la = sub.add_parser(
+    "launch",
+    help="run one experiment as N processes on this machine",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    description="Start N `run` processes joined by jax.distributed (CPU "
+    "collectives over localhost). The client axis spans processes x devices;"
+    " with --placement sharded each process holds only its clients.",
+    epilog="Everything after the launcher's options goes to `run`, e.g.\n"
+    "  python -m fedjax_lite launch --processes 2 --devices 4 \\\n"
+    "      experiments/fedavg_synthetic.py --placement sharded --set "
+    "num_rounds=5\nOn a cluster start `run` on every host with "
+    "--coordinator/--num-processes/--process-id instead (see "
+    "fedjax_lite.experiment.launch).",
+  )
+  la.add_argument("--processes", type=int, required=True, metavar="N")
+  la.add_argument(
+    "--devices",
+    type=int,
+    default=None,
+    metavar="D",
+    help="CPU devices in all, a multiple of N (default: one per core)",
+  )
+  la.add_argument("--port", type=int, default=None, help="coordinator port")
+  la.add_argument(
+    "--timeout",
+    type=int,
+    default=120,
+    metavar="S",
+    help="seconds processes wait for each other to start",
+  )
+  la.add_argument(
+    "--log-dir",
+    default="runs",
+    metavar="DIR",
+    help="where the logs of processes 1..N-1 go (default: runs)",
+  )
+  la.add_argument("run_args", nargs=argparse.REMAINDER)
+  return p, {"run": r, "sweep": s, "compare": c, "launch": la}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -256,9 +327,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser, subs = build_parser()
   if argv and argv[0] in subs:
     _spec_help(subs[argv[0]], argv[1:])
-  args = parser.parse_args(argv)
+  if argv and argv[0] == "launch":
+    # Options the launcher does not know (e.g. --resume) belong to `run`.
+    args, extra = parser.parse_known_args(argv)
+    args.run_args = [a for a in extra + args.run_args if a != "--"]
+  else:
+    args = parser.parse_args(argv)
   try:
+    if args.command == "launch":
+      return _launch_processes(args)
     if args.command == "run":
+      _join_processes(args)
       return _run(args)
     if args.command == "sweep":
       return _sweep(args)
@@ -266,6 +345,64 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+def _launch_processes(args) -> int:
+  from fedjax_lite.experiment.launch import launch  # pylint: disable=g-import-not-at-top
+
+  if not args.run_args:
+    raise ConfigError(
+      "`launch` needs the run's arguments, e.g. `launch --processes 2 "
+      "experiments/fedavg_synthetic.py`."
+    )
+  if args.processes is None or args.processes < 1:
+    raise ConfigError(f"--processes must be >= 1, got {args.processes}.")
+  try:
+    return launch(
+      args.run_args,
+      args.processes,
+      args.devices,
+      port=args.port,
+      timeout_s=args.timeout,
+      log_dir=args.log_dir,
+    )
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _join_processes(args) -> None:
+  """``run --coordinator ...``: joins the multi-process run before JAX
+  starts."""
+  given = [
+    args.coordinator is not None,
+    args.num_processes is not None,
+    args.process_id is not None,
+  ]
+  if not any(given):
+    if args.local_devices is not None:
+      from fedjax_lite import runtime  # pylint: disable=g-import-not-at-top
+
+      runtime.configure_cpu(args.local_devices, force=True)
+    return
+  if not all(given):
+    raise ConfigError(
+      "a multi-process run needs --coordinator, --num-processes and "
+      "--process-id together."
+    )
+  from fedjax_lite import distributed  # pylint: disable=g-import-not-at-top
+
+  try:
+    distributed.initialize(
+      args.coordinator,
+      args.num_processes,
+      args.process_id,
+      local_devices=args.local_devices,
+      timeout_s=args.timeout,
+    )
+  except (ValueError, RuntimeError) as e:
+    raise ConfigError(str(e)) from None
+  except TimeoutError as e:
+    raise ConfigError(f"timed out: {e}") from None
 
 
 def _launch(args, command: str, launch, extra=dict):
@@ -291,7 +428,7 @@ def _launch(args, command: str, launch, extra=dict):
 def _run(args) -> int:
   from fedjax_lite.experiment.runner import run_file  # pylint: disable=g-import-not-at-top
 
-  res = _launch(args, "run", run_file)
+  res = _launch(args, "run", run_file, lambda: {"placement": args.placement})
   if res.interrupted:
     return _interrupted(res, "run")
   _print_final(res.run_dir, res.final)

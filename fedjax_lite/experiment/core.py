@@ -61,6 +61,10 @@ class Experiment:
     eval_batch_size: evaluation batch size (None: one batch per client).
     name: run-folder prefix (default: the experiment file's name).
     mesh: device mesh for the engine (default: all devices).
+    placement: ``"replicated"`` (every device holds every client) or
+      ``"sharded"`` (each device holds ~1/nd of the clients: populations
+      larger than one device's memory, multi-process runs); see
+      :meth:`fedjax_lite.Engine.put_data`.
     hparams: sweepable float hyperparameters, name -> default value.
     algorithm_fn: ``hparams mapping -> FederatedAlgorithm`` for sweeps over
       ``hparams``; its values may be traced scalars (see the module docstring).
@@ -78,6 +82,7 @@ class Experiment:
   eval_batch_size: int | None = 256
   name: str | None = None
   mesh: Mesh | None = None
+  placement: str = "replicated"
   hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
   algorithm_fn: AlgorithmFn | None = None
 
@@ -111,6 +116,11 @@ class Experiment:
         "a RoundConfig",
         " e.g. fl.RoundConfig("
         "clients_per_round=10, local_work=fl.LocalWork(batch_size=10)).",
+      )
+    if self.placement not in ("replicated", "sharded"):
+      raise ValueError(
+        f"Experiment.placement must be 'replicated' or 'sharded', got "
+        f"{self.placement!r}."
       )
     for field in ("num_rounds", "seed"):
       if not checks.is_int(getattr(self, field)):

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fedjax_lite import checks
+from fedjax_lite import checks, distributed
 from fedjax_lite.data.batching import LocalWork, to_device
 from fedjax_lite.engine.evaluation import evaluate
 from fedjax_lite.engine.round import Engine, EngineState
@@ -263,6 +263,7 @@ class Session:
     elapsed0: wall time of the run before this session (resumes).
     log: the metrics log, without the rows after the checkpoint.
     t0: ``time.perf_counter()`` when the session started.
+    write: whether this process writes the run folder (process 0).
   """
 
   exp: Experiment
@@ -274,6 +275,7 @@ class Session:
   elapsed0: float
   log: MetricsLog
   t0: float
+  write: bool = True
 
   @property
   def start(self) -> int:
@@ -287,13 +289,17 @@ class Session:
     run_dir: str | os.PathLike | None,
     resume: bool,
     init: Callable[[Engine, Any], Any],
+    *,
+    write: bool = True,
   ) -> "Session":
     """Uploads the data, makes the initial state (``init(engine, data)``) and,
-    when ``resume``, replaces it by ``run_dir``'s checkpoint."""
+    when ``resume``, replaces it by ``run_dir``'s checkpoint. With ``write``
+    False (processes other than 0 of a multi-process run) the session reads
+    ``run_dir``'s checkpoint but writes no file there."""
     if run_dir is None and resume:
       raise ValueError("resume=True needs the run_dir holding the checkpoint.")
     engine = engine_for(exp)
-    data = engine.put_data(exp.train)
+    data = engine.put_data(exp.train, placement=exp.placement)
     state = init(engine, data)
     evaluator = Evaluator(exp, engine)
     run_dir = None if run_dir is None else Path(run_dir)
@@ -303,7 +309,8 @@ class Session:
       state = jax.device_put(host_state, engine.replicated)
       elapsed0 = float(meta.get("elapsed", 0.0))
     start = int(state.round)
-    log = MetricsLog(run_dir, keep_until_round=start if run_dir else None)
+    writes = run_dir if write else None
+    log = MetricsLog(writes, keep_until_round=start if writes else None)
     return cls(
       exp,
       run_dir,
@@ -314,6 +321,7 @@ class Session:
       elapsed0,
       log,
       time.perf_counter(),
+      write,
     )
 
   def wall_time(self) -> float:
@@ -337,7 +345,7 @@ class Session:
       start=self.start,
       num_rounds=self.exp.num_rounds,
       log=self.log,
-      run_dir=self.run_dir,
+      run_dir=self.run_dir if self.write else None,
       checkpointing=checkpointing,
       elapsed0=self.elapsed0,
       progress=progress,
@@ -356,8 +364,13 @@ def train(
   progress: bool = True,
   handle_signals: bool = True,
   desc: str | None = None,
+  placement: str | None = None,
 ) -> RunResult:
   """Runs ``exp`` (or resumes it) and writes the run folder.
+
+  In a multi-process run (:mod:`fedjax_lite.distributed`) every process calls
+  this with the same arguments; all of them read a checkpoint to resume, and
+  only process 0 writes the folder.
 
   Args:
     exp: the experiment.
@@ -372,17 +385,25 @@ def train(
     progress: show a tqdm progress bar.
     handle_signals: stop cleanly on SIGINT/SIGTERM (see module docstring).
     desc: progress bar label.
+    placement: overrides ``exp.placement`` (``"replicated"``/``"sharded"``).
 
   Returns:
     A :class:`RunResult`.
   """
+  if placement is not None:
+    exp = dataclasses.replace(exp, placement=placement)
+  write = jax.process_index() == 0
   policy = Checkpointing(
     every_seconds=checkpoint_every_seconds, every_rounds=checkpoint_every
   )
-  if run_dir is not None:
+  if run_dir is not None and write:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
   sess = Session.open(
-    exp, run_dir, resume, lambda engine, data: init_state(exp, engine)
+    exp,
+    run_dir,
+    resume,
+    lambda engine, data: init_state(exp, engine),
+    write=write,
   )
   if sess.start > exp.num_rounds:
     raise ValueError(
@@ -415,7 +436,7 @@ def train(
     desc=desc or exp.name or exp.algorithm.name,
     handle_signals=handle_signals,
   )
-  if run_dir is not None:
+  if run_dir is not None and write:
     finish(
       run_dir,
       log.rows,
@@ -606,6 +627,7 @@ def run_file(
   checkpoint_every: int = 0,
   checkpoint_every_seconds: float | None = 60.0,
   progress: bool = True,
+  placement: str | None = None,
 ) -> RunResult:
   """``python -m fedjax_lite run``: build, run and record an experiment file.
 
@@ -617,6 +639,7 @@ def run_file(
     checkpoint_every: also checkpoint every N rounds (0: off).
     checkpoint_every_seconds: the most wall time between checkpoints.
     progress: show the progress bar.
+    placement: overrides the experiment's data placement (see :func:`train`).
   """
   return launch_file(
     "run",
@@ -628,6 +651,7 @@ def run_file(
     checkpoint_every=checkpoint_every,
     checkpoint_every_seconds=checkpoint_every_seconds,
     progress=progress,
+    placement=placement,
   )
 
 
@@ -660,16 +684,19 @@ def launch_file(
   """
   ef, cfg, record = prepare(spec, overrides, resume, command=command)
   exp = ef.build(cfg)
+  main = jax.process_index() == 0  # process 0 writes files
   if resume is None:
     extra = new_record(exp) if new_record is not None else {}
     suffix = "-sweep" if command == "sweep" else ""
-    run_dir = new_run_dir(out, run_name(ef, exp) + suffix)
+    run_dir = new_run_dir(out, run_name(ef, exp) + suffix) if main else None
+    run_dir = Path(distributed.broadcast_text(str(run_dir)))
     record = run_record(ef, cfg, overrides, exp, **extra)
   else:
     run_dir = Path(resume)
     note_resume(record, ef, cfg, overrides)
   name = "sweep.json" if command == "sweep" else "config.json"
-  ckpt.atomic_write_text(run_dir / name, cfglib.dumps(record))
+  if main:
+    ckpt.atomic_write_text(run_dir / name, cfglib.dumps(record))
   return launch(
     exp,
     run_dir,
