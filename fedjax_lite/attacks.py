@@ -573,11 +573,11 @@ def omniscient_aggregator(inner, attack: Attack):
     return out._replace(metrics=metrics), new_state
 
   return aggs.Aggregator(
-    init_state=init_state,
-    init=init,
-    add=add,
-    merge=merge,
-    finalize=finalize,
+    init_state,
+    init,
+    add,
+    merge,
+    finalize,
     materialized=True,
     name=f"{attack.name}({inner.name})",
   )

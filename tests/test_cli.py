@@ -30,7 +30,7 @@ def test_help_lists_commands_options_and_config_fields(tiny, capsys):
   with pytest.raises(SystemExit) as e:
     main(["--help"])
   assert e.value.code == 0
-  assert "{run,sweep,compare}" in capsys.readouterr().out
+  assert "{run,sweep,compare,launch}" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     main(["run", tiny, "--help"])
   out = capsys.readouterr().out
@@ -39,6 +39,8 @@ def test_help_lists_commands_options_and_config_fields(tiny, capsys):
     "--resume",
     "--checkpoint-every",
     "--out",
+    "--placement",
+    "--coordinator",
     "client_lr: float = 0.1",
     "num_rounds: int = 4",
     "Tiny test experiment",

@@ -129,11 +129,11 @@ def clipped(
     return out._replace(metrics=metrics), new_state
 
   return Aggregator(
-    init_state=init_state,
-    init=init,
-    add=add,
-    merge=merge,
-    finalize=finalize,
+    init_state,
+    init,
+    add,
+    merge,
+    finalize,
     materialized=inner.materialized,
     name=f"clipped({inner.name})",
   )

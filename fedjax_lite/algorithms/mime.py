@@ -47,15 +47,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lite.algorithms.base import (
-  Aggregate,
-  ClientOutput,
-  FederatedAlgorithm,
-  hyperparameter,
-  tree_select,
-  tree_sub,
-  tree_zeros_like,
-)
+from fedjax_lite.algorithms import base
+from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.algorithms.full_batch import full_batch_grad
 from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.models.core import Model
@@ -98,13 +91,13 @@ def _mime(
   name: str,
   aggregator,
 ) -> FederatedAlgorithm:
-  eta_g = hyperparameter(server_learning_rate)
+  eta_g = base.hyperparameter(server_learning_rate)
 
   def server_init(params):
     return MimeState(
       params=params,
       opt_state=base_optimizer.init(params),
-      control=tree_zeros_like(params),
+      control=base.tree_zeros_like(params),
       phase=jnp.asarray(0 if corrected else 1, jnp.int32),
     )
 
@@ -119,7 +112,7 @@ def _mime(
 
     def gradient_round():
       grads, stats = full_batch_grad(model, x, data, k_full, num_epochs)
-      return {"delta": tree_zeros_like(x), "grad": grads}, stats
+      return {"delta": base.tree_zeros_like(x), "grad": grads}, stats
 
     def training_round():
       def grad_fn(params, batch, mask, step_rng):
@@ -135,11 +128,11 @@ def _mime(
 
       result = local_train(grad_fn, frozen(base_optimizer, s), x, data, k_train)
       if corrected:  # c was computed in the gradient round
-        grads = tree_zeros_like(x)
+        grads = base.tree_zeros_like(x)
       else:
         grads, _ = full_batch_grad(model, x, data, k_full, num_epochs)
       return {
-        "delta": tree_sub(x, result.params),
+        "delta": base.tree_sub(x, result.params),
         "grad": grads,
       }, result.metrics
 
@@ -147,9 +140,9 @@ def _mime(
       update, metrics = jax.lax.cond(phase == 0, gradient_round, training_round)
     else:
       update, metrics = training_round()
-    return ClientOutput(update=update, weight=weight, metrics=metrics)
+    return base.ClientOutput(update=update, weight=weight, metrics=metrics)
 
-  def server_update(state, aggregate: Aggregate):
+  def server_update(state, aggregate: base.Aggregate):
     mean = aggregate.mean
     grad = state.control if corrected else mean["grad"]
     _, opt_state = base_optimizer.update(grad, state.opt_state, state.params)
@@ -166,7 +159,7 @@ def _mime(
     gathered = state.replace(
       control=mean["grad"], phase=jnp.ones((), jnp.int32)
     )
-    return tree_select(state.phase == 0, gathered, trained)
+    return base.tree_select(state.phase == 0, gathered, trained)
 
   return FederatedAlgorithm(
     server_init=server_init,

@@ -279,9 +279,22 @@ def to_device(
     k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
     for k, v in dataset.features.items()
   }
+  return device_data(
+    {k: put(v) for k, v in feats.items()},
+    dataset.offsets,
+    counts,
+    sizes,
+    bucket,
+    put,
+  )
+
+
+def device_data(features, offsets, counts, sizes, bucket, put, owner=None):
+  """A :class:`DeviceData` from uploaded ``features`` and host per-client
+  vectors (``put`` uploads them; ``owner``: see :class:`DeviceData`)."""
   return DeviceData(
-    features={k: put(v) for k, v in feats.items()},
-    offsets=put(dataset.offsets.astype(np.int32)),
+    features=features,
+    offsets=put(np.asarray(offsets).astype(np.int32)),
     counts=put(counts.astype(np.int32)),
     bucket=put(bucket),
     bucket_sizes=tuple(sizes),
@@ -291,6 +304,7 @@ def to_device(
     bucket_examples=tuple(
       int(v) for v in np.bincount(bucket, weights=counts, minlength=len(sizes))
     ),
+    owner=None if owner is None else put(owner),
   )
 
 

@@ -28,10 +28,16 @@ def _as_array(name: str, value: Any) -> np.ndarray:
       f"feature {name!r} is a scalar; expected an array with a "
       "leading example axis."
     )
+  return narrow(arr)
+
+
+def narrow(arr: np.ndarray) -> np.ndarray:
+  """float64 -> float32 and int64 -> int32 (what devices hold); others as
+  they are."""
   if arr.dtype == np.float64:
-    arr = arr.astype(np.float32)
-  elif arr.dtype == np.int64:
-    arr = arr.astype(np.int32)
+    return arr.astype(np.float32)
+  if arr.dtype == np.int64:
+    return arr.astype(np.int32)
   return arr
 
 

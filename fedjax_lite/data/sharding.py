@@ -33,8 +33,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_lite import checks, runtime
-from fedjax_lite.data.batching import DeviceData, LocalWork, bucket_plan
-from fedjax_lite.data.federated_dataset import FederatedDataset
+from fedjax_lite.data.batching import (
+  DeviceData,
+  LocalWork,
+  bucket_plan,
+  device_data,
+)
+from fedjax_lite.data.federated_dataset import FederatedDataset, narrow
 
 __all__ = [
   "ClientLoader",
@@ -90,11 +95,7 @@ class ClientLoader:
           f"{k!r} for {len(clients)} clients holding {want} examples; "
           "expected the clients' rows back to back, in the order asked."
         )
-      if v.dtype == np.float64:
-        v = v.astype(np.float32)
-      elif v.dtype == np.int64:
-        v = v.astype(np.int32)
-      feats[k] = v
+      feats[k] = narrow(v)
     if not feats:
       raise ValueError("ClientLoader: load() returned no features.")
     return feats
@@ -260,20 +261,14 @@ def to_device_sharded(
     for k, parts in shards.items()
   }
   replicated = NamedSharding(mesh, P())
-  put = lambda a: jax.device_put(a, replicated)
-  return DeviceData(
-    features=features,
-    offsets=put(local.astype(np.int32)),
-    counts=put(counts.astype(np.int32)),
-    bucket=put(bucket),
-    bucket_sizes=tuple(sizes),
-    bucket_clients=tuple(
-      int(v) for v in np.bincount(bucket, minlength=len(sizes))
-    ),
-    bucket_examples=tuple(
-      int(v) for v in np.bincount(bucket, weights=counts, minlength=len(sizes))
-    ),
-    owner=put(owner),
+  return device_data(
+    features,
+    local,
+    counts,
+    sizes,
+    bucket,
+    lambda a: jax.device_put(a, replicated),
+    owner=owner,
   )
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -780,19 +780,18 @@ class Engine:
     )
 
     carry = self._init_carry(runs, states, agg_states, out_shape)
+    inputs = _BlockInputs(
+      runs,
+      plan,
+      sample,
+      data,
+      broadcast,
+      one_broadcast,
+      k_clients,
+      agg_states,
+    )
     for j, bucket_size in enumerate(plan.bucket_sizes):
-      step = self._block_step(
-        runs,
-        plan,
-        j,
-        bucket_size,
-        sample,
-        data,
-        broadcast,
-        one_broadcast,
-        k_clients,
-        agg_states,
-      )
+      step = self._block_step(inputs, j, bucket_size)
       start, count = sample[3][j], sample[4][j]
       if data.sharded:  # blocks until the fullest device is done
         blk, most = plan.block_sizes[j], jnp.max(count)
@@ -875,20 +874,10 @@ class Engine:
       "clients": states.clients,
     }
 
-  def _block_step(
-    self,
-    runs: _Runs,
-    plan: BlockPlan,
-    j,
-    bucket_size,
-    sample,
-    data,
-    broadcast,
-    one_broadcast,
-    k_clients,
-    agg_states,
-  ):
+  def _block_step(self, inputs: "_BlockInputs", j: int, bucket_size: int):
     """``(i, carry, start, count) -> carry``: block ``i`` of bucket ``j``."""
+    runs, plan, sample, data = inputs[:4]
+    broadcast, one_broadcast, k_clients, agg_states = inputs[4:]
     nd, bpd = plan.num_devices, plan.block_sizes[j]
     blk, R = nd * bpd, runs.num_runs
     c = data.num_clients
@@ -1091,6 +1080,19 @@ class Engine:
         f"{r}; got leaves of shape {bad[:3]}."
       )
     return self._rounds_body(states, data, algorithm_fn, hparams)
+
+
+class _BlockInputs(NamedTuple):
+  """What every block step of a round reads (fixed for the round)."""
+
+  runs: _Runs
+  plan: BlockPlan
+  sample: tuple  # (ids, slots, runs, starts, counts), see _sorted_sample
+  data: DeviceData
+  broadcast: PyTree  # [R, ...] every run's broadcast
+  one_broadcast: PyTree  # run 0's (the only one when R == 1)
+  k_clients: jax.Array  # [R] client keys of the round
+  agg_states: PyTree  # [R, ...] aggregator states
 
 
 def _per_device_sum(x, valid, run, nd, bpd, R):

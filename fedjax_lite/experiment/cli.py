@@ -62,7 +62,7 @@ def _spec_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
   p = argparse.ArgumentParser(
     prog="python -m fedjax_lite",
-    description="fedjax_lite experiments: run, sweep and compare.",
+    description="fedjax_lite experiments: run, sweep, compare and launch.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="Run `python -m fedjax_lite <command> --help` for details.",
   )

@@ -393,11 +393,11 @@ def dp_aggregator(
 
   kind = "local_dp" if local else ("dp_adaptive" if adaptive else "dp")
   agg = Aggregator(
-    init_state=init_state,
-    init=init,
-    add=add,
-    merge=merge,
-    finalize=finalize,
+    init_state,
+    init,
+    add,
+    merge,
+    finalize,
     name=f"{kind}(z={z:g},C={c0:g},D={d:g})",
   )
   return agg

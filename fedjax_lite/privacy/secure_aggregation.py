@@ -1293,11 +1293,11 @@ def secure_aggregator(
     )
 
   return Aggregator(
-    init_state=init_state,
-    init=init,
-    add=add,
-    merge=merge,
-    finalize=finalize,
+    init_state,
+    init,
+    add,
+    merge,
+    finalize,
     materialized=False,
     name=name,
   )
