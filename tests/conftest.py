@@ -1,5 +1,12 @@
-"""Test configuration: 4 forced CPU devices so every test exercises sharding."""
+"""Test configuration: 4 forced CPU devices so every test exercises sharding.
 
+On a machine with a GPU backend the engines of most tests run on the GPU
+(the default backend); tests that need several devices ask for the CPU
+devices explicitly (``jax.devices("cpu")``), and float32 matmuls use full
+precision (not TF32) so float64 references keep their tolerances.
+"""
+
+import importlib.util
 import os
 
 os.environ.setdefault("FEDJAX_LITE_CPU_TUNING", "1")
@@ -13,6 +20,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+if any(
+  importlib.util.find_spec(p)
+  for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")
+):
+  jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
@@ -22,4 +34,10 @@ def rng():
 
 @pytest.fixture(scope="session")
 def one_device_mesh():
-  return fedjax_lite.engine.default_mesh(jax.devices()[:1])
+  return fedjax_lite.engine.default_mesh(jax.devices("cpu")[:1])
+
+
+@pytest.fixture(scope="session")
+def cpu_mesh():
+  """The 4 forced CPU devices (whatever the default backend is)."""
+  return fedjax_lite.engine.default_mesh(jax.devices("cpu"))

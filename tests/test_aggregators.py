@@ -444,7 +444,7 @@ def _flat_params(w):
   ],
 )
 def test_robust_aggregators_in_engine_rounds(name, buckets, block_size):
-  assert len(jax.devices()) == 4, "conftest forces 4 CPU devices"
+  assert len(jax.devices("cpu")) == 4, "conftest forces 4 CPU devices"
   make, reducer = ENGINE_CASES[name]
   engine, data, params, clients = engine_setup(make(), buckets, block_size)
   assert len(data.bucket_sizes) == buckets

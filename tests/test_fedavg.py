@@ -8,7 +8,6 @@ import optax
 import pytest
 
 import fedjax_lite as fl
-from fedjax_lite.engine.round import default_mesh
 import reference as ref
 
 SIZES = (3, 8, 5, 12)
@@ -227,15 +226,15 @@ def test_round_traces_once_with_chex(rng):
 
 
 @pytest.mark.parametrize("buckets", ["auto", 1])
-def test_sharded_equals_unsharded(rng, one_device_mesh, buckets):
-  assert len(jax.devices()) == 4, "conftest forces 4 CPU devices"
+def test_sharded_equals_unsharded(rng, one_device_mesh, cpu_mesh, buckets):
+  assert len(jax.devices("cpu")) == 4, "conftest forces 4 CPU devices"
   model, params, _, _ = mlp_setup(rng)
   sizes = (2, 30, 3, 4, 25, 6, 7, 3, 2, 40, 5)
   clients = make_clients(rng, sizes)
   ds = fl.FederatedDataset.from_clients(clients)
   work = fl.LocalWork(batch_size=4, num_epochs=2)
   out = []
-  for mesh in (default_mesh(), one_device_mesh):
+  for mesh in (cpu_mesh, one_device_mesh):
     engine = fl.Engine(
       fl.fed_avg(model, optax.sgd(0.05), optax.adam(0.01)),
       fl.RoundConfig(7, work, block_size=1),

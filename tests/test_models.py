@@ -116,10 +116,10 @@ def test_from_flax_wraps_any_linen_module():
 
 def test_runtime_settings_report():
   # The test process configured 4 CPU devices before JAX initialised.
-  assert len(jax.devices()) == 4
+  assert len(jax.devices("cpu")) == 4
   assert fl.runtime.settings()["applied"]
   late = fl.configure_cpu(num_devices=3)
-  assert len(jax.devices()) == 4 and late.get("num_cpu_devices") != 3
+  assert len(jax.devices("cpu")) == 4 and late.get("num_cpu_devices") != 3
 
 
 @pytest.mark.parametrize(

@@ -28,10 +28,15 @@ def make_dataset(rng, sizes=SIZES):
   )
 
 
+def cpu_engine(*args, **kwargs):
+  """An engine over the 4 CPU devices (whatever the default backend)."""
+  return fl.Engine(*args, mesh=default_mesh(jax.devices("cpu")), **kwargs)
+
+
 def run_both(algorithm, ds, config, rounds=3, seed=5, buckets="auto"):
   out = {}
   for placement in ("replicated", "sharded"):
-    engine = fl.Engine(algorithm, config)
+    engine = cpu_engine(algorithm, config)
     data = engine.put_data(ds, buckets=buckets, placement=placement)
     params = fl.models.mlp(D, K, hidden=(6,)).init(jax.random.PRNGKey(1))
     state = engine.init(params, seed=seed, num_clients=ds.num_clients)
@@ -52,7 +57,7 @@ def assert_same(out):
   "sampling,buckets", [("uniform", "auto"), ("weighted", 1), ("uniform", 3)]
 )
 def test_sharded_equals_replicated(rng, sampling, buckets):
-  assert len(jax.devices()) == 4, "conftest forces 4 CPU devices"
+  assert len(jax.devices("cpu")) == 4, "conftest forces 4 CPU devices"
   model = fl.models.mlp(D, K, hidden=(6,))
   work = fl.LocalWork(batch_size=4, num_epochs=2)
   config = fl.RoundConfig(9, work, sampling=sampling, block_size=1)
@@ -73,7 +78,7 @@ def test_sharded_stateful_algorithm_and_auto_blocks(rng):
 def test_sharded_pooled_runs_equal_separate_runs(rng):
   model = fl.models.mlp(D, K, hidden=(6,))
   ds = make_dataset(rng)
-  engine = fl.Engine(
+  engine = cpu_engine(
     fl.fed_avg(model, optax.sgd(0.05)),
     fl.RoundConfig(5, fl.LocalWork(batch_size=4, num_epochs=1)),
   )
@@ -98,7 +103,7 @@ def test_sharded_debug_round_equals_jitted(rng):
   config = fl.RoundConfig(5, fl.LocalWork(batch_size=4, num_epochs=1))
   out = []
   for debug in (False, True):
-    engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), config, debug=debug)
+    engine = cpu_engine(fl.fed_avg(model, optax.sgd(0.1)), config, debug=debug)
     data = engine.put_data(ds, placement="sharded")
     state = engine.init(model.init(jax.random.PRNGKey(0)), seed=3)
     out.append(engine.round(state, data)[0].server.params)
@@ -124,7 +129,7 @@ def test_shard_assignment_is_balanced():
 
 def test_sharded_memory_is_a_share_of_replicated(rng):
   ds = make_dataset(rng, sizes=tuple(range(1, 201)))
-  engine = fl.Engine(
+  engine = cpu_engine(
     fl.fed_avg(fl.models.logistic_regression(D, K), optax.sgd(0.1)),
     fl.RoundConfig(4, fl.LocalWork(batch_size=4)),
   )
@@ -145,7 +150,7 @@ def test_client_loader_reads_each_client_once(rng):
     asked.append(clients)
     return fd.client_rows(ds, clients)
 
-  engine = fl.Engine(
+  engine = cpu_engine(
     fl.fed_avg(fl.models.logistic_regression(D, K), optax.sgd(0.1)),
     fl.RoundConfig(4, fl.LocalWork(batch_size=4)),
   )
@@ -160,7 +165,7 @@ def test_client_loader_reads_each_client_once(rng):
 
 def test_bad_inputs(rng, monkeypatch):
   ds = make_dataset(rng)
-  engine = fl.Engine(
+  engine = cpu_engine(
     fl.fed_avg(fl.models.logistic_regression(D, K), optax.sgd(0.1)),
     fl.RoundConfig(4, fl.LocalWork(batch_size=4)),
   )
@@ -174,7 +179,7 @@ def test_bad_inputs(rng, monkeypatch):
   # Data sharded over 4 devices given to a 1-device engine.
   data = engine.put_data(ds, placement="sharded")
   small = fl.Engine(
-    engine.algorithm, engine.config, default_mesh(jax.devices()[:1])
+    engine.algorithm, engine.config, default_mesh(jax.devices("cpu")[:1])
   )
   state = small.init(
     fl.models.logistic_regression(D, K).init(jax.random.PRNGKey(0))

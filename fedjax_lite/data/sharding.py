@@ -101,17 +101,30 @@ class ClientLoader:
     return feats
 
 
-def client_rows(source: FederatedDataset | ClientLoader, clients) -> dict:
-  """``{feature: rows}`` of ``clients`` packed back to back in that order."""
+def client_rows(
+  source: FederatedDataset | ClientLoader, clients, out: dict | None = None
+) -> dict:
+  """``{feature: rows}`` of ``clients`` packed back to back in that order
+  (written into the leading rows of ``out[feature]`` when given)."""
   clients = np.asarray(clients, np.int64).reshape(-1)
   if isinstance(source, ClientLoader):
-    return source.rows(clients)
+    feats = source.rows(clients)
+    if out is None:
+      return feats
+    for k, v in feats.items():
+      out[k][: v.shape[0]] = v
+    return {k: out[k][: v.shape[0]] for k, v in feats.items()}
   counts = source.counts[clients]
   local = np.cumsum(counts) - counts
   rows = np.repeat(source.offsets[clients] - local, counts) + np.arange(
     int(counts.sum())
   )
-  return {k: v[rows] for k, v in source.features.items()}
+  if out is None:
+    return {k: v[rows] for k, v in source.features.items()}
+  return {
+    k: np.take(v, rows, axis=0, out=out[k][: rows.size])
+    for k, v in source.features.items()
+  }
 
 
 def shard_clients(
@@ -248,11 +261,17 @@ def to_device_sharded(
   )
   shards: dict[str, list] = {k: [] for k in first}
   for d in mine:
-    feats = client_rows(dataset, np.flatnonzero(owner == d))
-    for k, v in feats.items():
-      block = np.zeros((1, length) + v.shape[1:], v.dtype)
-      block[0, : v.shape[0]] = v
+    # The device's rows are written straight into its zero-padded block (no
+    # intermediate copy of the shard on the host).
+    blocks = {
+      k: np.zeros((1, length) + v.shape[1:], v.dtype) for k, v in first.items()
+    }
+    client_rows(
+      dataset, np.flatnonzero(owner == d), {k: b[0] for k, b in blocks.items()}
+    )
+    for k, block in blocks.items():
       shards[k].append(jax.device_put(block, devices[d]))
+    del blocks
   sharded = NamedSharding(mesh, P(axis))
   features = {
     k: jax.make_array_from_single_device_arrays(

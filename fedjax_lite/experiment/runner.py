@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjax_lite import checks, distributed
 from fedjax_lite.data.batching import LocalWork, to_device
+from fedjax_lite.data.sharding import resident_bytes
 from fedjax_lite.engine.evaluation import evaluate
 from fedjax_lite.engine.round import Engine, EngineState
 from fedjax_lite.experiment import checkpoint as ckpt
@@ -445,6 +446,9 @@ def train(
       {
         "checkpoints": out.checkpoints,
         "checkpoint_seconds": out.checkpoint_seconds,
+        "placement": exp.placement,
+        "processes": jax.process_count(),
+        "train_data_mb_per_device": data_mb_per_device(sess.data),
       },
     )
   return RunResult(
@@ -455,6 +459,12 @@ def train(
     out.signum,
     exp.algorithm.get_params,
   )
+
+
+def data_mb_per_device(data) -> list[float]:
+  """MiB of training data each of this process's devices holds."""
+  per_device = resident_bytes(data)["per_device"]
+  return [round(per_device[k] / 2**20, 3) for k in sorted(per_device)]
 
 
 def finish(
