@@ -194,3 +194,21 @@ def test_bad_inputs(rng, monkeypatch):
     engine.put_data(ds)
   with pytest.raises(MemoryError, match="Shard the clients"):
     engine.put_data(ds, placement="sharded")
+
+
+def test_sharded_blocks_are_sized_like_replicated(rng):
+  """The block plan reads the per-example size of sharded features
+  ``[devices, rows, ...]`` from their trailing axes."""
+  ds = make_dataset(rng, sizes=tuple(range(1, 201)))
+  model = fl.models.logistic_regression(D, K)
+  engine = cpu_engine(
+    fl.fed_avg(model, optax.sgd(0.1)),
+    fl.RoundConfig(100, fl.LocalWork(batch_size=4)),
+  )
+  state = engine.init(model.init(jax.random.PRNGKey(0)))
+  plans = [
+    engine.block_plan(engine.put_data(ds, placement=p), state)
+    for p in ("replicated", "sharded")
+  ]
+  assert plans[0] == plans[1]
+  assert max(plans[0].block_sizes) > 1

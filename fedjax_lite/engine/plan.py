@@ -125,8 +125,9 @@ def make_plan(
     num_runs: pooled runs sharing the blocks.
   """
   sizes = []
+  lead = 2 if data.sharded else 1  # sharded: [devices, rows, ...]
   per_example = sum(
-    math.prod(v.shape[1:]) * np.dtype(v.dtype).itemsize
+    math.prod(v.shape[lead:]) * np.dtype(v.dtype).itemsize
     for v in data.features.values()
   )
   one_state = 0 if client_state_spec is None else tree_bytes(client_state_spec)
