@@ -122,7 +122,7 @@ def client_rows(
   if out is None:
     return {k: v[rows] for k, v in source.features.items()}
   return {
-    k: np.take(v, rows, axis=0, out=out[k][: rows.size])
+    k: np.take(v, rows, axis=0, out=out[k][: rows.size], mode="clip")
     for k, v in source.features.items()
   }
 
