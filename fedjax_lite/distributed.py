@@ -100,7 +100,7 @@ def initialize(
   *,
   local_devices: int | None = None,
   timeout_s: int = 60,
-  cpu: bool = True,
+  cpu: bool | None = None,
 ) -> dict:
   """Joins this process to a multi-process run (call before any JAX work).
 
@@ -111,8 +111,9 @@ def initialize(
     local_devices: CPU devices of this process (default: one per usable
       core, as :func:`fedjax_lite.configure_cpu` chooses).
     timeout_s: seconds to wait for the coordinator and the other processes.
-    cpu: run on CPU devices with gloo collectives (False: the default
-      backend, e.g. GPUs with NCCL).
+    cpu: run on CPU devices with gloo collectives; False: the default
+      backend (GPUs with NCCL); None (default): CPU unless a CUDA plugin of
+      jax is installed.
 
   Returns:
     ``{"process_id", "num_processes", "local_devices", "global_devices"}``.
@@ -139,6 +140,8 @@ def initialize(
     )
   import jax  # pylint: disable=g-import-not-at-top
 
+  if cpu is None:
+    cpu = not has_cuda_plugin()
   if cpu:
     runtime.configure_cpu(local_devices, force=True)
     if local_devices is not None:
@@ -182,6 +185,16 @@ def initialize(
     global_devices=len(devices),
   )
   return dict(_state)
+
+
+def has_cuda_plugin() -> bool:
+  """True when a CUDA plugin of jaxlib is installed (GPUs are likely)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  return any(
+    importlib.util.find_spec(p) is not None
+    for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")
+  )
 
 
 def is_main() -> bool:
