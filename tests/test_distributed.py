@@ -24,8 +24,8 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(out, n, pid, devices, placement, coordinator):
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+def start(out, n, pid, devices, placement, coordinator, timeout=60):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), WORKER_TIMEOUT=str(timeout))
   return subprocess.Popen(
     [
       sys.executable,
@@ -91,7 +91,7 @@ def test_two_processes_equal_one_device(tmp_path, placement):
 
 def test_coordinator_that_never_answers(tmp_path):
   port = free_port()  # nothing listens there
-  p = start(tmp_path / "x", 2, 1, 1, "replicated", f"localhost:{port}")
+  p = start(tmp_path / "x", 2, 1, 1, "replicated", f"localhost:{port}", 3)
   (log,) = [p.communicate(timeout=120)[0]]
   assert p.returncode != 0
   assert "TimeoutError" in log and f"localhost:{port}" in log, log[-2000:]
