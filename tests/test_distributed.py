@@ -150,15 +150,11 @@ def test_launch_checkpoint_and_resume_equal_one_device(tmp_path):
     ]
   )
   (one,) = (tmp_path / "one").iterdir()
+  launch = ["launch", "--processes", "2", "--devices", "4"]
+  launch += ["--log-dir", str(tmp_path)]
   _cli(
-    [
-      "launch",
-      "--processes",
-      "2",
-      "--devices",
-      "4",
-      "--log-dir",
-      str(tmp_path),
+    launch
+    + [
       exp,
       "--placement",
       "sharded",
@@ -172,14 +168,8 @@ def test_launch_checkpoint_and_resume_equal_one_device(tmp_path):
   (two,) = (tmp_path / "two").iterdir()
   assert _final_params(two)[0] == 2
   out = _cli(
-    [
-      "launch",
-      "--processes",
-      "2",
-      "--devices",
-      "4",
-      "--log-dir",
-      str(tmp_path),
+    launch
+    + [
       "--resume",
       str(two),
       "--placement",

@@ -1,23 +1,12 @@
 """experiments/facade_benchmark.py runs in smoke mode and writes its record."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-    name, EXPERIMENTS / f"{name}.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiment_files import load
 
 
 def test_facade_benchmark_smoke(tmp_path, capsys):
-  module = _load("facade_benchmark")
+  module = load("facade_benchmark")
   res = module.main(["--smoke", "--out", str(tmp_path)])
   got = json.loads((tmp_path / "facade_smoke.json").read_text())
   assert got == json.loads(json.dumps(res))

@@ -1,27 +1,16 @@
 """The vertical experiment files run end to end in smoke mode (slow)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-    name, EXPERIMENTS / f"{name}.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiment_files import load
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vertical_lr", "split_nn", "ftl"])
 def test_experiment_smoke(name, tmp_path):
-  module = _load(name)
+  module = load(name)
   summary = module.main(["--smoke", "--out", str(tmp_path)])
   (run_dir,) = tmp_path.iterdir()
   for f in ("metrics.jsonl", "curves.png", "summary.json"):
@@ -37,7 +26,7 @@ def test_experiment_smoke(name, tmp_path):
 
 def test_experiment_configs():
   for name in ("vertical_lr", "split_nn", "ftl"):
-    module = _load(name)
+    module = load(name)
     assert module.get_config("smoke") != module.get_config()
     with pytest.raises(ValueError, match="unknown config arg"):
       module.get_config("nope")
