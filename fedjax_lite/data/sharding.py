@@ -243,8 +243,6 @@ def to_device_sharded(
       f"{dict(mesh.shape)}."
     )
   owner, local, shard_rows = shard_clients(counts, bucket, nd)
-  if int(shard_rows.max()) >= 2**31:
-    raise ValueError("a shard with >= 2**31 examples is not supported.")
   pad = int(max(sizes))
   length = int(shard_rows.max()) + pad
   mine = [
@@ -259,6 +257,11 @@ def to_device_sharded(
     what=f"client-sharded data ({dataset.num_clients} clients, "
     f"{per_example} bytes per example, {length} rows per device)",
   )
+  if length >= 2**31:
+    raise ValueError(
+      f"a device shard of {length} rows; at most 2**31 - 1 are supported "
+      "(shard the clients over more devices)."
+    )
   shards: dict[str, list] = {k: [] for k in first}
   for d in mine:
     # The device's rows are written straight into its zero-padded block (no
