@@ -213,3 +213,31 @@ def test_launch_bad_process_count(tmp_path):
   )
   assert p.returncode == 2
   assert "3 processes cannot share 4 devices equally" in p.stderr
+
+
+def test_launch_options_anywhere_on_the_line():
+  from fedjax_lite.experiment.cli import _split_launch_args  # noqa: PLC0415
+
+  own, run = _split_launch_args(
+    [
+      "--resume",
+      "runs/x",
+      "--processes",
+      "2",
+      "--placement",
+      "sharded",
+      "--devices=4",
+      "--",
+      "--set",
+      "num_rounds=3",
+    ]
+  )
+  assert own == ["--processes", "2", "--devices=4"]
+  assert run == [
+    "--resume",
+    "runs/x",
+    "--placement",
+    "sharded",
+    "--set",
+    "num_rounds=3",
+  ]

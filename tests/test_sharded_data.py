@@ -212,3 +212,45 @@ def test_sharded_blocks_are_sized_like_replicated(rng):
   ]
   assert plans[0] == plans[1]
   assert max(plans[0].block_sizes) > 1
+
+
+def test_assignment_balances_across_buckets():
+  # 6 buckets of 5 clients on 4 devices: the remainders go to the lightest.
+  counts = np.repeat(np.arange(1, 7) * 10, 5)
+  owner, _, rows = fd.shard_clients(counts, np.repeat(np.arange(6), 5), 4)
+  assert sorted(np.bincount(owner, minlength=4)) == [7, 7, 8, 8]
+  assert rows.max() / rows.mean() < 1.05
+  # As many clients as devices: every device holds one.
+  owner, _, _ = fd.shard_clients(np.array([3, 5, 7, 4]), np.arange(4), 4)
+  assert sorted(owner) == [0, 1, 2, 3]
+
+
+def test_loader_with_an_empty_device_and_bad_shapes(rng):
+  ds = make_dataset(rng, sizes=(5, 3, 9))  # 3 clients on 4 devices
+
+  def load(clients):
+    return {
+      k: np.concatenate([ds.client(int(c))[k] for c in clients])
+      for k in ds.features
+    }
+
+  config = fl.RoundConfig(2, fl.LocalWork(batch_size=4))
+  alg = fl.fed_avg(fl.models.logistic_regression(D, K), optax.sgd(0.1))
+  engine = cpu_engine(alg, config)
+  data = engine.put_data(fd.ClientLoader(ds.counts, load), placement="sharded")
+  assert np.bincount(np.asarray(data.owner), minlength=4).min() == 0
+  params = fl.models.logistic_regression(D, K).init(jax.random.PRNGKey(0))
+  got, _ = engine.round(engine.init(params), data)
+  want, _ = engine.round(engine.init(params), engine.put_data(ds))
+  chex.assert_trees_all_close(got.server, want.server, rtol=1e-6, atol=1e-6)
+
+  def bad(clients):
+    out = load(clients)
+    if 0 not in clients:  # later calls change the per-example shape
+      out["x"] = out["x"][:, :1]
+    return out
+
+  with pytest.raises(ValueError, match=r"x: float32\[1\]"):
+    engine.put_data(fd.ClientLoader(ds.counts, bad), placement="sharded")
+  with pytest.raises(ValueError, match="evaluate needs replicated data"):
+    fl.evaluate(fl.models.logistic_regression(D, K), params, data)

@@ -11,8 +11,10 @@ memory. Client-sharded data splits the population by client across the
     offsets[k] = client k's first row inside its device's shard
 
 Assignment. Within every size bucket, clients are dealt to devices in a snake
-order of decreasing size (0, 1, .., nd-1, nd-1, .., 0, ...), so every device
-holds ~1/nd of each bucket's clients and of its examples. The assignment is
+order of decreasing size (d_0, d_1, .., d_{nd-1}, d_{nd-1}, .., d_0, ...),
+where d_0 is the device holding the fewest rows so far, and the bucket's
+remainder (its smallest clients) goes to the lightest devices: every device
+holds ~1/nd of each bucket's clients (within one) and of all the examples. The assignment is
 a function of the client sizes only, so every process of a multi-process run
 computes the same one and loads only the rows of its own devices' clients
 (:class:`ClientLoader` reads them on demand).
@@ -78,6 +80,7 @@ class ClientLoader:
       raise TypeError(f"load must be callable, got {type(load).__name__}.")
     self.counts = counts
     self._load = load
+    self._spec: dict | None = None  # feature -> (trailing shape, dtype)
 
   @property
   def num_clients(self) -> int:
@@ -98,7 +101,27 @@ class ClientLoader:
       feats[k] = narrow(v)
     if not feats:
       raise ValueError("ClientLoader: load() returned no features.")
+    spec = {k: (v.shape[1:], v.dtype) for k, v in feats.items()}
+    if self._spec is None:
+      self._spec = spec
+    elif spec != self._spec:
+      raise ValueError(
+        f"ClientLoader: load() returned features {_describe(spec)} for "
+        f"clients {clients[:3].tolist()}..., but {_describe(self._spec)} "
+        "before; expected the same features, per-example shapes and dtypes "
+        "for every client."
+      )
     return feats
+
+
+def _describe(spec: dict) -> str:
+  return (
+    "{"
+    + ", ".join(
+      f"{k}: {np.dtype(d).name}{list(s)}" for k, (s, d) in sorted(spec.items())
+    )
+    + "}"
+  )
 
 
 def client_rows(
@@ -141,11 +164,24 @@ def shard_clients(
   bucket = np.asarray(bucket)
   nd = int(num_shards)
   owner = np.empty(counts.size, np.int32)
-  for j in np.unique(bucket):
+  rows = np.zeros(nd, np.int64)
+  for j in np.unique(bucket)[::-1]:  # largest clients first
     idx = np.flatnonzero(bucket == j)
     order = idx[np.argsort(-counts[idx], kind="stable")]
-    r = np.arange(order.size) % (2 * nd)
-    owner[order] = np.where(r < nd, r, 2 * nd - 1 - r)
+    full = (order.size // nd) * nd
+    # Whole rounds of nd clients in snake order from the lightest device,
+    # then the remainder (the bucket's smallest) to the lightest devices.
+    r = np.arange(full) % (2 * nd)
+    lightest = np.argsort(rows, kind="stable")
+    owner[order[:full]] = lightest[np.where(r < nd, r, 2 * nd - 1 - r)]
+    rows += np.bincount(
+      owner[order[:full]], weights=counts[order[:full]], minlength=nd
+    ).astype(np.int64)
+    rest = order[full:]
+    owner[rest] = np.argsort(rows, kind="stable")[: rest.size]
+    rows += np.bincount(owner[rest], weights=counts[rest], minlength=nd).astype(
+      np.int64
+    )
   local = np.empty(counts.size, np.int64)
   shard_rows = np.zeros(nd, np.int64)
   for d in range(nd):
@@ -248,7 +284,13 @@ def to_device_sharded(
   mine = [
     d for d in range(nd) if devices[d].process_index == jax.process_index()
   ]
-  first = client_rows(dataset, np.flatnonzero(owner == mine[0])[:1])
+  held = [np.flatnonzero(owner == d) for d in range(nd)]
+  # One client to learn the features' shapes: one of this process's own if
+  # it holds any (its devices may hold none in a tiny population).
+  probe = next((h[:1] for h in (held[d] for d in mine) if h.size), held[0][:0])
+  if probe.size == 0:
+    probe = np.zeros(1, np.int64)
+  first = client_rows(dataset, probe)
   per_example = _per_example_bytes(first)
   check_data_memory(
     [length] * len(mine),
@@ -269,9 +311,8 @@ def to_device_sharded(
     blocks = {
       k: np.zeros((1, length) + v.shape[1:], v.dtype) for k, v in first.items()
     }
-    client_rows(
-      dataset, np.flatnonzero(owner == d), {k: b[0] for k, b in blocks.items()}
-    )
+    if held[d].size:  # a device may hold no client at all
+      client_rows(dataset, held[d], {k: b[0] for k, b in blocks.items()})
     for k, block in blocks.items():
       shards[k].append(jax.device_put(block, devices[d]))
     del blocks

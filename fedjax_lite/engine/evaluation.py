@@ -123,6 +123,12 @@ def evaluate(
   """
   mesh = mesh if mesh is not None else default_mesh()
   nd = mesh.shape[AXIS]
+  if isinstance(data, DeviceData) and data.sharded:
+    raise ValueError(
+      "evaluate needs replicated data; this DeviceData is client-sharded. "
+      "Pass the FederatedDataset (it is uploaded replicated) or a "
+      "replicated upload (engine.put_data(dataset))."
+    )
   if isinstance(data, FederatedDataset):
     checks.model_features(
       model, data.features, "evaluate data", labels_required=False

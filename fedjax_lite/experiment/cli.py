@@ -226,7 +226,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     metavar="DIR",
     help="where the logs of processes 1..N-1 go (default: runs)",
   )
-  la.add_argument("run_args", nargs=argparse.REMAINDER)
+  la.add_argument(
+    "run_args",
+    nargs="*",
+    metavar="RUN_ARGS",
+    help="the `run` command's arguments (experiment file, options)",
+  )
   return p, {"run": r, "sweep": s, "compare": c, "launch": la}
 
 
@@ -328,9 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if argv and argv[0] in subs:
     _spec_help(subs[argv[0]], argv[1:])
   if argv and argv[0] == "launch":
-    # Options the launcher does not know (e.g. --resume) belong to `run`.
-    args, extra = parser.parse_known_args(argv)
-    args.run_args = [a for a in extra + args.run_args if a != "--"]
+    own, run_args = _split_launch_args(argv[1:])
+    args = parser.parse_args(["launch", *own])
+    args.run_args = run_args
   else:
     args = parser.parse_args(argv)
   try:
@@ -345,6 +350,36 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+_LAUNCH_OPTIONS = (
+  "--processes",
+  "--devices",
+  "--port",
+  "--timeout",
+  "--log-dir",
+)
+
+
+def _split_launch_args(argv: Sequence[str]) -> tuple[list, list]:
+  """The launcher's own options (anywhere on the line) and the rest, which
+  goes to `run` in its order (``--`` is dropped)."""
+  own, rest, i = [], [], 0
+  while i < len(argv):
+    token = argv[i]
+    name = token.split("=", 1)[0]
+    if name in _LAUNCH_OPTIONS:
+      take = 1 if "=" in token else 2
+      own += argv[i : i + take]
+      i += take
+    elif token in ("-h", "--help"):
+      own.append(token)
+      i += 1
+    else:
+      if token != "--":
+        rest.append(token)
+      i += 1
+  return own, rest
 
 
 def _launch_processes(args) -> int:

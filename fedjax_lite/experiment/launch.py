@@ -117,9 +117,30 @@ def launch(
       signal.signal(s, h)
 
 
-def _wait(procs, logs) -> int:
+_INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+def _wait(procs, logs, grace_s: float = 120.0) -> int:
   while True:
     codes = [p.poll() for p in procs]
+    stopped = [i for i, c in enumerate(codes) if c in _INTERRUPTED]
+    if stopped:
+      # An interrupt: every process checkpoints after the same round and
+      # exits with 128+signal; give the others time to do so.
+      deadline = time.monotonic() + grace_s
+      for p in procs:
+        try:
+          p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+          p.kill()
+          p.wait()
+      code = procs[stopped[0]].returncode
+      print(
+        f"interrupted (exit code {code}); resume with `launch ... --resume "
+        "RUN_DIR`.",
+        file=sys.stderr,
+      )
+      return int(code)
     failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
     if failed:
       i = failed[0]

@@ -114,6 +114,24 @@ class StopOnSignal:
   def requested(self) -> bool:
     return self.signum is not None
 
+  def agreed(self) -> bool:
+    """Whether to stop now: :attr:`requested` in ANY process of a
+    multi-process run (all processes call this after the same round, so they
+    stop together instead of one waiting for the others in a collective)."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    signum = int(np.max(flags))
+    if signum and self.signum is None:
+      self.signum = signum
+    return signum != 0
+
   def __enter__(self):
     if self.enabled:
       for s in (signal.SIGINT, signal.SIGTERM):
@@ -269,8 +287,9 @@ def run_rounds(
         )
         bar.set_postfix(post, refresh=False)
         bar.update(done)
+        stop = stopper.agreed()
         if run_dir is None:
-          if stopper.requested and t < num_rounds:
+          if stop and t < num_rounds:
             interrupted = True
             break
           continue
@@ -278,7 +297,7 @@ def run_rounds(
         due = (now - last_save >= checkpointing.gap(cost)) or (
           checkpointing.every_rounds and t % checkpointing.every_rounds == 0
         )
-        if stopper.requested and t < num_rounds:
+        if stop and t < num_rounds:
           interrupted = True
           save(t)
           break

@@ -138,6 +138,11 @@ def sweep(
   Returns:
     A :class:`SweepResult`.
   """
+  if jax.process_count() > 1:
+    raise NotImplementedError(
+      "sweeps run in one process; run each setting with `train` (or `python "
+      "-m fedjax_lite run`) for multi-process runs."
+    )
   policy = Checkpointing(
     every_seconds=checkpoint_every_seconds, every_rounds=checkpoint_every
   )
