@@ -39,6 +39,9 @@ import optax
 
 from fedjax_lite import data as fd
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark as _bench  # noqa: E402  (experiments/benchmark.py)
+
 FEATURES, CLASSES = 60, 10
 
 
@@ -223,6 +226,9 @@ def main(argv=None):
     "jax": jax.__version__,
     "loadavg_start": open("/proc/loadavg").read().split()[:3],
   }
+  # float32 matmul peak of one device as configured (one core, one thread).
+  results["matmul_peak"] = _bench.worker_peak(None)
+  print(f"matmul peak {results['matmul_peak']['peak_gflops']:.0f} GFLOP/s")
   t0 = time.perf_counter()
   ds = logreg_population(big, args.examples)
   results["generate_s"] = time.perf_counter() - t0
@@ -298,7 +304,9 @@ def main(argv=None):
     "FedProx Synthetic(1, 1), 10 examples per client:",
     table([r]),
     "",
-    f"peak RSS {results['peak_rss_gib']:.1f} GiB",
+    f"peak RSS {results['peak_rss_gib']:.1f} GiB; float32 matmul peak of one "
+    f"device {results['matmul_peak']['peak_gflops']:.0f} GFLOP/s; "
+    f"{results['cpu']}",
   ]
   (out / "scale.md").write_text("\n".join(md) + "\n")
   print("\n".join(md))

@@ -4,7 +4,6 @@ collectives on localhost) against 1 process x 1 device."""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -13,15 +12,10 @@ import numpy as np
 import pytest
 
 from fedjax_lite import distributed
+from fedjax_lite.experiment.launch import free_port
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 ROOT = WORKER.parent.parent
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def start(out, n, pid, devices, placement, coordinator, timeout=60):

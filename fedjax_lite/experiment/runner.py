@@ -393,7 +393,7 @@ def train(
   """
   if placement is not None:
     exp = dataclasses.replace(exp, placement=placement)
-  write = jax.process_index() == 0
+  write = distributed.is_main()
   policy = Checkpointing(
     every_seconds=checkpoint_every_seconds, every_rounds=checkpoint_every
   )
@@ -694,7 +694,7 @@ def launch_file(
   """
   ef, cfg, record = prepare(spec, overrides, resume, command=command)
   exp = ef.build(cfg)
-  main = jax.process_index() == 0  # process 0 writes files
+  main = distributed.is_main()  # process 0 writes files
   if resume is None:
     extra = new_record(exp) if new_record is not None else {}
     suffix = "-sweep" if command == "sweep" else ""
