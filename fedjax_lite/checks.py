@@ -120,3 +120,14 @@ def instance_of(name: str, value: Any, kind: type, hint: str = "") -> Any:
       f"{type(value).__name__}."
     )
   return value
+
+
+def optimizer_factories(**fns) -> None:
+  """Checks that each ``name=fn`` is callable (a no-argument function returning
+  an optax optimizer, as TFF-style builders take); ``TypeError`` otherwise."""
+  for name, fn in fns.items():
+    if not callable(fn):
+      raise TypeError(
+        f"{name} must be a no-argument function returning an "
+        f"optax optimizer, got {type(fn).__name__}."
+      )

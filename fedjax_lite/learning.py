@@ -442,7 +442,7 @@ def build_federated_averaging_process(
       :func:`dp_aggregator`, :func:`secure_aggregator`); None is the
       example-weighted mean.
   """
-  _check_optimizer_fns(
+  checks.optimizer_factories(
     client_optimizer_fn=client_optimizer_fn,
     server_optimizer_fn=server_optimizer_fn,
   )
@@ -463,15 +463,6 @@ def build_federated_averaging_process(
   )
 
 
-def _check_optimizer_fns(**fns):
-  for name, fn in fns.items():
-    if not callable(fn):
-      raise TypeError(
-        f"{name} must be a no-argument function returning an "
-        f"optax optimizer, got {type(fn).__name__}."
-      )
-
-
 def build_fed_prox_process(
   model: Model,
   client_optimizer_fn,
@@ -488,7 +479,7 @@ def build_fed_prox_process(
   arguments (``local_epochs``, ``batch_size``, ``num_local_steps``,
   ``block_size``, ``mesh``) as :func:`build_federated_averaging_process`.
   """
-  _check_optimizer_fns(
+  checks.optimizer_factories(
     client_optimizer_fn=client_optimizer_fn,
     server_optimizer_fn=server_optimizer_fn,
   )
@@ -573,7 +564,7 @@ def build_dp_fed_avg_process(
   :func:`build_federated_averaging_process`.
   """
   local_work = {k: kw.pop(k) for k in _LOCAL_WORK if k in kw}
-  _check_optimizer_fns(
+  checks.optimizer_factories(
     client_optimizer_fn=client_optimizer_fn,
     server_optimizer_fn=server_optimizer_fn,
   )

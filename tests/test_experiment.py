@@ -519,6 +519,10 @@ def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
     fe.sweep(exp, grid={"num_rounds": [1.0, 2.0]}, progress=False)
   with pytest.raises(fe.ConfigError, match="NAME=V1,V2"):
     cli.parse_grid(["client_lr"])
+  # train and sweep share their run options; a misspelt one is named.
+  for run in (fe.train, fe.sweep):
+    with pytest.raises(TypeError, match=r"\['progres'\].*'progress'"):
+      run(exp, progres=False)
   assert cli.parse_seeds("3") == 3
   assert cli.parse_seeds("0,4") == [0, 4]
 

@@ -317,6 +317,15 @@ def test_bad_inputs():
     )
   with pytest.raises(ValueError, match="max_atoms=3 is smaller"):
     matching.match_atoms([np.zeros((4, 2))], max_atoms=3)
+  # Matching settings are match_atoms' keywords; a misspelt one is named.
+  with pytest.raises(TypeError, match=r"fed_ma\(\).*\['noise'\].*noise_var"):
+    hetero.fed_ma(
+      fl.models.mlp(D, K, (8,)), optax.sgd(0.1), client_widths=[[4]], noise=1
+    )
+  with pytest.raises(TypeError, match=r"matched_average\(\).*\['iters'\]"):
+    hetero.matched_average([{}], iters=2)
+  with pytest.raises(ValueError, match="prior_var must be a positive"):
+    hetero.matched_average([{}], prior_var=-1.0)
 
 
 @pytest.mark.slow

@@ -128,12 +128,12 @@ def clipped(
     metrics["clipped_fraction"] = frac
     return out._replace(metrics=metrics), new_state
 
-  return Aggregator(
-    init_state,
-    init,
-    add,
-    merge,
-    finalize,
-    materialized=inner.materialized,
+  # Every function wraps the inner one's; ``materialized`` is the inner's.
+  return inner._replace(
+    init_state=init_state,
+    init=init,
+    add=add,
+    merge=merge,
+    finalize=finalize,
     name=f"clipped({inner.name})",
   )

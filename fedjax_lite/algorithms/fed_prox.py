@@ -67,7 +67,7 @@ def fed_prox(
   *,
   mu: float,
   name: str = "fed_prox",
-  aggregator=None,
+  **fed_avg_options,
 ) -> FederatedAlgorithm:
   """FedProx: :func:`fed_avg` with the proximal local objective.
 
@@ -78,7 +78,8 @@ def fed_prox(
       ``optax.sgd(1.0)`` (the paper's example-weighted average).
     mu: proximal coefficient ``mu >= 0``.
     name: for reports.
-    aggregator: the round's aggregator (None: example-weighted mean).
+    **fed_avg_options: the other keywords of :func:`fed_avg`
+      (``aggregator``).
   """
   return fed_avg(
     model,
@@ -86,5 +87,5 @@ def fed_prox(
     server_optimizer,
     local_objective=prox_objective(model, mu),
     name=name,
-    aggregator=aggregator,
+    **fed_avg_options,
   )

@@ -82,15 +82,34 @@ def frozen(
   return optax.GradientTransformation(init, update)
 
 
-def _mime(
+def mime(
   model: Model,
   base_optimizer: optax.GradientTransformation,
-  server_learning_rate: float,
-  num_epochs: int,
-  corrected: bool,
-  name: str,
-  aggregator,
+  server_learning_rate: float = 1.0,
+  *,
+  num_epochs: int = 1,
+  corrected: bool = True,
+  name: str | None = None,
+  aggregator=None,
 ) -> FederatedAlgorithm:
+  """Mime (``corrected=True``): MimeLite plus the SVRG correction, TWO engine
+  rounds per Mime round (gradient, then training; see the module docstring).
+
+  Args:
+    model: the model.
+    base_optimizer: the optimizer to mimic (its learning rate is the local
+      step size).
+    server_learning_rate: ``eta_g``.
+    num_epochs: the round's ``LocalWork.num_epochs`` (full-batch gradient on
+      one epoch; see :mod:`~fedjax_lite.algorithms.full_batch`).
+    corrected: False is MimeLite (:func:`mime_lite`): one engine round per
+      round, no correction.
+    name: for reports (default ``"mime"``, or ``"mime_lite"``).
+    aggregator: the round's aggregator of ``{"delta", "grad"}`` (None:
+      example-weighted mean).
+  """
+  if name is None:
+    name = "mime" if corrected else "mime_lite"
   eta_g = base.hyperparameter(server_learning_rate)
 
   def server_init(params):
@@ -175,53 +194,10 @@ def mime_lite(
   model: Model,
   base_optimizer: optax.GradientTransformation,
   server_learning_rate: float = 1.0,
-  *,
-  num_epochs: int = 1,
-  name: str = "mime_lite",
-  aggregator=None,
+  **options,
 ) -> FederatedAlgorithm:
-  """MimeLite: local steps ``U(grad f_i(y), s)`` with the server state fixed.
-
-  Args:
-    model: the model.
-    base_optimizer: the optimizer to mimic (its learning rate is the local
-      step size).
-    server_learning_rate: ``eta_g``.
-    num_epochs: the round's ``LocalWork.num_epochs`` (full-batch gradient on
-      one epoch; see :mod:`~fedjax_lite.algorithms.full_batch`).
-    name: for reports.
-    aggregator: the round's aggregator of ``{"delta", "grad"}`` (None:
-      example-weighted mean).
-  """
-  return _mime(
-    model,
-    base_optimizer,
-    server_learning_rate,
-    num_epochs,
-    corrected=False,
-    name=name,
-    aggregator=aggregator,
-  )
-
-
-def mime(
-  model: Model,
-  base_optimizer: optax.GradientTransformation,
-  server_learning_rate: float = 1.0,
-  *,
-  num_epochs: int = 1,
-  name: str = "mime",
-  aggregator=None,
-) -> FederatedAlgorithm:
-  """Mime: MimeLite plus the SVRG correction; TWO engine rounds per Mime round
-  (gradient, then training; see the module docstring). Arguments as
-  :func:`mime_lite`."""
-  return _mime(
-    model,
-    base_optimizer,
-    server_learning_rate,
-    num_epochs,
-    corrected=True,
-    name=name,
-    aggregator=aggregator,
+  """MimeLite: local steps ``U(grad f_i(y), s)`` with the server state fixed;
+  :func:`mime` with ``corrected=False`` (other keywords as :func:`mime`)."""
+  return mime(
+    model, base_optimizer, server_learning_rate, corrected=False, **options
   )

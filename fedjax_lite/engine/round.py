@@ -655,7 +655,7 @@ class Engine:
 
   def _round_body(self, state: EngineState, data: DeviceData):
     states = jax.tree.map(lambda a: a[None], state)
-    new, metrics = self._rounds_body(states, data)
+    new, metrics = self.rounds_body(states, data)
     return jax.tree.map(lambda a: a[0], (new, metrics))
 
   def _sorted_sample(self, k_sample, data, num_runs):
@@ -717,24 +717,51 @@ class Engine:
         device=self.mesh.devices.reshape(-1)[0],
       )
 
-  def _rounds_body(
+  def rounds_body(
     self,
     states: EngineState,
     data: DeviceData,
     algorithm_fn: Callable[[dict], FederatedAlgorithm] | None = None,
     hparams: dict | None = None,
-  ):
-    """One round of ``R`` independent runs (leading axis ``R`` on ``states``).
+  ) -> tuple[EngineState, dict]:
+    """One round of ``R`` independent runs as ONE pooled round (traceable).
+
+    ``states`` carries a leading run axis ``R`` on every leaf (server,
+    clients, round, rng, aggregator). Every run samples its own clients with
+    its own rng, exactly as a separate :meth:`round` would; the sampled
+    clients of all runs then share the size-bucket blocks (full blocks
+    instead of ``R`` partly filled ones), and aggregation (with each run's
+    own aggregator state) and the server update stay per run. Results equal
+    ``R`` separate rounds up to float summation order.
 
     The stages of the module docstring: block plan, sample, blocks (gather,
-    client update, aggregator add), merge and finalize, server update. The
-    runs' sampled clients are pooled into the same size-bucket blocks (a
-    client is a (run, client id) pair that starts from its run's broadcast)
-    and each run adds into its own accumulator. ``R == 1`` is the ordinary
-    round.
+    client update, aggregator add), merge and finalize, server update; ``R ==
+    1`` is the ordinary round (:meth:`round`).
+
+    Args:
+      states: ``R`` stacked EngineStates.
+      data: the device data.
+      algorithm_fn: optional ``hparams -> FederatedAlgorithm`` for runs that
+        differ in hyperparameters (called with traced scalars); default: this
+        engine's algorithm for every run.
+      hparams: ``{name: [R] values}`` passed to ``algorithm_fn``.
     """
+    if (algorithm_fn is None) != (hparams is None):
+      raise ValueError("pass algorithm_fn and hparams together.")
+    if not isinstance(states, EngineState) or jnp.ndim(states.round) != 1:
+      raise ValueError(
+        "rounds_body expects EngineStates stacked on a leading "
+        "run axis (round of shape [R]); stack them with "
+        "jax.tree.map(lambda *xs: jnp.stack(xs), *states)."
+      )
+    R = int(jnp.shape(states.round)[0])
+    bad = [x.shape for x in jax.tree.leaves(states) if x.shape[:1] != (R,)]
+    if bad:
+      raise ValueError(
+        f"every state leaf needs the leading run axis of size "
+        f"{R}; got leaves of shape {bad[:3]}."
+      )
     self.num_traces += 1
-    R = int(jax.tree.leaves(states.round)[0].shape[0])
     runs = _Runs(self.algorithm, algorithm_fn, hparams, R)
     k_sample, k_clients, k_agg = jax.vmap(round_keys)(states.rng, states.round)
     broadcast = runs.map(lambda a, _, s: a.broadcast(s), states.server)
@@ -1038,48 +1065,6 @@ class Engine:
 
     by_run = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), acc)
     return runs.map(per_run, by_run, agg_states, k_agg)
-
-  def rounds_body(
-    self,
-    states: EngineState,
-    data: DeviceData,
-    algorithm_fn: Callable[[dict], FederatedAlgorithm] | None = None,
-    hparams: dict | None = None,
-  ) -> tuple[EngineState, dict]:
-    """One round of ``R`` independent runs as ONE pooled round (traceable).
-
-    ``states`` carries a leading run axis ``R`` on every leaf (server,
-    clients, round, rng, aggregator). Every run samples its own clients with
-    its own rng, exactly as a separate :meth:`round` would; the sampled
-    clients of all runs then share the size-bucket blocks (full blocks
-    instead of ``R`` partly filled ones), and aggregation (with each run's
-    own aggregator state) and the server update stay per run. Results equal
-    ``R`` separate rounds up to float summation order.
-
-    Args:
-      states: ``R`` stacked EngineStates.
-      data: the device data.
-      algorithm_fn: optional ``hparams -> FederatedAlgorithm`` for runs that
-        differ in hyperparameters (called with traced scalars); default: this
-        engine's algorithm for every run.
-      hparams: ``{name: [R] values}`` passed to ``algorithm_fn``.
-    """
-    if (algorithm_fn is None) != (hparams is None):
-      raise ValueError("pass algorithm_fn and hparams together.")
-    if not isinstance(states, EngineState) or jnp.ndim(states.round) != 1:
-      raise ValueError(
-        "rounds_body expects EngineStates stacked on a leading "
-        "run axis (round of shape [R]); stack them with "
-        "jax.tree.map(lambda *xs: jnp.stack(xs), *states)."
-      )
-    r = jnp.shape(states.round)[0]
-    bad = [x.shape for x in jax.tree.leaves(states) if x.shape[:1] != (r,)]
-    if bad:
-      raise ValueError(
-        f"every state leaf needs the leading run axis of size "
-        f"{r}; got leaves of shape {bad[:3]}."
-      )
-    return self._rounds_body(states, data, algorithm_fn, hparams)
 
 
 class _BlockInputs(NamedTuple):

@@ -35,6 +35,7 @@ from fedjax_lite.experiment.loop import Checkpointing
 from fedjax_lite.experiment.plots import plot_curves, plot_runs
 from fedjax_lite.experiment.records import final_table, final_values, read_jsonl
 from fedjax_lite.experiment.runner import (
+  RunOptions,
   RunResult,
   engine_for,
   init_state,

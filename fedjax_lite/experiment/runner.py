@@ -250,6 +250,52 @@ def load_resume_state(run_dir: Path, target):
     raise cfglib.ConfigError(str(e)) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How a run goes: the keywords that :func:`train` and
+  :func:`~fedjax_lite.experiment.sweeps.sweep` share.
+
+  Attributes:
+    resume: continue from ``run_dir/checkpoint.msgpack``.
+    checkpoint_every: also checkpoint every this many rounds (0: off).
+    checkpoint_every_seconds: the most wall time between two checkpoints,
+      i.e. the most work a crash can lose (default 60; None: only at the
+      start, on SIGINT/SIGTERM and at the end). Cheap checkpoints are
+      written more often (see :mod:`fedjax_lite.experiment.loop`).
+    progress: show a tqdm progress bar.
+    handle_signals: stop cleanly on SIGINT/SIGTERM (see the module
+      docstring).
+    desc: progress bar label (None: the experiment's name).
+  """
+
+  resume: bool = False
+  checkpoint_every: int = 0
+  checkpoint_every_seconds: float | None = 60.0
+  progress: bool = True
+  handle_signals: bool = True
+  desc: str | None = None
+
+  @classmethod
+  def of(cls, caller: str, options: dict) -> "RunOptions":
+    """``RunOptions(**options)``; an unknown keyword is a TypeError naming
+    ``caller`` and the known ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+      raise TypeError(
+        f"{caller}() got unknown keyword argument(s) {unknown}; "
+        f"its run options are {known}."
+      )
+    return cls(**options)
+
+  def checkpointing(self) -> Checkpointing:
+    """The checkpoint policy these options ask for."""
+    return Checkpointing(
+      every_seconds=self.checkpoint_every_seconds,
+      every_rounds=self.checkpoint_every,
+    )
+
+
 @dataclasses.dataclass
 class Session:
   """What a run (:func:`train`) or a sweep sets up before its first round.
@@ -264,6 +310,7 @@ class Session:
     elapsed0: wall time of the run before this session (resumes).
     log: the metrics log, without the rows after the checkpoint.
     t0: ``time.perf_counter()`` when the session started.
+    options: the run's :class:`RunOptions`.
     write: whether this process writes the run folder (process 0).
   """
 
@@ -276,6 +323,7 @@ class Session:
   elapsed0: float
   log: MetricsLog
   t0: float
+  options: RunOptions = RunOptions()
   write: bool = True
 
   @property
@@ -288,15 +336,16 @@ class Session:
     cls,
     exp: Experiment,
     run_dir: str | os.PathLike | None,
-    resume: bool,
+    options: RunOptions,
     init: Callable[[Engine, Any], Any],
     *,
     write: bool = True,
   ) -> "Session":
     """Uploads the data, makes the initial state (``init(engine, data)``) and,
-    when ``resume``, replaces it by ``run_dir``'s checkpoint. With ``write``
-    False (processes other than 0 of a multi-process run) the session reads
-    ``run_dir``'s checkpoint but writes no file there."""
+    when ``options.resume``, replaces it by ``run_dir``'s checkpoint. With
+    ``write`` False (processes other than 0 of a multi-process run) the
+    session reads ``run_dir``'s checkpoint but writes no file there."""
+    resume = options.resume
     if run_dir is None and resume:
       raise ValueError("resume=True needs the run_dir holding the checkpoint.")
     engine = engine_for(exp)
@@ -322,6 +371,7 @@ class Session:
       elapsed0,
       log,
       time.perf_counter(),
+      options,
       write,
     )
 
@@ -329,17 +379,11 @@ class Session:
     """Wall time of the run so far, sessions before this one included."""
     return self.elapsed0 + (time.perf_counter() - self.t0)
 
-  def run(
-    self,
-    advance,
-    checkpointing: Checkpointing,
-    *,
-    progress: bool,
-    desc: str,
-    handle_signals: bool,
-  ) -> LoopResult:
+  def run(self, advance, desc: str) -> LoopResult:
     """:func:`~fedjax_lite.experiment.loop.run_rounds` from :attr:`start`
-    to ``exp.num_rounds``."""
+    to ``exp.num_rounds`` as :attr:`options` say (``desc``: the progress
+    label when the options give none)."""
+    opts = self.options
     return run_rounds(
       advance,
       self.state,
@@ -347,11 +391,11 @@ class Session:
       num_rounds=self.exp.num_rounds,
       log=self.log,
       run_dir=self.run_dir if self.write else None,
-      checkpointing=checkpointing,
+      checkpointing=opts.checkpointing(),
       elapsed0=self.elapsed0,
-      progress=progress,
-      desc=desc,
-      handle_signals=handle_signals,
+      progress=opts.progress,
+      desc=opts.desc or desc,
+      handle_signals=opts.handle_signals,
     )
 
 
@@ -359,13 +403,8 @@ def train(
   exp: Experiment,
   run_dir: str | os.PathLike | None = None,
   *,
-  resume: bool = False,
-  checkpoint_every: int = 0,
-  checkpoint_every_seconds: float | None = 60.0,
-  progress: bool = True,
-  handle_signals: bool = True,
-  desc: str | None = None,
   placement: str | None = None,
+  **options,
 ) -> RunResult:
   """Runs ``exp`` (or resumes it) and writes the run folder.
 
@@ -377,32 +416,24 @@ def train(
     exp: the experiment.
     run_dir: the run folder (created if missing); None runs in memory only
       (no files, no checkpoints: handy in notebooks).
-    resume: continue from ``run_dir/checkpoint.msgpack``.
-    checkpoint_every: also checkpoint every this many rounds (0: off).
-    checkpoint_every_seconds: the most wall time between two checkpoints,
-      i.e. the most work a crash can lose (default 60; None: only at the
-      start, on SIGINT/SIGTERM and at the end). Cheap checkpoints are
-      written more often (see :mod:`fedjax_lite.experiment.loop`).
-    progress: show a tqdm progress bar.
-    handle_signals: stop cleanly on SIGINT/SIGTERM (see module docstring).
-    desc: progress bar label.
     placement: overrides ``exp.placement`` (``"replicated"``/``"sharded"``).
+    **options: :class:`RunOptions` (``resume``, ``checkpoint_every``,
+      ``checkpoint_every_seconds``, ``progress``, ``handle_signals``,
+      ``desc``).
 
   Returns:
     A :class:`RunResult`.
   """
   if placement is not None:
     exp = dataclasses.replace(exp, placement=placement)
+  opts = RunOptions.of("train", options)
   write = distributed.is_main()
-  policy = Checkpointing(
-    every_seconds=checkpoint_every_seconds, every_rounds=checkpoint_every
-  )
   if run_dir is not None and write:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
   sess = Session.open(
     exp,
     run_dir,
-    resume,
+    opts,
     lambda engine, data: init_state(exp, engine),
     write=write,
   )
@@ -430,13 +461,7 @@ def train(
     row["wall_time"] = sess.wall_time()
     return state, [row], 1
 
-  out = sess.run(
-    advance,
-    policy,
-    progress=progress,
-    desc=desc or exp.name or exp.algorithm.name,
-    handle_signals=handle_signals,
-  )
+  out = sess.run(advance, exp.name or exp.algorithm.name)
   if run_dir is not None and write:
     finish(
       run_dir,
@@ -634,10 +659,8 @@ def run_file(
   *,
   out: str | os.PathLike = "runs",
   resume: str | os.PathLike | None = None,
-  checkpoint_every: int = 0,
-  checkpoint_every_seconds: float | None = 60.0,
-  progress: bool = True,
   placement: str | None = None,
+  **options,
 ) -> RunResult:
   """``python -m fedjax_lite run``: build, run and record an experiment file.
 
@@ -646,10 +669,9 @@ def run_file(
     overrides: ``["field=value", ...]`` applied to the config.
     out: parent folder of new run folders.
     resume: a run folder to continue (its config plus ``overrides``).
-    checkpoint_every: also checkpoint every N rounds (0: off).
-    checkpoint_every_seconds: the most wall time between checkpoints.
-    progress: show the progress bar.
     placement: overrides the experiment's data placement (see :func:`train`).
+    **options: the other :class:`RunOptions` (``checkpoint_every``,
+      ``checkpoint_every_seconds``, ``progress``, ``handle_signals``).
   """
   return launch_file(
     "run",
@@ -658,10 +680,8 @@ def run_file(
     out,
     resume,
     lambda exp, run_dir, record, **kw: train(exp, run_dir, **kw),
-    checkpoint_every=checkpoint_every,
-    checkpoint_every_seconds=checkpoint_every_seconds,
-    progress=progress,
     placement=placement,
+    **options,
   )
 
 

@@ -28,12 +28,12 @@ from fedjax_lite.engine.round import EngineState
 from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment import plots
 from fedjax_lite.experiment.core import Experiment
-from fedjax_lite.experiment.loop import Checkpointing
 from fedjax_lite.experiment.records import (
   final_table,
   setting_label,
 )
 from fedjax_lite.experiment.runner import (
+  RunOptions,
   Session,
   launch_file,
   _train_row,
@@ -110,13 +110,7 @@ def sweep(
   seeds: Sequence[int] | int = 1,
   grid: Mapping[str, Sequence[float]] | None = None,
   run_dir: str | os.PathLike | None = None,
-  *,
-  resume: bool = False,
-  checkpoint_every: int = 0,
-  checkpoint_every_seconds: float | None = 60.0,
-  progress: bool = True,
-  handle_signals: bool = True,
-  desc: str | None = None,
+  **options,
 ) -> SweepResult:
   """Runs every (grid point, seed) setting of ``exp`` in one vmapped computation.
 
@@ -127,13 +121,8 @@ def sweep(
     grid: ``{hparam name: values}`` over names declared in ``exp.hparams``.
     run_dir: folder for metrics, checkpoint, curves.png, summary.md (None:
       in memory only).
-    resume: continue from ``run_dir/checkpoint.msgpack``.
-    checkpoint_every: also checkpoint every this many rounds (0: off).
-    checkpoint_every_seconds: the most wall time between two checkpoints
-      (default 60; see :mod:`fedjax_lite.experiment.loop`).
-    progress: show a progress bar.
-    handle_signals: stop cleanly on SIGINT/SIGTERM.
-    desc: progress bar label.
+    **options: :class:`~fedjax_lite.experiment.runner.RunOptions`, as for
+      :func:`~fedjax_lite.experiment.runner.train`.
 
   Returns:
     A :class:`SweepResult`.
@@ -143,14 +132,10 @@ def sweep(
       "sweeps run in one process; run each setting with `train` (or `python "
       "-m fedjax_lite run`) for multi-process runs."
     )
-  policy = Checkpointing(
-    every_seconds=checkpoint_every_seconds, every_rounds=checkpoint_every
-  )
+  opts = RunOptions.of("sweep", options)
   grid = dict(grid or {})
   check_grid(exp, grid)
   seeds = _seed_list(exp, seeds)
-  if run_dir is None and resume:
-    raise ValueError("resume=True needs the run_dir holding the checkpoint.")
   ends = sorted(
     {
       t
@@ -163,7 +148,7 @@ def sweep(
   runner = VmappedRounds(exp, seeds, grid, chunk)
   settings = runner.settings
   sess = Session.open(
-    exp, run_dir, resume, lambda engine, data: runner.init(data)
+    exp, run_dir, opts, lambda engine, data: runner.init(data)
   )
   run_dir, data = sess.run_dir, sess.data
   speed = {"s_per_round": None}
@@ -204,13 +189,7 @@ def sweep(
         rows.append(row)
     return state, rows, n
 
-  out = sess.run(
-    advance,
-    policy,
-    progress=progress,
-    desc=desc or f"sweep x{len(settings)}",
-    handle_signals=handle_signals,
-  )
+  out = sess.run(advance, f"sweep x{len(settings)}")
   res = SweepResult(
     run_dir,
     settings,
@@ -238,9 +217,7 @@ def sweep_file(
   grid: Mapping | None = None,
   out: str | os.PathLike = "runs",
   resume: str | os.PathLike | None = None,
-  checkpoint_every: int = 0,
-  checkpoint_every_seconds: float | None = 60.0,
-  progress: bool = True,
+  **options,
 ) -> SweepResult:
   """``python -m fedjax_lite sweep``: a vmapped sweep of an experiment file.
 
@@ -251,9 +228,9 @@ def sweep_file(
     grid: ``{hparam name: values}`` (ignored when resuming).
     out: parent folder of new sweep folders.
     resume: a sweep folder to continue.
-    checkpoint_every: also checkpoint every N rounds (0: off).
-    checkpoint_every_seconds: the most wall time between checkpoints.
-    progress: show the progress bar.
+    **options: the other :class:`~fedjax_lite.experiment.runner.RunOptions`
+      (``checkpoint_every``, ``checkpoint_every_seconds``, ``progress``,
+      ``handle_signals``).
   """
 
   def new_record(exp: Experiment) -> dict:
@@ -277,7 +254,5 @@ def sweep_file(
     resume,
     launch,
     new_record,
-    checkpoint_every=checkpoint_every,
-    checkpoint_every_seconds=checkpoint_every_seconds,
-    progress=progress,
+    **options,
   )

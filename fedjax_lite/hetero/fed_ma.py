@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lite import checks
 from fedjax_lite.algorithms.base import ClientOutput, FederatedAlgorithm
 from fedjax_lite.algorithms.local import local_train
 from fedjax_lite.data.batching import LocalWork
@@ -222,11 +223,7 @@ def matched_average(
   *,
   class_counts: Sequence[np.ndarray] | None = None,
   max_widths: Sequence[int] | None = None,
-  noise_var: float = 1.0,
-  prior_var: float = 1.0,
-  gamma: float = 1.0,
-  num_iters: int = 3,
-  seed: int = 0,
+  **match_options,
 ) -> tuple[dict, list]:
   """One-shot layer-wise matched averaging of trained client models (host).
 
@@ -242,13 +239,15 @@ def matched_average(
       output average (default: equal weights).
     max_widths: bound on each global hidden layer (default: the sum of the
       clients' widths, i.e. unbounded).
-    noise_var, prior_var, gamma, num_iters, seed: BBP-MAP settings
-      (:func:`fedjax_lite.hetero.matching.match_atoms`).
+    **match_options: BBP-MAP settings, the keywords of
+      :func:`fedjax_lite.hetero.matching.match_atoms` (``noise_var``,
+      ``prior_var``, ``gamma``, ``num_iters``, ``seed``).
 
   Returns:
     ``(global_params, assignments)`` with ``assignments[l][j]`` the global
     neuron of client ``j``'s neurons of hidden layer ``l``.
   """
+  match_options = matching.match_options("matched_average", match_options)
   if not client_params:
     raise ValueError("matched_average needs at least one client model.")
   chains = [
@@ -278,13 +277,7 @@ def matched_average(
       for p in locals_
     ]
     res = matching.match_atoms(
-      atoms,
-      max_atoms=int(max_widths[l]),
-      noise_var=noise_var,
-      prior_var=prior_var,
-      gamma=gamma,
-      num_iters=num_iters,
-      seed=seed,
+      atoms, max_atoms=int(max_widths[l]), **match_options
     )
     g = res.atoms.shape[0]
     name = chains[0][l].name
@@ -393,12 +386,8 @@ def fed_ma(
   client_optimizer: optax.GradientTransformation,
   *,
   client_widths,
-  noise_var: float = 1.0,
-  prior_var: float = 1.0,
-  gamma: float = 1.0,
-  num_iters: int = 3,
-  seed: int = 0,
   name: str = "fed_ma",
+  **match_options,
 ) -> FederatedAlgorithm:
   """FedMA as an engine algorithm; one engine round is one stage.
 
@@ -411,9 +400,10 @@ def fed_ma(
       decay), which keeps frozen layers frozen.
     client_widths: int ``[J, L]``, every client's hidden widths (its
       architecture), each at most the model's.
-    noise_var, prior_var, gamma, num_iters, seed: BBP-MAP settings
-      (:func:`fedjax_lite.hetero.matching.match_atoms`).
     name: for reports.
+    **match_options: BBP-MAP settings, the keywords of
+      :func:`fedjax_lite.hetero.matching.match_atoms`; stage ``r`` of the
+      run matches with ``seed + r`` (default seed 0).
 
   Returns:
     A :class:`FederatedAlgorithm` with :class:`FedMAState`; run it with
@@ -437,11 +427,8 @@ def fed_ma(
   ]
   num_classes = chain[-1].width
   last = chain[-1].name
-  settings = dict(
-    noise_var=noise_var, prior_var=prior_var, gamma=gamma, num_iters=num_iters
-  )
-  for k in ("noise_var", "prior_var", "gamma"):
-    matching._check_var(k, settings[k])  # pylint: disable=protected-access
+  settings = matching.match_options("fed_ma", match_options)
+  seed = settings.pop("seed", 0)
 
   # ----------------------------------------------------------- server
   def server_init(params):
@@ -760,13 +747,9 @@ def build_fed_ma_process(
   local_epochs: int = 1,
   batch_size: int | None = None,
   num_local_steps: int | None = None,
-  noise_var: float = 1.0,
-  prior_var: float = 1.0,
-  gamma: float = 1.0,
-  num_iters: int = 3,
-  seed: int = 0,
   block_size: int | None = None,
   mesh=None,
+  **match_options,
 ) -> FedMAProcess:
   """FedMA as a TFF-style process.
 
@@ -776,25 +759,16 @@ def build_fed_ma_process(
     client_optimizer_fn: no-arg factory of the client optax optimizer.
     client_widths: int ``[J, L]`` hidden widths of every client.
     local_epochs, batch_size, num_local_steps: local training per stage.
-    noise_var, prior_var, gamma, num_iters, seed: BBP-MAP settings.
     block_size, mesh: engine settings; the default mesh is the first
       device only (see the module docstring).
+    **match_options: BBP-MAP settings (as :func:`fed_ma`).
   """
-  if not callable(client_optimizer_fn):
-    raise TypeError(
-      "client_optimizer_fn must be a no-argument function "
-      "returning an optax optimizer, got "
-      f"{type(client_optimizer_fn).__name__}."
-    )
+  checks.optimizer_factories(client_optimizer_fn=client_optimizer_fn)
   algorithm = fed_ma(
     model,
     client_optimizer_fn(),
     client_widths=client_widths,
-    noise_var=noise_var,
-    prior_var=prior_var,
-    gamma=gamma,
-    num_iters=num_iters,
-    seed=seed,
+    **match_options,
   )
   work = LocalWork(
     batch_size=batch_size, num_epochs=local_epochs, num_steps=num_local_steps

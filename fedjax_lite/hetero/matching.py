@@ -67,6 +67,26 @@ def _check_var(name, v):
     raise ValueError(f"{name} must be a positive finite variance, got {v!r}.")
 
 
+MATCH_OPTIONS = ("noise_var", "prior_var", "gamma", "num_iters", "seed")
+
+
+def match_options(caller: str, options: dict) -> dict:
+  """Checks keywords meant for :func:`match_atoms` (``noise_var``,
+  ``prior_var``, ``gamma``, ``num_iters``, ``seed``) before any work:
+  another name is a TypeError naming ``caller``, a variance that is not
+  positive a ValueError. Returns a copy of ``options``."""
+  unknown = sorted(set(options) - set(MATCH_OPTIONS))
+  if unknown:
+    raise TypeError(
+      f"{caller}() got unknown keyword argument(s) {unknown}; its matching "
+      f"settings are {list(MATCH_OPTIONS)} (see match_atoms)."
+    )
+  for k in ("noise_var", "prior_var", "gamma"):
+    if k in options:
+      _check_var(k, options[k])
+  return dict(options)
+
+
 def log_marginal(
   n: np.ndarray,
   s: np.ndarray,
