@@ -580,4 +580,5 @@ def omniscient_aggregator(inner, attack: Attack):
     finalize,
     materialized=True,
     name=f"{attack.name}({inner.name})",
+    active_slots=inner.active_slots,  # the inner aggregator's state
   )

@@ -449,3 +449,71 @@ def test_state_is_a_pytree_that_resumes():
   assert isinstance(state, dp.DpState)
   leaves = jax.tree.leaves(state)
   assert len(leaves) == 3 and float(state.clip_norm) == 2.0
+
+
+def _poisson_runs():
+  """A Poisson DP-FedAvg setup and ``run(algorithm, placement, debug,
+  num_rounds) -> (state, history)`` over 2 size buckets."""
+  n_pop, d, rounds = 40, 4.0, 3
+  ds = synthetic(n_pop)
+  model = fl.models.logistic_regression(4, 3)
+  cap = privacy.poisson_cap(n_pop, d / n_pop, rounds)
+  alg = privacy.dp_fed_avg(
+    model,
+    optax.sgd(0.1),
+    noise_multiplier=1.0,
+    clients_per_round=d,
+    clip=0.5,
+    adaptive=True,
+    clipped_count_stddev=1.0,
+    sampling="poisson",
+    population=n_pop,
+  )
+  cfg = fl.RoundConfig(cap, fl.LocalWork(batch_size=4))
+  params = model.init(jax.random.PRNGKey(0))
+
+  def run(algorithm, placement="replicated", debug=False, num_rounds=rounds):
+    eng = fl.Engine(algorithm, cfg, debug=debug)
+    data = eng.put_data(ds, buckets=2, placement=placement)
+    state = eng.init(params, seed=3, num_clients=n_pop, data=data)
+    return eng.run(state, data, num_rounds)
+
+  return alg, cap, run
+
+
+def _assert_close(s1, s2):
+  for a, b in zip(jax.tree.leaves(s1.server), jax.tree.leaves(s2.server)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), 1e-5, 1e-6)
+
+
+def test_poisson_rounds_train_only_the_sampled_clients():
+  """The engine trains only the slots < K of a Poisson round
+  (Aggregator.active_slots): num_clients is the Poisson count, not the cap,
+  and the result equals training every slot and discarding the unused ones
+  (the aggregator masks them), with replicated or sharded data."""
+  alg, cap, run = _poisson_runs()
+  assert alg.aggregator.active_slots is not None
+  every_slot = alg._replace(
+    aggregator=alg.aggregator._replace(active_slots=None)
+  )
+  s_all, h_all = run(every_slot)
+  s_act, h_act = run(alg)
+  s_shd, h_shd = run(alg, "sharded")
+  k = np.asarray(h_act["dp_participants"])
+  assert np.all(k < cap) and np.all(k > 0)
+  np.testing.assert_array_equal(np.asarray(h_all["num_clients"]), cap)
+  for h in (h_act, h_shd):
+    np.testing.assert_array_equal(np.asarray(h["num_clients"]), k)
+    np.testing.assert_array_equal(np.asarray(h["dp_participants"]), k)
+  _assert_close(s_all, s_act)
+  _assert_close(s_all, s_shd)
+
+
+@pytest.mark.slow
+def test_poisson_debug_round_equals_jitted_round():
+  alg, _, run = _poisson_runs()
+  s_dbg, h_dbg = run(alg, debug=True, num_rounds=1)
+  s_one, h_one = run(alg, num_rounds=1)
+  np.testing.assert_array_equal(h_dbg["num_clients"], h_one["num_clients"])
+  np.testing.assert_array_equal(h_one["num_clients"], h_one["dp_participants"])
+  _assert_close(s_one, s_dbg)

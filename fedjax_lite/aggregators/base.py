@@ -75,6 +75,10 @@ class Aggregator(NamedTuple):
       (``[num_slots, ...]``, memory ``num_slots x update`` per device and
       run); False for streaming aggregators (memory ``O(update)``).
     name: for reports and errors.
+    active_slots: optional ``state -> int32 scalar K``: only the sampled
+      clients in slots ``< K`` take part in the round (e.g. a Poisson sample
+      drawn inside a fixed cap of slots); the engine trains only those, so
+      a round costs ``min(K, num_slots)`` clients' work. None: every slot.
   """
 
   init_state: Callable[[PyTree], PyTree]
@@ -84,6 +88,7 @@ class Aggregator(NamedTuple):
   finalize: Callable[..., tuple[AggregatorOutput, PyTree]]
   materialized: bool = False
   name: str = "aggregator"
+  active_slots: Callable[[PyTree], jax.Array] | None = None
 
 
 # ----------------------------------------------------------------- helpers

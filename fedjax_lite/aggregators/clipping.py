@@ -128,8 +128,10 @@ def clipped(
     metrics["clipped_fraction"] = frac
     return out._replace(metrics=metrics), new_state
 
+  active = inner.active_slots
   # Every function wraps the inner one's; ``materialized`` is the inner's.
   return inner._replace(
+    active_slots=None if active is None else lambda s: active(s["inner"]),
     init_state=init_state,
     init=init,
     add=add,

@@ -55,15 +55,14 @@ def debug_round(
     bcast = alg.broadcast(state.server)
     clients = state.clients
     agg_state = state.aggregator
-    acc = spec = None
-    metric_sums, count = None, jnp.zeros((), jnp.float32)
-    for slot, cid in enumerate(ids):
+
+    def one_client(slot, cid):
       cstate = (
         None
         if clients is None
         else jax.tree.map(lambda a, cid=cid: a[cid], clients)
       )
-      out = engine._one_client_output(  # pylint: disable=protected-access
+      return engine._one_client_output(  # pylint: disable=protected-access
         alg,
         bcast,
         cstate,
@@ -73,14 +72,31 @@ def debug_round(
         jnp.int32(slot),
         data.bucket_sizes[int(buckets[cid])],
       )
-      if acc is None:
+
+    # Slots >= K do not take part (Aggregator.active_slots), as in the round.
+    active, acc = m, None
+    if agg_state is not None and agg.active_slots is not None:
+      active = int(agg.active_slots(agg_state))
+    for slot, cid in enumerate(ids):
+      if slot >= active and acc is not None:
+        break
+      out = one_client(slot, cid)
+      if acc is None:  # the first client's output gives the shapes
         spec = jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype),
           out.update,
         )
         if agg_state is None:
           agg_state = agg.init_state(spec)
+          if agg.active_slots is not None:
+            active = int(agg.active_slots(agg_state))
         acc = agg.init(agg_state, spec, m)
+        metric_sums = jax.tree.map(
+          lambda x: jnp.zeros_like(_to_float(x)), out.metrics
+        )
+        count = jnp.zeros((), jnp.float32)
+      if slot >= active:  # K == 0: slot 0 ran only for the shapes
+        break
       acc = agg.add(
         agg_state,
         acc,
@@ -89,11 +105,8 @@ def debug_round(
         jnp.ones((1,), bool),
         jnp.full((1,), slot, jnp.int32),
       )
-      metrics = jax.tree.map(_to_float, out.metrics)
-      metric_sums = (
-        metrics
-        if metric_sums is None
-        else jax.tree.map(jnp.add, metric_sums, metrics)
+      metric_sums = jax.tree.map(
+        jnp.add, metric_sums, jax.tree.map(_to_float, out.metrics)
       )
       count = count + 1.0
       if clients is not None:

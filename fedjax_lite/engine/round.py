@@ -658,32 +658,31 @@ class Engine:
     new, metrics = self.rounds_body(states, data)
     return jax.tree.map(lambda a: a[0], (new, metrics))
 
-  def _sorted_sample(self, k_sample, data, num_runs):
+  def _sorted_sample(self, k_sample, data, num_runs, active=None):
     """Every run's sample as (ids, slots, runs), sorted by size bucket, and
-    each bucket's ``(start, count)`` in that order."""
+    each bucket's ``(start, count)`` in that order. With ``active`` (``[R]``
+    counts ``K``, see ``Aggregator.active_slots``) the slots ``>= K`` of each
+    run sort last and are in no bucket's count: they are not trained."""
     m = self.config.clients_per_round
     ids = jax.vmap(lambda k: self._sample(k, data))(k_sample).reshape(-1)
     runs = jnp.repeat(jnp.arange(num_runs, dtype=jnp.int32), m)
     slots = jnp.tile(jnp.arange(m, dtype=jnp.int32), num_runs)
     nb = len(data.bucket_sizes)
-    if data.sharded:
-      # Per (bucket, device) runs: device d trains the clients it holds.
-      nd = self.num_devices
-      key = data.bucket[ids] * nd + data.owner[ids]
-      order = jnp.argsort(key, stable=True)
-      ids, slots, runs, key = ids[order], slots[order], runs[order], key[order]
-      counts = jnp.zeros((nb * nd,), jnp.int32).at[key].add(1)
-      starts = jnp.cumsum(counts) - counts
-      return ids, slots, runs, starts.reshape(nb, nd), counts.reshape(nb, nd)
-    if nb > 1:
-      bk = data.bucket[ids]
-      order = jnp.argsort(bk, stable=True)
-      ids, slots, runs, bk = ids[order], slots[order], runs[order], bk[order]
-      counts = jnp.zeros((nb,), jnp.int32).at[bk].add(1)
-      starts = jnp.cumsum(counts) - counts
-    else:
+    if nb == 1 and not data.sharded and active is None:
       counts = jnp.full((1,), num_runs * m, jnp.int32)
-      starts = jnp.zeros((1,), jnp.int32)
+      return ids, slots, runs, jnp.zeros((1,), jnp.int32), counts
+    # Groups: (bucket, device) with sharded data (device d trains the
+    # clients it holds), else buckets; one last group for inactive slots.
+    nd = self.num_devices if data.sharded else 1
+    key = data.bucket[ids] * nd + (data.owner[ids] if data.sharded else 0)
+    if active is not None:
+      key = jnp.where(slots < active[runs], key, nb * nd)
+    order = jnp.argsort(key, stable=True)
+    ids, slots, runs, key = ids[order], slots[order], runs[order], key[order]
+    counts = jnp.zeros((nb * nd + 1,), jnp.int32).at[key].add(1)[:-1]
+    starts = jnp.cumsum(counts) - counts
+    if data.sharded:
+      return ids, slots, runs, starts.reshape(nb, nd), counts.reshape(nb, nd)
     return ids, slots, runs, starts, counts
 
   def _aggregator_states(self, runs: _Runs, states, update_spec):
@@ -783,7 +782,6 @@ class Engine:
       ),
       R,
     )
-    sample = self._sorted_sample(k_sample, data, R)
 
     # One client's output shapes (zero accumulators, aggregator state).
     cs0 = (
@@ -805,6 +803,10 @@ class Engine:
     agg_states, stateful_agg = self._aggregator_states(
       runs, states, out_shape.update
     )
+    active = None
+    if runs.probe_aggregator.active_slots is not None:
+      active = runs.map(lambda alg, ag, st: ag.active_slots(st), agg_states)
+    sample = self._sorted_sample(k_sample, data, R, active)
 
     carry = self._init_carry(runs, states, agg_states, out_shape)
     inputs = _BlockInputs(

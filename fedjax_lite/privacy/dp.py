@@ -50,9 +50,9 @@ Client sampling the accountant can model:
   1e-9 over the whole run with ``poisson_cap``'s default): the round keeps a uniformly random ``M`` of
   the ``K`` users (the first ``M`` slots), is reported in the metric
   ``dp_overflow``, and adds at most ``(1 + e^eps) T P(K > M)`` to delta
-  (:func:`~fedjax_lite.privacy.accounting.truncation_delta`). The unused
-  slots still train (their work is discarded): a Poisson round costs the
-  ``M`` slots' compute.
+  (:func:`~fedjax_lite.privacy.accounting.truncation_delta`). The engine
+  trains only the slots ``< K`` (``Aggregator.active_slots``), so a round
+  costs ``min(K, M)`` clients' work, not ``M``.
 * ``sampling="fixed"``: the engine's ``clients_per_round`` users uniformly
   without replacement (replace-one accounting, see
   :mod:`~fedjax_lite.privacy.accounting`).
@@ -399,6 +399,9 @@ def dp_aggregator(
     merge,
     finalize,
     name=f"{kind}(z={z:g},C={c0:g},D={d:g})",
+    active_slots=(
+      (lambda st: sample_size(st).astype(jnp.int32)) if poisson else None
+    ),
   )
   return agg
 
