@@ -540,12 +540,6 @@ def build_dp_fed_avg_process(
   model: Model,
   client_optimizer_fn,
   server_optimizer_fn=lambda: optax.sgd(1.0),
-  *,
-  noise_multiplier: float,
-  clients_per_round: float,
-  clip: float = 1.0,
-  adaptive: bool = False,
-  local: bool = False,
   **kw,
 ) -> IterativeProcess:
   """User-level DP-FedAvg (McMahan et al. 2018, arXiv:1710.06963) as a
@@ -556,9 +550,11 @@ def build_dp_fed_avg_process(
   ``sampling=``, ``population=`` and ``delta=``) assumes they
   were drawn as ``sampling`` says (e.g. each user with probability
   ``clients_per_round / population``:
-  :func:`fedjax_lite.privacy.poisson_sample`). The DP arguments are
-  :func:`dp_aggregator`'s (``sampling``, ``population``,
-  ``delta``, ``accountant``, ``target_quantile``, ``learning_rate``,
+  :func:`fedjax_lite.privacy.poisson_sample`). The DP keywords are
+  :func:`fedjax_lite.privacy.dp_fed_avg`'s (``noise_multiplier`` and
+  ``clients_per_round`` required; ``clip``, ``adaptive``, ``local``, and
+  :func:`dp_aggregator`'s ``sampling``, ``population``, ``delta``,
+  ``accountant``, ``target_quantile``, ``learning_rate``,
   ``clipped_count_stddev``); local work (``local_epochs``, ``batch_size``,
   ``num_local_steps``, ``block_size``, ``mesh``) as
   :func:`build_federated_averaging_process`.
@@ -572,11 +568,6 @@ def build_dp_fed_avg_process(
     model,
     client_optimizer_fn(),
     server_optimizer_fn(),
-    noise_multiplier=noise_multiplier,
-    clients_per_round=clients_per_round,
-    clip=clip,
-    adaptive=adaptive,
-    local=local,
     simulate_sampling=False,
     **kw,
   )
