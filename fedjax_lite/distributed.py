@@ -72,15 +72,15 @@ def _check_address(coordinator: str) -> None:
 
 def _wait_for_coordinator(
   coordinator: str, timeout_s: float, process_id: int, num_processes: int
-) -> None:
-  """Polls the coordinator's TCP port: JAX's own wait ends in a process
-  abort (a C++ check failure) rather than a Python error."""
+) -> socket.socket:
+  """Polls the coordinator's TCP port until it accepts a connection (JAX's
+  own wait ends in a process abort, a C++ check failure, rather than a
+  Python error) and returns the connection."""
   host, port = coordinator.rsplit(":", 1)
   deadline = time.monotonic() + timeout_s
   while True:
     try:
-      with socket.create_connection((host, int(port)), timeout=1.0):
-        return
+      return socket.create_connection((host, int(port)), timeout=1.0)
     except OSError:
       if time.monotonic() > deadline:
         raise TimeoutError(
@@ -91,6 +91,123 @@ def _wait_for_coordinator(
           "raise the timeout."
         ) from None
       time.sleep(0.2)
+
+
+# Rendezvous before jax.distributed.initialize, on the coordinator's port:
+# JAX's coordination service aborts the process (a C++ check failure) when a
+# process never joins, so the processes first meet over a plain TCP socket
+# and turn every wait that runs out into a Python TimeoutError. Process 0
+# listens; every other process connects and sends "<id> <num_processes>";
+# once all have joined, process 0 closes its listener (freeing the port for
+# JAX's service) and answers each "go" (or "error: ..." for a mismatch).
+_HELLO = "fedjax_lite-join"
+
+
+def _read_line(conn: socket.socket, deadline: float) -> str:
+  data = b""
+  while not data.endswith(b"\n"):
+    conn.settimeout(max(deadline - time.monotonic(), 0.01))
+    chunk = conn.recv(256)
+    if not chunk:
+      break
+    data += chunk
+  return data.decode(errors="replace").strip()
+
+
+def _gather_peers(coordinator: str, num_processes: int, timeout_s: float):
+  """Process 0: waits for processes ``1 .. n-1`` to connect (the
+  rendezvous above); TimeoutError naming the missing ones."""
+  port = int(coordinator.rsplit(":", 1)[1])
+  deadline = time.monotonic() + timeout_s
+  joined: dict = {}
+  errors = []
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("", port))
+    listener.listen(num_processes)
+    try:
+      while len(joined) < num_processes - 1:
+        listener.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+          conn, _ = listener.accept()
+        except socket.timeout:
+          missing = sorted(set(range(1, num_processes)) - set(joined))
+          raise TimeoutError(
+            f"process 0 of {num_processes}: processes {missing} did not "
+            f"join at {coordinator} within {timeout_s} s. Start them with "
+            "the same --coordinator and --num-processes (and their own "
+            "--process-id), or raise the timeout."
+          ) from None
+        try:
+          words = _read_line(conn, deadline).split()
+        except OSError:
+          words = []
+        if (
+          len(words) != 3
+          or words[0] != _HELLO
+          or not all(w.isdigit() for w in words[1:])
+        ):
+          conn.close()  # not one of ours (e.g. a port scan): ignore it
+          continue
+        pid, count = int(words[1]), int(words[2])
+        if count != num_processes:
+          errors.append(
+            f"process {pid} was started with --num-processes {count}, "
+            f"process 0 with {num_processes}"
+          )
+        elif pid in joined or not 0 < pid < num_processes:
+          errors.append(f"process id {pid} joined twice or is out of range")
+        joined.setdefault(pid, []).append(conn)
+        if errors:
+          break
+    except BaseException:
+      for conns in joined.values():
+        for c in conns:
+          c.close()
+      raise
+  # The listener is closed: JAX's coordination service may bind the port.
+  reply = ("error: " + "; ".join(errors) if errors else "go") + "\n"
+  for conns in joined.values():
+    for c in conns:
+      try:
+        c.sendall(reply.encode())
+        c.settimeout(5.0)
+        c.recv(16)  # the peer closes first (its side keeps TIME_WAIT)
+      except OSError:
+        pass
+      finally:
+        c.close()
+  if errors:
+    raise ValueError(f"process 0 of {num_processes}: {'; '.join(errors)}.")
+
+
+def _join(
+  coordinator: str, timeout_s: float, process_id: int, num_processes: int
+) -> None:
+  """Processes ``1 .. n-1``: the rendezvous with process 0, then a wait for
+  its coordination service to listen on the same port."""
+  deadline = time.monotonic() + timeout_s
+  conn = _wait_for_coordinator(
+    coordinator, timeout_s, process_id, num_processes
+  )
+  with conn:
+    conn.sendall(f"{_HELLO} {process_id} {num_processes}\n".encode())
+    try:
+      reply = _read_line(conn, deadline + timeout_s)
+    except OSError:
+      reply = ""
+  if reply.startswith("error: "):
+    raise ValueError(f"process {process_id} of {num_processes}: {reply[7:]}.")
+  if reply != "go":
+    raise TimeoutError(
+      f"process {process_id} of {num_processes}: process 0 at {coordinator} "
+      "stopped waiting before every process had joined (see its error); "
+      "start all processes within --timeout of each other."
+    )
+  # Process 0 now starts JAX's coordination service on the same port.
+  _wait_for_coordinator(
+    coordinator, timeout_s, process_id, num_processes
+  ).close()
 
 
 def initialize(
@@ -148,7 +265,7 @@ def initialize(
       jax.config.update("jax_num_cpu_devices", int(local_devices))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if process_id != 0:
-    _wait_for_coordinator(coordinator, timeout_s, process_id, num_processes)
+    _join(coordinator, timeout_s, process_id, num_processes)
   else:
     print(
       f"fedjax_lite: coordinator at {coordinator}, waiting up to {timeout_s}"
@@ -156,6 +273,7 @@ def initialize(
       file=sys.stderr,
       flush=True,
     )
+    _gather_peers(coordinator, num_processes, timeout_s)
   try:
     jax.distributed.initialize(
       coordinator_address=coordinator,

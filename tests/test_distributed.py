@@ -91,6 +91,26 @@ def test_coordinator_that_never_answers(tmp_path):
   assert "TimeoutError" in log and f"localhost:{port}" in log, log[-2000:]
 
 
+def test_process_0_whose_peers_never_join(tmp_path):
+  """A Python TimeoutError naming the missing processes, not JAX's abort."""
+  port = free_port()
+  p = start(tmp_path / "x", 3, 0, 1, "replicated", f"localhost:{port}", 3)
+  (log,) = [p.communicate(timeout=120)[0]]
+  assert p.returncode == 1, log[-2000:]
+  assert "TimeoutError" in log and "processes [1, 2] did not join" in log
+
+
+def test_processes_started_with_different_counts(tmp_path):
+  port = free_port()
+  coord = f"localhost:{port}"
+  p0 = start(tmp_path / "a", 2, 0, 1, "replicated", coord, 20)
+  p1 = start(tmp_path / "b", 3, 1, 1, "replicated", coord, 20)
+  logs = [p.communicate(timeout=120)[0] for p in (p0, p1)]
+  for p, log in zip((p0, p1), logs):
+    assert p.returncode == 1, log[-2000:]
+    assert "process 1 was started with --num-processes 3" in log, log[-2000:]
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="cannot share 4 devices equally"):
     distributed.split_devices(4, 3)
