@@ -343,25 +343,8 @@ def test_engine_round_without_noise_is_the_unweighted_mean(one_device_mesh):
 
 def test_engine_poisson_dp_fed_avg_reports_dp_accounting_epsilon():
   n_pop, d, delta, rounds = 60, 6.0, 1e-3, 3
-  ds = synthetic(n_pop)
-  model = fl.models.logistic_regression(4, 3)
-  cap = privacy.poisson_cap(n_pop, d / n_pop, rounds)
-  alg = privacy.dp_fed_avg(
-    model,
-    optax.sgd(0.1),
-    noise_multiplier=1.0,
-    clients_per_round=d,
-    clip=0.5,
-    adaptive=True,
-    clipped_count_stddev=1.0,
-    sampling="poisson",
-    population=n_pop,
-    delta=delta,
-  )
-  eng = fl.Engine(alg, fl.RoundConfig(cap, fl.LocalWork(batch_size=4)))
-  data = eng.put_data(ds)
-  state = eng.init(model.init(jax.random.PRNGKey(0)), seed=0, num_clients=n_pop)
-  state, hist = eng.run(state, data, rounds)
+  alg, cap, run = _poisson_runs(n_pop, d, rounds, delta=delta)
+  state, hist = run(alg)
   mech = privacy.DpMechanism(1.0, "poisson", n_pop, clients_per_round=d)
   ref = [privacy.epsilon(mech, t, delta) for t in range(1, rounds + 1)]
   np.testing.assert_allclose(
@@ -451,10 +434,10 @@ def test_state_is_a_pytree_that_resumes():
   assert len(leaves) == 3 and float(state.clip_norm) == 2.0
 
 
-def _poisson_runs():
-  """A Poisson DP-FedAvg setup and ``run(algorithm, placement, debug,
+def _poisson_runs(n_pop=40, d=4.0, rounds=3, **dp_kw):
+  """Poisson DP-FedAvg of ``d`` expected users out of ``n_pop`` (adaptive
+  clip): ``(algorithm, cap, run)``, ``run(algorithm, placement, debug,
   num_rounds) -> (state, history)`` over 2 size buckets."""
-  n_pop, d, rounds = 40, 4.0, 3
   ds = synthetic(n_pop)
   model = fl.models.logistic_regression(4, 3)
   cap = privacy.poisson_cap(n_pop, d / n_pop, rounds)
@@ -468,6 +451,7 @@ def _poisson_runs():
     clipped_count_stddev=1.0,
     sampling="poisson",
     population=n_pop,
+    **dp_kw,
   )
   cfg = fl.RoundConfig(cap, fl.LocalWork(batch_size=4))
   params = model.init(jax.random.PRNGKey(0))
