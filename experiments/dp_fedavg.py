@@ -55,19 +55,17 @@ class Config:
 
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (a few seconds)."""
-  cfg = Config()
-  if arg == "smoke":
-    cfg = dataclasses.replace(
-      cfg,
+  return fl.experiment.preset(
+    Config(),
+    arg,
+    smoke=dict(
       num_rounds=3,
       num_clients=300,
       clients_per_round=20,
       eval_every=3,
       delta=1e-3,
-    )
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
-  return cfg
+    ),
+  )
 
 
 def noise_multiplier(config: Config) -> float:

@@ -47,12 +47,9 @@ class Config:
 
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (a few seconds)."""
-  cfg = Config()
-  if arg == "smoke":
-    cfg = dataclasses.replace(cfg, fedma_rounds=1, num_epochs=1, num_clients=6)
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
-  return cfg
+  return fl.experiment.preset(
+    Config(), arg, smoke=dict(fedma_rounds=1, num_epochs=1, num_clients=6)
+  )
 
 
 def model_and_widths(config: Config):

@@ -38,12 +38,9 @@ class Config:
 
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (a few seconds)."""
-  cfg = Config()
-  if arg == "smoke":
-    cfg = dataclasses.replace(cfg, num_rounds=3, num_epochs=1, eval_every=2)
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
-  return cfg
+  return fl.experiment.preset(
+    Config(), arg, smoke=dict(num_rounds=3, num_epochs=1, eval_every=2)
+  )
 
 
 def build(config: Config) -> fl.experiment.Experiment:

@@ -62,8 +62,10 @@ class Config:
 
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (seconds)."""
-  if arg == "smoke":
-    return Config(
+  return fl.experiment.preset(
+    Config(),
+    arg,
+    smoke=dict(
       overlaps=(30,),
       num_seeds=1,
       num_steps=20,
@@ -71,10 +73,8 @@ def get_config(arg: str = "") -> Config:
       paillier_overlap=4,
       paillier_dim=2,
       key_bits=256,
-    )
-  if arg:
-    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
-  return Config()
+    ),
+  )
 
 
 def accuracy(scores, labels) -> float:

@@ -101,20 +101,18 @@ class Config:
 
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (a few seconds)."""
-  cfg = Config()
-  if arg == "smoke":
-    cfg = dataclasses.replace(
-      cfg,
+  return fl.experiment.preset(
+    Config(),
+    arg,
+    smoke=dict(
       num_rounds=2,
       num_clients=20,
       clients_per_round=20,
       num_byzantine=4,
       num_epochs=1,
       eval_every=1,
-    )
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
-  return cfg
+    ),
+  )
 
 
 def make_aggregator(config: Config):

@@ -48,20 +48,18 @@ class Config:
 
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (LEAF's settings) or "smoke" (same model, seconds-long)."""
-  cfg = Config()
-  if arg == "smoke":
-    cfg = dataclasses.replace(
-      cfg,
+  return fl.experiment.preset(
+    Config(),
+    arg,
+    smoke=dict(
       num_rounds=2,
       clients_per_round=2,
       max_clients=4,
       max_samples=120,
       train_fraction=0.25,
       eval_every=2,
-    )
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
-  return cfg
+    ),
+  )
 
 
 def build(config: Config) -> fl.experiment.Experiment:

@@ -50,11 +50,9 @@ class Config:
 
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (seconds)."""
-  if arg == "smoke":
-    return Config(num_epochs=2, num_seeds=1, noise_stds=(0.1,))
-  if arg:
-    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
-  return Config()
+  return fl.experiment.preset(
+    Config(), arg, smoke=dict(num_epochs=2, num_seeds=1, noise_stds=(0.1,))
+  )
 
 
 def variants(cfg: Config, train: fv.AlignedData):

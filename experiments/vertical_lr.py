@@ -47,11 +47,11 @@ class Config:
 
 def get_config(arg: str = "") -> Config:
   """``arg``: "" (the full run) or "smoke" (seconds)."""
-  if arg == "smoke":
-    return Config(num_epochs=3, paillier_epochs=1, key_bits=256, batch_size=256)
-  if arg:
-    raise ValueError(f"unknown config arg {arg!r}; expected '' or 'smoke'.")
-  return Config()
+  return fl.experiment.preset(
+    Config(),
+    arg,
+    smoke=dict(num_epochs=3, paillier_epochs=1, key_bits=256, batch_size=256),
+  )
 
 
 def run(cfg: Config, run_dir: Path | None = None) -> dict:

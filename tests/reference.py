@@ -20,6 +20,43 @@ def logreg_loss_grad(w, b, x, y):
   return loss, x.T @ d, d.sum(0)
 
 
+def logreg_clients(sizes, seed, d, k):
+  """Clients of ``n`` standard-normal examples ``x [n, d]`` (float32) with
+  uniform labels in ``[0, k)``, one per size, drawn in order from ``seed``."""
+  r = np.random.default_rng(seed)
+  return [
+    {
+      "x": r.standard_normal((n, d)).astype(np.float32),
+      "y": r.integers(0, k, n).astype(np.int32),
+    }
+    for n in sizes
+  ]
+
+
+def logreg_params(d, k, seed=2):
+  """Flax-style params of ``logistic_regression(d, k)`` drawn from ``seed``."""
+  r = np.random.default_rng(seed)
+  return {
+    "Dense_0": {
+      "kernel": np.asarray(r.standard_normal((d, k)) * 0.5, np.float32),
+      "bias": np.asarray(r.standard_normal(k) * 0.1, np.float32),
+    }
+  }
+
+
+def logreg_list(p):
+  """``[kernel, bias]`` of logistic-regression params in float64."""
+  return [
+    np.asarray(p["Dense_0"]["kernel"], np.float64),
+    np.asarray(p["Dense_0"]["bias"], np.float64),
+  ]
+
+
+def logreg_grad(ws, x, y):
+  """Gradients ``[d kernel, d bias]`` of the mean loss at ``ws``."""
+  return list(logreg_loss_grad(ws[0], ws[1], x, y)[1:])
+
+
 def mlp_loss_grad(params, x, y):
   """One-hidden-layer ReLU MLP: params = (w1, b1, w2, b2)."""
   w1, b1, w2, b2 = params

@@ -23,38 +23,20 @@ MODEL = fl.models.logistic_regression(D, K)
 
 
 def make_clients(sizes, seed):
-  r = np.random.default_rng(seed)
-  return [
-    {
-      "x": r.standard_normal((n, D)).astype(np.float32),
-      "y": r.integers(0, K, n).astype(np.int32),
-    }
-    for n in sizes
-  ]
+  return ref.logreg_clients(sizes, seed, D, K)
 
 
 CLIENTS = make_clients(POPULATION, 1)
 
 
 def init_params(seed=2):
-  r = np.random.default_rng(seed)
-  return {
-    "Dense_0": {
-      "kernel": np.asarray(r.standard_normal((D, K)) * 0.5, np.float32),
-      "bias": np.asarray(r.standard_normal(K) * 0.1, np.float32),
-    }
-  }
+  return ref.logreg_params(D, K, seed)
 
 
-def to_list(p):
-  return [
-    np.asarray(p["Dense_0"]["kernel"], np.float64),
-    np.asarray(p["Dense_0"]["bias"], np.float64),
-  ]
+to_list = ref.logreg_list
 
 
-def grad(ws, x, y):
-  return list(ref.logreg_loss_grad(ws[0], ws[1], x, y)[1:])
+grad = ref.logreg_grad
 
 
 # ----------------------------------------------------------- Byzantine set

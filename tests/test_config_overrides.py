@@ -411,3 +411,12 @@ def test_cli_reports_every_bad_set_before_building(tmp_path, capsys):
   ]:
     assert line in err, (line, err)
   assert not (tmp_path / "runs").exists()  # nothing was built or written
+
+
+def test_preset_is_the_config_or_its_named_variant():
+  base = Config()
+  assert cfglib.preset(base, "", smoke=dict(num_rounds=1)) is base
+  smoke = cfglib.preset(base, "smoke", smoke=dict(num_rounds=1, flag=True))
+  assert smoke == dataclasses.replace(base, num_rounds=1, flag=True)
+  with pytest.raises(ValueError, match=r"'fast'; expected one of '', 'smoke'"):
+    cfglib.preset(base, "fast", smoke=dict(num_rounds=1))

@@ -29,6 +29,7 @@ from fedjax_lite.experiment.config import (
   check_config,
   config_to_dict,
   load_experiment_file,
+  preset,
 )
 from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.loop import Checkpointing

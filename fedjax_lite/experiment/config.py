@@ -47,6 +47,26 @@ class ConfigError(ValueError):
   """A malformed experiment file, config or override (message says the fix)."""
 
 
+def preset(config: Any, arg: str, **presets: dict) -> Any:
+  """What an experiment file's ``get_config(arg)`` returns: ``config`` for
+  ``arg == ""``, else ``config`` with the fields of ``presets[arg]`` replaced.
+
+  Example::
+
+    def get_config(arg: str = "") -> Config:
+      return fl.experiment.preset(Config(), arg, smoke=dict(num_rounds=2))
+
+  Raises:
+    ValueError: ``arg`` names no preset (the message lists them).
+  """
+  if not arg:
+    return config
+  if arg not in presets:
+    known = ", ".join(repr(a) for a in ["", *presets])
+    raise ValueError(f"unknown config arg {arg!r}; expected one of {known}.")
+  return dataclasses.replace(config, **presets[arg])
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentFile:
   """A loaded experiment file.
