@@ -123,7 +123,13 @@ def _gather_peers(coordinator: str, num_processes: int, timeout_s: float):
   errors = []
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("", port))
+    try:
+      listener.bind(("", port))
+    except OSError as e:
+      raise OSError(
+        f"process 0: cannot listen on port {port} of {coordinator} ({e}); "
+        "choose a free port for --coordinator."
+      ) from e
     listener.listen(num_processes)
     try:
       while len(joined) < num_processes - 1:

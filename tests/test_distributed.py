@@ -4,6 +4,7 @@ collectives on localhost) against 1 process x 1 device."""
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -98,6 +99,17 @@ def test_process_0_whose_peers_never_join(tmp_path):
   (log,) = [p.communicate(timeout=120)[0]]
   assert p.returncode == 1, log[-2000:]
   assert "TimeoutError" in log and "processes [1, 2] did not join" in log
+
+
+def test_coordinator_port_in_use(tmp_path):
+  with socket.socket() as busy:
+    busy.bind(("", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    p = start(tmp_path / "x", 2, 0, 1, "replicated", f"localhost:{port}", 3)
+    (log,) = [p.communicate(timeout=120)[0]]
+  assert p.returncode == 1, log[-2000:]
+  assert f"cannot listen on port {port}" in log, log[-2000:]
 
 
 def test_processes_started_with_different_counts(tmp_path):
