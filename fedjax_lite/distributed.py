@@ -119,8 +119,9 @@ def _gather_peers(coordinator: str, num_processes: int, timeout_s: float):
   rendezvous above); TimeoutError naming the missing ones."""
   port = int(coordinator.rsplit(":", 1)[1])
   deadline = time.monotonic() + timeout_s
-  joined: dict = {}
-  errors = []
+  joined: set = set()
+  conns: list = []
+  error = None
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -132,12 +133,12 @@ def _gather_peers(coordinator: str, num_processes: int, timeout_s: float):
       ) from e
     listener.listen(num_processes)
     try:
-      while len(joined) < num_processes - 1:
+      while len(joined) < num_processes - 1 and error is None:
         listener.settimeout(max(deadline - time.monotonic(), 0.01))
         try:
           conn, _ = listener.accept()
         except socket.timeout:
-          missing = sorted(set(range(1, num_processes)) - set(joined))
+          missing = sorted(set(range(1, num_processes)) - joined)
           raise TimeoutError(
             f"process 0 of {num_processes}: processes {missing} did not "
             f"join at {coordinator} within {timeout_s} s. Start them with "
@@ -155,36 +156,33 @@ def _gather_peers(coordinator: str, num_processes: int, timeout_s: float):
         ):
           conn.close()  # not one of ours (e.g. a port scan): ignore it
           continue
+        conns.append(conn)
         pid, count = int(words[1]), int(words[2])
         if count != num_processes:
-          errors.append(
+          error = (
             f"process {pid} was started with --num-processes {count}, "
             f"process 0 with {num_processes}"
           )
         elif pid in joined or not 0 < pid < num_processes:
-          errors.append(f"process id {pid} joined twice or is out of range")
-        joined.setdefault(pid, []).append(conn)
-        if errors:
-          break
+          error = f"process id {pid} joined twice or is out of range"
+        joined.add(pid)
     except BaseException:
-      for conns in joined.values():
-        for c in conns:
-          c.close()
+      for c in conns:
+        c.close()
       raise
   # The listener is closed: JAX's coordination service may bind the port.
-  reply = ("error: " + "; ".join(errors) if errors else "go") + "\n"
-  for conns in joined.values():
-    for c in conns:
-      try:
-        c.sendall(reply.encode())
-        c.settimeout(5.0)
-        c.recv(16)  # the peer closes first (its side keeps TIME_WAIT)
-      except OSError:
-        pass
-      finally:
-        c.close()
-  if errors:
-    raise ValueError(f"process 0 of {num_processes}: {'; '.join(errors)}.")
+  reply = ("go" if error is None else f"error: {error}") + "\n"
+  for c in conns:
+    try:
+      c.sendall(reply.encode())
+      c.settimeout(5.0)
+      c.recv(16)  # the peer closes first (its side keeps TIME_WAIT)
+    except OSError:
+      pass
+    finally:
+      c.close()
+  if error is not None:
+    raise ValueError(f"process 0 of {num_processes}: {error}.")
 
 
 def _join(
