@@ -227,6 +227,8 @@ def run_cost(args) -> dict:
   bench = _load("benchmark")
   out = {
     "machine": machine(),
+    # float32 matmul peak of one device of this process, same run.
+    "matmul_peak": bench.worker_peak(None),
     "workloads": {},
     "command": f"python experiments/dp_benchmark.py cost --repeats {args.repeats}"
     + (" --smoke" if args.smoke else ""),
