@@ -643,8 +643,7 @@ class Engine:
     """ONE client's ``ClientOutput`` (the jitted and debug rounds share it).
 
     With client-sharded data this reads the shard of the client's device
-    (the jitted round gathers sharded blocks with :meth:`_gather_sharded`
-    instead, where every device reads only its own shard)."""
+    (in the jitted round every device passes the view of its own shard)."""
     k_data, k_train = client_keys(k_clients, slot)
     if data.sharded:
       data = data.shard_view(data.owner[cid])
@@ -916,21 +915,6 @@ class Engine:
     slots_pad = jnp.concatenate([slots, zpad])
     runs_pad = jnp.concatenate([run_ids, zpad])
 
-    def one_client(bcast, cstate, cid, slot, run):
-      return self._one_client_output(
-        runs.of_run(run),
-        bcast,
-        cstate,
-        data,
-        cid,
-        k_clients[run],
-        slot,
-        bucket_size,
-      )
-
-    def sharded_client(bcast, cstate, cdata, k_train, run):
-      return runs.of_run(run).client_update(bcast, cstate, cdata, k_train)
-
     def block_clients(i, start, count):
       """``(valid, client id, slot, run)`` of the block, device-major."""
       if data.sharded:  # device d: its next B clients, from start[d]
@@ -943,85 +927,74 @@ class Engine:
       cut = lambda a: jax.lax.dynamic_slice(a, (lo,), (blk,))
       return valid, cut(ids_pad), cut(slots_pad), cut(runs_pad)
 
+    def device_block(features, bcast, cstate, cid, slot, run, valid, part):
+      """One device's ``B`` clients: their client work and the device's
+      accumulator, count and metric sums (``part``, leading axis 1). Runs
+      under ``shard_map``, so no device ever computes another's clients."""
+      view = data.replace(
+        features=features
+        if not data.sharded
+        else {k: v[0] for k, v in features.items()},
+        bucket=data.counts if data.sharded else data.bucket,
+        owner=None,
+      )
+      b_axis = None if R == 1 else 0
+      out = jax.vmap(
+        lambda b, s, c, sl, r: self._one_client_output(
+          runs.of_run(r), b, s, view, c, k_clients[r], sl, bucket_size
+        ),
+        in_axes=(b_axis, 0, 0, 0, 0),
+      )(bcast, cstate, cid, slot, run)
+      acc, count, metrics = part
+      acc = self._add(runs, acc, agg_states, out, valid, slot, run, 1, bpd)
+      count = count + _per_device_sum(
+        valid.astype(jnp.float32), valid, run, 1, bpd, R
+      )
+      metrics = jax.tree.map(
+        lambda a, v: a + _per_device_sum(v, valid, run, 1, bpd, R),
+        metrics,
+        out.metrics,
+      )
+      return (acc, count, metrics), out.state
+
+    per_device = P(AXIS)
+    data_spec = P(AXIS) if data.sharded else P()
+    bcast_spec = P() if R == 1 else per_device
+
     def step(i, carry, start, count):
       valid, cid, slot, run = block_clients(i, start, count)
       cid = jnp.where(valid, cid, 0)
-      cid = self._constrain(cid, P(AXIS))
-      valid = self._constrain(valid, P(AXIS))
       stateful = carry["clients"] is not None
       cstate = (
         None
         if not stateful
-        else jax.tree.map(
-          lambda a: self._constrain(a[run, cid], P(AXIS)), carry["clients"]
-        )
+        else jax.tree.map(lambda a: a[run, cid], carry["clients"])
       )
-      if R == 1:
-        bcast, b_axis = one_broadcast, None
-      else:
-        bcast = jax.tree.map(
-          lambda a: self._constrain(a[run], P(AXIS)), broadcast
-        )
-        b_axis = 0
-      if data.sharded:
-        keys = jax.vmap(lambda r, s: client_keys(k_clients[r], s))(run, slot)
-        k_data, k_train = keys[:, 0], keys[:, 1]
-        cdata = self._gather_sharded(data, cid, k_data, slot, bucket_size)
-        out = jax.vmap(sharded_client, in_axes=(b_axis, 0, 0, 0, 0))(
-          bcast, cstate, cdata, k_train, run
-        )
-      else:
-        out = jax.vmap(one_client, in_axes=(b_axis, 0, 0, 0, 0))(
-          bcast, cstate, cid, slot, run
-        )
-
+      bcast = (
+        one_broadcast if R == 1 else jax.tree.map(lambda a: a[run], broadcast)
+      )
+      part = (carry["acc"], carry["count"], carry["metrics"])
+      part, state = jax.shard_map(
+        device_block,
+        mesh=self.mesh,
+        in_specs=(data_spec, bcast_spec) + (per_device,) * 6,
+        out_specs=per_device,
+        # Client code (custom VJPs, callbacks) need not know about manual
+        # axes; nothing inside communicates across devices.
+        check_vma=False,
+      )(data.features, bcast, cstate, cid, slot, run, valid, part)
       new = dict(carry)
-      new["acc"] = self._add(
-        runs, carry["acc"], agg_states, out, valid, slot, run, nd, bpd
-      )
-      new["count"] = carry["count"] + _per_device_sum(
-        valid.astype(jnp.float32), valid, run, nd, bpd, R
-      )
-      new["metrics"] = jax.tree.map(
-        lambda a, v: a + _per_device_sum(v, valid, run, nd, bpd, R),
-        carry["metrics"],
-        out.metrics,
-      )
+      new["acc"], new["count"], new["metrics"] = part
       if stateful:
         idx = jnp.where(valid, cid, c)
         new["clients"] = jax.tree.map(
           lambda a, s: a.at[run, idx].set(s.astype(a.dtype), mode="drop"),
           carry["clients"],
-          out.state,
+          state,
         )
       return new
 
     return step
-
-  def _gather_sharded(self, data, cid, k_data, slot, bucket_size):
-    """``ClientData [nd*B, ...]`` of a block of client-sharded data: every
-    device gathers its ``B`` clients from its own shard (no cross-device
-    traffic; the per-client offsets are local to the shard)."""
-    local_work = self.config.local_work
-
-    def local(features, offsets, counts, cid, k_data, slot):
-      view = DeviceData(
-        features={k: v[0] for k, v in features.items()},
-        offsets=offsets,
-        counts=counts,
-        bucket=counts,
-        bucket_sizes=data.bucket_sizes,
-      )
-      return jax.vmap(
-        lambda c, k, s: gather_client(view, c, k, local_work, bucket_size, s)
-      )(cid, k_data, slot)
-
-    return jax.shard_map(
-      local,
-      mesh=self.mesh,
-      in_specs=(P(AXIS), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
-      out_specs=P(AXIS),
-    )(data.features, data.offsets, data.counts, cid, k_data, slot)
 
   def _add(self, runs: _Runs, acc, agg_states, out, valid, slot, run, nd, bpd):
     """The aggregator's ``add`` on every device's part of the block (and,

@@ -13,5 +13,19 @@ from fedjax_lite.models.simple import (
   logistic_regression,
   mlp,
 )
-from fedjax_lite.models.cnn import FedAvgCNN, cnn
+from fedjax_lite.models.cnn import FedAvgCNN, SimpleCNN, cnn, simple_cnn
+from fedjax_lite.models.conv import (
+  Conv,
+  ConvCM,
+  DenseCM,
+  conv2d,
+  conv2d_cm,
+  conv_general_dilated,
+  dense_cm,
+  max_pool,
+  max_pool_cm,
+  to_channel_last,
+  to_channel_major,
+)
 from fedjax_lite.models.lstm import CharLSTM, char_lstm
+from fedjax_lite.models.resnet import ResNet18GN, resnet18_gn

@@ -1,10 +1,23 @@
-r"""The FedAvg paper's CNN (McMahan et al. 2017, arXiv:1602.05629, Sec. 3).
+r"""Convolutional networks: the FedAvg paper's CNN and pfl-research's CIFAR-10
+CNN.
 
-Two 5x5 convolutions (32 then 64 channels, ``SAME`` padding, ReLU), each
-followed by 2x2 max pooling (stride 2), a 512-unit ReLU dense layer and a
-``num_classes`` softmax layer. For 28x28x1 inputs and 10 classes it has
-1,663,370 parameters, as in the paper. Shapes are parameters so tests and the
-8x8 digits data can use small versions.
+:func:`cnn`: McMahan et al. 2017 (arXiv:1602.05629, Sec. 3): two 5x5
+convolutions (32 then 64 channels, ``SAME`` padding, ReLU), each followed by
+2x2 max pooling (stride 2), a 512-unit ReLU dense layer and a ``num_classes``
+softmax layer. For 28x28x1 inputs and 10 classes it has 1,663,370 parameters,
+as in the paper. Shapes are parameters so tests and the 8x8 digits data can
+use small versions.
+
+:func:`simple_cnn`: the CNN of pfl-research's CIFAR-10 benchmark (conv3x3
+VALID 3->32, ReLU, conv3x3 VALID 32->64, ReLU, 2x2 max pooling, dropout 0.25,
+dense ->128, ReLU, dropout 0.5, dense ->classes; Xavier-uniform kernels):
+1,626,442 parameters for 32x32x3 inputs and 10 classes.
+
+Both keep activations channel-major and batch-last (``[C, H, W, N]``)
+between layers and run their convolutions, pooling and first dense layer as
+GEMMs with their own VJPs (:mod:`fedjax_lite.models.conv`); ``fast=False``
+builds the same function from ``lax.conv_general_dilated``,
+``lax.reduce_window`` and autodiff (same parameters, for comparisons).
 
 Shapes: inputs ``[b, H, W, C]`` (or ``[b, H, W]`` / ``[b, H*W*C]``, reshaped to
 ``input_shape``) -> logits ``[b, num_classes]``.
@@ -18,12 +31,22 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fedjax_lite import checks
+from fedjax_lite.models.conv import (
+  ConvCM,
+  DenseCM,
+  max_pool_chwn,
+  to_channel_major,
+)
 from fedjax_lite.models.core import Model, from_flax
 from fedjax_lite.models.layers import Dense
 
 
 class FedAvgCNN(nn.Module):
-  """conv5x5(c1)-pool-conv5x5(c2)-pool-dense(hidden)-dense(num_classes)."""
+  """conv5x5(c1)-pool-conv5x5(c2)-pool-dense(hidden)-dense(num_classes).
+
+  The first dense layer reads the pooled map flattened as ``[H', W', C]``
+  per example (the order :mod:`fedjax_lite.hetero.layers` expects).
+  """
 
   input_shape: tuple
   num_classes: int
@@ -31,16 +54,52 @@ class FedAvgCNN(nn.Module):
   hidden: int = 512
   kernel_size: int = 5
   fast_grad: bool = True
+  fast: bool = True
 
   @nn.compact
   def __call__(self, x):
-    x = x.reshape((x.shape[0],) + tuple(self.input_shape)).astype(jnp.float32)
-    for c in self.channels:
-      x = nn.Conv(c, (self.kernel_size, self.kernel_size), padding="SAME")(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="SAME")
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(Dense(self.hidden, fast_grad=self.fast_grad)(x))
-    return Dense(self.num_classes, fast_grad=self.fast_grad)(x)
+    n = x.shape[0]
+    x = x.reshape((n,) + tuple(self.input_shape)).astype(jnp.float32)
+    h = to_channel_major(x)  # [C, H, W, N]
+    k = (self.kernel_size, self.kernel_size)
+    for i, c in enumerate(self.channels):
+      h = ConvCM(c, k, padding="SAME", fast=self.fast, name=f"Conv_{i}")(h)
+      h = max_pool_chwn(nn.relu(h), (2, 2), (2, 2), "SAME", self.fast)
+    h = jnp.transpose(h, (1, 2, 0, 3)).reshape(-1, n)  # [H' W' C, N]
+    h = DenseCM(self.hidden, fast=self.fast_grad, name="Dense_0")(h)
+    h = nn.relu(h)
+    return Dense(self.num_classes, fast_grad=self.fast_grad, name="Dense_1")(h)
+
+
+class SimpleCNN(nn.Module):
+  """pfl-research's CIFAR-10 CNN (see the module docstring).
+
+  The dense layer reads the pooled map flattened as ``[C, H', W']`` per
+  example, as PyTorch flattens NCHW maps.
+  """
+
+  input_shape: tuple = (32, 32, 3)
+  num_classes: int = 10
+  fast: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    n = x.shape[0]
+    x = x.reshape((n,) + tuple(self.input_shape)).astype(jnp.float32)
+    xavier = nn.initializers.xavier_uniform()
+    h = to_channel_major(x)  # [C, H, W, N]
+    for c in (32, 64):
+      h = ConvCM(
+        c, (3, 3), padding="VALID", kernel_init=xavier, fast=self.fast
+      )(h)
+      h = nn.relu(h)
+    h = max_pool_chwn(h, (2, 2), (2, 2), "VALID", self.fast)
+    h = nn.Dropout(0.25, deterministic=not train)(h)
+    dense = DenseCM(128, kernel_init=xavier, fast=self.fast, name="Dense_0")
+    h = nn.Dropout(0.5, deterministic=not train)(
+      nn.relu(dense(h.reshape(-1, n)))
+    )
+    return Dense(self.num_classes, kernel_init=xavier, name="Dense_1")(h)
 
 
 def cnn(
@@ -51,6 +110,7 @@ def cnn(
   hidden: int = 512,
   kernel_size: int = 5,
   fast_grad: bool = True,
+  fast: bool = True,
 ) -> Model:
   """The FedAvg CNN as a :class:`Model` (inputs under ``"x"``, labels ``"y"``).
 
@@ -61,6 +121,8 @@ def cnn(
     hidden: units of the dense layer (paper: 512).
     kernel_size: convolution window (paper: 5).
     fast_grad: dense layers use the fast weight-gradient layout.
+    fast: convolutions and pooling as GEMMs with their own VJPs (False: the
+      same function through ``lax.conv_general_dilated`` and autodiff).
   """
   shape = tuple(int(s) for s in input_shape)
   if len(shape) == 2:
@@ -76,11 +138,44 @@ def cnn(
   chans = tuple(int(c) for c in channels)
   if not chans or min(chans) < 1:
     raise ValueError(f"channels must be positive ints, got {tuple(channels)}.")
-  module = FedAvgCNN(shape, num_classes, chans, hidden, kernel_size, fast_grad)
+  module = FedAvgCNN(
+    shape, num_classes, chans, hidden, kernel_size, fast_grad, fast
+  )
   dims = "x".join(str(s) for s in shape)
   return from_flax(
     module,
     jnp.zeros((1,) + shape, jnp.float32),
     num_classes=num_classes,
     name=f"cnn{dims}-c{'-'.join(map(str, chans))}-d{hidden}",
+  )
+
+
+def simple_cnn(
+  input_shape: Sequence[int] = (32, 32, 3),
+  num_classes: int = 10,
+  *,
+  fast: bool = True,
+) -> Model:
+  """pfl-research's CIFAR-10 CNN as a :class:`Model` (dropout in training:
+  pass an rng to ``apply``; the engine does).
+
+  Args:
+    input_shape: one example's ``(H, W, C)`` (at least 6x6).
+    num_classes: output classes.
+    fast: convolutions, pooling and the first dense layer as GEMMs with
+      their own VJPs (False: ``lax`` convolutions and autodiff).
+  """
+  shape = tuple(int(s) for s in input_shape)
+  if len(shape) != 3 or min(shape[:2]) < 6 or shape[2] < 1:
+    raise ValueError(
+      f"input_shape must be (H, W, C) with H, W >= 6 and C >= 1, got "
+      f"{tuple(input_shape)!r}."
+    )
+  checks.positive_ints(num_classes=num_classes)
+  return from_flax(
+    SimpleCNN(shape, num_classes, fast),
+    jnp.zeros((1,) + shape, jnp.float32),
+    num_classes=num_classes,
+    rng_collections=("dropout",),
+    name=f"simple_cnn{'x'.join(map(str, shape))}-{num_classes}",
   )
