@@ -267,3 +267,41 @@ def test_conv_errors_name_the_problem():
     ValueError, match=r"max_pool expects \[..., H, W, C\], got \(4, 4\)"
   ):
     C.max_pool(jnp.zeros((4, 4)))
+
+
+def test_lstm_layer_equals_autodiff_of_flax_cell():
+  """:func:`lstm_layer`'s VJP (weight gradients as one GEMM over all time
+  steps) against autodiff of flax's OptimizedLSTMCell, on a char-LSTM with
+  two layers and gradients flowing from every time step."""
+  fast = fl.models.char_lstm(11, 9, embed_dim=4, hidden=(6, 5))
+  plain = fl.models.char_lstm(11, 9, embed_dim=4, hidden=(6, 5), fast=False)
+  params = fast.init(jax.random.PRNGKey(1))
+  # same parameter tree and initial values (same initializers and paths)
+  ref_params = plain.init(jax.random.PRNGKey(1))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rng = np.random.default_rng(7)
+  for b in (1, 10):
+    batch = {
+      "x": jnp.asarray(rng.integers(0, 11, (b, 9))),
+      "y": jnp.asarray(rng.integers(0, 11, b)),
+    }
+    mask = jnp.ones(b, bool)
+    g = [
+      jax.grad(lambda p, m=m: m.batch_loss(p, batch, mask)[0])(params)
+      for m in (fast, plain)
+    ]
+    for a, c in zip(jax.tree.leaves(g[0]), jax.tree.leaves(g[1])):
+      assert rel_err(a, c) < 1e-5
+  # every output step carries gradient (not only the last)
+  x = jnp.asarray(rng.standard_normal((7, 3, 4)), jnp.float32)
+  w_x = jnp.asarray(rng.standard_normal((4, 20)) * 0.3, jnp.float32)
+  w_h = jnp.asarray(rng.standard_normal((5, 20)) * 0.3, jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(20) * 0.1, jnp.float32)
+  from fedjax_lite.models.lstm import _lstm_forward, lstm_layer
+
+  y0, g0 = value_and_grads(lambda *a: _lstm_forward(*a)[0], x, w_x, w_h, bias)
+  y1, g1 = value_and_grads(lstm_layer, x, w_x, w_h, bias)
+  assert rel_err(y1, y0) < 1e-6
+  for a, c in zip(g1, g0):
+    assert rel_err(a, c) < 1e-5

@@ -165,7 +165,9 @@ def _conv_cm_bwd(strides, pads, res, g):
   kh, kw, c, o = kernel.shape
   p, _ = _patches(x, (kh, kw), strides, pads)
   g2 = g.reshape(o, -1)  # [O, Ho*Wo*N]
-  dkernel = (p @ g2.T).reshape(kernel.shape)
+  # [O, K] = g p^T reads g and p where they are (no transposed copy of g,
+  # whose producer XLA would recompute into the copy).
+  dkernel = (g2 @ p.T).T.reshape(kernel.shape)
   dp = (kernel.reshape(-1, o) @ g2).reshape((kh * kw, c) + g.shape[1:])
   padded = tuple(s + lo + hi for s, (lo, hi) in zip(x.shape[_H : _W + 1], pads))
   dxp = _unviews(list(dp), (kh, kw), strides, padded, (_H, _W))
@@ -292,11 +294,38 @@ def _window_axes(x_ndim, axes):
   return tuple(a + 1 + axes.index(a) for a in axes)
 
 
+def _first_max(xs, y, window, wa):
+  """Bool of ``xs``'s shape: True at the first maximum of each window
+  (row-major offsets), as XLA's select-and-scatter picks for
+  reduce_window's max."""
+  offset = lambda q: functools.reduce(
+    lambda a, ij: lax.index_in_dim(a, ij[1], ij[0], keepdims=False),
+    reversed(list(zip(wa, divmod(q, window[1])))),
+    xs,
+  )
+  shape = [1] * xs.ndim
+  shape[wa[0]], shape[wa[1]] = window
+  which = lax.broadcasted_iota(jnp.int32, tuple(shape), wa[0]) * window[1]
+  which = which + lax.broadcasted_iota(jnp.int32, tuple(shape), wa[1])
+  taken = jnp.zeros(y.shape, bool)
+  first = None
+  for q in range(window[0] * window[1]):
+    hit = (offset(q) == y) & ~taken
+    taken = taken | hit
+    hit = jnp.expand_dims(hit, wa)
+    first = hit if first is None else jnp.where(which == q, hit, first)
+  return jnp.broadcast_to(first, xs.shape)
+
+
 def _max_pool_fwd(x, window, strides, pads, axes):
   in_hw = tuple(x.shape[a] for a in axes)
   if _tiles(window, strides, pads, in_hw):
-    y = jnp.max(_split_windows(x, window, axes), _window_axes(x.ndim, axes))
-    return y, (x, y)
+    # Non-overlapping windows: the backward pass only needs where each
+    # window's (first) maximum is, kept as a bool mask.
+    xs = _split_windows(x, window, axes)
+    wa = _window_axes(x.ndim, axes)
+    y = jnp.max(xs, wa)
+    return y, (_first_max(xs, y, window, wa), None)
   out_hw = _out_hw(in_hw, pads, window, strides)
   xp = _pad(x, pads, axes, -jnp.inf)
   y = functools.reduce(jnp.maximum, _views(xp, window, strides, out_hw, axes))
@@ -304,32 +333,16 @@ def _max_pool_fwd(x, window, strides, pads, axes):
 
 
 def _max_pool_bwd(window, strides, pads, axes, res, g):
-  # The gradient goes to the first maximum of each window (row-major
-  # offsets), as XLA's select-and-scatter does for reduce_window's max.
   x, y = res
-  in_hw = tuple(x.shape[a] for a in axes)
   zero = jnp.zeros((), g.dtype)
-  if _tiles(window, strides, pads, in_hw):
-    xs = _split_windows(x, window, axes)
-    wa = _window_axes(x.ndim, axes)
-    offset = lambda q: functools.reduce(
-      lambda a, ij: lax.index_in_dim(a, ij[1], ij[0], keepdims=False),
-      reversed(list(zip(wa, divmod(q, window[1])))),
-      xs,
-    )
-    shape = [1] * xs.ndim
-    shape[wa[0]], shape[wa[1]] = window
-    which = lax.broadcasted_iota(jnp.int32, tuple(shape), wa[0]) * window[
-      1
-    ] + lax.broadcasted_iota(jnp.int32, tuple(shape), wa[1])
-    taken = jnp.zeros(y.shape, bool)
-    dxs = None
-    for q in range(window[0] * window[1]):
-      hit = (offset(q) == y) & ~taken
-      taken = taken | hit
-      part = jnp.expand_dims(jnp.where(hit, g, zero), wa)
-      dxs = part if dxs is None else jnp.where(which == q, part, dxs)
-    return (jnp.broadcast_to(dxs, xs.shape).reshape(x.shape),)
+  if y is None:  # tiling windows: x is the first-maximum mask
+    wa = _window_axes(x.ndim - 2, axes)
+    dxs = jnp.where(x, jnp.expand_dims(g, wa), zero)
+    shape = list(g.shape)
+    for a in axes:
+      shape[a] *= window[axes.index(a)]
+    return (dxs.reshape(shape),)
+  in_hw = tuple(x.shape[a] for a in axes)
   out_hw = y.shape[axes[0]], y.shape[axes[1]]
   xp = _pad(x, pads, axes, -jnp.inf)
   taken = jnp.zeros(y.shape, bool)
