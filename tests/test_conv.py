@@ -305,3 +305,26 @@ def test_lstm_layer_equals_autodiff_of_flax_cell():
   assert rel_err(y1, y0) < 1e-6
   for a, c in zip(g1, g0):
     assert rel_err(a, c) < 1e-5
+
+
+def test_dropout_mask_is_exact_bernoulli_from_random_bits():
+  rng = jax.random.PRNGKey(3)
+  shape = (5, 7, 9)  # 315 entries: not a multiple of 4 or 2
+  for keep, bits in ((0.75, 8), (0.5, 8), (1 - 2**-12, 16)):
+    mask = np.asarray(C.dropout_mask(rng, keep, shape))
+    words = -(-315 * bits // 32)
+    raw = np.asarray(jax.random.bits(rng, (words,), jnp.uint32))
+    small = raw.view(np.uint8 if bits == 8 else np.uint16)[:315]
+    np.testing.assert_array_equal(mask, (small < keep * 2**bits).reshape(shape))
+  # rates that are no multiple of 2^-16: jax.random.bernoulli itself
+  np.testing.assert_array_equal(
+    np.asarray(C.dropout_mask(rng, 0.3, shape)),
+    np.asarray(jax.random.bernoulli(rng, 0.3, shape)),
+  )
+  big = np.asarray(C.dropout_mask(rng, 0.75, (200_000,)))
+  assert abs(big.mean() - 0.75) < 4 * np.sqrt(0.75 * 0.25 / 200_000)
+  x = jnp.ones((4, 6))
+  y = C.Dropout(0.25).apply({}, x, rngs={"dropout": rng})
+  assert set(np.unique(np.asarray(y))) <= {0.0, np.float32(1 / 0.75)}
+  with pytest.raises(ValueError, match=r"rate must be in \[0, 1\), got 1.5"):
+    C.Dropout(1.5).apply({}, x, rngs={"dropout": rng})

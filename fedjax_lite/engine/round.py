@@ -939,12 +939,24 @@ class Engine:
         owner=None,
       )
       b_axis = None if R == 1 else 0
-      out = jax.vmap(
-        lambda b, s, c, sl, r: self._one_client_output(
-          runs.of_run(r), b, s, view, c, k_clients[r], sl, bucket_size
-        ),
-        in_axes=(b_axis, 0, 0, 0, 0),
-      )(bcast, cstate, cid, slot, run)
+      client = lambda b, s, c, sl, r: self._one_client_output(
+        runs.of_run(r), b, s, view, c, k_clients[r], sl, bucket_size
+      )
+      if bpd == 1:  # one client per device: no vmap of size 1 (whose
+        # batched shapes and predicates would reach every client op)
+        first = lambda t: jax.tree.map(lambda a: a[0], t)
+        out = client(
+          bcast if b_axis is None else first(bcast),
+          first(cstate),
+          cid[0],
+          slot[0],
+          run[0],
+        )
+        out = jax.tree.map(lambda a: jnp.asarray(a)[None], out)
+      else:
+        out = jax.vmap(client, in_axes=(b_axis, 0, 0, 0, 0))(
+          bcast, cstate, cid, slot, run
+        )
       acc, count, metrics = part
       acc = self._add(runs, acc, agg_states, out, valid, slot, run, 1, bpd)
       count = count + _per_device_sum(

@@ -10,7 +10,8 @@ use small versions.
 
 :func:`simple_cnn`: the CNN of pfl-research's CIFAR-10 benchmark (conv3x3
 VALID 3->32, ReLU, conv3x3 VALID 32->64, ReLU, 2x2 max pooling, dropout 0.25,
-dense ->128, ReLU, dropout 0.5, dense ->classes; Xavier-uniform kernels):
+dense ->128, ReLU, dropout 0.5, dense ->classes; Xavier-uniform kernels;
+dropout masks from :func:`fedjax_lite.models.conv.dropout_mask`):
 1,626,442 parameters for 32x32x3 inputs and 10 classes.
 
 Both keep activations channel-major and batch-last (``[C, H, W, N]``)
@@ -34,6 +35,7 @@ from fedjax_lite import checks
 from fedjax_lite.models.conv import (
   ConvCM,
   DenseCM,
+  Dropout,
   max_pool_chwn,
   to_channel_major,
 )
@@ -94,11 +96,9 @@ class SimpleCNN(nn.Module):
       )(h)
       h = nn.relu(h)
     h = max_pool_chwn(h, (2, 2), (2, 2), "VALID", self.fast)
-    h = nn.Dropout(0.25, deterministic=not train)(h)
+    h = Dropout(0.25, deterministic=not train)(h)
     dense = DenseCM(128, kernel_init=xavier, fast=self.fast, name="Dense_0")
-    h = nn.Dropout(0.5, deterministic=not train)(
-      nn.relu(dense(h.reshape(-1, n)))
-    )
+    h = Dropout(0.5, deterministic=not train)(nn.relu(dense(h.reshape(-1, n))))
     return Dense(self.num_classes, kernel_init=xavier, name="Dense_1")(h)
 
 

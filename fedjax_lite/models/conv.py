@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 _H, _W = 1, 2  # spatial axes of [C, H, W, N]
@@ -96,6 +97,22 @@ def _out_hw(in_hw, pads, window, strides) -> tuple[int, int]:
   return out
 
 
+def _materialize(x):
+  """``x``, computed once into a buffer that later ops read.
+
+  XLA on CPU fuses elementwise producers into every consumer, recomputing
+  them (e.g. a bias, ReLU, dropout and pooling mask once per window offset
+  of an im2col, or once more for a transposed copy), and expands
+  ``optimization_barrier`` before fusion; a conditional's operand is always
+  a buffer. The predicate depends on ``x`` so the conditional is not folded
+  away (both branches return ``x``). Under ``vmap`` the conditional becomes
+  a select of two equal values (still ``x``, without the barrier).
+  """
+  flat = x.reshape(-1)
+  same = jnp.logical_not if x.dtype == jnp.bool_ else jnp.negative
+  return lax.cond(flat[0] == flat[0], lambda a: a, lambda a: same(same(a)), x)
+
+
 def _pad(x, pads, axes, value=0.0):
   cfg = [(0, 0, 0)] * x.ndim
   for a, (lo, hi) in zip(axes, pads):
@@ -142,7 +159,8 @@ def _crop(x, pads, hw, axes):
 def _patches(x, window, strides, pads):
   """im2col of ``x [C, H, W, N]``: ``[k_h k_w C, H_o W_o N]``."""
   out_hw = _out_hw(x.shape[_H : _W + 1], pads, window, strides)
-  views = _views(_pad(x, pads, (_H, _W)), window, strides, out_hw, (_H, _W))
+  xp = _materialize(_pad(x, pads, (_H, _W)))
+  views = _views(xp, window, strides, out_hw, (_H, _W))
   # One concatenation of the views (each a strided copy of the input): its
   # operands are contiguous blocks of the result.
   return jnp.stack(views).reshape(len(views) * x.shape[0], -1), out_hw
@@ -164,7 +182,7 @@ def _conv_cm_bwd(strides, pads, res, g):
   x, kernel = res
   kh, kw, c, o = kernel.shape
   p, _ = _patches(x, (kh, kw), strides, pads)
-  g2 = g.reshape(o, -1)  # [O, Ho*Wo*N]
+  g2 = _materialize(g).reshape(o, -1)  # [O, Ho*Wo*N]
   # [O, K] = g p^T reads g and p where they are (no transposed copy of g,
   # whose producer XLA would recompute into the copy).
   dkernel = (g2 @ p.T).T.reshape(kernel.shape)
@@ -325,7 +343,7 @@ def _max_pool_fwd(x, window, strides, pads, axes):
     xs = _split_windows(x, window, axes)
     wa = _window_axes(x.ndim, axes)
     y = jnp.max(xs, wa)
-    return y, (_first_max(xs, y, window, wa), None)
+    return y, (_materialize(_first_max(xs, y, window, wa)), None)
   out_hw = _out_hw(in_hw, pads, window, strides)
   xp = _pad(x, pads, axes, -jnp.inf)
   y = functools.reduce(jnp.maximum, _views(xp, window, strides, out_hw, axes))
@@ -536,3 +554,43 @@ def max_pool_chwn(x, window_shape, strides=None, padding="VALID", fast=True):
     (1,) + strides + (1,),
     ((0, 0),) + pads + ((0, 0),),
   )
+
+
+# ----------------------------------------------------------------- dropout
+def dropout_mask(rng: jax.Array, keep: float, shape: Sequence[int]):
+  """Bool mask with ``P(True) = keep`` for every entry, independently.
+
+  When ``keep`` is a multiple of ``2^-8`` (or ``2^-16``) each entry compares
+  8 (16) random bits with ``keep * 2^8`` (``2^16``): the probability is
+  exactly ``keep``, from 4 (2) entries per 32-bit word of threefry output,
+  several times cheaper on CPU than ``jax.random.bernoulli``'s 32 bits and
+  float conversion per entry. Other rates use ``jax.random.bernoulli``.
+  """
+  n = int(np.prod(shape))
+  for bits, dtype in ((8, jnp.uint8), (16, jnp.uint16)):
+    threshold = keep * 2**bits
+    if threshold == int(threshold) and 0 < threshold < 2**bits:
+      words = -(-n * bits // 32)
+      raw = jax.random.bits(rng, (words,), jnp.uint32)
+      small = lax.bitcast_convert_type(raw, dtype).reshape(-1)[:n]
+      return (small < int(threshold)).reshape(shape)
+  return jax.random.bernoulli(rng, keep, tuple(shape))
+
+
+class Dropout(nn.Module):
+  """``flax.linen.Dropout`` (inverted dropout: kept units scaled by
+  ``1 / (1 - rate)``) with masks from :func:`dropout_mask`."""
+
+  rate: float
+  deterministic: bool = False
+  rng_collection: str = "dropout"
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if not 0.0 <= self.rate < 1.0:
+      raise ValueError(f"Dropout rate must be in [0, 1), got {self.rate!r}.")
+    keep = 1.0 - self.rate
+    mask = dropout_mask(self.make_rng(self.rng_collection), keep, x.shape)
+    return jnp.where(mask, x / keep, jnp.zeros((), x.dtype))
