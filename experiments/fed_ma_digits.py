@@ -41,7 +41,7 @@ class Config:
   client_lr: float = 0.1
   batch_size: int = 16
   num_epochs: int = 2  # local epochs per stage
-  noise_var: float = 1.0
+  noise_var: float | None = None  # None: from each layer's weights' scale
   seed: int = 0
 
 

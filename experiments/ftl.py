@@ -57,6 +57,9 @@ class Config:
   paillier_overlap: int = 10
   paillier_dim: int = 4
   key_bits: int = 1024
+  # Keys below 2048 bits (the usual minimum) time the protocol only; they are
+  # not secure. Set key_bits=2048 insecure_ok=false for a real-size key.
+  insecure_ok: bool = True
   seed: int = 0
 
 
@@ -150,6 +153,7 @@ def paillier_step(cfg: Config) -> dict:
       l2=cfg.l2,
       mode=mode,
       key_bits=cfg.key_bits,
+      insecure_ok=cfg.insecure_ok,
     )
     state, _ = proc.next(proc.initialize(cfg.seed))
     out[mode] = proc.next(state)

@@ -117,6 +117,9 @@ def run_fed_ma(model, widths, budget, train, test, args):
     client_widths=widths,
     local_epochs=args.epochs,
     batch_size=args.batch_size,
+    # The recorded run's setting (results/hetero.md); the library default
+    # (noise_var=None) now estimates it from the weights' scale.
+    noise_var=1.0,
     seed=args.seed,
   )
   state = proc.initialize(args.seed)

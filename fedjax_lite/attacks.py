@@ -419,7 +419,9 @@ def with_attack(
     attack: an :class:`Attack` (:func:`label_flip`, :func:`sign_flip`,
       :func:`scaling`, :func:`gaussian`, :func:`alie`, :func:`ipm`).
     byzantine: bool ``[num_clients]`` mask (:func:`byzantine_mask`), indexed
-      with each client's ``data.client_id`` inside the round.
+      with each client's ``data.client_id`` inside the round; its length
+      must be the population's (checked when the round is traced with the
+      data: ``ValueError`` otherwise).
 
   Returns:
     The wrapped algorithm. Client metrics gain ``byzantine`` (share of the
@@ -441,6 +443,14 @@ def with_attack(
   omniscient = attack.byzantine_update is not None
 
   def client_update(broadcast, client_state, data: ClientData, rng):
+    # Host side, at trace time: a short mask would be clamped by the gather.
+    checks.per_client(
+      "byzantine",
+      mask.shape[0],
+      data.num_clients,
+      f"; build it with fl.attacks.byzantine_mask({data.num_clients}, "
+      "fraction, seed)",
+    )
     is_byz = jnp.asarray(mask)[data.client_id]
     k_attack = jax.random.fold_in(rng, _ATTACK_STREAM)
     if attack.poison_data is not None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import numpy as np
+
 
 def is_int(value: Any) -> bool:
   """A Python or numpy integer, not a bool."""
@@ -131,3 +133,81 @@ def optimizer_factories(**fns) -> None:
         f"{name} must be a no-argument function returning an "
         f"optax optimizer, got {type(fn).__name__}."
       )
+
+
+def per_client(
+  name: str, length: int, num_clients: int | None, hint: str = ""
+) -> None:
+  """Checks that an array indexed by client id has one entry per client.
+
+  A jitted gather clamps an out-of-range index to the last entry, so an array
+  shorter than the population silently gives the remaining clients the last
+  entry's value. Call it where the population is known, e.g. at trace time
+  with ``ClientData.num_clients`` (set by the engine's gather; None, and
+  nothing is checked, for hand-made client data).
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    length: its number of entries (leading axis).
+    num_clients: the population size, or None if unknown.
+    hint: appended to the message (how to build the array).
+  """
+  if num_clients is not None and length != num_clients:
+    raise ValueError(
+      f"{name} has {length} entries for a population of {num_clients} "
+      f"clients (it is indexed by client id); expected {num_clients}, one "
+      f"per client{hint}."
+    )
+
+
+def index_array(
+  name: str,
+  values: Any,
+  size: int,
+  *,
+  what: str = "index",
+  of: str = "",
+  unique: bool = False,
+) -> np.ndarray:
+  """Checks user-given indices into an axis of ``size`` entries, on the host.
+
+  A jitted gather clamps an index outside ``[0, size)`` and numpy wraps a
+  negative one, so a wrong index would silently read another entry: check
+  before any gather.
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    values: the indices (any 1-D integer array-like; bools are refused).
+    size: the length of the indexed axis.
+    what: what one index names in messages ("row", "client", ...).
+    of: what is indexed, for messages (e.g. ``"x_source"``).
+    unique: also require distinct indices.
+
+  Returns:
+    The indices as an int64 numpy array.
+  """
+  arr = np.asarray(values)
+  if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(
+      f"{name} must be 1-D integer {what} indices, got dtype {arr.dtype} "
+      f"shape {arr.shape}."
+    )
+  arr = arr.astype(np.int64)
+  bad = np.flatnonzero((arr < 0) | (arr >= size))
+  if bad.size:
+    i = int(bad[0])
+    where = f" (the {size} {what}s of {of})" if of else ""
+    raise ValueError(
+      f"{name} has {what} {int(arr[i])} at position {i}; expected {what}s "
+      f"in [0, {size}){where}."
+    )
+  if unique and arr.size:
+    uniq, counts = np.unique(arr, return_counts=True)
+    if np.any(counts > 1):
+      v = int(uniq[np.argmax(counts > 1)])
+      pos = np.flatnonzero(arr == v)[:2].tolist()
+      raise ValueError(
+        f"{name} repeats {what} {v} (positions {pos[0]} and {pos[1]}); "
+        f"expected distinct {what}s."
+      )
+  return arr

@@ -81,6 +81,23 @@ def test_bad_attack_arguments():
     attacks.omniscient_aggregator(None, attacks.sign_flip())
 
 
+def test_with_attack_mask_must_cover_the_population():
+  """A mask of 2 flags for 6 clients: the jitted gather would clamp clients
+  2..5 onto flag 1 (a Byzantine share of 0.83). Refused, naming both
+  lengths, when the round meets the data (issue 23, case 6)."""
+  alg = attacks.with_attack(
+    fl.fed_avg(MODEL, optax.sgd(LR)), attacks.sign_flip(), BYZ[:2]
+  )
+  work = fl.LocalWork(batch_size=3, num_epochs=1, shuffle=False)
+  engine = fl.Engine(alg, fl.RoundConfig(len(POPULATION), work, sampling="all"))
+  state = engine.init(init_params(), seed=0)  # no data yet: nothing traced
+  data = engine.put_data(fl.FederatedDataset.from_clients(CLIENTS), buckets=1)
+  with pytest.raises(
+    ValueError, match=r"byzantine has 2 entries.*population of 6 clients"
+  ):
+    engine.round(state, data)
+
+
 # -------------------------------------------------- update attacks (engine)
 @functools.cache
 def engine_for(attack_name):

@@ -99,9 +99,9 @@ def test_match_atoms_recovers_permutations_and_grows_when_needed():
 
 
 # ---------------------------------------------------- permutation recovery
-def trained_mlp(steps=60):
+def trained_mlp(steps=60, hidden=(10, 8)):
   """A small MLP trained with full-batch GD on a fixed synthetic task."""
-  model = fl.models.mlp(D, K, (10, 8))
+  model = fl.models.mlp(D, K, hidden)
   r = np.random.default_rng(2)
   x = r.normal(size=(64, D)).astype(np.float32)
   y = (np.argmax(x[:, :K] + 0.3 * x[:, K : 2 * K], 1)).astype(np.int32)
@@ -160,15 +160,10 @@ def test_matched_average_recovers_permuted_copies():
   assert (np.argmax(got, 1) == np.argmax(want, 1)).mean() > 0.95
 
 
-def test_matched_average_of_different_widths():
-  """Clients holding different subsets of the units map into one model."""
-  _, params, _ = trained_mlp()
-  r = np.random.default_rng(4)
-  keep = [
-    np.arange(10),
-    np.sort(r.choice(10, 6, replace=False)),
-    np.sort(r.choice(10, 7, replace=False)),
-  ]
+def sub_networks(params, keep, r):
+  """Clients holding the first hidden layer's units ``keep[j]`` of ``params``
+  in a random order: ``(client params, origin)``, client ``j``'s unit ``u``
+  is original unit ``origin[j][u]``."""
   clients, origin = [], []
   for kp in keep:
     sub = jax.tree.map(np.asarray, params)
@@ -188,6 +183,19 @@ def test_matched_average_of_different_widths():
         "Dense_2": sub["Dense_2"],
       }
     )
+  return clients, origin
+
+
+def test_matched_average_of_different_widths():
+  """Clients holding different subsets of the units map into one model."""
+  _, params, _ = trained_mlp()
+  r = np.random.default_rng(4)
+  keep = [
+    np.arange(10),
+    np.sort(r.choice(10, 6, replace=False)),
+    np.sort(r.choice(10, 7, replace=False)),
+  ]
+  clients, origin = sub_networks(params, keep, r)
   glob, assign = hetero.matched_average(clients, noise_var=0.01)
   assert glob["Dense_0"]["kernel"].shape == (D, 10)
   g0 = np.asarray(glob["Dense_0"]["kernel"])
@@ -199,6 +207,34 @@ def test_matched_average_of_different_widths():
   order = [int(np.argmin(np.abs(o0 - g0[:, [i]]).sum(0))) for i in range(10)]
   assert sorted(order) == list(range(10))
   np.testing.assert_allclose(g0, o0[:, order], atol=1e-6)
+
+
+def test_default_settings_recover_the_overlap_of_different_widths():
+  """The documented case with default matching settings (issue 23, case 11):
+  clients of widths 20, 16, 16, permuted sub-networks of one network, map
+  exactly onto it (``noise_var=1``, the old default, mis-matched them)."""
+  _, params, _ = trained_mlp(hidden=(20, 8))
+  r = np.random.default_rng(7)
+  keep = [np.arange(20)] + [
+    np.sort(r.choice(20, 16, replace=False)) for _ in range(2)
+  ]
+  clients, origin = sub_networks(params, keep, r)
+  glob, assign = hetero.matched_average(clients)
+  g0 = np.asarray(glob["Dense_0"]["kernel"])
+  b0 = np.asarray(glob["Dense_0"]["bias"])
+  o0 = np.asarray(params["Dense_0"]["kernel"])
+  ob = np.asarray(params["Dense_0"]["bias"])
+  assert g0.shape == (D, 20)
+  # The true overlap: units of the same original unit share one global
+  # neuron, different original units never do, and it holds their weights.
+  neuron = {}
+  for idx, a in zip(origin, assign[0]):
+    for u, g in zip(idx.tolist(), a.tolist()):
+      neuron.setdefault(u, set()).add(g)
+    np.testing.assert_allclose(g0[:, a], o0[:, idx], atol=1e-6)
+    np.testing.assert_allclose(b0[a], ob[idx], atol=1e-6)
+  assert all(len(g) == 1 for g in neuron.values())
+  assert len(set().union(*neuron.values())) == 20
 
 
 # ------------------------------------------------------------ the engine
@@ -369,3 +405,58 @@ def test_matched_average_recovers_permuted_cnn():
   want = np.asarray(model.apply(params, {"x": x}))
   got = np.asarray(model.apply(glob, {"x": x}))
   np.testing.assert_allclose(got, want, atol=1e-2 * np.abs(want).max())
+
+
+def test_matched_average_rejects_nan_weights_and_bad_class_counts():
+  _, params, _ = trained_mlp()
+  r = np.random.default_rng(8)
+  clients = [
+    permuted(params, [r.permutation(10), r.permutation(8)], 0.0, r)
+    for _ in range(3)
+  ]
+  bad = jax.tree.map(np.array, clients[1])
+  bad["Dense_1"]["kernel"][2, 3] = np.nan
+  with pytest.raises(
+    ValueError,
+    match=r"client_params\[1\]\['Dense_1'\]\['kernel'\] has 1 "
+    r"non-finite value",
+  ):
+    hetero.matched_average([clients[0], bad, clients[2]])
+  with pytest.raises(
+    ValueError, match=r"class_counts has 2 entries for 3 client models"
+  ):
+    hetero.matched_average(clients, class_counts=[np.ones(K)] * 2)
+  with pytest.raises(
+    ValueError, match=r"class_counts\[1\] has shape \(2,\); expected \(3,\)"
+  ):
+    hetero.matched_average(
+      clients, class_counts=[np.ones(K), np.ones(2), np.ones(K)]
+    )
+  with pytest.raises(
+    ValueError, match=r"class_counts\[2\] must be finite and >= 0, got "
+  ):
+    hetero.matched_average(
+      clients, class_counts=[np.ones(K), np.ones(K), [1.0, np.nan, 2.0]]
+    )
+
+
+def test_fed_ma_client_widths_must_cover_the_population():
+  """3 architectures for 4 clients: the gather would give client 3 the last
+  row. Refused, naming both counts (issue 23, case 6)."""
+  model = fl.models.mlp(D, K, (8,))
+  algorithm = hetero.fed_ma(
+    model, optax.sgd(0.1), client_widths=[[4], [6], [8]]
+  )
+  engine = fl.Engine(
+    algorithm,
+    fl.RoundConfig(4, fl.LocalWork(batch_size=4), sampling="all"),
+    fl.engine.default_mesh(jax.devices()[:1]),
+  )
+  state = engine.init(model.init(jax.random.PRNGKey(0)), seed=0, num_clients=4)
+  data = engine.put_data(
+    fl.FederatedDataset.from_clients(make_clients((6, 9, 5, 7), 0))
+  )
+  with pytest.raises(
+    ValueError, match=r"client_widths has 3 entries.*population of 4 clients"
+  ):
+    engine.round(state, data)

@@ -86,3 +86,17 @@ def test_mismatched_row_counts_are_errors():
 def test_mixed_id_types_are_an_error():
   with pytest.raises(TypeError, match="different id types"):
     fv.VerticalDataset((_party("g", ["1"], y=[1]), _party("h", [1])))
+
+
+def test_aligned_take_checks_row_indices():
+  aligned, _ = fv.breast_cancer_vertical(2, keep=0.9, seed=0).align(seed=0)
+  n = aligned.num_examples
+  assert aligned.take([0, n - 1]).num_examples == 2
+  with pytest.raises(
+    ValueError,
+    match=rf"idx has row -1 at position 1; expected rows in "
+    rf"\[0, {n}\) \(the {n} rows of the aligned data\)",
+  ):
+    aligned.take([0, -1])
+  with pytest.raises(ValueError, match=r"idx must be 1-D integer row indices"):
+    aligned.take(np.ones(n, bool))

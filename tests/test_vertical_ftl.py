@@ -56,7 +56,10 @@ def test_closed_form_gradients_match_autodiff_and_reference():
 def test_paillier_protocol_matches_plaintext():
   # 256-bit keys: fast, for testing the protocol only (insecure).
   u_a, u_b, y, rows = _reps()
-  keys = (fv.paillier.keypair(256), fv.paillier.keypair(256))
+  keys = (
+    fv.paillier.keypair(256, insecure_ok=True),
+    fv.paillier.keypair(256, insecure_ok=True),
+  )
   g_a, g_b, loss, sent = ftl.encrypted_rep_grads(u_a, u_b, y, rows, 0.7, *keys)
   ref = ftl.rep_grads(*(jnp.asarray(v) for v in (u_a, u_b, y, rows)), 0.7)
   np.testing.assert_allclose(g_a, ref[0], atol=1e-6)
@@ -80,7 +83,7 @@ def test_process_modes_agree_and_plaintext_trains():
     fl.models.mlp(32, 3, hidden=()),
     fl.models.mlp(32, 3, hidden=()),
   )
-  kw = dict(gamma=0.1, l2=1e-3, key_bits=256)
+  kw = dict(gamma=0.1, l2=1e-3, key_bits=256, insecure_ok=True)
   plain = fv.build_ftl_process(data, net_a, net_b, optax.sgd(0.5), **kw)
   enc = fv.build_ftl_process(
     data, net_a, net_b, optax.sgd(0.5), mode="paillier", **kw
@@ -115,3 +118,72 @@ def test_ftl_input_errors():
     fv.FTLData.from_parties(src, stranger)
   with pytest.raises(ValueError, match="misaligned overlap"):
     fv.FTLData(src.x, np.ones(20), tgt.x, np.arange(3), np.arange(2))
+
+
+def test_ftl_overlap_rows_are_checked_on_the_host():
+  """Row indices outside a table would be clamped (jnp) or wrapped (numpy)
+  into a wrong row: refused, naming the argument, the row and the range
+  (issue 23, case 6)."""
+  src, tgt, _ = fv.digits_transfer(
+    num_overlap=5, num_source=20, num_target=10, seed=0
+  )
+  x_s, y_s = src.x[:4], np.ones(4)
+  with pytest.raises(
+    ValueError,
+    match=r"rows_source has row 9 at position 1; expected rows in "
+    r"\[0, 4\) \(the 4 rows of x_source\)",
+  ):
+    fv.FTLData(x_s, y_s, tgt.x, np.array([0, 9]), np.array([0, 1]))
+  with pytest.raises(
+    ValueError,
+    match=r"rows_target has row -1 at position 0; expected rows in "
+    r"\[0, 10\)",
+  ):
+    fv.FTLData(x_s, y_s, tgt.x, np.array([0, 1]), np.array([-1, 0]))
+  with pytest.raises(
+    ValueError, match=r"rows_source must be 1-D integer.*float"
+  ):
+    fv.FTLData(x_s, y_s, tgt.x, np.array([0.0, 1.0]), np.array([0, 1]))
+  with pytest.raises(ValueError, match=r"rows_target repeats row 3"):
+    fv.FTLData(x_s, y_s, tgt.x, np.array([0, 1]), np.array([3, 3]))
+
+
+def test_ftl_representation_widths_are_checked_at_build_time():
+  data, _ = _small_data()
+  net_a = fl.models.mlp(32, 3, hidden=())
+  with pytest.raises(
+    ValueError,
+    match=r"source_net maps rows to width 3, target_net to "
+    r"width 4; expected one common width",
+  ):
+    fv.build_ftl_process(
+      data, net_a, fl.models.mlp(32, 4, hidden=()), optax.sgd(0.5)
+    )
+  with pytest.raises(
+    ValueError,
+    match=r"target_net does not accept x_target's rows of shape "
+    r"\(32,\)",
+  ):
+    fv.build_ftl_process(
+      data, net_a, fl.models.mlp(30, 3, hidden=()), optax.sgd(0.5)
+    )
+
+
+def test_ftl_paillier_refuses_small_keys_unless_insecure_ok():
+  data, _ = _small_data()
+  net = fl.models.mlp(32, 3, hidden=())
+  with pytest.raises(
+    ValueError, match=r"key_bits=1024 is below 2048.*insecure_ok=True"
+  ):
+    fv.build_ftl_process(
+      data, net, net, optax.sgd(0.5), mode="paillier", key_bits=1024
+    )
+  fv.build_ftl_process(
+    data,
+    net,
+    net,
+    optax.sgd(0.5),
+    mode="paillier",
+    key_bits=1024,
+    insecure_ok=True,
+  )

@@ -87,7 +87,9 @@ def test_plaintext_epoch_compiles_once():
 def test_paillier_matches_plaintext():
   # A 256-bit Paillier key: fast, for testing the protocol only (insecure).
   aligned = _aligned(n=16)
-  kw = dict(learning_rate=0.3, l2=0.01, batch_size=8, key_bits=256)
+  kw = dict(
+    learning_rate=0.3, l2=0.01, batch_size=8, key_bits=256, insecure_ok=True
+  )
   plain = fv.build_vertical_logistic_regression_process(aligned, **kw)
   enc = fv.build_vertical_logistic_regression_process(
     aligned, mode="paillier", **kw
@@ -113,4 +115,32 @@ def test_hetero_lr_rejects_bad_labels():
   with pytest.raises(ValueError, match="two-party"):
     fv.build_vertical_logistic_regression_process(
       _aligned(dims=(2, 2, 2)), mode="paillier"
+    )
+
+
+@pytest.mark.parametrize("batch_size", [0, -8])
+def test_hetero_lr_rejects_a_batch_size_below_one(batch_size):
+  with pytest.raises(
+    ValueError,
+    match=rf"batch_size must be a positive int or None.*got {batch_size}\.",
+  ):
+    fv.build_vertical_logistic_regression_process(
+      _aligned(), batch_size=batch_size
+    )
+
+
+def test_paillier_keys_below_2048_bits_need_insecure_ok():
+  with pytest.raises(
+    ValueError, match=r"key_bits=128 is below 2048.*insecure_ok=True"
+  ):
+    fv.paillier.keypair(128)
+  with pytest.raises(ValueError, match=r"key_bits=64 is too small"):
+    fv.paillier.keypair(64, insecure_ok=True)
+  pk, _ = fv.paillier.keypair(256, insecure_ok=True)
+  assert pk.n.bit_length() == 256
+  with pytest.raises(
+    ValueError, match=r"key_bits=1024 is below 2048.*insecure_ok=True"
+  ):
+    fv.build_vertical_logistic_regression_process(
+      _aligned(), mode="paillier", key_bits=1024
     )

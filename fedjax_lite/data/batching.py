@@ -379,6 +379,11 @@ class ClientData:
     slot: int32 scalar, the client's position in this round's sample
       (``0 .. clients_per_round-1``); lets an algorithm make round-level
       choices (e.g. exactly 90% stragglers) from a key it broadcasts.
+    num_clients: static int, the population size (set by the engine's
+      gather; None for hand-made client data). An algorithm that indexes a
+      per-client array with ``client_id`` checks its length against it at
+      trace time (:func:`fedjax_lite.checks.per_client`): a jitted gather
+      would clamp the ids beyond a short array onto its last entry.
   """
 
   batches: Mapping[str, jax.Array]
@@ -386,6 +391,7 @@ class ClientData:
   num_examples: jax.Array
   client_id: jax.Array
   slot: jax.Array = None
+  num_clients: int | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def num_steps(self) -> int:
@@ -451,4 +457,5 @@ def gather_client(
     slot=(
       jnp.zeros((), jnp.int32) if slot is None else jnp.asarray(slot, jnp.int32)
     ),
+    num_clients=data.num_clients,
   )

@@ -218,6 +218,32 @@ def _outputs_only(kernel, bias, layer, in_idx, in_valid):
 
 
 # ------------------------------------------------------------------ one shot
+def _class_weights(class_counts, num_clients: int, num_classes: int):
+  """float64 ``[J, C]`` per-class weights of the output average (host)."""
+  if class_counts is None:
+    return np.ones((num_clients, num_classes))
+  if len(class_counts) != num_clients:
+    raise ValueError(
+      f"class_counts has {len(class_counts)} entries for {num_clients} "
+      f"client models; expected one [{num_classes}] array of class counts "
+      "per client."
+    )
+  rows = []
+  for j, c in enumerate(class_counts):
+    a = np.asarray(c, np.float64)
+    if a.shape != (num_classes,):
+      raise ValueError(
+        f"class_counts[{j}] has shape {a.shape}; expected ({num_classes},) "
+        "(one count per class)."
+      )
+    if not np.all(np.isfinite(a) & (a >= 0)):
+      raise ValueError(
+        f"class_counts[{j}] must be finite and >= 0, got {a.tolist()}."
+      )
+    rows.append(a)
+  return np.stack(rows)
+
+
 def matched_average(
   client_params: Sequence[PyTree],
   *,
@@ -235,13 +261,14 @@ def matched_average(
   Args:
     client_params: ``J`` params of the same kind of network (MLP or FedAvg
       CNN; widths may differ).
-    class_counts: optional ``J`` arrays ``[num_classes]`` for the per-class
-      output average (default: equal weights).
+    class_counts: optional ``J`` arrays ``[num_classes]`` (finite, >= 0)
+      for the per-class output average (default: equal weights).
     max_widths: bound on each global hidden layer (default: the sum of the
       clients' widths, i.e. unbounded).
     **match_options: BBP-MAP settings, the keywords of
       :func:`fedjax_lite.hetero.matching.match_atoms` (``noise_var``,
-      ``prior_var``, ``gamma``, ``num_iters``, ``seed``).
+      ``prior_var``, ``gamma``, ``num_iters``, ``seed``); the default
+      ``noise_var=None`` estimates it from each layer's weights' scale.
 
   Returns:
     ``(global_params, assignments)`` with ``assignments[l][j]`` the global
@@ -262,6 +289,16 @@ def matched_average(
       "layers (widths may differ)."
     )
   J = len(client_params)
+  for j, p in enumerate(client_params):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(p):
+      bad = int(np.sum(~np.isfinite(np.asarray(leaf))))
+      if bad:
+        raise ValueError(
+          f"client_params[{j}]{jax.tree_util.keystr(path)} has {bad} "
+          "non-finite value(s) (NaN or inf); matching needs finite weights "
+          "(did that client's training diverge?)."
+        )
+  weights = _class_weights(class_counts, J, chains[0][-1].width)
   num_hidden = len(chains[0]) - 1
   if max_widths is None:
     max_widths = [sum(ch[l].width for ch in chains) for l in range(num_hidden)]
@@ -305,12 +342,8 @@ def matched_average(
       locals_[j] = p
     assignments.append(res.assignments)
   last = chains[0][-1].name
-  if class_counts is None:
-    w = np.ones((J, chains[0][-1].width))
-  else:
-    w = np.asarray(class_counts, np.float64).reshape(J, -1)
-  tot = w.sum(0, keepdims=True)
-  p = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / J)  # [J, C]
+  tot = weights.sum(0, keepdims=True)
+  p = np.where(tot > 0, weights / np.where(tot > 0, tot, 1.0), 1.0 / J)
   ks = np.stack([np.asarray(q[last]["kernel"], np.float64) for q in locals_])
   bs = np.stack([np.asarray(q[last]["bias"], np.float64) for q in locals_])
   glob[last] = {
@@ -399,11 +432,14 @@ def fed_ma(
       must be zero for a zero gradient (SGD, momentum, Adam; not weight
       decay), which keeps frozen layers frozen.
     client_widths: int ``[J, L]``, every client's hidden widths (its
-      architecture), each at most the model's.
+      architecture), each at most the model's; ``J`` must be the population
+      (checked when the round is traced with the data).
     name: for reports.
     **match_options: BBP-MAP settings, the keywords of
       :func:`fedjax_lite.hetero.matching.match_atoms`; stage ``r`` of the
-      run matches with ``seed + r`` (default seed 0).
+      run matches with ``seed + r`` (default seed 0); the default
+      ``noise_var=None`` estimates it from the layer's weights' scale at
+      every stage.
 
   Returns:
     A :class:`FederatedAlgorithm` with :class:`FedMAState`; run it with
@@ -586,6 +622,13 @@ def fed_ma(
     return params, tuple(masks)
 
   def client_update(state: FedMAState, cstate, data, rng):
+    # Host side, at trace time: short widths would be clamped by the gather.
+    checks.per_client(
+      "client_widths",
+      J,
+      data.num_clients,
+      "; give every client of the population its hidden widths (one row each)",
+    )
     # Only the start differs between stages (a cheap switch); the local
     # training is one computation whose frozen layers depend on the stage.
     s = jnp.clip(state.stage, 0, nh)

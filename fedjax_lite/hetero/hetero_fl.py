@@ -19,18 +19,20 @@ every parameter over the clients that hold it:
 
 and applies its optimizer to ``\Delta_t`` (``sgd(1)`` gives
 ``w_{t+1} = w_t - \Delta_t``, the paper's rule). Inside the engine's one
-jitted round, every client sends ``{"d": M_k (w_t - w^k), "z": 1 - M_k}`` with
-weight ``n_k``; the engine's weighted means give the ratio above (the
-denominator is ``1 - mean(z)``), so mixed-capacity rounds are one vmapped
-computation over the padded global shapes. A parameter leaf that every
-client of the population holds whole (every leaf at capacity 1; the output
-bias always) has the denominator ``n`` everywhere: its average is the
-weighted mean of ``d`` itself, used as is. With every client at capacity 1
-the whole compiled round is therefore FedAvg's, bit for bit. (Dividing that
-mean by the exact 1 would not change its value, but it would change the
-round's last kernel: XLA's CPU backend contracts FedAvg's ``w_t - D (1 / n)``
-into one fused multiply-add per element, and a division between the product
-and the subtraction leaves some of them rounded twice, an ulp apart.)
+jitted round, every client sends ``{"d": M_k (w_t - w^k), "held": M_k}`` with
+weight ``n_k``; the engine's weighted means give the ratio above as
+``mean(d) / mean(held)``, so mixed-capacity rounds are one vmapped
+computation over the padded global shapes. The denominator is the held
+share ``sum_k n_k M_k / sum_k n_k`` averaged directly: an entry held only by
+clients with a tiny share of the round's weight keeps float32's relative
+precision (computing it as ``1 - mean(1 - M_k)`` would cancel
+catastrophically: relative errors up to 1e-2 at a 3e-6 share). A parameter
+leaf that every client of the population holds whole (every leaf at capacity
+1; the output bias always) has the held share 1 everywhere: its average is
+the weighted mean of ``d`` itself, used as is (no division by a rounded 1).
+With every client at capacity 1 the round therefore computes FedAvg's update
+and equals FedAvg's round to float32 rounding (different compiled
+computations are not promised equal bits).
 
 Not implemented: the paper's static batch norm ("sBN") and the scaler
 module; the supported networks (:mod:`fedjax_lite.hetero.layers`) have no
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lite import checks
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.hetero import layers as L
@@ -138,7 +141,9 @@ def hetero_fl(
     server_optimizer: applied to the per-parameter averaged update (default
       ``optax.sgd(1.0)``).
     client_rates: ``[num_clients]`` capacity of every client of the
-      population (indexed by ``data.client_id``), each one of ``levels``.
+      population (indexed by ``data.client_id``), each one of ``levels``;
+      its length must be the population's (checked when the round is traced
+      with the data: ``ValueError`` otherwise).
     levels: the supported capacity levels (fractions of every hidden width).
     name: for reports.
 
@@ -170,6 +175,13 @@ def hetero_fl(
     )
 
   def client_update(server_params, client_state, data, rng):
+    # Host side, at trace time: short rates would be clamped by the gather.
+    checks.per_client(
+      "client_rates",
+      int(rate_idx.shape[0]),
+      data.num_clients,
+      "; pass one capacity level per client of the population",
+    )
     masks = client_masks(data.client_id)
 
     def objective(params, server_params, batch, mask, step_rng):
@@ -183,29 +195,28 @@ def hetero_fl(
     out = fed_avg(
       model, client_optimizer, local_objective=objective
     ).client_update(server_params, client_state, data, rng)
-    missing = jax.tree.map(
-      lambda p, m: 1.0 - jnp.broadcast_to(m, p.shape).astype(p.dtype),
+    held = jax.tree.map(
+      lambda p, m: jnp.broadcast_to(m, p.shape).astype(p.dtype),
       server_params,
       masks,
     )
     return out._replace(
-      update={"d": L.apply_masks(out.update, masks), "z": missing}
+      update={"d": L.apply_masks(out.update, masks), "held": held}
     )
 
   def server_update(state, aggregate):
-    # sum_k n_k M_k / sum_k n_k = 1 - mean(1 - M_k); d is exactly 0 where no
-    # client holds the parameter. Leaves every client holds whole take the
-    # weighted mean of d as is (FedAvg's float operations, see the module
-    # docstring).
-    d, z = aggregate.mean["d"], aggregate.mean["z"]
+    # mean(held) = sum_k n_k M_k / sum_k n_k, averaged directly (no
+    # cancellation); d is exactly 0 where no client holds the parameter.
+    # Leaves every client holds whole take the weighted mean of d as is
+    # (FedAvg's float operations, see the module docstring).
+    d, h = aggregate.mean["d"], aggregate.mean["held"]
 
     def one(held_whole, a, b):
       if held_whole:
         return a
-      held = 1.0 - b
-      return jnp.where(held > 0, a / jnp.where(held > 0, held, 1.0), 0.0)
+      return jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), 0.0)
 
-    delta = jax.tree.map(one, whole, d, z)
+    delta = jax.tree.map(one, whole, d, h)
     return base.server_update(state, aggregate._replace(mean=delta))
 
   return base._replace(

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from fedjax_lite import checks
+
 
 def id_kind(ids: np.ndarray, where: str) -> str:
   """``"str"`` or ``"int"`` for a 1-D id array; a clear error otherwise."""
@@ -148,7 +150,11 @@ class AlignedData:
     return np.concatenate(self.xs, axis=1)
 
   def take(self, idx: np.ndarray) -> "AlignedData":
-    idx = np.asarray(idx)
+    """The aligned rows ``idx`` (integers in ``[0, n)``; a negative one
+    would silently wrap to another row, so it is a ``ValueError``)."""
+    idx = checks.index_array(
+      "idx", idx, self.num_examples, what="row", of="the aligned data"
+    )
     return dataclasses.replace(
       self, xs=tuple(x[idx] for x in self.xs), y=self.y[idx], ids=self.ids[idx]
     )

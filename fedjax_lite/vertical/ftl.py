@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lite import checks
 from fedjax_lite.models.core import Model
 from fedjax_lite.vertical import paillier as _pl
 from fedjax_lite.vertical.data import Party
@@ -89,7 +90,8 @@ class FTLData:
     x_source: ``[N_A, d_A]`` source features; y_source ``[N_A]`` in {-1, +1}.
     x_target: ``[N_B, d_B]`` target features (no labels).
     rows_source, rows_target: ``[N_AB]`` row indices of the overlap in each
-      table, in the common (PSI) order.
+      table, in the common (PSI) order: distinct integers in ``[0, N_A)``
+      and ``[0, N_B)`` (checked here: ``ValueError`` otherwise).
     names: (source name, target name).
   """
 
@@ -101,19 +103,37 @@ class FTLData:
   names: tuple[str, str] = ("source", "target")
 
   def __post_init__(self):
+    for name in ("x_source", "y_source", "x_target"):
+      object.__setattr__(self, name, np.asarray(getattr(self, name)))
     if self.x_source.shape[0] != self.y_source.shape[0]:
       raise ValueError(
         f"x_source has {self.x_source.shape[0]} rows, y_source "
         f"{self.y_source.shape[0]}: expected one label per row."
       )
-    if self.rows_source.shape != self.rows_target.shape:
+    rows_s, rows_t = np.asarray(self.rows_source), np.asarray(self.rows_target)
+    if rows_s.shape != rows_t.shape:
       raise ValueError(
         f"overlap rows differ in length: source "
-        f"{self.rows_source.shape}, target "
-        f"{self.rows_target.shape}: misaligned overlap."
+        f"{rows_s.shape}, target "
+        f"{rows_t.shape}: misaligned overlap."
       )
-    if self.rows_source.size == 0:
+    if rows_s.size == 0:
       raise ValueError("the parties share no samples; FTL needs an overlap.")
+    # On the host, before any gather: jnp would clamp a row outside the
+    # table and numpy wrap a negative one, silently training on another row.
+    for name, rows, x in (
+      ("rows_source", rows_s, "x_source"),
+      ("rows_target", rows_t, "x_target"),
+    ):
+      checked = checks.index_array(
+        name,
+        rows,
+        getattr(self, x).shape[0],
+        what="row",
+        of=x,
+        unique=True,
+      )
+      object.__setattr__(self, name, checked)
 
   @property
   def num_overlap(self) -> int:
@@ -285,6 +305,42 @@ def rep_grads(u_a, u_b, y, rows_source, gamma):
   return g_a, g_b, loss
 
 
+def _common_width(*nets) -> int:
+  """The representation width ``d`` both networks map their rows to.
+
+  Checked at build time on shapes only (``jax.eval_shape``): a network that
+  does not accept its table's rows, or widths that differ, would otherwise
+  surface as a raw shape error at the first step.
+
+  Args:
+    *nets: ``(net, rows, net name, table name)`` per party.
+  """
+  widths = []
+  for net, x, name, table in nets:
+    params = jax.eval_shape(net.init, jax.random.PRNGKey(0))
+    try:
+      out = jax.eval_shape(lambda p: net.apply(p, {net.input_key: x}), params)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(
+        f"{name} does not accept {table}'s rows of shape "
+        f"{tuple(x.shape[1:])}: {e}"
+      ) from e
+    if out.ndim != 2:
+      raise ValueError(
+        f"{name} maps {table}'s rows [{x.shape[0]}, ...] to shape "
+        f"{out.shape}; expected representations [{x.shape[0]}, d]."
+      )
+    widths.append(int(out.shape[1]))
+  if len(set(widths)) != 1:
+    (_, _, a, _), (_, _, b, _) = nets
+    raise ValueError(
+      f"{a} maps rows to width {widths[0]}, {b} to width {widths[1]}; "
+      "expected one common width d (the parties' representations are "
+      "aligned and multiplied)."
+    )
+  return widths[0]
+
+
 def _l2(params):
   return sum(jnp.sum(p * p) for p in jax.tree.leaves(params))
 
@@ -305,20 +361,27 @@ class FTLProcess:
     l2: float,
     mode: str,
     key_bits: int,
+    insecure_ok: bool = False,
   ):
     if mode not in ("plaintext", "paillier"):
       raise ValueError(f"mode must be 'plaintext' or 'paillier', got {mode!r}.")
     if not isinstance(data, FTLData):
       raise TypeError(f"data must be FTLData, got {type(data).__name__}.")
+    if mode == "paillier":  # at build time, not at the first next()
+      _pl.check_key_bits(key_bits, insecure_ok)
     self.data, self.nets = data, (source_net, target_net)
     self.optimizer, self.mode, self.key_bits = optimizer, mode, key_bits
+    self.insecure_ok = bool(insecure_ok)
     self.gamma, self.l2 = float(gamma), float(l2)
     self._xa = jnp.asarray(data.x_source)
     self._y = jnp.asarray(data.y_source, jnp.float32)
     self._xb_ab = jnp.asarray(data.x_target[data.rows_target])
     self._rows = jnp.asarray(data.rows_source)
     self._keys = None
-    self._dim = None
+    self._dim = _common_width(
+      (source_net, self._xa, "source_net", "x_source"),
+      (target_net, self._xb_ab, "target_net", "x_target"),
+    )
     nets, gamma, l2 = self.nets, self.gamma, self.l2
 
     def forward(params):
@@ -394,7 +457,10 @@ class FTLProcess:
       }
       return state, {"loss": loss, "seconds": time.perf_counter() - t0, **sent}
     if self._keys is None:
-      self._keys = (_pl.keypair(self.key_bits), _pl.keypair(self.key_bits))
+      self._keys = tuple(
+        _pl.keypair(self.key_bits, insecure_ok=self.insecure_ok)
+        for _ in range(2)
+      )
       t0 = time.perf_counter()  # key generation is setup, not a step
     c0 = time.process_time()
     u_a, u_b = (np.asarray(u, np.float64) for u in self._forward(state.params))
@@ -538,7 +604,8 @@ def build_ftl_process(
   gamma: float = 1.0,
   l2: float = 1e-3,
   mode: str = "plaintext",
-  key_bits: int = 1024,
+  key_bits: int = _pl.MIN_KEY_BITS,
+  insecure_ok: bool = False,
 ) -> FTLProcess:
   """FTL as a process.
 
@@ -552,6 +619,16 @@ def build_ftl_process(
     mode: ``"plaintext"`` or ``"paillier"`` (each party's key of
       ``key_bits`` bits; keep the overlap and ``d`` small: every overlap
       coordinate is a ciphertext).
+    key_bits: Paillier modulus size; at least 2048
+      (:data:`fedjax_lite.vertical.paillier.MIN_KEY_BITS`, the usual minimum
+      for real use) unless ``insecure_ok``.
+    insecure_ok: allow ``key_bits`` below 2048 (toy keys: tests and cost
+      benchmarks of the protocol only).
+
+  Raises:
+    ValueError: if a network does not accept its party's rows, the two
+      representation widths differ, or (``mode="paillier"``) ``key_bits``
+      is below 2048 without ``insecure_ok``.
   """
   return FTLProcess(
     data,
@@ -562,6 +639,7 @@ def build_ftl_process(
     l2=l2,
     mode=mode,
     key_bits=key_bits,
+    insecure_ok=insecure_ok,
   )
 
 

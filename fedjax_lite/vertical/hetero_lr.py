@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lite import checks
 from fedjax_lite.vertical import paillier as _pl
 from fedjax_lite.vertical.data import AlignedData
 
@@ -261,6 +262,7 @@ class VerticalLRProcess:
     l2: float,
     batch_size: int | None,
     key_bits: int,
+    insecure_ok: bool = False,
   ):
     if mode not in ("plaintext", "paillier"):
       raise ValueError(f"mode must be 'plaintext' or 'paillier', got {mode!r}.")
@@ -269,12 +271,17 @@ class VerticalLRProcess:
         f"train must be AlignedData (from "
         f"VerticalDataset.align()), got {type(train).__name__}."
       )
+    checks.positive_int(
+      "batch_size", batch_size, allow_none=True, hint=" (None: full batch)"
+    )
+    if mode == "paillier":  # at build time, not at the first next()
+      _pl.check_key_bits(key_bits, insecure_ok)
     self.train = train
     self.mode = mode
     self.learning_rate = float(learning_rate)
     self.l2 = float(l2)
     self.batch_size = batch_size
-    self.key_bits = key_bits
+    self.key_bits, self.insecure_ok = key_bits, bool(insecure_ok)
     self._y = jnp.asarray(to_pm1(train.y, "train.y"))
     self._xs = tuple(jnp.asarray(x) for x in train.xs)
     self._epoch = make_plaintext_epoch(
@@ -318,7 +325,8 @@ class VerticalLRProcess:
         ),
       }
     if self._keys is None:
-      self._keys = _pl.keypair(self.key_bits)  # the arbiter's key pair
+      # The arbiter's key pair.
+      self._keys = _pl.keypair(self.key_bits, insecure_ok=self.insecure_ok)
     return encrypted_epoch(
       state,
       self.train.xs,
@@ -358,7 +366,8 @@ def build_vertical_logistic_regression_process(
   learning_rate: float = 0.5,
   l2: float = 0.0,
   batch_size: int | None = None,
-  key_bits: int = 1024,
+  key_bits: int = _pl.MIN_KEY_BITS,
+  insecure_ok: bool = False,
 ) -> VerticalLRProcess:
   """Hetero LR as a process over aligned training data.
 
@@ -368,9 +377,16 @@ def build_vertical_logistic_regression_process(
       two-party protocol with an arbiter, host-side ``phe``).
     learning_rate: SGD step.
     l2: ``lambda`` of the ``lambda/2 ||w||^2`` penalty (not on the bias).
-    batch_size: rows per step; None = full batch.
-    key_bits: the arbiter's Paillier modulus size (1024 default for speed;
-      use 2048 for real deployments).
+    batch_size: rows per step (a positive int); None = full batch.
+    key_bits: the arbiter's Paillier modulus size; at least 2048
+      (:data:`fedjax_lite.vertical.paillier.MIN_KEY_BITS`, the usual minimum
+      for real use) unless ``insecure_ok``.
+    insecure_ok: allow ``key_bits`` below 2048 (toy keys: tests and cost
+      benchmarks of the protocol only).
+
+  Raises:
+    ValueError: for a ``batch_size`` below 1, or (``mode="paillier"``)
+      ``key_bits`` below 2048 without ``insecure_ok``.
   """
   return VerticalLRProcess(
     train,
@@ -379,4 +395,5 @@ def build_vertical_logistic_regression_process(
     l2=l2,
     batch_size=batch_size,
     key_bits=key_bits,
+    insecure_ok=insecure_ok,
   )

@@ -16,7 +16,9 @@ the key holder, unlike masking with random floats.
 Sizes: a ciphertext is an integer below ``n^2`` (:func:`ciphertext_bytes`),
 a raw decrypted residue one below ``n`` (:func:`plaintext_bytes`). Keys of
 1024 bits or fewer are for tests and benchmarks of the protocol's cost only;
-2048 bits is the usual minimum for real use.
+2048 bits (:data:`MIN_KEY_BITS`) is the usual minimum for real use, and
+:func:`keypair` refuses smaller keys unless the caller passes
+``insecure_ok=True``.
 """
 
 from __future__ import annotations
@@ -28,16 +30,45 @@ from typing import Sequence
 import numpy as np
 import phe
 
+from fedjax_lite import checks
+
 PRECISION = 2.0**-32
+# The usual minimum modulus for real use (NIST SP 800-57: 2048-bit RSA-type
+# moduli for 112-bit security).
+MIN_KEY_BITS = 2048
 
 
-def keypair(key_bits: int):
-  """``(public_key, private_key)`` with an ``key_bits``-bit modulus ``n``."""
+def check_key_bits(key_bits, insecure_ok: bool = False) -> int:
+  """Checks a Paillier modulus size; returns it as an int.
+
+  Raises:
+    ValueError: for ``key_bits < 2048`` (:data:`MIN_KEY_BITS`) unless
+      ``insecure_ok``, and always below 128 bits (too small to hold the
+      fixed-point values).
+  """
+  checks.positive_int("key_bits", key_bits)
   if key_bits < 128:
     raise ValueError(
       f"key_bits={key_bits} is too small to hold the "
       "fixed-point values; use >= 256 (tests) or 2048 (real)."
     )
+  if key_bits < MIN_KEY_BITS and not insecure_ok:
+    raise ValueError(
+      f"key_bits={key_bits} is below {MIN_KEY_BITS}, the usual minimum "
+      f"Paillier modulus for real use; use key_bits={MIN_KEY_BITS} (or "
+      "more), or pass insecure_ok=True for a toy key in tests and cost "
+      "benchmarks."
+    )
+  return int(key_bits)
+
+
+def keypair(key_bits: int = MIN_KEY_BITS, *, insecure_ok: bool = False):
+  """``(public_key, private_key)`` with an ``key_bits``-bit modulus ``n``.
+
+  ``key_bits`` below 2048 (:data:`MIN_KEY_BITS`) needs ``insecure_ok=True``
+  (toy keys for tests and cost benchmarks; see :func:`check_key_bits`).
+  """
+  key_bits = check_key_bits(key_bits, insecure_ok)
   return phe.generate_paillier_keypair(n_length=key_bits)
 
 
