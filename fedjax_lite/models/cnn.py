@@ -36,7 +36,6 @@ from fedjax_lite.models.conv import (
   ConvCM,
   DenseCM,
   Dropout,
-  max_pool_chwn,
   to_channel_major,
 )
 from fedjax_lite.models.core import Model, from_flax
@@ -65,8 +64,12 @@ class FedAvgCNN(nn.Module):
     h = to_channel_major(x)  # [C, H, W, N]
     k = (self.kernel_size, self.kernel_size)
     for i, c in enumerate(self.channels):
-      h = ConvCM(c, k, padding="SAME", fast=self.fast, name=f"Conv_{i}")(h)
-      h = max_pool_chwn(nn.relu(h), (2, 2), (2, 2), "SAME", self.fast)
+      # relu(maxpool(conv) + b) = maxpool(relu(conv + b)) (ConvCM's pool)
+      pool = ((2, 2), (2, 2), "SAME")
+      conv = ConvCM(
+        c, k, padding="SAME", fast=self.fast, pool=pool, name=f"Conv_{i}"
+      )
+      h = nn.relu(conv(h))
     h = jnp.transpose(h, (1, 2, 0, 3)).reshape(-1, n)  # [H' W' C, N]
     h = DenseCM(self.hidden, fast=self.fast_grad, name="Dense_0")(h)
     h = nn.relu(h)
@@ -90,12 +93,19 @@ class SimpleCNN(nn.Module):
     x = x.reshape((n,) + tuple(self.input_shape)).astype(jnp.float32)
     xavier = nn.initializers.xavier_uniform()
     h = to_channel_major(x)  # [C, H, W, N]
-    for c in (32, 64):
-      h = ConvCM(
-        c, (3, 3), padding="VALID", kernel_init=xavier, fast=self.fast
-      )(h)
-      h = nn.relu(h)
-    h = max_pool_chwn(h, (2, 2), (2, 2), "VALID", self.fast)
+    conv = lambda c, i, pool=None: ConvCM(
+      c,
+      (3, 3),
+      padding="VALID",
+      kernel_init=xavier,
+      fast=self.fast,
+      pool=pool,
+      name=f"Conv_{i}",
+    )
+    h = nn.relu(conv(32, 0)(h))
+    # relu(maxpool(conv) + b) = maxpool(relu(conv + b)): the bias and the
+    # ReLU act on the pooled map (ConvCM's pool).
+    h = nn.relu(conv(64, 1, ((2, 2), (2, 2), "VALID"))(h))
     h = Dropout(0.25, deterministic=not train)(h)
     dense = DenseCM(128, kernel_init=xavier, fast=self.fast, name="Dense_0")
     h = Dropout(0.5, deterministic=not train)(nn.relu(dense(h.reshape(-1, n))))

@@ -97,7 +97,7 @@ def _out_hw(in_hw, pads, window, strides) -> tuple[int, int]:
   return out
 
 
-def _materialize(x):
+def materialize(x):
   """``x``, computed once into a buffer that later ops read.
 
   XLA on CPU fuses elementwise producers into every consumer, recomputing
@@ -159,7 +159,7 @@ def _crop(x, pads, hw, axes):
 def _patches(x, window, strides, pads):
   """im2col of ``x [C, H, W, N]``: ``[k_h k_w C, H_o W_o N]``."""
   out_hw = _out_hw(x.shape[_H : _W + 1], pads, window, strides)
-  xp = _materialize(_pad(x, pads, (_H, _W)))
+  xp = materialize(_pad(x, pads, (_H, _W)))
   views = _views(xp, window, strides, out_hw, (_H, _W))
   # One concatenation of the views (each a strided copy of the input): its
   # operands are contiguous blocks of the result.
@@ -182,7 +182,7 @@ def _conv_cm_bwd(strides, pads, res, g):
   x, kernel = res
   kh, kw, c, o = kernel.shape
   p, _ = _patches(x, (kh, kw), strides, pads)
-  g2 = _materialize(g).reshape(o, -1)  # [O, Ho*Wo*N]
+  g2 = materialize(g).reshape(o, -1)  # [O, Ho*Wo*N]
   # [O, K] = g p^T reads g and p where they are (no transposed copy of g,
   # whose producer XLA would recompute into the copy).
   dkernel = (g2 @ p.T).T.reshape(kernel.shape)
@@ -295,55 +295,42 @@ def _max_pool(x, window, strides, pads, axes):
   return _max_pool_fwd(x, window, strides, pads, axes)[0]
 
 
-def _split_windows(x, window, axes):
-  """``x`` with each spatial axis ``a`` split into ``(n / k, k)``."""
-  shape = []
-  for a, n in enumerate(x.shape):
-    if a in axes:
-      k = window[axes.index(a)]
-      shape += [n // k, k]
-    else:
-      shape.append(n)
-  return x.reshape(shape)
+def _window_axes(axes):
+  """Positions of the window-offset axes when each spatial axis ``a`` of
+  ``axes`` is split into ``(n / k, k)``."""
+  return tuple(a + 1 + i for i, a in enumerate(axes))
 
 
-def _window_axes(x_ndim, axes):
-  # positions of the two window-offset axes after _split_windows
-  return tuple(a + 1 + axes.index(a) for a in axes)
+def _first_max_index(views, y):
+  """int8 of ``y``'s shape: the window offset (row-major) of each window's
+  first maximum, as XLA's select-and-scatter picks for reduce_window's
+  max (``views[q]`` is offset ``q`` of every window)."""
+  index = jnp.full(y.shape, len(views) - 1, jnp.int8)
+  for q in reversed(range(len(views) - 1)):
+    index = jnp.where(views[q] == y, jnp.int8(q), index)
+  return index
 
 
-def _first_max(xs, y, window, wa):
-  """Bool of ``xs``'s shape: True at the first maximum of each window
-  (row-major offsets), as XLA's select-and-scatter picks for
-  reduce_window's max."""
-  offset = lambda q: functools.reduce(
-    lambda a, ij: lax.index_in_dim(a, ij[1], ij[0], keepdims=False),
-    reversed(list(zip(wa, divmod(q, window[1])))),
-    xs,
-  )
-  shape = [1] * xs.ndim
+def _window_offsets(window, wa, ndim):
+  """int8 ``[1, .., k_h, .., k_w, ..]``: each split position's offset."""
+  shape = [1] * ndim
   shape[wa[0]], shape[wa[1]] = window
-  which = lax.broadcasted_iota(jnp.int32, tuple(shape), wa[0]) * window[1]
-  which = which + lax.broadcasted_iota(jnp.int32, tuple(shape), wa[1])
-  taken = jnp.zeros(y.shape, bool)
-  first = None
-  for q in range(window[0] * window[1]):
-    hit = (offset(q) == y) & ~taken
-    taken = taken | hit
-    hit = jnp.expand_dims(hit, wa)
-    first = hit if first is None else jnp.where(which == q, hit, first)
-  return jnp.broadcast_to(first, xs.shape)
+  rows = lax.broadcasted_iota(jnp.int8, tuple(shape), wa[0])
+  return rows * jnp.int8(window[1]) + lax.broadcasted_iota(
+    jnp.int8, tuple(shape), wa[1]
+  )
 
 
 def _max_pool_fwd(x, window, strides, pads, axes):
   in_hw = tuple(x.shape[a] for a in axes)
-  if _tiles(window, strides, pads, in_hw):
-    # Non-overlapping windows: the backward pass only needs where each
-    # window's (first) maximum is, kept as a bool mask.
-    xs = _split_windows(x, window, axes)
-    wa = _window_axes(x.ndim, axes)
-    y = jnp.max(xs, wa)
-    return y, (_materialize(_first_max(xs, y, window, wa)), None)
+  if _tiles(window, strides, pads, in_hw) and window[0] * window[1] < 128:
+    # Non-overlapping windows: the backward pass needs only the offset of
+    # each window's (first) maximum, kept as an int8 per window.
+    views = _views(
+      x, window, strides, _out_hw(in_hw, pads, window, strides), axes
+    )
+    y = functools.reduce(jnp.maximum, views)
+    return y, (materialize(_first_max_index(views, y)), None)
   out_hw = _out_hw(in_hw, pads, window, strides)
   xp = _pad(x, pads, axes, -jnp.inf)
   y = functools.reduce(jnp.maximum, _views(xp, window, strides, out_hw, axes))
@@ -353,12 +340,14 @@ def _max_pool_fwd(x, window, strides, pads, axes):
 def _max_pool_bwd(window, strides, pads, axes, res, g):
   x, y = res
   zero = jnp.zeros((), g.dtype)
-  if y is None:  # tiling windows: x is the first-maximum mask
-    wa = _window_axes(x.ndim - 2, axes)
-    dxs = jnp.where(x, jnp.expand_dims(g, wa), zero)
+  if y is None:  # tiling windows: x holds each window's argmax offset
+    ndim = g.ndim + 2
+    wa = _window_axes(axes)
+    hit = jnp.expand_dims(x, wa) == _window_offsets(window, wa, ndim)
+    dxs = jnp.where(hit, jnp.expand_dims(g, wa), zero)
     shape = list(g.shape)
-    for a in axes:
-      shape[a] *= window[axes.index(a)]
+    for a, k in zip(axes, window):
+      shape[a] *= k
     return (dxs.reshape(shape),)
   in_hw = tuple(x.shape[a] for a in axes)
   out_hw = y.shape[axes[0]], y.shape[axes[1]]
@@ -489,6 +478,12 @@ class ConvCM(nn.Module):
 
   ``fast=False`` computes the same function with
   ``lax.conv_general_dilated`` (the reference the tests compare with).
+
+  ``pool`` (``(window, strides, padding)``) max-pools the convolution's
+  output before the bias is added: ``maxpool(W * x) + b``, which equals
+  ``maxpool(W * x + b)`` (a per-channel constant commutes with the max) and
+  keeps the bias, and whatever elementwise op follows (a ReLU commutes with
+  the max too), on the pooled map.
   """
 
   features: int
@@ -499,6 +494,7 @@ class ConvCM(nn.Module):
   fast: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
+  pool: tuple | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -514,6 +510,8 @@ class ConvCM(nn.Module):
       y = lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=("CHWN", "HWIO", "CHWN")
       )
+    if self.pool is not None:
+      y = max_pool_chwn(y, *self.pool, fast=self.fast)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,))
       y = y + bias[:, None, None, None]
