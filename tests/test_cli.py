@@ -1,8 +1,10 @@
 """The command line: help, clear errors, and exact resume after SIGTERM or
 SIGKILL."""
 
+import hashlib
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from fedjax_lite.__main__ import main
 from fedjax_lite.experiment.records import TIMING_KEYS, read_jsonl
 
+from experiment_files import EXPERIMENTS  # pylint: disable=g-bad-import-order
 from test_experiment import TINY_EXPERIMENT  # pylint: disable=g-bad-import-order
 
 
@@ -257,3 +260,97 @@ def test_damaged_checkpoint_names_the_file(tiny, tmp_path, capsys):
   assert main(["run", "--resume", str(res.run_dir)]) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err and str(path) in err and "damaged" in err, err
+
+
+# ------------------------------------------- issue 23: no silent wrong number
+SMOKE = str(EXPERIMENTS / "fedavg_synthetic.py") + ":smoke"
+
+
+def _one_error_line(capsys) -> str:
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  assert "Traceback" not in err, err
+  return err
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      [SMOKE, "--set", "num_rounds=-5"],
+      "Experiment.num_rounds must be >= 1, got -5",
+    ),
+    (
+      [str(EXPERIMENTS / "fedavg_synthetic.py") + ":nosuchpreset"],
+      "unknown config arg 'nosuchpreset'; expected one of '', 'smoke'",
+    ),
+  ],
+  ids=["negative_num_rounds", "unknown_preset"],
+)
+def test_bad_config_exits_2_naming_the_value(tmp_path, capsys, args, message):
+  out = tmp_path / "runs"
+  assert main(["run", *args, "--out", str(out), "--no-progress"]) == 2
+  assert message in _one_error_line(capsys)
+  assert not out.exists() or not any(out.iterdir())  # no run folder left
+
+
+def _hashes(folder):
+  return {
+    str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
+
+
+def test_refused_resume_leaves_the_folder_unchanged(tmp_path, capsys):
+  """`--resume --set num_rounds=N` below the checkpoint's round: one error
+  line naming N and the round; every file of the folder is byte-for-byte
+  the same, so the folder still resumes without the override."""
+  assert main(["run", SMOKE, "--out", str(tmp_path), "--no-progress"]) == 0
+  run_dir = next(tmp_path.glob("fedavg_synthetic-smoke-*"))
+  capsys.readouterr()
+  before = _hashes(run_dir)
+  argv = ["run", "--resume", str(run_dir), "--no-progress"]
+  assert main([*argv, "--set", "num_rounds=1"]) == 2
+  err = _one_error_line(capsys)
+  assert "num_rounds=1" in err and "round 3" in err, err
+  assert _hashes(run_dir) == before
+  assert main(argv) == 0, capsys.readouterr().err
+  record = json.loads((run_dir / "config.json").read_text())
+  assert record["config"]["num_rounds"] == 3
+  assert [r["overrides"] for r in record["resumes"]] == [{}]
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
+def test_resume_with_corrupt_config_json_exits_2(tiny, tmp_path, capsys, text):
+  from fedjax_lite.experiment.runner import run_file
+
+  res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
+  path = res.run_dir / "config.json"
+  path.write_text(text)
+  assert main(["run", "--resume", str(res.run_dir)]) == 2
+  err = _one_error_line(capsys)
+  assert str(path) in err and "expected" in err, err
+  assert path.read_text() == text
+
+
+def test_unwritable_out_exits_2(tiny, tmp_path, capsys, monkeypatch):
+  """A read-only --out (simulated: the tests may run as root) and an --out
+  that is a file: one error line naming the folder."""
+  out = tmp_path / "readonly"
+  real_mkdir = pathlib.Path.mkdir
+
+  def mkdir(self, *args, **kwargs):
+    if str(self).startswith(str(out)):
+      raise PermissionError(13, "Permission denied", str(self))
+    return real_mkdir(self, *args, **kwargs)
+
+  monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+  assert main(["run", tiny, "--out", str(out), "--no-progress"]) == 2
+  err = _one_error_line(capsys)
+  assert f"--out {out}" in err and "Permission denied" in err, err
+  monkeypatch.undo()
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  assert main(["run", tiny, "--out", str(a_file), "--no-progress"]) == 2
+  assert f"--out {a_file}" in _one_error_line(capsys)

@@ -57,13 +57,14 @@ def preset(config: Any, arg: str, **presets: dict) -> Any:
       return fl.experiment.preset(Config(), arg, smoke=dict(num_rounds=2))
 
   Raises:
-    ValueError: ``arg`` names no preset (the message lists them).
+    ConfigError: (a ValueError) ``arg`` names no preset (the message lists
+      them).
   """
   if not arg:
     return config
   if arg not in presets:
     known = ", ".join(repr(a) for a in ["", *presets])
-    raise ValueError(f"unknown config arg {arg!r}; expected one of {known}.")
+    raise ConfigError(f"unknown config arg {arg!r}; expected one of {known}.")
   return dataclasses.replace(config, **presets[arg])
 
 
@@ -105,10 +106,18 @@ class ExperimentFile:
     return cfg
 
   def build(self, config: Any):
-    """Calls ``build(config)`` and checks it returns an Experiment."""
+    """Calls ``build(config)`` and checks it returns an Experiment; a
+    ValueError there (a value the experiment rejects) is a ConfigError."""
     from fedjax_lite.experiment.core import Experiment  # pylint: disable=g-import-not-at-top
 
-    exp = self.module.build(config)
+    try:
+      exp = self.module.build(config)
+    except ConfigError:
+      raise
+    except ValueError as e:  # e.g. Experiment(num_rounds=-5): a bad value
+      raise ConfigError(
+        f"{self.path.name}: build(config) rejected the config: {e}"
+      ) from e
     if not isinstance(exp, Experiment):
       raise ConfigError(
         f"{self.path}: build(config) returned {type(exp).__name__}; expected "

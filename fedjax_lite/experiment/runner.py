@@ -89,7 +89,12 @@ class RunResult:
 
 
 def new_run_dir(out: str | os.PathLike, name: str) -> Path:
-  """``out/<name>-<YYYYmmdd-HHMMSS>[-k]/``, created (never reused)."""
+  """``out/<name>-<YYYYmmdd-HHMMSS>[-k]/``, created (never reused).
+
+  Raises:
+    ConfigError: the folder cannot be made (``out`` is read-only, a file,
+      ...).
+  """
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
   base = Path(out) / f"{name}-{stamp}"
   path, k = base, 1
@@ -98,8 +103,18 @@ def new_run_dir(out: str | os.PathLike, name: str) -> Path:
       path.mkdir(parents=True, exist_ok=False)
       return path
     except FileExistsError:
+      if not Path(out).is_dir():
+        raise cfglib.ConfigError(
+          f"--out {out}: not a folder; expected a writable folder for the "
+          "run folders."
+        ) from None
       k += 1
       path = Path(f"{base}-{k}")
+    except OSError as e:
+      raise cfglib.ConfigError(
+        f"--out {out}: cannot create the run folder {path} "
+        f"({e.strerror or e}); expected a writable folder."
+      ) from None
 
 
 def environment() -> dict:
@@ -266,6 +281,10 @@ class RunOptions:
     handle_signals: stop cleanly on SIGINT/SIGTERM (see the module
       docstring).
     desc: progress bar label (None: the experiment's name).
+    on_ready: called once the session has loaded and checked what it
+      resumes (the checkpoint, its round against ``num_rounds``), before it
+      writes any file; a refused resume thus leaves the folder as it was
+      (:func:`launch_file` writes the resumed record here).
   """
 
   resume: bool = False
@@ -274,6 +293,7 @@ class RunOptions:
   progress: bool = True
   handle_signals: bool = True
   desc: str | None = None
+  on_ready: Callable[[], None] | None = None
 
   @classmethod
   def of(cls, caller: str, options: dict) -> "RunOptions":
@@ -359,6 +379,13 @@ class Session:
       state = jax.device_put(host_state, engine.replicated)
       elapsed0 = float(meta.get("elapsed", 0.0))
     start = int(state.round)
+    if start > exp.num_rounds:
+      raise cfglib.ConfigError(
+        f"num_rounds={exp.num_rounds} is below the round {start} of the "
+        f"checkpoint in {run_dir}; expected num_rounds >= {start}."
+      )
+    if options.on_ready is not None:
+      options.on_ready()
     writes = run_dir if write else None
     log = MetricsLog(writes, keep_until_round=start if writes else None)
     return cls(
@@ -437,11 +464,6 @@ def train(
     lambda engine, data: init_state(exp, engine),
     write=write,
   )
-  if sess.start > exp.num_rounds:
-    raise ValueError(
-      f"the checkpoint is at round {sess.start}, beyond "
-      f"num_rounds={exp.num_rounds}; raise num_rounds."
-    )
   run_dir, log = sess.run_dir, sess.log
 
   def advance(state, t, max_rounds, seconds):
@@ -561,7 +583,24 @@ def read_record(run_dir: str | os.PathLike, command: str = "run") -> dict:
       f"--resume {rdir}: not a {command} folder (no {name}); expected a "
       f"folder written by `python -m fedjax_lite {command}`."
     )
-  record = json.loads((rdir / name).read_text())
+  try:
+    record = json.loads((rdir / name).read_text())
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError too
+    raise cfglib.ConfigError(
+      f"--resume {rdir}: {rdir / name} is not valid JSON ({e}); expected "
+      f"the record `python -m fedjax_lite {command}` wrote."
+    ) from None
+  if not (
+    isinstance(record, dict)
+    and isinstance(record.get("experiment"), dict)
+    and "spec" in record["experiment"]
+    and isinstance(record.get("config"), dict)
+  ):
+    raise cfglib.ConfigError(
+      f"--resume {rdir}: {rdir / name} holds no experiment spec and "
+      f"config (a {type(record).__name__}); expected the record "
+      f"`python -m fedjax_lite {command}` wrote."
+    )
   if not (rdir / CHECKPOINT).is_file():
     raise cfglib.ConfigError(
       f"--resume {rdir}: no {CHECKPOINT} there (the {command} stopped "
@@ -697,7 +736,8 @@ def launch_file(
 ):
   """What :func:`run_file` and ``sweep_file`` share: loads the experiment
   file (or the folder's, when resuming), makes the run folder (or notes the
-  resume), writes its record, then returns ``launch(exp, run_dir, record,
+  resume), writes its record (a resume: only once the session has checked
+  the checkpoint, see ``RunOptions.on_ready``), then returns ``launch(exp, run_dir, record,
   resume=..., desc=<folder name>, **options)``.
 
   Args:
@@ -725,14 +765,20 @@ def launch_file(
     run_dir = Path(resume)
     note_resume(record, ef, cfg, overrides)
   name = "sweep.json" if command == "sweep" else "config.json"
-  if main:
+
+  def write_record():
     ckpt.atomic_write_text(run_dir / name, cfglib.dumps(record))
+
+  if main and resume is None:
+    write_record()
   return launch(
     exp,
     run_dir,
     record,
     resume=resume is not None,
     desc=run_dir.name,
+    # a resume writes its record once the checkpoint has been checked
+    on_ready=write_record if main and resume is not None else None,
     **options,
   )
 
