@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -55,23 +54,12 @@ WORKLOADS = {
 }
 LR, BATCH = 0.05, 10
 
+sys.path.insert(
+  0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
+)
+import common  # noqa: E402  (shared with the benchmarks/ scripts)
 
-def cpu_info() -> dict:
-  info = {"machine": platform.machine(), "cores": os.cpu_count()}
-  try:
-    out = subprocess.run(
-      ["lscpu"], capture_output=True, text=True, check=False
-    ).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        info["model"] = line.split(":", 1)[1].strip()
-      if line.startswith("Flags:"):
-        flags = line.split(":", 1)[1].split()
-        info["avx512f"] = "avx512f" in flags
-        info["avx2"] = "avx2" in flags
-  except OSError:
-    pass
-  return info
+cpu_info = common.cpu_info
 
 
 def peak_rss_mb() -> float:
@@ -146,23 +134,9 @@ def time_rounds(fn, rounds):
 # ----------------------------------------------------------------- workers
 def worker_peak(args):
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
-  n = 2048 if jax.devices()[0].platform == "cpu" else 8192
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  f(a, a).block_until_ready()
-  ts = []
-  for _ in range(10):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    ts.append(time.perf_counter() - t)
-  return {
-    "matmul_n": n,
-    "peak_gflops": 2 * n**3 / float(np.median(ts)) / 1e9,
-    "best_gflops": 2 * n**3 / min(ts) / 1e9,
-  }
+  cpu = jax.devices()[0].platform == "cpu"
+  return common.matmul_peak(2048 if cpu else 8192)
 
 
 def worker_engine(args):

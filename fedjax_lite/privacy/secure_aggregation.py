@@ -105,6 +105,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import random
 import secrets as _secrets
 import struct
@@ -1087,6 +1088,9 @@ def secure_aggregator(
       self.spec = spec
       self.rounds: dict[int, SecAggRound] = {}
       self.drops: dict[int, np.ndarray] = {}
+      # Every device's block step calls back (under shard_map, from its own
+      # thread, concurrently): one round object per round, made once.
+      self.lock = threading.Lock()
       k = m - 1 if self.k_arg is None or self.k_arg >= m - 1 else self.k_arg
       if k < m - 1 and k % 2:
         raise ValueError(
@@ -1101,6 +1105,10 @@ def secure_aggregator(
       self.rows = max(1, m - t) if k == m - 1 else m
 
     def round(self, r: int) -> SecAggRound:
+      with self.lock:
+        return self._round(r)
+
+    def _round(self, r: int) -> SecAggRound:
       if r not in self.rounds:
         for old in [x for x in self.rounds if x < r - 1]:
           del self.rounds[old], self.drops[old]
