@@ -29,10 +29,12 @@ its run's accumulator (the aggregator is vmapped over runs).
 
 Memory is O(nd * B x model) for streaming aggregators, independent of clients
 per round; materialized ones (median, Krum, ...) add ``clients_per_round x
-update`` per device and run. The client axis is sharded with
-``jax.sharding`` (automatic SPMD partitioning); per-device accumulators are
-only merged once at the end of the round, so devices never synchronise
-inside the block loop.
+update`` per device and run. Each block step runs under ``jax.shard_map``:
+every device trains exactly its own ``B_j`` clients and adds them into its
+own accumulator (no partitioner choice can replicate client work), and the
+per-device accumulators are merged once at the end of the round, so devices
+never synchronise inside the block loop. Host callbacks inside client work or
+``Aggregator.add`` are called by every device, from its own thread.
 """
 
 from __future__ import annotations
