@@ -36,7 +36,8 @@ from fedjax_lite.models.conv import (
   ConvCM,
   DenseCM,
   Dropout,
-  to_channel_major,
+  image_shape,
+  images_cm,
 )
 from fedjax_lite.models.core import Model, from_flax
 from fedjax_lite.models.layers import Dense
@@ -60,8 +61,7 @@ class FedAvgCNN(nn.Module):
   @nn.compact
   def __call__(self, x):
     n = x.shape[0]
-    x = x.reshape((n,) + tuple(self.input_shape)).astype(jnp.float32)
-    h = to_channel_major(x)  # [C, H, W, N]
+    h = images_cm(x, self.input_shape)  # [C, H, W, N]
     k = (self.kernel_size, self.kernel_size)
     for i, c in enumerate(self.channels):
       # relu(maxpool(conv) + b) = maxpool(relu(conv + b)) (ConvCM's pool)
@@ -90,9 +90,8 @@ class SimpleCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     n = x.shape[0]
-    x = x.reshape((n,) + tuple(self.input_shape)).astype(jnp.float32)
+    h = images_cm(x, self.input_shape)  # [C, H, W, N]
     xavier = nn.initializers.xavier_uniform()
-    h = to_channel_major(x)  # [C, H, W, N]
     conv = lambda c, i, pool=None: ConvCM(
       c,
       (3, 3),
@@ -175,12 +174,7 @@ def simple_cnn(
     fast: convolutions, pooling and the first dense layer as GEMMs with
       their own VJPs (False: ``lax`` convolutions and autodiff).
   """
-  shape = tuple(int(s) for s in input_shape)
-  if len(shape) != 3 or min(shape[:2]) < 6 or shape[2] < 1:
-    raise ValueError(
-      f"input_shape must be (H, W, C) with H, W >= 6 and C >= 1, got "
-      f"{tuple(input_shape)!r}."
-    )
+  shape = image_shape(input_shape, min_size=6)
   checks.positive_ints(num_classes=num_classes)
   return from_flax(
     SimpleCNN(shape, num_classes, fast),

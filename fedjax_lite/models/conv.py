@@ -235,6 +235,24 @@ def to_channel_major(x: jax.Array) -> jax.Array:
   return jnp.transpose(x, (3, 1, 2, 0))
 
 
+def images_cm(x: jax.Array, input_shape: Sequence[int]) -> jax.Array:
+  """A batch of images (``[N, ...]``, reshaped to ``[N, *input_shape]``)
+  as float32 ``[C, H, W, N]``."""
+  x = x.reshape((x.shape[0],) + tuple(input_shape)).astype(jnp.float32)
+  return to_channel_major(x)
+
+
+def image_shape(input_shape: Sequence[int], min_size: int = 1) -> tuple:
+  """``(H, W, C)`` as ints, checked: H, W >= ``min_size`` and C >= 1."""
+  shape = tuple(int(s) for s in input_shape)
+  if len(shape) != 3 or min(shape[:2]) < min_size or shape[2] < 1:
+    raise ValueError(
+      f"input_shape must be (H, W, C) with H, W >= {min_size} and C >= 1, "
+      f"got {tuple(input_shape)!r}."
+    )
+  return shape
+
+
 def to_channel_last(x: jax.Array) -> jax.Array:
   """``[C, H, W, N] -> [N, H, W, C]``."""
   return jnp.transpose(x, (3, 1, 2, 0))

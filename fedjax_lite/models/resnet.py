@@ -36,7 +36,8 @@ from fedjax_lite.models.conv import (
   ConvCM,
   DenseCM,
   max_pool_chwn,
-  to_channel_major,
+  image_shape,
+  images_cm,
 )
 from fedjax_lite.models.core import Model, from_flax
 
@@ -97,9 +98,7 @@ class ResNet18GN(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    n = x.shape[0]
-    x = x.reshape((n,) + tuple(self.input_shape)).astype(jnp.float32)
-    h = to_channel_major(x)  # [C, H, W, N]
+    h = images_cm(x, self.input_shape)  # [C, H, W, N]
     h = ConvCM(
       64, (7, 7), 2, "SAME", use_bias=False, fast=self.fast, name="conv_stem"
     )(h)
@@ -133,12 +132,7 @@ def resnet18_gn(
     fast: convolutions and pooling as GEMMs with their own VJPs (False:
       ``lax`` convolutions and autodiff).
   """
-  shape = tuple(int(s) for s in input_shape)
-  if len(shape) != 3 or min(shape) < 1:
-    raise ValueError(
-      f"input_shape must be (H, W, C) with positive sizes, got "
-      f"{tuple(input_shape)!r}."
-    )
+  shape = image_shape(input_shape)
   checks.positive_ints(num_classes=num_classes)
   return from_flax(
     ResNet18GN(num_classes, shape, fast),
