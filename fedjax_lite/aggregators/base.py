@@ -51,6 +51,28 @@ class AggregatorOutput(NamedTuple):
   metrics: dict
 
 
+class RunSpec(NamedTuple):
+  """What a round actually does, as the engine knows it (host side, static).
+
+  Aggregators whose output depends on the run's set-up (a privacy accountant
+  needs the population, the sampling scheme and the clients per round) read
+  it from here through :attr:`Aggregator.bind` instead of trusting values
+  declared beside the engine.
+
+  Attributes:
+    population: number of clients in the round's data.
+    clients_per_round: ``RoundConfig.clients_per_round`` (slots per round).
+    sampling: ``RoundConfig.sampling`` (``"uniform"``, ``"weighted"`` or
+      ``"all"``).
+    replace: ``RoundConfig.replace`` (sampling with replacement).
+  """
+
+  population: int
+  clients_per_round: int
+  sampling: str
+  replace: bool
+
+
 def _no_state(update_spec):
   del update_spec
   return ()
@@ -79,6 +101,17 @@ class Aggregator(NamedTuple):
       clients in slots ``< K`` take part in the round (e.g. a Poisson sample
       drawn inside a fixed cap of slots); the engine trains only those, so
       a round costs ``min(K, num_slots)`` clients' work. None: every slot.
+    bind: optional ``RunSpec -> Aggregator``: the engine calls it (on the
+      host, when a round is traced) with the run's actual population and
+      sampling, and rounds use the aggregator it returns. It may raise a
+      ``ValueError`` for a set-up the aggregator cannot serve (e.g. an
+      accountant refusing weighted sampling). Wrappers must re-wrap the bound
+      inner aggregator. None: the aggregator does not depend on the run.
+    check_output: optional ``metrics -> None`` called on the host with the
+      round's metrics (numpy values; stacked over rounds for ``Engine.run``)
+      after every jitted round; it raises the aggregator's own error for a
+      round it refused (device code never raises, so no device is left
+      waiting in a collective). None: nothing to check.
   """
 
   init_state: Callable[[PyTree], PyTree]
@@ -89,6 +122,8 @@ class Aggregator(NamedTuple):
   materialized: bool = False
   name: str = "aggregator"
   active_slots: Callable[[PyTree], jax.Array] | None = None
+  bind: Callable[[RunSpec], "Aggregator"] | None = None
+  check_output: Callable[[dict], None] | None = None
 
 
 # ----------------------------------------------------------------- helpers

@@ -20,10 +20,12 @@ import numpy as np
 from fedjax_lite.algorithms.base import Aggregate
 from fedjax_lite.data.batching import DeviceData
 from fedjax_lite.engine.round import (
+  _NONFINITE_IDS,
   Engine,
   EngineState,
   finalize_metrics,
   round_keys,
+  tree_finite,
 )
 
 
@@ -46,7 +48,7 @@ def debug_round(
     ``(new_state, metrics)`` as :meth:`Engine.round` returns them.
   """
   engine._check(state, data)  # pylint: disable=protected-access
-  alg, agg = engine.algorithm, engine.aggregator
+  alg, agg = engine.algorithm, engine.aggregator_for(data)
   m = engine.config.clients_per_round
   with jax.disable_jit():
     k_sample, k_clients, k_agg = round_keys(state.rng, state.round)
@@ -74,7 +76,7 @@ def debug_round(
       )
 
     # Slots >= K do not take part (Aggregator.active_slots), as in the round.
-    active, acc = m, None
+    active, acc, dropped = m, None, []
     if agg_state is not None and agg.active_slots is not None:
       active = int(agg.active_slots(agg_state))
     for slot, cid in enumerate(ids):
@@ -97,6 +99,9 @@ def debug_round(
         count = jnp.zeros((), jnp.float32)
       if slot >= active:  # K == 0: slot 0 ran only for the shapes
         break
+      if not bool(tree_finite((out.update, out.weight))):
+        dropped.append(int(cid))  # RoundConfig.nonfinite: out of the round
+        continue
       acc = agg.add(
         agg_state,
         acc,
@@ -133,5 +138,10 @@ def debug_round(
     aggregator=new_agg_state if stateful else None,
   )
   metrics = finalize_metrics(aggregate)
+  metrics["dropped_nonfinite"] = jnp.float32(len(dropped))
+  if engine.config.nonfinite == "raise":
+    metrics[_NONFINITE_IDS] = jnp.asarray(
+      dropped + [-1] * (m - len(dropped)), jnp.int32
+    )
   metrics.update(output.metrics)
   return new_state, metrics

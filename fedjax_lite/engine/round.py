@@ -50,7 +50,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_lite import checks
-from fedjax_lite.aggregators.base import Aggregator, update_bytes
+from fedjax_lite.aggregators.base import Aggregator, RunSpec, update_bytes
 from fedjax_lite.aggregators.mean import weighted_mean
 from fedjax_lite.algorithms.base import Aggregate, FederatedAlgorithm
 from fedjax_lite.data.batching import (
@@ -78,17 +78,22 @@ from fedjax_lite.engine.plan import (
 PyTree = Any
 AXIS = "clients"
 _SAMPLING = ("uniform", "weighted", "all")
+_NONFINITE = ("drop", "raise")
 _PLACEMENTS = ("replicated", "sharded")
 # fold_in data of the round's aggregation key (the sampling and client keys
 # stay split(fold_in(rng, round)) as before aggregators existed).
 _AGGREGATION_STREAM = 0x61676772
+# Private metric of nonfinite="raise" rounds (popped by Engine.check_metrics).
+_NONFINITE_IDS = "_nonfinite_client_ids"
 
 __all__ = [
   "AXIS",
   "BlockPlan",
   "Engine",
   "EngineState",
+  "NonFiniteUpdateError",
   "RoundConfig",
+  "tree_finite",
   "auto_block_size",
   "client_keys",
   "default_mesh",
@@ -111,6 +116,16 @@ class RoundConfig:
     replace: sample with replacement.
     block_size: clients per device per block; None chooses automatically from
       the model and data sizes (see :func:`auto_block_size`).
+    nonfinite: what a round does with a client whose update (or weight)
+      holds a NaN or an infinity, before any aggregator sees it.
+      ``"drop"`` (default): the client does not take part (it is left out of
+      the aggregate, of ``num_clients`` and of the client metrics) and the
+      round reports how many were dropped as ``dropped_nonfinite``; the
+      aggregator, DP and secure aggregation run on the finite ones.
+      ``"raise"``: :meth:`Engine.round` and :meth:`Engine.run` raise
+      :class:`NonFiniteUpdateError` naming the clients' ids. For DP, a
+      dropped client was still sampled: the accounting (which counts every
+      sampled user) stays valid, and its fixed denominator is unchanged.
   """
 
   clients_per_round: int
@@ -118,6 +133,7 @@ class RoundConfig:
   sampling: str = "uniform"
   replace: bool = False
   block_size: int | None = None
+  nonfinite: str = "drop"
 
   def __post_init__(self):
     checks.positive_int("clients_per_round", self.clients_per_round)
@@ -129,6 +145,15 @@ class RoundConfig:
       "block_size", self.block_size, allow_none=True, hint=" (None: automatic)"
     )
     checks.instance_of("local_work", self.local_work, LocalWork)
+    if self.nonfinite not in _NONFINITE:
+      raise ValueError(
+        f"nonfinite must be one of {_NONFINITE}, got {self.nonfinite!r}."
+      )
+
+
+class NonFiniteUpdateError(FloatingPointError):
+  """A round with ``RoundConfig(nonfinite="raise")`` met a client whose
+  update held a NaN or an infinity (the message names the client ids)."""
 
 
 @flax.struct.dataclass
@@ -204,7 +229,10 @@ def _has_leaves(tree) -> bool:
   return bool(jax.tree.leaves(tree))
 
 
-def _aggregator_of(algorithm: FederatedAlgorithm) -> Aggregator:
+def _aggregator_of(
+  algorithm: FederatedAlgorithm, run: RunSpec | None = None
+) -> Aggregator:
+  """The algorithm's aggregator; bound to ``run`` (``Aggregator.bind``)."""
   agg = algorithm.aggregator
   if agg is None:
     return weighted_mean()
@@ -214,7 +242,24 @@ def _aggregator_of(algorithm: FederatedAlgorithm) -> Aggregator:
       f"fedjax_lite.aggregators.Aggregator or None, got "
       f"{type(agg).__name__}."
     )
+  if run is not None and agg.bind is not None:
+    agg = agg.bind(run)
+    if not isinstance(agg, Aggregator):
+      raise TypeError(
+        f"{algorithm.name}: aggregator.bind must return an Aggregator, got "
+        f"{type(agg).__name__}."
+      )
   return agg
+
+
+def tree_finite(tree: PyTree) -> jax.Array:
+  """bool scalar: every element of every floating leaf is finite."""
+  ok = jnp.ones((), bool)
+  for x in jax.tree.leaves(tree):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
 
 
 class _Runs:
@@ -225,8 +270,11 @@ class _Runs:
   hyperparameters the algorithm is built from that run's traced values).
   """
 
-  def __init__(self, algorithm, algorithm_fn, hparams, num_runs):
+  def __init__(
+    self, algorithm, algorithm_fn, hparams, num_runs, run=None, aggregator=None
+  ):
     self.num_runs = num_runs
+    self.run = run
     self.algorithm_fn = algorithm_fn
     if algorithm_fn is not None:
       hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
@@ -240,13 +288,19 @@ class _Runs:
       probe = algorithm
     self.algorithm, self.hparams = algorithm, hparams
     self.probe = probe
-    self.probe_aggregator = _aggregator_of(probe)
+    self.probe_aggregator = (
+      aggregator
+      if aggregator is not None and algorithm_fn is None
+      else _aggregator_of(probe, run)
+    )
 
   def of(self, h):
     alg = (
       self.algorithm_fn(h) if self.algorithm_fn is not None else self.algorithm
     )
-    return alg, _aggregator_of(alg)
+    if self.algorithm_fn is None:
+      return alg, self.probe_aggregator
+    return alg, _aggregator_of(alg, self.run)
 
   def of_run(self, run):
     """The algorithm of run index ``run`` (traced int)."""
@@ -312,13 +366,32 @@ class Engine:
     self._last_plan: BlockPlan | None = None
     self._data_layout: DeviceData | None = None
     self._stateless_aggregator = False
+    self._bound: dict = {}
     self._round_jit = jax.jit(self._round_body)
     self._run_jit = jax.jit(self._run_body, static_argnums=2)
 
   @property
   def aggregator(self) -> Aggregator:
-    """The aggregator rounds use (``algorithm.aggregator`` or weighted mean)."""
+    """The algorithm's aggregator (``algorithm.aggregator`` or weighted mean),
+    before it is bound to a run's data (see :meth:`aggregator_for`)."""
     return _aggregator_of(self.algorithm)
+
+  def run_spec(self, data: DeviceData) -> RunSpec:
+    """What a round over ``data`` does: population and sampling."""
+    cfg = self.config
+    return RunSpec(
+      population=int(data.num_clients),
+      clients_per_round=int(cfg.clients_per_round),
+      sampling=cfg.sampling,
+      replace=bool(cfg.replace),
+    )
+
+  def aggregator_for(self, data: DeviceData) -> Aggregator:
+    """The aggregator rounds over ``data`` use (bound to :meth:`run_spec`)."""
+    run = self.run_spec(data)
+    if run not in self._bound:
+      self._bound[run] = _aggregator_of(self.algorithm, run)
+    return self._bound[run]
 
   @property
   def block_sizes(self) -> dict:
@@ -470,7 +543,7 @@ class Engine:
       state.aggregator is not None or self._stateless_aggregator or self.debug
     ):  # debug rounds size it from the first client's update
       return state
-    agg = self.aggregator
+    agg = self.aggregator_for(data)
     spec = self.update_spec(state, data)
     if not _has_leaves(jax.eval_shape(lambda: agg.init_state(spec))):
       self._stateless_aggregator = True
@@ -522,8 +595,10 @@ class Engine:
     if self.debug:
       from fedjax_lite.engine.debug import debug_round  # pylint: disable=g-import-not-at-top
 
-      return debug_round(self, state, data)
-    return self._round_jit(state, data)
+      state, metrics = debug_round(self, state, data)
+    else:
+      state, metrics = self._round_jit(state, data)
+    return state, self.check_metrics(metrics, data)
 
   def run(
     self, state: EngineState, data: DeviceData, num_rounds: int
@@ -541,7 +616,31 @@ class Engine:
         state, metrics = self.round(state, data)
         history.append(metrics)
       return state, jax.tree.map(lambda *xs: jnp.stack(xs), *history)
-    return self._run_jit(state, data, int(num_rounds))
+    state, metrics = self._run_jit(state, data, int(num_rounds))
+    return state, self.check_metrics(metrics, data)
+
+  def check_metrics(self, metrics: dict, data: DeviceData) -> dict:
+    """Host-side checks of a round's metrics (one round, or stacked over
+    rounds or runs): ``RoundConfig(nonfinite="raise")`` and the
+    aggregator's ``check_output``. Returns the metrics without the engine's
+    private entries. :meth:`round` and :meth:`run` call it; call it yourself
+    after :meth:`round_body` or :meth:`rounds_body`."""
+    metrics = dict(metrics)
+    bad = metrics.pop(_NONFINITE_IDS, None)
+    if bad is not None:
+      bad = np.asarray(jax.device_get(bad)).reshape(-1)
+      bad = np.unique(bad[bad >= 0])
+      if bad.size:
+        raise NonFiniteUpdateError(
+          f"{bad.size} client update(s) held NaN or infinity (client ids "
+          f"{bad[:20].tolist()}{' ...' if bad.size > 20 else ''}); "
+          'RoundConfig(nonfinite="drop") leaves such clients out of the '
+          "round instead."
+        )
+    check = self.aggregator_for(data).check_output
+    if check is not None:
+      check(jax.device_get(metrics))
+    return metrics
 
   def round_body(
     self, state: EngineState, data: DeviceData
@@ -762,7 +861,14 @@ class Engine:
         f"{R}; got leaves of shape {bad[:3]}."
       )
     self.num_traces += 1
-    runs = _Runs(self.algorithm, algorithm_fn, hparams, R)
+    runs = _Runs(
+      self.algorithm,
+      algorithm_fn,
+      hparams,
+      R,
+      run=self.run_spec(data),
+      aggregator=self.aggregator_for(data),
+    )
     k_sample, k_clients, k_agg = jax.vmap(round_keys)(states.rng, states.round)
     broadcast = runs.map(lambda a, _, s: a.broadcast(s), states.server)
     one_broadcast = jax.tree.map(lambda a: a[0], broadcast)
@@ -854,6 +960,9 @@ class Engine:
       aggregator=new_agg_states if stateful_agg else None,
     )
     metrics = finalize_metrics(agg)
+    metrics["dropped_nonfinite"] = jnp.sum(carry["extra"]["dropped"], axis=0)
+    if "bad_ids" in carry["extra"]:
+      metrics[_NONFINITE_IDS] = jnp.max(carry["extra"]["bad_ids"], axis=0)
     for name, value in output.metrics.items():
       if name in metrics:
         raise ValueError(
@@ -897,10 +1006,18 @@ class Engine:
         shape_tree,
       )
 
+    extra = {
+      "dropped": self._constrain(jnp.zeros((nd, R), jnp.float32), P(AXIS))
+    }
+    if self.config.nonfinite == "raise":  # client id per slot, -1: finite
+      extra["bad_ids"] = self._constrain(
+        jnp.full((nd, R, m), -1, jnp.int32), P(AXIS)
+      )
     return {
       "acc": self._per_device(acc, R),
       "count": self._constrain(jnp.zeros((nd, R), jnp.float32), P(AXIS)),
       "metrics": zeros(out_shape.metrics),
+      "extra": extra,
       "clients": states.clients,
     }
 
@@ -959,7 +1076,24 @@ class Engine:
         out = jax.vmap(client, in_axes=(b_axis, 0, 0, 0, 0))(
           bcast, cstate, cid, slot, run
         )
-      acc, count, metrics = part
+      acc, count, metrics, extra = part
+      # Non-finite updates (or weights) leave the round here, before any
+      # aggregator sees them (RoundConfig.nonfinite).
+      finite = jax.vmap(tree_finite)(out.update) & jnp.isfinite(
+        jnp.asarray(out.weight, jnp.float32).reshape(-1)
+      )
+      bad = valid & ~finite
+      valid = valid & finite
+      extra = dict(extra)
+      extra["dropped"] = extra["dropped"] + _per_device_sum(
+        bad.astype(jnp.float32), bad, run, 1, bpd, R
+      )
+      if "bad_ids" in extra:
+        extra["bad_ids"] = (
+          extra["bad_ids"]
+          .at[0, run, jnp.where(bad, slot, self.config.clients_per_round)]
+          .set(cid, mode="drop")
+        )
       acc = self._add(runs, acc, agg_states, out, valid, slot, run, 1, bpd)
       count = count + _per_device_sum(
         valid.astype(jnp.float32), valid, run, 1, bpd, R
@@ -969,7 +1103,7 @@ class Engine:
         metrics,
         out.metrics,
       )
-      return (acc, count, metrics), out.state
+      return (acc, count, metrics, extra), (out.state, finite)
 
     per_device = P(AXIS)
     data_spec = P(AXIS) if data.sharded else P()
@@ -987,8 +1121,8 @@ class Engine:
       bcast = (
         one_broadcast if R == 1 else jax.tree.map(lambda a: a[run], broadcast)
       )
-      part = (carry["acc"], carry["count"], carry["metrics"])
-      part, state = jax.shard_map(
+      part = (carry["acc"], carry["count"], carry["metrics"], carry["extra"])
+      part, (state, finite) = jax.shard_map(
         device_block,
         mesh=self.mesh,
         in_specs=(data_spec, bcast_spec) + (per_device,) * 6,
@@ -998,9 +1132,10 @@ class Engine:
         check_vma=False,
       )(data.features, bcast, cstate, cid, slot, run, valid, part)
       new = dict(carry)
-      new["acc"], new["count"], new["metrics"] = part
+      new["acc"], new["count"], new["metrics"], new["extra"] = part
       if stateful:
-        idx = jnp.where(valid, cid, c)
+        # A dropped (non-finite) client keeps its previous state.
+        idx = jnp.where(valid & finite, cid, c)
         new["clients"] = jax.tree.map(
           lambda a, s: a.at[run, idx].set(s.astype(a.dtype), mode="drop"),
           carry["clients"],
