@@ -39,6 +39,7 @@ from fedjax_lite.engine import (
   Engine,
   EngineState,
   EvalResult,
+  NonFiniteUpdateError,
   RoundConfig,
   evaluate,
 )

@@ -16,6 +16,11 @@ from typing import Any
 import numpy as np
 
 
+class DataError(ValueError):
+  """Data that does not fit the model (features, shapes, labels); the
+  command line reports it as one ``error:`` line with exit status 2."""
+
+
 def is_int(value: Any) -> bool:
   """A Python or numpy integer, not a bool."""
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -104,13 +109,14 @@ def model_features(
   needed = [model.input_key] + ([model.label_key] if labels_required else [])
   missing = [k for k in needed if k not in features]
   if missing:
-    raise ValueError(
+    raise DataError(
       f"{where} has features {sorted(features)}; the model "
       f"needs inputs {model.input_key!r} and labels "
       f"{model.label_key!r} (missing {missing})."
     )
   if model.label_key in features and model.num_classes is not None:
     model.validate_labels(features[model.label_key], where)
+  model.check_inputs(features, where)
 
 
 def instance_of(name: str, value: Any, kind: type, hint: str = "") -> Any:

@@ -85,6 +85,9 @@ class FederatedAlgorithm(NamedTuple):
     aggregator: how the round reduces the clients' updates (a
       :class:`fedjax_lite.aggregators.Aggregator`); None is the weighted mean
       ``sum_k w_k u_k / sum_k w_k``.
+    model: the :class:`fedjax_lite.models.Model` the clients train, when
+      there is one; :meth:`fedjax_lite.Engine.put_data` checks the data's
+      features and labels against it. None: unknown (nothing checked).
   """
 
   server_init: Callable[[PyTree], PyTree]
@@ -95,6 +98,7 @@ class FederatedAlgorithm(NamedTuple):
   get_params: Callable[[PyTree], PyTree] = _params_of
   name: str = "algorithm"
   aggregator: Any = None
+  model: Any = None
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:

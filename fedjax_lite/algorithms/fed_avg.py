@@ -135,4 +135,5 @@ def fed_avg(
     server_update=server_update,
     name=name,
     aggregator=aggregator,
+    model=model,
   )

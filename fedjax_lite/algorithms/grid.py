@@ -123,4 +123,5 @@ def grid_algorithm(
     client_init=client_init,
     get_params=lambda s: over_points(each("get_params"), s),
     name=f"{probe.name} x{num_points}",
+    model=probe.model,
   )

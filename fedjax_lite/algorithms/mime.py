@@ -187,6 +187,7 @@ def mime(
     broadcast=broadcast,
     name=name,
     aggregator=aggregator,
+    model=model,
   )
 
 

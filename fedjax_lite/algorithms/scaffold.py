@@ -138,5 +138,6 @@ def scaffold(
     broadcast=broadcast,
     client_init=client_init,
     name=name,
+    model=model,
     aggregator=aggregator,
   )

@@ -172,4 +172,5 @@ def with_stragglers(
     get_params=get_params,
     name=f"{inner.name}+stragglers({fraction:g},{suffix})",
     aggregator=inner.aggregator,
+    model=inner.model,
   )

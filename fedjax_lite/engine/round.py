@@ -419,8 +419,9 @@ class Engine:
         ``placement="sharded"``, a :class:`~fedjax_lite.data.ClientLoader`
         that reads clients' examples on demand).
       buckets: size buckets (``"auto"``, a maximum count, or explicit limits).
-      model: if given, its input and label features are checked (present,
-        integer class labels in range) before upload.
+      model: its input and label features are checked (present, integer
+        class labels in range) before upload; default the algorithm's
+        ``model`` (every built-in algorithm that trains a model has one).
       placement: ``"replicated"``: every device holds every client (small
         populations); ``"sharded"``: each device holds ~1/nd of the clients
         and trains the sampled clients it holds (see
@@ -443,6 +444,8 @@ class Engine:
         "a ClientLoader reads clients on demand for placement='sharded'; "
         "pack a FederatedDataset for replicated data."
       )
+    if model is None:
+      model = self.algorithm.model
     if model is not None and isinstance(dataset, FederatedDataset):
       checks.model_features(model, dataset.features, "dataset")
     if placement == "sharded":

@@ -13,6 +13,7 @@ written atomically: temp file in the same folder, ``fsync``, ``os.replace``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +30,18 @@ class DamagedCheckpointError(ValueError):
   """A checkpoint file whose bytes cannot be decoded."""
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+  """Re-raises an ``OSError`` without a file name (a failed ``write`` or
+  ``fsync``, e.g. ``ENOSPC``) as the same error naming ``path``."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None or e.errno is None:
+      raise
+    raise type(e)(e.errno, e.strerror, str(path)) from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` so readers see the old or the new file only."""
   path = Path(path)
@@ -37,7 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
   )
   try:
-    with os.fdopen(fd, "wb") as f:
+    with naming(path), os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())

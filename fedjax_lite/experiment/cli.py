@@ -17,8 +17,10 @@ experiment's config fields (what ``--set`` accepts).
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from fedjax_lite.experiment.config import (
@@ -91,6 +93,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     "raise num_rounds)",
   )
   _checkpoint_args(r)
+  r.add_argument(
+    "--on-divergence",
+    choices=("stop", "continue"),
+    default="stop",
+    help="a round with a non-finite loss or model: stop the run with status "
+    "'diverged' and exit 3, keeping the last finite checkpoint (default), "
+    "or continue",
+  )
   r.add_argument(
     "--placement",
     choices=("replicated", "sharded"),
@@ -350,6 +360,33 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:
+    if e.errno not in _DISK_FULL:
+      raise
+    print(_disk_full_message(e, args.command), file=sys.stderr)
+    return 2
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_message(e: OSError, command: str) -> str:
+  """One line for a full disk (or quota): which file, and how to go on.
+
+  Checkpoints and records are written atomically (a temporary file renamed
+  into place), so the last complete checkpoint is still there."""
+  where = e.filename or "the run folder"
+  msg = f"error: {e.strerror or 'no space left'} while writing {where}"
+  folder = Path(e.filename).parent if e.filename else None
+  record = "sweep.json" if command == "sweep" else "config.json"
+  if folder is not None and (folder / record).is_file():
+    msg += (
+      f"; the last checkpoint in {folder} is intact. Free space, then resume "
+      f"with: python -m fedjax_lite {command} --resume {folder}"
+    )
+  else:
+    msg += "; free space and run the command again"
+  return msg
 
 
 _LAUNCH_OPTIONS = (
@@ -463,11 +500,31 @@ def _launch(args, command: str, launch, extra=dict):
 def _run(args) -> int:
   from fedjax_lite.experiment.runner import run_file  # pylint: disable=g-import-not-at-top
 
-  res = _launch(args, "run", run_file, lambda: {"placement": args.placement})
+  res = _launch(
+    args,
+    "run",
+    run_file,
+    lambda: {
+      "placement": args.placement,
+      "on_divergence": args.on_divergence,
+    },
+  )
   if res.interrupted:
     return _interrupted(res, "run")
+  if res.diverged is not None:
+    print(
+      f"error: the run diverged at round {res.diverged_round} "
+      f"({res.diverged}); status 'diverged', the last finite state (round "
+      f"{res.diverged_round - 1}) is the checkpoint in {res.run_dir}. Lower "
+      "the learning rates, or rerun with --on-divergence continue.",
+      file=sys.stderr,
+    )
+    return DIVERGED_EXIT
   _print_final(res.run_dir, res.final)
   return 0
+
+
+DIVERGED_EXIT = 3  # a run stopped as diverged
 
 
 def _interrupted(res, command: str) -> int:

@@ -26,8 +26,12 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import jax
+import numpy as np
+
+from fedjax_lite.engine.round import tree_finite
 from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment.records import MetricsLog
 
@@ -144,6 +148,50 @@ class StopOnSignal:
     self._old = {}
 
 
+class Diverged(Exception):
+  """Raised by an ``advance`` whose rounds became non-finite (see
+  :func:`divergence`); ``rows`` are the diverged rounds' metric rows."""
+
+  def __init__(self, reason: str, round_index: int, rows: Sequence[dict]):
+    super().__init__(reason)
+    self.reason, self.round, self.rows = reason, int(round_index), list(rows)
+
+
+def divergence(metrics: Mapping[str, Any], params: Any = None) -> str | None:
+  """Why a round diverged, or None.
+
+  A round diverged when any of its reported float metrics (training loss
+  and the like, averaged over the clients that took part) is NaN or
+  infinite, when every sampled client's update was non-finite (the engine
+  dropped them all: ``num_clients == 0`` and ``dropped_nonfinite > 0``), or
+  when a parameter of the new global model is non-finite.
+
+  Args:
+    metrics: the round's metrics (host values, scalars).
+    params: the new global parameters (checked with one reduction on their
+      device), or None.
+  """
+  bad = sorted(
+    k
+    for k, v in metrics.items()
+    if not k.startswith("_")
+    and np.ndim(v) == 0
+    and np.issubdtype(np.asarray(v).dtype, np.inexact)
+    and not np.isfinite(v)
+  )
+  if bad:
+    return "non-finite " + ", ".join(f"{k}={float(metrics[k])}" for k in bad)
+  dropped = float(metrics.get("dropped_nonfinite", 0.0))
+  if dropped > 0 and float(metrics.get("num_clients", 1.0)) == 0:
+    return f"all {dropped:g} sampled clients sent non-finite updates"
+  if params is not None and not bool(_tree_finite(params)):
+    return "non-finite global model parameters"
+  return None
+
+
+_tree_finite = jax.jit(tree_finite)
+
+
 class LoopResult(NamedTuple):
   """What :func:`run_rounds` returns.
 
@@ -154,6 +202,9 @@ class LoopResult(NamedTuple):
     checkpoints: checkpoints written by this call, the first (before any
       round) and the last (at the end or on a signal) included.
     checkpoint_seconds: wall time spent writing them.
+    diverged: why the run stopped as diverged (see :class:`Diverged`), or
+      None; the checkpoint then holds the last finite state.
+    diverged_round: the first non-finite round.
   """
 
   state: Any
@@ -161,11 +212,14 @@ class LoopResult(NamedTuple):
   signum: int | None
   checkpoints: int = 0
   checkpoint_seconds: float = 0.0
+  diverged: str | None = None
+  diverged_round: int | None = None
 
 
 # advance(state, t, max_rounds, seconds) -> (state, rows, rounds_done):
 # runs 1 <= rounds_done <= max_rounds rounds after round t, ideally within
-# ``seconds`` of wall time, and returns their metric rows.
+# ``seconds`` of wall time, and returns their metric rows. It raises
+# Diverged (leaving ``state`` as it was) for rounds that became non-finite.
 Advance = Callable[[Any, int, int, float], tuple[Any, Sequence[dict], int]]
 
 
@@ -260,6 +314,7 @@ def run_rounds(
   )
   stopper = StopOnSignal(handle_signals)
   interrupted = False
+  diverged = None
   try:
     with stopper:
       while t < num_rounds:
@@ -276,7 +331,17 @@ def run_rounds(
             checkpointing.every_rounds - t % checkpointing.every_rounds,
           )
         tick = time.perf_counter()
-        state, rows, done = advance(state, t, max_rounds, seconds)
+        try:
+          state, rows, done = advance(state, t, max_rounds, seconds)
+        except Diverged as e:
+          # Keep the last finite state (round t) as the checkpoint; the
+          # diverged rounds' rows follow it in the log (a resume drops them).
+          diverged = e
+          if run_dir is not None:
+            save(t)
+          for row in e.rows:
+            log.append(row)
+          break
         dt = time.perf_counter() - tick
         t += done
         for row in rows:
@@ -316,4 +381,6 @@ def run_rounds(
     stopper.signum if interrupted else None,
     written[0],
     written[1],
+    None if diverged is None else diverged.reason,
+    None if diverged is None else diverged.round,
   )

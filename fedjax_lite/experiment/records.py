@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fedjax_lite.experiment.checkpoint import atomic_write_text
+from fedjax_lite.experiment.checkpoint import atomic_write_text, naming
 
 # Columns that depend on the machine, not the computation.
 TIMING_KEYS = ("rounds_per_s", "wall_time", "round_time_s")
@@ -99,21 +99,29 @@ class MetricsLog:
     row = {k: _clean(v) for k, v in row.items()}
     self.rows.append(row)
     if self._f is not None:
-      self._f.write(json.dumps(row) + "\n")
-      self._f.flush()
+      with naming(self.jsonl):
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
 
   def sync(self) -> None:
     """fsyncs the JSONL file and rewrites the CSV."""
     if self._f is None:
       return
-    self._f.flush()
-    os.fsync(self._f.fileno())
+    with naming(self.jsonl):
+      self._f.flush()
+      os.fsync(self._f.fileno())
     write_csv(self.csv, self.rows)
 
   def close(self) -> None:
-    if self._f is not None and not self._f.closed:
+    if self._f is None or self._f.closed:
+      return
+    try:
       self.sync()
-      self._f.close()
+    finally:
+      try:
+        self._f.close()
+      except OSError:  # e.g. ENOSPC again: sync's error is the one to report
+        pass
 
   def __enter__(self):
     return self

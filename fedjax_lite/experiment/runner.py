@@ -44,7 +44,7 @@ from fedjax_lite.engine.evaluation import evaluate
 from fedjax_lite.engine.round import Engine, EngineState
 from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment import config as cfglib
-from fedjax_lite.experiment import plots
+from fedjax_lite.experiment import loop, plots
 from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.loop import (
   CHECKPOINT,
@@ -68,6 +68,10 @@ class RunResult:
     interrupted: True if a signal stopped the run early.
     signum: the signal that stopped it, if any.
     get_params: the algorithm's ``server_state -> params``.
+    diverged: why the run stopped as diverged (a round's loss or the global
+      model became non-finite), or None. ``state`` is then the last finite
+      one (also the checkpoint's).
+    diverged_round: the first non-finite round.
   """
 
   run_dir: Path | None
@@ -76,6 +80,15 @@ class RunResult:
   interrupted: bool = False
   signum: int | None = None
   get_params: Callable[[Any], Any] | None = None
+  diverged: str | None = None
+  diverged_round: int | None = None
+
+  @property
+  def status(self) -> str:
+    """``"finished"``, ``"interrupted"`` or ``"diverged"``."""
+    if self.diverged is not None:
+      return "diverged"
+    return "interrupted" if self.interrupted else "finished"
 
   @property
   def params(self):
@@ -285,6 +298,10 @@ class RunOptions:
       resumes (the checkpoint, its round against ``num_rounds``), before it
       writes any file; a refused resume thus leaves the folder as it was
       (:func:`launch_file` writes the resumed record here).
+    on_divergence: ``"stop"`` (default): a round whose loss or new global
+      model is non-finite (see :func:`~fedjax_lite.experiment.loop.
+      divergence`) ends the run with status ``"diverged"``, keeping the
+      last finite state as the checkpoint; ``"continue"``: keep going.
   """
 
   resume: bool = False
@@ -294,6 +311,14 @@ class RunOptions:
   handle_signals: bool = True
   desc: str | None = None
   on_ready: Callable[[], None] | None = None
+  on_divergence: str = "stop"
+
+  def __post_init__(self):
+    if self.on_divergence not in ("stop", "continue"):
+      raise ValueError(
+        "on_divergence must be 'stop' or 'continue', got "
+        f"{self.on_divergence!r}."
+      )
 
   @classmethod
   def of(cls, caller: str, options: dict) -> "RunOptions":
@@ -369,9 +394,12 @@ class Session:
     if run_dir is None and resume:
       raise ValueError("resume=True needs the run_dir holding the checkpoint.")
     engine = engine_for(exp)
-    data = engine.put_data(exp.train, placement=exp.placement)
+    try:
+      data = engine.put_data(exp.train, placement=exp.placement)
+      evaluator = Evaluator(exp, engine)
+    except checks.DataError as e:  # one error line on the command line
+      raise cfglib.ConfigError(" ".join(str(e).split())) from e
     state = init(engine, data)
-    evaluator = Evaluator(exp, engine)
     run_dir = None if run_dir is None else Path(run_dir)
     elapsed0 = 0.0
     if resume:
@@ -478,8 +506,14 @@ def train(
       "round_time_s": dt,
       "rounds_per_s": 1.0 / max(dt, 1e-9),
     }
+    params = exp.algorithm.get_params(state.server)
+    if opts.on_divergence == "stop":
+      reason = loop.divergence(metrics, params)
+      if reason is not None:
+        row["wall_time"] = sess.wall_time()
+        raise loop.Diverged(reason, t + 1, [row])
     if _eval_due(exp, t + 1):
-      row.update(sess.evaluator(exp.algorithm.get_params(state.server)))
+      row.update(sess.evaluator(params))
     row["wall_time"] = sess.wall_time()
     return state, [row], 1
 
@@ -491,6 +525,15 @@ def train(
       exp,
       out.interrupted,
       {
+        **(
+          {}
+          if out.diverged is None
+          else {
+            "status": "diverged",
+            "diverged_round": out.diverged_round,
+            "diverged_reason": out.diverged,
+          }
+        ),
         "checkpoints": out.checkpoints,
         "checkpoint_seconds": out.checkpoint_seconds,
         "placement": exp.placement,
@@ -505,6 +548,8 @@ def train(
     out.interrupted,
     out.signum,
     exp.algorithm.get_params,
+    out.diverged,
+    out.diverged_round,
   )
 
 

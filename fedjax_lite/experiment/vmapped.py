@@ -149,6 +149,7 @@ class VmappedRounds:
         exp.round_config, block_size=int(block_size)
       )
     self._run = jax.jit(self._run_body)
+    self._checker: Engine | None = None  # host checks of the metrics
 
   def _resolve_block_size(self, state: EngineState, data) -> None:
     """Sets the sweep's block size from one run's automatic choice."""
@@ -300,15 +301,22 @@ class VmappedRounds:
     """``num_rounds`` (<= max_rounds_per_call) rounds of every setting.
 
     Returns:
-      ``(state, metrics)``: metric leaves ``[max_rounds_per_call, num_seeds,
-      num_grid]``, of which the first ``num_rounds`` rows are filled.
+      ``(state, metrics)``: metric leaves ``[num_rounds, num_seeds,
+      num_grid]``, checked on the host as :meth:`Engine.check_metrics` does
+      (``RoundConfig(nonfinite="raise")``, the aggregator's own checks).
     """
     if not 1 <= num_rounds <= self.max_rounds:
       raise ValueError(
         f"num_rounds must be in [1, {self.max_rounds}], got {num_rounds}."
       )
     self._resolve_block_size(state, data)
-    return self._run(self.h, state, data, jnp.int32(num_rounds))
+    state, metrics = self._run(self.h, state, data, jnp.int32(num_rounds))
+    metrics = jax.tree.map(lambda a: a[:num_rounds], metrics)
+    if self._checker is None:
+      self._checker = Engine(
+        self.exp.make_algorithm(self.points[0]), self.round_config, self.mesh
+      )
+    return state, self._checker.check_metrics(metrics, data)
 
   def flat(self, tree, axis: int = 0):
     """``[..., num_seeds, num_grid, ...]`` (at ``axis``) -> ``[..., S, ...]``

@@ -689,6 +689,7 @@ def fed_ma(
     client_init=client_init,
     get_params=lambda s: s.params,
     name=name,
+    model=model,
   )
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lite import checks
 from fedjax_lite.models.conv import fast_conv_interceptor
 
 Params = Any
@@ -105,12 +106,38 @@ class Model:
     _, stats = self.batch_loss(params, batch, mask, None, train=False)
     return stats
 
+  def check_inputs(self, features: Mapping[str, Any], where: str = "data"):
+    """Raises :class:`~fedjax_lite.checks.DataError` if the model cannot run
+    on a batch of these features (e.g. 5 input features for a model built
+    for 4): traced with ``jax.eval_shape`` on two examples, no compute."""
+    x = features.get(self.input_key)
+    if x is None:
+      return
+    shapes = {
+      k: jax.ShapeDtypeStruct(
+        (2,) + tuple(np.shape(v)[1:]), np.asarray(v).dtype
+      )
+      for k, v in features.items()
+      if hasattr(v, "shape") and np.ndim(v) >= 1
+    }
+    try:
+      params = jax.eval_shape(self.init, jax.random.PRNGKey(0))
+      jax.eval_shape(lambda p, b: self.apply(p, b, None, False), params, shapes)
+    except Exception as e:  # flax, lax and numpy shape errors differ in type
+      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise checks.DataError(
+        f"{where}: the model {self.name!r} cannot run on inputs "
+        f"{self.input_key!r} of shape {tuple(np.shape(x)[1:])} per example "
+        f"({type(e).__name__}: {first[:300]}); was the model built for "
+        "another input size?"
+      ) from e
+
   def validate_labels(self, labels: np.ndarray, where: str = "data") -> None:
     """Raises a clear error if ``labels`` are not valid class indices."""
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
       sample = labels.reshape(-1)[:3]
-      raise ValueError(
+      raise checks.DataError(
         f"{where}: labels {self.label_key!r} have dtype "
         f"{labels.dtype} (e.g. {sample.tolist()}); expected "
         "integer class indices. Convert with "
@@ -121,7 +148,7 @@ class Model:
       and labels.size
       and (labels.min() < 0 or labels.max() >= self.num_classes)
     ):
-      raise ValueError(
+      raise checks.DataError(
         f"{where}: labels {self.label_key!r} range over "
         f"[{labels.min()}, {labels.max()}]; expected values in "
         f"[0, {self.num_classes})."

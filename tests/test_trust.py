@@ -1,0 +1,309 @@
+"""Numbers that cannot lie: non-finite client updates, training labels and
+divergence.
+
+A client whose update holds a NaN or an infinity leaves the round before any
+aggregator sees it (``RoundConfig(nonfinite="drop")``, counted as
+``dropped_nonfinite``) or stops it with the client ids (``"raise"``); the
+reference for a dropped client is the same round with that client's weight
+at zero (every aggregator leaves zero-weight clients out).
+"""
+
+import json
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_lite as fl
+from fedjax_lite import aggregators as aggs
+from fedjax_lite.__main__ import main
+from fedjax_lite.experiment.records import read_jsonl
+from fedjax_lite.privacy import dp_aggregator
+
+from reference import logreg_clients  # pylint: disable=g-bad-import-order
+from test_experiment import TINY_EXPERIMENT  # pylint: disable=g-bad-import-order
+
+NUM_CLIENTS, BAD = 6, (2, 4)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  clients = logreg_clients([5, 7, 6, 8, 5, 6], seed=3, d=4, k=3)
+  train = fl.FederatedDataset.from_clients(clients)
+  model = fl.models.logistic_regression(4, 3)
+  params = model.init(jax.random.PRNGKey(0))
+  return train, model, params
+
+
+def _with_bad_clients(alg, bad, how):
+  """``alg`` whose clients in ``bad`` send NaN (``how="nan"``), +inf
+  (``"inf"``) or keep their update but weigh zero (``"zero"``)."""
+  bad = jnp.asarray(bad, jnp.int32)
+
+  def client_update(bcast, cstate, data, rng):
+    out = alg.client_update(bcast, cstate, data, rng)
+    is_bad = jnp.any(data.client_id == bad)
+    if how == "zero":
+      return out._replace(weight=jnp.where(is_bad, 0.0, out.weight))
+    value = jnp.nan if how == "nan" else jnp.inf
+    update = jax.tree.map(
+      lambda u: jnp.where(is_bad, jnp.full_like(u, value), u), out.update
+    )
+    return out._replace(update=update)
+
+  return alg._replace(client_update=client_update)
+
+
+def _round(setup, aggregator, how, nonfinite="drop", debug=False, bad=BAD):
+  train, model, params = setup
+  alg = fl.fed_avg(model, optax.sgd(0.1), optax.sgd(1.0), aggregator=aggregator)
+  engine = fl.Engine(
+    _with_bad_clients(alg, bad, how),
+    fl.RoundConfig(
+      NUM_CLIENTS,
+      fl.LocalWork(batch_size=3),
+      sampling="all",
+      nonfinite=nonfinite,
+    ),
+    debug=debug,
+  )
+  data = engine.put_data(train)
+  state = engine.init(params, seed=1, data=data)
+  state, metrics = engine.round(state, data)
+  return state.server.params, jax.device_get(metrics)
+
+
+AGGREGATORS = {
+  "weighted_mean": lambda: None,
+  "krum": lambda: aggs.krum(1),
+  "multi_krum": lambda: aggs.krum(1, multi=2),
+  "geometric_median": lambda: aggs.geometric_median(),
+  "centered_clipping": lambda: aggs.centered_clipping(0.5),
+  "clipped": lambda: aggs.clipped(aggs.weighted_mean(), 0.5),
+  "coordinate_median": lambda: aggs.coordinate_median(),
+  "trimmed_mean": lambda: aggs.trimmed_mean(0.2),
+  "dp_aggregator": lambda: dp_aggregator(0.0, NUM_CLIENTS, clip=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_nonfinite_clients_are_dropped_before_every_aggregator(setup, name):
+  """Two clients of six send NaN (or inf): the aggregate is finite and equals
+  the round where those clients weigh zero; ``dropped_nonfinite`` is 2,
+  ``num_clients`` counts the four others and the loss is theirs."""
+  ref, ref_metrics = _round(setup, AGGREGATORS[name](), "zero")
+  for how in ("nan", "inf"):
+    got, metrics = _round(setup, AGGREGATORS[name](), how)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      assert np.all(np.isfinite(a)), (name, how)
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert float(metrics["dropped_nonfinite"]) == 2.0
+    assert float(metrics["num_clients"]) == NUM_CLIENTS - 2
+    assert np.isfinite(metrics["loss"])  # the four finite clients' mean
+  assert float(ref_metrics["dropped_nonfinite"]) == 0.0
+
+
+def test_debug_round_drops_the_same_clients(setup):
+  jitted, jm = _round(setup, None, "nan")
+  debug, dm = _round(setup, None, "nan", debug=True)
+  assert float(dm["dropped_nonfinite"]) == float(jm["dropped_nonfinite"]) == 2
+  for a, b in zip(jax.tree.leaves(debug), jax.tree.leaves(jitted)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_nonfinite_raise_names_the_client_ids(setup, debug):
+  with pytest.raises(fl.engine.NonFiniteUpdateError) as e:
+    _round(setup, None, "nan", nonfinite="raise", debug=debug)
+  assert "client ids [2, 4]" in str(e.value), str(e.value)
+  # A round without bad clients passes.
+  _, metrics = _round(setup, None, "nan", nonfinite="raise", bad=(99,))
+  assert "_nonfinite_client_ids" not in metrics
+
+
+def test_nonfinite_policy_is_checked():
+  with pytest.raises(ValueError, match="nonfinite must be one of.*'keep'"):
+    fl.RoundConfig(4, nonfinite="keep")
+
+
+# ------------------------------------------------------------------- labels
+@pytest.mark.parametrize(
+  "labels, message",
+  [
+    (np.array([0, 1, 9, 2]), "range over [0, 9]; expected values in [0, 3)"),
+    (np.array([0, 42, 1, 2]), "range over [0, 42]"),
+    (np.array([-1, 0, 1, 2]), "range over [-1, 2]"),
+    (np.array([0.0, 1.0, 2.0, 1.5], np.float32), "dtype float32"),
+  ],
+)
+def test_put_data_without_model_checks_labels(labels, message):
+  """The README's quick tour passes no model to put_data: the algorithm's
+  model checks the labels."""
+  rng = np.random.default_rng(0)
+  clients = [
+    {"x": rng.standard_normal((4, 4)).astype(np.float32), "y": labels},
+    {
+      "x": rng.standard_normal((4, 4)).astype(np.float32),
+      "y": np.zeros(4, labels.dtype),
+    },
+  ]
+  train = fl.FederatedDataset.from_clients(clients)
+  model = fl.models.logistic_regression(4, 3)
+  engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), fl.RoundConfig(2))
+  with pytest.raises(ValueError) as e:
+    engine.put_data(train)
+  assert message in str(e.value), str(e.value)
+
+
+def test_experiment_run_refuses_labels_out_of_range(tmp_path, capsys):
+  """An experiment file whose training labels reach 42 for 3 classes: exit 2
+  with one line naming the range, no run folder left finished."""
+  src = TINY_EXPERIMENT.replace(
+    '"y": rng.integers(0, 3, n).astype(np.int32)',
+    '"y": np.where(np.arange(n) == 1, 42, 0).astype(np.int32)',
+  )
+  assert src != TINY_EXPERIMENT
+  path = tmp_path / "bad_labels.py"
+  path.write_text(src)
+  code = main(
+    ["run", str(path), "--out", str(tmp_path / "runs"), "--no-progress"]
+  )
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2, err
+  assert len(err) == 1 and err[0].startswith("error:"), err
+  assert "[0, 42]" in err[0] and "[0, 3)" in err[0], err
+
+
+# --------------------------------------------------------------- divergence
+@pytest.fixture
+def tiny(tmp_path):
+  path = tmp_path / "tiny.py"
+  path.write_text(TINY_EXPERIMENT)
+  return str(path)
+
+
+def test_nan_learning_rate_stops_the_run_as_diverged(tiny, tmp_path, capsys):
+  """client_lr=nan: every client's update is NaN, so round 1 diverges; the run
+  exits 3 with one error line, summary.json says "diverged", and the
+  checkpoint holds the last finite state (round 0), from which a resume with
+  a finite learning rate finishes."""
+  out = tmp_path / "runs"
+  argv = ["run", tiny, "--out", str(out), "--no-progress"]
+  assert main([*argv, "--set", "client_lr=nan"]) == 3
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: the run diverged"), err
+  assert "round 1" in err[0] and "non-finite" in err[0], err
+  run_dir = next(out.glob("tiny-*"))
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["status"] == "diverged" and summary["diverged_round"] == 1
+  rows = read_jsonl(run_dir / "metrics.jsonl")
+  assert [r["round"] for r in rows] == [1]
+  assert rows[0]["train_dropped_nonfinite"] == 4.0
+  raw = (run_dir / "checkpoint.msgpack").read_bytes()
+  meta = flax.serialization.msgpack_restore(raw)["meta"]
+  assert meta["round"] == 0 and meta["num_rows"] == 0
+  resume = ["run", "--resume", str(run_dir), "--no-progress"]
+  assert main([*resume, "--set", "client_lr=0.1"]) == 0
+  rows = read_jsonl(run_dir / "metrics.jsonl")
+  assert [r["round"] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_on_divergence_continue_keeps_going(tiny, tmp_path, capsys):
+  out = tmp_path / "runs"
+  argv = ["run", tiny, "--out", str(out), "--no-progress"]
+  assert (
+    main([*argv, "--set", "client_lr=nan", "--on-divergence", "continue"]) == 0
+  )
+  run_dir = next(out.glob("tiny-*"))
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["status"] == "finished"
+  assert len(read_jsonl(run_dir / "metrics.jsonl")) == 4
+
+
+def test_divergence_reasons():
+  from fedjax_lite.experiment.loop import divergence
+
+  assert divergence({"loss": np.float32(1.0), "num_clients": 3.0}) is None
+  assert "loss=nan" in divergence({"loss": np.float32(np.nan)})
+  assert "all 4 sampled clients" in divergence(
+    {"loss": 0.0, "num_clients": 0.0, "dropped_nonfinite": 4.0}
+  )
+  assert divergence({"loss": 0.0, "num_clients": 0.0}) is None  # K = 0
+  assert "parameters" in divergence({}, {"w": jnp.array([1.0, jnp.inf])})
+
+
+# ------------------------------------------------- model/data, disk full
+def test_model_data_dimension_mismatch_is_one_error_line(tmp_path, capsys):
+  """A model built for 3 inputs on data with 4 features: put_data names the
+  shapes (no flax ScopeParamShapeError traceback); the command line exits 2
+  with one line."""
+  rng = np.random.default_rng(0)
+  clients = [
+    {
+      "x": rng.standard_normal((4, 4)).astype(np.float32),
+      "y": np.zeros(4, np.int32),
+    }
+  ] * 2
+  model = fl.models.logistic_regression(3, 3)
+  engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), fl.RoundConfig(2))
+  with pytest.raises(fl.checks.DataError) as e:
+    engine.put_data(fl.FederatedDataset.from_clients(clients))
+  assert "inputs 'x' of shape (4,) per example" in str(e.value), str(e.value)
+  src = TINY_EXPERIMENT.replace(
+    "fl.models.logistic_regression(4, 3)", "fl.models.logistic_regression(5, 3)"
+  )
+  assert src != TINY_EXPERIMENT
+  path = tmp_path / "mismatch.py"
+  path.write_text(src)
+  code = main(
+    ["run", str(path), "--out", str(tmp_path / "runs"), "--no-progress"]
+  )
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1, err
+  assert err[0].startswith("error:") and "of shape (4,)" in err[0], err
+
+
+def test_full_disk_is_one_error_line_and_the_checkpoint_stays(
+  tiny, tmp_path, capsys, monkeypatch
+):
+  """ENOSPC on every fsync once the first checkpoint is written: exit 2, one
+  line naming the file and the resume command; the checkpoint still loads,
+  and once space is back the resume finishes the run."""
+  import os
+
+  real_fsync = os.fsync
+  out = tmp_path / "runs"
+
+  def fsync(fd):
+    if any(out.glob("tiny-*/checkpoint.msgpack")):
+      raise OSError(28, "No space left on device")
+    return real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  argv = [
+    "run",
+    tiny,
+    "--out",
+    str(out),
+    "--no-progress",
+    "--checkpoint-every",
+    "1",
+  ]
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  run_dir = next(out.glob("tiny-*"))
+  assert len(err) == 1, err
+  assert err[0].startswith("error: No space left on device while writing "), err
+  assert str(run_dir) in err[0] and f"--resume {run_dir}" in err[0], err
+  raw = (run_dir / "checkpoint.msgpack").read_bytes()
+  meta = flax.serialization.msgpack_restore(raw)["meta"]
+  assert meta["round"] == 0
+  assert not list(run_dir.glob(".*.tmp"))  # no temporary file left behind
+  monkeypatch.setattr(os, "fsync", real_fsync)
+  assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
+  rows = read_jsonl(run_dir / "metrics.jsonl")
+  assert [r["round"] for r in rows] == [1, 2, 3, 4]
