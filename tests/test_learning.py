@@ -94,8 +94,9 @@ def test_next_list_input_errors_name_the_client(rng):
     process.next(state, [])
   with pytest.raises(TypeError, match="list of per-client dicts"):
     process.next(state, "clients")
-  # Huge finite values overflow the quick finiteness check: still accepted.
+  # Huge finite values pass the input check; their updates overflow to inf,
+  # so the round drops both clients (RoundConfig(nonfinite="drop")).
   big = [{**c, "x": np.full_like(c["x"], 3e38)} for c in good]
   _, metrics = process.next(state, big)
-  assert metrics["num_clients"] == 2
+  assert metrics["num_clients"] == 0 and metrics["dropped_nonfinite"] == 2
   jax.block_until_ready(state)

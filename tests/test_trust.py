@@ -1,5 +1,5 @@
-"""Numbers that cannot lie: non-finite client updates, training labels and
-divergence.
+"""Numbers that cannot lie: non-finite client updates, training labels,
+divergence and resumes of checkpoints that belong to another run.
 
 A client whose update holds a NaN or an infinity leaves the round before any
 aggregator sees it (``RoundConfig(nonfinite="drop")``, counted as
@@ -8,7 +8,9 @@ reference for a dropped client is the same round with that client's weight
 at zero (every aggregator leaves zero-weight clients out).
 """
 
+import hashlib
 import json
+import shutil
 
 import flax.serialization
 import jax
@@ -307,3 +309,126 @@ def test_full_disk_is_one_error_line_and_the_checkpoint_stays(
   assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
   rows = read_jsonl(run_dir / "metrics.jsonl")
   assert [r["round"] for r in rows] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------- checkpoint identity
+def _hashes(folder):
+  return {
+    str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
+
+
+# The tiny experiment with a model chosen by `hidden`: hidden=3 gives an MLP
+# whose first layer has the logistic regression's shapes (4, 3) and (3,).
+MODELS_EXPERIMENT = TINY_EXPERIMENT.replace(
+  "model = fl.models.logistic_regression(4, 3)",
+  "model = (fl.models.mlp(4, 3, config.hidden) if config.hidden\n"
+  "               else fl.models.logistic_regression(4, 3))",
+)
+
+
+def _two_runs(tmp_path):
+  path = tmp_path / "models.py"
+  path.write_text(MODELS_EXPERIMENT)
+  out = tmp_path / "runs"
+  argv = ["run", str(path), "--no-progress", "--set", "num_rounds=2"]
+  assert main([*argv, "--out", str(out / "lr")]) == 0
+  assert main([*argv, "--out", str(out / "mlp"), "--set", "hidden=3"]) == 0
+  lr = next((out / "lr").glob("*"))
+  mlp = next((out / "mlp").glob("*"))
+  return path, lr, mlp
+
+
+def test_checkpoints_record_what_they_belong_to(tmp_path):
+  _, lr, _ = _two_runs(tmp_path)
+  raw = (lr / "checkpoint.msgpack").read_bytes()
+  identity = flax.serialization.msgpack_restore(raw)["meta"]["identity"]
+  record = json.loads((lr / "config.json").read_text())
+  assert identity["experiment"] == "models.py:"
+  assert identity["experiment_sha256"] == record["experiment"]["sha256"]
+  assert any(
+    ".server.params['Dense_0']['kernel'] (4, 3) float32" == e
+    for e in identity["state"]
+  ), identity["state"]
+
+
+def test_resume_of_another_models_checkpoint_changes_no_byte(tmp_path, capsys):
+  """An MLP's checkpoint (first layer shaped like the logistic regression's)
+  copied into the logistic-regression run's folder: the resume is refused
+  with one line naming an entry the run does not have, and no file of the
+  folder changes (metrics.jsonl keeps its rows, config.json its resumes)."""
+  _, lr, mlp = _two_runs(tmp_path)
+  shutil.copy(mlp / "checkpoint.msgpack", lr / "checkpoint.msgpack")
+  before = _hashes(lr)
+  capsys.readouterr()
+  resume = [
+    "run",
+    "--resume",
+    str(lr),
+    "--no-progress",
+    "--set",
+    "num_rounds=4",
+  ]
+  assert main(resume) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: checkpoint"), err
+  assert "another experiment or model" in err[0], err
+  assert "Dense_1" in err[0], err  # the MLP's second layer
+  assert _hashes(lr) == before
+
+
+def test_resume_with_another_experiment_file_changes_no_byte(tmp_path, capsys):
+  """`run other.py --resume FOLDER` where other.py builds the same state
+  shapes: refused (the checkpoint names the experiment file it belongs to),
+  and the folder is unchanged. Editing the folder's own file still resumes,
+  with a warning."""
+  path, lr, _ = _two_runs(tmp_path)
+  other = tmp_path / "other.py"
+  other.write_text(MODELS_EXPERIMENT)
+  before = _hashes(lr)
+  capsys.readouterr()
+  resume = ["--resume", str(lr), "--no-progress", "--set", "num_rounds=4"]
+  assert main(["run", str(other), *resume]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: checkpoint"), err
+  assert "'models.py:'" in err[0] and "'other.py:'" in err[0], err
+  assert _hashes(lr) == before
+  path.write_text(MODELS_EXPERIMENT + "\n# an edit\n")
+  assert main(["run", *resume]) == 0
+  assert "changed since this run started" in capsys.readouterr().out
+  assert [r["round"] for r in read_jsonl(lr / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_checkpoint_of_another_run_of_the_same_file_is_refused(
+  tmp_path, capsys
+):
+  """Two runs of different versions of one experiment file: the second's
+  checkpoint copied into the first's folder is refused by the file hash it
+  records, though every state entry matches."""
+  path, lr, _ = _two_runs(tmp_path)
+  path.write_text(MODELS_EXPERIMENT + "\n# another version\n")
+  out = tmp_path / "runs" / "v2"
+  assert (
+    main(
+      [
+        "run",
+        str(path),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "num_rounds=2",
+      ]
+    )
+    == 0
+  )
+  v2 = next(out.glob("*"))
+  shutil.copy(v2 / "checkpoint.msgpack", lr / "checkpoint.msgpack")
+  before = _hashes(lr)
+  capsys.readouterr()
+  assert main(["run", "--resume", str(lr), "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "experiment_sha256" in err[0], err
+  assert _hashes(lr) == before

@@ -97,13 +97,61 @@ def save_checkpoint(
   atomic_write_bytes(path, flax.serialization.msgpack_serialize(payload))
 
 
-def load_checkpoint(path: str | os.PathLike, target: Any) -> tuple[Any, dict]:
+def _key_paths(tree: Any, prefix: str = "") -> set[str]:
+  """The ``a/b/c`` paths of a state dict's leaves (empty dicts count)."""
+  if isinstance(tree, dict):
+    if not tree:
+      return {prefix + "{}"}
+    out: set[str] = set()
+    for k, v in tree.items():
+      out |= _key_paths(v, f"{prefix}{k}/")
+    return out
+  return {prefix.rstrip("/")}
+
+
+def state_signature(state: Any) -> list[str]:
+  """``"path shape dtype"`` of every leaf of ``state``: what a checkpoint
+  records of the model and algorithm it belongs to."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(state)
+  return [
+    f"{jax.tree_util.keystr(p)} {tuple(np.shape(x))} {np.dtype(x.dtype)}"
+    for p, x in flat
+  ]
+
+
+def check_identity(path: Path, meta: dict, identity: dict) -> None:
+  """Raises ``ValueError`` if a checkpoint's recorded identity (its
+  experiment file's hash, its state's leaf paths, shapes and dtypes)
+  differs from ``identity``; checkpoints without one are not checked."""
+  have = meta.get("identity")
+  if not isinstance(have, dict):
+    return
+  for key in sorted(set(have) & set(identity)):
+    a, b = have[key], identity[key]
+    if a == b:
+      continue
+    if isinstance(a, list) and isinstance(b, list):
+      diff = sorted(set(a) ^ set(b))
+      what = f"{key} differs (e.g. {diff[:2]}; {len(a)} vs {len(b)} entries)"
+    else:
+      what = f"{key} is {a!r} in the checkpoint but {b!r} here"
+    raise ValueError(
+      f"checkpoint {path} belongs to another experiment or model: {what}. "
+      "Resume a run folder with the experiment that wrote it."
+    )
+
+
+def load_checkpoint(
+  path: str | os.PathLike, target: Any, identity: dict | None = None
+) -> tuple[Any, dict]:
   """Restores a checkpoint into the structure of ``target``.
 
   Args:
     path: a file written by :func:`save_checkpoint`.
     target: a pytree with the checkpoint's structure (e.g. a freshly
       initialised EngineState); only its structure and dtypes are used.
+    identity: compared with the identity the checkpoint recorded (see
+      :func:`check_identity`) before anything is restored.
 
   Returns:
     ``(state, meta)`` with numpy leaves.
@@ -128,7 +176,20 @@ def load_checkpoint(path: str | os.PathLike, target: Any) -> tuple[Any, dict]:
       f"{path} is not a fedjax_lite checkpoint (format "
       f"{FORMAT}); got keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}."
     )
+  if identity is not None:
+    check_identity(path, dict(raw.get("meta") or {}), identity)
   host_target = _to_host(target)
+  want_keys = _key_paths(flax.serialization.to_state_dict(host_target))
+  got_keys = _key_paths(raw["state"])
+  if want_keys != got_keys:  # from_state_dict would ignore extra keys
+    extra, missing = sorted(got_keys - want_keys), sorted(want_keys - got_keys)
+    raise ValueError(
+      f"checkpoint {path} holds another state structure: "
+      + (f"entries {extra[:3]} the experiment does not have" if extra else "")
+      + ("; " if extra and missing else "")
+      + (f"no entries {missing[:3]} the experiment needs" if missing else "")
+      + ". It belongs to another model or experiment."
+    )
   try:
     state = flax.serialization.from_state_dict(host_target, raw["state"])
   except (ValueError, KeyError, TypeError) as e:

@@ -261,6 +261,7 @@ def run_rounds(
   progress: bool = True,
   desc: str = "",
   handle_signals: bool = True,
+  identity: dict | None = None,
 ) -> LoopResult:
   """Advances ``state`` from round ``start`` to ``num_rounds``.
 
@@ -276,6 +277,8 @@ def run_rounds(
     progress: show a tqdm progress bar.
     desc: its label.
     handle_signals: stop cleanly on SIGINT/SIGTERM.
+    identity: recorded in every checkpoint's meta (see
+      :func:`~fedjax_lite.experiment.checkpoint.check_identity`).
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -296,6 +299,7 @@ def run_rounds(
         "elapsed": elapsed0 + (tick - t0),
         "num_rows": len(log.rows),
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        **({"identity": identity} if identity else {}),
       },
     )
     written[1] += time.perf_counter() - tick

@@ -258,12 +258,15 @@ def _eval_due(exp: Experiment, t: int) -> bool:
   return t == exp.num_rounds or (exp.eval_every > 0 and t % exp.eval_every == 0)
 
 
-def load_resume_state(run_dir: Path, target):
+def load_resume_state(run_dir: Path, target, identity: dict | None = None):
   """``(state, meta)`` from ``run_dir``'s checkpoint, shaped like ``target``.
 
   Raises :class:`~fedjax_lite.experiment.config.ConfigError` with what to do
   when the folder has no checkpoint (the run stopped before its first one
-  was written: it can only be restarted).
+  was written: it can only be restarted), when the checkpoint is damaged,
+  or when it belongs to another experiment or model (its recorded
+  ``identity`` or its state's entries differ, see
+  :func:`~fedjax_lite.experiment.checkpoint.load_checkpoint`).
   """
   path = run_dir / CHECKPOINT
   if not path.is_file():
@@ -273,9 +276,9 @@ def load_resume_state(run_dir: Path, target):
       "(see config.json for its experiment and overrides)."
     )
   try:
-    return ckpt.load_checkpoint(path, target)
-  except ckpt.DamagedCheckpointError as e:
-    raise cfglib.ConfigError(str(e)) from None
+    return ckpt.load_checkpoint(path, target, identity)
+  except ValueError as e:  # DamagedCheckpointError, another state or identity
+    raise cfglib.ConfigError(" ".join(str(e).split())) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +305,11 @@ class RunOptions:
       model is non-finite (see :func:`~fedjax_lite.experiment.loop.
       divergence`) ends the run with status ``"diverged"``, keeping the
       last finite state as the checkpoint; ``"continue"``: keep going.
+    identity: what the run's checkpoints record of the experiment they
+      belong to (:func:`launch_file` sets the experiment file's name and
+      the run folder's experiment hash); the state's leaf paths, shapes and
+      dtypes are added by :class:`Session`. A resume whose identity differs
+      is refused before any file is touched.
   """
 
   resume: bool = False
@@ -312,6 +320,7 @@ class RunOptions:
   desc: str | None = None
   on_ready: Callable[[], None] | None = None
   on_divergence: str = "stop"
+  identity: dict | None = None
 
   def __post_init__(self):
     if self.on_divergence not in ("stop", "continue"):
@@ -400,10 +409,15 @@ class Session:
     except checks.DataError as e:  # one error line on the command line
       raise cfglib.ConfigError(" ".join(str(e).split())) from e
     state = init(engine, data)
+    identity = {
+      **(options.identity or {}),
+      "state": ckpt.state_signature(state),
+    }
+    options = dataclasses.replace(options, identity=identity)
     run_dir = None if run_dir is None else Path(run_dir)
     elapsed0 = 0.0
     if resume:
-      host_state, meta = load_resume_state(run_dir, state)
+      host_state, meta = load_resume_state(run_dir, state, identity)
       state = jax.device_put(host_state, engine.replicated)
       elapsed0 = float(meta.get("elapsed", 0.0))
     start = int(state.round)
@@ -451,6 +465,7 @@ class Session:
       progress=opts.progress,
       desc=opts.desc or desc,
       handle_signals=opts.handle_signals,
+      identity=opts.identity,
     )
 
 
@@ -810,6 +825,13 @@ def launch_file(
     run_dir = Path(resume)
     note_resume(record, ef, cfg, overrides)
   name = "sweep.json" if command == "sweep" else "config.json"
+  # What this folder's checkpoints belong to: the experiment file (by name
+  # and argument) and the hash it had when the run started (an edited file
+  # still resumes, with a warning; a checkpoint of another run does not).
+  identity = {
+    "experiment": f"{Path(ef.path).name}:{ef.arg or ''}",
+    "experiment_sha256": record["experiment"]["sha256"],
+  }
 
   def write_record():
     ckpt.atomic_write_text(run_dir / name, cfglib.dumps(record))
@@ -824,6 +846,7 @@ def launch_file(
     desc=run_dir.name,
     # a resume writes its record once the checkpoint has been checked
     on_ready=write_record if main and resume is not None else None,
+    identity=identity,
     **options,
   )
 

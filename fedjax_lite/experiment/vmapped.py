@@ -225,7 +225,11 @@ class VmappedRounds:
     new, m = engine.rounds_body(states, data)
     self.block_sizes = dict(engine.block_sizes)
     m = dict(m)
-    m["num_clients"] = jnp.repeat(m["num_clients"][:, None], ng, axis=1)
+    # Per-seed counts (a client is dropped for every grid point when any of
+    # its grid points' updates is non-finite) -> [seeds, grid].
+    for k in ("num_clients", "dropped_nonfinite"):
+      if k in m:
+        m[k] = jnp.repeat(m[k][:, None], ng, axis=1)
     m["total_weight"] = m.pop(GRID_WEIGHT) * m["num_clients"]
     return (new.server, _swap_client_axes(new.clients), None), m
 
