@@ -223,6 +223,16 @@ def _dataset(bench, w):
   )
 
 
+def _every_slot(agg):
+  """``agg`` training every slot of the cap (no ``active_slots``), also once
+  the engine binds it to the run."""
+  bind = agg.bind
+  return agg._replace(
+    active_slots=None,
+    bind=None if bind is None else lambda run: _every_slot(bind(run)),
+  )
+
+
 def run_cost(args) -> dict:
   bench = _load("benchmark")
   out = {
@@ -277,9 +287,7 @@ def run_cost(args) -> dict:
     }
     poisson = variants["dp_poisson_cap"][0]
     variants["dp_poisson_every_slot"] = (
-      poisson._replace(
-        aggregator=poisson.aggregator._replace(active_slots=None)
-      ),
+      poisson._replace(aggregator=_every_slot(poisson.aggregator)),
       cap,
       ds_big,
     )

@@ -550,7 +550,12 @@ def build_dp_fed_avg_process(
   ``sampling=``, ``population=`` and ``delta=``) assumes they
   were drawn as ``sampling`` says (e.g. each user with probability
   ``clients_per_round / population``:
-  :func:`fedjax_lite.privacy.poisson_sample`). The DP keywords are
+  :func:`fedjax_lite.privacy.poisson_sample`). The process only sees the
+  sample, so accounting needs the declared ``population`` (the aggregator
+  runs with ``simulate_sampling=False``); each round checks what it can
+  against it: at most ``population`` clients, and exactly
+  ``clients_per_round`` for ``sampling="fixed"`` (``ValueError``
+  otherwise). The DP keywords are
   :func:`fedjax_lite.privacy.dp_fed_avg`'s (``noise_multiplier`` and
   ``clients_per_round`` required; ``clip``, ``adaptive``, ``local``, and
   :func:`dp_aggregator`'s ``sampling``, ``population``, ``delta``,

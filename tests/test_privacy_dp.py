@@ -470,6 +470,15 @@ def _assert_close(s1, s2):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), 1e-5, 1e-6)
 
 
+def every_slot(agg):
+  """``agg`` without ``active_slots``, also once the engine binds it."""
+  bind = agg.bind
+  return agg._replace(
+    active_slots=None,
+    bind=None if bind is None else lambda run: every_slot(bind(run)),
+  )
+
+
 def test_poisson_rounds_train_only_the_sampled_clients():
   """The engine trains only the slots < K of a Poisson round
   (Aggregator.active_slots): num_clients is the Poisson count, not the cap,
@@ -477,10 +486,7 @@ def test_poisson_rounds_train_only_the_sampled_clients():
   (the aggregator masks them), with replicated or sharded data."""
   alg, cap, run = _poisson_runs()
   assert alg.aggregator.active_slots is not None
-  every_slot = alg._replace(
-    aggregator=alg.aggregator._replace(active_slots=None)
-  )
-  s_all, h_all = run(every_slot)
+  s_all, h_all = run(alg._replace(aggregator=every_slot(alg.aggregator)))
   s_act, h_act = run(alg)
   s_shd, h_shd = run(alg, "sharded")
   k = np.asarray(h_act["dp_participants"])

@@ -42,7 +42,10 @@ def clipped(
 ) -> Aggregator:
   """Bounds each client's update to L2 norm ``clip_norm``, then ``inner``.
 
-  Streaming itself (two counters); memory is ``inner``'s.
+  Streaming itself (two counters); memory is ``inner``'s. An ``inner`` that
+  depends on the run (``Aggregator.bind``, e.g. a DP aggregator's
+  accounting) is bound to the run and the bound one is clipped in turn;
+  ``inner.check_output`` checks the round's metrics as before.
 
   Args:
     inner: the aggregator that receives the clipped updates.
@@ -69,73 +72,80 @@ def clipped(
       learning_rate, "learning_rate", "clipped", allow_zero=True
     )
 
-  def init_state(update_spec):
-    state = {"inner": inner.init_state(update_spec)}
-    if adaptive:
-      state["clip_norm"] = jnp.asarray(clip_norm, jnp.float32)
-    return state
+  def wrap(inner: Aggregator) -> Aggregator:
+    def init_state(update_spec):
+      state = {"inner": inner.init_state(update_spec)}
+      if adaptive:
+        state["clip_norm"] = jnp.asarray(clip_norm, jnp.float32)
+      return state
 
-  def current(state):
-    return (
-      state["clip_norm"] if adaptive else jnp.asarray(clip_norm, jnp.float32)
-    )
-
-  def init(state, update_spec, num_slots):
-    return {
-      "inner": inner.init(state["inner"], update_spec, num_slots),
-      "clipped": jnp.zeros((), jnp.float32),
-      "count": jnp.zeros((), jnp.float32),
-    }
-
-  def add(state, acc, updates, weights, valid, slots):
-    c = current(state)
-    norms = jax.vmap(tree_norm)(updates)  # [B]
-    scale = jnp.minimum(1.0, c / jnp.maximum(norms, 1e-30))
-    bounded = jax.tree.map(
-      lambda u: u * expand(scale, u.ndim).astype(u.dtype), updates
-    )
-    part = taking_part(weights, valid)
-    was_clipped = part & (norms > c)
-    return {
-      "inner": inner.add(
-        state["inner"], acc["inner"], bounded, weights, valid, slots
-      ),
-      "clipped": acc["clipped"] + jnp.sum(was_clipped.astype(jnp.float32)),
-      "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
-    }
-
-  def merge(accs):
-    return {
-      "inner": inner.merge(accs["inner"]),
-      "clipped": jnp.sum(accs["clipped"], axis=0),
-      "count": jnp.sum(accs["count"], axis=0),
-    }
-
-  def finalize(state, acc, rng):
-    out, inner_state = inner.finalize(state["inner"], acc["inner"], rng)
-    c = current(state)
-    n = acc["count"]
-    frac = jnp.where(n > 0, acc["clipped"] / jnp.where(n > 0, n, 1.0), 0.0)
-    new_state = {"inner": inner_state}
-    if adaptive:
-      # b = unclipped fraction; no clients: C stays.
-      b = 1.0 - frac
-      new_state["clip_norm"] = jnp.where(
-        n > 0, c * jnp.exp(-eta * (b - gamma)), c
+    def current(state):
+      return (
+        state["clip_norm"] if adaptive else jnp.asarray(clip_norm, jnp.float32)
       )
-    metrics = dict(out.metrics)
-    metrics["clip_norm"] = c
-    metrics["clipped_fraction"] = frac
-    return out._replace(metrics=metrics), new_state
 
-  active = inner.active_slots
-  # Every function wraps the inner one's; ``materialized`` is the inner's.
-  return inner._replace(
-    active_slots=None if active is None else lambda s: active(s["inner"]),
-    init_state=init_state,
-    init=init,
-    add=add,
-    merge=merge,
-    finalize=finalize,
-    name=f"clipped({inner.name})",
-  )
+    def init(state, update_spec, num_slots):
+      return {
+        "inner": inner.init(state["inner"], update_spec, num_slots),
+        "clipped": jnp.zeros((), jnp.float32),
+        "count": jnp.zeros((), jnp.float32),
+      }
+
+    def add(state, acc, updates, weights, valid, slots):
+      c = current(state)
+      norms = jax.vmap(tree_norm)(updates)  # [B]
+      scale = jnp.minimum(1.0, c / jnp.maximum(norms, 1e-30))
+      bounded = jax.tree.map(
+        lambda u: u * expand(scale, u.ndim).astype(u.dtype), updates
+      )
+      part = taking_part(weights, valid)
+      was_clipped = part & (norms > c)
+      return {
+        "inner": inner.add(
+          state["inner"], acc["inner"], bounded, weights, valid, slots
+        ),
+        "clipped": acc["clipped"] + jnp.sum(was_clipped.astype(jnp.float32)),
+        "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
+      }
+
+    def merge(accs):
+      return {
+        "inner": inner.merge(accs["inner"]),
+        "clipped": jnp.sum(accs["clipped"], axis=0),
+        "count": jnp.sum(accs["count"], axis=0),
+      }
+
+    def finalize(state, acc, rng):
+      out, inner_state = inner.finalize(state["inner"], acc["inner"], rng)
+      c = current(state)
+      n = acc["count"]
+      frac = jnp.where(n > 0, acc["clipped"] / jnp.where(n > 0, n, 1.0), 0.0)
+      new_state = {"inner": inner_state}
+      if adaptive:
+        # b = unclipped fraction; no clients: C stays.
+        b = 1.0 - frac
+        new_state["clip_norm"] = jnp.where(
+          n > 0, c * jnp.exp(-eta * (b - gamma)), c
+        )
+      metrics = dict(out.metrics)
+      metrics["clip_norm"] = c
+      metrics["clipped_fraction"] = frac
+      return out._replace(metrics=metrics), new_state
+
+    active, bind = inner.active_slots, inner.bind
+    # Every function wraps the inner one's; ``materialized`` is the inner's.
+    return inner._replace(
+      active_slots=None if active is None else lambda s: active(s["inner"]),
+      init_state=init_state,
+      init=init,
+      add=add,
+      merge=merge,
+      finalize=finalize,
+      name=f"clipped({inner.name})",
+      # A run-dependent inner aggregator (e.g. DP accounting) binds to the
+      # run, and the bound one is clipped again.
+      bind=None if bind is None else lambda run: wrap(bind(run)),
+      check_output=inner.check_output,
+    )
+
+  return wrap(inner)

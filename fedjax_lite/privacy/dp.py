@@ -38,18 +38,20 @@ defaults to ``D / 20``, the paper's choice, and must exceed ``z / 2``).
 Client sampling the accountant can model:
 
 * ``sampling="poisson"``: every user joins independently with probability
-  ``q = clients_per_round / population``. Inside one compiled round: the
-  engine samples a fixed cap of ``M`` slots uniformly without replacement
-  (``RoundConfig(clients_per_round=M, sampling="uniform")``; choose ``M``
-  with :func:`~fedjax_lite.privacy.accounting.poisson_cap`), the aggregator
+  ``q = clients_per_round / N`` (``N`` the run's population, see below).
+  Inside one compiled round: the engine samples a fixed cap of ``M`` slots
+  uniformly without replacement (``RoundConfig(clients_per_round=M,
+  sampling="uniform")``; choose ``M`` with
+  :func:`~fedjax_lite.privacy.accounting.poisson_cap`), the aggregator
   draws ``K ~ Binomial(N, q)`` and only slots ``< K`` count; the others
   contribute a zero clipped update and are not counted. The first ``K``
   slots of a uniformly ordered sample are a uniform ``K``-subset, so the
-  participants are exactly a Poisson sample. Overflow (``K > M``, probability
-  :func:`~fedjax_lite.privacy.accounting.overflow_probability`; at most
-  1e-9 over the whole run with ``poisson_cap``'s default): the round keeps a uniformly random ``M`` of
-  the ``K`` users (the first ``M`` slots), is reported in the metric
-  ``dp_overflow``, and adds at most ``(1 + e^eps) T P(K > M)`` to delta
+  participants are exactly a Poisson sample. Overflow (``K > M``,
+  probability :func:`~fedjax_lite.privacy.accounting.overflow_probability`;
+  at most 1e-9 over the whole run with ``poisson_cap``'s default): the round
+  keeps a uniformly random ``M`` of the ``K`` users (the first ``M``
+  slots), is reported in the metric ``dp_overflow``, and adds at most
+  ``(1 + e^eps) T P(K > M)`` to delta
   (:func:`~fedjax_lite.privacy.accounting.truncation_delta`). The engine
   trains only the slots ``< K`` (``Aggregator.active_slots``), so a round
   costs ``min(K, M)`` clients' work, not ``M``.
@@ -65,11 +67,50 @@ with the fixed denominator. Every upload is a Gaussian mechanism with
 sensitivity ``2C`` on that user's data, composed over the rounds the user
 takes part in (accounted as if every round); sampling does not amplify it.
 
-Epsilon: with ``population`` and ``delta`` given, every round's metrics hold
+Epsilon: with ``sampling`` and ``delta`` given, every round's metrics hold
 ``dp_epsilon``, the epsilon at ``delta`` after the rounds run so far, from
 the dp-accounting RDP (default) or PLD accountant
 (:class:`~fedjax_lite.privacy.accounting.EpsilonCurve`, evaluated on the host
 by a ``jax.pure_callback`` from the round counter in the aggregator state).
+
+Epsilon is derived from the run, not from what the caller declares. With
+accounting (``sampling`` or ``delta`` given) the aggregator has a ``bind``
+(:attr:`~fedjax_lite.aggregators.Aggregator.bind`): when the engine traces a
+round it passes the run's :class:`~fedjax_lite.aggregators.RunSpec` (the
+data's number of clients and the ``RoundConfig`` sampling), and the bound
+aggregator accounts that run:
+
+* ``N`` is the run's population (``population=None``, the default, takes
+  it from the data; Poisson's ``q = D / N`` with it). A declared
+  ``population`` that differs from the data's number of clients is a
+  ``ValueError`` naming both: an epsilon for a population the run does not
+  have would be wrong (declaring 10,000 users for 6 clients reports a far
+  smaller epsilon than the run spends).
+* ``sampling="fixed"`` needs ``RoundConfig(sampling="uniform")`` (or
+  ``"all"``, every user every round) without replacement and
+  ``RoundConfig(clients_per_round=D)``; ``sampling="poisson"`` needs
+  ``RoundConfig(sampling="uniform")`` without replacement (the Poisson
+  sample is the first ``K`` slots of a uniform sample; ``"all"`` takes the
+  clients in order).
+* ``RoundConfig(sampling="weighted")`` and ``RoundConfig(replace=True)`` are
+  refused: users drawn in proportion to their data, or a user drawn twice in
+  one round (its update counted twice), have no accountant here.
+
+Without accounting (``sampling=None``, ``delta=None``) any run is allowed:
+the aggregator clips and noises and reports no epsilon. A ``population``
+declared with accounting also lets the aggregator run unbound (e.g. driven by
+hand); with ``population=None`` only a bound one runs. With
+``simulate_sampling=False`` (the caller samples the users, e.g.
+:func:`~fedjax_lite.learning.build_dp_fed_avg_process`) a round's data is the
+sample, not the population, so ``population`` must be declared; the bound
+aggregator checks that a round has at most ``population`` clients (and
+exactly ``D`` for ``sampling="fixed"``).
+
+Clients the engine drops for a non-finite update (``RoundConfig(nonfinite=
+"drop")``, see :mod:`fedjax_lite.engine.round`) were still sampled: they are
+accounted like every sampled user (they contribute a zero update, inside the
+clip ball, so the sensitivity is unchanged), and the fixed denominator ``D``
+is unchanged. They are not counted in ``dp_participants``.
 
 What this simulation guarantees, and what it does not:
 
@@ -106,6 +147,7 @@ import optax
 from fedjax_lite.aggregators.base import (
   Aggregator,
   AggregatorOutput,
+  RunSpec,
   check_float_updates,
   clip_by_norm,
   expand,
@@ -190,6 +232,13 @@ def dp_aggregator(
 
   Streaming: memory one update per device and run, plus three counters.
 
+  With accounting (``sampling`` or ``delta`` given) the aggregator has a
+  ``bind`` (:attr:`~fedjax_lite.aggregators.Aggregator.bind`): the engine
+  binds it to the run's population and ``RoundConfig``, and the bound
+  aggregator accounts the run's population and refuses a round the
+  accountant does not model (see "Epsilon is derived from the run" in the
+  module docstring).
+
   Args:
     noise_multiplier: ``z >= 0`` (adaptive: the effective multiplier, split
       between the sum and the clipped count); 0 = no noise.
@@ -202,10 +251,14 @@ def dp_aggregator(
     clipped_count_stddev: ``sigma_b`` (adaptive); default ``D / 20``.
     sampling: ``"poisson"``, ``"fixed"`` or None (no accounting); see the
       module docstring.
-    population: ``N``, the number of users (needed for accounting and for
-      Poisson sampling).
+    population: ``N``, the number of users. None (default): the run's
+      number of clients, taken when the engine binds the aggregator (an
+      unbound aggregator then cannot run). A declared ``N`` must equal the
+      run's (``ValueError`` naming both otherwise) and lets the aggregator
+      run unbound too. With ``simulate_sampling=False`` the round's data is
+      the caller's sample, not the population: accounting then needs ``N``.
     delta: report ``dp_epsilon`` at this delta every round (needs
-      ``sampling`` and ``population``).
+      ``sampling``).
     accountant: ``"rdp"`` or ``"pld"`` for ``dp_epsilon``.
     local: local DP: the clients already clipped and noised their updates
       (:func:`with_local_dp`); the server neither clips nor adds noise.
@@ -213,6 +266,14 @@ def dp_aggregator(
       slots ``>= K`` (False when the caller already sampled the users, as in
       :func:`build_dp_fed_avg_process`).
     seed: seeds the first round's ``K`` (later rounds use the round's key).
+
+  Raises:
+    ValueError: for bad arguments here; from ``bind`` (when the engine
+      traces a round) for a declared ``population`` that is not the run's,
+      ``RoundConfig(sampling="weighted")`` or ``RoundConfig(replace=True)``
+      with accounting, ``sampling="poisson"`` without
+      ``RoundConfig(sampling="uniform")``, or ``sampling="fixed"`` with
+      another ``clients_per_round`` than the round's.
   """
   z = accounting.check_noise_multiplier(noise_multiplier)
   c0 = accounting.check_clip(clip)
@@ -250,159 +311,255 @@ def dp_aggregator(
       sigma_b = 0.0
   if local:
     z_sum = 0.0
-  mechanism = None
-  if sampling is not None or delta is not None:
-    if sampling is None or population is None:
-      raise ValueError(
-        f"accounting needs sampling ('poisson' or 'fixed') and "
-        f"population; got sampling={sampling!r}, population="
-        f"{population!r}."
-      )
-    mech_sampling = "local" if local else sampling
-    mechanism = accounting.DpMechanism(
-      z,
-      mech_sampling,
-      population,
-      clients_per_round=(
-        int(d) if sampling == "fixed" and float(d).is_integer() else d
-      ),
+  accounted = sampling is not None or delta is not None
+  if accounted and sampling is None:
+    raise ValueError(
+      "accounting needs sampling ('poisson' or 'fixed') and population "
+      "(default: the run's number of clients); got sampling=None, "
+      f"population={population!r}."
     )
-    if sampling == "poisson":
-      accounting.check_sampling_rate(
-        d / population, "clients_per_round / population"
-      )
-  curve = None
   if delta is not None:
-    curve = accounting.EpsilonCurve(mechanism, delta, accountant)
-  poisson = sampling == "poisson" and simulate_sampling
-  q = d / population if poisson else None
-
-  def init_state(update_spec):
-    check_float_updates(update_spec, "dp_aggregator")
-    return DpState(
-      clip_norm=jnp.asarray(c0, jnp.float32),
-      rounds=jnp.zeros((), jnp.int32),
-      sample_key=jax.random.PRNGKey(seed),
+    accounting.check_delta(delta)
+  if accounted and not simulate_sampling and population is None:
+    raise ValueError(
+      "dp_aggregator(simulate_sampling=False): the caller samples the "
+      "users, so a round's data is the sample, not the population; "
+      "accounting needs population=N (the users sampled from), got "
+      "population=None."
     )
+  poisson = sampling == "poisson" and simulate_sampling
+  kind = "local_dp" if local else ("dp_adaptive" if adaptive else "dp")
+  name = f"{kind}(z={z:g},C={c0:g},D={d:g})"
 
-  def init(state, update_spec, num_slots):
-    del state
-    if poisson:
-      p = accounting.overflow_probability(population, q, num_slots)
-      if p > MAX_OVERFLOW_PER_ROUND:
+  def check_run(run: RunSpec) -> int:
+    """The population the accountant uses for ``run``, or a ValueError."""
+    if run.sampling == "weighted":
+      raise ValueError(
+        "dp_aggregator cannot account RoundConfig(sampling='weighted'): "
+        "users sampled in proportion to their data size have no "
+        "accountant here (epsilon assumes uniform sampling without "
+        "replacement); use RoundConfig(sampling='uniform'), or "
+        "dp_aggregator(sampling=None, delta=None) for no accounting."
+      )
+    if run.replace:
+      raise ValueError(
+        "dp_aggregator cannot account RoundConfig(replace=True): sampling "
+        "with replacement (a user drawn twice counts twice in one round) "
+        "has no accountant here; use RoundConfig(replace=False), or "
+        "dp_aggregator(sampling=None, delta=None) for no accounting."
+      )
+    m = run.clients_per_round
+    if not simulate_sampling:
+      # The caller sampled the users: the run's data is that sample.
+      if m > population:
         raise ValueError(
-          f"dp_aggregator: clients_per_round={num_slots} slots for Poisson "
-          f"sampling with q={q:g} of {population} users overflow with "
-          f"probability {p:.3g} per round; expected at most "
-          f"{MAX_OVERFLOW_PER_ROUND:g}. Use RoundConfig(clients_per_round="
-          f"fedjax_lite.privacy.poisson_cap({population}, {q:g}, "
-          "num_rounds))."
+          f"dp_aggregator: a round trains {m} clients, more than the "
+          f"declared population={population} users they are sampled from."
         )
-    if sampling == "fixed" and simulate_sampling and num_slots != d:
+      if sampling == "fixed" and m != d:
+        raise ValueError(
+          f"dp_aggregator: fixed-size sampling is accounted for "
+          f"clients_per_round={d:g} users per round but the round is given "
+          f"{m} clients; give exactly {d:g} users sampled uniformly "
+          "without replacement."
+        )
+      return population
+    if population is not None and population != run.population:
+      raise ValueError(
+        f"dp_aggregator: population={population} was declared but the "
+        f"round's data has {run.population} clients; epsilon is accounted "
+        f"for the run's population. Pass population=None (the data's "
+        f"{run.population} clients), or simulate_sampling=False if the "
+        "caller samples the users itself."
+      )
+    if sampling == "poisson" and run.sampling != "uniform":
+      raise ValueError(
+        f"dp_aggregator(sampling='poisson') needs "
+        f"RoundConfig(sampling='uniform'), got sampling={run.sampling!r}: "
+        "the Poisson sample is the first K slots of a uniform sample "
+        "without replacement (sampling='all' takes the clients in order)."
+      )
+    if sampling == "fixed" and m != d:
       raise ValueError(
         f"dp_aggregator: fixed-size sampling is accounted for "
         f"clients_per_round={d:g} users per round but the round samples "
-        f"{num_slots}; set RoundConfig(clients_per_round={d:g})."
+        f"{m}; set RoundConfig(clients_per_round={d:g})."
       )
-    return {
-      "sum": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_spec),
-      "unclipped": jnp.zeros((), jnp.float32),
-      "count": jnp.zeros((), jnp.float32),
-      "num_slots": jnp.asarray(num_slots, jnp.float32),
-    }
+    return run.population
 
-  def merge(accs):
-    out = sum_over_devices(accs)
-    out["num_slots"] = accs["num_slots"][0]
-    return out
+  built: dict = {}
 
-  def sample_size(state):
-    return jax.random.binomial(state.sample_key, float(population), q)
+  def bind(run: RunSpec) -> Aggregator:
+    pop = check_run(run)
+    if pop not in built:
+      built[pop] = build(pop)
+    return built[pop]
 
-  def add(state, acc, updates, weights, valid, slots):
-    part = taking_part(weights, valid)
-    if poisson:
-      part = part & (slots.astype(jnp.float32) < sample_size(state))
-    if local:
-      scaled = jax.tree.map(
-        lambda u: jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype)),
-        updates,
-      )
-      unclipped = part
-    else:
-      c = state.clip_norm
-      norms = jax.vmap(tree_norm)(updates)  # [B]
-      scale = jnp.where(
-        part, jnp.minimum(1.0, c / jnp.maximum(norms, 1e-30)), 0.0
-      )
-      scaled = jax.tree.map(
-        lambda u: (
-          jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype))
-          * expand(scale, u.ndim).astype(u.dtype)
+  def build(pop: int | None) -> Aggregator:
+    """The aggregator accounting ``pop`` users (None: not bound yet)."""
+    curve = None
+    if accounted and pop is not None:
+      mechanism = accounting.DpMechanism(
+        z,
+        "local" if local else sampling,
+        pop,
+        clients_per_round=(
+          int(d) if sampling == "fixed" and float(d).is_integer() else d
         ),
-        updates,
       )
-      unclipped = part & (norms <= c)
-    return {
-      "sum": jax.tree.map(
-        lambda a, u: a + jnp.sum(u, axis=0), acc["sum"], scaled
-      ),
-      "unclipped": acc["unclipped"] + jnp.sum(unclipped.astype(jnp.float32)),
-      "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
-      "num_slots": acc["num_slots"],
-    }
+      if sampling == "poisson":
+        accounting.check_sampling_rate(
+          d / pop, "clients_per_round / population"
+        )
+      if delta is not None:
+        curve = accounting.EpsilonCurve(mechanism, delta, accountant)
+    unbound = accounted and pop is None
+    q = d / pop if poisson and pop is not None else None
 
-  def finalize(state, acc, rng):
-    k_sum, k_count, k_next = jax.random.split(rng, 3)
-    c = state.clip_norm
-    noised = jax.tree.map(
-      jnp.add, acc["sum"], _gaussian_like(k_sum, acc["sum"], z_sum * c)
-    )
-    mean = jax.tree.map(lambda a: a / jnp.asarray(d, a.dtype), noised)
-    n = acc["count"]
-    b_noised = (acc["unclipped"] + sigma_b * jax.random.normal(k_count)) / d
-    new_clip = c * jnp.exp(-eta * (b_noised - gamma)) if adaptive else c
-    rounds = state.rounds + 1
-    metrics = {
-      "dp_clip_norm": c,
-      "dp_clipped_fraction": jnp.where(
-        n > 0, 1.0 - acc["unclipped"] / jnp.maximum(n, 1.0), 0.0
-      ),
-      "dp_participants": n,
-      "dp_noise_std": jnp.asarray(z_sum, jnp.float32) * c / d,
-    }
-    if adaptive:
-      metrics["dp_unclipped_noised"] = b_noised
-    if poisson:
-      metrics["dp_overflow"] = (sample_size(state) > acc["num_slots"]).astype(
-        jnp.float32
-      )
-    if curve is not None:
-      metrics["dp_epsilon"] = jax.pure_callback(
-        lambda t: np.asarray(curve(int(t)), np.float32),
-        jax.ShapeDtypeStruct((), jnp.float32),
-        rounds,
-        vmap_method="sequential",
-      )
-    new_state = DpState(
-      clip_norm=new_clip.astype(jnp.float32), rounds=rounds, sample_key=k_next
-    )
-    return AggregatorOutput(
-      mean=mean, total_weight=jnp.asarray(d, jnp.float32), metrics=metrics
-    ), new_state
+    def need_population():
+      if unbound:
+        raise ValueError(
+          f"dp_aggregator(population=None, sampling={sampling!r}) accounts "
+          "the run's population: it runs once bound to a run (the Engine "
+          "binds it to its data, Aggregator.bind); to run it unbound, "
+          "declare population=N."
+        )
 
-  kind = "local_dp" if local else ("dp_adaptive" if adaptive else "dp")
-  agg = Aggregator(
-    init_state,
-    init,
-    add,
-    merge,
-    finalize,
-    name=f"{kind}(z={z:g},C={c0:g},D={d:g})",
-    active_slots=(
-      (lambda st: sample_size(st).astype(jnp.int32)) if poisson else None
-    ),
-  )
+    def init_state(update_spec):
+      need_population()
+      check_float_updates(update_spec, "dp_aggregator")
+      return DpState(
+        clip_norm=jnp.asarray(c0, jnp.float32),
+        rounds=jnp.zeros((), jnp.int32),
+        sample_key=jax.random.PRNGKey(seed),
+      )
+
+    def init(state, update_spec, num_slots):
+      del state
+      need_population()
+      if poisson:
+        p = accounting.overflow_probability(pop, q, num_slots)
+        if p > MAX_OVERFLOW_PER_ROUND:
+          raise ValueError(
+            f"dp_aggregator: clients_per_round={num_slots} slots for "
+            f"Poisson sampling with q={q:g} of {pop} users overflow with "
+            f"probability {p:.3g} per round; expected at most "
+            f"{MAX_OVERFLOW_PER_ROUND:g}. Use RoundConfig(clients_per_round="
+            f"fedjax_lite.privacy.poisson_cap({pop}, {q:g}, "
+            "num_rounds))."
+          )
+      if sampling == "fixed" and simulate_sampling and num_slots != d:
+        raise ValueError(
+          f"dp_aggregator: fixed-size sampling is accounted for "
+          f"clients_per_round={d:g} users per round but the round samples "
+          f"{num_slots}; set RoundConfig(clients_per_round={d:g})."
+        )
+      return {
+        "sum": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_spec),
+        "unclipped": jnp.zeros((), jnp.float32),
+        "count": jnp.zeros((), jnp.float32),
+        "num_slots": jnp.asarray(num_slots, jnp.float32),
+      }
+
+    def merge(accs):
+      out = sum_over_devices(accs)
+      out["num_slots"] = accs["num_slots"][0]
+      return out
+
+    def sample_size(state):
+      return jax.random.binomial(state.sample_key, float(pop), q)
+
+    def add(state, acc, updates, weights, valid, slots):
+      part = taking_part(weights, valid)
+      if poisson:
+        part = part & (slots.astype(jnp.float32) < sample_size(state))
+      if local:
+        scaled = jax.tree.map(
+          lambda u: jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype)),
+          updates,
+        )
+        unclipped = part
+      else:
+        c = state.clip_norm
+        norms = jax.vmap(tree_norm)(updates)  # [B]
+        scale = jnp.where(
+          part, jnp.minimum(1.0, c / jnp.maximum(norms, 1e-30)), 0.0
+        )
+        scaled = jax.tree.map(
+          lambda u: (
+            jnp.where(expand(part, u.ndim), u, jnp.zeros((), u.dtype))
+            * expand(scale, u.ndim).astype(u.dtype)
+          ),
+          updates,
+        )
+        unclipped = part & (norms <= c)
+      return {
+        "sum": jax.tree.map(
+          lambda a, u: a + jnp.sum(u, axis=0), acc["sum"], scaled
+        ),
+        "unclipped": acc["unclipped"] + jnp.sum(unclipped.astype(jnp.float32)),
+        "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
+        "num_slots": acc["num_slots"],
+      }
+
+    def finalize(state, acc, rng):
+      k_sum, k_count, k_next = jax.random.split(rng, 3)
+      c = state.clip_norm
+      noised = jax.tree.map(
+        jnp.add, acc["sum"], _gaussian_like(k_sum, acc["sum"], z_sum * c)
+      )
+      mean = jax.tree.map(lambda a: a / jnp.asarray(d, a.dtype), noised)
+      n = acc["count"]
+      b_noised = (acc["unclipped"] + sigma_b * jax.random.normal(k_count)) / d
+      new_clip = c * jnp.exp(-eta * (b_noised - gamma)) if adaptive else c
+      rounds = state.rounds + 1
+      metrics = {
+        "dp_clip_norm": c,
+        "dp_clipped_fraction": jnp.where(
+          n > 0, 1.0 - acc["unclipped"] / jnp.maximum(n, 1.0), 0.0
+        ),
+        "dp_participants": n,
+        "dp_noise_std": jnp.asarray(z_sum, jnp.float32) * c / d,
+      }
+      if adaptive:
+        metrics["dp_unclipped_noised"] = b_noised
+      if poisson:
+        metrics["dp_overflow"] = (sample_size(state) > acc["num_slots"]).astype(
+          jnp.float32
+        )
+      if curve is not None:
+        metrics["dp_epsilon"] = jax.pure_callback(
+          lambda t: np.asarray(curve(int(t)), np.float32),
+          jax.ShapeDtypeStruct((), jnp.float32),
+          rounds,
+          vmap_method="sequential",
+        )
+      new_state = DpState(
+        clip_norm=new_clip.astype(jnp.float32),
+        rounds=rounds,
+        sample_key=k_next,
+      )
+      return AggregatorOutput(
+        mean=mean, total_weight=jnp.asarray(d, jnp.float32), metrics=metrics
+      ), new_state
+
+    return Aggregator(
+      init_state,
+      init,
+      add,
+      merge,
+      finalize,
+      name=name,
+      active_slots=(
+        (lambda st: sample_size(st).astype(jnp.int32)) if poisson else None
+      ),
+      # Bound or not, binding again starts from what was declared here.
+      bind=bind if accounted else None,
+    )
+
+  agg = build(population)
+  if population is not None:
+    built[population] = agg
   return agg
 
 
