@@ -439,15 +439,57 @@ def test_secure_fed_avg_round_in_the_engine(rng, one_device_mesh):
 
 
 def test_aggregator_refuses_below_threshold(rng):
-  """Inside the (traced) aggregator the refusal surfaces as the round's
-  error, with the protocol's message; nothing is unmasked."""
+  """Inside the (traced) aggregator nothing raises: the refused round has a
+  zero placeholder mean and its reason in the metrics, and check_output
+  raises the protocol's message on the host; nothing is unmasked."""
   agg = sa.secure_aggregator(
     CLIP, bits_per_value=BPV, dropout_rate=0.5, seed=7
   )  # 8 of 16 survive, t = 9
+  out, _ = _run_aggregator(agg, clipped_updates(rng), np.ones(N))
+  jax.block_until_ready(out.mean)
+  assert not np.asarray(out.mean["w"]).any()
+  assert float(out.total_weight) == 0.0
+  metrics = jax.device_get(out.metrics)
+  assert metrics["secagg_refused"] == sa.REFUSED_THRESHOLD
+  assert metrics["secagg_refused_holders"] == 8
   with pytest.raises(
-    Exception,
+    sa.SecAggError,
     match=r"refuses to unmask: 8 of 16 clients "
     r"survived.*threshold t=9.*No shares were revealed",
-  ):
-    out, _ = _run_aggregator(agg, clipped_updates(rng), np.ones(N))
-    jax.block_until_ready(out.mean)
+  ) as err:
+    agg.check_output(metrics)
+  assert "\n" not in str(err.value)
+  assert err.value.reason == sa.REFUSED_THRESHOLD
+
+
+def test_quantize_never_maps_non_finite_values_into_range():
+  x = jnp.asarray([[0.5, jnp.nan, jnp.inf, -jnp.inf, -1.0]], jnp.float32)
+  q = np.asarray(sa.quantize(x, CLIP, BPV))[0]
+  levels = 2**BPV - 1
+  assert q[0] == round(0.5 * levels) + levels and q[4] == 0
+  # NaN used to become 0, which decodes as -C.
+  assert (q[1:4] == sa.INVALID_CODE).all() and sa.INVALID_CODE > 2 * levels
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_aggregator_does_not_send_a_non_finite_update(rng, bad):
+  """With the engine's non-finite handling bypassed (the aggregator called
+  directly), a non-finite client does not send: the mean is the finite
+  clients' one and secagg_nonfinite counts it."""
+  x = clipped_updates(rng)
+  x_bad = x.copy()
+  x_bad[4, 7] = bad
+  weights = np.ones(N)
+  agg = sa.secure_aggregator(CLIP, bits_per_value=BPV, seed=5)
+  out, _ = _run_aggregator(agg, x_bad, weights)
+  ref, _ = _run_aggregator(
+    sa.secure_aggregator(CLIP, bits_per_value=BPV, seed=5),
+    x,
+    np.where(np.arange(N) == 4, 0.0, weights),  # client 4 does not send
+  )
+  np.testing.assert_array_equal(out.mean["w"], ref.mean["w"])
+  assert float(out.metrics["secagg_nonfinite"]) == 1
+  assert float(ref.metrics["secagg_nonfinite"]) == 0
+  assert float(out.metrics["secagg_survivors"]) == N - 1
+  assert float(out.total_weight) == N - 1
+  assert float(out.metrics["secagg_refused"]) == 0

@@ -89,12 +89,49 @@ What this simulation protects and what it does not:
   simulated (messages are counted, not sent); there are no signatures or
   PKI (the paper's active-adversary variant with a consistency check round
   and signed keys is not implemented), so a server that substitutes public
-  keys (man in the middle) or a malicious client is out of scope; there are no
-  defences against malicious clients sending out-of-range inputs (a client can
-  shift the sum arbitrarily); the PRG caveat above; by default the key
+  keys (man in the middle) or a malicious client is out of scope beyond the
+  checks below; there are no defences against malicious clients sending
+  out-of-range inputs (a client can shift the sum arbitrarily); the PRG
+  caveat above; by default the key
   material comes from a seeded NumPy/``random`` generator so runs are
   reproducible (``seed=None`` draws from the OS CSPRNG instead); the sum
   itself is revealed (combine with DP for that, see :func:`secure_aggregator`).
+
+What the server checks during Unmasking (refusing with :class:`SecAggError`,
+naming the clients, and unmasking nothing):
+
+* Every share ciphertext is AES-GCM authenticated: an altered one (or one
+  under another key) fails authentication (``REFUSED_AUTHENTICATION``, names
+  sender and recipient); one that decrypts but names another pair of clients
+  is misrouted or replayed (``REFUSED_MISROUTED``).
+* Share consistency, when redundancy exists: a secret with more than ``t``
+  revealed shares must have them all on one polynomial of degree ``t - 1``
+  (a random parity check, :func:`shamir.check_shares`, ``O(h)`` per secret).
+  A crafted but well-formed share (a client revealing a wrong share, or a
+  dealer sharing inconsistent values) is refused with
+  ``REFUSED_INCONSISTENT_SHARE``, naming the client whose share is wrong when
+  exactly one is wrong and at least ``t + 2`` shares are revealed, else the
+  set of holders.
+* It does NOT detect: a wrong share when exactly ``t`` shares are revealed
+  (``t`` points fit every polynomial of degree ``t - 1``; only a
+  reconstructed value that encodes no valid key or seed is caught,
+  ``REFUSED_UNDECODABLE``, without naming the share); several colluding
+  clients whose wrong shares lie on another common polynomial (the wrong one
+  may then be misattributed); a malicious client's masked input itself (see
+  above); a malicious server (it could skip these checks, lie about who
+  dropped, or substitute keys).
+
+Refusals inside the jitted round: the host callbacks never raise (an
+exception in one device's callback would leave the other devices waiting in
+a collective and abort the process). A refused round returns a zero mean and
+weight as placeholders, reports the reason in its metrics (``secagg_refused``
+and the clients concerned) and records the :class:`SecAggError` on the
+round's :class:`SecAggRound` (``refusal``); the aggregator's ``check_output``
+raises that error on the host after the round (:meth:`Engine.round`,
+:meth:`Engine.run`), so the refused round's state is never returned. Callers
+of ``Engine.round_body`` / ``rounds_body`` must call
+``Engine.check_metrics`` themselves and must not use the state of a refused
+round.
 
 Layer: ``fedjax_lite.privacy`` sits beside ``aggregators/`` (it imports
 ``aggregators/``); ``engine/`` and ``learning.py`` may import it.
@@ -115,6 +152,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import (
   X25519PrivateKey,
@@ -148,8 +186,124 @@ _SK_ELEMS = shamir.num_elements(_KEY_BYTES)  # 3
 _SEED_ELEMS = shamir.num_elements(_SEED_BYTES)  # 2
 
 
+# Why the server refused to unmask a round (the ``secagg_refused`` metric).
+REFUSED_THRESHOLD = 1  # a secret has fewer than t surviving holders
+REFUSED_INCONSISTENT_SHARE = 2  # revealed shares on no polynomial of degree t-1
+REFUSED_AUTHENTICATION = 3  # a share ciphertext failed AES-GCM authentication
+REFUSED_MISROUTED = 4  # a share ciphertext names another pair of clients
+REFUSED_UNDECODABLE = 5  # t shares reconstruct no valid secret encoding
+REFUSED_HOST_ERROR = 6  # an unexpected error in the host callbacks
+
+
 class SecAggError(ValueError):
-  """The protocol refuses to unmask (e.g. fewer than ``t`` survivors)."""
+  """The protocol refuses to unmask: fewer than ``t`` surviving holders of a
+  secret, revealed shares that are inconsistent, or a share ciphertext that
+  fails authentication (the message names the clients).
+
+  Attributes:
+    reason: one of the ``REFUSED_*`` codes.
+    client: the client whose secret (or whose ciphertext) is concerned, -1
+      if none (clients are numbered by their slot in the round's sample).
+    peer: the other client (who revealed the wrong share, or the ciphertext's
+      recipient), -1 if none or not pinned.
+    holders: the number of that secret's surviving share holders, -1 if none.
+  """
+
+  def __init__(
+    self,
+    message: str,
+    *,
+    reason: int = REFUSED_HOST_ERROR,
+    client: int = -1,
+    peer: int = -1,
+    holders: int = -1,
+  ):
+    super().__init__(message)
+    self.reason = int(reason)
+    self.client = int(client)
+    self.peer = int(peer)
+    self.holders = int(holders)
+
+
+def refusal_message(
+  reason: int,
+  *,
+  client: int,
+  peer: int,
+  holders: int,
+  survivors: int,
+  num_clients: int,
+  threshold: int,
+  degree: int,
+  detail: str = "",
+) -> str:
+  """The one-line message of a refusal (the same from the protocol object
+  and from a round's metrics; ``detail`` adds what metrics cannot hold)."""
+  u, v, t, n = int(client), int(peer), int(threshold), int(num_clients)
+  head = (
+    f"secure aggregation refuses to unmask: {int(survivors)} of {n} "
+    "clients survived"
+  )
+  kept = " The masked sum stays masked."
+  if reason == REFUSED_THRESHOLD:
+    complete = degree >= n - 1
+    safe = safe_threshold(int(degree) + 1)
+    graph = (
+      "all clients" if complete else f"the client and its {degree} neighbours"
+    )
+    return (
+      f"{head}, and client {u} has only {int(holders)} surviving share "
+      f"holders ({graph}) but threshold t={t} shares are needed to remove "
+      "its masks. No shares were revealed and the masked sum stays masked. "
+      f"Expected at least t={t} surviving holders for every client (lower "
+      "the dropout rate"
+      + (", use more neighbours" if not complete else "")
+      + (
+        f", or pick a smaller t >= {safe})."
+        if t > safe
+        else "; t is already the safe minimum)."
+      )
+    )
+  if reason == REFUSED_INCONSISTENT_SHARE:
+    if v >= 0:
+      return (
+        f"{head}, but the share of client {u}'s secret revealed by client "
+        f"{v} is inconsistent: it does not lie on the polynomial of degree "
+        f"t-1={t - 1} through the other {int(holders) - 1} shares that "
+        f"client {u}'s surviving holders revealed (a tampered or corrupted "
+        "share)." + kept
+      )
+    return (
+      f"{head}, but the {int(holders)} shares of client {u}'s secret "
+      f"revealed by its surviving share holders{detail} do not lie on one "
+      f"polynomial of degree t-1={t - 1} (a tampered or corrupted share), "
+      "and no single wrong share can be pinned (t+1 shares, or several "
+      "wrong)." + kept
+    )
+  if reason == REFUSED_AUTHENTICATION:
+    return (
+      f"{head}, but the encrypted share that client {u} sent to client {v} "
+      "failed authentication (AES-GCM tag mismatch: the ciphertext was "
+      "altered or encrypted under another key), so client "
+      f"{v} cannot reveal it." + kept
+    )
+  if reason == REFUSED_MISROUTED:
+    return (
+      f"{head}, but the share ciphertext that client {v} holds from client "
+      f"{u} decrypts to a share addressed to another pair of clients"
+      f"{detail} (misrouted or replayed)." + kept
+    )
+  if reason == REFUSED_UNDECODABLE:
+    return (
+      f"{head}, but the t={t} shares of client {u}'s secret revealed by "
+      f"its surviving share holders{detail} reconstruct a value that "
+      "encodes no valid secret: a share is wrong, and with exactly t shares "
+      "it cannot be told which." + kept
+    )
+  return (
+    f"secure aggregation failed on the host and did not unmask the round"
+    f"{detail}."
+  )
 
 
 # --------------------------------------------------------------- parameters
@@ -590,6 +744,7 @@ class SecAggRound:
     self.setup_seconds = time.perf_counter() - t0
     self.traffic = Traffic(sent, recv)
     self.revealed_shares = 0  # what the server has learned from Unmasking
+    self.refusal: SecAggError | None = None  # the last Unmasking refusal
 
   # -------------------------------------------------------- client side
   def client_masks(self, clients=None):
@@ -630,13 +785,19 @@ class SecAggRound:
       self._randbits,
     )
     secs = time.perf_counter() - t0
-    if not np.array_equal(seeds, self._pair_seeds[u]):
-      raise AssertionError(
-        f"client {u} derived pairwise seeds that differ "
-        "from its neighbours' derivations."
+    differ = np.flatnonzero((seeds != self._pair_seeds[u]).any(axis=1))
+    if len(differ):
+      raise SecAggError(
+        f"client {u} derived pairwise mask seeds that differ from its "
+        f"neighbours' derivations for neighbours "
+        f"{self.neighbors[u][differ].tolist()}; expected X25519 to give "
+        "both sides of every pair the same seed."
       )
     if len(ciphertexts) != self.degree:
-      raise AssertionError("wrong number of share ciphertexts.")
+      raise SecAggError(
+        f"client {u} produced {len(ciphertexts)} share ciphertexts; "
+        f"expected one per neighbour ({self.degree})."
+      )
     return secs
 
   # -------------------------------------------------------- server side
@@ -658,25 +819,27 @@ class SecAggRound:
     bad = np.flatnonzero(holders < t)
     if alive.sum() < t or len(bad):
       u = int(bad[0]) if len(bad) else 0
-      graph = (
-        "all clients"
-        if self.complete
-        else f"the client and its {self.degree} neighbours"
-      )
-      raise SecAggError(
-        f"secure aggregation refuses to unmask: {int(alive.sum())} of "
-        f"{n} clients survived, and client {u} has only {int(holders[u])} "
-        f"surviving share holders ({graph}) but threshold t={t} shares "
-        f"are needed to remove its masks. No shares were revealed and the "
-        f"masked sum stays masked. Expected at least t={t} surviving "
-        f"holders for every client (lower the dropout rate"
-        + (", use more neighbours" if not self.complete else "")
-        + (
-          f", or pick a smaller t >= {safe_threshold(self.num_holders)})."
-          if t > safe_threshold(self.num_holders)
-          else "; t is already the safe minimum)."
-        )
-      )
+      self._refuse(REFUSED_THRESHOLD, alive, client=u, holders=int(holders[u]))
+
+  def _refuse(self, reason, alive, *, client, peer=-1, holders=-1, detail=""):
+    """Raises the refusal (and records it as :attr:`refusal`)."""
+    raise SecAggError(
+      refusal_message(
+        reason,
+        client=client,
+        peer=peer,
+        holders=holders,
+        survivors=int(np.sum(alive)),
+        num_clients=self.num_clients,
+        threshold=self.threshold,
+        degree=self.degree,
+        detail=detail,
+      ),
+      reason=reason,
+      client=client,
+      peer=peer,
+      holders=holders,
+    )
 
   def unmask_material(
     self, survivors, pad_rows: int | None = None
@@ -705,11 +868,28 @@ class SecAggRound:
       ``server_host_seconds``: reconstruction and key agreements).
 
     Raises:
-      SecAggError: see :meth:`check_survivors` (raised before any reveal).
+      SecAggError: (recorded as :attr:`refusal`, nothing is returned)
+        ``REFUSED_THRESHOLD``: see :meth:`check_survivors` (raised before
+        any reveal); ``REFUSED_AUTHENTICATION``: a survivor's share
+        ciphertext fails AES-GCM authentication (names sender and
+        recipient); ``REFUSED_MISROUTED``: it decrypts to a share addressed
+        to another pair; ``REFUSED_INCONSISTENT_SHARE``: a secret has more
+        than ``t`` revealed shares and they do not lie on one polynomial of
+        degree ``t - 1`` (names the client whose share is wrong when it can
+        be pinned, see :func:`shamir.check_shares`); ``REFUSED_UNDECODABLE``:
+        exactly ``t`` shares reconstruct no valid key or seed.
     """
+    try:
+      return self._unmask_material(survivors, pad_rows)
+    except SecAggError as e:
+      self.refusal = e
+      raise
+
+  def _unmask_material(self, survivors, pad_rows):
     t0 = time.perf_counter()
     alive = np.asarray(survivors, bool)
     self.check_survivors(alive)
+    self.refusal = None
     n, k, t = self.num_clients, self.degree, self.threshold
     sent = self.traffic.sent.copy()
     recv = self.traffic.received.copy()
@@ -722,22 +902,35 @@ class SecAggRound:
     # Survivors reveal shares (decrypting what they hold).
     t_clients = time.perf_counter()
     revealed: dict[int, list] = {u: [] for u in range(n)}
-    for v in np.flatnonzero(alive):
-      cv = self._clients[v]
-      for u in [int(x) for x in self.neighbors[v]]:
-        ct = cv.inbox[u]
-        sender, receiver, sk_share, seed_share = _decode_shares(
-          cv.aead[u].decrypt(ct[:_NONCE_BYTES], ct[_NONCE_BYTES:], None)
-        )
-        if (sender, receiver) != (u, int(v)):
-          raise AssertionError("misrouted share ciphertext.")
-        share = seed_share if alive[u] else sk_share
-        revealed[u].append((int(v) + 1, share))
-        sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * len(share)
-      # Its own share of its own b_v (it survived).
-      revealed[int(v)].append((int(v) + 1, cv.own_shares[1]))
-      sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * _SEED_ELEMS
-    self.revealed_shares += sum(len(r) for r in revealed.values())
+    try:
+      for v in np.flatnonzero(alive):
+        v = int(v)
+        cv = self._clients[v]
+        for u in [int(x) for x in self.neighbors[v]]:
+          ct = cv.inbox[u]
+          try:
+            plain = cv.aead[u].decrypt(
+              ct[:_NONCE_BYTES], ct[_NONCE_BYTES:], None
+            )
+          except InvalidTag:
+            self._refuse(REFUSED_AUTHENTICATION, alive, client=u, peer=v)
+          sender, receiver, sk_share, seed_share = _decode_shares(plain)
+          if (sender, receiver) != (u, v):
+            self._refuse(
+              REFUSED_MISROUTED,
+              alive,
+              client=u,
+              peer=v,
+              detail=f" (from client {sender} to client {receiver})",
+            )
+          share = seed_share if alive[u] else sk_share
+          revealed[u].append((v + 1, share))
+          sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * len(share)
+        # Its own share of its own b_v (it survived).
+        revealed[v].append((v + 1, cv.own_shares[1]))
+        sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * _SEED_ELEMS
+    finally:  # what reached the server, also when a survivor fails
+      self.revealed_shares += sum(len(r) for r in revealed.values())
     t_server = time.perf_counter()
     clients_seconds = t_server - t_clients
     # Reconstruction.
@@ -752,6 +945,29 @@ class SecAggRound:
     pair_words = np.zeros((rows, k, 2), np.uint32)
     signs = np.zeros((rows, k), np.int32)
     key_agreements = 0
+    # Redundant shares (more than t) must lie on one polynomial of degree
+    # t - 1: a check per secret, before anything is reconstructed.
+    parity_cache: dict[tuple, list] = {}
+    for u in range(n):
+      xs = [x for x, _ in revealed[u]]
+      if len(xs) <= t:
+        continue
+      key = tuple(xs)
+      if key not in parity_cache:
+        parity_cache[key] = shamir.parity_check(xs, t)
+      wrong = shamir.check_shares(
+        xs, [s for _, s in revealed[u]], t, parity_cache[key]
+      )
+      if wrong:
+        pinned = len(wrong) == 1
+        self._refuse(
+          REFUSED_INCONSISTENT_SHARE,
+          alive,
+          client=u,
+          peer=xs[wrong[0]] - 1 if pinned else -1,
+          holders=len(xs),
+          detail="" if pinned else f" (clients {[x - 1 for x in xs]})",
+        )
     for u in range(n):
       xs = [x for x, _ in revealed[u]][:t]
       sh = [s for _, s in revealed[u]][:t]
@@ -759,12 +975,22 @@ class SecAggRound:
       if key not in lam_cache:
         lam_cache[key] = shamir.lagrange_at_zero(xs)
       elems = shamir.reconstruct(xs, sh, t, lam_cache[key])
-      if alive[u]:
-        self_words[u] = seed_words(shamir.elements_to_bytes(elems, _SEED_BYTES))
-      else:
-        sk = X25519PrivateKey.from_private_bytes(
-          shamir.elements_to_bytes(elems, _KEY_BYTES)
+      try:
+        secret = shamir.elements_to_bytes(
+          elems, _SEED_BYTES if alive[u] else _KEY_BYTES
         )
+      except ValueError:
+        self._refuse(
+          REFUSED_UNDECODABLE,
+          alive,
+          client=u,
+          holders=len(revealed[u]),
+          detail=f" (clients {[x - 1 for x in xs]})",
+        )
+      if alive[u]:
+        self_words[u] = seed_words(secret)
+      else:
+        sk = X25519PrivateKey.from_private_bytes(secret)
         r = row_of[u]
         for j, v in enumerate(self.neighbors[u]):
           if alive[v]:
@@ -878,14 +1104,25 @@ def modular_sum(y: jax.Array, bits: int) -> jax.Array:
   return _mod(jnp.sum(y, axis=0, dtype=jnp.uint32), bits)
 
 
+# quantize()'s code for a non-finite value: above 2L for every
+# bits_per_value <= 31, so never the code of a finite value.
+INVALID_CODE = 0xFFFFFFFF
+
+
 def quantize(x: jax.Array, clip_norm, bits_per_value: int) -> jax.Array:
   r"""Fixed point: ``round(x L / C) + L`` in ``[0, 2L]``, uint32
-  (``L = 2^{bits_per_value} - 1``; ``x`` already clipped to norm ``C``)."""
+  (``L = 2^{bits_per_value} - 1``; ``x`` already clipped to norm ``C``).
+
+  A NaN or an infinity has no fixed-point value: it becomes
+  :data:`INVALID_CODE` (``2^32 - 1``, outside ``[0, 2L]``), never a bound
+  such as ``0`` (which would decode as ``-C``). :func:`secure_aggregator`
+  does not mask or send such a client's input (see its docstring).
+  """
   levels = float((1 << bits_per_value) - 1)
-  v = jnp.clip(
-    jnp.round(x.astype(jnp.float32) / clip_norm * levels), -levels, levels
-  )
-  return (v + levels).astype(jnp.uint32)
+  x = x.astype(jnp.float32)
+  v = jnp.clip(jnp.round(x / clip_norm * levels), -levels, levels)
+  code = jnp.where(jnp.isfinite(x), v + levels, 0.0).astype(jnp.uint32)
+  return jnp.where(jnp.isfinite(x), code, jnp.uint32(INVALID_CODE))
 
 
 def centered_sum(
@@ -973,9 +1210,23 @@ def secure_aggregator(
   Dropouts: a fraction ``dropout_rate`` of each round's clients (chosen on the
   host from ``(seed, round)``) drops after masking: their masked input never
   arrives and they do not count; clients with weight 0 or padding slots never
-  send either. Fewer than ``t`` surviving holders for some client: the
-  round fails with :class:`SecAggError`'s message (inside a
-  ``JaxRuntimeError``) and nothing is unmasked.
+  send either. Fewer than ``t`` surviving holders for some client (or
+  inconsistent shares, a ciphertext failing authentication, see the module
+  docstring): nothing is unmasked, the round's mean and ``total_weight`` are
+  zero placeholders, ``secagg_refused`` > 0, and ``check_output`` (called by
+  :meth:`Engine.round` / :meth:`Engine.run` after the round) raises
+  :class:`SecAggError` with a one-line message (survivors, threshold, the
+  clients concerned): the refused round's state is never returned. The
+  device computation itself never raises.
+
+  Non-finite updates: the engine drops them before any aggregator
+  (``RoundConfig(nonfinite="drop")``, metric ``dropped_nonfinite``). If one
+  reaches this aggregator anyway (e.g. from an aggregator wrapped around
+  it), :func:`quantize` gives it no fixed-point value
+  (:data:`INVALID_CODE`) and the client does not send its masked input: it
+  counts as a dropout (for the threshold, too) and in ``secagg_nonfinite``;
+  it never contributes (a NaN quantized as 0 would decode as ``-C`` per
+  coordinate).
 
   DP (``noise_multiplier=z``): central Gaussian noise added by the server
   to the unmasked sum, then a fixed denominator ``D = clients_per_round``
@@ -1022,7 +1273,12 @@ def secure_aggregator(
   ``secagg_server_key_agreements``, ``secagg_server_prg_expansions``,
   ``secagg_server_host_seconds``, ``secagg_clients_unmask_seconds``,
   ``secagg_setup_host_seconds`` (host seconds of AdvertiseKeys + ShareKeys
-  for all clients), ``secagg_threshold``, ``secagg_degree``.
+  for all clients), ``secagg_threshold``, ``secagg_degree``,
+  ``secagg_nonfinite`` (clients whose update reached the aggregator non-finite
+  and did not send), ``secagg_refused`` (0: unmasked, else a ``REFUSED_*``
+  code), ``secagg_refused_client``, ``secagg_refused_peer``,
+  ``secagg_refused_holders`` (the clients concerned, -1 if none; see
+  :class:`SecAggError`).
   """
   factory = name
   if (
@@ -1076,6 +1332,12 @@ def secure_aggregator(
     "clients_unmask_seconds",
     "setup_host_seconds",
   )
+  refusal_names = (
+    "refused",
+    "refused_client",
+    "refused_peer",
+    "refused_holders",
+  )
 
   class _Host:
     """Host side for one round size ``m``: per-round protocol objects."""
@@ -1099,7 +1361,10 @@ def secure_aggregator(
           f"or >= {m - 1} for the complete graph; got an odd {k}."
         )
       t = resolve_threshold(self.t_arg, k + 1, m)  # trace-time error if bad
-      self.degree = k
+      self.degree, self.t = k, t
+      # An unexpected host error of a callback (the round reports
+      # REFUSED_HOST_ERROR; check_output names it).
+      self.last_error: str | None = None
       # Pair rows the server may need: one per dropped client; with the
       # complete graph at most m - t clients drop (else it refuses).
       self.rows = max(1, m - t) if k == m - 1 else m
@@ -1124,32 +1389,83 @@ def secure_aggregator(
         self.drops[r] = dropped_clients(self.m, dropout_rate, r, seed)
       return self.rounds[r]
 
-    def client_material(self, r):
-      """Every client's mask seeds and dropout flag for round(s) ``r``."""
-      r = np.asarray(r)
-      out = ([], [], [], [])
-      for i in np.ndindex(r.shape):
-        proto = self.round(int(r[i]))
-        for lst, v in zip(out, proto.client_masks() + (self.drops[int(r[i])],)):
-          lst.append(v)
-      return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
+    def record(self, e: Exception) -> None:
+      self.last_error = f"{type(e).__name__}: {e}"
 
-    def server_material(self, r, arrived):
-      r, arrived = np.asarray(r), np.asarray(arrived)
+    def client_material(self, r):
+      """Every client's mask seeds, dropout flag and a fault flag for
+      round(s) ``r``. Never raises (it runs inside the jitted round, where
+      an exception would leave the other devices waiting in a collective):
+      a failure gives zero seeds and fault 1, and finalize refuses."""
+      r = np.asarray(r)
+      m, k = self.m, self.degree
       out = ([], [], [], [], [])
       for i in np.ndindex(r.shape):
-        proto = self.round(int(r[i]))
-        (sw, so, pw, sg), stats = proto.unmask_material(
-          arrived[i] > 0, pad_rows=self.rows
+        try:
+          proto = self.round(int(r[i]))
+          got = proto.client_masks() + (self.drops[int(r[i])], np.int32(0))
+        except Exception as e:  # pylint: disable=broad-except
+          self.record(e)
+          got = (
+            np.zeros((m, 2), np.uint32),
+            np.zeros((m, k, 2), np.uint32),
+            np.zeros((m, k), np.int32),
+            np.ones((m,), bool),
+            np.int32(1),
+          )
+        for lst, v in zip(out, got):
+          lst.append(np.asarray(v))
+      return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
+
+    def unmask(self, r: int, alive: np.ndarray, fault: bool):
+      """The server's Unmasking of round ``r``: ``(material, stats,
+      refusal)`` with ``refusal = [reason, client, peer, holders]`` (reason
+      0: unmasked). Never raises (see :meth:`client_material`): a refusal
+      gives zero material, recorded on the round's :class:`SecAggRound`
+      (``refusal``) and reported in the round's metrics."""
+      try:
+        if fault:
+          refusal = [REFUSED_HOST_ERROR, -1, -1, -1]
+        else:
+          proto = self.round(r)
+          material, stats = proto.unmask_material(alive, pad_rows=self.rows)
+          return material, stats, [0, -1, -1, -1]
+      except SecAggError as e:
+        refusal = [e.reason, e.client, e.peer, e.holders]
+        if e.reason == REFUSED_HOST_ERROR:
+          self.record(e)
+      except Exception as e:  # pylint: disable=broad-except
+        self.record(e)
+        refusal = [REFUSED_HOST_ERROR, -1, -1, -1]
+      m, k = self.m, self.degree
+      material = (
+        np.zeros((m, 2), np.uint32),
+        np.zeros((m,), np.int32),
+        np.zeros((self.rows, k, 2), np.uint32),
+        np.zeros((self.rows, k), np.int32),
+      )
+      stats = dict.fromkeys(stat_names, 0.0)
+      stats.update(
+        survivors=float(alive.sum()),
+        dropped=float(m - alive.sum()),
+        threshold=float(self.t),
+        degree=float(k),
+      )
+      return material, stats, refusal
+
+    def server_material(self, r, arrived, fault):
+      r, arrived, fault = map(np.asarray, (r, arrived, fault))
+      out = ([], [], [], [], [], [])
+      for i in np.ndindex(r.shape):
+        material, stats, refusal = self.unmask(
+          int(r[i]), arrived[i] > 0, bool(fault[i] > 0)
         )
         for lst, v in zip(
           out,
-          (
-            sw,
-            so,
-            pw,
-            sg,
+          material
+          + (
             np.asarray([stats[s] for s in stat_names], np.float32),
+            np.asarray(refusal, np.int32),
           ),
         ):
           lst.append(v)
@@ -1212,6 +1528,8 @@ def secure_aggregator(
       "sum": jnp.zeros((host.d,), jnp.uint32),
       "arrived": jnp.zeros((num_slots,), jnp.int32),
       "weight": jnp.zeros((), jnp.float32),
+      "nonfinite": jnp.zeros((), jnp.float32),
+      "fault": jnp.zeros((), jnp.int32),
     }
 
   def _host_of(acc):
@@ -1227,21 +1545,27 @@ def secure_aggregator(
     bounded = jax.vmap(lambda u: clip_by_norm(u, clip_norm))(updates)
     flat = jax.vmap(lambda u: ravel_pytree(u)[0])(bounded)  # [B, d]
     q = quantize(flat, clip_norm, bits_per_value)
+    # A non-finite update (only if the engine's RoundConfig.nonfinite did not
+    # already drop it) has no fixed-point value: the client does not send,
+    # as a dropout, and is counted in secagg_nonfinite.
+    finite = jnp.all(q != jnp.uint32(INVALID_CODE), axis=1)
     m, k = host.m, host.degree
     shapes = (
       jax.ShapeDtypeStruct((m, 2), jnp.uint32),
       jax.ShapeDtypeStruct((m, k, 2), jnp.uint32),
       jax.ShapeDtypeStruct((m, k), jnp.int32),
       jax.ShapeDtypeStruct((m,), jnp.bool_),
+      jax.ShapeDtypeStruct((), jnp.int32),
     )
     # The round's seeds (the host runs AdvertiseKeys/ShareKeys once per
     # round); each client of the block uses only its own row.
-    material = jax.pure_callback(
+    *material, fault = jax.pure_callback(
       host.client_material, shapes, state["round"], vmap_method="broadcast_all"
     )
     sw, pw, sg, dropped = (a[jnp.clip(slots, 0, m - 1)] for a in material)
     y = mask_inputs(q, sw, pw, sg, host.b)
-    sends = taking_part(weights, valid) & ~dropped
+    takes_part = taking_part(weights, valid)
+    sends = takes_part & ~dropped & finite
     y = jnp.where(sends[:, None], y, jnp.zeros((), jnp.uint32))
     arrived = (
       acc["arrived"].at[jnp.where(sends, slots, host.m)].max(1, mode="drop")
@@ -1250,6 +1574,9 @@ def secure_aggregator(
       "sum": acc["sum"] + jnp.sum(y, axis=0, dtype=jnp.uint32),
       "arrived": arrived,
       "weight": acc["weight"] + jnp.sum(jnp.where(sends, weights, 0.0)),
+      "nonfinite": acc["nonfinite"]
+      + jnp.sum((takes_part & ~finite).astype(jnp.float32)),
+      "fault": jnp.maximum(acc["fault"], fault),
     }
 
   def merge(accs):
@@ -1257,6 +1584,8 @@ def secure_aggregator(
       "sum": jnp.sum(accs["sum"], axis=0, dtype=jnp.uint32),
       "arrived": jnp.sum(accs["arrived"], axis=0),
       "weight": jnp.sum(accs["weight"], axis=0),
+      "nonfinite": jnp.sum(accs["nonfinite"], axis=0),
+      "fault": jnp.max(accs["fault"], axis=0),
     }
 
   def finalize(state, acc, rng):
@@ -1268,20 +1597,28 @@ def secure_aggregator(
       jax.ShapeDtypeStruct((host.rows, k, 2), jnp.uint32),
       jax.ShapeDtypeStruct((host.rows, k), jnp.int32),
       jax.ShapeDtypeStruct((len(stat_names),), jnp.float32),
+      jax.ShapeDtypeStruct((4,), jnp.int32),
     )
-    sw, so, pw, sg, stats = jax.pure_callback(
+    # Never raises: a refusal comes back as refusal[0] > 0 (with zero
+    # material) and check_output raises SecAggError after the round.
+    sw, so, pw, sg, stats, refusal = jax.pure_callback(
       host.server_material,
       shapes,
       state["round"],
       acc["arrived"],
+      acc["fault"],
       vmap_method="broadcast_all",
     )
+    refused = refusal[0] > 0
     z = remove_masks(acc["sum"], sw, so, pw, sg, host.b)
     n_sum = jnp.sum((acc["arrived"] > 0).astype(jnp.int32))
     ints = centered_sum(z, n_sum, bits_per_value)
     levels = float((1 << bits_per_value) - 1)
     flat_sum = ints.astype(jnp.float32) * (clip_norm / levels)
     metrics = {f"secagg_{s}": stats[i] for i, s in enumerate(stat_names)}
+    metrics["secagg_nonfinite"] = acc["nonfinite"]
+    for i, s in enumerate(refusal_names):
+      metrics[f"secagg_{s}"] = refusal[i].astype(jnp.float32)
     if noise_multiplier is None:
       denom = jnp.maximum(n_sum, 1).astype(jnp.float32)
       flat_mean = jnp.where(n_sum > 0, flat_sum / denom, 0.0)
@@ -1291,13 +1628,57 @@ def secure_aggregator(
       noise = std * jax.random.normal(rng, flat_sum.shape, jnp.float32)
       flat_mean = (flat_sum + noise) / float(host.m)
       metrics["secagg_dp_noise_std"] = jnp.asarray(std / host.m, jnp.float32)
+    # A refused round: nothing was unmasked; zero placeholders (Engine.round
+    # and Engine.run raise in check_output before returning its state).
+    flat_mean = jnp.where(refused, 0.0, flat_mean)
+    total_weight = jnp.where(refused, 0.0, acc["weight"])
     _, unravel = ravel_pytree(
       jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), host.spec)
     )
     mean = unravel(flat_mean)
     return (
-      AggregatorOutput(mean=mean, total_weight=acc["weight"], metrics=metrics),
+      AggregatorOutput(mean=mean, total_weight=total_weight, metrics=metrics),
       {"round": state["round"] + 1},
+    )
+
+  def check_output(metrics):
+    """Raises the SecAggError of the first refused round in ``metrics`` (one
+    round, or stacked over rounds/runs), built from the metrics alone."""
+    if "secagg_refused" not in metrics:
+      return
+    codes = np.asarray(metrics["secagg_refused"])
+    bad = np.argwhere(codes > 0)
+    if not len(bad):
+      return
+    pos = tuple(int(i) for i in bad[0])
+    get = lambda s: int(np.asarray(metrics[f"secagg_{s}"])[pos])
+    reason = int(codes[pos])
+    detail = ""
+    if reason == REFUSED_HOST_ERROR:
+      errors = [h.last_error for h in hosts.values() if h.last_error]
+      detail = f" ({errors[-1]})" if errors else ""
+    message = refusal_message(
+      reason,
+      client=get("refused_client"),
+      peer=get("refused_peer"),
+      holders=get("refused_holders"),
+      survivors=get("survivors"),
+      num_clients=get("survivors") + get("dropped"),
+      threshold=get("threshold"),
+      degree=get("degree"),
+      detail=detail,
+    )
+    if codes.ndim:  # stacked: over the rounds of Engine.run, or runs
+      message += (
+        f" [{factory}: {len(bad)} of {codes.size} stacked rounds refused; "
+        f"first at index {pos[0] if codes.ndim == 1 else list(pos)}.]"
+      )
+    raise SecAggError(
+      message,
+      reason=reason,
+      client=get("refused_client"),
+      peer=get("refused_peer"),
+      holders=get("refused_holders"),
     )
 
   return Aggregator(
@@ -1308,4 +1689,5 @@ def secure_aggregator(
     finalize,
     materialized=False,
     name=name,
+    check_output=check_output,
   )

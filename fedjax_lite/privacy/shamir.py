@@ -19,12 +19,21 @@ its own polynomial at the same points. Plain Python integers, on the host:
 sharing is per client (``num_holders x threshold`` multiplications per
 field element), never per model parameter.
 
+Consistency (:func:`check_shares`): ``h > t`` shares are redundant, and
+the server can test that they all lie on one polynomial of degree
+``t - 1`` (a random parity check of the Reed-Solomon code the shares form,
+``O(h)`` per secret) and, when exactly one is wrong and ``h >= t + 2``, pin
+it. Exactly ``t`` shares fit every set of values: a wrong one among them
+cannot be detected.
+
 Layer: ``fedjax_lite.privacy`` (imports nothing from fedjax_lite).
 """
 
 from __future__ import annotations
 
+import math
 import operator
+import secrets
 from collections.abc import Sequence
 
 PRIME = (1 << 127) - 1
@@ -165,3 +174,127 @@ def reconstruct(
     sum(map(operator.mul, lams, [s[e] for s in shares])) % PRIME
     for e in range(num)
   ]
+
+
+# ------------------------------------------------------- consistency checks
+def _random_element(randbits) -> int:
+  while True:  # rejection sampling: uniform on F_p
+    a = randbits(127)
+    if a < PRIME:
+      return a
+
+
+def barycentric_weights(xs: Sequence[int]) -> list[int]:
+  r""":math:`w_i = 1 / \prod_{j \ne i} (x_i - x_j)` for distinct points."""
+  if len(set(xs)) != len(xs):
+    raise ValueError(f"share points must be distinct, got {list(xs)}.")
+  return [
+    pow(math.prod(xi - xj for xj in xs if xj != xi) % PRIME, -1, PRIME)
+    for xi in xs
+  ]
+
+
+def _dual_vector(xs, weights, degree: int, randbits) -> list[int]:
+  """``w_i g(x_i)`` for a uniformly random ``g`` of degree ``< degree``."""
+  coeffs = [_random_element(randbits) for _ in range(degree)]
+  out = []
+  for x, w in zip(xs, weights):
+    acc = 0
+    for a in coeffs:  # Horner
+      acc = (acc * x + a) % PRIME
+    out.append(w * acc % PRIME)
+  return out
+
+
+def parity_check(xs: Sequence[int], threshold: int, randbits=None) -> list[int]:
+  r"""A random parity check of ``t``-of-``h`` shares at the points ``xs``.
+
+  For :math:`g` uniform among the polynomials of degree :math:`< h - t`,
+  :math:`a_i = w_i\, g(x_i)` (:func:`barycentric_weights`). Shares
+  :math:`y_i = f(x_i)` of any :math:`f` of degree :math:`< t` satisfy
+  :math:`\sum_i a_i y_i = 0` (:math:`g f` has degree :math:`\le h - 2`, and
+  :math:`\sum_i w_i P(x_i)` is the leading coefficient of the interpolant of
+  degree :math:`h - 1`, zero for such :math:`P`); shares that lie on no such
+  polynomial give a nonzero sum except with probability :math:`1/p` over
+  ``g`` (the vectors :math:`a` span the dual of the Reed-Solomon code of the
+  shares). ``O(h^2)`` once per set of points, then ``O(h)`` per secret
+  (:func:`check_shares`). Draw ``g`` after the shares are fixed
+  (``randbits`` default: :func:`secrets.randbits`).
+  """
+  _check_threshold(threshold, len(xs))
+  randbits = secrets.randbits if randbits is None else randbits
+  return _dual_vector(
+    xs, barycentric_weights(xs), len(xs) - threshold, randbits
+  )
+
+
+def check_shares(
+  xs: Sequence[int],
+  shares: Sequence[Sequence[int]],
+  threshold: int,
+  parity: Sequence[int] | None = None,
+  randbits=None,
+) -> list[int]:
+  """Positions of shares that do not lie on one polynomial of degree ``< t``.
+
+  With ``h = len(xs)`` shares of a ``t``-of-``h`` sharing (several secrets
+  per share, one polynomial each):
+
+  * ``[]``: every secret's shares lie on one polynomial of degree ``< t``
+    (always so when ``h == t``: ``t`` shares fit any values, so nothing can
+    be checked);
+  * ``[i]``: they do not, and leaving out share ``i`` alone makes the others
+    consistent: share ``i`` is the wrong one (needs ``h >= t + 2``; pins it
+    correctly when exactly one share is wrong);
+  * every position: they do not, and no single share can be pinned (``h ==
+    t + 1``, or several shares are wrong).
+
+  Leaving out share ``i`` multiplies the barycentric weights by
+  :math:`x_j - x_i`, so the parity sums of all ``h`` subsets are
+  :math:`A - x_i B` for two sums :math:`A, B` over all shares: the wrong
+  share sits at :math:`x_i = A / B`. A test passes a wrong share with
+  probability about :math:`h/p`.
+
+  Args:
+    xs: the holders' distinct points.
+    shares: ``shares[h][e]``: holder ``h``'s share of secret ``e``.
+    threshold: ``t`` used when splitting.
+    parity: :func:`parity_check` of ``(xs, threshold)`` (reuse it for many
+      secrets shared at the same points); drawn here if None.
+    randbits: randomness for the checks (default :func:`secrets.randbits`).
+  """
+  h = len(xs)
+  if len(shares) != h:
+    raise ValueError(f"got {h} points but {len(shares)} shares.")
+  _check_threshold(threshold, h)
+  if h == threshold or not shares:
+    return []
+  randbits = secrets.randbits if randbits is None else randbits
+  if parity is None:
+    parity = parity_check(xs, threshold, randbits)
+  num = len(shares[0])
+  bad = [
+    e
+    for e in range(num)
+    if sum(map(operator.mul, parity, [s[e] for s in shares])) % PRIME
+  ]
+  if not bad:
+    return []
+  everyone = list(range(h))
+  if h < threshold + 2:
+    return everyone
+  weights = barycentric_weights(xs)
+  g = _dual_vector(xs, weights, h - 1 - threshold, randbits)
+  gx = [a * x % PRIME for a, x in zip(g, xs)]
+  culprit = None
+  for e in bad:
+    ys = [s[e] for s in shares]
+    b = sum(map(operator.mul, g, ys)) % PRIME
+    a = sum(map(operator.mul, gx, ys)) % PRIME
+    if b == 0:
+      return everyone
+    x = a * pow(b, -1, PRIME) % PRIME
+    if culprit is not None and x != culprit:
+      return everyone
+    culprit = x
+  return [list(xs).index(culprit)] if culprit in xs else everyone
