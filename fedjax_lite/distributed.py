@@ -17,6 +17,19 @@ On one machine, :mod:`fedjax_lite.experiment.launch` starts the processes
 (``python -m fedjax_lite launch --processes 2 experiments/X.py``). On a
 cluster, start one process per host (SLURM: ``srun --ntasks=N``) with
 ``--coordinator host0:port --num-processes N --process-id $SLURM_PROCID``.
+
+A lost process (killed, out of memory) ends the run: the others fail in the
+round's collectives, and JAX's coordination service then ends them with a C++
+abort ("Terminating process because the JAX distributed service detected
+fatal errors"), at once when process 0 (which hosts the service) is lost,
+after the heartbeat timeout (100 s) when another one is. jax 0.10.2 has no
+hook to turn that abort into a Python error: the client's
+``missed_heartbeat_callback`` itself aborts (``std::bad_cast``) when given a
+Python function, and ``jax_enable_recoverability`` spares only process 0. The
+launcher therefore stops the other processes itself and ends with one line
+naming the lost process and the command that resumes the run; without it,
+resume with ``run --resume RUN_DIR`` on every host (the run folder keeps the
+last checkpoint written before the loss).
 """
 
 from __future__ import annotations

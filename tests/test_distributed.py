@@ -4,9 +4,12 @@ collectives on localhost) against 1 process x 1 device."""
 import json
 import os
 import pathlib
+import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -267,3 +270,140 @@ def test_launch_options_anywhere_on_the_line():
     "--set",
     "num_rounds=3",
   ]
+
+
+def test_run_options_and_exit_status():
+  from fedjax_lite.experiment import launch  # noqa: PLC0415
+
+  opts = launch.run_options(
+    [
+      "--placement",
+      "sharded",
+      "experiments/x.py:smoke",
+      "--set",
+      "num_rounds=5",
+      "seed=2",
+      "--out=o",
+      "--checkpoint-every",
+      "1",
+      "--no-progress",
+    ]
+  )
+  assert opts["spec"] == "experiments/x.py:smoke"
+  assert opts["out"] == "o" and opts["resume"] is None
+  rest = ["--placement", "sharded", "--checkpoint-every", "1", "--no-progress"]
+  assert opts["rest"] == rest
+  opts = launch.run_options(["--resume", "runs/a b", "--set", "num_rounds=9"])
+  assert opts["resume"] == "runs/a b" and opts["spec"] is None
+  assert opts["out"] == "runs" and opts["rest"] == []
+  folder = launch.RunFolder(["--resume", "runs/a b"], ["--processes", "2"])
+  assert folder.resume_command(pathlib.Path("runs/a b")) == (
+    "python -m fedjax_lite launch --processes 2 --resume 'runs/a b'"
+  )
+  assert launch.exit_status(-9) == 137 and launch.exit_status(3) == 3
+  assert launch.describe_end(-9) == "killed by SIGKILL (exit status 137)"
+  assert launch.describe_end(1) == "exit status 1"
+
+
+def _child(parent: int, process_id: int) -> int | None:
+  """The pid of ``parent``'s child started with ``--process-id N``."""
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+      argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+      continue
+    if ppid == parent and b"--process-id" in argv:
+      if argv[argv.index(b"--process-id") + 1] == str(process_id).encode():
+        return int(stat.parent.name)
+  return None
+
+
+_NOISE = (
+  "Fatal Python error",
+  "terminate called",
+  "Aborted",
+  "Check failed",
+  "Check failure",
+  "Traceback",
+)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_launch_lost_process_then_resume(tmp_path, victim):
+  """A process of a launched run is SIGKILLed after its first rounds: the
+  launcher stops the other one before JAX aborts it, ends with one
+  `error:` line naming the lost process and the resume command, and exits
+  with 128 + SIGKILL. That command continues the run from its checkpoint."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  out = tmp_path / "out"
+  launcher = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "fedjax_lite",
+      "launch",
+      "--processes",
+      "2",
+      "--devices",
+      "2",
+      "--log-dir",
+      str(tmp_path),
+      "experiments/fedavg_synthetic.py:smoke",
+      "--set",
+      "num_rounds=100000",
+      "--checkpoint-every",
+      "1",
+      "--out",
+      str(out),
+      "--no-progress",
+    ],
+    env=env,
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    deadline = time.monotonic() + 240
+    rows = 0
+    while rows < 2:  # round 1 is then in the checkpoint
+      assert launcher.poll() is None, launcher.communicate()
+      assert time.monotonic() < deadline, "no round within 240 s"
+      time.sleep(0.2)
+      metrics = list(out.glob("*/metrics.jsonl"))
+      if metrics:
+        rows = len(metrics[0].read_text().splitlines())
+    pid = _child(launcher.pid, victim)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = launcher.communicate(timeout=60)
+    assert time.monotonic() - killed < 60
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+      launcher.communicate()
+  assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, err[-3000:]
+  assert f"process {victim} of 2 was killed by SIGKILL" in errors[0]
+  for noise in _NOISE:
+    assert noise not in err, err[-3000:]
+  (run_dir,) = out.iterdir()
+  command = errors[0].split("Resume it with: ", 1)[1]
+  assert f"--resume {run_dir}" in command
+  done, _ = _final_params(run_dir)  # the last checkpoint loads
+  assert done >= 1
+  # Resume with the printed command, to one round past the checkpoint.
+  args = shlex.split(command)
+  assert args[:3] == ["python", "-m", "fedjax_lite"]
+  text = _cli(args[3:] + ["--set", f"num_rounds={done + 1}"])
+  assert f"round={done + 1}" in text
+  assert _final_params(run_dir)[0] == done + 1
+  rounds = [
+    json.loads(x)["round"]
+    for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert rounds == list(range(1, done + 2))
