@@ -14,16 +14,27 @@ feedback, QSGD and EF-sign uplinks, a few client learning rates and seeds
 as pooled runs per compressor, test accuracy after every ``eval_every``
 rounds, and the measured uplink bytes per client per round.
 
+Non-finite clients: for every aggregator, 20% of the clients send NaN in
+every round (``attack="nan"``; the engine drops their updates before the
+aggregator, ``RoundConfig(nonfinite="drop")``) against the same run with
+those clients absent, a few seeds pooled per setting: "silent" (they stay in
+the population but send nothing, so every other client trains exactly as in
+the attacked run: the difference must be float rounding only) and "removed"
+(left out of the data; the other clients are renumbered and draw other
+random streams, so only means over seeds compare).
+
 Run::
 
   python experiments/robustness_benchmark.py                  # both tables
+  python experiments/robustness_benchmark.py --part nonfinite # its table
   python experiments/robustness_benchmark.py --part robustness
   python experiments/robustness_benchmark.py --part compression
   python experiments/robustness_benchmark.py --smoke          # seconds, no files
 
-Writes experiments/results/robustness_table.{json,md} + robustness.png and
-compression_table.{json,md} + compression.png (command, machine and date in
-the json); experiments/results/robustness.md discusses them.
+Writes experiments/results/robustness_table.{json,md} + robustness.png,
+compression_table.{json,md} + compression.png and nonfinite_table.{json,md}
+(command, machine and date in the json); experiments/results/robustness.md
+discusses them.
 """
 
 from __future__ import annotations
@@ -210,6 +221,59 @@ def compression(base, lrs, seeds, eval_every) -> dict:
   return out
 
 
+def nonfinite(base, aggregators, seeds) -> dict:
+  """Final test accuracy with ``base.byzantine_fraction`` of the clients
+  sending NaN, and without those clients, per aggregator and seed."""
+  out = {}
+  for name in aggregators:
+    row = {}
+    for label, over in (
+      ("nan", dict(attack="nan")),
+      ("silent", dict(attack="none", byzantine_absent="silent")),
+      ("without", dict(attack="none", byzantine_absent="removed")),
+    ):
+      # Multi-krum averages the same m in both runs: the clients per round
+      # without the Byzantine ones, less f.
+      honest = round(base.clients_per_round * (1 - base.byzantine_fraction))
+      cfg = dataclasses.replace(
+        base,
+        aggregator=name,
+        multi_krum_m=base.multi_krum_m or honest - base.num_byzantine,
+        **over,
+      )
+      settings = [
+        {"client_lr": cfg.client_lr, "byzantine_fraction": 0.0}
+        if cfg.byzantine_absent == "removed"
+        else {
+          "client_lr": cfg.client_lr,
+          "byzantine_fraction": cfg.byzantine_fraction,
+        }
+        for _ in seeds
+      ]
+      res = run_settings(cfg, settings, cfg.num_rounds, list(seeds))
+      row[label] = [a[-1] for a in res["test_accuracy"]]
+      row[f"{label}_num_clients"] = res["train"]["num_clients"]
+      row[f"{label}_run_s"] = res["run_s"]
+      if label == "nan":
+        row["dropped_nonfinite"] = res["train"].get("dropped_nonfinite")
+    silent_diff = np.asarray(row["nan"]) - np.asarray(row["silent"])
+    row["silent_max_abs_diff_points"] = float(100 * np.max(np.abs(silent_diff)))
+    diff = np.asarray(row["nan"]) - np.asarray(row["without"])
+    row["max_abs_diff_points"] = float(100 * np.max(np.abs(diff)))
+    row["mean_diff_points"] = float(100 * np.mean(diff))
+    out[name] = row
+    print(
+      f"{name:>18}: with NaN clients {np.round(row['nan'], 4).tolist()}, "
+      f"silent {np.round(row['silent'], 4).tolist()} (max |diff| "
+      f"{row['silent_max_abs_diff_points']:.2f}), removed "
+      f"{np.round(row['without'], 4).tolist()}, mean diff "
+      f"{row['mean_diff_points']:+.2f}, max |diff| "
+      f"{row['max_abs_diff_points']:.2f} points",
+      flush=True,
+    )
+  return out
+
+
 # ----------------------------------------------------------------- report
 def _fmt(v):
   return "" if v is None else f"{100 * v:.1f}"
@@ -238,6 +302,31 @@ def robustness_md(res: dict) -> str:
         + " | ".join(_fmt(t[a].get(frac)) for a in names)
         + " |"
       )
+  return "\n".join(lines)
+
+
+def nonfinite_md(res: dict, fraction: float) -> str:
+  def ms(v):
+    return f"{100 * np.mean(v):.2f} ± {100 * np.std(v):.2f}"
+
+  seeds = len(next(iter(res.values()))["nan"])
+  lines = [
+    f"| aggregator | {fraction:.0%} of the clients send NaN (mean ± std of "
+    f"{seeds} seeds) | they send nothing: max abs diff of one seed (points)"
+    " | they are removed from the data | mean diff to removed (points) | max"
+    " abs diff to removed, one seed | clients per round (NaN / removed) | "
+    "dropped_nonfinite |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for agg, r in res.items():
+    lines.append(
+      f"| {agg} | {ms(r['nan'])} | {r['silent_max_abs_diff_points']:.2f} | "
+      f"{ms(r['without'])} | {r['mean_diff_points']:+.2f} | "
+      f"{r['max_abs_diff_points']:.2f} | "
+      f"{np.mean(r['nan_num_clients']):.0f} / "
+      f"{np.mean(r['without_num_clients']):.0f} | "
+      f"{np.mean(r['dropped_nonfinite']):.0f} |"
+    )
   return "\n".join(lines)
 
 
@@ -336,7 +425,13 @@ def plot_compression(res: dict, path: Path) -> None:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument(
-    "--part", choices=("all", "robustness", "compression"), default="all"
+    "--part",
+    choices=("all", "robustness", "compression", "nonfinite"),
+    default="all",
+    help="'all': the robustness and compression tables",
+  )
+  p.add_argument(
+    "--nonfinite-seeds", default="0,1,2", help="seeds of the nonfinite table"
   )
   p.add_argument("--aggregators", default=",".join(rd.AGGREGATORS))
   p.add_argument(
@@ -348,7 +443,9 @@ def main(argv=None):
     "--alie-z", type=float, default=0.0, help="ALIE's z (0: the paper's z_max)"
   )
   p.add_argument(
-    "--tag", default="", help="suffix of the output files (robustness_<tag>.*)"
+    "--tag",
+    default="",
+    help="suffix of the output files (robustness_<tag>.*, nonfinite_<tag>.*)",
   )
   p.add_argument(
     "--rounds",
@@ -393,6 +490,10 @@ def main(argv=None):
       [int(x) for x in args.seeds.split(",")],
       every,
     )
+  if args.part == "nonfinite":
+    result["nonfinite"] = nonfinite(
+      base, aggregators, [int(x) for x in args.nonfinite_seeds.split(",")]
+    )
   result["total_s"] = time.perf_counter() - t0
   print(f"total {result['total_s']:.0f}s")
   if args.smoke:
@@ -406,6 +507,12 @@ def main(argv=None):
       robustness_md(result["robustness"]) + "\n"
     )
     return result
+  if "nonfinite" in result:
+    stem = f"nonfinite_{args.tag}" if args.tag else "nonfinite_table"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{stem}.md").write_text(
+      nonfinite_md(result["nonfinite"], base.byzantine_fraction) + "\n"
+    )
   if "robustness" in result:
     part = {k: v for k, v in result.items() if k != "compression"}
     (RESULTS / "robustness_table.json").write_text(json.dumps(part, indent=1))

@@ -19,7 +19,21 @@ Attacks (fedjax_lite.attacks): ``sign_flip`` sends ``-4 Delta``; ``scaling``
 trains on flipped labels and boosts that update tenfold (explicit boosting,
 Bhagoji et al. 2019; ``--set scaling_poison=false`` boosts the honest
 update instead); ``gaussian`` sends ``N(0, 1)`` noise; ``label_flip`` trains
-on ``y -> 9 - y``; ``alie`` and ``ipm`` (epsilon 0.5) are omniscient.
+on ``y -> 9 - y``; ``alie`` and ``ipm`` (epsilon 0.5) are omniscient;
+``nan`` sends NaN in every coordinate (the engine drops such updates before
+any aggregator sees them, ``RoundConfig(nonfinite="drop")``).
+
+The references for an attack are runs without the Byzantine clients:
+``--set byzantine_absent=removed`` leaves them out of the data (the other
+clients are renumbered, so their random streams differ: compare means over
+seeds); ``--set byzantine_absent=silent`` keeps them in the population but
+makes them send nothing (aggregation weight 0), so every other client
+trains exactly as in the attacked run::
+
+  python -m fedjax_lite run experiments/robustness_digits.py \\
+      --set attack=nan --set aggregator=krum
+  python -m fedjax_lite run experiments/robustness_digits.py \\
+      --set byzantine_absent=removed --set aggregator=krum
 
 ``attack="select"`` makes the attack the sweepable hyperparameter
 ``attack_index`` (an index into ATTACKS), so one compiled round covers every
@@ -33,6 +47,8 @@ Names: ``aggregator`` in AGGREGATORS, ``attack`` in ATTACKS (or "select"),
 
 import dataclasses
 
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 import fedjax_lite as fl  # applies the fast CPU settings (before JAX runs)
@@ -60,6 +76,9 @@ AGGREGATORS = (
   "centered_clipping",
   "clipped_mean",
 )
+# Attacks outside the sweepable ATTACKS list (attack="select").
+OTHER_ATTACKS = ("nan",)
+ABSENT = ("no", "removed", "silent")
 COMPRESSIONS = ("none", "dense", "top_k", "qsgd", "sign_ef")
 
 
@@ -71,6 +90,9 @@ class Config:
   attack: str = "sign_flip"  # a name in ATTACKS, or "select"
   byzantine_fraction: float = 0.2
   byzantine_seed: int = 0
+  # "no", or the run an attack is compared with: "removed" (the Byzantine
+  # clients are left out of the data) or "silent" (they send nothing).
+  byzantine_absent: str = "no"
   compression: str = "none"
   topk_density: float = 0.1
   qsgd_levels: int = 16
@@ -83,6 +105,7 @@ class Config:
   alie_z: float = 0.0  # 0: the paper's z_max(n, f)
   # Aggregator parameters (f: the Byzantine count tolerated, per round).
   num_byzantine: int = 30  # krum / multi-krum f
+  multi_krum_m: int = 0  # multi-krum's m (0: clients_per_round - f)
   trim_beta: float = 0.3
   cc_tau: float = 1.0  # centered clipping radius
   clip_norm: float = 1.0  # clipped mean: initial C (adaptive)
@@ -115,8 +138,10 @@ def get_config(arg: str = "") -> Config:
   )
 
 
-def make_aggregator(config: Config):
-  """The aggregator named by ``config.aggregator``."""
+def make_aggregator(config: Config, clients_per_round: int | None = None):
+  """The aggregator named by ``config.aggregator`` (``clients_per_round``:
+  the round's, default the config's)."""
+  cpr = clients_per_round or config.clients_per_round
   name = config.aggregator
   if name == "weighted_mean":
     return aggs.weighted_mean()
@@ -129,7 +154,7 @@ def make_aggregator(config: Config):
   if name == "multi_krum":
     return aggs.krum(
       config.num_byzantine,
-      multi=config.clients_per_round - config.num_byzantine,
+      multi=config.multi_krum_m or cpr - config.num_byzantine,
     )
   if name == "geometric_median":
     return aggs.geometric_median()
@@ -164,8 +189,11 @@ def make_attack(config: Config, name: str) -> attacks.Attack:
     return attacks.alie(config.alie_z or None)
   if name == "ipm":
     return attacks.ipm(config.ipm_epsilon)
+  if name == "nan":
+    return attacks.nonfinite()
   raise ValueError(
-    f"attack must be one of {ATTACKS} or 'select', got {name!r}."
+    f"attack must be one of {ATTACKS + OTHER_ATTACKS} or 'select', got "
+    f"{name!r}."
   )
 
 
@@ -184,12 +212,40 @@ def make_compressor(config: Config):
   raise ValueError(f"compression must be one of {COMPRESSIONS}, got {name!r}.")
 
 
+def silent(alg, mask):
+  """``alg`` whose clients in ``mask`` send nothing (aggregation weight 0):
+  every client still trains with its own random stream, so the run differs
+  from the attacked one only by what those clients send."""
+
+  def client_update(server_params, client_state, data, rng):
+    out = alg.client_update(server_params, client_state, data, rng)
+    gone = jnp.asarray(mask)[data.client_id]
+    return out._replace(weight=jnp.where(gone, 0.0, out.weight))
+
+  return alg._replace(client_update=client_update)
+
+
 def build(config: Config) -> fl.experiment.Experiment:
   train, test = fl.datasets.digits(
     config.num_clients, "dirichlet", alpha=config.alpha, seed=config.seed
   )
+  if config.byzantine_absent not in ABSENT:
+    raise ValueError(
+      f"byzantine_absent must be one of {ABSENT}, got "
+      f"{config.byzantine_absent!r}."
+    )
+  removed = config.byzantine_absent == "removed"
+  clients_per_round = config.clients_per_round
+  if removed:
+    byzantine = attacks.byzantine_mask(
+      config.num_clients, config.byzantine_fraction, config.byzantine_seed
+    )
+    train = train.subset(np.flatnonzero(~byzantine))
+    clients_per_round = round(
+      config.clients_per_round * train.num_clients / config.num_clients
+    )
   model = fl.models.mlp(64, 10, (config.hidden,))
-  aggregator = make_aggregator(config)
+  aggregator = make_aggregator(config, clients_per_round)
   compressor = make_compressor(config)
   select = config.attack == "select"
   if not select:
@@ -206,8 +262,12 @@ def build(config: Config) -> fl.experiment.Experiment:
       else make_attack(config, config.attack)
     )
     mask = attacks.byzantine_mask(
-      config.num_clients, h["byzantine_fraction"], config.byzantine_seed
+      train.num_clients,
+      0.0 if removed else h["byzantine_fraction"],
+      config.byzantine_seed,
     )
+    if config.byzantine_absent == "silent":
+      return silent(attacks.with_attack(alg, attacks.no_attack(), mask), mask)
     return attacks.with_attack(alg, attack, mask)
 
   hparams = {
@@ -223,11 +283,9 @@ def build(config: Config) -> fl.experiment.Experiment:
     hparams=hparams,
     algorithm_fn=algorithm_fn,
     round_config=fl.RoundConfig(
-      config.clients_per_round,
+      clients_per_round,
       fl.LocalWork(batch_size=config.batch_size, num_epochs=config.num_epochs),
-      sampling="all"
-      if config.clients_per_round == config.num_clients
-      else "uniform",
+      sampling="all" if clients_per_round == train.num_clients else "uniform",
     ),
     num_rounds=config.num_rounds,
     eval_every=config.eval_every,

@@ -14,7 +14,8 @@ if Byzantine, misbehaves in one of three ways:
 * a forged update after local training: :func:`sign_flip`
   (``Delta -> -s Delta``), :func:`scaling` (``Delta -> lambda Delta``, model
   replacement / boosting, Bagdasaryan et al. 2020, Bhagoji et al. 2019),
-  :func:`gaussian` (``Delta -> N(0, sigma^2 I)``);
+  :func:`gaussian` (``Delta -> N(0, sigma^2 I)``), :func:`nonfinite`
+  (``Delta -> NaN``);
 * an omniscient update chosen at aggregation time from the benign clients'
   updates: :func:`alie` ("A little is enough", Baruch et al. 2019) and
   :func:`ipm` (inner-product manipulation, Xie et al. 2020).
@@ -276,6 +277,24 @@ def ipm(epsilon: float = 0.1) -> Attack:
   return Attack(name="ipm", byzantine_update=byzantine_update)
 
 
+def nonfinite(value: float = float("nan")) -> Attack:
+  r"""Update attack: every coordinate of ``Delta`` becomes ``value`` (NaN by
+  default, or +-inf), the simplest Byzantine update there is.
+
+  The engine leaves such clients out of the round before any aggregator sees
+  them (``RoundConfig(nonfinite="drop")``, metric ``dropped_nonfinite``), so
+  under it every aggregator reduces the finite updates only;
+  ``nonfinite="raise"`` stops the round naming the clients instead.
+  """
+  v = float(value)
+  if np.isfinite(v):
+    raise ValueError(f"nonfinite: value must be NaN or +-inf, got {value!r}.")
+  return Attack(
+    name="nonfinite",
+    poison_update=lambda u, rng: jax.tree.map(lambda x: jnp.full_like(x, v), u),
+  )
+
+
 def _send(updates, byzantine, vector):
   """``updates`` with every Byzantine row replaced by ``vector``."""
   return jnp.where(
@@ -489,9 +508,11 @@ def omniscient_aggregator(inner, attack: Attack):
   ``[num_slots, ...]`` buffer at its slot (disjoint slots, so ``merge`` is a
   sum over devices); ``finalize`` flattens the buffer to ``[n, d]``, computes
   ``U' = attack.byzantine_update(U, benign, byzantine, rng)`` (the
-  Byzantine rows replaced by the attack's vector) and replays ``inner`` (init, one ``add`` of
-  all slots, merge, finalize) on the result. Materialized: memory
-  ``num_slots x model``.
+  Byzantine rows replaced by the attack's vector) and replays ``inner``
+  (init, one ``add`` of all slots, merge, finalize) on the result.
+  Materialized: memory ``num_slots x model``. A run-dependent ``inner``
+  (``Aggregator.bind``, e.g. DP accounting) is bound to the run and wrapped
+  again; its ``check_output`` is kept.
 
   Args:
     inner: the aggregator under attack (None: weighted mean).
@@ -591,4 +612,12 @@ def omniscient_aggregator(inner, attack: Attack):
     materialized=True,
     name=f"{attack.name}({inner.name})",
     active_slots=inner.active_slots,  # the inner aggregator's state
+    # A run-dependent inner aggregator (e.g. DP accounting) binds to the
+    # run, and the bound one is wrapped again.
+    bind=(
+      None
+      if inner.bind is None
+      else lambda run: omniscient_aggregator(inner.bind(run), attack)
+    ),
+    check_output=inner.check_output,
   )

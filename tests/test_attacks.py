@@ -1,6 +1,7 @@
 """Byzantine attacks against float64 numpy references of the published rules."""
 
 import functools
+import re
 
 import algo_reference as aref
 import jax
@@ -105,6 +106,7 @@ def engine_for(attack_name):
     "sign_flip": attacks.sign_flip(scale=2.0),
     "scaling": attacks.scaling(3.0),
     "label_flip": attacks.label_flip(K),
+    "nonfinite": attacks.nonfinite(),
   }[attack_name]
   alg = attacks.with_attack(fl.fed_avg(MODEL, optax.sgd(LR)), attack, BYZ)
   work = fl.LocalWork(batch_size=3, num_epochs=2, shuffle=False)
@@ -126,13 +128,17 @@ def reference_round(w, attack_name):
       delta = [-2.0 * d for d in delta]
     if BYZ[k] and attack_name == "scaling":
       delta = [3.0 * d for d in delta]
+    if BYZ[k] and attack_name == "nonfinite":
+      continue  # NaN updates leave the round (RoundConfig.nonfinite="drop")
     deltas.append(delta)
     weights.append(x.shape[0])
   mean = aref.weighted_mean(deltas, weights)
   return aref.sub(w, mean)
 
 
-@pytest.mark.parametrize("attack_name", ["sign_flip", "scaling", "label_flip"])
+@pytest.mark.parametrize(
+  "attack_name", ["sign_flip", "scaling", "label_flip", "nonfinite"]
+)
 def test_update_attacks_match_numpy_in_the_engine(attack_name):
   engine, data = engine_for(attack_name)
   p0 = init_params()
@@ -143,7 +149,21 @@ def test_update_attacks_match_numpy_in_the_engine(attack_name):
     w = reference_round(w, attack_name)
     for a, e in zip(to_list(state.server.params), w):
       np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5 * np.abs(e).max())
-  assert float(metrics["byzantine"]) == pytest.approx(BYZ.mean())
+  if attack_name == "nonfinite":  # dropped: not among the round's clients
+    assert float(metrics["dropped_nonfinite"]) == BYZ.sum()
+    assert float(metrics["byzantine"]) == 0.0
+  else:
+    assert float(metrics["byzantine"]) == pytest.approx(BYZ.mean())
+
+
+@pytest.mark.parametrize("value", [1.0, 0.0, -3e38])
+def test_nonfinite_attack_needs_nan_or_inf(value):
+  with pytest.raises(
+    ValueError, match=re.escape(f"NaN or +-inf, got {value!r}")
+  ):
+    attacks.nonfinite(value)
+  out = attacks.nonfinite(-np.inf).poison_update({"a": jnp.ones(3)}, None)
+  np.testing.assert_array_equal(out["a"], np.full(3, -np.inf))
 
 
 def one_client(k, seed=0, size=12):
