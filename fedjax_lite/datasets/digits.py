@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_lite._optional import require
 from fedjax_lite.data.federated_dataset import FederatedDataset
 from fedjax_lite.datasets import partition as _partition
 
@@ -20,9 +21,8 @@ PARTITIONS = ("iid", "dirichlet", "shards", "power_law")
 
 def load_digits_arrays() -> dict:
   """Centralised digits: ``x`` float32 ``[1797, 8, 8, 1]`` in [0, 1], ``y``."""
-  import sklearn.datasets  # pylint: disable=g-import-not-at-top
-
-  bunch = sklearn.datasets.load_digits()
+  sklearn_datasets = require("sklearn.datasets", "data")
+  bunch = sklearn_datasets.load_digits()
   x = (np.asarray(bunch.images, np.float32) / 16.0)[..., None]
   return {"x": x, "y": np.asarray(bunch.target, np.int32)}
 

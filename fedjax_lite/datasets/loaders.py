@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import msgpack
 import numpy as np
 
+from fedjax_lite._optional import require
 from fedjax_lite.data.federated_dataset import FederatedDataset
 
 Transform = Callable[[str, dict], Mapping[str, Any]]
@@ -464,7 +465,7 @@ def load_tff_hdf5(
     ValueError: not an HDF5 file, no ``examples`` group, a client that is not
       a group of datasets, or features of different lengths.
   """
-  import h5py  # pylint: disable=g-import-not-at-top
+  h5py = require("h5py", "data")
 
   p = _existing_file(path)
   source = f"TFF HDF5 file '{p}'"

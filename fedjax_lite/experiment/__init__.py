@@ -14,34 +14,39 @@
 Command line: ``python -m fedjax_lite {run,sweep,compare} --help``.
 """
 
-from fedjax_lite.experiment import records
-from fedjax_lite.experiment import runner
-from fedjax_lite.experiment.checkpoint import (
-  atomic_write_bytes,
-  load_checkpoint,
-  save_checkpoint,
+from fedjax_lite import _lazy
+
+# Imported at first use (PEP 562): see fedjax_lite/_lazy.py. matplotlib is
+# imported when a plot is drawn, not before.
+__getattr__, __dir__, __all__ = _lazy.attach(
+  __name__,
+  {
+    "checkpoint": ("atomic_write_bytes", "load_checkpoint", "save_checkpoint"),
+    "cli": (),
+    "comparison": ("compare",),
+    "config": (
+      "ConfigError",
+      "ExperimentFile",
+      "apply_overrides",
+      "check_config",
+      "config_to_dict",
+      "load_experiment_file",
+      "preset",
+    ),
+    "core": ("Experiment",),
+    "launch": (),
+    "loop": ("Checkpointing",),
+    "plots": ("plot_curves", "plot_runs"),
+    "records": ("final_table", "final_values", "read_jsonl"),
+    "runner": (
+      "RunOptions",
+      "RunResult",
+      "engine_for",
+      "init_state",
+      "run_file",
+      "train",
+    ),
+    "sweeps": ("SweepResult", "sweep", "sweep_file"),
+    "vmapped": ("VmappedRounds",),
+  },
 )
-from fedjax_lite.experiment.comparison import compare
-from fedjax_lite.experiment.config import (
-  ConfigError,
-  ExperimentFile,
-  apply_overrides,
-  check_config,
-  config_to_dict,
-  load_experiment_file,
-  preset,
-)
-from fedjax_lite.experiment.core import Experiment
-from fedjax_lite.experiment.loop import Checkpointing
-from fedjax_lite.experiment.plots import plot_curves, plot_runs
-from fedjax_lite.experiment.records import final_table, final_values, read_jsonl
-from fedjax_lite.experiment.runner import (
-  RunOptions,
-  RunResult,
-  engine_for,
-  init_state,
-  run_file,
-  train,
-)
-from fedjax_lite.experiment.sweeps import SweepResult, sweep, sweep_file
-from fedjax_lite.experiment.vmapped import VmappedRounds

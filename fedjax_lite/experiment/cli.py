@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from fedjax_lite._optional import MissingExtraError, require
 from fedjax_lite.experiment.config import (
   ConfigError,
   describe_config,
@@ -349,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     args = parser.parse_args(argv)
   try:
+    if args.command in ("run", "sweep", "compare"):
+      # Plots and the progress bar: refuse before any round, not after.
+      require("matplotlib", "experiment")
+      require("tqdm", "experiment")
     if args.command == "launch":
       return _launch_processes(args)
     if args.command == "run":
@@ -357,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sweep":
       return _sweep(args)
     return _compare(args)
-  except ConfigError as e:
+  except (ConfigError, MissingExtraError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except OSError as e:

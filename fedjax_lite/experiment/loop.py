@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from fedjax_lite.engine.round import tree_finite
+from fedjax_lite._optional import require
 from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment.records import MetricsLog
 
@@ -107,7 +108,7 @@ class StopOnSignal:
     if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signum = signum
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    tqdm = require("tqdm", "experiment").tqdm
 
     tqdm.write(
       f"received {signal.Signals(signum).name}: finishing the "
@@ -280,7 +281,7 @@ def run_rounds(
     identity: recorded in every checkpoint's meta (see
       :func:`~fedjax_lite.experiment.checkpoint.check_identity`).
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  tqdm = require("tqdm", "experiment").tqdm
 
   t0 = time.perf_counter()
 

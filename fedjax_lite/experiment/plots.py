@@ -12,7 +12,12 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
+
+from fedjax_lite._optional import optional_import
+
+# Imported when a plot is drawn: running an experiment needs no matplotlib
+# until it writes curves.png.
+mpl_figure = optional_import("matplotlib.figure", "experiment")
 
 Rows = Sequence[dict]
 
@@ -54,13 +59,15 @@ def plot_runs(
   path: str | os.PathLike | None = None,
   title: str | None = None,
   panels=PANELS,
-) -> Figure:
+) -> mpl_figure.Figure:
   """Overlays runs: ``{label: [rows of run 1, rows of run 2, ...]}``.
 
   A label with several runs is drawn as the mean and a ``mean +- std`` band.
   Train curves are solid, test curves dashed; one color per label.
   """
-  fig = Figure(figsize=(5.2 * len(panels), 4.0), layout="constrained")
+  fig = mpl_figure.Figure(
+    figsize=(5.2 * len(panels), 4.0), layout="constrained"
+  )
   axes = fig.subplots(1, len(panels), squeeze=False)[0]
   colors = [f"C{i % 10}" for i in range(len(groups))]
   for ax, (ptitle, ylabel, keys) in zip(axes, panels):
@@ -94,7 +101,7 @@ def plot_runs(
 
 def plot_curves(
   rows: Rows, path: str | os.PathLike | None = None, title: str | None = None
-) -> Figure:
+) -> mpl_figure.Figure:
   """One run: train/test loss and accuracy vs round, plus the spread of the
   per-client test accuracy (median, p25-p75 and p10-p90 bands) if evaluated,
   and the uplink bytes per client (compressed updates) and the privacy spent
@@ -102,7 +109,7 @@ def plot_curves(
   has_q = any("test_accuracy_p50" in r for r in rows)
   extra = [p for p in EXTRA_PANELS if any(p[2] in r for r in rows)]
   n = 2 + has_q + len(extra)
-  fig = Figure(figsize=(5.2 * n, 4.0), layout="constrained")
+  fig = mpl_figure.Figure(figsize=(5.2 * n, 4.0), layout="constrained")
   axes = fig.subplots(1, n)
   for ax, (ptitle, ylabel, keys) in zip(axes, PANELS):
     for key, style in keys:
@@ -149,7 +156,9 @@ def plot_curves(
   return _finish(fig, title, path)
 
 
-def _finish(fig: Figure, title: str | None, path) -> Figure:
+def _finish(
+  fig: mpl_figure.Figure, title: str | None, path
+) -> mpl_figure.Figure:
   if title:
     fig.suptitle(title)
   if path is not None:

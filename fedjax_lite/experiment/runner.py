@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjax_lite import checks, distributed
+from fedjax_lite._optional import require
 from fedjax_lite.data.batching import LocalWork, to_device
 from fedjax_lite.data.sharding import resident_bytes
 from fedjax_lite.engine.evaluation import evaluate
@@ -702,7 +703,7 @@ def note_resume(
 ) -> None:
   """Records a resume (and warns if the experiment file changed)."""
   if record["experiment"].get("sha256") != ef.sha256():
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    tqdm = require("tqdm", "experiment").tqdm
 
     tqdm.write(
       f"warning: {ef.path} changed since this run started; "

@@ -63,7 +63,10 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import numpy as np
-import scipy.optimize
+
+from fedjax_lite._optional import optional_import
+
+scipy_optimize = optional_import("scipy.optimize", "hetero")  # at first use
 
 
 class Matching(NamedTuple):
@@ -265,7 +268,7 @@ def match_atoms(
       gamma=gamma,
       max_new=max_new,
     )
-    rows, cols = scipy.optimize.linear_sum_assignment(cost, maximize=True)
+    rows, cols = scipy_optimize.linear_sum_assignment(cost, maximize=True)
     a = np.empty(sizes[j], np.int64)
     old = cols < g
     a[rows[old]] = cols[old]

@@ -18,50 +18,37 @@ TFF-style entry points: ``fedjax_lite.learning.dp_aggregator``,
 ``secure_aggregator`` and ``build_dp_fed_avg_process``.
 """
 
-from fedjax_lite.privacy.accounting import (
-  DpMechanism,
-  EpsilonCurve,
-  calibrate_noise_multiplier,
-  epsilon,
-  overflow_probability,
-  poisson_cap,
-  truncation_delta,
-)
-from fedjax_lite.privacy.dp import (
-  DpState,
-  dp_aggregator,
-  dp_fed_avg,
-  poisson_sample,
-  sum_noise_multiplier,
-  with_local_dp,
-)
-from fedjax_lite.privacy.secure_aggregation import (
-  SecAggError,
-  SecAggRound,
-  dropped_clients,
-  harary_graph,
-  secagg_plus_degree,
-  secure_aggregator,
-)
+from fedjax_lite import _lazy
 
-__all__ = [
-  "DpMechanism",
-  "DpState",
-  "EpsilonCurve",
-  "SecAggError",
-  "SecAggRound",
-  "calibrate_noise_multiplier",
-  "dp_aggregator",
-  "dp_fed_avg",
-  "dropped_clients",
-  "epsilon",
-  "harary_graph",
-  "overflow_probability",
-  "poisson_cap",
-  "poisson_sample",
-  "secagg_plus_degree",
-  "secure_aggregator",
-  "sum_noise_multiplier",
-  "truncation_delta",
-  "with_local_dp",
-]
+# Imported at first use (PEP 562): see fedjax_lite/_lazy.py.
+__getattr__, __dir__, __all__ = _lazy.attach(
+  __name__,
+  {
+    "accounting": (
+      "DpMechanism",
+      "EpsilonCurve",
+      "calibrate_noise_multiplier",
+      "epsilon",
+      "overflow_probability",
+      "poisson_cap",
+      "truncation_delta",
+    ),
+    "dp": (
+      "DpState",
+      "dp_aggregator",
+      "dp_fed_avg",
+      "poisson_sample",
+      "sum_noise_multiplier",
+      "with_local_dp",
+    ),
+    "secure_aggregation": (
+      "SecAggError",
+      "SecAggRound",
+      "dropped_clients",
+      "harary_graph",
+      "secagg_plus_degree",
+      "secure_aggregator",
+    ),
+    "shamir": (),
+  },
+)

@@ -44,18 +44,22 @@ import dataclasses
 import logging
 import math
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld as dp_pld
-from dp_accounting import rdp as dp_rdp
-from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
-from scipy import stats
 
 from fedjax_lite import checks
+from fedjax_lite._optional import optional_import
+
+# The privacy extra, imported at first use (fedjax_lite/_optional.py).
+dp_accounting = optional_import("dp_accounting", "privacy")
+dp_pld = optional_import("dp_accounting.pld", "privacy")
+dp_rdp = optional_import("dp_accounting.rdp", "privacy")
+_rdp_lib = optional_import(
+  "dp_accounting.rdp.rdp_privacy_accountant", "privacy"
+)
+stats = optional_import("scipy.stats", "privacy")
 
 SAMPLINGS = ("poisson", "fixed", "local")
 ACCOUNTANTS = ("rdp", "pld")
-NeighborRel = dp_accounting.NeighboringRelation
 
 
 @contextlib.contextmanager
@@ -211,12 +215,13 @@ class DpMechanism:
       object.__setattr__(self, "sampling_rate", m / self.population)
 
   @property
-  def neighboring_relation(self) -> NeighborRel:
+  def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
     """Add-or-remove-one user (Poisson, local) or replace-one (fixed)."""
+    relation = dp_accounting.NeighboringRelation
     return (
-      NeighborRel.REPLACE_ONE
+      relation.REPLACE_ONE
       if self.sampling == "fixed"
-      else NeighborRel.ADD_OR_REMOVE_ONE
+      else relation.ADD_OR_REMOVE_ONE
     )
 
   def round_event(self) -> dp_accounting.DpEvent:

@@ -152,18 +152,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import (
-  X25519PrivateKey,
-  X25519PublicKey,
-)
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jax.flatten_util import ravel_pytree
 
 from fedjax_lite import checks
+from fedjax_lite._optional import optional_import
 from fedjax_lite.aggregators.base import (
   Aggregator,
   AggregatorOutput,
@@ -172,6 +164,21 @@ from fedjax_lite.aggregators.base import (
   taking_part,
 )
 from fedjax_lite.privacy import shamir
+
+# The privacy extra, imported at first use (fedjax_lite/_optional.py).
+crypto_errors = optional_import("cryptography.exceptions", "privacy")
+hashes = optional_import("cryptography.hazmat.primitives.hashes", "privacy")
+x25519 = optional_import(
+  "cryptography.hazmat.primitives.asymmetric.x25519", "privacy"
+)
+crypto_aead = optional_import(
+  "cryptography.hazmat.primitives.ciphers.aead", "privacy"
+)
+hkdf = optional_import("cryptography.hazmat.primitives.kdf.hkdf", "privacy")
+serialization = optional_import(
+  "cryptography.hazmat.primitives.serialization", "privacy"
+)
+scipy_stats = optional_import("scipy.stats", "privacy")
 
 PyTree = Any
 MAX_BITS = 32
@@ -427,8 +434,6 @@ def secagg_plus_degree(
   connected in the graph, is not re-checked here. Returns the complete graph
   ``(n - 1, n // 2 + 1)`` when no ``k < n - 1`` qualifies.
   """
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-
   n = int(num_clients)
   if n < 2:
     raise ValueError(f"num_clients must be >= 2, got {num_clients!r}.")
@@ -440,10 +445,10 @@ def secagg_plus_degree(
   bound = 2.0**failure_log2 / n
   for k in range(2, n - 1, 2):
     t = safe_threshold(k + 1)
-    fail = stats.binom.cdf(t - 2, k, 1.0 - dropout_rate)  # P[Bin + 1 < t]
-    fail_dropped = stats.binom.cdf(t - 1, k, 1.0 - dropout_rate)
+    fail = scipy_stats.binom.cdf(t - 2, k, 1.0 - dropout_rate)  # P[Bin + 1 < t]
+    fail_dropped = scipy_stats.binom.cdf(t - 1, k, 1.0 - dropout_rate)
     leak = (
-      stats.binom.sf(t - 1, k, corrupt_fraction)
+      scipy_stats.binom.sf(t - 1, k, corrupt_fraction)
       if corrupt_fraction > 0
       else 0.0
     )
@@ -485,13 +490,15 @@ def harary_graph(
 
 # ------------------------------------------------------------ host crypto
 def _hkdf(shared: bytes, info: bytes, length: int = 32) -> bytes:
-  return HKDF(
+  return hkdf.HKDF(
     algorithm=hashes.SHA256(), length=length, salt=None, info=info
   ).derive(shared)
 
 
-def _public_bytes(key: X25519PrivateKey) -> bytes:
-  return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+def _public_bytes(key: x25519.X25519PrivateKey) -> bytes:
+  return key.public_key().public_bytes(
+    serialization.Encoding.Raw, serialization.PublicFormat.Raw
+  )
 
 
 def seed_words(seed: bytes) -> np.ndarray:
@@ -500,18 +507,24 @@ def seed_words(seed: bytes) -> np.ndarray:
 
 
 def pairwise_seed(
-  own_mask_key: X25519PrivateKey, peer_public: bytes, round_index: int
+  own_mask_key: x25519.X25519PrivateKey, peer_public: bytes, round_index: int
 ) -> bytes:
   """``s_uv = HKDF-SHA256(X25519(s_u^SK, s_v^PK), info=round)`` (32 bytes)."""
-  shared = own_mask_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+  shared = own_mask_key.exchange(
+    x25519.X25519PublicKey.from_public_bytes(peer_public)
+  )
   return _hkdf(shared, _MASK_INFO + struct.pack(">q", round_index))
 
 
 def _encryption_key(
-  own_enc_key: X25519PrivateKey, peer_public: bytes, round_index: int
-) -> AESGCM:
-  shared = own_enc_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
-  return AESGCM(_hkdf(shared, _ENC_INFO + struct.pack(">q", round_index)))
+  own_enc_key: x25519.X25519PrivateKey, peer_public: bytes, round_index: int
+) -> crypto_aead.AESGCM:
+  shared = own_enc_key.exchange(
+    x25519.X25519PublicKey.from_public_bytes(peer_public)
+  )
+  return crypto_aead.AESGCM(
+    _hkdf(shared, _ENC_INFO + struct.pack(">q", round_index))
+  )
 
 
 def _nonce(sender: int, receiver: int) -> bytes:
@@ -538,8 +551,8 @@ def _decode_shares(plain: bytes):
 
 def client_host_work(
   u: int,
-  enc_key: X25519PrivateKey,
-  mask_key: X25519PrivateKey,
+  enc_key: x25519.X25519PrivateKey,
+  mask_key: x25519.X25519PrivateKey,
   self_seed: bytes,
   neighbors,
   neighbor_public,
@@ -603,12 +616,16 @@ class _Client:
 
   def __init__(self, index: int, entropy):
     self.index = index
-    self.enc_key = X25519PrivateKey.from_private_bytes(entropy(_KEY_BYTES))
-    self.mask_key = X25519PrivateKey.from_private_bytes(entropy(_KEY_BYTES))
+    self.enc_key = x25519.X25519PrivateKey.from_private_bytes(
+      entropy(_KEY_BYTES)
+    )
+    self.mask_key = x25519.X25519PrivateKey.from_private_bytes(
+      entropy(_KEY_BYTES)
+    )
     self.self_seed = entropy(_SEED_BYTES)
     self.inbox: dict[int, bytes] = {}  # sender -> ciphertext for me
     self.own_shares = None  # my share of my own secrets
-    self.aead: dict[int, AESGCM] = {}
+    self.aead: dict[int, crypto_aead.AESGCM] = {}
 
 
 @dataclasses.dataclass
@@ -912,7 +929,7 @@ class SecAggRound:
             plain = cv.aead[u].decrypt(
               ct[:_NONCE_BYTES], ct[_NONCE_BYTES:], None
             )
-          except InvalidTag:
+          except crypto_errors.InvalidTag:
             self._refuse(REFUSED_AUTHENTICATION, alive, client=u, peer=v)
           sender, receiver, sk_share, seed_share = _decode_shares(plain)
           if (sender, receiver) != (u, v):
@@ -990,7 +1007,7 @@ class SecAggRound:
       if alive[u]:
         self_words[u] = seed_words(secret)
       else:
-        sk = X25519PrivateKey.from_private_bytes(secret)
+        sk = x25519.X25519PrivateKey.from_private_bytes(secret)
         r = row_of[u]
         for j, v in enumerate(self.neighbors[u]):
           if alive[v]:

@@ -26,34 +26,38 @@ simulations of the protocols with real primitives (``cryptography``,
 ``phe``); each module states what its protocol protects and what it does not.
 """
 
-from fedjax_lite.vertical import paillier, psi
-from fedjax_lite.vertical.data import (
-  AlignedData,
-  Party,
-  VerticalDataset,
-  align_rows,
-  breast_cancer_vertical,
-  digits_vertical,
-  split_vertical,
-)
-from fedjax_lite.vertical.ftl import (
-  FTLData,
-  FTLProcess,
-  FTLState,
-  build_ftl_process,
-  digits_transfer,
-  split_transfer,
-  train_target_alone,
-)
-from fedjax_lite.vertical.hetero_lr import (
-  HeteroLRState,
-  VerticalLRProcess,
-  build_vertical_logistic_regression_process,
-  taylor_loss,
-)
-from fedjax_lite.vertical.psi import PsiResult, ecdh_psi
-from fedjax_lite.vertical.split_nn import (
-  SplitNNProcess,
-  SplitNNState,
-  build_split_nn_process,
+from fedjax_lite import _lazy
+
+# Imported at first use (PEP 562): see fedjax_lite/_lazy.py.
+__getattr__, __dir__, __all__ = _lazy.attach(
+  __name__,
+  {
+    "data": (
+      "AlignedData",
+      "Party",
+      "VerticalDataset",
+      "align_rows",
+      "breast_cancer_vertical",
+      "digits_vertical",
+      "split_vertical",
+    ),
+    "ftl": (
+      "FTLData",
+      "FTLProcess",
+      "FTLState",
+      "build_ftl_process",
+      "digits_transfer",
+      "split_transfer",
+      "train_target_alone",
+    ),
+    "hetero_lr": (
+      "HeteroLRState",
+      "VerticalLRProcess",
+      "build_vertical_logistic_regression_process",
+      "taylor_loss",
+    ),
+    "paillier": (),
+    "psi": ("PsiResult", "ecdh_psi"),
+    "split_nn": ("SplitNNProcess", "SplitNNState", "build_split_nn_process"),
+  },
 )

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from fedjax_lite import checks
+from fedjax_lite._optional import require
 
 
 def id_kind(ids: np.ndarray, where: str) -> str:
@@ -363,9 +364,8 @@ def breast_cancer_vertical(
 ) -> VerticalDataset:
   """Wisconsin breast cancer (569 x 30, binary; ships with scikit-learn),
   columns split into ``num_parties`` blocks; labels ``y`` in {0, 1}."""
-  import sklearn.datasets  # pylint: disable=g-import-not-at-top
-
-  b = sklearn.datasets.load_breast_cancer()
+  sklearn_datasets = require("sklearn.datasets", "vertical")
+  b = sklearn_datasets.load_breast_cancer()
   return split_vertical(
     b.data,
     b.target.astype(np.int32),
@@ -386,9 +386,8 @@ def digits_vertical(
   """8x8 digits (1797 x 64; ships with scikit-learn), pixel columns split
   into ``num_parties`` blocks (with 2: left and right image halves). Labels
   are the digit, or with ``binary`` whether the digit is >= 5."""
-  import sklearn.datasets  # pylint: disable=g-import-not-at-top
-
-  b = sklearn.datasets.load_digits()
+  sklearn_datasets = require("sklearn.datasets", "vertical")
+  b = sklearn_datasets.load_digits()
   y = b.target.astype(np.int32)
   if binary:
     y = (y >= 5).astype(np.int32)

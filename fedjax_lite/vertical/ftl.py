@@ -74,6 +74,7 @@ import numpy as np
 import optax
 
 from fedjax_lite import checks
+from fedjax_lite._optional import require
 from fedjax_lite.models.core import Model
 from fedjax_lite.vertical import paillier as _pl
 from fedjax_lite.vertical.data import Party
@@ -240,9 +241,8 @@ def digits_transfer(
 ):
   """Digits, binary (digit >= 5): source sees the left image half, target the
   right half; see :func:`split_transfer` for the return value."""
-  import sklearn.datasets  # pylint: disable=g-import-not-at-top
-
-  b = sklearn.datasets.load_digits()
+  sklearn_datasets = require("sklearn.datasets", "vertical")
+  b = sklearn_datasets.load_digits()
   cols = np.arange(64).reshape(8, 8)
   return split_transfer(
     b.data / 16.0,

@@ -28,9 +28,11 @@ import operator
 from typing import Sequence
 
 import numpy as np
-import phe
 
 from fedjax_lite import checks
+from fedjax_lite._optional import optional_import
+
+phe = optional_import("phe", "vertical")  # imported at first use
 
 PRECISION = 2.0**-32
 # The usual minimum modulus for real use (NIST SP 800-57: 2048-bit RSA-type

@@ -60,9 +60,14 @@ import os
 from typing import Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import x25519
 
+from fedjax_lite._optional import optional_import
 from fedjax_lite.vertical.data import id_kind
+
+# The vertical extra, imported at first use (fedjax_lite/_optional.py).
+x25519 = optional_import(
+  "cryptography.hazmat.primitives.asymmetric.x25519", "vertical"
+)
 
 ELEMENT_BYTES = 32
 _DOMAIN = b"fedjax_lite.vertical.psi.v1|"
