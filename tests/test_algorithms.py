@@ -148,8 +148,9 @@ BUILDERS = {
   ),
 }
 
-# Eager (op-by-op) runs of every algorithm are slow; one per family stays in
-# the default run (FedOpt and FedNova below), the rest run with -m slow.
+# Eager (op-by-op, jax.disable_jit) runs of the engine round take minutes
+# each on 2 cores (FedNova with momentum and prox: 400 s), so they all run
+# with -m slow; the default run compares every algorithm jitted.
 MODES = ["jit", pytest.param("eager", marks=pytest.mark.slow)]
 
 
@@ -231,7 +232,9 @@ FEDOPT = {
 
 
 @pytest.mark.parametrize(
-  "mode,name", [("jit", n) for n in FEDOPT] + [("eager", "fed_yogi")]
+  "mode,name",
+  [("jit", n) for n in FEDOPT]
+  + [pytest.param("eager", "fed_yogi", marks=pytest.mark.slow)],
 )
 def test_fed_opt_matches_numpy(mode, name):
   engine, data = setup(name, mode, batch_size=None, num_epochs=1)
@@ -296,7 +299,8 @@ NOVA = {
 
 @pytest.mark.parametrize(
   "mode,name",
-  [("jit", n) for n in NOVA] + [("eager", "fed_nova_momentum_prox")],
+  [("jit", n) for n in NOVA]
+  + [pytest.param("eager", "fed_nova_momentum_prox", marks=pytest.mark.slow)],
 )
 def test_fed_nova_matches_numpy(mode, name):
   lr, momentum, mu = NOVA[name]
