@@ -56,6 +56,9 @@ def finish(procs, timeout=300):
   return logs
 
 
+# The launch test below also checks 2 processes against 1 device (and a
+# resume); this lower-level variant runs with -m slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("placement", ["sharded"])
 def test_two_processes_equal_one_device(tmp_path, placement):
   coordinator = f"localhost:{free_port()}"
