@@ -292,7 +292,7 @@ def render_markdown(result: dict) -> str:
   lines += [
     "Notes: the streaming aggregators cost what FedAvg costs (the default "
     "path is the previous release's reduction; tests/test_engine_plan.py "
-    "checks its params bit for bit). The sort-based rules (median, trimmed "
+    "checks its params against a float64 reference). The sort-based rules (median, trimmed "
     "mean) are dominated by XLA's CPU sort: d independent sorts of m "
     "values (mlp100: ~210k sorts of 100, logreg1000: 610 sorts of 1000), "
     "computed after the cross-device merge, i.e. the same work on every "

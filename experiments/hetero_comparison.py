@@ -427,7 +427,7 @@ Reading it:
   few hundred test examples (not measured here).
 
 Correctness, tested (tests/test_hetero_fl.py, tests/test_fed_ma.py): HeteroFL
-with all clients at capacity 1 equals FedAvg bit for bit; a capacity-r client's
+with all clients at capacity 1 equals FedAvg to float32 rounding; a capacity-r client's
 update equals the standalone smaller network's; the mixed round matches a
 float64 per-parameter average. FedMA's BBP-MAP cost equals a float64 Gaussian
 marginal-likelihood reference; permuted (and noisy) copies of a trained MLP

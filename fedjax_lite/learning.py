@@ -300,7 +300,9 @@ class IterativeProcess:
     """Initial state: model params from ``seed``, fresh server optimizer."""
     k_init, k_engine = jax.random.split(jax.random.PRNGKey(seed))
     params = self.model.init(k_init)
-    return self._engine(1).init(params, seed=k_engine)
+    # The data (hence the population a DP aggregator binds to) arrives with
+    # next(): its first round makes the aggregator's state.
+    return self._engine(1).init(params, seed=k_engine, defer_aggregator=True)
 
   def _device_data(self, engine: Engine, data: Any) -> DeviceData:
     """``data`` packed and uploaded once (not at all for the

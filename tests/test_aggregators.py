@@ -328,8 +328,8 @@ def test_no_clients_gives_zeros_and_keeps_state():
     jax.tree.map(np.testing.assert_array_equal, new, state)
 
 
-# FedAvg through the aggregator path equals the previous release bit for bit:
-# tests/test_engine_plan.py::test_fedavg_bit_for_bit_with_previous_release.
+# FedAvg through the aggregator path matches the float64 reference over rounds:
+# tests/test_engine_plan.py::test_fedavg_matches_float64_reference_over_rounds.
 
 
 # ------------------------------------------------------------ errors

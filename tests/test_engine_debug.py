@@ -101,3 +101,83 @@ def test_print_inside_client_update_runs_once_per_client(capsys):
     fl.data.sample_clients(key, len(SIZES), cfg.clients_per_round)
   )
   assert lines == [f"client with {SIZES[i]} examples" for i in ids]
+
+
+def _failing_client(alg, bad_client):
+  base_update = alg.client_update
+
+  def client_update(bcast, cstate, cdata, rng):
+    if int(cdata.client_id) == bad_client:  # concrete in the debug round
+      raise ValueError(f"client {bad_client} has no usable data")
+    return base_update(bcast, cstate, cdata, rng)
+
+  return alg._replace(client_update=client_update)
+
+
+def test_debug_round_names_the_failing_client_and_stage():
+  alg, cfg, ds, params = setup(clients_per_round=len(SIZES))
+  cfg = fl.RoundConfig(len(SIZES), cfg.local_work, sampling="all")
+  engine = fl.Engine(_failing_client(alg, 3), cfg, debug=True)
+  data = engine.put_data(ds)
+  state = engine.init(params, seed=0)
+  with pytest.raises(ValueError) as e:
+    engine.round(state, data)
+  assert str(e.value) == (
+    "client 3, stage 'client_work': client 3 has no usable data"
+  ), str(e.value)
+  assert isinstance(e.value.__cause__, ValueError)
+  # An aggregator's add that fails names the client being added.
+  base = agg.weighted_mean()
+
+  def add(*args):
+    raise ValueError("the accumulator is full")
+
+  engine = fl.Engine(
+    alg._replace(aggregator=base._replace(add=add)), cfg, debug=True
+  )
+  with pytest.raises(ValueError) as e:
+    engine.round(engine.init(params, seed=0, data=data), data)
+  assert str(e.value) == (
+    "client 0, stage 'aggregator_add': the accumulator is full"
+  ), str(e.value)
+  # A round-level stage names only the stage.
+  engine = fl.Engine(
+    alg._replace(server_update=lambda s, a: 1 / 0), cfg, debug=True
+  )
+  with pytest.raises(ZeroDivisionError, match=r"^stage 'server_update': "):
+    engine.round(engine.init(params, seed=0, data=data), data)
+
+
+def test_debug_and_jitted_rounds_run_the_same_stage_functions(monkeypatch):
+  """Both backends call the functions of fedjax_lite.engine.stages (no second
+  implementation of the round): patched stages are seen by both."""
+  from fedjax_lite.engine import stages
+
+  calls = []
+  for name in ("sample", "gather", "client_work", "add_block", "merge"):
+    fn = getattr(stages, name)
+
+    def wrapped(*args, _fn=fn, _name=name):
+      calls.append(_name)
+      return _fn(*args)
+
+    monkeypatch.setattr(stages, name, wrapped)
+  alg, cfg, ds, params = setup()
+  seen = {}
+  for debug in (False, True):
+    engine = fl.Engine(alg, cfg, debug=debug)
+    data = engine.put_data(ds)
+    calls.clear()
+    engine.round(engine.init(params, seed=0), data)
+    seen[debug] = set(calls)
+  assert (
+    seen[False]
+    == seen[True]
+    == {
+      "sample",
+      "gather",
+      "client_work",
+      "add_block",
+      "merge",
+    }
+  )

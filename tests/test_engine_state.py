@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import fedjax_lite as fl
 
@@ -160,3 +161,76 @@ def test_pooled_rounds_check_hyperparameters(rng):
     engine.rounds_body(
       st, data, lambda h: fl.fed_avg(model, optax.sgd(0.1)), {"lr": jnp.ones(3)}
     )
+
+
+def test_init_gives_the_complete_state(rng):
+  """EngineState is complete from init (the aggregator's state included):
+  every round returns a state of the same structure; without data, a
+  stateful aggregator is a clear error."""
+  from fedjax_lite import aggregators as agg
+
+  ds = fl.FederatedDataset.from_clients(
+    [
+      {
+        "x": rng.standard_normal((n, 2)).astype(np.float32),
+        "y": rng.integers(0, 2, n).astype(np.int32),
+      }
+      for n in (3, 5, 2, 4)
+    ]
+  )
+  model = fl.models.logistic_regression(2, 2)
+  params = model.init(jax.random.PRNGKey(0))
+  cfg = fl.RoundConfig(3, fl.LocalWork(batch_size=2))
+  adaptive = agg.clipped(agg.weighted_mean(), 0.5, adaptive=True)
+  engine = fl.Engine(
+    fl.fed_avg(model, optax.sgd(0.1), aggregator=adaptive), cfg
+  )
+  with pytest.raises(ValueError, match=r"no data yet.*data=engine.put_data"):
+    engine.init(params)
+  data = fl.data.placement.put_data(ds, cfg.local_work, engine.mesh)
+  state = engine.init(params, seed=1, data=data)
+  assert float(state.aggregator["clip_norm"]) == pytest.approx(0.5)
+  new, _ = engine.round(state, data)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+
+  # init with the data binds the aggregator to the run (Aggregator.bind).
+  def refuse(run):
+    raise ValueError(f"cannot serve a population of {run.population}")
+
+  picky = fl.Engine(
+    fl.fed_avg(
+      model, optax.sgd(0.1), aggregator=adaptive._replace(bind=refuse)
+    ),
+    cfg,
+  )
+  with pytest.raises(ValueError, match="cannot serve a population of 4"):
+    picky.init(params, data=data)
+  # Stateless aggregators keep None, with or without data.
+  plain = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), cfg)
+  assert plain.init(params).aggregator is None
+  new, _ = plain.round(plain.init(params, data=data), data)
+  assert new.aggregator is None
+
+
+def test_put_data_is_the_placement_function(rng):
+  ds = fl.FederatedDataset.from_clients(
+    [
+      {
+        "x": rng.standard_normal((n, 2)).astype(np.float32),
+        "y": rng.integers(0, 2, n).astype(np.int32),
+      }
+      for n in (3, 5, 2, 4)
+    ]
+  )
+  model = fl.models.logistic_regression(2, 2)
+  engine = fl.Engine(fl.fed_avg(model, optax.sgd(0.1)), fl.RoundConfig(2))
+  for placement in ("replicated", "sharded"):
+    got = engine.put_data(ds, buckets=2, placement=placement)
+    want = fl.data.placement.put_data(
+      ds, engine.config.local_work, engine.mesh, 2, placement=placement
+    )
+    assert got.sharded == want.sharded == (placement == "sharded")
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert engine.put_data(got) is got

@@ -332,8 +332,8 @@ def test_engine_round_without_noise_is_the_unweighted_mean(one_device_mesh):
   outs = []
   for alg in (dp_alg, plain):
     eng = fl.Engine(alg, cfg, one_device_mesh)
-    state = eng.init(params, seed=3, num_clients=40)
     data = eng.put_data(ds)
+    state = eng.init(params, seed=3, num_clients=40)
     for _ in range(2):
       state, metrics = eng.round(state, data)
     outs.append((state.server.params, metrics))

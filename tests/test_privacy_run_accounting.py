@@ -43,14 +43,21 @@ def dp(clients_per_round, sampling, population=None, **kw):
 
 def setup(aggregator, mesh, attack=None, **round_kw):
   """An engine over the 6-client dataset: ``(engine, state, data)``; the
-  state is made before the data is uploaded, so the engine binds the
-  aggregator when the first round is traced."""
+  state is made before the data is uploaded, its aggregator state deferred
+  to the first round (``defer_aggregator``), so the engine binds the
+  aggregator when the first round is traced. (``init`` with the data binds
+  it there, with the same errors.)"""
   alg = fl.fed_avg(MODEL, optax.sgd(0.1), aggregator=aggregator)
   if attack is not None:
     alg = attacks.with_attack(alg, attack, attacks.byzantine_mask(N, 1 / 3))
   cfg = fl.RoundConfig(local_work=fl.LocalWork(batch_size=4), **round_kw)
   eng = fl.Engine(alg, cfg, mesh)
-  state = eng.init(MODEL.init(jax.random.PRNGKey(0)), seed=0, num_clients=N)
+  state = eng.init(
+    MODEL.init(jax.random.PRNGKey(0)),
+    seed=0,
+    num_clients=N,
+    defer_aggregator=True,
+  )
   return eng, state, eng.put_data(dataset())
 
 

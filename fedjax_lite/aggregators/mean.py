@@ -44,9 +44,10 @@ def _weighted_sum(acc_sum, updates, scale, valid):
 
 
 def _mean(sums, divisor):
-  """``sums / divisor`` (zeros if ``divisor == 0``), as ``sums * (1 /
-  divisor)``: the form XLA gave the reduction before aggregators existed, so
-  FedAvg rounds stay bit for bit what they were."""
+  """``sums / divisor`` (zeros if ``divisor == 0``), computed as ``sums *
+  (1 / divisor)`` (one division per leaf). Equal to a float64 mean to float32
+  rounding; different compiled computations of it are not promised equal
+  bits."""
   inv = 1.0 / jnp.where(divisor > 0, divisor, 1.0)
   return jax.tree.map(
     lambda a: jnp.where(divisor > 0, a * inv, jnp.zeros((), a.dtype)), sums

@@ -1,6 +1,13 @@
-"""The vectorized round engine, its debug mode and federated evaluation."""
+"""The vectorized round engine, its debug mode and federated evaluation.
 
-from fedjax_lite.engine.debug import debug_round
+The round's stages are the functions of :mod:`fedjax_lite.engine.stages`;
+:mod:`fedjax_lite.engine.blocks` runs them as one jitted round (vmapped
+blocks, sharded over devices) and :mod:`fedjax_lite.engine.debug` client by
+client in Python.
+"""
+
+from fedjax_lite.engine import stages
+from fedjax_lite.engine.debug import StageError, debug_round
 from fedjax_lite.engine.evaluation import EvalResult, evaluate
 from fedjax_lite.engine.plan import (
   BlockPlan,
@@ -28,6 +35,7 @@ __all__ = [
   "EvalResult",
   "NonFiniteUpdateError",
   "RoundConfig",
+  "StageError",
   "auto_block_size",
   "check_materialized_memory",
   "client_keys",
@@ -37,4 +45,5 @@ __all__ = [
   "evaluate",
   "finalize_metrics",
   "round_keys",
+  "stages",
 ]
