@@ -223,7 +223,7 @@ def run(cfg: Config, run_dir: Path | None = None) -> dict:
 
 
 def main(argv=None) -> dict:
-  return fl.experiment.runner.script_main(__file__, get_config, run, argv)
+  return fl.experiment.script_main(__file__, get_config, run, argv)
 
 
 if __name__ == "__main__":

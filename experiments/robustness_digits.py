@@ -38,7 +38,7 @@ trains exactly as in the attacked run::
 ``attack="select"`` makes the attack the sweepable hyperparameter
 ``attack_index`` (an index into ATTACKS), so one compiled round covers every
 attack (``--grid attack_index=0,1,2,3,4,5,6``); experiments/
-robustness_benchmark.py sweeps it that way.
+experiments/benchmarks/robustness.py sweeps it that way.
 
 Names: ``aggregator`` in AGGREGATORS, ``attack`` in ATTACKS (or "select"),
 ``compression`` in COMPRESSIONS ("dense" is uncompressed but reports

@@ -47,6 +47,7 @@ clients that were Byzantine.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -57,6 +58,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.scipy.special import ndtri
 
+from fedjax_lite import aggregators as aggs
 from fedjax_lite import checks
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.data.batching import ClientData
@@ -68,15 +70,24 @@ _ATTACK_STREAM = 0x0B12
 
 
 # ------------------------------------------------------------ Byzantine set
-def _check_fraction(fraction, name: str = "fraction") -> None:
-  if isinstance(fraction, jax.core.Tracer):
-    return  # traced in a vectorized sweep: checked where it was concrete
-  f = float(np.asarray(fraction))
-  if not (np.isfinite(f) and 0.0 <= f < 1.0):
-    raise ValueError(
-      f"{name} (the Byzantine fraction) must be in [0, 1), got "
-      f"{fraction!r}. Use e.g. 0.2 for 20% Byzantine clients."
-    )
+def _checked(check, name: str, value, *args, **kw):
+  """``check(name, value, *args, **kw)`` for a concrete value; a traced one
+  (a hyperparameter of a vectorized sweep) was checked where it was concrete
+  and passes through unchanged."""
+  if isinstance(value, jax.core.Tracer):
+    return value
+  return check(name, value, *args, **kw)
+
+
+def _check_fraction(fraction) -> None:
+  _checked(
+    checks.in_range,
+    "fraction",
+    fraction,
+    0.0,
+    1.0,
+    expected="in [0, 1) (the Byzantine fraction, e.g. 0.2 for 20%)",
+  )
 
 
 def byzantine_mask(num_clients: int, fraction, seed: int = 0):
@@ -97,11 +108,7 @@ def byzantine_mask(num_clients: int, fraction, seed: int = 0):
   Returns:
     A numpy bool array for a concrete ``fraction``, else a jax bool array.
   """
-  if not checks.is_int(num_clients) or num_clients < 1:
-    raise ValueError(
-      f"num_clients must be a positive int (the population "
-      f"size), got {num_clients!r}."
-    )
+  checks.positive_int("num_clients", num_clients, hint=" (the population size)")
   _check_fraction(fraction)
   rank = np.random.default_rng(seed).permutation(int(num_clients))
   if isinstance(fraction, jax.core.Tracer):
@@ -141,9 +148,7 @@ def label_flip(num_classes: int, label_key: str = "y") -> Attack:
   flipped labels (Tolpegin et al. 2020, "Data Poisoning Attacks Against
   Federated Learning Systems", arXiv:2007.08432; Fang et al. 2020).
   """
-  if not checks.is_int(num_classes) or num_classes < 2:
-    raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
-  c = int(num_classes)
+  c = checks.int_at_least("num_classes", num_classes, 2)
 
   def poison_data(data: ClientData) -> ClientData:
     if label_key not in data.batches:
@@ -162,7 +167,7 @@ def label_flip(num_classes: int, label_key: str = "y") -> Attack:
 
 def sign_flip(scale: float = 1.0) -> Attack:
   r"""Update attack ``Delta -> -s Delta`` (reversed gradient; ``s = 1``)."""
-  s = _positive("scale", scale)
+  s = _checked(checks.positive_float, "scale", scale)
   return Attack(
     name="sign_flip",
     poison_update=lambda u, rng: jax.tree.map(lambda x: (-s) * x, u),
@@ -175,7 +180,7 @@ def scaling(factor: float) -> Attack:
   With ``lambda ~ n / n_k`` a single client replaces the global model by its
   own (Bagdasaryan et al. 2020, arXiv:1807.00459; Bhagoji et al. 2019).
   """
-  f = _positive("factor", factor)
+  f = _checked(checks.positive_float, "factor", factor)
   return Attack(
     name="scaling",
     poison_update=lambda u, rng: jax.tree.map(lambda x: f * x, u),
@@ -184,7 +189,7 @@ def scaling(factor: float) -> Attack:
 
 def gaussian(std: float) -> Attack:
   r"""Update attack: ``Delta -> N(0, std^2 I)`` instead of the update."""
-  s = _positive("std", std)
+  s = _checked(checks.positive_float, "std", std)
 
   def poison_update(update, rng):
     leaves, treedef = jax.tree.flatten(update)
@@ -267,7 +272,7 @@ def ipm(epsilon: float = 0.1) -> Attack:
   updates against Krum; large ``epsilon`` (> n / f - 1 against the mean)
   reverses the mean.
   """
-  eps = _positive("epsilon", epsilon)
+  eps = _checked(checks.positive_float, "epsilon", epsilon)
 
   def byzantine_update(updates, benign, byzantine, rng):
     del rng
@@ -405,15 +410,6 @@ def select_attack(index, attacks) -> Attack:
   )
 
 
-def _positive(name, value) -> float:
-  if isinstance(value, jax.core.Tracer):
-    return value
-  v = float(value)
-  if not (np.isfinite(v) and v > 0):
-    raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
-  return v
-
-
 # --------------------------------------------------- client-side wrapper
 @flax.struct.dataclass
 class FlaggedUpdate:
@@ -512,14 +508,13 @@ def omniscient_aggregator(inner, attack: Attack):
   (init, one ``add`` of all slots, merge, finalize) on the result.
   Materialized: memory ``num_slots x model``. A run-dependent ``inner``
   (``Aggregator.bind``, e.g. DP accounting) is bound to the run and wrapped
-  again; its ``check_output`` is kept.
+  again; its ``check_output`` is kept. The wrapper keeps no state of its
+  own: its state is ``inner``'s.
 
   Args:
     inner: the aggregator under attack (None: weighted mean).
     attack: an omniscient :class:`Attack` (:func:`alie`, :func:`ipm`).
   """
-  from fedjax_lite import aggregators as aggs  # pylint: disable=g-import-not-at-top
-
   if attack.byzantine_update is None:
     raise ValueError(
       f"attack {attack.name!r} is not an aggregation-time "
@@ -528,87 +523,15 @@ def omniscient_aggregator(inner, attack: Attack):
     )
   if inner is None:
     inner = aggs.weighted_mean()
-
-  def _check(spec):
-    if not isinstance(spec, FlaggedUpdate):
-      raise TypeError(
-        f"{attack.name}(...) aggregates FlaggedUpdate updates "
-        f"(from fl.attacks.with_attack), got "
-        f"{type(spec).__name__}. Build the algorithm with "
-        "with_attack(algorithm, attack, mask) instead of setting"
-        " the aggregator directly."
-      )
-    return spec.update
-
-  def init_state(update_spec):
-    return inner.init_state(_check(update_spec))
-
-  def init(state, update_spec, num_slots):
-    spec = _check(update_spec)
-    return {
-      "updates": jax.tree.map(
-        lambda s: jnp.zeros((num_slots,) + s.shape, s.dtype), spec
-      ),
-      "weights": jnp.zeros((num_slots,), jnp.float32),
-      "valid": jnp.zeros((num_slots,), jnp.float32),
-      "byzantine": jnp.zeros((num_slots,), jnp.float32),
-    }
-
-  def add(state, acc, updates, weights, valid, slots):
-    del state
-    # A client takes part if it is real and has weight (as for the robust
-    # aggregators); others go to an out-of-range row and are dropped.
-    part = jnp.logical_and(valid, weights > 0)
-    v = part.astype(jnp.float32)
-    idx = jnp.where(part, slots, acc["weights"].shape[0])
-
-    def put(buf, x):
-      return buf.at[idx].set(x.astype(buf.dtype), mode="drop")
-
-    return {
-      "updates": jax.tree.map(put, acc["updates"], updates.update),
-      "weights": put(acc["weights"], weights.astype(jnp.float32)),
-      "valid": put(acc["valid"], v),
-      "byzantine": put(acc["byzantine"], updates.byzantine),
-    }
-
-  def merge(accs):
-    return jax.tree.map(lambda a: jnp.sum(a, axis=0), accs)
-
-  def finalize(state, acc, rng):
-    num_slots = acc["weights"].shape[0]
-    valid = acc["valid"] > 0.5
-    byz = jnp.logical_and(valid, acc["byzantine"] > 0.5)
-    benign = jnp.logical_and(valid, jnp.logical_not(byz))
-    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(acc["updates"])  # [n, d]
-    unravel = ravel_pytree(jax.tree.map(lambda a: a[0], acc["updates"]))[1]
-    k_attack, k_inner = jax.random.split(rng)
-    flat = attack.byzantine_update(flat, benign, byz, k_attack)
-    updates = jax.vmap(unravel)(flat)
-    spec = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), updates
-    )
-    inner_acc = inner.init(state, spec, num_slots)
-    inner_acc = inner.add(
-      state,
-      inner_acc,
-      updates,
-      acc["weights"],
-      valid,
-      jnp.arange(num_slots, dtype=jnp.int32),
-    )
-    inner_acc = inner.merge(jax.tree.map(lambda a: a[None], inner_acc))
-    out, new_state = inner.finalize(state, inner_acc, k_inner)
-    metrics = dict(out.metrics)
-    metrics["byzantine_slots"] = jnp.sum(byz).astype(jnp.float32)
-    return out._replace(metrics=metrics), new_state
-
+  unflag = functools.partial(_unflagged_spec, attack.name)
   return aggs.Aggregator(
-    init_state,
-    init,
-    add,
-    merge,
-    finalize,
+    lambda update_spec: inner.init_state(unflag(update_spec)),
+    lambda state, update_spec, num_slots: _slot_buffers(
+      unflag(update_spec), num_slots
+    ),
+    _scatter_to_slots,
+    aggs.sum_over_devices,  # one device writes each slot: the sum keeps it
+    functools.partial(_attacked_finalize, inner, attack),
     materialized=True,
     name=f"{attack.name}({inner.name})",
     active_slots=inner.active_slots,  # the inner aggregator's state
@@ -621,3 +544,86 @@ def omniscient_aggregator(inner, attack: Attack):
     ),
     check_output=inner.check_output,
   )
+
+
+def _unflagged_spec(attack_name: str, update_spec) -> PyTree:
+  """The plain update spec inside a :class:`FlaggedUpdate` spec; a
+  ``TypeError`` for updates that do not come from :func:`with_attack`."""
+  if not isinstance(update_spec, FlaggedUpdate):
+    raise TypeError(
+      f"{attack_name}(...) aggregates FlaggedUpdate updates "
+      f"(from fl.attacks.with_attack), got "
+      f"{type(update_spec).__name__}. Build the algorithm with "
+      "with_attack(algorithm, attack, mask) instead of setting"
+      " the aggregator directly."
+    )
+  return update_spec.update
+
+
+def _slot_buffers(spec: PyTree, num_slots: int) -> dict:
+  """Zero ``[num_slots, ...]`` buffers: updates, weights, validity, flags."""
+  return {
+    "updates": jax.tree.map(
+      lambda s: jnp.zeros((num_slots,) + s.shape, s.dtype), spec
+    ),
+    "weights": jnp.zeros((num_slots,), jnp.float32),
+    "valid": jnp.zeros((num_slots,), jnp.float32),
+    "byzantine": jnp.zeros((num_slots,), jnp.float32),
+  }
+
+
+def _scatter_to_slots(state, acc, updates, weights, valid, slots) -> dict:
+  """Writes a block's flagged updates into their slots' rows of ``acc``."""
+  del state
+  # A client takes part if it is real and has weight (as for the robust
+  # aggregators); others go to an out-of-range row and are dropped.
+  part = jnp.logical_and(valid, weights > 0)
+  v = part.astype(jnp.float32)
+  idx = jnp.where(part, slots, acc["weights"].shape[0])
+
+  def put(buf, x):
+    return buf.at[idx].set(x.astype(buf.dtype), mode="drop")
+
+  return {
+    "updates": jax.tree.map(put, acc["updates"], updates.update),
+    "weights": put(acc["weights"], weights.astype(jnp.float32)),
+    "valid": put(acc["valid"], v),
+    "byzantine": put(acc["byzantine"], updates.byzantine),
+  }
+
+
+def _attacked_finalize(inner, attack: Attack, state, acc, rng):
+  """Byzantine rows replaced by the attack's vector, then ``inner``."""
+  valid = acc["valid"] > 0.5
+  byz = jnp.logical_and(valid, acc["byzantine"] > 0.5)
+  benign = jnp.logical_and(valid, jnp.logical_not(byz))
+  flat = jax.vmap(lambda u: ravel_pytree(u)[0])(acc["updates"])  # [n, d]
+  unravel = ravel_pytree(jax.tree.map(lambda a: a[0], acc["updates"]))[1]
+  k_attack, k_inner = jax.random.split(rng)
+  flat = attack.byzantine_update(flat, benign, byz, k_attack)
+  out, new_state = _replay(
+    inner, state, jax.vmap(unravel)(flat), acc["weights"], valid, k_inner
+  )
+  metrics = dict(out.metrics)
+  metrics["byzantine_slots"] = jnp.sum(byz).astype(jnp.float32)
+  return out._replace(metrics=metrics), new_state
+
+
+def _replay(inner, state, updates, weights, valid, rng):
+  """``inner`` on every slot at once: ``init``, one ``add`` of the
+  ``[n, ...]`` updates, ``merge`` of one device, ``finalize``."""
+  num_slots = weights.shape[0]
+  spec = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), updates
+  )
+  acc = inner.init(state, spec, num_slots)
+  acc = inner.add(
+    state,
+    acc,
+    updates,
+    weights,
+    valid,
+    jnp.arange(num_slots, dtype=jnp.int32),
+  )
+  acc = inner.merge(jax.tree.map(lambda a: a[None], acc))
+  return inner.finalize(state, acc, rng)

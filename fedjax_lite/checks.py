@@ -10,6 +10,7 @@ but ``num_epochs=True`` is a mistake).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -71,6 +72,52 @@ def positive_ints(**values) -> None:
     positive_int(name, value)
 
 
+def as_real(value: Any) -> float | None:
+  """``value`` as a float if it is one real number (a Python or numpy int or
+  float, or a 0-d integer/float array; never a bool), else None."""
+  if isinstance(value, (bool, np.bool_)):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  dtype = getattr(value, "dtype", None)
+  if (
+    dtype is not None
+    and np.ndim(value) == 0
+    and (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+  ):
+    return float(value)
+  return None
+
+
+def real(name: str, value: Any) -> float:
+  """Checks that ``value`` is one real number, not NaN; returns a float.
+
+  Raises:
+    TypeError: for anything else than a real number (a str, a list, a bool).
+    ValueError: for NaN.
+  """
+  v = as_real(value)
+  if v is None:
+    raise _not_real(name, value)
+  if math.isnan(v):
+    raise ValueError(f"{name} must be a number, got nan.")
+  return v
+
+
+def _not_real(name: str, value: Any) -> TypeError:
+  return TypeError(
+    f"{name} must be a real number, got {type(value).__name__} ({value!r:.60})."
+  )
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+  """``"a number in [0, 1)"``, or ``"a finite number > 0"`` for ``high=inf``."""
+  if high == math.inf:
+    return f"a finite number {'>' if low_open else '>='} {low:g}"
+  left, right = "(" if low_open else "[", ")" if high_open else "]"
+  return f"a number in {left}{low:g}, {high:g}{right}"
+
+
 def in_range(
   name: str,
   value: Any,
@@ -79,20 +126,56 @@ def in_range(
   *,
   low_open: bool = False,
   high_open: bool = True,
+  expected: str | None = None,
+  hint: str = "",
 ) -> float:
-  """Checks ``low <(=) value <(=) high`` for a real number; returns a float."""
-  ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-  if ok:
-    v = float(value)
-    ok = (v > low if low_open else v >= low) and (
-      v < high if high_open else v <= high
-    )
+  """Checks ``low <(=) value <(=) high`` for a real number; returns a float.
+
+  ``high=math.inf`` asks for a finite number (inf is never inside). The
+  message reads ``"{name} must be {expected}{hint}, got {value!r}."``.
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    value: what arrived.
+    low, high: the interval's ends.
+    low_open, high_open: exclude that end.
+    expected: what the message says is expected; default the interval
+      (``"a number in (0, 1]"``, ``"a finite number >= 0"``).
+    hint: appended to ``expected`` (what the value means, how to fix it).
+
+  Raises:
+    TypeError: for a value that is not a real number (see :func:`real`).
+    ValueError: for NaN or a value outside the interval.
+  """
+  v = as_real(value)
+  if v is None:
+    raise _not_real(name, value)
+  ok = (v > low if low_open else v >= low) and (
+    v < high if high_open or high == math.inf else v <= high
+  )
   if not ok:
-    interval = (
-      f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    )
-    raise ValueError(f"{name} must be a number in {interval}, got {value!r}.")
-  return float(value)
+    what = expected or _interval(low, high, low_open, high_open)
+    raise ValueError(f"{name} must be {what}{hint}, got {value!r}.")
+  return v
+
+
+def positive_float(
+  name: str, value: Any, *, allow_zero: bool = False, hint: str = ""
+) -> float:
+  """A finite real number ``> 0`` (``>= 0`` with ``allow_zero``)."""
+  return in_range(
+    name,
+    value,
+    0.0,
+    math.inf,
+    low_open=not allow_zero,
+    expected=(
+      "a non-negative finite number"
+      if allow_zero
+      else "a positive finite number"
+    ),
+    hint=hint,
+  )
 
 
 def model_features(
@@ -119,13 +202,17 @@ def model_features(
   model.check_inputs(features, where)
 
 
-def instance_of(name: str, value: Any, kind: type, hint: str = "") -> Any:
-  """Checks ``isinstance(value, kind)``; ``TypeError`` naming what arrived."""
+def instance_of(
+  name: str, value: Any, kind: type | tuple[type, ...], hint: str = ""
+) -> Any:
+  """Checks ``isinstance(value, kind)`` (one type or a tuple of types);
+  ``TypeError`` naming what arrived."""
   if not isinstance(value, kind):
-    article = "an" if kind.__name__[:1] in "AEIOU" else "a"
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    article = "an" if kinds[0].__name__[:1] in "AEIOU" else "a"
+    names = " or ".join(k.__name__ for k in kinds)
     raise TypeError(
-      f"{name} must be {article} {kind.__name__}{hint}, got "
-      f"{type(value).__name__}."
+      f"{name} must be {article} {names}{hint}, got {type(value).__name__}."
     )
   return value
 

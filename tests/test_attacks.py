@@ -469,3 +469,55 @@ def test_combine_boosts_a_label_flipped_update():
   assert attacks.combine(attacks.alie(), name="x").byzantine_update is not None
   with pytest.raises(TypeError, match="Attack"):
     attacks.combine("alie")
+
+
+def test_attack_arguments_are_checked_when_concrete_only():
+  """A concrete argument is checked (naming it, what arrived and what was
+  expected); a traced one (a hyperparameter of a vectorized sweep) passes."""
+  with pytest.raises(
+    ValueError, match=r"^scale must be a positive finite number, got -1\.0\.$"
+  ):
+    attacks.sign_flip(scale=-1.0)
+  with pytest.raises(TypeError, match=r"factor must be a real number, got str"):
+    attacks.scaling("10")
+  with pytest.raises(
+    ValueError,
+    match=r"^fraction must be in \[0, 1\) \(the Byzantine fraction, e\.g\. "
+    r"0\.2 for 20%\), got 1\.0\.$",
+  ):
+    attacks.byzantine_mask(10, 1.0)
+  with pytest.raises(ValueError, match=r"num_clients must be a positive int"):
+    attacks.byzantine_mask(0, 0.1)
+  with pytest.raises(ValueError, match=r"^num_classes must be an int >= 2"):
+    attacks.label_flip(True)
+  u = {"w": jnp.arange(4.0)}
+  key = jax.random.PRNGKey(0)
+  flipped = jax.jit(lambda s: attacks.sign_flip(s).poison_update(u, key)["w"])(
+    jnp.float32(2.5)
+  )
+  np.testing.assert_array_equal(np.asarray(flipped), -2.5 * np.arange(4.0))
+  boosted = jax.vmap(lambda f: attacks.scaling(f).poison_update(u, key)["w"])(
+    jnp.asarray([2.0, 3.0])
+  )
+  np.testing.assert_array_equal(
+    np.asarray(boosted), np.outer([2.0, 3.0], np.arange(4.0))
+  )
+
+
+def test_omniscient_wrapper_keeps_the_inner_state_and_slots():
+  """The wrapper keeps no state of its own: init_state is the inner
+  aggregator's on the plain update spec, active_slots is the inner's."""
+  inner = aggs.clipped(aggs.weighted_mean(), 1.0, adaptive=True)
+  agg = attacks.omniscient_aggregator(inner, attacks.ipm(0.5))
+  spec = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  flagged = attacks.FlaggedUpdate(
+    update=spec, byzantine=jax.ShapeDtypeStruct((), jnp.float32)
+  )
+  state = agg.init_state(flagged)
+  want = inner.init_state(spec)
+  assert jax.tree.structure(state) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert agg.active_slots is inner.active_slots and agg.materialized
+  acc = agg.init(state, flagged, 4)
+  assert acc["updates"]["w"].shape == (4, 3) and acc["byzantine"].shape == (4,)

@@ -233,7 +233,7 @@ def test_kill_mid_run_then_resume_is_bit_identical(tiny, tmp_path, signum):
 def test_resume_without_checkpoint_says_restart(tiny, tmp_path, capsys):
   """A run folder whose run died before its first checkpoint: one clear
   line with the command that restarts it, no traceback."""
-  from fedjax_lite.experiment.runner import run_file
+  from fedjax_lite.experiment.files import run_file
 
   res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
   (res.run_dir / "checkpoint.msgpack").unlink()
@@ -251,8 +251,32 @@ def test_resume_without_checkpoint_says_restart(tiny, tmp_path, capsys):
   )
 
 
+def test_sweep_whose_every_setting_diverges_exits_3(tiny, tmp_path, capsys):
+  """A sweep stops as diverged like a run, at the first round in which every
+  setting diverged (one error line, exit 3, the last finite state as the
+  checkpoint); ``--on-divergence continue`` runs every round."""
+  out = tmp_path / "runs"
+  argv = ["sweep", tiny, "--out", str(out), "--no-progress", "--seeds", "2"]
+  assert main([*argv, "--set", "client_lr=nan", "num_rounds=2"]) == 3
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: the sweep diverged"), err
+  assert "round 1 (every setting diverged (setting 0: all 4" in err[0], err
+  sweep_dir = next(out.glob("tiny-sweep-*"))
+  rows = read_jsonl(sweep_dir / "metrics.jsonl")
+  assert [(r["round"], r["setting"]) for r in rows] == [(1, 0), (1, 1)]
+  raw = (sweep_dir / "checkpoint.msgpack").read_bytes()
+  meta = flax.serialization.msgpack_restore(raw)["meta"]
+  assert meta["round"] == 0 and meta["num_rows"] == 0
+  more = ["--on-divergence", "continue", "--set", "client_lr=nan"]
+  assert main([*argv, *more, "num_rounds=2"]) == 0
+  sweep_dir = max(out.glob("tiny-sweep-*"))
+  rows = read_jsonl(sweep_dir / "metrics.jsonl")
+  assert [r["round"] for r in rows] == [1, 1, 2, 2]
+  assert all(r["train_dropped_nonfinite"] == 4.0 for r in rows)
+
+
 def test_damaged_checkpoint_names_the_file(tiny, tmp_path, capsys):
-  from fedjax_lite.experiment.runner import run_file
+  from fedjax_lite.experiment.files import run_file
 
   res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
   path = res.run_dir / "checkpoint.msgpack"
@@ -323,7 +347,7 @@ def test_refused_resume_leaves_the_folder_unchanged(tmp_path, capsys):
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
 def test_resume_with_corrupt_config_json_exits_2(tiny, tmp_path, capsys, text):
-  from fedjax_lite.experiment.runner import run_file
+  from fedjax_lite.experiment.files import run_file
 
   res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
   path = res.run_dir / "config.json"

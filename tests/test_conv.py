@@ -105,16 +105,15 @@ def test_max_pool_equals_reduce_window(window, strides, padding, batch):
       x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), padding
     )
 
+  fast = lambda x: C.max_pool(x, window, strides, padding)
+  fast_cm = lambda x: C.to_channel_last(
+    C.max_pool_cm(C.to_channel_major(x), window, strides, padding)
+  )
+  if batch > 1:  # every window geometry runs eagerly (batch 1) and jitted
+    ref, fast, fast_cm = jax.jit(ref), jax.jit(fast), jax.jit(fast_cm)
   y0, (g0,) = value_and_grads(ref, x)
-  y1, (g1,) = value_and_grads(
-    lambda x: C.max_pool(x, window, strides, padding), x
-  )
-  y2, (g2,) = value_and_grads(
-    lambda x: C.to_channel_last(
-      C.max_pool_cm(C.to_channel_major(x), window, strides, padding)
-    ),
-    x,
-  )
+  y1, (g1,) = value_and_grads(fast, x)
+  y2, (g2,) = value_and_grads(fast_cm, x)
   for y, g in ((y1, g1), (y2, g2)):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
     # the gradient goes to the first maximum of each window, as XLA's
@@ -199,9 +198,19 @@ def test_from_flax_runs_nn_conv_on_the_gemm_path():
 )
 def test_cnn_models_fast_equals_plain(build, shape, count):
   fast, plain = build(True), build(False)
-  params = fast.init(jax.random.PRNGKey(0))
-  assert fl.models.num_params(params) == count
+  # init traced (not run: an eager init of these models takes far longer
+  # than the gradients), then random parameters of its shapes
+  shapes = jax.eval_shape(fast.init, jax.random.PRNGKey(0))
+  assert jax.eval_shape(plain.init, jax.random.PRNGKey(0)) == shapes
+  assert fl.models.num_params(shapes) == count
   rng = np.random.default_rng(5)
+  params = jax.tree.map(
+    lambda s: jnp.asarray(
+      rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1])),
+      jnp.float32,
+    ),
+    shapes,
+  )
   batch = {
     "x": jnp.asarray(rng.standard_normal((3,) + shape), jnp.float32),
     "y": jnp.array([0, 1, 2]),
@@ -275,9 +284,9 @@ def test_lstm_layer_equals_autodiff_of_flax_cell():
   two layers and gradients flowing from every time step."""
   fast = fl.models.char_lstm(11, 9, embed_dim=4, hidden=(6, 5))
   plain = fl.models.char_lstm(11, 9, embed_dim=4, hidden=(6, 5), fast=False)
-  params = fast.init(jax.random.PRNGKey(1))
+  params = jax.jit(fast.init)(jax.random.PRNGKey(1))
   # same parameter tree and initial values (same initializers and paths)
-  ref_params = plain.init(jax.random.PRNGKey(1))
+  ref_params = jax.jit(plain.init)(jax.random.PRNGKey(1))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   rng = np.random.default_rng(7)
@@ -288,7 +297,7 @@ def test_lstm_layer_equals_autodiff_of_flax_cell():
     }
     mask = jnp.ones(b, bool)
     g = [
-      jax.grad(lambda p, m=m: m.batch_loss(p, batch, mask)[0])(params)
+      jax.jit(jax.grad(lambda p, m=m: m.batch_loss(p, batch, mask)[0]))(params)
       for m in (fast, plain)
     ]
     for a, c in zip(jax.tree.leaves(g[0]), jax.tree.leaves(g[1])):
@@ -300,8 +309,10 @@ def test_lstm_layer_equals_autodiff_of_flax_cell():
   bias = jnp.asarray(rng.standard_normal(20) * 0.1, jnp.float32)
   from fedjax_lite.models.lstm import _lstm_forward, lstm_layer
 
-  y0, g0 = value_and_grads(lambda *a: _lstm_forward(*a)[0], x, w_x, w_h, bias)
-  y1, g1 = value_and_grads(lstm_layer, x, w_x, w_h, bias)
+  y0, g0 = value_and_grads(
+    jax.jit(lambda *a: _lstm_forward(*a)[0]), x, w_x, w_h, bias
+  )
+  y1, g1 = value_and_grads(jax.jit(lstm_layer), x, w_x, w_h, bias)
   assert rel_err(y1, y0) < 1e-6
   for a, c in zip(g1, g0):
     assert rel_err(a, c) < 1e-5

@@ -379,33 +379,30 @@ def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
   assert set(res.groups()) == {"client_lr=0.05", "client_lr=0.2"}
 
 
-def test_pooled_and_lockstep_sweeps_agree(tiny_file):
-  """Seeds pooled into one engine round == jax.vmap over separate rounds."""
+def test_a_run_is_the_sweep_of_one_setting(tiny_file):
+  """train and a one-seed sweep run the same rounds: equal states, equal
+  metric rows (the sweep's have its setting's columns in front)."""
   ef = fe.load_experiment_file(str(tiny_file))
-  exp = ef.build(fe.apply_overrides(ef.get_config(), ["eval_every=0"]))
-  grid = {"client_lr": [0.05, 0.2]}
-  data = fl.Engine(exp.algorithm, exp.round_config).put_data(exp.train)
-  out = []
-  for pooled in (True, False):
-    vm = fe.VmappedRounds(exp, [3, 4], grid, 3, pooled=pooled)
-    assert vm.pooled is pooled
-    state, metrics = vm.run(vm.init(), data, 3)
-    assert set(vm.block_sizes) == set(data.bucket_sizes)
-    out.append((vm.engine_states(state), vm.flat(metrics, axis=1)))
-  (sp, mp), (sl, ml) = out
-  chex.assert_trees_all_close(
-    jax.device_get(sp.server), jax.device_get(sl.server), rtol=1e-5, atol=1e-6
+  exp = ef.build(ef.get_config())
+  run = fe.train(exp, progress=False)
+  swept = fe.sweep(exp, seeds=[exp.seed], progress=False)
+  chex.assert_trees_all_equal(
+    jax.device_get(run.state), jax.device_get(swept.state_of(0))
   )
-  np.testing.assert_array_equal(np.asarray(sp.clients), np.asarray(sl.clients))
-  np.testing.assert_allclose(
-    np.asarray(mp["loss"]), np.asarray(ml["loss"]), rtol=1e-5
-  )
+  strip = lambda rows: [  # noqa: E731
+    {
+      k: v
+      for k, v in r.items()
+      if k not in fe.records.TIMING_KEYS and k not in ("setting", "seed")
+    }
+    for r in rows
+  ]
+  assert strip(swept.rows) == strip(run.rows)
+  assert [r["round"] for r in run.rows] == [1, 2, 3, 4]
+  assert all(r["setting"] == 0 and r["seed"] == 0 for r in swept.rows)
 
 
-@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "lockstep"])
-def test_sweep_carries_a_stateful_aggregator_like_separate_runs(
-  tiny_file, pooled
-):
+def test_sweep_carries_a_stateful_aggregator_like_separate_runs(tiny_file):
   """An adaptive clip norm (aggregator state) evolves in a sweep exactly as
   in separate runs of each seed."""
   ef = fe.load_experiment_file(str(tiny_file))
@@ -421,30 +418,33 @@ def test_sweep_carries_a_stateful_aggregator_like_separate_runs(
   )
   engine = fl.Engine(exp.algorithm, exp.round_config)
   data = engine.put_data(exp.train)
-  vm = fe.VmappedRounds(exp, [3, 4], None, 3, pooled=pooled)
-  state, metrics = vm.run(vm.init(data), data, 3)
-  got = vm.engine_states(state)
+  vm = fe.VmappedRounds(exp, [3, 4], None, 3)
+  got, metrics = vm.run(vm.init(data), data, 3)
+  assert vm.num_traces == 1
+  assert set(vm.block_sizes) == set(data.bucket_sizes)
   for i, seed in enumerate((3, 4)):
     one = fe.init_state(exp, engine, seed, data)
     for _ in range(3):
       one, m = engine.round(one, data)
     chex.assert_trees_all_close(
-      jax.device_get(jax.tree.map(lambda a, i=i: a[i], got.aggregator)),
+      jax.device_get(vm.state_of(got, i).aggregator),
       jax.device_get(one.aggregator),
       rtol=1e-5,
     )
     chex.assert_trees_all_close(
-      jax.device_get(jax.tree.map(lambda a, i=i: a[i], got.server.params)),
+      jax.device_get(vm.state_of(got, i).server.params),
       jax.device_get(one.server.params),
       rtol=1e-5,
       atol=1e-6,
     )
+    np.testing.assert_allclose(metrics["loss"][-1, i], m["loss"], rtol=1e-5)
   # The clip norm moved from its start.
   assert not np.allclose(jax.tree.leaves(got.aggregator)[0], 0.05)
 
 
-def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
-  """Grid points whose client weights differ are averaged separately."""
+def test_grid_points_keep_their_own_aggregation_weights(rng):
+  """Grid points whose client weights differ are averaged separately: every
+  setting of a sweep equals its separate run, total weights included."""
   sizes = [3, 6, 4, 6, 3, 5]
   train = fl.FederatedDataset.from_clients(
     [
@@ -478,34 +478,65 @@ def test_pooled_grid_points_keep_their_own_aggregation_weights(rng):
     eval_every=0,
   )
   grid = {"client_lr": [0.05, 0.5, 2.0]}
-  engine = fl.Engine(exp.algorithm, exp.round_config)
-  data = engine.put_data(train)
-  out = []
-  for pooled in (True, False):
-    vm = fe.VmappedRounds(exp, [0, 1], grid, 2, pooled=pooled)
-    state, metrics = vm.run(vm.init(), data, 2)
-    out.append((vm.engine_states(state), vm.flat(metrics, axis=1)))
-  (sp, mp), (sl, ml) = out
-  chex.assert_trees_all_close(
-    jax.device_get(sp.server), jax.device_get(sl.server), rtol=1e-5, atol=1e-6
-  )
-  np.testing.assert_allclose(
-    np.asarray(mp["total_weight"]), np.asarray(ml["total_weight"]), rtol=1e-5
-  )
-  np.testing.assert_allclose(
-    np.asarray(mp["loss"]), np.asarray(ml["loss"]), rtol=1e-5
-  )
-  # The grid algorithm's own init/get_params stack one state per point.
-  alg = fl.algorithms.grid_algorithm(
-    algorithm_fn, {"client_lr": np.asarray(grid["client_lr"], np.float32)}, 3
-  )
-  params = model.init(jax.random.PRNGKey(0))
-  stacked = alg.get_params(alg.server_init(params))
-  for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(
-      np.asarray(got), np.broadcast_to(want, (3,) + want.shape)
+  data = fl.Engine(exp.algorithm, exp.round_config).put_data(train)
+  vm = fe.VmappedRounds(exp, [0, 1], grid, 2)
+  state, metrics = vm.run(vm.init(), data, 2)
+  assert len(vm.settings) == 6
+  for i, s in enumerate(vm.settings):
+    engine = fl.Engine(
+      exp.make_algorithm({"client_lr": s["client_lr"]}), exp.round_config
     )
-  assert alg.client_init is None and alg.name.endswith("x3")
+    one = fe.init_state(exp, engine, s["seed"])
+    weights, losses = [], []
+    for _ in range(2):
+      one, m = engine.round(one, data)
+      weights.append(float(m["total_weight"]))
+      losses.append(float(m["loss"]))
+    chex.assert_trees_all_close(
+      jax.device_get(vm.state_of(state, i).server),
+      jax.device_get(one.server),
+      rtol=1e-5,
+      atol=1e-6,
+    )
+    np.testing.assert_allclose(
+      metrics["total_weight"][:, i], weights, rtol=1e-6
+    )
+    np.testing.assert_allclose(metrics["loss"][:, i], losses, rtol=1e-5)
+  # The weights really differ between grid points (same seed, same clients).
+  assert not np.allclose(
+    metrics["total_weight"][:, 0], metrics["total_weight"][:, 2]
+  )
+
+
+def test_sweep_counts_dropped_clients_per_setting(tiny_file):
+  """A grid point whose updates are NaN drops its clients (its own
+  ``dropped_nonfinite``) while the others train as in their separate runs;
+  the sweep stops as diverged only when every setting diverged."""
+  ef = fe.load_experiment_file(str(tiny_file))
+  exp = ef.build(
+    fe.apply_overrides(ef.get_config(), ["num_rounds=2", "eval_every=0"])
+  )
+  res = fe.sweep(
+    exp, seeds=[0], grid={"client_lr": [0.1, float("nan")]}, progress=False
+  )
+  assert res.diverged is None and int(res.state.round[0]) == 2
+  for r in res.rows:
+    want = 0.0 if r["setting"] == 0 else 4.0  # clients_per_round = 4
+    assert r["train_dropped_nonfinite"] == want, r
+  run = fe.train(exp, progress=False)
+  chex.assert_trees_all_close(
+    jax.device_get(res.state_of(0).server.params),
+    jax.device_get(run.state.server.params),
+    rtol=1e-6,
+    atol=1e-7,
+  )
+  nan = fe.sweep(
+    exp, seeds=[0, 1], grid={"client_lr": [float("nan")]}, progress=False
+  )
+  assert nan.diverged_round == 1
+  assert nan.diverged.startswith("every setting diverged (setting 0: all 4")
+  assert int(nan.state.round[0]) == 0  # the last finite state
+  assert [r["round"] for r in nan.rows] == [1, 1]
 
 
 def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
@@ -525,6 +556,38 @@ def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
       run(exp, progres=False)
   assert cli.parse_seeds("3") == 3
   assert cli.parse_seeds("0,4") == [0, 4]
+
+
+def test_sweep_resume_matches_one_sweep(tmp_path, tiny_file):
+  """A sweep stopped after 2 rounds and resumed to 4 computes what one
+  4-round sweep computes (states and metric rows), like a resumed run."""
+  grid = {"client_lr": [0.05, 0.2]}
+  out = tmp_path / "runs"
+  full = fe.sweep_file(
+    str(tiny_file), [], seeds=2, grid=grid, out=out, progress=False
+  )
+  part = fe.sweep_file(
+    str(tiny_file),
+    ["num_rounds=2"],
+    seeds=2,
+    grid=grid,
+    out=out,
+    progress=False,
+  )
+  assert part.state.round.tolist() == [2, 2, 2, 2]
+  rest = fe.sweep_file(
+    None, ["num_rounds=4"], resume=part.run_dir, progress=False
+  )
+  assert rest.settings == full.settings
+  chex.assert_trees_all_equal(
+    jax.device_get(rest.state), jax.device_get(full.state)
+  )
+  strip = lambda rows: [  # noqa: E731
+    {k: v for k, v in r.items() if k not in fe.records.TIMING_KEYS}
+    for r in rows
+  ]
+  assert strip(rest.rows) == strip(full.rows)
+  assert len(full.rows) == 4 * 4
 
 
 def test_sweep_file_and_compare_write_figures_and_tables(tmp_path, tiny_file):

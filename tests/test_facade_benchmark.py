@@ -1,12 +1,21 @@
-"""experiments/facade_benchmark.py runs in smoke mode and writes its record."""
+"""experiments/benchmarks/facade.py runs in smoke mode and writes its record."""
 
+import importlib.util
 import json
+from pathlib import Path
 
-from experiment_files import load
+SCRIPT = (
+  Path(__file__).resolve().parent.parent
+  / "experiments"
+  / "benchmarks"
+  / "facade.py"
+)
 
 
 def test_facade_benchmark_smoke(tmp_path, capsys):
-  module = load("facade_benchmark")
+  spec = importlib.util.spec_from_file_location("facade_benchmark", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   res = module.main(["--smoke", "--out", str(tmp_path)])
   got = json.loads((tmp_path / "facade_smoke.json").read_text())
   assert got == json.loads(json.dumps(res))
@@ -16,7 +25,14 @@ def test_facade_benchmark_smoke(tmp_path, capsys):
   assert set(got["ratios_to_engine"]) == {"facade_dataset", "facade_lists"}
   assert set(got["meets_targets"]) == set(got["ratios_to_engine"])
   assert all(len(got["times"][m]) == got["rounds"] == 3 for m in modes)
-  for key in ("cpu", "date", "loadavg_before", "command", "config"):
+  # The shared record: command line, machine, date, load, matmul peak.
+  assert got["command"] == (
+    f"python experiments/benchmarks/facade.py --smoke --out {tmp_path}"
+  )
+  assert got["machine"]["devices"] >= 1 and "cpu" in got["machine"]
+  assert got["peak"]["peak_gflops"] > 0
+  assert set(got["load_average"]) == {"start", "end"}
+  for key in ("date", "load_before", "load_after", "config"):
     assert key in got
   # Every variant compiles its round once (no retracing between rounds).
   assert got["engine_traces"] == 1

@@ -12,6 +12,7 @@ import scipy.stats
 import fedjax_lite as fl
 from fedjax_lite import hetero
 from fedjax_lite.hetero import matching
+from fedjax_lite.hetero.fed_ma import FedMAMatching
 
 D, K = 6, 3
 
@@ -460,3 +461,49 @@ def test_fed_ma_client_widths_must_cover_the_population():
     ValueError, match=r"client_widths has 3 entries.*population of 4 clients"
   ):
     engine.round(state, data)
+
+
+def test_host_matching_of_a_stage_is_match_atoms_on_the_held_units():
+  """FedMAMatching (the host side of a stage): layer l's held units and the
+  entries reading active inputs go to match_atoms with seed + round; the
+  result is padded to the model's width, other layers are zero."""
+  model = fl.models.mlp(D, K, (8, 6))
+  matcher = FedMAMatching(
+    model, [[5, 6], [8, 3], [2, 4]], {"seed": 4, "noise_var": 0.5}
+  )
+  assert tuple(matcher.widths) == (8, 6) and matcher.num_clients == 3
+  assert matcher.atom_dims == [D + 1, 8 + 1 + K]
+  r = np.random.default_rng(0)
+  atoms = [r.normal(size=(3, w, d)) for w, d in zip([8, 6], [D + 1, 12])]
+  units = [
+    np.stack([np.arange(w) < c for c in matcher.client_widths[:, l]])
+    for l, w in enumerate(matcher.widths)
+  ]
+  in_masks = (np.r_[np.ones(5), np.zeros(3)], np.ones(6))
+  out = matcher.match_stage(1, atoms, units, in_masks, 2)
+  assert all(not np.any(a) for a in out[0])  # stage 1: layer 0 untouched
+  g_atoms, g_mask, g_assign = out[1]
+  dmask = np.r_[np.ones(5, bool), np.zeros(3, bool), np.ones(1 + K, bool)]
+  local = [atoms[1][j][units[1][j]][:, dmask] for j in range(3)]
+  want = matching.match_atoms(local, max_atoms=6, seed=4 + 2, noise_var=0.5)
+  g = want.atoms.shape[0]
+  np.testing.assert_allclose(
+    g_atoms[:g][:, dmask], want.atoms.astype(np.float32)
+  )
+  assert not np.any(g_atoms[g:]) and not np.any(g_atoms[:, ~dmask])
+  np.testing.assert_array_equal(g_mask, np.arange(6) < g)
+  for j, w in enumerate(matcher.client_widths[:, 1]):
+    np.testing.assert_array_equal(g_assign[j, :w], want.assignments[j])
+    assert not np.any(g_assign[j, w:])
+
+
+def test_fed_ma_process_checks_its_arguments():
+  model = fl.models.mlp(D, K, (8,))
+  alg = hetero.fed_ma(model, optax.sgd(0.1), client_widths=[[4], [8]])
+  work = fl.LocalWork(batch_size=4)
+  with pytest.raises(ValueError, match=r"num_clients must be a positive int"):
+    hetero.FedMAProcess(model, alg, work, 0)
+  with pytest.raises(
+    TypeError, match=r"algorithm must be a FederatedAlgorithm \(from fed_ma\)"
+  ):
+    hetero.FedMAProcess(model, "fed_ma", work, 2)

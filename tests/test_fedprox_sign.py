@@ -90,7 +90,7 @@ def test_proximal_gradient_is_mu_times_distance_from_server():
     1,
   )
   batch = jax.tree.map(lambda v: v[0], data.batches)
-  grads, _ = jax.grad(objective, has_aux=True)(
+  grads, _ = jax.jit(jax.grad(objective, has_aux=True))(
     params, server, batch, data.mask[0], None
   )
   np.testing.assert_allclose(

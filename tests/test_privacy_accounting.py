@@ -10,7 +10,7 @@ import pytest
 from dp_accounting import pld, rdp
 from scipy import stats
 
-from fedjax_lite import privacy
+from fedjax_lite import checks, privacy
 from fedjax_lite.privacy import accounting
 
 N, M, DELTA = 1000, 40, 1e-5
@@ -238,3 +238,41 @@ def test_check_helpers_name_argument_value_and_expectation():
     r"number, got str",
   ):
     accounting.check_noise_multiplier("1")
+
+
+def test_shared_number_checks_name_argument_value_and_expectation():
+  """The checks the accounting helpers are built on (fedjax_lite.checks)."""
+  assert checks.real("x", np.float32(0.5)) == 0.5
+  assert checks.real("x", np.asarray(3)) == 3.0
+  with pytest.raises(TypeError, match=r"x must be a real number, got bool"):
+    checks.real("x", True)
+  with pytest.raises(ValueError, match=r"x must be a number, got nan"):
+    checks.real("x", float("nan"))
+  assert checks.in_range("q", 1, 0, 1, low_open=True, high_open=False) == 1.0
+  with pytest.raises(
+    ValueError, match=r"q must be a number in \(0, 1\], got 0"
+  ):
+    checks.in_range("q", 0, 0, 1, low_open=True, high_open=False)
+  with pytest.raises(
+    ValueError, match=r"t must be a finite number > 0, got inf"
+  ):
+    checks.in_range("t", math.inf, 0, math.inf, low_open=True)
+  with pytest.raises(TypeError, match=r"q must be a real number, got list"):
+    checks.in_range("q", [0.5], 0, 1)
+  with pytest.raises(
+    ValueError, match=r"tau must be a positive finite number \(a radius\)"
+  ):
+    checks.positive_float("tau", 0.0, hint=" (a radius)")
+  assert checks.positive_float("eps", 0, allow_zero=True) == 0.0
+  with pytest.raises(ValueError, match=r"eps must be a non-negative finite"):
+    checks.positive_float("eps", -1e-9, allow_zero=True)
+  with pytest.raises(TypeError, match=r"^d must be a str or int, got float\.$"):
+    checks.instance_of("d", 1.5, (str, int))
+
+
+def test_poisson_cap_checks_max_overflow():
+  assert privacy.poisson_cap(20, 0.5, 3, max_overflow=0.0) == 20
+  with pytest.raises(
+    ValueError, match=r"max_overflow must be a number in \[0, 1\], got -1"
+  ):
+    privacy.poisson_cap(20, 0.5, 3, max_overflow=-1)

@@ -14,6 +14,7 @@ import pytest
 
 import fedjax_lite as fl
 from fedjax_lite import aggregators, privacy
+from fedjax_lite.aggregators.base import RunSpec
 from fedjax_lite.privacy import dp
 
 ND = 2  # devices the driver splits a round's clients over
@@ -507,3 +508,118 @@ def test_poisson_debug_round_equals_jitted_round():
   np.testing.assert_array_equal(h_dbg["num_clients"], h_one["num_clients"])
   np.testing.assert_array_equal(h_one["num_clients"], h_one["dp_participants"])
   _assert_close(s_one, s_dbg)
+
+
+# ------------------------------------------------------- the host protocol
+def test_settings_hold_the_noise_split_and_the_builder_is_thin():
+  """dp_settings: z_Delta and sigma_b as in Andrew et al. (Thm. 1); local DP
+  adds no server noise; dp_aggregator is DpProtocol(settings).aggregator."""
+  kw = dict(
+    target_quantile=0.5,
+    learning_rate=0.2,
+    clipped_count_stddev=None,
+    sampling=None,
+    population=None,
+    delta=None,
+    accountant="rdp",
+    local=False,
+    simulate_sampling=True,
+    seed=0,
+  )
+  s = dp.dp_settings(1.5, 40.0, 0.5, True, **kw)
+  assert s.count_stddev == 2.0  # D / 20
+  assert s.sum_multiplier == pytest.approx((1.5**-2 - 4.0**-2) ** -0.5)
+  assert (s.clip, s.denominator, s.noise_multiplier) == (0.5, 40.0, 1.5)
+  assert not s.accounted and not s.poisson
+  fixed = dp.dp_settings(1.5, 40.0, 0.5, False, **kw)
+  assert (fixed.sum_multiplier, fixed.count_stddev) == (1.5, 0.0)
+  local = dp.dp_settings(1.5, 40.0, 0.5, False, **{**kw, "local": True})
+  assert local.sum_multiplier == 0.0 and local.name.startswith("local_dp(")
+  agg = dp.DpProtocol(s).aggregator()
+  assert agg.name == privacy.dp_aggregator(1.5, 40.0, 0.5, True).name
+  assert agg.name == "dp_adaptive(z=1.5,C=0.5,D=40)" and agg.bind is None
+
+
+def test_protocol_binds_once_per_population():
+  """Binding to runs of one population returns one aggregator (the declared
+  one when the population was declared); its epsilon is the run's."""
+  agg = privacy.dp_aggregator(
+    1.0, 3, sampling="fixed", population=6, delta=1e-3
+  )
+  run = RunSpec(
+    population=6, clients_per_round=3, sampling="uniform", replace=False
+  )
+  assert agg.bind(run) is agg and agg.bind(run).bind(run) is agg
+  free = privacy.dp_aggregator(1.0, 3, sampling="fixed", delta=1e-3)
+  bound = free.bind(run)
+  assert bound is not free and free.bind(run) is bound
+  assert bound.bind(run) is bound
+  other = free.bind(run._replace(population=9))
+  assert other is not bound
+  protocol = dp.DpProtocol(
+    dp.dp_settings(
+      1.0,
+      3,
+      1.0,
+      False,
+      target_quantile=0.5,
+      learning_rate=0.2,
+      clipped_count_stddev=None,
+      sampling="fixed",
+      population=None,
+      delta=1e-3,
+      accountant="rdp",
+      local=False,
+      simulate_sampling=True,
+      seed=0,
+    )
+  )
+  assert protocol.population_of(run) == 6
+  curve = protocol.epsilon_curve(9)
+  mech = privacy.DpMechanism(1.0, "fixed", 9, clients_per_round=3)
+  assert curve(2) == pytest.approx(privacy.epsilon(mech, 2, 1e-3), rel=1e-9)
+  spec = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with pytest.raises(ValueError, match=r"population=None, sampling='fixed'"):
+    free.init_state(spec)
+
+
+@pytest.mark.parametrize(
+  "kwargs,error,pattern",
+  [
+    (
+      dict(adaptive=True, target_quantile=1.5),
+      ValueError,
+      r"target_quantile must be a number in \[0, 1\], got 1\.5",
+    ),
+    (
+      dict(adaptive=True, learning_rate=-0.1),
+      ValueError,
+      r"learning_rate must be a non-negative finite number, got -0\.1",
+    ),
+    (
+      dict(clients_per_round="10"),
+      TypeError,
+      r"clients_per_round must be a real number, got str",
+    ),
+    (
+      dict(clients_per_round=float("nan")),
+      ValueError,
+      r"clients_per_round must be > 0 \(the expected users per round, the "
+      r"fixed denominator\), got nan",
+    ),
+  ],
+)
+def test_dp_aggregator_bad_adaptive_input(kwargs, error, pattern):
+  args = dict(noise_multiplier=1.0, clients_per_round=10, clip=1.0)
+  args.update(kwargs)
+  with pytest.raises(error, match=pattern):
+    privacy.dp_aggregator(**args)
+
+
+def test_poisson_sample_checks_the_population():
+  np.testing.assert_array_equal(
+    privacy.poisson_sample(3, 50, 0.2),
+    np.flatnonzero(np.random.default_rng(3).random(50) < 0.2),
+  )
+  with pytest.raises(ValueError, match=r"population must be a positive int"):
+    privacy.poisson_sample(0, 0, 0.5)

@@ -493,3 +493,145 @@ def test_aggregator_does_not_send_a_non_finite_update(rng, bad):
   assert float(out.metrics["secagg_survivors"]) == N - 1
   assert float(out.total_weight) == N - 1
   assert float(out.metrics["secagg_refused"]) == 0
+
+
+def test_aggregators_with_the_same_arguments_do_not_share_hosts(rng):
+  """Each aggregator owns its host side: two built from the same arguments
+  (and seed) keep separate rounds, give the same (seeded) results, and free
+  a round's keys once it is unmasked."""
+  x, weights = clipped_updates(rng), np.ones(N)
+  spec = {"w": jax.ShapeDtypeStruct((D,), jnp.float32)}
+  aggs = [sa.secure_aggregator(CLIP, bits_per_value=BPV, seed=3) for _ in "ab"]
+  state = aggs[0].init_state(spec)
+  accs = [a.init(state, spec, N) for a in aggs]
+  hosts = [acc.host for acc in accs]
+  assert hosts[0] is not hosts[1]
+  assert isinstance(hosts[0], sa.SecAggHost)
+  # The same aggregator and shape: the same host.
+  assert aggs[0].init(state, spec, N).host is hosts[0]
+  block = (
+    {"w": jnp.asarray(x)},
+    jnp.ones(N, jnp.float32),
+    jnp.ones(N, bool),
+    jnp.arange(N, dtype=jnp.int32),
+  )
+  jax.block_until_ready(aggs[0].add(state, accs[0], *block).sum)
+  assert sorted(hosts[0].rounds) == [0] and not hosts[1].rounds
+  jax.block_until_ready(aggs[1].add(state, accs[1], *block).sum)
+  assert hosts[0].rounds[0] is not hosts[1].rounds[0]
+  outs = [_run_aggregator(a, x, weights)[0] for a in aggs]
+  np.testing.assert_array_equal(outs[0].mean["w"], outs[1].mean["w"])
+  assert not hosts[0].rounds and not hosts[1].rounds  # freed by Unmasking
+  # OS randomness: separate hosts, and each still unmasks exactly.
+  fresh = [
+    sa.secure_aggregator(CLIP, bits_per_value=BPV, seed=None) for _ in "ab"
+  ]
+  assert fresh[0].init(state, spec, N).host is not (
+    fresh[1].init(state, spec, N).host
+  )
+  for agg in fresh:
+    out, _ = _run_aggregator(agg, x, weights)
+    np.testing.assert_array_equal(out.mean["w"], outs[0].mean["w"])
+
+
+def test_host_memory_stays_bounded_over_rounds():
+  """A round's protocol objects live from its first request to the end of
+  its Unmasking; rounds left behind (no finalize) are freed two rounds
+  later."""
+  agg = sa.secure_aggregator(
+    CLIP, bits_per_value=BPV, seed=1, dropout_rate=0.25
+  )
+  spec = {"w": jax.ShapeDtypeStruct((5,), jnp.float32)}
+  host = agg.init(agg.init_state(spec), spec, 4).host
+  for r in range(40):
+    host.round(r)
+    assert sorted(host.rounds) == sorted({max(r - 1, 0), r})
+    assert sorted(host.drops) == sorted(host.rounds)
+  # Through the host callbacks, pooled over runs at rounds 40 and 41.
+  runs = np.array([40, 41])
+  material = host.client_material(runs)
+  assert material[0].shape == (2, 4, 2) and not material[4].any()
+  assert sorted(host.rounds) == [40, 41]
+  *_, stats, refusal = host.server_material(
+    runs, np.ones((2, 4), np.int32), np.zeros(2, np.int32)
+  )
+  assert not refusal[:, 0].any() and (stats[:, 0] == 4).all()
+  assert not host.rounds and not host.drops
+
+
+def test_module_keeps_no_mutable_state():
+  mutable = {
+    name: type(value).__name__
+    for name, value in vars(sa).items()
+    if not name.startswith("__") and isinstance(value, (dict, list, set))
+  }
+  assert not mutable, mutable
+
+
+def test_accumulator_and_argument_errors():
+  agg = sa.secure_aggregator(1.0)
+  spec = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  state = agg.init_state(spec)
+  with pytest.raises(
+    TypeError,
+    match=r"secure_aggregator: add, merge and finalize take the accumulator "
+    r"that this aggregator's init made \(a SecAggAccumulator\), got dict\.",
+  ):
+    agg.finalize(state, {"sum": jnp.zeros(3, jnp.uint32)}, None)
+  with pytest.raises(
+    ValueError,
+    match=r"secure_aggregator: dropout_rate must be a number in \[0, 1\), "
+    r"got 1\.0\.",
+  ):
+    sa.secure_aggregator(1.0, dropout_rate=1.0)
+  with pytest.raises(
+    ValueError,
+    match=r"secure_aggregator: seed must be an int >= 0 or None \(None: "
+    r"fresh OS randomness every round\), got -1\.",
+  ):
+    sa.secure_aggregator(1.0, seed=-1)
+  with pytest.raises(
+    ValueError, match=r"noise_multiplier must be None or a finite float >= 0"
+  ):
+    sa.secure_aggregator(1.0, noise_multiplier=float("nan"))
+
+
+def test_pooled_sweep_rebuilding_the_aggregator_per_run(one_device_mesh):
+  """``algorithm_fn`` builds a fresh secure aggregator for every run and
+  every stage: the accumulator carries the host that init chose to add and
+  finalize, so even with OS randomness (no seed) every run unmasks its
+  exact sum, equal to a separate seeded engine round."""
+  rng = np.random.default_rng(2)
+  n, lrs = 6, (0.5, 0.1)
+  clients = [
+    {
+      "x": rng.standard_normal((6, 3)).astype(np.float32),
+      "y": rng.integers(0, 2, 6).astype(np.int32),
+    }
+    for _ in range(n)
+  ]
+  model = fl.models.logistic_regression(3, 2)
+  params = model.init(jax.random.PRNGKey(0))
+
+  def make(lr, seed=None):
+    agg = sa.secure_aggregator(0.05, bits_per_value=BPV, seed=seed)
+    return fl.fed_avg(model, optax.sgd(lr), aggregator=agg)
+
+  cfg = fl.RoundConfig(n, sampling="all")
+  engine = fl.Engine(make(lrs[0]), cfg, one_device_mesh)
+  data = engine.put_data(fl.FederatedDataset.from_clients(clients))
+  states = [engine.init(params, seed=s) for s in range(2)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+  new, metrics = jax.jit(
+    lambda st, h: engine.rounds_body(st, data, lambda h: make(h["lr"]), h)
+  )(stacked, {"lr": jnp.asarray(lrs, jnp.float32)})
+  np.testing.assert_array_equal(np.asarray(metrics["secagg_refused"]), [0, 0])
+  np.testing.assert_array_equal(np.asarray(metrics["secagg_survivors"]), [n, n])
+  for r, lr in enumerate(lrs):
+    alone = fl.Engine(make(lr, seed=5), cfg, one_device_mesh)
+    want, _ = alone.round(states[r], alone.put_data(data))
+    for a, b in zip(
+      jax.tree.leaves(jax.tree.map(lambda a, r=r: a[r], new.server)),
+      jax.tree.leaves(want.server),
+    ):
+      np.testing.assert_array_equal(a, b)

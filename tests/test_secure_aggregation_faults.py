@@ -78,8 +78,8 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent(
     )
   ))
   out["check_metrics"] = attempt(lambda: engine.check_metrics(metrics, data))
-  # Two honest engines with the same configuration in one process (they
-  # share the host-side table): the same rounds, the same results.
+  # Two honest engines with the same configuration in one process (each
+  # aggregator has its own host side): the same rounds, the same results.
   finals = []
   for _ in range(2):
     engine, data, state = engine_for(0.25)
@@ -347,3 +347,48 @@ def test_engine_drops_a_nan_client_before_secure_aggregation(rng, cpu_mesh):
   # noise): a NaN quantized as 0 would have added -C in every coordinate.
   c_q = clip * (1 + np.sqrt(step.size) / (2 * (2**bpv - 1)))
   assert np.linalg.norm(step) <= c_q * (n - 1) / (n - 1) + 1e-6
+
+
+def test_host_error_refuses_the_round_and_names_the_error(monkeypatch):
+  """An unexpected error in the host callback never raises inside the
+  round: the round is refused (REFUSED_HOST_ERROR, zero placeholders) and
+  check_output names the error; the aggregator that ran it keeps it."""
+
+  def broken_round(*args, **kwargs):
+    raise RuntimeError("key generation failed")
+
+  monkeypatch.setattr(sa, "SecAggRound", broken_round)
+  n, d = 4, 6
+  agg = sa.secure_aggregator(1.0, bits_per_value=8, seed=0)
+  other = sa.secure_aggregator(1.0, bits_per_value=8, seed=0)
+  spec = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
+  state = agg.init_state(spec)
+  acc = agg.init(state, spec, n)
+  acc = agg.add(
+    state,
+    acc,
+    {"w": jnp.full((n, d), 0.1, jnp.float32)},
+    jnp.ones(n, jnp.float32),
+    jnp.ones(n, bool),
+    jnp.arange(n, dtype=jnp.int32),
+  )
+  acc = agg.merge(jax.tree.map(lambda a: a[None], acc))
+  out, new_state = agg.finalize(state, acc, jax.random.PRNGKey(0))
+  metrics = jax.device_get(out.metrics)
+  assert metrics["secagg_refused"] == sa.REFUSED_HOST_ERROR
+  assert not np.asarray(out.mean["w"]).any() and float(out.total_weight) == 0
+  assert int(new_state["round"]) == 1
+  with pytest.raises(
+    sa.SecAggError,
+    match=r"^secure aggregation failed on the host and did not unmask the "
+    r"round \(RuntimeError: key generation failed\)\.$",
+  ) as err:
+    agg.check_output(metrics)
+  assert err.value.reason == sa.REFUSED_HOST_ERROR
+  # Another aggregator, same arguments: it ran nothing, so no error text.
+  with pytest.raises(
+    sa.SecAggError,
+    match=r"^secure aggregation failed on the host and did not unmask the "
+    r"round\.$",
+  ):
+    other.check_output(metrics)

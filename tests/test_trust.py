@@ -236,6 +236,10 @@ def test_divergence_reasons():
   )
   assert divergence({"loss": 0.0, "num_clients": 0.0}) is None  # K = 0
   assert "parameters" in divergence({}, {"w": jnp.array([1.0, jnp.inf])})
+  # a DP run without noise spends an infinite budget: a value, not divergence
+  assert divergence({"loss": 0.5, "dp_epsilon": np.float64(np.inf)}) is None
+  assert "dp_epsilon=nan" in divergence({"dp_epsilon": np.float64(np.nan)})
+  assert "loss=inf" in divergence({"loss": np.float32(np.inf)})
 
 
 # ------------------------------------------------- model/data, disk full

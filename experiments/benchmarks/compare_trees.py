@@ -1,7 +1,8 @@
 """Engine rounds of two source trees of fedjax_lite, interleaved in one run.
 
-Times ``experiments/benchmark.py``'s engine worker (the package's default CPU
-settings) on the dense workloads (``mlp100``, ``logreg1000``; see
+Times ``experiments/benchmarks/benchmark.py``'s engine worker (the package's
+default CPU settings; ``experiments/benchmark.py`` in trees older than this
+folder's scripts) on the dense workloads (``mlp100``, ``logreg1000``; see
 BENCHMARKS.md) for a "before" tree (e.g. a ``git worktree`` of an older
 commit) and an "after" tree, alternating processes ``--repeats`` times, and
 reports the ratio of the medians of all timed rounds, with the matmul peak and
@@ -27,12 +28,15 @@ import common  # noqa: E402  (the benchmarks' shared helpers)
 
 def engine_round(tree: str, workload: str, rounds: int) -> dict:
   tree = os.path.abspath(tree)
-  script = os.path.join(tree, "experiments", "benchmark.py")
+  script = os.path.join(tree, "experiments", "benchmarks", "benchmark.py")
+  if not os.path.exists(script):  # a tree from before experiments/benchmarks/
+    script = os.path.join(tree, "experiments", "benchmark.py")
   argv = [script, "--worker", "engine", "--workload", workload]
   out = common.run_worker(
     argv + ["--rounds", str(rounds)], env={"PYTHONPATH": tree}
   )
-  out["round_seconds"] = out.pop("times")
+  if "times" in out:  # an older tree's worker calls its timed rounds so
+    out["round_seconds"] = out.pop("times")
   return out
 
 
@@ -45,18 +49,12 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=4, help="processes each")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
-  here = os.path.abspath(__file__)
-  peak = common.run_worker(
-    [here.replace("compare_trees", "conv_race"), "--worker", "peak"]
-  )
-  results = {
-    "cpu": common.cpu_info(),
-    "matmul_peak_gflops": peak["peak_gflops"],
-    "before": os.path.abspath(args.before),
-    "after": os.path.abspath(args.after),
-  }
+  results = common.start_record(__file__, argv)
+  results["before"] = os.path.abspath(args.before)
+  results["after"] = os.path.abspath(args.after)
   print(
-    f"# CPU {results['cpu']}; matmul peak {peak['peak_gflops']:.1f} GFLOP/s",
+    f"# CPU {results['machine']['cpu']}; matmul peak "
+    f"{results['peak']['peak_gflops']:.1f} GFLOP/s",
     flush=True,
   )
   for name in args.workloads.split(","):
@@ -79,7 +77,7 @@ def main(argv=None):
       flush=True,
     )
     results[name] = res
-  common.write_json(args.json, results)
+  common.write_record(results, args.json)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def worker_engine(args) -> dict:
     holder["state"], metrics = engine.round(holder["state"], data)
     losses.append(float(metrics["loss"]))  # blocks until the round is done
 
-  out = common.time_rounds(one_round, args.rounds)
+  out = common.time_calls(one_round, args.rounds)
   out.update(
     system="fedjax_lite",
     devices=len(jax.devices()),
@@ -151,11 +151,7 @@ def worker_engine(args) -> dict:
   return out
 
 
-def worker_peak(args) -> dict:
-  return common.matmul_peak()
-
-
-WORKERS = {"engine": worker_engine, "peak": worker_peak}
+WORKERS = {"engine": worker_engine}
 
 
 def main(argv=None):
@@ -177,13 +173,13 @@ def main(argv=None):
     return
 
   me = os.path.abspath(__file__)
-  results = {"cpu": common.cpu_info(), "python": sys.version.split()[0]}
-  peak = common.run_worker([me, "--worker", "peak"])
-  results["matmul_peak_gflops"] = peak["peak_gflops"]
-  print(f"# CPU {results['cpu']}", flush=True)
+  results = common.start_record(__file__, argv)
+  peak = results["peak"]
+  print(f"# CPU {results['machine']['cpu']}", flush=True)
   print(
     f"# jax float32 matmul peak {peak['peak_gflops']:.1f} GFLOP/s "
-    f"(2048^2, default XLA settings, load {peak['load_before']:.2f})",
+    f"({peak['matmul_n']}^2, default XLA settings, load "
+    f"{peak['load_before']:.2f})",
     flush=True,
   )
   engine_args = ["--rounds", str(args.rounds)]
@@ -230,7 +226,7 @@ def main(argv=None):
       res["speedup"] = ratio
       print(f"{name:11s} fedjax_lite is {ratio:.2f}x the baseline's speed")
     results[name] = res
-  common.write_json(args.json, results)
+  common.write_record(results, args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Seconds per round of a hand-written PyTorch per-client FedAvg loop.
 
-Standalone: imports only numpy, torch and the standard library. This is the
+Standalone: imports only numpy, torch, the standard library and this folder's
+``common.py`` (standard library only), no JAX. This is the
 loop a PyTorch user writes: for each sampled client, load the global weights
 into the model, run local SGD over its batches (1 epoch, in order) and add
 its example-weighted model delta; the server then applies the weighted mean
@@ -31,13 +32,15 @@ Run::
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
 NUM_CLIENTS = 100
 SERVER_LR = 1.0
@@ -200,14 +203,21 @@ def main():
   global_params = [p.detach().clone() for p in model.parameters()]
   initial = torch.cat([g.reshape(-1) for g in global_params])
 
-  seconds, losses = [], []
-  for _ in range(args.rounds + 1):  # the first round is the warm-up
-    clients = sampler.choice(NUM_CLIENTS, cfg["clients_per_round"], False)
-    start = time.perf_counter()
-    losses.append(
-      fedavg_round(model, global_params, data, clients, cfg["batch"], cfg["lr"])
+  losses, holder = [], {}
+
+  def sample(_):  # untimed: the round's clients
+    holder["clients"] = sampler.choice(
+      NUM_CLIENTS, cfg["clients_per_round"], False
     )
-    seconds.append(time.perf_counter() - start)
+
+  def one_round():
+    losses.append(
+      fedavg_round(
+        model, global_params, data, holder["clients"], cfg["batch"], cfg["lr"]
+      )
+    )
+
+  timing = common.time_calls(one_round, args.rounds, before=sample)
 
   final = torch.cat([g.reshape(-1) for g in global_params])
   print(
@@ -221,10 +231,7 @@ def main():
         "num_params": num_params,
         "forward_macs_per_example": macs,
         "flops_per_example_train": 6 * macs,
-        "warmup_seconds": seconds[0],
-        "round_seconds": seconds[1:],
-        "seconds_per_round": statistics.median(seconds[1:]),
-        "loadavg_1min": os.getloadavg()[0],  # includes this run
+        **timing,
         "round_train_loss": losses,
         "param_change_l2": float((final - initial).norm()),
       }

@@ -205,21 +205,14 @@ def update_bytes(update_spec: PyTree) -> int:
 
 
 def check_positive(value, arg: str, factory: str, allow_zero: bool = False):
-  """A positive (or non-negative) finite Python number, or a traced scalar."""
+  """A positive (or non-negative) finite real number, named ``factory: arg``
+  (:func:`fedjax_lite.checks.positive_float`), or a traced scalar (a
+  hyperparameter of a vectorized sweep, checked where it was concrete)."""
   if isinstance(value, jax.core.Tracer):
     return jnp.asarray(value, jnp.float32)
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise TypeError(
-      f"{factory}: {arg} must be a number, got {value!r}."
-    ) from None
-  if not np.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-    want = "a non-negative" if allow_zero else "a positive"
-    raise ValueError(
-      f"{factory}: {arg} must be {want} finite number, got {value!r}."
-    )
-  return v
+  return checks.positive_float(
+    f"{factory}: {arg}", value, allow_zero=allow_zero
+  )
 
 
 def check_int(value, arg: str, factory: str, minimum: int) -> int:

@@ -103,7 +103,6 @@ from fedjax_lite.algorithms.fed_opt import (
   scale_by_fedopt,
 )
 from fedjax_lite.algorithms.fed_prox import fed_prox, prox_objective
-from fedjax_lite.algorithms.grid import grid_algorithm
 from fedjax_lite.algorithms.full_batch import (
   first_epoch,
   full_batch_grad,

@@ -482,10 +482,12 @@ class Engine:
   def round_body(
     self, state: EngineState, data: DeviceData
   ) -> tuple[EngineState, dict]:
-    """The round as a pure, traceable function (not jitted).
+    """The round as a pure, traceable function (not jitted), to compose
+    with other transformations (``jax.jit``, ``lax.scan``).
 
-    Use it to compose rounds with other transformations, e.g. ``jax.vmap``
-    over a leading axis of states (several seeds) or hyperparameters.
+    Several runs (seeds, hyperparameter settings) are one pooled round of
+    :meth:`rounds_body` (their clients share the blocks), not a
+    ``jax.vmap`` of this one.
     """
     return self._round_body(state, data)
 

@@ -4,9 +4,13 @@
   (see :mod:`.core` for the file contract and sweepable hyperparameters).
 * :func:`train` / :func:`run_file`: run into a run folder (metrics JSONL/CSV,
   ``curves.png``, crash-safe checkpoints at most every 60 s, exact resume
-  after a kill of any kind; :mod:`.loop` is the round loop they share).
-* :func:`sweep` / :func:`sweep_file`: seeds x hyperparameter grid as ONE
-  vmapped computation (:class:`VmappedRounds`), checkpointed the same way.
+  after a kill of any kind). :mod:`.session` sets a run up and moves it
+  forward (``advance``), :mod:`.loop` is the round loop, :mod:`.run_folder`
+  the folder and its records, :mod:`.files` the launching of experiment
+  files.
+* :func:`sweep` / :func:`sweep_file`: seeds x hyperparameter grid as the runs
+  of ONE engine round (:class:`VmappedRounds`, :mod:`.runs`), with the same
+  ``advance`` and checkpoints: a run is the sweep of one setting.
 * :func:`compare`, :func:`plot_curves`, :func:`plot_runs`,
   :func:`final_table`: overlaid convergence curves and final-metric tables.
 * :func:`save_checkpoint` / :func:`load_checkpoint`: atomic msgpack files.
@@ -38,15 +42,10 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     "loop": ("Checkpointing",),
     "plots": ("plot_curves", "plot_runs"),
     "records": ("final_table", "final_values", "read_jsonl"),
-    "runner": (
-      "RunOptions",
-      "RunResult",
-      "engine_for",
-      "init_state",
-      "run_file",
-      "train",
-    ),
+    "files": ("run_file", "script_main"),
+    "run_folder": (),
+    "runs": ("VmappedRounds", "engine_for", "init_state"),
+    "session": ("RunOptions", "RunResult", "train"),
     "sweeps": ("SweepResult", "sweep", "sweep_file"),
-    "vmapped": ("VmappedRounds",),
   },
 )

@@ -94,14 +94,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     "raise num_rounds)",
   )
   _checkpoint_args(r)
-  r.add_argument(
-    "--on-divergence",
-    choices=("stop", "continue"),
-    default="stop",
-    help="a round with a non-finite loss or model: stop the run with status "
-    "'diverged' and exit 3, keeping the last finite checkpoint (default), "
-    "or continue",
-  )
+  _divergence_arg(r, "a round", "the run")
   r.add_argument(
     "--placement",
     choices=("replicated", "sharded"),
@@ -139,10 +132,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     help="run several seeds / hyperparameters as ONE computation",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     description="Vectorized sweep: every setting (seed x grid point) "
-    "advances in one jitted computation. With several seeds the "
-    "settings are runs of one pooled engine round (their "
-    "clients share the blocks); with one seed, grid points are "
-    "vmapped and share the seed's client data.",
+    "advances in one jitted computation: the settings are runs of "
+    "one pooled engine round (their clients share the blocks), each "
+    "with its own seed, hyperparameters and aggregator state.",
     epilog="Seeds vary the initial params and the sampling/client rng (the "
     "data is built once from the base config). --grid names must be "
     "declared by the experiment in Experiment.hparams (with "
@@ -163,6 +155,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     "(its seeds and grid; --set applies on top)",
   )
   _checkpoint_args(s)
+  _divergence_arg(s, "a round in which every setting diverged", "the sweep")
   s.add_argument(
     "--seeds",
     default="1",
@@ -263,6 +256,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     help="parent folder of the run folder (default: runs)",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _divergence_arg(p: argparse.ArgumentParser, when: str, what: str) -> None:
+  p.add_argument(
+    "--on-divergence",
+    choices=("stop", "continue"),
+    default="stop",
+    help=f"{when} with a non-finite loss or model: stop {what} with "
+    "status 'diverged' and exit 3, keeping the last finite checkpoint "
+    "(default), or continue",
+  )
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -503,7 +507,7 @@ def _launch(args, command: str, launch, extra=dict):
 
 
 def _run(args) -> int:
-  from fedjax_lite.experiment.runner import run_file  # pylint: disable=g-import-not-at-top
+  from fedjax_lite.experiment.files import run_file  # pylint: disable=g-import-not-at-top
 
   res = _launch(
     args,
@@ -575,10 +579,23 @@ def _sweep(args) -> int:
     args,
     "sweep",
     sweep_file,
-    lambda: {"seeds": parse_seeds(args.seeds), "grid": parse_grid(args.grid)},
+    lambda: {
+      "seeds": parse_seeds(args.seeds),
+      "grid": parse_grid(args.grid),
+      "on_divergence": args.on_divergence,
+    },
   )
   if res.interrupted:
     return _interrupted(res, "sweep")
+  if res.diverged is not None:
+    print(
+      f"error: the sweep diverged at round {res.diverged_round} "
+      f"({res.diverged}); the last finite state (round "
+      f"{res.diverged_round - 1}) is the checkpoint in {res.run_dir}. Lower "
+      "the learning rates, or rerun with --on-divergence continue.",
+      file=sys.stderr,
+    )
+    return DIVERGED_EXIT
   print(res.table())
   print(f"sweep folder: {res.run_dir} (curves.png, metrics.jsonl, summary.md)")
   return 0

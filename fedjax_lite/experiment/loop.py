@@ -151,11 +151,31 @@ class StopOnSignal:
 
 class Diverged(Exception):
   """Raised by an ``advance`` whose rounds became non-finite (see
-  :func:`divergence`); ``rows`` are the diverged rounds' metric rows."""
+  :func:`divergence`).
 
-  def __init__(self, reason: str, round_index: int, rows: Sequence[dict]):
+  Attributes:
+    reason: why.
+    round: the first non-finite round.
+    rows: the metric rows of the chunk's rounds up to ``round`` (rows of
+      earlier, finite rounds included).
+    state: the state after round ``round - 1`` (None: the state the
+      ``advance`` was given, which is then round ``round - 1``'s).
+  """
+
+  def __init__(
+    self,
+    reason: str,
+    round_index: int,
+    rows: Sequence[dict],
+    state: Any = None,
+  ):
     super().__init__(reason)
     self.reason, self.round, self.rows = reason, int(round_index), list(rows)
+    self.state = state
+
+
+# Metrics for which +inf is a legitimate value (not a divergence).
+UNBOUNDED_METRICS = ("dp_epsilon",)
 
 
 def divergence(metrics: Mapping[str, Any], params: Any = None) -> str | None:
@@ -165,7 +185,9 @@ def divergence(metrics: Mapping[str, Any], params: Any = None) -> str | None:
   and the like, averaged over the clients that took part) is NaN or
   infinite, when every sampled client's update was non-finite (the engine
   dropped them all: ``num_clients == 0`` and ``dropped_nonfinite > 0``), or
-  when a parameter of the new global model is non-finite.
+  when a parameter of the new global model is non-finite. A privacy budget
+  (``dp_epsilon``) of ``+inf`` is a value, not a divergence: a DP run
+  without noise (noise multiplier 0) spends an infinite budget.
 
   Args:
     metrics: the round's metrics (host values, scalars).
@@ -179,6 +201,7 @@ def divergence(metrics: Mapping[str, Any], params: Any = None) -> str | None:
     and np.ndim(v) == 0
     and np.issubdtype(np.asarray(v).dtype, np.inexact)
     and not np.isfinite(v)
+    and not (k.endswith(UNBOUNDED_METRICS) and float(v) == np.inf)
   )
   if bad:
     return "non-finite " + ", ".join(f"{k}={float(metrics[k])}" for k in bad)
@@ -220,7 +243,7 @@ class LoopResult(NamedTuple):
 # advance(state, t, max_rounds, seconds) -> (state, rows, rounds_done):
 # runs 1 <= rounds_done <= max_rounds rounds after round t, ideally within
 # ``seconds`` of wall time, and returns their metric rows. It raises
-# Diverged (leaving ``state`` as it was) for rounds that became non-finite.
+# Diverged (with the last finite state) for rounds that became non-finite.
 Advance = Callable[[Any, int, int, float], tuple[Any, Sequence[dict], int]]
 
 
@@ -339,13 +362,21 @@ def run_rounds(
         try:
           state, rows, done = advance(state, t, max_rounds, seconds)
         except Diverged as e:
-          # Keep the last finite state (round t) as the checkpoint; the
-          # diverged rounds' rows follow it in the log (a resume drops them).
+          # Keep the last finite state (round e.round - 1) as the checkpoint;
+          # the diverged round's rows follow it in the log (a resume drops
+          # them).
           diverged = e
+          if e.state is not None:
+            state = e.state
+          t = e.round - 1
+          for row in e.rows:
+            if row.get("round", t) <= t:
+              log.append(row)
           if run_dir is not None:
             save(t)
           for row in e.rows:
-            log.append(row)
+            if row.get("round", t) > t:
+              log.append(row)
           break
         dt = time.perf_counter() - tick
         t += done

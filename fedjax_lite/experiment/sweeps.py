@@ -1,7 +1,7 @@
 r"""Vectorized sweeps: several seeds and hyperparameter settings as ONE computation.
 
-:func:`sweep` runs every (grid point, seed) setting of an experiment through
-:class:`~fedjax_lite.experiment.vmapped.VmappedRounds` (pooled or lockstep;
+:func:`sweep` runs every (grid point, seed) setting of an experiment as the
+runs of one engine round (:class:`~fedjax_lite.experiment.runs.VmappedRounds`;
 see there) and records them like a run: ``sweep.json``, ``metrics.jsonl``
 with a ``setting`` column, ``curves.png`` (mean +- std over seeds per grid
 point), ``summary.md`` and a crash-safe ``checkpoint.msgpack`` of all
@@ -15,9 +15,7 @@ model) cannot be vmapped: run it separately and overlay with ``compare``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,16 +30,17 @@ from fedjax_lite.experiment.records import (
   final_table,
   setting_label,
 )
-from fedjax_lite.experiment.runner import (
-  RunOptions,
-  Session,
-  launch_file,
-  _train_row,
-)
-from fedjax_lite.experiment.vmapped import (
+from fedjax_lite.experiment.files import launch_file
+from fedjax_lite.experiment.runs import (
   VmappedRounds,
   check_grid,
   make_settings,
+)
+from fedjax_lite.experiment.session import (
+  RunOptions,
+  Session,
+  advance,
+  max_chunk,
 )
 
 
@@ -54,9 +53,12 @@ class SweepResult:
     settings: per setting ``{"seed": int, <hparam>: float, ...}``.
     state: the final EngineStates stacked on a leading ``[S]`` axis.
     rows: metric rows of all settings (column ``setting`` = index).
-    num_traces: how often the vmapped round was traced.
+    num_traces: how often the settings' rounds were traced.
     interrupted: True if a signal stopped the sweep early.
     signum: the signal that stopped it, if any.
+    diverged: why the sweep stopped as diverged (every setting's round
+      became non-finite), or None; ``state`` is then the last finite one.
+    diverged_round: that round.
   """
 
   run_dir: Path | None
@@ -66,6 +68,8 @@ class SweepResult:
   num_traces: int = 0
   interrupted: bool = False
   signum: int | None = None
+  diverged: str | None = None
+  diverged_round: int | None = None
 
   def setting_rows(self, i: int) -> list:
     return [r for r in self.rows if r["setting"] == i]
@@ -112,7 +116,13 @@ def sweep(
   run_dir: str | os.PathLike | None = None,
   **options,
 ) -> SweepResult:
-  """Runs every (grid point, seed) setting of ``exp`` in one vmapped computation.
+  """Runs every (grid point, seed) setting of ``exp`` as the runs of one round.
+
+  The settings advance together (:class:`VmappedRounds`) with the same
+  :func:`~fedjax_lite.experiment.session.advance` as a single run (which is
+  the sweep of one setting); each computes what its separate run computes.
+  With ``on_divergence="stop"`` the sweep stops at the first round in which
+  every setting diverged.
 
   Args:
     exp: the experiment; ``exp.seed`` is the first seed when ``seeds`` is an
@@ -121,8 +131,8 @@ def sweep(
     grid: ``{hparam name: values}`` over names declared in ``exp.hparams``.
     run_dir: folder for metrics, checkpoint, curves.png, summary.md (None:
       in memory only).
-    **options: :class:`~fedjax_lite.experiment.runner.RunOptions`, as for
-      :func:`~fedjax_lite.experiment.runner.train`.
+    **options: :class:`~fedjax_lite.experiment.session.RunOptions`, as for
+      :func:`~fedjax_lite.experiment.session.train`.
 
   Returns:
     A :class:`SweepResult`.
@@ -136,68 +146,22 @@ def sweep(
   grid = dict(grid or {})
   check_grid(exp, grid)
   seeds = _seed_list(exp, seeds)
-  ends = sorted(
-    {
-      t
-      for t in range(1, exp.num_rounds + 1)
-      if exp.eval_every and t % exp.eval_every == 0
-    }
-    | {exp.num_rounds}
-  )
-  chunk = max(b - a for a, b in zip([0] + ends[:-1], ends))
-  runner = VmappedRounds(exp, seeds, grid, chunk)
-  settings = runner.settings
-  sess = Session.open(
-    exp, run_dir, opts, lambda engine, data: runner.init(data)
-  )
-  run_dir, data = sess.run_dir, sess.data
-  speed = {"s_per_round": None}
-
-  def advance(state, t, max_rounds, seconds):
-    # Up to the next evaluation, fewer if a checkpoint falls due sooner (the
-    # same compiled program runs any number of rounds).
-    n = min(max_rounds, next(e for e in ends if e > t) - t)
-    if speed["s_per_round"] and math.isfinite(seconds):
-      n = max(1, min(n, int(seconds / speed["s_per_round"])))
-    tick = time.perf_counter()
-    state, metrics = runner.run(state, data, n)
-    metrics = jax.device_get(runner.flat(metrics, axis=1))  # [rounds, S]
-    dt = time.perf_counter() - tick
-    speed["s_per_round"] = dt / n
-    evals = None
-    if t + n in ends:
-      params = runner.flat(exp.algorithm.get_params(state.server))
-      evals = [
-        sess.evaluator(jax.tree.map(lambda a, i=i: a[i], params))
-        for i in range(len(settings))
-      ]
-    rows = []
-    for k in range(n):
-      for i, s in enumerate(settings):
-        m = jax.tree.map(lambda a, i=i, k=k: a[k, i], metrics)
-        row = {
-          "setting": i,
-          **s,
-          "round": t + k + 1,
-          **_train_row(m),
-          "rounds_per_s": n / max(dt, 1e-9),
-        }
-        if k == n - 1:
-          if evals is not None:
-            row.update(evals[i])
-          row["wall_time"] = sess.wall_time()
-        rows.append(row)
-    return state, rows, n
-
-  out = sess.run(advance, f"sweep x{len(settings)}")
+  runs = VmappedRounds(exp, seeds, grid, max_chunk(exp))
+  settings = runs.settings
+  sess = Session.open(exp, run_dir, opts, lambda engine, data: runs.init(data))
+  run_dir = sess.run_dir
+  columns = [{"setting": i, **s} for i, s in enumerate(settings)]
+  out = sess.run(advance(sess, runs, columns), f"sweep x{len(settings)}")
   res = SweepResult(
     run_dir,
     settings,
-    runner.engine_states(out.state),
+    out.state,
     list(sess.log.rows),
-    runner.num_traces,
+    runs.num_traces,
     out.interrupted,
     out.signum,
+    out.diverged,
+    out.diverged_round,
   )
   if run_dir is not None:
     title = (
@@ -228,7 +192,7 @@ def sweep_file(
     grid: ``{hparam name: values}`` (ignored when resuming).
     out: parent folder of new sweep folders.
     resume: a sweep folder to continue.
-    **options: the other :class:`~fedjax_lite.experiment.runner.RunOptions`
+    **options: the other :class:`~fedjax_lite.experiment.session.RunOptions`
       (``checkpoint_every``, ``checkpoint_every_seconds``, ``progress``,
       ``handle_signals``).
   """

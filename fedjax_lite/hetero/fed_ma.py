@@ -41,7 +41,9 @@ needs every client's neurons, not their mean: each client sends its neurons
 in row ``slot`` of a ``[J, ...]`` array (zeros elsewhere) with weight 1, so
 the engine's mean times the total weight is the stacked neurons; the server
 update then runs the Hungarian matching on the host through
-``jax.pure_callback`` (the one inherently host-side, per-client step). The
+``jax.pure_callback`` (the one inherently host-side, per-client step:
+:class:`FedMAMatching`, which also holds the static layout of the model and
+the clients). The
 round must sample every client in the same slot each stage:
 ``RoundConfig(num_clients, sampling="all")``. Run the engine on a ONE-device
 mesh (``fl.engine.default_mesh(jax.devices()[:1])``; :class:`FedMAProcess`
@@ -275,29 +277,8 @@ def matched_average(
     neuron of client ``j``'s neurons of hidden layer ``l``.
   """
   match_options = matching.match_options("matched_average", match_options)
-  if not client_params:
-    raise ValueError("matched_average needs at least one client model.")
-  chains = [
-    L.layer_chain(jax.tree.map(np.asarray, p), f"client_params[{j}]")
-    for j, p in enumerate(client_params)
-  ]
-  kinds = {tuple((c.name, c.kind) for c in ch) for ch in chains}
-  if len(kinds) != 1:
-    raise ValueError(
-      f"client models have different layer structures "
-      f"{sorted(kinds)}; FedMA matches models with the same "
-      "layers (widths may differ)."
-    )
+  chains = _client_chains(client_params)
   J = len(client_params)
-  for j, p in enumerate(client_params):
-    for path, leaf in jax.tree_util.tree_leaves_with_path(p):
-      bad = int(np.sum(~np.isfinite(np.asarray(leaf))))
-      if bad:
-        raise ValueError(
-          f"client_params[{j}]{jax.tree_util.keystr(path)} has {bad} "
-          "non-finite value(s) (NaN or inf); matching needs finite weights "
-          "(did that client's training diverge?)."
-        )
   weights = _class_weights(class_counts, J, chains[0][-1].width)
   num_hidden = len(chains[0]) - 1
   if max_widths is None:
@@ -325,32 +306,80 @@ def matched_average(
       jnp.asarray(res.atoms, jnp.float32),
     )
     glob[name] = tmp[name]
-    nxt = chains[0][l + 1]
-    for j in range(J):
-      p = dict(locals_[j])
-      p[chains[0][l].name] = glob[chains[0][l].name]
-      a = jnp.asarray(res.assignments[j])
-      k = p[nxt.name]["kernel"]
-      lay = L.layer_chain(locals_[j])[l + 1]
-      ones = jnp.ones(a.shape, bool)
-      k = scatter_inputs(k, lay, a, ones, g)
-      if l + 1 == num_hidden:
-        k = fill_unheld_inputs(
-          k, tmp[nxt.name]["kernel"], lay._replace(in_units=g), a, ones
-        )
-      p[nxt.name] = {"kernel": k, "bias": p[nxt.name]["bias"]}
-      locals_[j] = p
+    locals_ = [
+      _adopt_matched_layer(p, name, glob[name], l, a, g, tmp, num_hidden)
+      for p, a in zip(locals_, res.assignments)
+    ]
     assignments.append(res.assignments)
   last = chains[0][-1].name
+  glob[last] = _per_class_average(locals_, last, weights)
+  return glob, assignments
+
+
+def _client_chains(client_params: Sequence[PyTree]) -> list:
+  """The clients' layer chains; a ``ValueError`` for no clients, different
+  layer structures or non-finite weights."""
+  if not client_params:
+    raise ValueError("matched_average needs at least one client model.")
+  chains = [
+    L.layer_chain(jax.tree.map(np.asarray, p), f"client_params[{j}]")
+    for j, p in enumerate(client_params)
+  ]
+  kinds = {tuple((c.name, c.kind) for c in ch) for ch in chains}
+  if len(kinds) != 1:
+    raise ValueError(
+      f"client models have different layer structures "
+      f"{sorted(kinds)}; FedMA matches models with the same "
+      "layers (widths may differ)."
+    )
+  for j, p in enumerate(client_params):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(p):
+      bad = int(np.sum(~np.isfinite(np.asarray(leaf))))
+      if bad:
+        raise ValueError(
+          f"client_params[{j}]{jax.tree_util.keystr(path)} has {bad} "
+          "non-finite value(s) (NaN or inf); matching needs finite weights "
+          "(did that client's training diverge?)."
+        )
+  return chains
+
+
+def _adopt_matched_layer(params, name, matched, l, assign, g, glob, nh):
+  """One client's model after layer ``l`` is matched: the matched layer
+  ``name`` and the next layer's inputs moved to the ``g`` global positions
+  ``assign`` (for the output layer, rows it does not hold from ``glob``)."""
+  p = dict(params)
+  p[name] = matched
+  lay = L.layer_chain(params)[l + 1]
+  a = jnp.asarray(assign)
+  ones = jnp.ones(a.shape, bool)
+  k = scatter_inputs(p[lay.name]["kernel"], lay, a, ones, g)
+  if l + 1 == nh:
+    k = fill_unheld_inputs(
+      k, glob[lay.name]["kernel"], lay._replace(in_units=g), a, ones
+    )
+  p[lay.name] = {"kernel": k, "bias": p[lay.name]["bias"]}
+  return p
+
+
+def _per_class_average(client_params, name: str, weights) -> dict:
+  r"""Layer ``name`` averaged per class: ``W[:, c] = \sum_j p_{jc} W^j[:, c]``
+  with ``p_{jc} = n_{jc} / \sum_j n_{jc}`` (equal for a class of no client),
+  in float64 on the host."""
   tot = weights.sum(0, keepdims=True)
-  p = np.where(tot > 0, weights / np.where(tot > 0, tot, 1.0), 1.0 / J)
-  ks = np.stack([np.asarray(q[last]["kernel"], np.float64) for q in locals_])
-  bs = np.stack([np.asarray(q[last]["bias"], np.float64) for q in locals_])
-  glob[last] = {
+  p = np.where(
+    tot > 0, weights / np.where(tot > 0, tot, 1.0), 1.0 / len(client_params)
+  )
+  ks = np.stack(
+    [np.asarray(q[name]["kernel"], np.float64) for q in client_params]
+  )
+  bs = np.stack(
+    [np.asarray(q[name]["bias"], np.float64) for q in client_params]
+  )
+  return {
     "kernel": jnp.asarray(np.einsum("jc,jic->ic", p, ks), jnp.float32),
     "bias": jnp.asarray(np.einsum("jc,jc->c", p, bs), jnp.float32),
   }
-  return glob, assignments
 
 
 # ------------------------------------------------------------ the algorithm
@@ -447,27 +476,172 @@ def fed_ma(
     ``engine.init(params, num_clients=J)``; ``L + 1`` engine rounds make
     one FedMA round (``get_params`` is the last complete global model).
   """
-  chain = L.chain_of_model(model, "fed_ma model")
-  widths = L.hidden_widths(chain)
-  nh = len(widths)
-  cw_np = check_client_widths(client_widths, widths)
-  J = cw_np.shape[0]
-  cw = jnp.asarray(cw_np)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-  kshape = [tuple(shapes[c.name]["kernel"].shape) for c in chain]
-  dims = [
-    int(np.prod(kshape[l][:-1]))
-    + 1
-    + (chain[l + 1].in_repeat * chain[l + 1].width if l + 1 == nh else 0)
-    for l in range(nh)
-  ]
-  num_classes = chain[-1].width
-  last = chain[-1].name
-  settings = matching.match_options("fed_ma", match_options)
-  seed = settings.pop("seed", 0)
+  matcher = FedMAMatching(model, client_widths, match_options)
+  return _FedMARound(model, client_optimizer, matcher).algorithm(name)
 
-  # ----------------------------------------------------------- server
-  def server_init(params):
+
+class FedMAMatching:
+  r"""The host side of FedMA: the matching of a stage (Algorithm 1, step 2).
+
+  At stage ``l < L`` the server holds every client's layer-``l`` neurons
+  (rows of ``[W_l, D_l]``, :func:`layer_atoms`: incoming weights, bias and,
+  for the last hidden layer, the outgoing weights), of which client ``j``
+  holds its first ``w^j_l`` units and whose entries reading inactive inputs
+  are left out (:func:`atom_dim_mask`). BBP-MAP
+  (:func:`~fedjax_lite.hetero.matching.match_atoms`, the Hungarian
+  algorithm, seed ``seed + r`` in FedMA round ``r``) assigns every client
+  neuron ``u`` to a global neuron ``pi_j(u)`` among ``G_l <= W_l``; the
+  matched averages are the global layer. This runs on the host, called from
+  the jitted round through ``jax.pure_callback`` (:meth:`__call__`).
+
+  Attributes (the static layout of the model and the clients):
+    chain: the model's layers (:func:`~fedjax_lite.hetero.layers.chain_of_model`).
+    widths: ``W_l``, the model's hidden widths (bound the global layers).
+    num_hidden: ``L``.
+    client_widths: int32 ``[J, L]``, every client's hidden widths.
+    num_clients: ``J``.
+    kernel_shapes: every layer's kernel shape.
+    atom_dims: ``D_l``, the length of a layer-``l`` neuron vector.
+    num_classes: the output layer's width.
+    options: BBP-MAP settings (``match_atoms`` keywords, without ``seed``).
+    seed: the first round's matching seed.
+  """
+
+  def __init__(self, model: Model, client_widths, match_options: dict):
+    self.chain = L.chain_of_model(model, "fed_ma model")
+    self.widths = L.hidden_widths(self.chain)
+    self.num_hidden = nh = len(self.widths)
+    self.client_widths = check_client_widths(client_widths, self.widths)
+    self.num_clients = self.client_widths.shape[0]
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    self.kernel_shapes = [
+      tuple(shapes[c.name]["kernel"].shape) for c in self.chain
+    ]
+    nxt = [self.chain[l + 1] for l in range(nh)]
+    self.atom_dims = [
+      int(np.prod(self.kernel_shapes[l][:-1]))
+      + 1
+      + (nxt[l].in_repeat * nxt[l].width if l + 1 == nh else 0)
+      for l in range(nh)
+    ]
+    self.num_classes = self.chain[-1].width
+    self.options = matching.match_options("fed_ma", match_options)
+    self.seed = self.options.pop("seed", 0)
+
+  def match_layer(self, l: int, atoms, units, in_mask, round_index: int):
+    """Stage ``l``'s matching on the host.
+
+    Args:
+      l: the hidden layer.
+      atoms: float ``[J, W_l, D_l]``, every client's neurons.
+      units: ``[J, W_l]``, 1 where the client holds the unit.
+      in_mask: ``[W_{l-1}]`` global input units in use (None for ``l = 0``).
+      round_index: the FedMA round (the matching seed is ``seed + r``).
+
+    Returns:
+      float32 ``[W_l, D_l]`` matched neurons (rows ``>= G_l`` zero), float32
+      ``[W_l]`` mask of the ``G_l`` global neurons, int32 ``[J, W_l]``
+      assignment of every client's units.
+    """
+    J, width = self.num_clients, self.widths[l]
+    held = np.asarray(units) > 0.5
+    dmask = atom_dim_mask(self.chain, l, self.kernel_shapes[l], in_mask)
+    local = [
+      np.asarray(atoms[j], np.float64)[held[j]][:, dmask] for j in range(J)
+    ]
+    res = matching.match_atoms(
+      local, max_atoms=width, seed=self.seed + round_index, **self.options
+    )
+    g = res.atoms.shape[0]
+    g_atoms = np.zeros((width, self.atom_dims[l]), np.float32)
+    g_atoms[np.ix_(np.arange(g), dmask)] = res.atoms
+    g_mask = np.zeros((width,), np.float32)
+    g_mask[:g] = 1.0
+    g_assign = np.zeros((J, width), np.int32)
+    for j in range(J):
+      g_assign[j, np.flatnonzero(held[j])] = res.assignments[j]
+    return g_atoms, g_mask, g_assign
+
+  def match_stage(self, stage, atoms, units, in_masks, round_index):
+    """Every layer's ``(atoms, mask, assignment)``: layer ``stage`` matched
+    (:meth:`match_layer`), the others zero (the pure callback's result)."""
+    stage = int(stage)
+    outs = []
+    for l, (width, dim) in enumerate(zip(self.widths, self.atom_dims)):
+      if l == stage:
+        in_mask = None if l == 0 else in_masks[l - 1]
+        outs.append(
+          self.match_layer(l, atoms[l], units[l], in_mask, int(round_index))
+        )
+      else:
+        outs.append(
+          (
+            np.zeros((width, dim), np.float32),
+            np.zeros((width,), np.float32),
+            np.zeros((self.num_clients, width), np.int32),
+          )
+        )
+    return tuple(outs)
+
+  def __call__(self, stage, atoms, units, in_masks, round_index):
+    """:meth:`match_stage` from inside the jitted round (a pure callback)."""
+    result_shape = tuple(
+      (
+        jax.ShapeDtypeStruct((w, d), jnp.float32),
+        jax.ShapeDtypeStruct((w,), jnp.float32),
+        jax.ShapeDtypeStruct((self.num_clients, w), jnp.int32),
+      )
+      for w, d in zip(self.widths, self.atom_dims)
+    )
+    return jax.pure_callback(
+      self.match_stage,
+      result_shape,
+      stage,
+      atoms,
+      units,
+      in_masks,
+      round_index,
+      vmap_method="sequential",
+    )
+
+
+class _FedMARound:
+  """The engine algorithm's functions of FedMA; an engine round is a stage.
+
+  Stage ``s < L``: clients train layers ``s..L`` (``< s`` frozen) and send
+  their layer-``s`` neurons, which the server matches
+  (:class:`FedMAMatching`); stage ``L``: clients train the output layer and
+  send it with their class counts, which the server averages per class.
+  Each client sends its part in row ``slot`` of ``[J, ...]`` arrays with
+  weight 1, so the engine's mean times the total weight is the stack.
+  """
+
+  def __init__(
+    self,
+    model: Model,
+    client_optimizer: optax.GradientTransformation,
+    matcher: FedMAMatching,
+  ):
+    self.model = model
+    self.client_optimizer = client_optimizer
+    self.m = matcher
+    self.client_widths = jnp.asarray(matcher.client_widths)
+
+  def algorithm(self, name: str) -> FederatedAlgorithm:
+    return FederatedAlgorithm(
+      server_init=self.server_init,
+      client_update=self.client_update,
+      server_update=self.server_update,
+      broadcast=lambda s: s,
+      client_init=self.client_init,
+      get_params=lambda s: s.params,
+      name=name,
+      model=self.model,
+    )
+
+  # ------------------------------------------------------------- server
+  def server_init(self, params) -> FedMAState:
+    widths, J = self.m.widths, self.m.num_clients
     masks = tuple(jnp.ones((w,), jnp.float32) for w in widths)
     assign = tuple(
       jnp.tile(jnp.arange(w, dtype=jnp.int32), (J, 1)) for w in widths
@@ -483,59 +657,11 @@ def fed_ma(
       num_rounds=jnp.zeros((), jnp.int32),
     )
 
-  def host_match(stage, atoms, units, in_masks, rnd):
-    stage = int(stage)
-    outs = []
-    for l in range(nh):
-      g_atoms = np.zeros((widths[l], dims[l]), np.float32)
-      g_mask = np.zeros((widths[l],), np.float32)
-      g_assign = np.zeros((J, widths[l]), np.int32)
-      if l == stage:
-        held = np.asarray(units[l]) > 0.5
-        dmask = atom_dim_mask(
-          chain, l, kshape[l], None if l == 0 else in_masks[l - 1]
-        )
-        local = [
-          np.asarray(atoms[l][j], np.float64)[held[j]][:, dmask]
-          for j in range(J)
-        ]
-        res = matching.match_atoms(
-          local, max_atoms=widths[l], seed=seed + int(rnd), **settings
-        )
-        g = res.atoms.shape[0]
-        g_atoms[:g] = 0.0
-        g_atoms[np.ix_(np.arange(g), dmask)] = res.atoms
-        g_mask[:g] = 1.0
-        for j in range(J):
-          g_assign[j, np.flatnonzero(held[j])] = res.assignments[j]
-      outs.append((g_atoms, g_mask, g_assign))
-    return tuple(outs)
-
-  def server_update(state: FedMAState, aggregate) -> FedMAState:
-    stacked = jax.tree.map(lambda a: a * aggregate.total_weight, aggregate.mean)
-    result_shape = tuple(
-      (
-        jax.ShapeDtypeStruct((widths[l], dims[l]), jnp.float32),
-        jax.ShapeDtypeStruct((widths[l],), jnp.float32),
-        jax.ShapeDtypeStruct((J, widths[l]), jnp.int32),
-      )
-      for l in range(nh)
-    )
-    matched = jax.pure_callback(
-      host_match,
-      result_shape,
-      state.stage,
-      stacked["atoms"],
-      stacked["units"],
-      state.work_masks,
-      state.num_rounds,
-      vmap_method="sequential",
-    )
-    work, masks, assign = (
-      dict(state.work),
-      list(state.work_masks),
-      list(state.work_assign),
-    )
+  def _adopt_matched(self, state: FedMAState, matched):
+    """The work model with layer ``stage``'s matched neurons (if any)."""
+    chain, nh = self.m.chain, self.m.num_hidden
+    work, masks = dict(state.work), list(state.work_masks)
+    assign = list(state.work_assign)
     for l in range(nh):
       hit = state.stage == l
       g_atoms, g_mask, g_assign = matched[l]
@@ -546,19 +672,38 @@ def fed_ma(
         )
       masks[l] = jnp.where(hit, g_mask, masks[l])
       assign[l] = jnp.where(hit, g_assign, assign[l])
-    # Output layer: per-class average with the clients' class proportions.
+    return work, tuple(masks), tuple(assign)
+
+  def _output_average(self, stacked) -> dict:
+    r"""``W[:, c] = \sum_j p_{jc} W^j[:, c]``, ``p_{jc} = n_{jc} / \sum_j
+    n_{jc}`` (equal weights for a class no client holds)."""
     counts = stacked["class_counts"]  # [J, C]
     tot = jnp.sum(counts, axis=0, keepdims=True)
-    p = jnp.where(tot > 0, counts / jnp.where(tot > 0, tot, 1.0), 1.0 / J)
-    out = {
+    p = jnp.where(
+      tot > 0, counts / jnp.where(tot > 0, tot, 1.0), 1.0 / self.m.num_clients
+    )
+    return {
       "kernel": jnp.einsum("jc,jic->ic", p, stacked["last_kernel"]),
       "bias": jnp.einsum("jc,jc->c", p, stacked["last_bias"]),
     }
-    done = state.stage == nh
-    work[last] = jax.tree.map(
-      lambda a, b: jnp.where(done, a, b), out, work[last]
+
+  def server_update(self, state: FedMAState, aggregate) -> FedMAState:
+    stacked = jax.tree.map(lambda a: a * aggregate.total_weight, aggregate.mean)
+    matched = self.m(
+      state.stage,
+      stacked["atoms"],
+      stacked["units"],
+      state.work_masks,
+      state.num_rounds,
     )
-    masks, assign = tuple(masks), tuple(assign)
+    work, masks, assign = self._adopt_matched(state, matched)
+    done = state.stage == self.m.num_hidden
+    last = self.m.chain[-1].name
+    work[last] = jax.tree.map(
+      lambda a, b: jnp.where(done, a, b),
+      self._output_average(stacked),
+      work[last],
+    )
 
     def pick(a, b):
       return jax.tree.map(lambda x, y: jnp.where(done, x, y), a, b)
@@ -574,15 +719,16 @@ def fed_ma(
       num_rounds=state.num_rounds + done.astype(jnp.int32),
     )
 
-  # ----------------------------------------------------------- client
-  def client_init(params):
+  # ------------------------------------------------------------- client
+  def client_init(self, params) -> FedMAClientState:
     return FedMAClientState(
       params=jax.tree.map(jnp.zeros_like, params),
-      masks=tuple(jnp.zeros((w,), jnp.float32) for w in widths),
+      masks=tuple(jnp.zeros((w,), jnp.float32) for w in self.m.widths),
     )
 
-  def rebuild(state: FedMAState, slot, own):
+  def _rebuild(self, state: FedMAState, slot, own):
     """Stage 0: the client's own-width slice of the global model."""
+    chain, nh = self.m.chain, self.m.num_hidden
     params = {}
     for i, layer in enumerate(chain):
       g = state.params[layer.name]
@@ -603,41 +749,27 @@ def fed_ma(
       params[layer.name] = {"kernel": k, "bias": b}
     return params, tuple(own)
 
-  def take_matched(state: FedMAState, cstate, slot, s):
+  def _take_matched(self, state: FedMAState, cstate, slot, s: int):
     """Stage s >= 1: adopt global layer s-1, move layer s's inputs."""
     params = dict(cstate.params)
     masks = list(cstate.masks)
-    prev, layer = chain[s - 1], chain[s]
+    prev, layer = self.m.chain[s - 1], self.m.chain[s]
     params[prev.name] = state.work[prev.name]
     masks[s - 1] = state.work_masks[s - 1]
     a, valid = state.work_assign[s - 1][slot], cstate.masks[s - 1] > 0
     k = scatter_inputs(
-      params[layer.name]["kernel"], layer, a, valid, widths[s - 1]
+      params[layer.name]["kernel"], layer, a, valid, self.m.widths[s - 1]
     )
-    if s == nh:
+    if s == self.m.num_hidden:
       k = fill_unheld_inputs(
         k, state.work[layer.name]["kernel"], layer, a, valid
       )
     params[layer.name] = {"kernel": k, "bias": params[layer.name]["bias"]}
     return params, tuple(masks)
 
-  def client_update(state: FedMAState, cstate, data, rng):
-    # Host side, at trace time: short widths would be clamped by the gather.
-    checks.per_client(
-      "client_widths",
-      J,
-      data.num_clients,
-      "; give every client of the population its hidden widths (one row each)",
-    )
-    # Only the start differs between stages (a cheap switch); the local
-    # training is one computation whose frozen layers depend on the stage.
-    s = jnp.clip(state.stage, 0, nh)
-    slot = data.slot
-    own = L.prefix_masks(widths, [cw[data.client_id, l] for l in range(nh)])
-    starts = [lambda: rebuild(state, slot, own)] + [
-      lambda i=i: take_matched(state, cstate, slot, i) for i in range(1, nh + 1)
-    ]
-    params, masks = jax.lax.switch(s, starts)
+  def _train(self, params, masks, s, data, rng):
+    """Local training of layers ``>= s`` (the others get zero gradients)."""
+    chain, model = self.m.chain, self.model
     pm = L.param_masks(chain, masks)
     keep = {c.name: (i >= s).astype(jnp.float32) for i, c in enumerate(chain)}
 
@@ -652,45 +784,63 @@ def fed_ma(
         k: jax.tree.map(lambda x, k=k: x * keep[k], v) for k, v in g.items()
       }, stats
 
-    result = local_train(grad_fn, client_optimizer, params, data, rng)
-    new = L.apply_masks(result.params, pm)
-    onehot = (jnp.arange(J) == slot).astype(jnp.float32)
+    result = local_train(grad_fn, self.client_optimizer, params, data, rng)
+    return L.apply_masks(result.params, pm), result.metrics
+
+  def _upload(self, new, masks, s, data) -> dict:
+    """What the client sends at stage ``s``, in row ``slot`` (zeros else)."""
+    chain, nh, J = self.m.chain, self.m.num_hidden, self.m.num_clients
+    onehot = (jnp.arange(J) == data.slot).astype(jnp.float32)
     atoms, units = [], []
     for l in range(nh):
       hot = onehot * (s == l).astype(jnp.float32)
       atoms.append(hot[:, None, None] * layer_atoms(new, chain, l)[None])
       units.append(hot[:, None] * masks[l][None, :])
-    labels = data.batches[model.label_key].reshape(-1)
+    labels = data.batches[self.model.label_key].reshape(-1)
     counts = jnp.sum(
-      jax.nn.one_hot(labels, num_classes)
+      jax.nn.one_hot(labels, self.m.num_classes)
       * data.mask.reshape(-1, 1).astype(jnp.float32),
       axis=0,
     )
     hot = onehot * (s == nh).astype(jnp.float32)
-    update = {
+    last = chain[-1].name
+    return {
       "atoms": tuple(atoms),
       "units": tuple(units),
       "last_kernel": hot[:, None, None] * new[last]["kernel"][None],
       "last_bias": hot[:, None] * new[last]["bias"][None],
       "class_counts": hot[:, None] * counts[None, :],
     }
+
+  def client_update(self, state: FedMAState, cstate, data, rng):
+    # Host side, at trace time: short widths would be clamped by the gather.
+    checks.per_client(
+      "client_widths",
+      self.m.num_clients,
+      data.num_clients,
+      "; give every client of the population its hidden widths (one row each)",
+    )
+    # Only the start differs between stages (a cheap switch); the local
+    # training is one computation whose frozen layers depend on the stage.
+    nh = self.m.num_hidden
+    s = jnp.clip(state.stage, 0, nh)
+    slot = data.slot
+    own = L.prefix_masks(
+      self.m.widths,
+      [self.client_widths[data.client_id, l] for l in range(nh)],
+    )
+    starts = [lambda: self._rebuild(state, slot, own)] + [
+      lambda i=i: self._take_matched(state, cstate, slot, i)
+      for i in range(1, nh + 1)
+    ]
+    params, masks = jax.lax.switch(s, starts)
+    new, metrics = self._train(params, masks, s, data, rng)
     return ClientOutput(
-      update=update,
+      update=self._upload(new, masks, s, data),
       weight=jnp.ones((), jnp.float32),
       state=FedMAClientState(new, masks),
-      metrics=result.metrics,
+      metrics=metrics,
     )
-
-  return FederatedAlgorithm(
-    server_init=server_init,
-    client_update=client_update,
-    server_update=server_update,
-    broadcast=lambda s: s,
-    client_init=client_init,
-    get_params=lambda s: s.params,
-    name=name,
-    model=model,
-  )
 
 
 def stages_per_round(model: Model) -> int:
@@ -718,8 +868,10 @@ class FedMAProcess:
     mesh=None,
   ):
     self.model = model
-    self.algorithm = algorithm
-    self.num_clients = num_clients
+    self.algorithm = checks.instance_of(
+      "algorithm", algorithm, FederatedAlgorithm, " (from fed_ma)"
+    )
+    self.num_clients = checks.positive_int("num_clients", num_clients)
     self.stages = stages_per_round(model)
     if mesh is None:  # the host matching inside the round: one device
       mesh = default_mesh(jax.devices()[:1])

@@ -76,70 +76,47 @@ def _quiet_absl():
 
 
 # ------------------------------------------------------------------- checks
-def _real(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(
-    value, (int, float, np.integer, np.floating)
-  ):
-    raise TypeError(
-      f"{name} must be a real number, got "
-      f"{type(value).__name__} ({value!r:.60})."
-    )
-  value = float(value)
-  if math.isnan(value):
-    raise ValueError(f"{name} must be a number, got nan.")
-  return value
-
-
-def _real_where(name: str, value, ok, expected: str) -> float:
-  """``value`` as a float (see :func:`_real`) if ``ok(value)``, else a
-  ``ValueError`` saying ``name must be <expected>``."""
-  value = _real(name, value)
-  if not ok(value):
-    raise ValueError(f"{name} must be {expected}, got {value!r}.")
-  return value
-
-
 def check_noise_multiplier(value, name: str = "noise_multiplier") -> float:
   """``z >= 0`` (0: no noise, no privacy)."""
-  return _real_where(
+  return checks.in_range(
     name,
     value,
-    lambda v: 0 <= v < math.inf,
-    f"a finite number >= 0 (noise std = {name} x clip)",
+    0.0,
+    math.inf,
+    expected=f"a finite number >= 0 (noise std = {name} x clip)",
   )
 
 
 def check_clip(value, name: str = "clip") -> float:
   """``C > 0``."""
-  return _real_where(
-    name, value, lambda v: 0 < v < math.inf, "a finite L2 norm > 0"
+  return checks.in_range(
+    name, value, 0.0, math.inf, low_open=True, expected="a finite L2 norm > 0"
   )
 
 
 def check_sampling_rate(value, name: str = "sampling_rate") -> float:
   """``q`` in ``(0, 1]``."""
-  return _real_where(
+  return checks.in_range(
     name,
     value,
-    lambda v: 0 < v <= 1,
-    "in (0, 1] (the probability that a user takes part in a round)",
+    0.0,
+    1.0,
+    low_open=True,
+    high_open=False,
+    expected="in (0, 1] (the probability that a user takes part in a round)",
   )
 
 
 def check_delta(value, name: str = "delta") -> float:
   """``delta`` in ``(0, 1)``."""
-  return _real_where(
+  return checks.in_range(
     name,
     value,
-    lambda v: 0 < v < 1,
-    "in (0, 1) (typically below 1 / population)",
+    0.0,
+    1.0,
+    low_open=True,
+    expected="in (0, 1) (typically below 1 / population)",
   )
-
-
-def _positive_int(name: str, value) -> int:
-  if not checks.is_int(value) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}.")
-  return int(value)
 
 
 def _accountant_name(value) -> str:
@@ -178,7 +155,7 @@ class DpMechanism:
       raise ValueError(
         f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}."
       )
-    _positive_int("population", self.population)
+    checks.positive_int("population", self.population)
     if self.sampling == "poisson":
       if self.sampling_rate is None:
         if self.clients_per_round is None:
@@ -187,7 +164,7 @@ class DpMechanism:
             "clients_per_round (q = clients_per_round / "
             "population)."
           )
-        m = _real("clients_per_round", self.clients_per_round)
+        m = checks.real("clients_per_round", self.clients_per_round)
         q = m / self.population
         if not 0 < q <= 1:
           raise ValueError(
@@ -204,7 +181,7 @@ class DpMechanism:
         self, "clients_per_round", self.sampling_rate * self.population
       )
     elif self.sampling == "fixed":
-      m = _positive_int("clients_per_round", self.clients_per_round)
+      m = checks.positive_int("clients_per_round", self.clients_per_round)
       if m > self.population:
         raise ValueError(
           f"clients_per_round must be at most population="
@@ -242,7 +219,7 @@ class DpMechanism:
   def event(self, num_rounds: int) -> dp_accounting.DpEvent:
     """``SelfComposedDpEvent(round_event, num_rounds)``."""
     return dp_accounting.SelfComposedDpEvent(
-      self.round_event(), _positive_int("num_rounds", num_rounds)
+      self.round_event(), checks.positive_int("num_rounds", num_rounds)
     )
 
   def accountant(
@@ -358,13 +335,11 @@ def calibrate_noise_multiplier(
     ValueError: a target that no ``z`` in ``(0, max_noise_multiplier]``
       reaches (naming the epsilon the largest ``z`` gives).
   """
-  target_epsilon = _real("target_epsilon", target_epsilon)
-  if not 0 < target_epsilon < math.inf:
-    raise ValueError(
-      f"target_epsilon must be a finite number > 0, got {target_epsilon!r}."
-    )
+  target_epsilon = checks.in_range(
+    "target_epsilon", target_epsilon, 0.0, math.inf, low_open=True
+  )
   delta = check_delta(delta)
-  num_rounds = _positive_int("num_rounds", num_rounds)
+  num_rounds = checks.positive_int("num_rounds", num_rounds)
   max_z = check_noise_multiplier(max_noise_multiplier, "max_noise_multiplier")
 
   def mech(z):
@@ -421,10 +396,12 @@ def poisson_cap(
   ``K > M`` keeps a uniformly random ``M`` of the ``K`` users (see
   :mod:`fedjax_lite.privacy.dp`).
   """
-  n = _positive_int("population", population)
+  n = checks.positive_int("population", population)
   q = check_sampling_rate(sampling_rate)
-  t = _positive_int("num_rounds", num_rounds)
-  per_round = _real("max_overflow", max_overflow) / t
+  t = checks.positive_int("num_rounds", num_rounds)
+  per_round = (
+    checks.in_range("max_overflow", max_overflow, 0.0, 1.0, high_open=False) / t
+  )
   m = int(stats.binom.isf(per_round, n, q))
   while m < n and overflow_probability(n, q, m) > per_round:
     m += 1

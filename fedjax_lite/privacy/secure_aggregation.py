@@ -142,13 +142,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import threading
 import random
 import secrets as _secrets
 import struct
+import threading
 import time
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -611,6 +612,18 @@ def _share_keys(u, mask_key, self_seed, neighbors, aeads, threshold, randbits):
   return ciphertexts, (shares[0][:_SK_ELEMS], shares[0][_SK_ELEMS:])
 
 
+def _round_randomness(seed: int | None, round_index: int):
+  """``(entropy, randbits, graph_rng)`` of one round: key material, Shamir
+  polynomials and the Harary graph's ring order, from ``(seed, round)``
+  (reproducible) or, with ``seed=None``, from the OS CSPRNG."""
+  if seed is None:
+    return _secrets.token_bytes, _secrets.randbits, np.random.default_rng()
+  gen = np.random.default_rng([int(seed), round_index, 0x5EC])
+  randbits = random.Random(int(seed) * 1_000_003 + round_index).getrandbits
+  graph_rng = np.random.default_rng([int(seed), round_index, 0x6A])
+  return gen.bytes, randbits, graph_rng
+
+
 class _Client:
   """One client's secrets for one round (nothing here reaches the server)."""
 
@@ -687,17 +700,9 @@ class SecAggRound:
     self.round_index = int(round_index)
     self.message_bits = int(message_bits)
     self.num_params = int(num_params)
-    if seed is None:
-      entropy = _secrets.token_bytes
-      self._randbits = _secrets.randbits
-      graph_rng = np.random.default_rng()
-    else:
-      gen = np.random.default_rng([int(seed), self.round_index, 0x5EC])
-      entropy = gen.bytes
-      self._randbits = random.Random(
-        int(seed) * 1_000_003 + self.round_index
-      ).getrandbits
-      graph_rng = np.random.default_rng([int(seed), self.round_index, 0x6A])
+    entropy, self._randbits, graph_rng = _round_randomness(
+      seed, self.round_index
+    )
     self.neighbors = harary_graph(n, num_neighbors, graph_rng)  # [n, k]
     self.degree = int(self.neighbors.shape[1])
     self.complete = self.degree == n - 1
@@ -707,19 +712,33 @@ class SecAggRound:
     self._clients = [_Client(u, entropy) for u in range(n)]
     sent = np.zeros(n, np.int64)
     recv = np.zeros(n, np.int64)
-    # 0 AdvertiseKeys: (c^PK, s^PK) to the server, forwarded to neighbours.
+    self._advertise_keys(sent, recv)
+    self._agree_pairwise()
+    self._route_shares(sent, recv)
+    self.setup_seconds = time.perf_counter() - t0
+    self.traffic = Traffic(sent, recv)
+    self.revealed_shares = 0  # what the server has learned from Unmasking
+    self.refusal: SecAggError | None = None  # the last Unmasking refusal
+
+  def _advertise_keys(self, sent: np.ndarray, recv: np.ndarray) -> None:
+    """0 AdvertiseKeys: every client's ``(c^PK, s^PK)`` to the server, which
+    forwards them to the client's neighbours (``sent``/``recv`` grow)."""
     self.public = [
       (_public_bytes(c.enc_key), _public_bytes(c.mask_key))
       for c in self._clients
     ]
-    for u in range(n):
+    for u in range(self.num_clients):
       sent[u] += len(self.public[u][0]) + len(self.public[u][1])
       recv[u] += sum(
         len(self.public[v][0]) + len(self.public[v][1])
         for v in self.neighbors[u]
       )
-    # Pairwise secrets, once per edge (u < v).
-    k = self.degree
+
+  def _agree_pairwise(self) -> None:
+    """Every edge's mask seed ``s_uv`` and AES-GCM key, derived once per edge
+    from the lower-indexed side ``u < v`` (X25519 is symmetric); signs
+    ``sgn(u, v) = +1`` if ``u < v`` else ``-1``."""
+    n, k = self.num_clients, self.degree
     self._pair_seeds = np.zeros((n, k, 2), np.uint32)
     self._signs = np.where(
       self.neighbors > np.arange(n)[:, None], 1, -1
@@ -740,7 +759,10 @@ class SecAggRound:
         aead = _encryption_key(cu.enc_key, self.public[v][0], self.round_index)
         cu.aead[v] = aead
         self._clients[v].aead[u] = aead
-    # 1 ShareKeys: Shamir shares of s_u^SK and b_u, encrypted per holder.
+
+  def _route_shares(self, sent: np.ndarray, recv: np.ndarray) -> None:
+    """1 ShareKeys: every client's Shamir shares of ``s_u^SK`` and ``b_u``,
+    encrypted per holder and routed by the server to the holder's inbox."""
     self.ciphertexts_routed = 0
     for u, cu in enumerate(self._clients):
       nbrs = [int(v) for v in self.neighbors[u]]
@@ -758,10 +780,6 @@ class SecAggRound:
         sent[u] += len(ct)
         recv[h] += len(ct)
         self.ciphertexts_routed += 1
-    self.setup_seconds = time.perf_counter() - t0
-    self.traffic = Traffic(sent, recv)
-    self.revealed_shares = 0  # what the server has learned from Unmasking
-    self.refusal: SecAggError | None = None  # the last Unmasking refusal
 
   # -------------------------------------------------------- client side
   def client_masks(self, clients=None):
@@ -907,40 +925,67 @@ class SecAggRound:
     alive = np.asarray(survivors, bool)
     self.check_survivors(alive)
     self.refusal = None
-    n, k, t = self.num_clients, self.degree, self.threshold
+    sent, recv = self._masked_input_traffic(alive)
+    t_clients = time.perf_counter()
+    revealed = self._reveal_shares(alive, sent)
+    t_server = time.perf_counter()
+    dropped = np.flatnonzero(~alive)
+    rows = len(dropped) if pad_rows is None else int(pad_rows)
+    if rows < len(dropped):
+      raise ValueError(f"pad_rows={pad_rows} < {len(dropped)} dropped clients.")
+    self._check_redundant_shares(alive, revealed)
+    material, key_agreements, lagrange_sets = self._reconstruct(
+      alive, revealed, rows
+    )
+    n, signs = self.num_clients, material[3]
+    stats = {
+      "survivors": float(alive.sum()),
+      "dropped": float(n - alive.sum()),
+      "threshold": float(self.threshold),
+      "degree": float(self.degree),
+      "client_bytes_sent": float(sent.mean()),
+      "client_bytes_received": float(recv.mean()),
+      "server_bytes_received": float(sent.sum()),
+      "server_bytes_sent": float(recv.sum()),
+      "server_key_agreements": float(key_agreements),
+      "server_reconstructions": float(n),
+      "server_lagrange_sets": float(lagrange_sets),
+      "server_prg_expansions": float(alive.sum() + (signs != 0).sum()),
+      "server_host_seconds": time.perf_counter() - t_server + (t_clients - t0),
+      "clients_unmask_seconds": t_server - t_clients,
+      "setup_host_seconds": self.setup_seconds,
+    }
+    self.last_traffic = Traffic(sent, recv)
+    return material, stats
+
+  def _masked_input_traffic(self, alive: np.ndarray):
+    """``(sent, recv)``: the setup traffic plus every survivor's masked input
+    (``d`` values of ``b`` bits) and the survivor list the server sends it
+    (its surviving neighbours' ids)."""
     sent = self.traffic.sent.copy()
     recv = self.traffic.received.copy()
-    # Masked inputs: d values of b bits from every survivor.
-    msg = (self.num_params * self.message_bits + 7) // 8
-    sent[alive] += msg
-    # Server -> survivors: the surviving neighbours' ids.
+    sent[alive] += (self.num_params * self.message_bits + 7) // 8
     for v in np.flatnonzero(alive):
       recv[v] += _ID_BYTES * int(alive[self.neighbors[v]].sum())
-    # Survivors reveal shares (decrypting what they hold).
-    t_clients = time.perf_counter()
-    revealed: dict[int, list] = {u: [] for u in range(n)}
+    return sent, recv
+
+  def _reveal_shares(self, alive: np.ndarray, sent: np.ndarray) -> dict:
+    """Every survivor ``v`` decrypts the share ciphertexts it holds and
+    reveals, for each neighbour ``u``, its share of ``b_u`` (``u`` survived)
+    or of ``s_u^SK`` (``u`` dropped), plus its own share of ``b_v``.
+
+    Returns ``{u: [(x, share), ...]}`` (``x = v + 1``, the holder's Shamir
+    point); ``sent`` grows by what each survivor reveals and
+    :attr:`revealed_shares` by what reached the server, also when a
+    ciphertext is refused part way (``REFUSED_AUTHENTICATION``,
+    ``REFUSED_MISROUTED``)."""
+    revealed: dict[int, list] = {u: [] for u in range(self.num_clients)}
     try:
       for v in np.flatnonzero(alive):
         v = int(v)
         cv = self._clients[v]
         for u in [int(x) for x in self.neighbors[v]]:
-          ct = cv.inbox[u]
-          try:
-            plain = cv.aead[u].decrypt(
-              ct[:_NONCE_BYTES], ct[_NONCE_BYTES:], None
-            )
-          except crypto_errors.InvalidTag:
-            self._refuse(REFUSED_AUTHENTICATION, alive, client=u, peer=v)
-          sender, receiver, sk_share, seed_share = _decode_shares(plain)
-          if (sender, receiver) != (u, v):
-            self._refuse(
-              REFUSED_MISROUTED,
-              alive,
-              client=u,
-              peer=v,
-              detail=f" (from client {sender} to client {receiver})",
-            )
-          share = seed_share if alive[u] else sk_share
+          share = self._open_share(cv, u, v, alive)
           revealed[u].append((v + 1, share))
           sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * len(share)
         # Its own share of its own b_v (it survived).
@@ -948,24 +993,35 @@ class SecAggRound:
         sent[v] += _ID_BYTES + shamir.ELEMENT_BYTES * _SEED_ELEMS
     finally:  # what reached the server, also when a survivor fails
       self.revealed_shares += sum(len(r) for r in revealed.values())
-    t_server = time.perf_counter()
-    clients_seconds = t_server - t_clients
-    # Reconstruction.
-    lam_cache: dict[tuple, list] = {}
-    self_words = np.zeros((n, 2), np.uint32)
-    self_on = alive.astype(np.int32)
-    dropped = np.flatnonzero(~alive)
-    rows = len(dropped) if pad_rows is None else int(pad_rows)
-    if rows < len(dropped):
-      raise ValueError(f"pad_rows={pad_rows} < {len(dropped)} dropped clients.")
-    row_of = {int(u): r for r, u in enumerate(dropped)}
-    pair_words = np.zeros((rows, k, 2), np.uint32)
-    signs = np.zeros((rows, k), np.int32)
-    key_agreements = 0
-    # Redundant shares (more than t) must lie on one polynomial of degree
-    # t - 1: a check per secret, before anything is reconstructed.
+    return revealed
+
+  def _open_share(self, cv: _Client, u: int, v: int, alive: np.ndarray):
+    """Survivor ``v`` decrypts the ciphertext it holds from ``u`` and returns
+    the share it reveals (of ``b_u`` if ``u`` survived, else of
+    ``s_u^SK``); refuses one that fails authentication or is misrouted."""
+    ct = cv.inbox[u]
+    try:
+      plain = cv.aead[u].decrypt(ct[:_NONCE_BYTES], ct[_NONCE_BYTES:], None)
+    except crypto_errors.InvalidTag:
+      self._refuse(REFUSED_AUTHENTICATION, alive, client=u, peer=v)
+    sender, receiver, sk_share, seed_share = _decode_shares(plain)
+    if (sender, receiver) != (u, v):
+      self._refuse(
+        REFUSED_MISROUTED,
+        alive,
+        client=u,
+        peer=v,
+        detail=f" (from client {sender} to client {receiver})",
+      )
+    return seed_share if alive[u] else sk_share
+
+  def _check_redundant_shares(self, alive: np.ndarray, revealed: dict) -> None:
+    """Refuses (``REFUSED_INCONSISTENT_SHARE``) a secret whose more than
+    ``t`` revealed shares lie on no one polynomial of degree ``t - 1``
+    (:func:`shamir.check_shares`), before anything is reconstructed."""
+    t = self.threshold
     parity_cache: dict[tuple, list] = {}
-    for u in range(n):
+    for u in range(self.num_clients):
       xs = [x for x, _ in revealed[u]]
       if len(xs) <= t:
         continue
@@ -985,6 +1041,26 @@ class SecAggRound:
           holders=len(xs),
           detail="" if pinned else f" (clients {[x - 1 for x in xs]})",
         )
+
+  def _reconstruct(self, alive: np.ndarray, revealed: dict, rows: int):
+    """Lagrange-reconstructs every secret from its first ``t`` shares: the
+    survivors' ``b_u`` and the dropped clients' ``s_u^SK``, with which the
+    server recomputes each dropped ``d``'s seeds ``s_dv`` with its surviving
+    neighbours ``v`` (row ``r`` of ``pair_words``/``signs`` for the r-th
+    dropped client, signed as ``v`` added them).
+
+    Returns ``(material, key_agreements, lagrange_sets)`` with ``material =
+    (self_words [n, 2], self_on [n], pair_words [rows, k, 2], signs [rows,
+    k])``; refuses (``REFUSED_UNDECODABLE``) a value that encodes no key or
+    seed."""
+    n, k, t = self.num_clients, self.degree, self.threshold
+    lam_cache: dict[tuple, list] = {}
+    self_words = np.zeros((n, 2), np.uint32)
+    self_on = alive.astype(np.int32)
+    row_of = {int(u): r for r, u in enumerate(np.flatnonzero(~alive))}
+    pair_words = np.zeros((rows, k, 2), np.uint32)
+    signs = np.zeros((rows, k), np.int32)
+    key_agreements = 0
     for u in range(n):
       xs = [x for x, _ in revealed[u]][:t]
       sh = [s for _, s in revealed[u]][:t]
@@ -1006,36 +1082,19 @@ class SecAggRound:
         )
       if alive[u]:
         self_words[u] = seed_words(secret)
-      else:
-        sk = x25519.X25519PrivateKey.from_private_bytes(secret)
-        r = row_of[u]
-        for j, v in enumerate(self.neighbors[u]):
-          if alive[v]:
-            pair_words[r, j] = seed_words(
-              pairwise_seed(sk, self.public[v][1], self.round_index)
-            )
-            # Survivor v added sgn(v, u) PRG(s_vu).
-            signs[r, j] = 1 if v < u else -1
-            key_agreements += 1
-    stats = {
-      "survivors": float(alive.sum()),
-      "dropped": float(n - alive.sum()),
-      "threshold": float(t),
-      "degree": float(k),
-      "client_bytes_sent": float(sent.mean()),
-      "client_bytes_received": float(recv.mean()),
-      "server_bytes_received": float(sent.sum()),
-      "server_bytes_sent": float(recv.sum()),
-      "server_key_agreements": float(key_agreements),
-      "server_reconstructions": float(n),
-      "server_lagrange_sets": float(len(lam_cache)),
-      "server_prg_expansions": float(alive.sum() + (signs != 0).sum()),
-      "server_host_seconds": time.perf_counter() - t_server + (t_clients - t0),
-      "clients_unmask_seconds": clients_seconds,
-      "setup_host_seconds": self.setup_seconds,
-    }
-    self.last_traffic = Traffic(sent, recv)
-    return (self_words, self_on, pair_words, signs), stats
+        continue
+      sk = x25519.X25519PrivateKey.from_private_bytes(secret)
+      r = row_of[u]
+      for j, v in enumerate(self.neighbors[u]):
+        if alive[v]:
+          pair_words[r, j] = seed_words(
+            pairwise_seed(sk, self.public[v][1], self.round_index)
+          )
+          # Survivor v added sgn(v, u) PRG(s_vu).
+          signs[r, j] = 1 if v < u else -1
+          key_agreements += 1
+    material = (self_words, self_on, pair_words, signs)
+    return material, key_agreements, len(lam_cache)
 
 
 # ------------------------------------------------------------ device side
@@ -1156,7 +1215,28 @@ def centered_sum(
 
 
 # ------------------------------------------------------------ aggregator
-_HOSTS: dict[tuple, dict] = {}
+# The host's per-round statistics, reported as ``secagg_<name>`` metrics (in
+# the order of the stats vector SecAggHost.server_material returns).
+_STAT_NAMES = (
+  "survivors",
+  "dropped",
+  "threshold",
+  "degree",
+  "client_bytes_sent",
+  "client_bytes_received",
+  "server_key_agreements",
+  "server_prg_expansions",
+  "server_host_seconds",
+  "clients_unmask_seconds",
+  "setup_host_seconds",
+)
+# A round's refusal ``[reason, client, peer, holders]`` as metrics.
+_REFUSAL_NAMES = (
+  "refused",
+  "refused_client",
+  "refused_peer",
+  "refused_holders",
+)
 
 
 def dropped_clients(
@@ -1182,6 +1262,576 @@ def _plan(num_clients: int, num_neighbors, threshold, dropout_rate: float):
       t if threshold is None else threshold
     )
   return num_neighbors, threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggConfig:
+  """The checked arguments of :func:`secure_aggregator` (see there).
+
+  ``levels`` is ``L = 2^{bits_per_value} - 1``; :meth:`modulus_bits` gives
+  ``b`` for a round of ``num_slots`` clients.
+  """
+
+  clip_norm: float
+  bits_per_value: int
+  bits: int | None
+  threshold: Any
+  num_neighbors: int | str | None
+  dropout_rate: float
+  seed: int | None
+  noise_multiplier: float | None
+  name: str
+
+  @property
+  def levels(self) -> float:
+    return float((1 << self.bits_per_value) - 1)
+
+  def modulus_bits(self, num_slots: int) -> int:
+    """``b``: ``bits``, or the headroom minimum ``bits_per_value +
+    ceil(log2 num_slots) + 1``; raises if it does not fit ``num_slots``."""
+    need = min_modulus_bits(self.bits_per_value, num_slots)
+    if self.bits is None and need > MAX_BITS:
+      raise ValueError(
+        f"{self.name}: bits_per_value={self.bits_per_value} is too large for "
+        f"{num_slots} clients per round: the sum needs bits_per_value + "
+        f"ceil(log2({num_slots})) + 1 = {need} > {MAX_BITS} bits; expected "
+        f"bits_per_value <= {self.bits_per_value - (need - MAX_BITS)}."
+      )
+    b = self.bits if self.bits is not None else need
+    return check_modulus_bits(b, self.bits_per_value, num_slots, self.name)
+
+
+class SecAggHost:
+  r"""The host side of one secure aggregator for one round shape.
+
+  A :func:`secure_aggregator` makes one per round shape (``m =
+  clients_per_round`` slots, an update of ``d`` parameters) the first time
+  the engine calls its ``init`` with that shape; the aggregator keeps it
+  and the round's accumulator (:class:`SecAggAccumulator`) carries it to
+  ``add`` and ``finalize``. Two aggregators never share one, even with the
+  same arguments and seed.
+
+  What it keeps: the plan of every round of this shape (``degree`` ``k``,
+  ``threshold`` ``t``, modulus ``modulus_bits`` ``b``, ``pad_rows``: the
+  pair rows the server may need, ``spec``: one update's structure), and per
+  round index ``r`` the round's :class:`SecAggRound` (every client's keys,
+  shares and ciphertexts: ``O(m k)``) with its simulated dropouts, from the
+  round's first request (``add``) to the end of its Unmasking
+  (``finalize``), which frees it; a request for round ``r`` also frees any
+  round below ``r - 1`` left behind (e.g. ``add`` called without
+  ``finalize``), so at most two rounds are held however many run, and none
+  between rounds. ``last_error``: the last unexpected host error (named by
+  ``check_output``). The host itself (plan and spec, small) is freed with
+  the aggregator and the jitted rounds traced with it; JAX's trace caches
+  (bounded LRUs, emptied by ``jax.clear_caches()``) may keep it a while
+  longer through the accumulator's pytree structure.
+
+  When it runs: the engine's host callbacks (``jax.pure_callback``) inside
+  the jitted round. ``add`` calls :meth:`client_material` (every device's
+  block step, concurrently from the devices' threads under ``shard_map``:
+  a lock makes each round's :class:`SecAggRound` once); ``finalize`` calls
+  :meth:`server_material` (the server's Unmasking). With runs pooled by
+  ``vmap``, both receive every run's round index at once. Neither raises
+  (an exception in one device's callback would leave the others waiting in
+  a collective): a failure gives zero material and a refusal code.
+
+  What it protects and what it does not: it simulates every party in this
+  one process, so it holds all clients' secrets next to the server's view;
+  what the server learns is limited by the protocol
+  (:meth:`SecAggRound.unmask_material` reveals only what Unmasking
+  reveals), not by a process or network boundary. See the module docstring
+  for the protocol's guarantees and its honest-but-curious scope.
+  """
+
+  def __init__(self, config: SecAggConfig, num_slots: int, update_spec):
+    m = self.num_slots = int(num_slots)
+    self.config = config
+    self.spec = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), update_spec
+    )
+    self.num_params = sum(
+      int(np.prod(s.shape)) for s in jax.tree.leaves(update_spec)
+    )
+    self.modulus_bits = config.modulus_bits(m)
+    self.k_arg, self.t_arg = _plan(
+      m, config.num_neighbors, config.threshold, config.dropout_rate
+    )
+    k = m - 1 if self.k_arg is None or self.k_arg >= m - 1 else self.k_arg
+    if k < m - 1 and k % 2:
+      raise ValueError(
+        f"{config.name}: num_neighbors={config.num_neighbors} must be even "
+        f"for a Harary graph on {m} clients (k/2 neighbours on either side), "
+        f"or >= {m - 1} for the complete graph; got an odd {k}."
+      )
+    self.degree = k
+    self.threshold = resolve_threshold(self.t_arg, k + 1, m)
+    # Pair rows the server may need: one per dropped client; with the
+    # complete graph at most m - t clients drop (else it refuses).
+    self.pad_rows = max(1, m - self.threshold) if k == m - 1 else m
+    self.rounds: dict[int, SecAggRound] = {}
+    self.drops: dict[int, np.ndarray] = {}
+    self.lock = threading.Lock()
+    self.last_error: str | None = None
+
+  # ------------------------------------------------------------ rounds
+  def round(self, r: int) -> SecAggRound:
+    """Round ``r``'s protocol object, made on the first request (frees the
+    rounds below ``r - 1``; :meth:`server_material` frees round ``r``)."""
+    with self.lock:
+      if r not in self.rounds:
+        for old in [x for x in self.rounds if x < r - 1]:
+          del self.rounds[old], self.drops[old]
+        cfg = self.config
+        self.rounds[r] = SecAggRound(
+          self.num_slots,
+          threshold=self.t_arg,
+          num_neighbors=self.k_arg,
+          round_index=r,
+          seed=cfg.seed,
+          message_bits=self.modulus_bits,
+          num_params=self.num_params,
+        )
+        self.drops[r] = dropped_clients(
+          self.num_slots, cfg.dropout_rate, r, cfg.seed
+        )
+      return self.rounds[r]
+
+  def record(self, e: Exception) -> None:
+    self.last_error = f"{type(e).__name__}: {e}"
+
+  # ------------------------------------------------------ client side
+  def client_shapes(self) -> tuple:
+    """Shapes of one round's :meth:`client_material`."""
+    m, k = self.num_slots, self.degree
+    return (
+      jax.ShapeDtypeStruct((m, 2), jnp.uint32),
+      jax.ShapeDtypeStruct((m, k, 2), jnp.uint32),
+      jax.ShapeDtypeStruct((m, k), jnp.int32),
+      jax.ShapeDtypeStruct((m,), jnp.bool_),
+      jax.ShapeDtypeStruct((), jnp.int32),
+    )
+
+  def client_material(self, r):
+    """Every client's mask seeds ``(self_words [m, 2], pair_words [m, k,
+    2], signs [m, k])``, dropout flags ``[m]`` and a fault flag for round(s)
+    ``r`` (any shape: pooled runs). Never raises: a failure gives zero seeds
+    and fault 1, and finalize refuses (``REFUSED_HOST_ERROR``)."""
+    r = np.asarray(r)
+    out = ([], [], [], [], [])
+    for i in np.ndindex(r.shape):
+      try:
+        proto = self.round(int(r[i]))
+        got = proto.client_masks() + (self.drops[int(r[i])], np.int32(0))
+      except Exception as e:  # pylint: disable=broad-except
+        self.record(e)
+        got = self._failed_client_material()
+      for lst, v in zip(out, got):
+        lst.append(np.asarray(v))
+    return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
+
+  def _failed_client_material(self) -> tuple:
+    """Zero seeds, every client dropped, fault 1."""
+    m, k = self.num_slots, self.degree
+    return (
+      np.zeros((m, 2), np.uint32),
+      np.zeros((m, k, 2), np.uint32),
+      np.zeros((m, k), np.int32),
+      np.ones((m,), bool),
+      np.int32(1),
+    )
+
+  def request_client_material(self, round_index: jax.Array) -> tuple:
+    """(device side) :meth:`client_material` of the traced ``round_index``
+    through ``jax.pure_callback``."""
+    return jax.pure_callback(
+      self.client_material,
+      self.client_shapes(),
+      round_index,
+      vmap_method="broadcast_all",
+    )
+
+  # ------------------------------------------------------ server side
+  def server_shapes(self) -> tuple:
+    """Shapes of one round's :meth:`server_material`."""
+    m, k, rows = self.num_slots, self.degree, self.pad_rows
+    return (
+      jax.ShapeDtypeStruct((m, 2), jnp.uint32),
+      jax.ShapeDtypeStruct((m,), jnp.int32),
+      jax.ShapeDtypeStruct((rows, k, 2), jnp.uint32),
+      jax.ShapeDtypeStruct((rows, k), jnp.int32),
+      jax.ShapeDtypeStruct((len(_STAT_NAMES),), jnp.float32),
+      jax.ShapeDtypeStruct((4,), jnp.int32),
+    )
+
+  def unmask(self, r: int, alive: np.ndarray, fault: bool):
+    """The server's Unmasking of round ``r``: ``(material, stats,
+    refusal)`` with ``refusal = [reason, client, peer, holders]`` (reason
+    0: unmasked). Never raises: a refusal gives zero material (see
+    :meth:`refused`), recorded on the round's :class:`SecAggRound`
+    (``refusal``) and reported in the round's metrics."""
+    try:
+      if not fault:
+        material, stats = self.round(r).unmask_material(
+          alive, pad_rows=self.pad_rows
+        )
+        return material, stats, [0, -1, -1, -1]
+      refusal = [REFUSED_HOST_ERROR, -1, -1, -1]
+    except SecAggError as e:
+      refusal = [e.reason, e.client, e.peer, e.holders]
+      if e.reason == REFUSED_HOST_ERROR:
+        self.record(e)
+    except Exception as e:  # pylint: disable=broad-except
+      self.record(e)
+      refusal = [REFUSED_HOST_ERROR, -1, -1, -1]
+    return self.refused(alive) + (refusal,)
+
+  def refused(self, alive: np.ndarray) -> tuple:
+    """``(material, stats)`` of a refused round: zero masks (nothing is
+    unmasked) and the survivor counts, threshold and degree."""
+    material = tuple(
+      np.zeros(s.shape, s.dtype) for s in self.server_shapes()[:4]
+    )
+    stats = dict.fromkeys(_STAT_NAMES, 0.0)
+    stats.update(
+      survivors=float(alive.sum()),
+      dropped=float(self.num_slots - alive.sum()),
+      threshold=float(self.threshold),
+      degree=float(self.degree),
+    )
+    return material, stats
+
+  def server_material(self, r, arrived, fault):
+    """:meth:`unmask` for round(s) ``r`` (any shape: pooled runs), with
+    ``arrived`` int ``[..., m]`` and ``fault`` int ``[...]``: the masks to
+    remove, the stats vector (:data:`_STAT_NAMES`) and the refusal."""
+    r, arrived, fault = map(np.asarray, (r, arrived, fault))
+    out = ([], [], [], [], [], [])
+    for i in np.ndindex(r.shape):
+      material, stats, refusal = self.unmask(
+        int(r[i]), arrived[i] > 0, bool(fault[i] > 0)
+      )
+      stats = np.asarray([stats[s] for s in _STAT_NAMES], np.float32)
+      for lst, v in zip(out, material + (stats, np.asarray(refusal, np.int32))):
+        lst.append(v)
+    self.release({int(x) for x in r.ravel()})
+    return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
+
+  def release(self, rounds) -> None:
+    """Frees the protocol objects of ``rounds`` (after their Unmasking)."""
+    with self.lock:
+      for r in rounds:
+        self.rounds.pop(r, None)
+        self.drops.pop(r, None)
+
+  def request_server_material(self, round_index, arrived, fault) -> tuple:
+    """(device side) :meth:`server_material` through ``jax.pure_callback``."""
+    return jax.pure_callback(
+      self.server_material,
+      self.server_shapes(),
+      round_index,
+      arrived,
+      fault,
+      vmap_method="broadcast_all",
+    )
+
+
+@flax.struct.dataclass
+class SecAggAccumulator:
+  """One device's secure-aggregation accumulator for one run (``acc``).
+
+  Attributes:
+    sum: uint32 ``[d]``: the masked inputs that arrived, summed mod
+      :math:`2^{32}` (reduced mod :math:`2^b` when the masks are removed).
+    arrived: int32 ``[m]``: > 0 where a slot's masked input arrived.
+    weight: float32: the senders' summed weights (``total_weight``).
+    nonfinite: float32: clients whose update reached the aggregator
+      non-finite and did not send.
+    fault: int32: 1 if a host callback failed this round (finalize refuses).
+    host: the :class:`SecAggHost` of the round's shape, static (part of the
+      pytree's structure, not an array): ``add`` and ``finalize`` reach the
+      host that ``init`` chose, also when a pooled sweep rebuilds the
+      aggregator for every run.
+  """
+
+  sum: jax.Array
+  arrived: jax.Array
+  weight: jax.Array
+  nonfinite: jax.Array
+  fault: jax.Array
+  host: SecAggHost = flax.struct.field(pytree_node=False)
+
+
+def _quantized(updates: PyTree, clip_norm: float, bits_per_value: int):
+  """A block's updates (leaves ``[B, ...]``) clipped to norm ``C``,
+  flattened and quantized (:func:`quantize`): uint32 ``[B, d]``."""
+  bounded = jax.vmap(lambda u: clip_by_norm(u, clip_norm))(updates)
+  flat = jax.vmap(lambda u: ravel_pytree(u)[0])(bounded)  # [B, d]
+  return quantize(flat, clip_norm, bits_per_value)
+
+
+def _round_metrics(stats: jax.Array, refusal: jax.Array, nonfinite) -> dict:
+  """The ``secagg_*`` metrics of a round from the host's stats vector
+  (:data:`_STAT_NAMES`) and refusal ``[reason, client, peer, holders]``."""
+  metrics = {f"secagg_{s}": stats[i] for i, s in enumerate(_STAT_NAMES)}
+  metrics["secagg_nonfinite"] = nonfinite
+  for i, s in enumerate(_REFUSAL_NAMES):
+    metrics[f"secagg_{s}"] = refusal[i].astype(jnp.float32)
+  return metrics
+
+
+def _unflatten(spec: PyTree, flat: jax.Array) -> PyTree:
+  """``[d]`` -> one update shaped like ``spec`` (``ravel_pytree`` order)."""
+  _, unravel = ravel_pytree(
+    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+  )
+  return unravel(flat)
+
+
+class _SecureAggregation:
+  """One :func:`secure_aggregator`: the device-side functions (the
+  :class:`Aggregator`'s fields are these bound methods) and the
+  :class:`SecAggHost`\\ s it owns, one per round shape (``hosts``: at most
+  one per ``(clients_per_round, update structure)`` it was initialised
+  with, freed with it)."""
+
+  def __init__(self, config: SecAggConfig):
+    self.config = config
+    self.hosts: dict[tuple, SecAggHost] = {}
+
+  def host_for(self, update_spec: PyTree, num_slots: int) -> SecAggHost:
+    """The host of rounds of ``num_slots`` clients and updates shaped like
+    ``update_spec``, made on first use (checks ``b``, ``k`` and ``t`` for
+    ``num_slots``)."""
+    self.config.modulus_bits(num_slots)
+    leaves, treedef = jax.tree.flatten(update_spec)
+    key = (
+      int(num_slots),
+      treedef,
+      tuple((tuple(s.shape), np.dtype(s.dtype)) for s in leaves),
+    )
+    if key not in self.hosts:
+      self.hosts[key] = SecAggHost(self.config, num_slots, update_spec)
+    return self.hosts[key]
+
+  def _host_of(self, acc) -> SecAggHost:
+    if not isinstance(acc, SecAggAccumulator):
+      raise TypeError(
+        f"{self.config.name}: add, merge and finalize take the accumulator "
+        f"that this aggregator's init made (a SecAggAccumulator), got "
+        f"{type(acc).__name__}."
+      )
+    return acc.host
+
+  def init_state(self, update_spec: PyTree) -> dict:
+    check_float_updates(update_spec, self.config.name)
+    return {"round": jnp.zeros((), jnp.int32)}
+
+  def init(self, state, update_spec, num_slots: int) -> SecAggAccumulator:
+    del state
+    if num_slots < 2:
+      raise ValueError(
+        f"{self.config.name}: secure aggregation needs at least 2 "
+        f"clients per round, got clients_per_round="
+        f"{num_slots}; the sum of one client is its update."
+      )
+    host = self.host_for(update_spec, num_slots)
+    return SecAggAccumulator(
+      sum=jnp.zeros((host.num_params,), jnp.uint32),
+      arrived=jnp.zeros((num_slots,), jnp.int32),
+      weight=jnp.zeros((), jnp.float32),
+      nonfinite=jnp.zeros((), jnp.float32),
+      fault=jnp.zeros((), jnp.int32),
+      host=host,
+    )
+
+  def add(self, state, acc, updates, weights, valid, slots):
+    """Clips, quantizes and masks ONE device's block; adds what is sent."""
+    cfg, host = self.config, self._host_of(acc)
+    q = _quantized(updates, cfg.clip_norm, cfg.bits_per_value)
+    # A non-finite update (only if the engine's RoundConfig.nonfinite did not
+    # already drop it) has no fixed-point value: the client does not send,
+    # as a dropout, and is counted in secagg_nonfinite.
+    finite = jnp.all(q != jnp.uint32(INVALID_CODE), axis=1)
+    # The round's seeds (the host runs AdvertiseKeys/ShareKeys once per
+    # round); each client of the block uses only its own row.
+    *material, fault = host.request_client_material(state["round"])
+    m = host.num_slots
+    sw, pw, sg, dropped = (a[jnp.clip(slots, 0, m - 1)] for a in material)
+    y = mask_inputs(q, sw, pw, sg, host.modulus_bits)
+    takes_part = taking_part(weights, valid)
+    sends = takes_part & ~dropped & finite
+    y = jnp.where(sends[:, None], y, jnp.zeros((), jnp.uint32))
+    return acc.replace(
+      sum=acc.sum + jnp.sum(y, axis=0, dtype=jnp.uint32),
+      arrived=acc.arrived.at[jnp.where(sends, slots, m)].max(1, mode="drop"),
+      weight=acc.weight + jnp.sum(jnp.where(sends, weights, 0.0)),
+      nonfinite=acc.nonfinite
+      + jnp.sum((takes_part & ~finite).astype(jnp.float32)),
+      fault=jnp.maximum(acc.fault, fault),
+    )
+
+  def merge(self, accs: SecAggAccumulator) -> SecAggAccumulator:
+    """Devices ``[nd, ...]`` -> one (the masked sums add mod 2^32)."""
+    self._host_of(accs)
+    return accs.replace(
+      sum=jnp.sum(accs.sum, axis=0, dtype=jnp.uint32),
+      arrived=jnp.sum(accs.arrived, axis=0),
+      weight=jnp.sum(accs.weight, axis=0),
+      nonfinite=jnp.sum(accs.nonfinite, axis=0),
+      fault=jnp.max(accs.fault, axis=0),
+    )
+
+  def finalize(self, state, acc, rng):
+    """Unmasking on the host, then the masks removed and the sum decoded."""
+    cfg, host = self.config, self._host_of(acc)
+    # Never raises: a refusal comes back as refusal[0] > 0 (with zero
+    # material) and check_output raises SecAggError after the round.
+    sw, so, pw, sg, stats, refusal = host.request_server_material(
+      state["round"], acc.arrived, acc.fault
+    )
+    z = remove_masks(acc.sum, sw, so, pw, sg, host.modulus_bits)
+    n_sum = jnp.sum((acc.arrived > 0).astype(jnp.int32))
+    ints = centered_sum(z, n_sum, cfg.bits_per_value)
+    flat_sum = ints.astype(jnp.float32) * (cfg.clip_norm / cfg.levels)
+    metrics = _round_metrics(stats, refusal, acc.nonfinite)
+    flat_mean = self._mean(flat_sum, n_sum, rng, host, metrics)
+    # A refused round: nothing was unmasked; zero placeholders (Engine.round
+    # and Engine.run raise in check_output before returning its state).
+    refused = refusal[0] > 0
+    flat_mean = jnp.where(refused, 0.0, flat_mean)
+    total_weight = jnp.where(refused, 0.0, acc.weight)
+    output = AggregatorOutput(
+      mean=_unflatten(host.spec, flat_mean),
+      total_weight=total_weight,
+      metrics=metrics,
+    )
+    return output, {"round": state["round"] + 1}
+
+  def _mean(self, flat_sum, n_sum, rng, host: SecAggHost, metrics: dict):
+    r"""The survivors' mean ``sum / |U|``; with ``noise_multiplier`` ``z``
+    the DP estimate :math:`(\text{sum} + \mathcal{N}(0, z^2 C_q^2 I)) / m`
+    (adds ``secagg_dp_noise_std`` to ``metrics``)."""
+    cfg = self.config
+    if cfg.noise_multiplier is None:
+      denom = jnp.maximum(n_sum, 1).astype(jnp.float32)
+      return jnp.where(n_sum > 0, flat_sum / denom, 0.0)
+    c_q = cfg.clip_norm * (
+      1.0 + math.sqrt(host.num_params) / (2.0 * cfg.levels)
+    )
+    std = float(cfg.noise_multiplier) * c_q
+    noise = std * jax.random.normal(rng, flat_sum.shape, jnp.float32)
+    m = host.num_slots
+    metrics["secagg_dp_noise_std"] = jnp.asarray(std / m, jnp.float32)
+    return (flat_sum + noise) / float(m)
+
+  def check_output(self, metrics: dict) -> None:
+    """Raises the SecAggError of the first refused round in ``metrics`` (one
+    round, or stacked over rounds/runs), built from the metrics alone (a
+    host error's text comes from this aggregator's hosts)."""
+    if "secagg_refused" not in metrics:
+      return
+    codes = np.asarray(metrics["secagg_refused"])
+    bad = np.argwhere(codes > 0)
+    if not len(bad):
+      return
+    pos = tuple(int(i) for i in bad[0])
+    get = lambda s: int(np.asarray(metrics[f"secagg_{s}"])[pos])
+    reason = int(codes[pos])
+    detail = ""
+    if reason == REFUSED_HOST_ERROR:
+      errors = [h.last_error for h in self.hosts.values() if h.last_error]
+      detail = f" ({errors[-1]})" if errors else ""
+    message = refusal_message(
+      reason,
+      client=get("refused_client"),
+      peer=get("refused_peer"),
+      holders=get("refused_holders"),
+      survivors=get("survivors"),
+      num_clients=get("survivors") + get("dropped"),
+      threshold=get("threshold"),
+      degree=get("degree"),
+      detail=detail,
+    )
+    if codes.ndim:  # stacked: over the rounds of Engine.run, or runs
+      message += (
+        f" [{self.config.name}: {len(bad)} of {codes.size} stacked rounds "
+        f"refused; first at index "
+        f"{pos[0] if codes.ndim == 1 else list(pos)}.]"
+      )
+    raise SecAggError(
+      message,
+      reason=reason,
+      client=get("refused_client"),
+      peer=get("refused_peer"),
+      holders=get("refused_holders"),
+    )
+
+
+def _checked_config(
+  clip_norm,
+  *,
+  bits_per_value,
+  bits,
+  threshold,
+  num_neighbors,
+  dropout_rate,
+  seed,
+  noise_multiplier,
+  name,
+) -> SecAggConfig:
+  """:func:`secure_aggregator`'s arguments, checked (what depends on
+  ``clients_per_round``, ``b``, ``k`` and ``t``, is checked by ``init``)."""
+  if (
+    not isinstance(clip_norm, (int, float, np.floating))
+    or isinstance(clip_norm, bool)
+    or not np.isfinite(clip_norm)
+    or clip_norm <= 0
+  ):
+    raise ValueError(
+      f"{name}: clip_norm must be a positive finite float "
+      f"(the L2 bound that makes quantization exact), got "
+      f"{clip_norm!r}."
+    )
+  check_modulus_bits(
+    MAX_BITS if bits is None else bits, bits_per_value, 1, name
+  )
+  rate = checks.in_range(f"{name}: dropout_rate", dropout_rate, 0.0, 1.0)
+  if num_neighbors not in (None, "auto") and (
+    not checks.is_int(num_neighbors) or num_neighbors < 2
+  ):
+    raise ValueError(
+      f"{name}: num_neighbors must be None (SecAgg), "
+      f"'auto' or an even int >= 2 (SecAgg+), got "
+      f"{num_neighbors!r}."
+    )
+  if noise_multiplier is not None and (
+    isinstance(noise_multiplier, bool)
+    or not isinstance(noise_multiplier, (int, float, np.floating))
+    or not np.isfinite(noise_multiplier)
+    or noise_multiplier < 0
+  ):
+    raise ValueError(
+      f"{name}: noise_multiplier must be None or a finite "
+      f"float >= 0, got {noise_multiplier!r}."
+    )
+  seed = checks.int_at_least(
+    f"{name}: seed",
+    seed,
+    0,
+    allow_none=True,
+    hint=" (None: fresh OS randomness every round)",
+  )
+  return SecAggConfig(
+    clip_norm=float(clip_norm),
+    bits_per_value=int(bits_per_value),
+    bits=bits,
+    threshold=threshold,
+    num_neighbors=num_neighbors,
+    dropout_rate=rate,
+    seed=seed,
+    noise_multiplier=noise_multiplier,
+    name=name,
+  )
 
 
 def secure_aggregator(
@@ -1214,15 +1864,19 @@ def secure_aggregator(
   removes the masks. The per-client host steps run through
   ``jax.pure_callback``: ``add`` fetches the round's table of mask seeds
   (``[m, k]`` pairwise + ``[m]`` self seeds; AdvertiseKeys and ShareKeys run
-  on the host once per round, on the first request, keyed by
-  ``(seed, round)``) and each client of the block uses only its own row;
-  ``finalize`` runs the server's Unmasking round for the clients whose
-  masked input arrived. The aggregator state is the round counter (int32).
+  on the host once per round, on the first request) and each client of the
+  block uses only its own row; ``finalize`` runs the server's Unmasking
+  round for the clients whose masked input arrived. Both talk to the
+  aggregator's own :class:`SecAggHost` (one per round shape, made by
+  ``init``, carried to ``add`` and ``finalize`` by the accumulator
+  :class:`SecAggAccumulator`): two aggregators, even with the same
+  arguments, never share one. The aggregator state is the round counter
+  (int32).
   Client ``u`` of a round is its slot in the round's sample; its keys are
   fresh every round. The same seed gives the same keys to every run of a
   pooled sweep (reproducible, not independent). Host work per round: the
   key agreements and Shamir splits of all ``m`` clients (``O(m k)`` X25519,
-  ``O(m k t)`` field operations), see ``experiments/secagg_benchmark.py``.
+  ``O(m k t)`` field operations), see ``experiments/benchmarks/secagg.py``.
 
   Dropouts: a fraction ``dropout_rate`` of each round's clients (chosen on the
   host from ``(seed, round)``) drops after masking: their masked input never
@@ -1297,414 +1951,25 @@ def secure_aggregator(
   ``secagg_refused_holders`` (the clients concerned, -1 if none; see
   :class:`SecAggError`).
   """
-  factory = name
-  if (
-    not isinstance(clip_norm, (int, float, np.floating))
-    or isinstance(clip_norm, bool)
-    or not np.isfinite(clip_norm)
-    or clip_norm <= 0
-  ):
-    raise ValueError(
-      f"{factory}: clip_norm must be a positive finite float "
-      f"(the L2 bound that makes quantization exact), got "
-      f"{clip_norm!r}."
-    )
-  if bits is not None:
-    check_modulus_bits(bits, bits_per_value, 1, factory)
-  else:
-    check_modulus_bits(MAX_BITS, bits_per_value, 1, factory)
-  if not 0.0 <= float(dropout_rate) < 1.0:
-    raise ValueError(
-      f"{factory}: dropout_rate must be in [0, 1), got {dropout_rate!r}."
-    )
-  if num_neighbors not in (None, "auto") and (
-    not checks.is_int(num_neighbors) or num_neighbors < 2
-  ):
-    raise ValueError(
-      f"{factory}: num_neighbors must be None (SecAgg), "
-      f"'auto' or an even int >= 2 (SecAgg+), got "
-      f"{num_neighbors!r}."
-    )
-  if noise_multiplier is not None and (
-    isinstance(noise_multiplier, bool)
-    or not isinstance(noise_multiplier, (int, float, np.floating))
-    or not np.isfinite(noise_multiplier)
-    or noise_multiplier < 0
-  ):
-    raise ValueError(
-      f"{factory}: noise_multiplier must be None or a finite "
-      f"float >= 0, got {noise_multiplier!r}."
-    )
-  clip_norm = float(clip_norm)
-  stat_names = (
-    "survivors",
-    "dropped",
-    "threshold",
-    "degree",
-    "client_bytes_sent",
-    "client_bytes_received",
-    "server_key_agreements",
-    "server_prg_expansions",
-    "server_host_seconds",
-    "clients_unmask_seconds",
-    "setup_host_seconds",
-  )
-  refusal_names = (
-    "refused",
-    "refused_client",
-    "refused_peer",
-    "refused_holders",
-  )
-
-  class _Host:
-    """Host side for one round size ``m``: per-round protocol objects."""
-
-    def __init__(self, m, d, b, spec):
-      self.m, self.d, self.b = m, d, b
-      self.k_arg, self.t_arg = _plan(
-        m, num_neighbors, threshold, float(dropout_rate)
-      )
-      self.spec = spec
-      self.rounds: dict[int, SecAggRound] = {}
-      self.drops: dict[int, np.ndarray] = {}
-      # Every device's block step calls back (under shard_map, from its own
-      # thread, concurrently): one round object per round, made once.
-      self.lock = threading.Lock()
-      k = m - 1 if self.k_arg is None or self.k_arg >= m - 1 else self.k_arg
-      if k < m - 1 and k % 2:
-        raise ValueError(
-          f"{factory}: num_neighbors={num_neighbors} must be even for a "
-          f"Harary graph on {m} clients (k/2 neighbours on either side), "
-          f"or >= {m - 1} for the complete graph; got an odd {k}."
-        )
-      t = resolve_threshold(self.t_arg, k + 1, m)  # trace-time error if bad
-      self.degree, self.t = k, t
-      # An unexpected host error of a callback (the round reports
-      # REFUSED_HOST_ERROR; check_output names it).
-      self.last_error: str | None = None
-      # Pair rows the server may need: one per dropped client; with the
-      # complete graph at most m - t clients drop (else it refuses).
-      self.rows = max(1, m - t) if k == m - 1 else m
-
-    def round(self, r: int) -> SecAggRound:
-      with self.lock:
-        return self._round(r)
-
-    def _round(self, r: int) -> SecAggRound:
-      if r not in self.rounds:
-        for old in [x for x in self.rounds if x < r - 1]:
-          del self.rounds[old], self.drops[old]
-        self.rounds[r] = SecAggRound(
-          self.m,
-          threshold=self.t_arg,
-          num_neighbors=self.k_arg,
-          round_index=r,
-          seed=None if seed is None else seed,
-          message_bits=self.b,
-          num_params=self.d,
-        )
-        self.drops[r] = dropped_clients(self.m, dropout_rate, r, seed)
-      return self.rounds[r]
-
-    def record(self, e: Exception) -> None:
-      self.last_error = f"{type(e).__name__}: {e}"
-
-    def client_material(self, r):
-      """Every client's mask seeds, dropout flag and a fault flag for
-      round(s) ``r``. Never raises (it runs inside the jitted round, where
-      an exception would leave the other devices waiting in a collective):
-      a failure gives zero seeds and fault 1, and finalize refuses."""
-      r = np.asarray(r)
-      m, k = self.m, self.degree
-      out = ([], [], [], [], [])
-      for i in np.ndindex(r.shape):
-        try:
-          proto = self.round(int(r[i]))
-          got = proto.client_masks() + (self.drops[int(r[i])], np.int32(0))
-        except Exception as e:  # pylint: disable=broad-except
-          self.record(e)
-          got = (
-            np.zeros((m, 2), np.uint32),
-            np.zeros((m, k, 2), np.uint32),
-            np.zeros((m, k), np.int32),
-            np.ones((m,), bool),
-            np.int32(1),
-          )
-        for lst, v in zip(out, got):
-          lst.append(np.asarray(v))
-      return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
-
-    def unmask(self, r: int, alive: np.ndarray, fault: bool):
-      """The server's Unmasking of round ``r``: ``(material, stats,
-      refusal)`` with ``refusal = [reason, client, peer, holders]`` (reason
-      0: unmasked). Never raises (see :meth:`client_material`): a refusal
-      gives zero material, recorded on the round's :class:`SecAggRound`
-      (``refusal``) and reported in the round's metrics."""
-      try:
-        if fault:
-          refusal = [REFUSED_HOST_ERROR, -1, -1, -1]
-        else:
-          proto = self.round(r)
-          material, stats = proto.unmask_material(alive, pad_rows=self.rows)
-          return material, stats, [0, -1, -1, -1]
-      except SecAggError as e:
-        refusal = [e.reason, e.client, e.peer, e.holders]
-        if e.reason == REFUSED_HOST_ERROR:
-          self.record(e)
-      except Exception as e:  # pylint: disable=broad-except
-        self.record(e)
-        refusal = [REFUSED_HOST_ERROR, -1, -1, -1]
-      m, k = self.m, self.degree
-      material = (
-        np.zeros((m, 2), np.uint32),
-        np.zeros((m,), np.int32),
-        np.zeros((self.rows, k, 2), np.uint32),
-        np.zeros((self.rows, k), np.int32),
-      )
-      stats = dict.fromkeys(stat_names, 0.0)
-      stats.update(
-        survivors=float(alive.sum()),
-        dropped=float(m - alive.sum()),
-        threshold=float(self.t),
-        degree=float(k),
-      )
-      return material, stats, refusal
-
-    def server_material(self, r, arrived, fault):
-      r, arrived, fault = map(np.asarray, (r, arrived, fault))
-      out = ([], [], [], [], [], [])
-      for i in np.ndindex(r.shape):
-        material, stats, refusal = self.unmask(
-          int(r[i]), arrived[i] > 0, bool(fault[i] > 0)
-        )
-        for lst, v in zip(
-          out,
-          material
-          + (
-            np.asarray([stats[s] for s in stat_names], np.float32),
-            np.asarray(refusal, np.int32),
-          ),
-        ):
-          lst.append(v)
-      return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
-
-  # Host sides live in a module-level table keyed by the configuration, so
-  # aggregators rebuilt from the same arguments (per-run algorithms of a
-  # sweep) share one; seed=None makes every factory call its own.
-  config = (
+  config = _checked_config(
     clip_norm,
-    bits_per_value,
-    bits,
-    threshold,
-    num_neighbors,
-    float(dropout_rate),
-    seed if seed is not None else object(),
-    noise_multiplier,
-    name,
+    bits_per_value=bits_per_value,
+    bits=bits,
+    threshold=threshold,
+    num_neighbors=num_neighbors,
+    dropout_rate=dropout_rate,
+    seed=seed,
+    noise_multiplier=noise_multiplier,
+    name=name,
   )
-  hosts = _HOSTS.setdefault(config, {})
-
-  def host_for(update_spec, num_slots):
-    d = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(update_spec))
-    need = min_modulus_bits(bits_per_value, num_slots)
-    if bits is None and need > MAX_BITS:
-      raise ValueError(
-        f"{factory}: bits_per_value={bits_per_value} is too large for "
-        f"{num_slots} clients per round: the sum needs bits_per_value + "
-        f"ceil(log2({num_slots})) + 1 = {need} > {MAX_BITS} bits; expected "
-        f"bits_per_value <= {bits_per_value - (need - MAX_BITS)}."
-      )
-    b = bits if bits is not None else need
-    check_modulus_bits(b, bits_per_value, num_slots, factory)
-    key = (num_slots, d)
-    if key not in hosts:
-      hosts[key] = _Host(
-        num_slots,
-        d,
-        b,
-        jax.tree.map(
-          lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), update_spec
-        ),
-      )
-    return hosts[key]
-
-  def init_state(update_spec):
-    check_float_updates(update_spec, factory)
-    return {"round": jnp.zeros((), jnp.int32)}
-
-  def init(state, update_spec, num_slots):
-    del state
-    if num_slots < 2:
-      raise ValueError(
-        f"{factory}: secure aggregation needs at least 2 "
-        f"clients per round, got clients_per_round="
-        f"{num_slots}; the sum of one client is its update."
-      )
-    host = host_for(update_spec, num_slots)
-    return {
-      "sum": jnp.zeros((host.d,), jnp.uint32),
-      "arrived": jnp.zeros((num_slots,), jnp.int32),
-      "weight": jnp.zeros((), jnp.float32),
-      "nonfinite": jnp.zeros((), jnp.float32),
-      "fault": jnp.zeros((), jnp.int32),
-    }
-
-  def _host_of(acc):
-    key = (acc["arrived"].shape[-1], acc["sum"].shape[-1])
-    if key not in hosts:
-      raise RuntimeError(
-        f"{factory}: add/finalize before init for (clients, params) = {key}."
-      )
-    return hosts[key]
-
-  def add(state, acc, updates, weights, valid, slots):
-    host = _host_of(acc)
-    bounded = jax.vmap(lambda u: clip_by_norm(u, clip_norm))(updates)
-    flat = jax.vmap(lambda u: ravel_pytree(u)[0])(bounded)  # [B, d]
-    q = quantize(flat, clip_norm, bits_per_value)
-    # A non-finite update (only if the engine's RoundConfig.nonfinite did not
-    # already drop it) has no fixed-point value: the client does not send,
-    # as a dropout, and is counted in secagg_nonfinite.
-    finite = jnp.all(q != jnp.uint32(INVALID_CODE), axis=1)
-    m, k = host.m, host.degree
-    shapes = (
-      jax.ShapeDtypeStruct((m, 2), jnp.uint32),
-      jax.ShapeDtypeStruct((m, k, 2), jnp.uint32),
-      jax.ShapeDtypeStruct((m, k), jnp.int32),
-      jax.ShapeDtypeStruct((m,), jnp.bool_),
-      jax.ShapeDtypeStruct((), jnp.int32),
-    )
-    # The round's seeds (the host runs AdvertiseKeys/ShareKeys once per
-    # round); each client of the block uses only its own row.
-    *material, fault = jax.pure_callback(
-      host.client_material, shapes, state["round"], vmap_method="broadcast_all"
-    )
-    sw, pw, sg, dropped = (a[jnp.clip(slots, 0, m - 1)] for a in material)
-    y = mask_inputs(q, sw, pw, sg, host.b)
-    takes_part = taking_part(weights, valid)
-    sends = takes_part & ~dropped & finite
-    y = jnp.where(sends[:, None], y, jnp.zeros((), jnp.uint32))
-    arrived = (
-      acc["arrived"].at[jnp.where(sends, slots, host.m)].max(1, mode="drop")
-    )
-    return {
-      "sum": acc["sum"] + jnp.sum(y, axis=0, dtype=jnp.uint32),
-      "arrived": arrived,
-      "weight": acc["weight"] + jnp.sum(jnp.where(sends, weights, 0.0)),
-      "nonfinite": acc["nonfinite"]
-      + jnp.sum((takes_part & ~finite).astype(jnp.float32)),
-      "fault": jnp.maximum(acc["fault"], fault),
-    }
-
-  def merge(accs):
-    return {
-      "sum": jnp.sum(accs["sum"], axis=0, dtype=jnp.uint32),
-      "arrived": jnp.sum(accs["arrived"], axis=0),
-      "weight": jnp.sum(accs["weight"], axis=0),
-      "nonfinite": jnp.sum(accs["nonfinite"], axis=0),
-      "fault": jnp.max(accs["fault"], axis=0),
-    }
-
-  def finalize(state, acc, rng):
-    host = _host_of(acc)
-    m, k = host.m, host.degree
-    shapes = (
-      jax.ShapeDtypeStruct((m, 2), jnp.uint32),
-      jax.ShapeDtypeStruct((m,), jnp.int32),
-      jax.ShapeDtypeStruct((host.rows, k, 2), jnp.uint32),
-      jax.ShapeDtypeStruct((host.rows, k), jnp.int32),
-      jax.ShapeDtypeStruct((len(stat_names),), jnp.float32),
-      jax.ShapeDtypeStruct((4,), jnp.int32),
-    )
-    # Never raises: a refusal comes back as refusal[0] > 0 (with zero
-    # material) and check_output raises SecAggError after the round.
-    sw, so, pw, sg, stats, refusal = jax.pure_callback(
-      host.server_material,
-      shapes,
-      state["round"],
-      acc["arrived"],
-      acc["fault"],
-      vmap_method="broadcast_all",
-    )
-    refused = refusal[0] > 0
-    z = remove_masks(acc["sum"], sw, so, pw, sg, host.b)
-    n_sum = jnp.sum((acc["arrived"] > 0).astype(jnp.int32))
-    ints = centered_sum(z, n_sum, bits_per_value)
-    levels = float((1 << bits_per_value) - 1)
-    flat_sum = ints.astype(jnp.float32) * (clip_norm / levels)
-    metrics = {f"secagg_{s}": stats[i] for i, s in enumerate(stat_names)}
-    metrics["secagg_nonfinite"] = acc["nonfinite"]
-    for i, s in enumerate(refusal_names):
-      metrics[f"secagg_{s}"] = refusal[i].astype(jnp.float32)
-    if noise_multiplier is None:
-      denom = jnp.maximum(n_sum, 1).astype(jnp.float32)
-      flat_mean = jnp.where(n_sum > 0, flat_sum / denom, 0.0)
-    else:
-      c_q = clip_norm * (1.0 + math.sqrt(host.d) / (2.0 * levels))
-      std = float(noise_multiplier) * c_q
-      noise = std * jax.random.normal(rng, flat_sum.shape, jnp.float32)
-      flat_mean = (flat_sum + noise) / float(host.m)
-      metrics["secagg_dp_noise_std"] = jnp.asarray(std / host.m, jnp.float32)
-    # A refused round: nothing was unmasked; zero placeholders (Engine.round
-    # and Engine.run raise in check_output before returning its state).
-    flat_mean = jnp.where(refused, 0.0, flat_mean)
-    total_weight = jnp.where(refused, 0.0, acc["weight"])
-    _, unravel = ravel_pytree(
-      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), host.spec)
-    )
-    mean = unravel(flat_mean)
-    return (
-      AggregatorOutput(mean=mean, total_weight=total_weight, metrics=metrics),
-      {"round": state["round"] + 1},
-    )
-
-  def check_output(metrics):
-    """Raises the SecAggError of the first refused round in ``metrics`` (one
-    round, or stacked over rounds/runs), built from the metrics alone."""
-    if "secagg_refused" not in metrics:
-      return
-    codes = np.asarray(metrics["secagg_refused"])
-    bad = np.argwhere(codes > 0)
-    if not len(bad):
-      return
-    pos = tuple(int(i) for i in bad[0])
-    get = lambda s: int(np.asarray(metrics[f"secagg_{s}"])[pos])
-    reason = int(codes[pos])
-    detail = ""
-    if reason == REFUSED_HOST_ERROR:
-      errors = [h.last_error for h in hosts.values() if h.last_error]
-      detail = f" ({errors[-1]})" if errors else ""
-    message = refusal_message(
-      reason,
-      client=get("refused_client"),
-      peer=get("refused_peer"),
-      holders=get("refused_holders"),
-      survivors=get("survivors"),
-      num_clients=get("survivors") + get("dropped"),
-      threshold=get("threshold"),
-      degree=get("degree"),
-      detail=detail,
-    )
-    if codes.ndim:  # stacked: over the rounds of Engine.run, or runs
-      message += (
-        f" [{factory}: {len(bad)} of {codes.size} stacked rounds refused; "
-        f"first at index {pos[0] if codes.ndim == 1 else list(pos)}.]"
-      )
-    raise SecAggError(
-      message,
-      reason=reason,
-      client=get("refused_client"),
-      peer=get("refused_peer"),
-      holders=get("refused_holders"),
-    )
-
+  agg = _SecureAggregation(config)
   return Aggregator(
-    init_state,
-    init,
-    add,
-    merge,
-    finalize,
+    agg.init_state,
+    agg.init,
+    agg.add,
+    agg.merge,
+    agg.finalize,
     materialized=False,
     name=name,
-    check_output=check_output,
+    check_output=agg.check_output,
   )

@@ -48,7 +48,7 @@ def check_key_bits(key_bits, insecure_ok: bool = False) -> int:
       ``insecure_ok``, and always below 128 bits (too small to hold the
       fixed-point values).
   """
-  checks.positive_int("key_bits", key_bits)
+  key_bits = checks.positive_int("key_bits", key_bits)
   if key_bits < 128:
     raise ValueError(
       f"key_bits={key_bits} is too small to hold the "
@@ -61,7 +61,7 @@ def check_key_bits(key_bits, insecure_ok: bool = False) -> int:
       "more), or pass insecure_ok=True for a toy key in tests and cost "
       "benchmarks."
     )
-  return int(key_bits)
+  return key_bits
 
 
 def keypair(key_bits: int = MIN_KEY_BITS, *, insecure_ok: bool = False):

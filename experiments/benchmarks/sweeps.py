@@ -13,20 +13,19 @@ Modes, all in this process on the same compiled programs, each call running
 
 * ``one``: ``Engine.run`` (``lax.scan`` over rounds) for one seed.
 * ``sequential``: ``Engine.run`` for each of S seeds, one after the other.
-* ``vmapped`` (pooled): the library's default sweep path for several seeds
+* ``vmapped`` (pooled): the library's sweep path
   (``fedjax_lite.experiment.VmappedRounds``): the S seeds are runs of ONE
   engine round (``Engine.rounds_body``) whose sampled clients share the
   size-bucket blocks.
-* ``lockstep``: ``VmappedRounds(..., pooled=False)``: ``jax.vmap`` over S
-  stacked EngineStates calling ``Engine.round_body``.
-* ``grid``: the default path for S client learning rates on one seed
-  (lockstep: grid points share the seed's client sample and gathered data).
+* ``grid``: S client learning rates on one seed, each a run of the same
+  engine round with its own hyperparameters.
+* ``seeds_x_grid``: 2 seeds x S/2 learning rates, likewise.
 
 Reported: median seconds per call over ``--repeats`` timed calls after a
 warm-up (compile) call, and ratios to ``one``. Run::
 
-  python experiments/sweep_benchmark.py                  # both workloads
-  python experiments/sweep_benchmark.py --workload synthetic --seeds 8 \\
+  python experiments/benchmarks/sweeps.py                  # both workloads
+  python experiments/benchmarks/sweeps.py --workload synthetic --seeds 8 \\
       --block-size 0 1 --json sweeps.json      # 0: automatic block size
 """
 
@@ -37,7 +36,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import fedjax_lite as fl  # first: applies the fast CPU settings
 import fedjax_lite.experiment as fe
@@ -46,28 +44,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (the standard workloads)
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
 
 def synthetic_experiment() -> fe.Experiment:
-  ef = fe.load_experiment_file(os.path.join(HERE, "fedavg_synthetic.py"))
+  path = os.path.join(common.EXPERIMENTS, "fedavg_synthetic.py")
+  ef = fe.load_experiment_file(path)
   return ef.build(ef.get_config())
 
 
 def logreg1000_experiment() -> fe.Experiment:
   w = benchmark.WORKLOADS["logreg1000"]
-  x, y = benchmark.make_data(w)
-  ds = fl.FederatedDataset(
-    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
-    offsets=[i * w["examples"] for i in range(w["num_clients"])],
-    counts=[w["examples"]] * w["num_clients"],
-  )
   model = fl.models.logistic_regression(w["features"], w["classes"])
   return fe.Experiment(
     model=model,
-    train=ds,
+    train=benchmark.make_dataset(w),
     hparams={"client_lr": benchmark.LR},
     algorithm_fn=lambda h: fl.fed_avg(
       model, optax.sgd(h["client_lr"]), optax.sgd(1.0)
@@ -85,16 +78,6 @@ WORKLOADS = {
   "synthetic": (synthetic_experiment, 20),
   "logreg1000": (logreg1000_experiment, 5),
 }
-
-
-def timed(fn, repeats: int) -> tuple[float, list]:
-  jax.block_until_ready(fn())  # warm-up: compiles
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts)), ts
 
 
 def bench(
@@ -132,15 +115,7 @@ def bench(
   def vmapped():
     return vm.run(stacked, data, rounds)[0].server.params
 
-  # The lockstep alternative: jax.vmap over the seeds' separate rounds.
-  vl = fe.VmappedRounds(exp, seeds, {}, rounds, pooled=False)
-  stacked_l = vl.init()
-
-  def lockstep():
-    return vl.run(stacked_l, data, rounds)[0].server.params
-
-  # The same number of settings as a learning-rate grid on one seed (the
-  # grid points share the seed's client sample and data).
+  # The same number of settings as a learning-rate grid on one seed.
   lr0 = exp.hparams["client_lr"]
   grid = {
     "client_lr": [lr0 * 2.0 ** (k - num_seeds // 2) for k in range(num_seeds)]
@@ -151,8 +126,7 @@ def bench(
   def vmapped_grid():
     return vg.run(stacked_grid, data, rounds)[0].server.params
 
-  # Seeds x grid: 2 seeds x (num_seeds // 2) learning rates, pooled (each
-  # client trains all grid points on data gathered once) and lockstep.
+  # Seeds x grid: 2 seeds x (num_seeds // 2) learning rates.
   mixed = {
     "client_lr": grid["client_lr"][
       num_seeds // 4 : num_seeds // 4 + num_seeds // 2
@@ -160,25 +134,29 @@ def bench(
   }
   vmix = fe.VmappedRounds(exp, seeds[:2], mixed, rounds)
   stacked_mix = vmix.init()
-  vmix_l = fe.VmappedRounds(exp, seeds[:2], mixed, rounds, pooled=False)
-  stacked_mix_l = vmix_l.init()
 
   def mixed_pooled():
     return vmix.run(stacked_mix, data, rounds)[0].server.params
 
-  def mixed_lockstep():
-    return vmix_l.run(stacked_mix_l, data, rounds)[0].server.params
-
-  t_one, ts_one = timed(one, repeats)
-  t_seq, ts_seq = timed(sequential, repeats)
-  t_vm, ts_vm = timed(vmapped, repeats)
-  t_ls, ts_ls = timed(lockstep, repeats)
-  t_grid, ts_grid = timed(vmapped_grid, repeats)
-  t_mix, ts_mix = timed(mixed_pooled, repeats)
-  t_mix_l, ts_mix_l = timed(mixed_lockstep, repeats)
+  calls = {
+    "one": one,
+    "sequential": sequential,
+    "vmapped": vmapped,
+    "grid_vmapped": vmapped_grid,
+    "seeds_x_grid_pooled": mixed_pooled,
+  }
+  # Each mode: a warm-up call (compiles), then ``repeats`` timed calls.
+  timing = common.time_calls(
+    {k: lambda f=f: jax.block_until_ready(f()) for k, f in calls.items()},
+    repeats,
+  )
+  times = {k: t["round_seconds"] for k, t in timing.items()}
+  t_one, t_seq, t_vm, t_grid, t_mix = (
+    timing[k]["seconds_per_round"] for k in calls
+  )
   # The vmapped seeds compute what the separate runs compute.
   ref = jax.device_get(engine.run(states[-1], data, rounds)[0].server.params)
-  got = jax.device_get(jax.tree.map(lambda a: a[-1, 0], vmapped()))
+  got = jax.device_get(jax.tree.map(lambda a: a[-1], vmapped()))
   max_diff = max(
     float(np.max(np.abs(a - b)))
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got))
@@ -193,14 +171,11 @@ def bench(
     "block_size_config": block_size,
     "vmapped_s": t_vm,
     "vmapped_over_one": t_vm / t_one,
-    "lockstep_s": t_ls,
-    "lockstep_over_one": t_ls / t_one,
     "vmapped_block_sizes": dict(vm.block_sizes),
     "grid_vmapped_s": t_grid,
     "grid_over_one": t_grid / t_one,
     "seeds_x_grid": f"2 seeds x {len(mixed['client_lr'])} lrs",
     "seeds_x_grid_pooled_over_one": t_mix / t_one,
-    "seeds_x_grid_lockstep_over_one": t_mix_l / t_one,
     "sequential_over_one": t_seq / t_one,
     "speedup_vs_sequential": t_seq / t_vm,
     "max_abs_diff_vmapped_vs_separate": max_diff,
@@ -208,15 +183,7 @@ def bench(
     "block_sizes": dict(engine.block_sizes),
     "vmapped_traces": vm.num_traces,
     "vmapped_block_size": vm.round_config.block_size,
-    "times": {
-      "one": ts_one,
-      "sequential": ts_seq,
-      "vmapped": ts_vm,
-      "lockstep": ts_ls,
-      "seeds_x_grid_pooled": ts_mix,
-      "seeds_x_grid_lockstep": ts_mix_l,
-      "grid_vmapped": ts_grid,
-    },
+    "times": times,
   }
 
 
@@ -292,26 +259,16 @@ def main(argv=None):
   args = ap.parse_args(argv)
   # Matmul peak in its own process with JAX's default XLA settings (as in
   # benchmark.py): 2048^2 float32, both cores.
-  peak = benchmark.run_worker("peak", "mlp100", 1, env_extra={"XLA_FLAGS": ""})
-  env = {
-    "cpu": benchmark.cpu_info(),
-    "cores": os.cpu_count(),
-    "matmul_peak_gflops": peak["peak_gflops"],
-    "devices": len(jax.devices()),
-    "platform": jax.devices()[0].platform,
-    "jax": jax.__version__,
-    "cpu_settings": fl.runtime.settings(),
-  }
-  print(json.dumps(env))
+  record = common.start_record(__file__, argv, devices=True)
+  print(json.dumps({k: record[k] for k in ("machine", "peak")}))
   results = []
   n = args.seeds
   print(
     f"| workload | block size | rounds/call | 1 run (s) | {n} sequential "
     f"(s) | {n} seeds pooled (s) | {n} seeds pooled / 1 run | "
-    f"{n} seeds lockstep / 1 run | "
     f"{n} lrs vmapped (s) | {n} lrs vmapped / 1 run |"
   )
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in args.workload:
     for bs in args.block_size:
       r = bench(name, n, args.rounds, args.repeats, bs or None)
@@ -321,15 +278,14 @@ def main(argv=None):
         f"pooled {r['vmapped_block_sizes']} | "
         f"{r['rounds_per_call']} | {r['one_s']:.3f} | "
         f"{r['sequential_s']:.3f} | {r['vmapped_s']:.3f} | "
-        f"{r['vmapped_over_one']:.2f}x | {r['lockstep_over_one']:.2f}x | "
+        f"{r['vmapped_over_one']:.2f}x | "
         f"{r['grid_vmapped_s']:.3f} | "
         f"{r['grid_over_one']:.2f}x |",
         flush=True,
       )
       print(
         f"  {name}: {r['seeds_x_grid']}: pooled "
-        f"{r['seeds_x_grid_pooled_over_one']:.2f}x one run, lockstep "
-        f"{r['seeds_x_grid_lockstep_over_one']:.2f}x",
+        f"{r['seeds_x_grid_pooled_over_one']:.2f}x one run",
         flush=True,
       )
       b = r["free_width_bound"]
@@ -339,9 +295,8 @@ def main(argv=None):
         f" vs {b['one_run_steps']:.0f} local steps)",
         flush=True,
       )
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"environment": env, "results": results}, f, indent=2)
+  record["results"] = results
+  common.write_record(record, args.json)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 before aggregators existed.
 
 Workloads ``logreg1000`` and ``mlp100`` (WORKLOADS.md; data, models and local
-work from experiments/benchmark.py). Two measurements, in one invocation:
+work from experiments/benchmarks/benchmark.py). Two measurements, in one invocation:
 
 1. Default path vs previous release: the FedAvg round of this checkout
    (``algorithm.aggregator=None`` -> ``weighted_mean``) and of the engine at
@@ -18,26 +18,28 @@ work from experiments/benchmark.py). Two measurements, in one invocation:
 
 Writes experiments/results/aggregators.json and .md. Run::
 
-  python experiments/aggregators_benchmark.py            # both, ~15 min
-  python experiments/aggregators_benchmark.py --smoke    # seconds-long check
+  python experiments/benchmarks/aggregators.py            # both, ~15 min
+  python experiments/benchmarks/aggregators.py --smoke    # seconds-long check
+  python experiments/benchmarks/aggregators.py --render experiments/results/aggregators.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark as bm  # noqa: E402  (data/model builders, CPU info, peak)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import benchmark as bm  # noqa: E402  (data and model builders)
+import common  # noqa: E402  (the benchmarks' shared helpers)
+
+ROOT = common.ROOT
 BASELINE = "205ea6d"  # the last commit before fedjax_lite.aggregators
 
 
@@ -71,12 +73,7 @@ def build(workload: dict, aggregator=None):
   import optax  # pylint: disable=g-import-not-at-top
 
   w = workload
-  x, y = bm.make_data(w)
-  ds = fl.FederatedDataset(
-    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
-    offsets=[i * w["examples"] for i in range(w["num_clients"])],
-    counts=[w["examples"]] * w["num_clients"],
-  )
+  ds = bm.make_dataset(w)
   model = bm.model_for(w)
   alg = fl.fed_avg(model, optax.sgd(bm.LR), optax.sgd(1.0))
   if aggregator is not None:
@@ -92,64 +89,45 @@ def build(workload: dict, aggregator=None):
   return engine, data, state
 
 
-def timed(engine, holder, data, rounds):
+def round_fn(engine, data, state):
+  """One engine round per call (blocked until done), state carried."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  ts = []
-  for _ in range(rounds):
-    t = time.perf_counter()
+  holder = {"s": state}
+
+  def one():
     holder["s"], _ = engine.round(holder["s"], data)
     jax.block_until_ready(holder["s"])
-    ts.append(time.perf_counter() - t)
-  return ts
+
+  return one
 
 
 def worker_default(args):
   """FedAvg with the engine on sys.path (this checkout or the baseline)."""
   import fedjax_lite as fl  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
-  w = workload_of(args)
-  engine, data, state = build(w)
-  holder = {"s": state}
-  timed(engine, holder, data, 1)  # compile + warm-up
-  ts = timed(engine, holder, data, args.rounds)
-  return {
-    "seconds_per_round": float(np.median(ts)),
-    "times": ts,
-    "package": os.path.dirname(fl.__file__),
-    "block_size": {str(k): v for k, v in engine.block_sizes.items()},
-  }
+  engine, data, state = build(workload_of(args))
+  out = common.time_calls(round_fn(engine, data, state), args.rounds)
+  out["package"] = os.path.dirname(fl.__file__)
+  out["block_size"] = {str(k): v for k, v in engine.block_sizes.items()}
+  return out
 
 
 def worker_aggregators(args):
   """Every aggregator of :func:`aggregator_specs`, timed round-robin."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
   w = workload_of(args)
   specs = aggregator_specs(w["clients_per_round"])
   if args.only:
     specs = {k: v for k, v in specs.items() if k in args.only.split(";")}
-  runs, compile_s = {}, {}
+  rounds, build_s = {}, {}
   for name, make in specs.items():
     t = time.perf_counter()
-    engine, data, state = build(w, make())
-    holder = {"s": state}
-    timed(engine, holder, data, 1)
-    compile_s[name] = time.perf_counter() - t
-    runs[name] = (engine, data, holder)
-  times = {name: [] for name in specs}
-  for _ in range(args.cycles):
-    for name, (engine, data, holder) in runs.items():
-      times[name] += timed(engine, holder, data, args.rounds)
-  return {
-    name: {
-      "seconds_per_round": float(np.median(ts)),
-      "times": ts,
-      "first_round_s": compile_s[name],
-    }
-    for name, ts in times.items()
-  }
+    rounds[name] = round_fn(*build(w, make()))
+    build_s[name] = time.perf_counter() - t
+  out = common.time_calls(rounds, args.rounds, cycles=args.cycles)
+  for name, r in out.items():  # building the engine and its first round
+    r["first_round_s"] = build_s[name] + r["warmup_seconds"]
+  return out
 
 
 def workload_of(args) -> dict:
@@ -166,32 +144,16 @@ WORKERS = {"default": worker_default, "aggregators": worker_aggregators}
 
 
 def run_worker(mode, workload, args, pythonpath=None):
-  # This checkout's package unless told otherwise (never an installed copy).
+  """A worker of this file in a process of its own, importing fedjax_lite
+  from ``pythonpath``: this checkout's package unless told otherwise (never
+  an installed copy)."""
   pythonpath = pythonpath or ROOT
-  env = dict(os.environ)
-  env["PYTHONPATH"] = pythonpath + os.pathsep + HERE
-  cmd = (
-    [
-      sys.executable,
-      os.path.abspath(__file__),
-      "--worker",
-      mode,
-      "--workload",
-      workload,
-      "--rounds",
-      str(args.rounds),
-      "--cycles",
-      str(args.cycles),
-    ]
-    + (["--smoke"] if args.smoke else [])
-    + (["--only", args.only] if args.only else [])
-  )
-  proc = subprocess.run(
-    cmd, capture_output=True, text=True, env=env, check=False, cwd=pythonpath
-  )
-  if proc.returncode != 0:
-    raise RuntimeError(f"worker {mode}/{workload} failed:\n{proc.stderr}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  argv = [os.path.abspath(__file__), "--worker", mode, "--workload", workload]
+  argv += ["--rounds", str(args.rounds), "--cycles", str(args.cycles)]
+  argv += ["--smoke"] if args.smoke else []
+  argv += ["--only", args.only] if args.only else []
+  env = {"PYTHONPATH": pythonpath + os.pathsep + HERE}
+  return common.run_worker(argv, env=env, cwd=pythonpath)
 
 
 def extract_baseline(commit: str, into: str, repo: str = ROOT) -> str:
@@ -203,12 +165,6 @@ def extract_baseline(commit: str, into: str, repo: str = ROOT) -> str:
   ).stdout
   subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
   return into
-
-
-def median(xs):
-  xs = sorted(xs)
-  n = len(xs)
-  return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 REASONS = {
@@ -230,21 +186,11 @@ REASONS = {
 
 def render_markdown(result: dict) -> str:
   """The results file (experiments/results/aggregators.md) from the JSON."""
-  cpu = result.get("cpu", {})
-  peak = result.get("peak", {})
   lines = [
     "# Aggregators: seconds per round",
     "",
-    f"Command: `{result['command']}`",
-    "",
-    f"Machine: {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores, "
-    f"AVX-512: {'yes' if cpu.get('avx512f') else 'no'}; float32 matmul "
-    f"peak {peak.get('peak_gflops', float('nan')):.0f} GFLOP/s "
-    f"({peak.get('matmul_n', '?')}^2, benchmark.py's helper). Date: "
-    f"{result['date']}. Load average at start/end: "
-    f"{', '.join(f'{x:.1f}' for x in result['load_average_start'])} / "
-    f"{', '.join(f'{x:.1f}' for x in result['load_average_end'])} (the "
-    "machine is shared: medians of interleaved repeats).",
+    common.record_markdown(result)
+    + " The machine is shared: medians of interleaved repeats.",
     "",
     f"Baseline: the engine at commit `{result['baseline_commit']}` (before "
     "pluggable aggregators), extracted with `git archive` and run in its "
@@ -318,7 +264,7 @@ def main(argv=None):
   ap.add_argument("--only", default="", help="';'-separated aggregator names")
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument(
-    "--out", default=os.path.join(HERE, "results", "aggregators.json")
+    "--out", default=os.path.join(common.RESULTS, "aggregators.json")
   )
   ap.add_argument(
     "--render",
@@ -333,8 +279,7 @@ def main(argv=None):
     return
   md_path = os.path.splitext(args.out)[0] + ".md"
   if args.render:
-    with open(args.render) as fh:
-      text = render_markdown(json.load(fh))
+    text = render_markdown(common.read_record(args.render))
     with open(md_path, "w") as fh:
       fh.write(text)
     print(text)
@@ -342,21 +287,8 @@ def main(argv=None):
   if args.smoke:
     args.repeats, args.rounds, args.cycles = 1, 2, 1
   parts = args.parts.split(",")
-  result = {
-    "command": "python experiments/aggregators_benchmark.py "
-    + " ".join(argv if argv is not None else sys.argv[1:]),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="minutes"
-    ),
-    "cpu": bm.cpu_info(),
-    "load_average_start": os.getloadavg(),
-    "baseline_commit": args.baseline,
-    "workloads": {},
-  }
-  try:
-    result["peak"] = bm.run_worker("peak", "mlp100", 1)
-  except RuntimeError as e:  # pragma: no cover
-    result["peak"] = {"error": str(e)}
+  result = common.start_record(__file__, argv)
+  result.update(baseline_commit=args.baseline, workloads={})
   with tempfile.TemporaryDirectory() as tmp:
     old_path = (
       extract_baseline(args.baseline, tmp, args.repo)
@@ -380,13 +312,13 @@ def main(argv=None):
               flush=True,
             )
         res["default"] = {
-          "old_seconds_per_round": median(
+          "old_seconds_per_round": statistics.median(
             [r["seconds_per_round"] for r in old]
           ),
-          "new_seconds_per_round": median(
+          "new_seconds_per_round": statistics.median(
             [r["seconds_per_round"] for r in new]
           ),
-          "ratio_new_over_old": median(
+          "ratio_new_over_old": statistics.median(
             [
               n["seconds_per_round"] / o["seconds_per_round"]
               for n, o in zip(new, old)
@@ -397,6 +329,8 @@ def main(argv=None):
         }
       if "aggregators" in parts:
         r = run_worker("aggregators", name, args)
+        # The process's load average: each aggregator holds its rounds'.
+        del r["load_before"], r["load_after"]
         base = r["fedavg (weighted_mean)"]["seconds_per_round"]
         for agg_name, v in r.items():
           v["ratio_to_fedavg"] = v["seconds_per_round"] / base
@@ -406,12 +340,7 @@ def main(argv=None):
             flush=True,
           )
         res["aggregators"] = r
-  result["load_average_end"] = os.getloadavg()
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=1)
-  with open(md_path, "w") as fh:
-    fh.write(render_markdown(result))
+  common.write_record(result, args.out, render_markdown, md_path)
   print(json.dumps({k: v for k, v in result.items() if k != "workloads"}))
 
 

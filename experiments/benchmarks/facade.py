@@ -1,6 +1,7 @@
 """Overhead of the TFF-style facade (``fedjax_lite.learning``) over the engine.
 
-Same workload as ``experiments/benchmark.py`` (default ``logreg1000``: 1000
+Same workload as ``experiments/benchmarks/benchmark.py`` (default
+``logreg1000``: 1000
 clients/round x 50 examples of 60 features, logistic regression to 10
 classes, SGD lr 0.05, batch 10, one local epoch, server SGD lr 1.0, data from
 ``numpy.random.default_rng(0)``). Three ways to run a round, in one process:
@@ -22,8 +23,8 @@ timed. Reported: median seconds/round and the ratios to the engine's round.
 
 Run::
 
-  python experiments/facade_benchmark.py --out experiments/results
-  python experiments/facade_benchmark.py --smoke --out /tmp/facade
+  python experiments/benchmarks/facade.py --out experiments/results
+  python experiments/benchmarks/facade.py --smoke --out /tmp/facade
 """
 
 from __future__ import annotations
@@ -31,35 +32,19 @@ from __future__ import annotations
 import fedjax_lite as fl  # first: applies the CPU device settings
 
 import argparse
-import datetime
-import importlib.util
-import json
+import os
 import pathlib
-import platform
 import sys
-import time
 
 import jax
 import numpy as np
 import optax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark as _bench  # noqa: E402  (the standard workloads)
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
-def _load_benchmark():
-  """``experiments/benchmark.py``, which defines the standard workloads."""
-  path = pathlib.Path(__file__).resolve().parent / "benchmark.py"
-  spec = importlib.util.spec_from_file_location("_workloads_benchmark", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_bench = _load_benchmark()
-BATCH, LR, WORKLOADS, cpu_info = (
-  _bench.BATCH,
-  _bench.LR,
-  _bench.WORKLOADS,
-  _bench.cpu_info,
-)
+BATCH, LR, WORKLOADS = _bench.BATCH, _bench.LR, _bench.WORKLOADS
 
 SMOKE = dict(
   num_clients=8,
@@ -71,20 +56,6 @@ SMOKE = dict(
 )
 MODES = ("engine", "facade_dataset", "facade_lists")
 TARGETS = {"facade_dataset": 1.2, "facade_lists": 1.6}
-
-
-def _loadavg() -> list[float] | None:
-  try:
-    with open("/proc/loadavg") as f:
-      return [float(v) for v in f.read().split()[:3]]
-  except OSError:
-    return None
-
-
-def _model(w):
-  if w["hidden"]:
-    return fl.models.mlp(w["features"], w["classes"], w["hidden"])
-  return fl.models.logistic_regression(w["features"], w["classes"])
 
 
 def run(workload: str, rounds: int, smoke: bool) -> dict:
@@ -99,7 +70,7 @@ def run(workload: str, rounds: int, smoke: bool) -> dict:
     offsets=np.arange(n) * e,
     counts=np.full(n, e),
   )
-  model = _model(w)
+  model = _bench.model_for(w)
   params = model.init(jax.random.PRNGKey(0))
   work = fl.LocalWork(batch_size=BATCH, num_epochs=1)
 
@@ -137,31 +108,20 @@ def run(workload: str, rounds: int, smoke: bool) -> dict:
       holder["facade_dataset"], round_ds
     )
 
-  def facade_lists(clients):
-    holder["facade_lists"], _ = process.next(holder["facade_lists"], clients)
+  def facade_lists():
+    holder["facade_lists"], _ = process.next(
+      holder["facade_lists"], holder["clients"]
+    )
 
   def prepare(mode):
-    """The call to time, after the untimed preparation (the caller's
-    list of this round's sampled clients)."""
-    if mode == "engine":
-      return engine_round
-    if mode == "facade_dataset":
-      return facade_dataset
-    clients = [per_client[k] for k in sample_rng.permutation(n)[:m]]
-    return lambda: facade_lists(clients)
+    """Untimed: the caller's list of this round's sampled clients."""
+    if mode == "facade_lists":
+      holder["clients"] = [per_client[k] for k in sample_rng.permutation(n)[:m]]
 
-  for mode in MODES:  # warm-up: compiles
-    prepare(mode)()
-  times = {mode: [] for mode in MODES}
-  load_before = _loadavg()
-  for _ in range(rounds):
-    for mode in MODES:
-      fn = prepare(mode)
-      t = time.perf_counter()
-      fn()
-      times[mode].append(time.perf_counter() - t)
-  load_after = _loadavg()
-  med = {mode: float(np.median(times[mode])) for mode in MODES}
+  calls = dict(zip(MODES, (engine_round, facade_dataset, facade_lists)))
+  timing = common.time_calls(calls, 1, cycles=rounds, before=prepare)
+  times = {mode: timing[mode]["round_seconds"] for mode in MODES}
+  med = {mode: timing[mode]["seconds_per_round"] for mode in MODES}
   ratios = {
     mode: med[mode] / med["engine"]
     for mode in ("facade_dataset", "facade_lists")
@@ -181,14 +141,8 @@ def run(workload: str, rounds: int, smoke: bool) -> dict:
       for k, eng in process._engines.items()  # pylint: disable=protected-access
     },
     "engine_traces": engine.num_traces,
-    "devices": len(jax.devices()),
-    "platform": jax.devices()[0].platform,
-    "jax": jax.__version__,
-    "cpu": cpu_info(),
-    "python": platform.python_version(),
-    "loadavg_before": load_before,
-    "loadavg_after": load_after,
-    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    "load_before": timing["engine"]["load_before"],
+    "load_after": timing["engine"]["load_after"],
   }
 
 
@@ -217,19 +171,15 @@ def main(argv=None) -> dict:
   ap.add_argument("--out", default=None, help="folder for the JSON result")
   args = ap.parse_args(argv)
   rounds = 3 if args.smoke else args.rounds
-  res = run(args.workload, rounds, args.smoke)
-  res["command"] = " ".join(
-    ["python", "experiments/facade_benchmark.py"]
-    + (sys.argv[1:] if argv is None else list(argv))
-  )
-  table = markdown(res)
-  print(table)
+  res = common.start_record(__file__, argv, peak="here", devices=True)
+  res.update(run(args.workload, rounds, args.smoke))
+  print(markdown(res))
+  path = None
   if args.out:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"facade_{res['workload']}.json"
-    (out / name).write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out / name}")
+    path = pathlib.Path(args.out) / f"facade_{res['workload']}.json"
+  common.write_record(res, path)
+  if path:
+    print(f"wrote {path}")
   return res
 
 

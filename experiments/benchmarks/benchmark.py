@@ -17,9 +17,13 @@ example), the fraction of the measured matmul peak, peak RSS, and ratios.
 
 Run::
 
-  python experiments/benchmark.py                 # both workloads, all modes
-  python experiments/benchmark.py --json out.json
-  python experiments/benchmark.py --memory        # logreg 1k vs 10k clients
+  python experiments/benchmarks/benchmark.py           # both workloads, all modes
+  python experiments/benchmarks/benchmark.py --json out.json
+  python experiments/benchmarks/benchmark.py --memory  # logreg 1k vs 10k clients
+
+The other scripts here build their data and models with :func:`make_data`,
+:func:`make_dataset` and :func:`model_for`; ``compare_trees.py`` runs this
+file's engine worker (``--worker engine``) of two source trees.
 """
 
 from __future__ import annotations
@@ -28,9 +32,7 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
-import time
 
 WORKLOADS = {
   # name: population, clients/round, examples/client, features, classes,
@@ -54,12 +56,8 @@ WORKLOADS = {
 }
 LR, BATCH = 0.05, 10
 
-sys.path.insert(
-  0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
-)
-import common  # noqa: E402  (shared with the benchmarks/ scripts)
-
-cpu_info = common.cpu_info
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
 
 def peak_rss_mb() -> float:
@@ -90,6 +88,8 @@ def current_rss_mb() -> float:
 
 
 def make_data(w, num_clients=None):
+  """Per-client arrays x [clients, examples, features], y [clients,
+  examples] from ``numpy.random.default_rng(0)``."""
   import numpy as np
 
   n = num_clients or w["num_clients"]
@@ -97,6 +97,19 @@ def make_data(w, num_clients=None):
   x = rng.standard_normal((n, w["examples"], w["features"]), dtype=np.float32)
   y = rng.integers(0, w["classes"], (n, w["examples"])).astype(np.int32)
   return x, y
+
+
+def make_dataset(w):
+  """:func:`make_data` packed as a ``FederatedDataset`` (client k holds
+  rows ``[k * examples, (k + 1) * examples)``)."""
+  import fedjax_lite as fl
+
+  x, y = make_data(w)
+  return fl.FederatedDataset(
+    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
+    offsets=[i * w["examples"] for i in range(w["num_clients"])],
+    counts=[w["examples"]] * w["num_clients"],
+  )
 
 
 def model_for(w, fast_grad=True):
@@ -119,26 +132,14 @@ def round_flops(w, params) -> float:
 
 
 def time_rounds(fn, rounds):
+  """:func:`common.time_calls` of ``fn`` (blocked until its result is
+  ready): a warm-up round, then ``rounds`` timed ones."""
   import jax
-  import numpy as np
 
-  jax.block_until_ready(fn())  # warm-up (compiles)
-  ts = []
-  for _ in range(rounds):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts)), [float(t) for t in ts]
+  return common.time_calls(lambda: jax.block_until_ready(fn()), rounds)
 
 
 # ----------------------------------------------------------------- workers
-def worker_peak(args):
-  import jax
-
-  cpu = jax.devices()[0].platform == "cpu"
-  return common.matmul_peak(2048 if cpu else 8192)
-
-
 def worker_engine(args):
   import fedjax_lite as fl
   import jax
@@ -149,13 +150,7 @@ def worker_engine(args):
     w["clients_per_round"] = args.clients_per_round
   if args.num_clients:
     w["num_clients"] = args.num_clients
-  x, y = make_data(w)
-  ds = fl.FederatedDataset(
-    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
-    offsets=[i * w["examples"] for i in range(w["num_clients"])],
-    counts=[w["examples"]] * w["num_clients"],
-  )
-  del x, y
+  ds = make_dataset(w)
   model = model_for(w, fast_grad=not args.plain_dense)
   params = model.init(jax.random.PRNGKey(0))
   work = fl.LocalWork(batch_size=BATCH, num_epochs=1)
@@ -183,27 +178,24 @@ def worker_engine(args):
     holder["s"], _ = compiled(holder["s"], data)
     return holder["s"].server.params
 
-  med, ts = time_rounds(one, args.rounds)
-  out = {
-    "seconds_per_round": med,
-    "times": ts,
-    "rss_before_rounds_mb": rss_before,
-    "xla_temp_mb": temp_mb,
-    "round_peak_rss_mb": hwm_rss_mb() if reset else float("nan"),
-    "devices": len(jax.devices()),
-    "platform": jax.devices()[0].platform,
-    "block_size": engine.block_sizes,
-    "traces": engine.num_traces,
-    "settings": fl.runtime.settings(),
-    "rss_after_data_mb": rss_data,
-  }
+  out = time_rounds(one, args.rounds)
+  out.update(
+    {
+      "rss_before_rounds_mb": rss_before,
+      "xla_temp_mb": temp_mb,
+      "round_peak_rss_mb": hwm_rss_mb() if reset else float("nan"),
+      "devices": len(jax.devices()),
+      "platform": jax.devices()[0].platform,
+      "block_size": engine.block_sizes,
+      "traces": engine.num_traces,
+      "settings": fl.runtime.settings(),
+      "rss_after_data_mb": rss_data,
+    }
+  )
   if args.scan_rounds:
-    k = args.scan_rounds
-    st = holder["s"]
-    jax.block_until_ready(engine.run(st, data, k))
-    t = time.perf_counter()
-    jax.block_until_ready(engine.run(st, data, k))
-    out["scan_seconds_per_round"] = (time.perf_counter() - t) / k
+    k, st = args.scan_rounds, holder["s"]
+    scan = time_rounds(lambda: engine.run(st, data, k), 1)
+    out["scan_seconds_per_round"] = scan["seconds_per_round"] / k
   out["flops_per_round"] = round_flops(w, params)
   return out
 
@@ -267,12 +259,9 @@ def worker_loop(args):
     holder["p"] = server(p, acc, total)
     return holder["p"]
 
-  med, ts = time_rounds(one, args.rounds)
-  return {
-    "seconds_per_round": med,
-    "times": ts,
-    "flops_per_round": round_flops(w, params),
-  }
+  out = time_rounds(one, args.rounds)
+  out["flops_per_round"] = round_flops(w, params)
+  return out
 
 
 def worker_fedjax_loop(args):
@@ -354,12 +343,9 @@ def worker_fedjax_loop(args):
     holder["p"], holder["o"] = server_update(p, holder["o"], mean)
     return holder["p"]
 
-  med, ts = time_rounds(one, args.rounds)
-  return {
-    "seconds_per_round": med,
-    "times": ts,
-    "flops_per_round": round_flops(w, params),
-  }
+  out = time_rounds(one, args.rounds)
+  out["flops_per_round"] = round_flops(w, params)
+  return out
 
 
 def worker_vmap(args):
@@ -397,16 +383,12 @@ def worker_vmap(args):
     holder["p"] = rnd(holder["p"], k)
     return holder["p"]
 
-  med, ts = time_rounds(one, args.rounds)
-  return {
-    "seconds_per_round": med,
-    "times": ts,
-    "flops_per_round": round_flops(w, params),
-  }
+  out = time_rounds(one, args.rounds)
+  out["flops_per_round"] = round_flops(w, params)
+  return out
 
 
 WORKERS = {
-  "peak": worker_peak,
   "engine": worker_engine,
   "fedjax_loop": worker_fedjax_loop,
   "loop": worker_loop,
@@ -414,28 +396,12 @@ WORKERS = {
 }
 
 
-def run_worker(mode, workload, rounds, extra=(), tuned=False, env_extra=None):
-  env = dict(os.environ)
-  if not tuned:
-    env["FEDJAX_LITE_CPU_TUNING"] = "0"
-  env.update(env_extra or {})
-  cmd = [
-    sys.executable,
-    os.path.abspath(__file__),
-    "--worker",
-    mode,
-    "--workload",
-    workload,
-    "--rounds",
-    str(rounds),
-    *extra,
-  ]
-  proc = subprocess.run(
-    cmd, capture_output=True, text=True, env=env, check=False
-  )
-  if proc.returncode != 0:
-    raise RuntimeError(f"worker {mode}/{workload} failed:\n{proc.stderr}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_worker(mode, workload, rounds, extra=(), tuned=False):
+  """One worker of this file in a process of its own (without the
+  package's CPU settings unless ``tuned``)."""
+  env = {} if tuned else {"FEDJAX_LITE_CPU_TUNING": "0"}
+  argv = [os.path.abspath(__file__), "--worker", mode, "--workload", workload]
+  return common.run_worker(argv + ["--rounds", str(rounds), *extra], env=env)
 
 
 def main(argv=None):
@@ -482,13 +448,10 @@ def main(argv=None):
     return
 
   extra = ["--plain-dense"] if args.plain_dense else []
-  results = {"cpu": cpu_info(), "python": sys.version.split()[0]}
-  import jax  # only for the version string (no backend init here)
-
-  results["jax"] = jax.__version__
-  print(f"# CPU: {results['cpu']}", flush=True)
-  peak = run_worker("peak", "mlp100", 1)
-  results["matmul_peak_gflops"] = peak["peak_gflops"]
+  # No JAX backend in this process: every measurement runs in a worker.
+  results = common.start_record(__file__, argv)
+  peak = results["peak"]
+  print(f"# CPU: {results['machine']['cpu']}", flush=True)
   print(
     f"# matmul peak (jax, default XLA, {peak['matmul_n']}^2): "
     f"{peak['peak_gflops']:.1f} GFLOP/s",
@@ -583,9 +546,7 @@ def main(argv=None):
         f"{mem[f'ratio_xla_temp_{tag}']:.2f}x (XLA temp buffers)"
       )
     results["memory"] = mem
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  common.write_record(results, args.json)
 
 
 if __name__ == "__main__":

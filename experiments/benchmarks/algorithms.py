@@ -1,6 +1,6 @@
 """Seconds per round of every algorithm of the family on logreg1000.
 
-Workload ``logreg1000`` of experiments/benchmark.py: 1000 clients x 50
+Workload ``logreg1000`` of experiments/benchmarks/benchmark.py: 1000 clients x 50
 examples x 60 features, 10 classes, all 1000 clients every round, batch 10, one
 local epoch, client SGD lr 0.05, logistic regression; the engine with the
 package's default CPU settings. All algorithms run in ONE process: each is
@@ -13,17 +13,15 @@ FedAvg measured in the same cycle. Mime needs two engine rounds per Mime round
 
 Run::
 
-  python experiments/algorithms_benchmark.py            # writes results md
-  python experiments/algorithms_benchmark.py --smoke    # seconds, 100 clients
+  python experiments/benchmarks/algorithms.py          # writes results md
+  python experiments/benchmarks/algorithms.py --smoke  # seconds, 100 clients
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
-import time
 
 import fedjax_lite as fl  # first: applies the CPU settings
 
@@ -33,9 +31,9 @@ import optax
 
 from fedjax_lite import algorithms as alg
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import benchmark as bench  # noqa: E402  (WORKLOADS, make_data, cpu_info)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark as bench  # noqa: E402  (WORKLOADS, make_dataset, model_for)
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
 
 def algorithms(model, num_clients):
@@ -115,15 +113,6 @@ EPOCHS = {"fed_avg E=2": 2, "fed_prox+stragglers E=2": 2}
 BASELINE = {"fed_prox+stragglers E=2": "fed_avg E=2"}
 
 
-def build_dataset(w):
-  x, y = bench.make_data(w)
-  return fl.FederatedDataset(
-    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
-    offsets=[i * w["examples"] for i in range(w["num_clients"])],
-    counts=[w["examples"]] * w["num_clients"],
-  )
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument(
@@ -137,7 +126,7 @@ def main(argv=None):
   )
   ap.add_argument("--only", default=None, help="comma list of algorithms")
   ap.add_argument(
-    "--out", default=os.path.join(HERE, "results", "algorithms.md")
+    "--out", default=os.path.join(common.RESULTS, "algorithms.md")
   )
   ap.add_argument(
     "--smoke", action="store_true", help="100 clients, 2 cycles, output to /tmp"
@@ -148,7 +137,8 @@ def main(argv=None):
     w.update(num_clients=100, clients_per_round=100)
     args.cycles, args.rounds_per_sample = 2, 1
     args.out = "/tmp/algorithms_benchmark_smoke.md"
-  ds = build_dataset(w)
+  record = common.start_record(__file__, argv, peak="here", devices=True)
+  ds = bench.make_dataset(w)
   model = bench.model_for(w)
   params = model.init(jax.random.PRNGKey(0))
   table = algorithms(model, w["num_clients"])
@@ -169,26 +159,18 @@ def main(argv=None):
         holder["s"], _ = engine.round(holder["s"], data)
       jax.block_until_ready(holder["s"])
 
-    t = time.perf_counter()
-    run()  # compile + warm-up
-    run()
-    print(
-      f"{name:24s} compiled and warmed up in {time.perf_counter() - t:.1f}s",
-      flush=True,
-    )
     runners[name] = run
 
-  samples = {name: [] for name in runners}
-  for c in range(args.cycles):
-    for name, run in runners.items():
-      t = time.perf_counter()
-      run()
-      samples[name].append((time.perf_counter() - t) / args.rounds_per_sample)
+  # Two warm-up samples each (compile, then warm), then one sample of every
+  # algorithm per cycle, in turn.
+  timing = common.time_calls(runners, 1, warmup=2, cycles=args.cycles)
+  samples = {}
+  for name, t in timing.items():
     print(
-      f"cycle {c + 1}/{args.cycles}: "
-      + " ".join(f"{n}={samples[n][-1] * 1e3:.1f}ms" for n in runners),
+      f"{name:24s} compiled and warmed up in {t['warmup_seconds']:.1f}s",
       flush=True,
     )
+    samples[name] = [s / args.rounds_per_sample for s in t["round_seconds"]]
 
   rows = []
   for name, ts in samples.items():
@@ -203,8 +185,9 @@ def main(argv=None):
         table[name][2],
       )
     )
-  cpu = bench.cpu_info()
-  write_markdown(rows, args, w, cpu)
+  common.write_record(
+    record, None, lambda r: markdown(rows, args, w, r), args.out
+  )
   for name, sec, ratio, per, _ in rows:
     print(
       f"{name:24s} {sec * 1e3:8.2f} ms/engine round  x{ratio:.2f} vs "
@@ -214,10 +197,8 @@ def main(argv=None):
   print("wrote", args.out)
 
 
-def write_markdown(rows, args, w, cpu):
-  cmd = "python experiments/algorithms_benchmark.py" + (
-    " --smoke" if args.smoke else ""
-  )
+def markdown(rows, args, w, record) -> str:
+  """The results page (experiments/results/algorithms.md)."""
   lines = [
     "# Seconds per round of the algorithm family (logreg1000)",
     "",
@@ -225,25 +206,18 @@ def write_markdown(rows, args, w, cpu):
     f"{w['features']} features, {w['classes']} classes, all "
     f"{w['clients_per_round']} clients every round, batch {bench.BATCH}, "
     f"1 local epoch, client SGD lr {bench.LR}, logistic regression "
-    "(experiments/benchmark.py's `logreg1000`), the engine with the "
-    "package's default CPU settings "
+    "(experiments/benchmarks/benchmark.py's `logreg1000`), the engine with "
+    "the package's default CPU settings "
     f"({len(jax.devices())} XLA CPU devices).",
     "",
-    f"CPU: {cpu.get('model', '?')}, {cpu.get('cores')} cores (shared with "
-    "other work, so timings are noisy). jax " + jax.__version__ + ". "
-    f"Measured {datetime.date.today().isoformat()}.",
+    common.record_markdown(record)
+    + " The machine is shared with other work, so timings are noisy.",
     "",
     "Method: all algorithms in one process; each is compiled and warmed up "
     f"first, then {args.cycles} interleaved cycles time "
     f"{args.rounds_per_sample} consecutive rounds of every algorithm in "
     "turn. Seconds/round is the median over cycles; the ratio is the "
     "median over cycles of (algorithm / FedAvg in the same cycle).",
-    "",
-    "Command:",
-    "",
-    "```bash",
-    cmd,
-    "```",
     "",
     "| algorithm | ms / engine round | ratio to FedAvg (same cycle) | "
     "what it adds |",
@@ -272,9 +246,7 @@ def write_markdown(rows, args, w, cpu):
     "elementwise operations per local step.",
     "",
   ]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write("\n".join(lines))
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

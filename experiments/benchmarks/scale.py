@@ -1,8 +1,8 @@
 """Million-client populations: seconds per round against clients per round and
 against population size, with client-sharded data.
 
-  python experiments/scale_benchmark.py --out experiments/results/scale
-  python experiments/scale_benchmark.py --smoke --out /tmp/scale   # seconds
+  python experiments/benchmarks/scale.py --out experiments/results/scale
+  python experiments/benchmarks/scale.py --smoke --out /tmp/scale   # seconds
 
 Workloads (FedAvg, SGD lr 0.05, batch 10, one local epoch, server SGD lr 1):
 
@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
@@ -40,30 +37,10 @@ import optax
 from fedjax_lite import data as fd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark as _bench  # noqa: E402  (experiments/benchmark.py)
+import benchmark as _bench  # noqa: E402  (its resident-memory readers)
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
 FEATURES, CLASSES = 60, 10
-
-
-def cpu_model() -> str:
-  out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-  for line in out.splitlines():
-    if line.startswith("Model name:"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor()
-
-
-def rss_gib() -> float:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def peak_rss_gib() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 2**20
-  return float("nan")
 
 
 def logreg_population(num_clients: int, examples: int) -> fl.FederatedDataset:
@@ -107,6 +84,19 @@ def upload(engine, ds, placement):
   return _UPLOADED[key]
 
 
+def timed_rounds(engine, data, state, rounds):
+  """A first round, then ``rounds`` timed ones (:func:`common.time_calls`),
+  each fetching its metrics as a run does; (timing, state, metrics)."""
+  holder = {"state": state}
+
+  def one_round():
+    holder["state"], holder["metrics"] = engine.round(holder["state"], data)
+    float(holder["metrics"]["loss"])
+
+  timing = common.time_calls(one_round, rounds)
+  return timing, holder["state"], holder["metrics"]
+
+
 def measure(ds, clients_per_round, rounds, placement="sharded"):
   model = fl.models.logistic_regression(FEATURES, CLASSES)
   engine = fl.Engine(
@@ -115,26 +105,17 @@ def measure(ds, clients_per_round, rounds, placement="sharded"):
   )
   data, upload_s = upload(engine, ds, placement)
   state = engine.init(model.init(jax.random.PRNGKey(0)), seed=0)
-  t0 = time.perf_counter()
-  state, m = engine.round(state, data)
-  float(m["loss"])
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    state, m = engine.round(state, data)
-    float(m["loss"])  # a run reads the metrics every round
-    times.append(time.perf_counter() - t0)
+  timing, state, m = timed_rounds(engine, data, state, rounds)
   res = fd.resident_bytes(data)
   out = {
     "population": ds.num_clients,
     "examples_per_client": int(ds.counts[0]),
     "clients_per_round": clients_per_round,
     "placement": placement,
-    "s_per_round": float(np.median(times)),
-    "rounds_per_s": float(1.0 / np.median(times)),
-    "times": [float(t) for t in times],
-    "first_round_s": first,
+    "s_per_round": timing["seconds_per_round"],
+    "rounds_per_s": 1.0 / timing["seconds_per_round"],
+    "times": timing["round_seconds"],
+    "first_round_s": timing["warmup_seconds"],
     "upload_s": upload_s,
     "data_bytes_per_device": {
       str(k): int(v) for k, v in sorted(res["features_per_device"].items())
@@ -142,7 +123,7 @@ def measure(ds, clients_per_round, rounds, placement="sharded"):
     "resident_bytes_per_device": {
       str(k): int(v) for k, v in sorted(res["per_device"].items())
     },
-    "rss_gib": rss_gib(),
+    "rss_gib": _bench.current_rss_mb() / 1024,
     "final_loss": float(m["loss"]),
   }
   params = jax.tree.map(np.asarray, state.server.params)
@@ -202,7 +183,7 @@ def table(rows, first="clients/round") -> str:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", default="experiments/results/scale")
+  ap.add_argument("--out", default=os.path.join(common.RESULTS, "scale"))
   ap.add_argument("--population", type=int, default=1_000_000)
   ap.add_argument("--examples", type=int, default=20)
   ap.add_argument("--rounds", type=int, default=5)
@@ -218,17 +199,9 @@ def main(argv=None):
   fixed = min(10_000, big // 10)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  results = {
-    "command": "python " + " ".join([sys.argv[0]] + list(argv or sys.argv[1:])),
-    "date": time.strftime("%Y-%m-%d", time.gmtime()),
-    "cpu": cpu_model(),
-    "devices": len(jax.devices()),
-    "jax": jax.__version__,
-    "loadavg_start": open("/proc/loadavg").read().split()[:3],
-  }
   # float32 matmul peak of one device as configured (one core, one thread).
-  results["matmul_peak"] = _bench.worker_peak(None)
-  print(f"matmul peak {results['matmul_peak']['peak_gflops']:.0f} GFLOP/s")
+  results = common.start_record(__file__, argv, peak="here", devices=True)
+  print(f"matmul peak {results['peak']['peak_gflops']:.0f} GFLOP/s")
   t0 = time.perf_counter()
   ds = logreg_population(big, args.examples)
   results["generate_s"] = time.perf_counter() - t0
@@ -283,10 +256,7 @@ def main(argv=None):
   r["generate_s"] = gen
   print(table([r]).splitlines()[-1], flush=True)
   results["fedprox_synthetic"] = r
-  results["peak_rss_gib"] = peak_rss_gib()
-  results["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-
-  (out / "scale.json").write_text(json.dumps(results, indent=1))
+  results["peak_rss_gib"] = _bench.hwm_rss_mb() / 1024
   plot(results, out / "scale.png")
   md = [
     "Seconds per round against clients per round:",
@@ -304,12 +274,14 @@ def main(argv=None):
     "FedProx Synthetic(1, 1), 10 examples per client:",
     table([r]),
     "",
-    f"peak RSS {results['peak_rss_gib']:.1f} GiB; float32 matmul peak of one "
-    f"device {results['matmul_peak']['peak_gflops']:.0f} GFLOP/s; "
-    f"{results['cpu']}",
+    f"peak RSS {results['peak_rss_gib']:.1f} GiB.",
   ]
-  (out / "scale.md").write_text("\n".join(md) + "\n")
-  print("\n".join(md))
+
+  def page(record):
+    return "\n".join(md + ["", common.record_markdown(record)]) + "\n"
+
+  common.write_record(results, out / "scale.json", page)
+  print(page(results))
 
 
 if __name__ == "__main__":

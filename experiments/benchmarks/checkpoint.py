@@ -2,8 +2,9 @@
 vs periodic checkpoints off, on the README's main command and on
 Shakespeare-smoke.
 
-Each measurement is a fresh process (``python -m fedjax_lite run ...``), the
-two modes interleaved, so both see the same machine load:
+Each measurement is a fresh process (``python -m fedjax_lite run ...``, from
+the repository's root), the two modes interleaved (the first of them
+alternating from repeat to repeat), so both see the same machine load:
 
 * ``default``: checkpoints before the first round, at most every 60 s and
   more often while they cost under 1% of the run, at the end;
@@ -13,22 +14,23 @@ Reports the median process wall time of each mode, their ratio, and from the
 run folders' ``summary.json`` how many checkpoints the default wrote and the
 share of the run they took. Run::
 
-  python experiments/checkpoint_benchmark.py --repeats 5 \
+  python experiments/benchmarks/checkpoint.py --repeats 5 \
       --json experiments/results/checkpoint_cost.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import platform
+import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
 WORKLOADS = {
   "fedavg_synthetic (README main command)": "experiments/fedavg_synthetic.py",
@@ -37,27 +39,8 @@ WORKLOADS = {
 MODES = {"default": [], "off": ["--checkpoint-every-seconds", "0"]}
 
 
-def cpu_model() -> str:
-  try:
-    out = subprocess.run(
-      ["lscpu"], capture_output=True, text=True, check=False
-    ).stdout
-    model = next(
-      (
-        l.split(":", 1)[1].strip()
-        for l in out.splitlines()
-        if l.startswith("Model name")
-      ),
-      platform.processor(),
-    )
-    flags = next((l for l in out.splitlines() if l.startswith("Flags")), "")
-    return f"{model} ({'AVX-512' if 'avx512f' in flags else 'AVX2'})"
-  except OSError:
-    return platform.processor()
-
-
 def one_run(spec: str, extra: list[str], out: Path) -> dict:
-  tick = time.perf_counter()
+  """One ``fedjax_lite run`` process; its summary's times and checkpoints."""
   proc = subprocess.run(
     [
       sys.executable,
@@ -72,15 +55,14 @@ def one_run(spec: str, extra: list[str], out: Path) -> dict:
     + extra,
     capture_output=True,
     text=True,
+    cwd=common.ROOT,
     check=False,
   )
-  wall = time.perf_counter() - tick
   if proc.returncode != 0:
     raise RuntimeError(f"{spec} failed:\n{proc.stderr[-2000:]}")
   run_dir = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
   summary = json.loads((run_dir / "summary.json").read_text())
   return {
-    "process_s": wall,
     "run_s": summary["wall_time"],
     "checkpoints": summary["checkpoints"],
     "checkpoint_s": summary["checkpoint_seconds"],
@@ -93,25 +75,29 @@ def main(argv=None):
   ap.add_argument("--json", default=None)
   ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
   args = ap.parse_args(argv)
-  results = {
-    "cpu": cpu_model(),
-    "date": time.strftime("%Y-%m-%d"),
-    "repeats": args.repeats,
-    "workloads": {},
-  }
-  print(f"machine: {results['cpu']}")
+  results = common.start_record(__file__, argv)
+  results.update(repeats=args.repeats, workloads={})
+  print(f"machine: {results['machine']['cpu']}")
   for name in args.workloads:
     spec = WORKLOADS[name]
     runs = {m: [] for m in MODES}
+
+    def run(mode, tmp, spec=spec, runs=runs):
+      folder = Path(tmp) / f"{mode}{len(runs[mode])}"
+      runs[mode].append(one_run(spec, MODES[mode], folder))
+
     with tempfile.TemporaryDirectory() as tmp:
-      for r in range(args.repeats):
-        for mode, extra in (
-          MODES.items() if r % 2 == 0 else reversed(list(MODES.items()))
-        ):
-          runs[mode].append(one_run(spec, extra, Path(tmp) / f"{mode}{r}"))
-    med = {
-      m: float(np.median([x["process_s"] for x in v])) for m, v in runs.items()
-    }
+      timing = common.time_calls(
+        {m: functools.partial(run, m, tmp) for m in MODES},
+        1,
+        warmup=0,
+        cycles=args.repeats,
+        alternate=True,
+      )
+    for m, t in timing.items():  # the process's wall time
+      for x, s in zip(runs[m], t["round_seconds"]):
+        x["process_s"] = s
+    med = {m: t["seconds_per_round"] for m, t in timing.items()}
     d = runs["default"]
     row = {
       "command": f"python -m fedjax_lite run {spec}",
@@ -128,8 +114,7 @@ def main(argv=None):
       f"{row['checkpoints_default']}, share of run time "
       f"{max(row['checkpoint_share_default']):.2%} at most"
     )
-  if args.json:
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+  common.write_record(results, args.json)
 
 
 if __name__ == "__main__":

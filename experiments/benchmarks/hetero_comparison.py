@@ -22,8 +22,8 @@ of the global model on the clients' held-out examples (example-weighted).
 
 Run (a few minutes on 2 CPU cores)::
 
-  python experiments/hetero_comparison.py           # 30 FedAvg rounds' budget
-  python experiments/hetero_comparison.py --smoke   # seconds
+  python experiments/benchmarks/hetero_comparison.py          # 30 rounds' budget
+  python experiments/benchmarks/hetero_comparison.py --smoke  # seconds
 
 Writes experiments/results/hetero.md, hetero_curves.png, hetero.json
 (``--render`` rewrites hetero.md from hetero.json).
@@ -32,10 +32,8 @@ Writes experiments/results/hetero.md, hetero_curves.png, hetero.json
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
+import sys
 import time
 
 import fedjax_lite as fl  # first: applies the CPU settings
@@ -47,27 +45,10 @@ import optax
 from fedjax_lite import hetero
 from fedjax_lite.models.core import num_params
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (the benchmarks' shared helpers)
+
 RATES = (1.0, 0.5, 0.25)
-
-
-def machine() -> str:
-  try:
-    out = subprocess.run(
-      ["lscpu"], capture_output=True, text=True, check=False
-    ).stdout
-  except OSError:
-    return "unknown CPU"
-  name = next(
-    (
-      ln.split(":", 1)[1].strip()
-      for ln in out.splitlines()
-      if ln.startswith("Model name")
-    ),
-    "unknown CPU",
-  )
-  avx512 = "avx512f" in out
-  return f"{name}, {'with' if avx512 else 'without'} AVX-512"
 
 
 def evaluate(model, params, test):
@@ -151,7 +132,7 @@ def run_fed_ma(model, widths, budget, train, test, args):
   return rows
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument(
     "--rounds",
@@ -175,15 +156,15 @@ def main():
     action="store_true",
     help="only rewrite hetero.md from the saved hetero.json",
   )
-  p.add_argument("--out", default=os.path.join(HERE, "results"))
-  args = p.parse_args()
+  p.add_argument("--out", default=common.RESULTS)
+  args = p.parse_args(argv)
   if args.render:
     suffix = "_smoke" if args.smoke else ""
-    with open(os.path.join(args.out, f"hetero{suffix}.json")) as f:
-      record = json.load(f)
+    record = common.read_record(os.path.join(args.out, f"hetero{suffix}.json"))
     with open(os.path.join(args.out, f"hetero{suffix}.md"), "w") as f:
       f.write(render(record))
     return
+  record = common.start_record(__file__, argv, peak="here", devices=True)
   if args.smoke:
     args.rounds, args.clients, args.eval_every = 2, 6, 1
     args.max_fedma_rounds = 2
@@ -309,25 +290,15 @@ def main():
   png = os.path.join(args.out, f"hetero_curves{suffix}.png")
   fig.savefig(png, dpi=110)
 
-  cmd = "python experiments/hetero_comparison.py" + (
-    " --smoke" if args.smoke else ""
+  record.update(
+    args=vars(args),
+    budget=budget,
+    summary=summary,
+    curves=results,
+    total_time_s=time.perf_counter() - t_all,
   )
-  record = {
-    "command": cmd,
-    "machine": machine(),
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"
-    ),
-    "args": vars(args),
-    "budget": budget,
-    "summary": summary,
-    "curves": results,
-    "total_time_s": time.perf_counter() - t_all,
-  }
-  with open(os.path.join(args.out, f"hetero{suffix}.json"), "w") as f:
-    json.dump(record, f, indent=1)
-  with open(os.path.join(args.out, f"hetero{suffix}.md"), "w") as f:
-    f.write(render(record))
+  json_path = os.path.join(args.out, f"hetero{suffix}.json")
+  common.write_record(record, json_path, render)
   print(render(record))
 
 
@@ -374,9 +345,8 @@ def render(record: dict) -> str:
   return (
     f"""# Clients of different capacities: FedAvg vs HeteroFL vs FedMA
 
-Command: `{record['command']}` ({record['total_time_s']:.0f} s in all)
-
-Machine: {record['machine']}; {record['date']}. Single seed ({a['seed']}).
+{common.record_markdown(record)} The run took {record['total_time_s']:.0f} s
+in all. Single seed ({a['seed']}).
 
 Setup: sklearn digits (8x8) split over {a['clients']} clients by Dirichlet
 label skew (alpha = {a['alpha']}), every client in every round. Client k has

@@ -8,8 +8,8 @@ per round). Reports final test accuracy (mean over seeds), the epsilon the
 runs reported (RDP) and the PLD epsilon of the same mechanism.
 
 ``cost``: seconds per round of DP-FedAvg vs FedAvg on the standard workloads
-logreg1000 and mlp100 (built with experiments/benchmark.py's helpers), in
-the same process, interleaved round by round, medians. DP variants: fixed
+logreg1000 and mlp100 (built with experiments/benchmarks/benchmark.py's
+helpers), in the same process, interleaved round by round, medians. DP variants: fixed
 clip and adaptive clip with fixed-size sampling of the workload's clients
 (the per-round epsilon is computed too), and Poisson sampling of the same
 expected number of users from a population 10x larger through a cap of
@@ -20,10 +20,10 @@ discards the unused ones (the cost before active slots).
 
 Run::
 
-  python experiments/dp_benchmark.py curve        # ~10 min on 2 cores
-  python experiments/dp_benchmark.py curve --smoke
-  python experiments/dp_benchmark.py cost --repeats 15
-  python experiments/dp_benchmark.py cost --smoke
+  python experiments/benchmarks/dp.py curve        # ~10 min on 2 cores
+  python experiments/benchmarks/dp.py curve --smoke
+  python experiments/benchmarks/dp.py cost --repeats 15
+  python experiments/benchmarks/dp.py cost --smoke
 
 Writes experiments/results/privacy_dp_{curve,cost}.json and
 privacy_dp_curve.png (``--out`` to change the folder).
@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,25 +48,20 @@ import numpy as np
 import optax
 from fedjax_lite import privacy
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark as bench  # noqa: E402  (the standard workloads)
+import common  # noqa: E402  (the benchmarks' shared helpers)
+
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+def _load_experiment(name):
+  """``experiments/<name>.py`` (an experiment file) as a module."""
+  path = Path(common.EXPERIMENTS) / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
-
-
-def machine() -> dict:
-  info = _load("benchmark").cpu_info()
-  info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-    timespec="seconds"
-  )
-  info["jax"] = jax.__version__
-  info["devices"] = len(jax.devices())
-  return info
 
 
 # ------------------------------------------------------------------ curve
@@ -76,7 +71,7 @@ def _num(v):
 
 
 def run_curve(args) -> dict:
-  exp_file = _load("dp_fedavg")
+  exp_file = _load_experiment("dp_fedavg")
   base = exp_file.get_config("smoke" if args.smoke else "")
   if args.rounds:
     base = dataclasses.replace(
@@ -141,9 +136,6 @@ def run_curve(args) -> dict:
     "config": dataclasses.asdict(base),
     "seeds": seeds,
     "runs": results,
-    "machine": machine(),
-    "command": "python experiments/dp_benchmark.py curve"
-    + (" --smoke" if args.smoke else ""),
   }
 
 
@@ -214,15 +206,6 @@ def plot_curve(out: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------- cost
-def _dataset(bench, w):
-  x, y = bench.make_data(w)
-  return fl.FederatedDataset(
-    features={"x": x.reshape(-1, w["features"]), "y": y.reshape(-1)},
-    offsets=[i * w["examples"] for i in range(w["num_clients"])],
-    counts=[w["examples"]] * w["num_clients"],
-  )
-
-
 def _every_slot(agg):
   """``agg`` training every slot of the cap (no ``active_slots``), also once
   the engine binds it to the run."""
@@ -234,29 +217,22 @@ def _every_slot(agg):
 
 
 def run_cost(args) -> dict:
-  bench = _load("benchmark")
-  out = {
-    "machine": machine(),
-    # float32 matmul peak of one device of this process, same run.
-    "matmul_peak": bench.worker_peak(None),
-    "workloads": {},
-    "command": f"python experiments/dp_benchmark.py cost --repeats {args.repeats}"
-    + (" --smoke" if args.smoke else ""),
-  }
+  out = {"workloads": {}}
   for name in args.workloads:
     w = dict(bench.WORKLOADS[name])
-    if args.smoke:
+    if args.smoke:  # a tenth, and >= 20 per round: adaptive clipping's
+      # count noise (clients_per_round / 20) must exceed z / 2 = 0.5
       w.update(
-        num_clients=w["num_clients"] // 10,
-        clients_per_round=w["clients_per_round"] // 10,
+        num_clients=max(w["num_clients"] // 10, 20),
+        clients_per_round=max(w["clients_per_round"] // 10, 20),
       )
     m, n = w["clients_per_round"], w["num_clients"]
     model = bench.model_for(w)
     params = model.init(jax.random.PRNGKey(0))
     work = fl.LocalWork(batch_size=bench.BATCH, num_epochs=1)
-    ds = _dataset(bench, w)
+    ds = bench.make_dataset(w)
     big = dict(w, num_clients=10 * n)
-    ds_big = _dataset(bench, big)
+    ds_big = bench.make_dataset(big)
     cap = privacy.poisson_cap(10 * n, m / (10 * n), 1000)
 
     def dp(model=model, m=m, **kw):
@@ -301,16 +277,11 @@ def run_cost(args) -> dict:
         holder["s"], metrics = eng.round(holder["s"], data)
         jax.block_until_ready((holder["s"], metrics))
 
-      step()  # compile
-      step()  # warm
       runners[key] = step
-    times = {k: [] for k in runners}
-    for _ in range(args.repeats):  # interleaved: one round of each in turn
-      for key, step in runners.items():
-        t = time.perf_counter()
-        step()
-        times[key].append(time.perf_counter() - t)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    # Compile and warm each, then one round of each in turn per repeat.
+    timing = common.time_calls(runners, 1, warmup=2, cycles=args.repeats)
+    times = {k: t["round_seconds"] for k, t in timing.items()}
+    med = {k: t["seconds_per_round"] for k, t in timing.items()}
     res = {
       "clients_per_round": m,
       "population": n,
@@ -335,17 +306,6 @@ def run_cost(args) -> dict:
   return out
 
 
-def _finite(x):
-  """JSON-safe: inf/nan floats as text (as the run folders write them)."""
-  if isinstance(x, float) and not math.isfinite(x):
-    return str(x)
-  if isinstance(x, dict):
-    return {k: _finite(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_finite(v) for v in x]
-  return x
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("mode", choices=("curve", "cost"))
@@ -358,25 +318,22 @@ def main(argv=None):
     "--repeats", type=int, default=15, help="timed rounds per variant (cost)"
   )
   p.add_argument("--workloads", nargs="+", default=["logreg1000", "mlp100"])
-  p.add_argument("--out", type=Path, default=HERE / "results")
+  p.add_argument("--out", type=Path, default=Path(common.RESULTS))
   args = p.parse_args(argv)
-  args.out.mkdir(parents=True, exist_ok=True)
   suffix = "_smoke" if args.smoke else ""
+  # float32 matmul peak of one device of this process, same run.
+  record = common.start_record(__file__, argv, peak="here", devices=True)
   if args.mode == "curve":
     if args.smoke:
       args.seeds = 1
-    out = run_curve(args)
-    (args.out / f"privacy_dp_curve{suffix}.json").write_text(
-      json.dumps(_finite(out), indent=1)
-    )
-    plot_curve(out, args.out / f"privacy_dp_curve{suffix}.png")
+    record.update(run_curve(args))
+    common.write_record(record, args.out / f"privacy_dp_curve{suffix}.json")
+    plot_curve(record, args.out / f"privacy_dp_curve{suffix}.png")
   else:
     if args.smoke:
       args.repeats = min(args.repeats, 3)
-    out = run_cost(args)
-    (args.out / f"privacy_dp_cost{suffix}.json").write_text(
-      json.dumps(_finite(out), indent=1)
-    )
+    record.update(run_cost(args))
+    common.write_record(record, args.out / f"privacy_dp_cost{suffix}.json")
   return 0
 
 

@@ -40,8 +40,8 @@ equal to the simulation's counts for the simulated configurations).
 
 Run (about 3 minutes on 2 cores)::
 
-  python experiments/secagg_benchmark.py           # 100 and 1000 clients
-  python experiments/secagg_benchmark.py --smoke   # seconds (20 and 40)
+  python experiments/benchmarks/secagg.py           # 100 and 1000 clients
+  python experiments/benchmarks/secagg.py --smoke   # seconds (20 and 40)
 
 Writes experiments/results/secure_aggregation.{md,json}.
 """
@@ -49,8 +49,6 @@ Writes experiments/results/secure_aggregation.{md,json}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import random
@@ -63,13 +61,13 @@ import numpy as np
 import optax
 
 import fedjax_lite as fl  # first: applies the CPU settings
+from cryptography.hazmat.primitives.asymmetric import x25519
 from fedjax_lite.privacy import secure_aggregation as sa
 from fedjax_lite.privacy import shamir
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 BITS_PER_VALUE, CLIP, DROPOUT = 16, 1.0, 0.1
 CT_BYTES = 12 + 8 + 5 * shamir.ELEMENT_BYTES + 16  # nonce ids shares tag
 
@@ -93,16 +91,15 @@ def expected_traffic(
 
 
 def timed(fn, *args, repeats=2):
-  """(seconds of the fastest call after a warm-up, first-call seconds)."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - t0
-  best = math.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best, first, out
+  """(seconds of the fastest call after a warm-up, first-call seconds,
+  the result)."""
+  holder = {}
+
+  def call():
+    holder["out"] = jax.block_until_ready(fn(*args))
+
+  t = common.time_calls(call, repeats)
+  return t["best_seconds"], t["warmup_seconds"], holder["out"]
 
 
 def updates(n, d, seed=0):
@@ -176,8 +173,8 @@ def sampled(n, d, samples, mask_clients):
   gen = np.random.default_rng(0)
   keys = [
     (
-      sa.X25519PrivateKey.from_private_bytes(gen.bytes(32)),
-      sa.X25519PrivateKey.from_private_bytes(gen.bytes(32)),
+      x25519.X25519PrivateKey.from_private_bytes(gen.bytes(32)),
+      x25519.X25519PrivateKey.from_private_bytes(gen.bytes(32)),
     )
     for _ in range(n)
   ]
@@ -329,23 +326,27 @@ def engine_rounds(n, timed_rounds=3):
       ),
     )
     data = engine.put_data(train)
-    state = engine.init(params, seed=0)
-    t0 = time.perf_counter()
-    state, metrics = jax.block_until_ready(engine.round(state, data))
-    first = time.perf_counter() - t0
-    secs = []
-    for _ in range(timed_rounds):
-      t0 = time.perf_counter()
-      state, metrics = jax.block_until_ready(engine.round(state, data))
-      secs.append(time.perf_counter() - t0)
+    holder = {"state": engine.init(params, seed=0)}
+
+    def one_round(engine=engine, data=data, holder=holder):
+      holder["state"], holder["metrics"] = jax.block_until_ready(
+        engine.round(holder["state"], data)
+      )
+
+    t = common.time_calls(one_round, timed_rounds)
+    first = t["warmup_seconds"]
     row = {
       "clients": n,
       "aggregator": name,
-      "round_s": float(np.median(secs)),
+      "round_s": t["seconds_per_round"],
       "first_round_s": first,
     }
     row.update(
-      {k: float(v) for k, v in metrics.items() if k.startswith("secagg_")}
+      {
+        k: float(v)
+        for k, v in holder["metrics"].items()
+        if k.startswith("secagg_")
+      }
     )
     out.append(row)
     print(
@@ -356,15 +357,16 @@ def engine_rounds(n, timed_rounds=3):
   return out
 
 
-def write_markdown(path, rows, meta, engine_rows=()):
+def markdown(record: dict) -> str:
+  """The results page (experiments/results/secure_aggregation.md)."""
+  rows, engine_rows = record["rows"], record["engine"]
   lines = [
     "# Secure aggregation: cost per round (SecAgg vs SecAgg+)",
     "",
-    f"Command: `{meta['command']}`  ",
-    f"Machine: {meta['cpu'].get('model', '?')}, {meta['cpu'].get('cores')}"
-    f" cores, AVX-512: {meta['cpu'].get('avx512f')}; JAX {meta['jax']} "
-    f"on {meta['devices']} CPU devices; {meta['date']}.  ",
-    f"Model: logistic regression 60 -> 10 (d = {meta['d']}), "
+    common.record_markdown(record)
+    + " Host times scale with the load (the machine is shared).",
+    "",
+    f"Model: logistic regression 60 -> 10 (d = {record['d']}), "
     f"{BITS_PER_VALUE} bits per value, {int(DROPOUT * 100)}% of the "
     "clients drop after masking. Host = Python (`cryptography` X25519, "
     "HKDF-SHA256, AES-GCM; Shamir on Python ints mod 2^127 - 1); device = "
@@ -403,7 +405,7 @@ def write_markdown(path, rows, meta, engine_rows=()):
     "AES-GCM decryptions of the shares they reveal (total over clients); "
     "*exact* = unmasked sum == plain quantized sum (integers). Compile "
     "times are excluded (in the json). The masked input of a client is "
-    f"d x b bits; the plain update is d x 32 bits = {meta['d'] * 4} B.",
+    f"d x b bits; the plain update is d x 32 bits = {record['d'] * 4} B.",
     "",
   ]
   by = {(r["clients"], r["protocol"]): r for r in rows}
@@ -449,30 +451,22 @@ def write_markdown(path, rows, meta, engine_rows=()):
         f"{r.get('secagg_client_bytes_sent', 0) / 1e3:.1f} |"
       )
     lines.append("")
-  lines += [
-    f"Load average during the run (shared machine): "
-    f"{meta['loadavg_start']} at the start, {meta['loadavg_end']} at"
-    " the end; host times scale with it.",
-    "",
-    "Raw numbers: `secure_aggregation.json`.",
-    "",
-  ]
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  lines += ["Raw numbers: `secure_aggregation.json`.", ""]
+  return "\n".join(lines)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--smoke", action="store_true")
-  p.add_argument("--out", default=os.path.join(HERE, "results"))
+  p.add_argument("--out", default=common.RESULTS)
   args = p.parse_args(argv)
+  record = common.start_record(__file__, argv, peak="here", devices=True)
   model = fl.models.logistic_regression(60, 10)
   d = sum(
     int(np.prod(x.shape))
     for x in jax.tree.leaves(model.init(jax.random.PRNGKey(0)))
   )
   sizes = (20, 40) if args.smoke else (100, 1000)
-  load_start = [round(x, 1) for x in os.getloadavg()]
   rows = []
   for n in sizes:
     k_plus, _ = sa.secagg_plus_degree(n, dropout_rate=DROPOUT)
@@ -494,27 +488,15 @@ def main(argv=None):
         f"exact={r['exact_sum']} ({r['wall_s']:.0f}s)",
         flush=True,
       )
-  engine_rows = engine_rounds(sizes[0])
-  meta = {
-    "loadavg_start": load_start,
-    "loadavg_end": [round(x, 1) for x in os.getloadavg()],
-    "command": "python experiments/secagg_benchmark.py"
-    + (" --smoke" if args.smoke else ""),
-    "cpu": benchmark.cpu_info(),
-    "jax": jax.__version__,
-    "devices": len(jax.devices()),
-    "d": d,
-    "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-      "%Y-%m-%d %H:%M UTC"
-    ),
-    "bits_per_value": BITS_PER_VALUE,
-    "dropout_rate": DROPOUT,
-  }
-  os.makedirs(args.out, exist_ok=True)
+  record.update(
+    d=d,
+    bits_per_value=BITS_PER_VALUE,
+    dropout_rate=DROPOUT,
+    rows=rows,
+    engine=engine_rounds(sizes[0]),
+  )
   stem = "secure_aggregation" + ("_smoke" if args.smoke else "")
-  with open(os.path.join(args.out, stem + ".json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows, "engine": engine_rows}, f, indent=1)
-  write_markdown(os.path.join(args.out, stem + ".md"), rows, meta, engine_rows)
+  common.write_record(record, os.path.join(args.out, stem + ".json"), markdown)
   print("wrote", os.path.join(args.out, stem + ".{md,json}"))
 
 

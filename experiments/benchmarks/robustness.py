@@ -25,26 +25,23 @@ random streams, so only means over seeds compare).
 
 Run::
 
-  python experiments/robustness_benchmark.py                  # both tables
-  python experiments/robustness_benchmark.py --part nonfinite # its table
-  python experiments/robustness_benchmark.py --part robustness
-  python experiments/robustness_benchmark.py --part compression
-  python experiments/robustness_benchmark.py --smoke          # seconds, no files
+  python experiments/benchmarks/robustness.py                  # both tables
+  python experiments/benchmarks/robustness.py --part nonfinite # its table
+  python experiments/benchmarks/robustness.py --part robustness
+  python experiments/benchmarks/robustness.py --part compression
+  python experiments/benchmarks/robustness.py --smoke          # seconds, no files
 
 Writes experiments/results/robustness_table.{json,md} + robustness.png,
 compression_table.{json,md} + compression.png and nonfinite_table.{json,md}
-(command, machine and date in the json); experiments/results/robustness.md
-discusses them.
+(the run's record in the json: command, machine, date, load, matmul peak);
+experiments/results/robustness.md discusses them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
-import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,35 +52,15 @@ import numpy as np
 
 import fedjax_lite as fl  # applies the fast CPU settings (before JAX runs)
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import robustness_digits as rd
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (the benchmarks' shared helpers)
 
-RESULTS = HERE / "results"
+sys.path.insert(0, common.EXPERIMENTS)
+import robustness_digits as rd  # noqa: E402  (the experiment file)
+
+RESULTS = Path(common.RESULTS)
 FRACTIONS = (0.1, 0.2, 0.3)
 COMPRESSIONS = ("dense", "top_k", "qsgd", "sign_ef")
-
-
-def machine() -> dict:
-  model, avx512 = platform.processor() or "unknown", False
-  try:
-    out = subprocess.run(
-      ["lscpu"], capture_output=True, text=True, check=True
-    ).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        model = line.split(":", 1)[1].strip()
-      if line.startswith("Flags:"):
-        avx512 = "avx512f" in line.split()
-  except (OSError, subprocess.CalledProcessError):
-    pass
-  return {
-    "cpu": model,
-    "avx512": avx512,
-    "devices": len(jax.devices()),
-    "jax": jax.__version__,
-    "python": platform.python_version(),
-  }
 
 
 def run_settings(
@@ -467,14 +444,9 @@ def main(argv=None):
   if args.rounds:
     base = dataclasses.replace(base, num_rounds=args.rounds)
   base = dataclasses.replace(base, alie_z=args.alie_z)
-  started = datetime.datetime.now(datetime.timezone.utc)
   t0 = time.perf_counter()
-  result = {
-    "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-    "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-    "machine": machine(),
-    "config": dataclasses.asdict(base),
-  }
+  result = common.start_record(__file__, argv, peak="here", devices=True)
+  result["config"] = dataclasses.asdict(base)
   aggregators = args.aggregators.split(",")
   if args.part in ("all", "robustness"):
     result["robustness"] = robustness(
@@ -498,35 +470,30 @@ def main(argv=None):
   print(f"total {result['total_s']:.0f}s")
   if args.smoke:
     return result
-  RESULTS.mkdir(exist_ok=True)
   if args.tag and "robustness" in result:
-    (RESULTS / f"robustness_{args.tag}.json").write_text(
-      json.dumps(result, indent=1)
-    )
-    (RESULTS / f"robustness_{args.tag}.md").write_text(
-      robustness_md(result["robustness"]) + "\n"
+    common.write_record(
+      result,
+      RESULTS / f"robustness_{args.tag}.json",
+      robustness_md(result["robustness"]) + "\n",
     )
     return result
   if "nonfinite" in result:
     stem = f"nonfinite_{args.tag}" if args.tag else "nonfinite_table"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / f"{stem}.md").write_text(
-      nonfinite_md(result["nonfinite"], base.byzantine_fraction) + "\n"
+    common.write_record(
+      result,
+      RESULTS / f"{stem}.json",
+      nonfinite_md(result["nonfinite"], base.byzantine_fraction) + "\n",
     )
-  if "robustness" in result:
-    part = {k: v for k, v in result.items() if k != "compression"}
-    (RESULTS / "robustness_table.json").write_text(json.dumps(part, indent=1))
-    (RESULTS / "robustness_table.md").write_text(
-      robustness_md(result["robustness"]) + "\n"
-    )
-    plot_robustness(result["robustness"], RESULTS / "robustness.png")
-  if "compression" in result:
-    part = {k: v for k, v in result.items() if k != "robustness"}
-    (RESULTS / "compression_table.json").write_text(json.dumps(part, indent=1))
-    (RESULTS / "compression_table.md").write_text(
-      compression_md(result["compression"]) + "\n"
-    )
-    plot_compression(result["compression"], RESULTS / "compression.png")
+  tables = {  # each table's file holds the record without the other table
+    "robustness": (robustness_md, plot_robustness, "compression"),
+    "compression": (compression_md, plot_compression, "robustness"),
+  }
+  for name, (render, plot, other) in tables.items():
+    if name in result:
+      part = {k: v for k, v in result.items() if k != other}
+      md = render(result[name]) + "\n"
+      common.write_record(part, RESULTS / f"{name}_table.json", md)
+      plot(result[name], RESULTS / f"{name}.png")
   return result
 
 

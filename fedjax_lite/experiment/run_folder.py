@@ -1,0 +1,282 @@
+"""Run folders and their records.
+
+A run folder ``runs/<name>-<timestamp>/`` (a sweep's ends in ``-sweep``)
+holds:
+
+* ``config.json`` (a sweep: ``sweep.json``): the experiment file, its
+  resolved config and overrides, a summary of the experiment, the
+  environment and every resume (written before the first round);
+* ``metrics.jsonl`` / ``metrics.csv``: one row per round (and per setting of
+  a sweep; see :mod:`fedjax_lite.experiment.records`);
+* ``checkpoint.msgpack``: the latest full state (see
+  :mod:`fedjax_lite.experiment.checkpoint` and
+  :mod:`fedjax_lite.experiment.loop`);
+* ``curves.png`` and ``summary.json`` (a sweep: ``summary.md``).
+
+This module makes folders (:func:`new_run_dir`), writes and reads their
+records (:func:`run_record`, :func:`read_record`, :func:`note_resume`,
+:func:`restart_command`), loads the checkpoint a resume continues from
+(:func:`load_resume_state`) and writes a finished run's curves and summary
+(:func:`finish`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from fedjax_lite._optional import require
+from fedjax_lite.data.sharding import resident_bytes
+from fedjax_lite.experiment import checkpoint as ckpt
+from fedjax_lite.experiment import config as cfglib
+from fedjax_lite.experiment import plots
+from fedjax_lite.experiment.core import Experiment
+from fedjax_lite.experiment.loop import CHECKPOINT
+from fedjax_lite.experiment.records import TIMING_KEYS, final_values
+
+
+def new_run_dir(out: str | os.PathLike, name: str) -> Path:
+  """``out/<name>-<YYYYmmdd-HHMMSS>[-k]/``, created (never reused).
+
+  Raises:
+    ConfigError: the folder cannot be made (``out`` is read-only, a file,
+      ...).
+  """
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  base = Path(out) / f"{name}-{stamp}"
+  path, k = base, 1
+  while True:
+    try:
+      path.mkdir(parents=True, exist_ok=False)
+      return path
+    except FileExistsError:
+      if not Path(out).is_dir():
+        raise cfglib.ConfigError(
+          f"--out {out}: not a folder; expected a writable folder for the "
+          "run folders."
+        ) from None
+      k += 1
+      path = Path(f"{base}-{k}")
+    except OSError as e:
+      raise cfglib.ConfigError(
+        f"--out {out}: cannot create the run folder {path} "
+        f"({e.strerror or e}); expected a writable folder."
+      ) from None
+
+
+def environment() -> dict:
+  """Versions and devices, for config.json."""
+  from fedjax_lite import runtime  # pylint: disable=g-import-not-at-top
+  import fedjax_lite  # pylint: disable=g-import-not-at-top
+
+  devs = jax.devices()
+  return {
+    "fedjax_lite": getattr(fedjax_lite, "__version__", "?"),
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "platform": devs[0].platform,
+    "num_devices": len(devs),
+    "machine": platform.machine(),
+    "cpu_settings": runtime.settings(),
+  }
+
+
+def describe(exp: Experiment) -> dict:
+  """A JSON summary of what an Experiment holds (for config.json)."""
+  rc = exp.round_config
+  return {
+    "model": exp.model.name,
+    "algorithm": exp.algorithm.name,
+    "num_train_clients": exp.train.num_clients,
+    "num_train_examples": exp.train.num_examples,
+    "num_test_clients": None if exp.test is None else exp.test.num_clients,
+    "round_config": json.loads(json.dumps(dataclasses.asdict(rc), default=str)),
+    "num_rounds": exp.num_rounds,
+    "eval_every": exp.eval_every,
+    "seed": exp.seed,
+    "hparams": dict(exp.hparams),
+  }
+
+
+def load_resume_state(run_dir: Path, target, identity: dict | None = None):
+  """``(state, meta)`` from ``run_dir``'s checkpoint, shaped like ``target``.
+
+  Raises :class:`~fedjax_lite.experiment.config.ConfigError` with what to do
+  when the folder has no checkpoint (the run stopped before its first one
+  was written: it can only be restarted), when the checkpoint is damaged,
+  or when it belongs to another experiment or model (its recorded
+  ``identity`` or its state's entries differ, see
+  :func:`~fedjax_lite.experiment.checkpoint.load_checkpoint`).
+  """
+  path = run_dir / CHECKPOINT
+  if not path.is_file():
+    raise cfglib.ConfigError(
+      f"{run_dir} has no {CHECKPOINT}: the run stopped before its first "
+      "checkpoint was written, so it cannot be resumed; start it again "
+      "(see config.json for its experiment and overrides)."
+    )
+  try:
+    return ckpt.load_checkpoint(path, target, identity)
+  except ValueError as e:  # DamagedCheckpointError, another state or identity
+    raise cfglib.ConfigError(" ".join(str(e).split())) from None
+
+
+def data_mb_per_device(data) -> list[float]:
+  """MiB of training data each of this process's devices holds."""
+  per_device = resident_bytes(data)["per_device"]
+  return [round(per_device[k] / 2**20, 3) for k in sorted(per_device)]
+
+
+def finish(
+  run_dir: Path,
+  rows: Sequence[dict],
+  exp: Experiment,
+  interrupted: bool,
+  extra: dict | None = None,
+) -> None:
+  """Writes ``curves.png`` and ``summary.json`` for the rows so far
+  (``extra``: e.g. checkpoints written and their cost in this session)."""
+  title = f"{exp.name or run_dir.name}: {exp.algorithm.name}, {exp.model.name}"
+  fig = plots.plot_curves(rows, None, title)
+  fig.savefig(run_dir / "curves.png", dpi=110)
+  final = final_values(rows, TIMING_KEYS)
+  rate = [r["rounds_per_s"] for r in rows[1:] if "rounds_per_s" in r]
+  summary = {
+    "status": "interrupted" if interrupted else "finished",
+    "rounds_done": rows[-1]["round"] if rows else 0,
+    "num_rounds": exp.num_rounds,
+    "final": final,
+    "median_rounds_per_s": float(np.median(rate)) if rate else None,
+    "wall_time": rows[-1].get("wall_time") if rows else None,
+    **(extra or {}),
+  }
+  ckpt.atomic_write_text(run_dir / "summary.json", cfglib.dumps(summary))
+
+
+def run_name(ef: cfglib.ExperimentFile, exp: Experiment) -> str:
+  base = exp.name or ef.name
+  return f"{base}-{ef.arg}" if ef.arg else base
+
+
+def restart_command(record: dict, command: str = "run") -> str:
+  """The command line that starts ``record``'s run (or sweep) afresh."""
+  parts = ["python -m fedjax_lite", command, record["experiment"]["spec"]]
+  sets = [f"{k}={v}" for k, v in (record.get("overrides") or {}).items()]
+  if sets:
+    parts += ["--set"] + sets
+  if command == "sweep":
+    parts += ["--seeds", ",".join(str(s) for s in record["seeds"])]
+    for name, values in record.get("grid", {}).items():
+      parts += ["--grid", f"{name}=" + ",".join(f"{v:g}" for v in values)]
+  return " ".join(parts)
+
+
+def read_record(run_dir: str | os.PathLike, command: str = "run") -> dict:
+  """The saved record of a run (``config.json``) or sweep (``sweep.json``)
+  folder to resume, checked: clear errors for a folder that is not one, or
+  that has no checkpoint yet."""
+  rdir = Path(run_dir)
+  name = "sweep.json" if command == "sweep" else "config.json"
+  other = "config.json" if command == "sweep" else "sweep.json"
+  if not rdir.is_dir():
+    raise cfglib.ConfigError(
+      f"--resume {rdir}: no such folder; expected a "
+      f"folder written by `python -m fedjax_lite "
+      f"{command}`."
+    )
+  if not (rdir / name).is_file():
+    if (rdir / other).is_file():
+      kind = "run" if command == "sweep" else "sweep"
+      raise cfglib.ConfigError(
+        f"--resume {rdir}: that is a {kind} folder; resume it with "
+        f"`python -m fedjax_lite {kind} --resume {rdir}`."
+      )
+    raise cfglib.ConfigError(
+      f"--resume {rdir}: not a {command} folder (no {name}); expected a "
+      f"folder written by `python -m fedjax_lite {command}`."
+    )
+  try:
+    record = json.loads((rdir / name).read_text())
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError too
+    raise cfglib.ConfigError(
+      f"--resume {rdir}: {rdir / name} is not valid JSON ({e}); expected "
+      f"the record `python -m fedjax_lite {command}` wrote."
+    ) from None
+  if not (
+    isinstance(record, dict)
+    and isinstance(record.get("experiment"), dict)
+    and "spec" in record["experiment"]
+    and isinstance(record.get("config"), dict)
+  ):
+    raise cfglib.ConfigError(
+      f"--resume {rdir}: {rdir / name} holds no experiment spec and "
+      f"config (a {type(record).__name__}); expected the record "
+      f"`python -m fedjax_lite {command}` wrote."
+    )
+  if not (rdir / CHECKPOINT).is_file():
+    raise cfglib.ConfigError(
+      f"--resume {rdir}: no {CHECKPOINT} there (the {command} stopped "
+      "before its first checkpoint), so it cannot be resumed, only "
+      f"restarted: {restart_command(record, command)}"
+    )
+  return record
+
+
+def run_record(
+  ef: cfglib.ExperimentFile, cfg, overrides, exp: Experiment, **extra
+) -> dict:
+  """What ``config.json`` / ``sweep.json`` hold: the experiment file, its
+  resolved config and overrides, a summary, the environment, the time."""
+  if isinstance(overrides, dict):
+    over = {k: str(v) for k, v in overrides.items()}
+  else:
+    over = cfglib.parse_overrides(overrides)
+  return {
+    "experiment": {
+      "spec": ef.spec,
+      "file": str(ef.path),
+      "arg": ef.arg,
+      "sha256": ef.sha256(),
+    },
+    "config_class": f"{type(cfg).__module__}.{type(cfg).__qualname__}",
+    "config": cfglib.config_to_dict(cfg),
+    "overrides": over,
+    **extra,
+    "experiment_summary": describe(exp),
+    "environment": environment(),
+    "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    "resumes": [],
+  }
+
+
+def note_resume(
+  record: dict, ef: cfglib.ExperimentFile, cfg, overrides
+) -> None:
+  """Records a resume (and warns if the experiment file changed)."""
+  if record["experiment"].get("sha256") != ef.sha256():
+    tqdm = require("tqdm", "experiment").tqdm
+
+    tqdm.write(
+      f"warning: {ef.path} changed since this run started; "
+      "resuming with the current file."
+    )
+  record["config"] = cfglib.config_to_dict(cfg)
+  over = (
+    {k: str(v) for k, v in overrides.items()}
+    if isinstance(overrides, dict)
+    else cfglib.parse_overrides(overrides)
+  )
+  record.setdefault("resumes", []).append(
+    {
+      "time": datetime.datetime.now().isoformat(timespec="seconds"),
+      "overrides": over,
+    }
+  )
