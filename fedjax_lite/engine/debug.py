@@ -80,14 +80,7 @@ def debug_round(
   engine.check_inputs(state, data)
   config = engine.config
   m = config.clients_per_round
-  runs = stages.Runs(
-    engine.algorithm,
-    None,
-    None,
-    1,
-    run=engine.run_spec(data),
-    aggregator=engine.aggregator_for(data),
-  )
+  runs = engine.runs_for(data)
   round_call = labelled()
   states = _one_block(state)  # one run: leading run axis 1
   with jax.disable_jit():

@@ -533,15 +533,27 @@ class Engine:
         f"{R}; got leaves of shape {bad[:3]}."
       )
     self.num_traces += 1
-    runs = stages.Runs(
+    runs = self.runs_for(data, R, algorithm_fn, hparams)
+    return blocks.pooled_round(self, runs, states, data)
+
+  def runs_for(
+    self,
+    data: DeviceData,
+    num_runs: int = 1,
+    algorithm_fn: Callable[[dict], FederatedAlgorithm] | None = None,
+    hparams: dict | None = None,
+  ) -> stages.Runs:
+    """The :class:`~fedjax_lite.engine.stages.Runs` of ``num_runs`` runs on
+    ``data`` (the engine's algorithm, or ``algorithm_fn(hparams[r])`` per
+    run), with the run spec and aggregator bound to ``data``."""
+    return stages.Runs(
       self.algorithm,
       algorithm_fn,
       hparams,
-      R,
+      num_runs,
       run=self.run_spec(data),
       aggregator=self.aggregator_for(data),
     )
-    return blocks.pooled_round(self, runs, states, data)
 
   def expected_clients(self, data: DeviceData, bucket: int) -> float:
     """Expected number of a round's clients that fall in ``bucket``."""
