@@ -32,16 +32,14 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjax_lite import checks, distributed
-from fedjax_lite.data.batching import LocalWork, to_device
-from fedjax_lite.engine.evaluation import evaluate
 from fedjax_lite.engine.round import Engine, EngineState
 from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment import config as cfglib
 from fedjax_lite.experiment import loop
 from fedjax_lite.experiment.core import Experiment
+from fedjax_lite.experiment.evaluator import Evaluator
 from fedjax_lite.experiment.loop import Checkpointing, LoopResult, run_rounds
 from fedjax_lite.experiment.records import MetricsLog, final_values
 from fedjax_lite.experiment.runs import (
@@ -54,8 +52,6 @@ from fedjax_lite.experiment.run_folder import (
   finish,
   load_resume_state,
 )
-
-QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 @dataclasses.dataclass
@@ -100,46 +96,6 @@ class RunResult:
   def final(self) -> dict:
     """The last value of every metric (test metrics from the last eval)."""
     return final_values(self.rows)
-
-
-class Evaluator:
-  """Evaluates params on the experiment's test data (uploaded once)."""
-
-  def __init__(self, exp: Experiment, engine: Engine):
-    self.exp, self.mesh = exp, engine.mesh
-    self.data = None
-    if exp.test is not None:
-      checks.model_features(
-        exp.model, exp.test.features, "test data", labels_required=False
-      )
-      self.data = to_device(
-        exp.test,
-        LocalWork(batch_size=exp.eval_batch_size, num_epochs=1),
-        "auto",
-        sharding=NamedSharding(engine.mesh, P()),
-      )
-
-  def __call__(self, params) -> dict:
-    """``{test_<metric>: mean, test_<q-metric>_pXX: quantile}``."""
-    if self.data is None:
-      return {}
-    res = evaluate(
-      self.exp.model,
-      params,
-      self.data,
-      batch_size=self.exp.eval_batch_size,
-      mesh=self.mesh,
-    )
-    row = {f"test_{k}": float(v) for k, v in res.mean.items()}
-    qname = (
-      "accuracy"
-      if "accuracy" in res.per_client
-      else next((k for k in res.per_client if k != "loss"), None)
-    )
-    if qname is not None:
-      for k, v in res.quantiles(qname, QUANTILES).items():
-        row[f"test_{qname}_{k}"] = v
-    return row
 
 
 def train_row(metrics: dict) -> dict:
