@@ -45,6 +45,23 @@ EXTRAS = {
     "fedjax_lite.experiment",
     {"matplotlib": "matplotlib", "tqdm": "tqdm"},
   ),
+  # Metric writers (fedjax_lite/experiment/writers.py); MLflow's SQLite
+  # store needs sqlalchemy and alembic, which mlflow-skinny leaves out.
+  "tracking": (
+    "fedjax_lite.experiment",
+    {
+      "tensorboardX": "tensorboardX",
+      "wandb": "wandb",
+      "mlflow": "mlflow-skinny",
+      "sqlalchemy": "sqlalchemy",
+      "alembic": "alembic",
+    },
+  ),
+  # --format orbax of `python -m fedjax_lite export` (flax installs it too).
+  "export": (
+    "fedjax_lite.experiment.export",
+    {"orbax": "orbax-checkpoint"},
+  ),
 }
 
 

@@ -33,7 +33,7 @@ def test_help_lists_commands_options_and_config_fields(tiny, capsys):
   with pytest.raises(SystemExit) as e:
     main(["--help"])
   assert e.value.code == 0
-  assert "{run,sweep,compare,launch}" in capsys.readouterr().out
+  assert "{run,sweep,compare,launch,export}" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     main(["run", tiny, "--help"])
   out = capsys.readouterr().out

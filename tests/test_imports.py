@@ -33,6 +33,10 @@ HEAVY = (
   "sklearn",
   "scipy",
   "matplotlib",
+  "tensorboardX",
+  "wandb",
+  "mlflow",
+  "orbax",
 )
 LAZY_PACKAGES = (
   "fedjax_lite",

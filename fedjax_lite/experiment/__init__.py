@@ -14,8 +14,17 @@
 * :func:`compare`, :func:`plot_curves`, :func:`plot_runs`,
   :func:`final_table`: overlaid convergence curves and final-metric tables.
 * :func:`save_checkpoint` / :func:`load_checkpoint`: atomic msgpack files.
+* :func:`export_params` / :func:`load_params`: a run's global model as a
+  params file (flax msgpack or orbax) of its own, for any round (see
+  :mod:`.export`); ``Model.load_params`` checks it against a model.
+* :func:`provenance`: package versions, devices, CPU settings and the
+  experiment file's git commit (``config.json``, ``summary.json``).
 
-Command line: ``python -m fedjax_lite {run,sweep,compare} --help``.
+* :class:`MetricWriter`, :func:`make_writers`: metrics also to TensorBoard,
+  W&B and MLflow (``writers=`` / ``--log``; :mod:`.writers`), and
+  :class:`Callback` (``callbacks=``): a user's own per-round hook.
+
+Command line: ``python -m fedjax_lite {run,sweep,compare,launch,export} --help``.
 """
 
 from fedjax_lite import _lazy
@@ -38,14 +47,16 @@ __getattr__, __dir__, __all__ = _lazy.attach(
       "preset",
     ),
     "core": ("Experiment",),
+    "export": ("Exported", "export_params", "load_params"),
     "launch": (),
-    "loop": ("Checkpointing",),
+    "loop": ("Callback", "CallbackError", "Checkpointing"),
     "plots": ("plot_curves", "plot_runs"),
     "records": ("final_table", "final_values", "read_jsonl"),
     "files": ("run_file", "script_main"),
-    "run_folder": (),
+    "run_folder": ("provenance",),
     "runs": ("VmappedRounds", "engine_for", "init_state"),
     "session": ("RunOptions", "RunResult", "train"),
     "sweeps": ("SweepResult", "sweep", "sweep_file"),
+    "writers": ("MetricWriter", "make_writers"),
   },
 )

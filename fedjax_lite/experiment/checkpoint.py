@@ -8,14 +8,18 @@ The EngineState holds the server params, optimizer states, client states, the
 base rng and the round counter; clients are sampled with
 ``fold_in(rng, round)`` (the sampler keeps no state), so restoring it makes the
 next round exactly the one an uninterrupted run would compute. Files are
-written atomically: temp file in the same folder, ``fsync``, ``os.replace``.
+written atomically: temp file in the same folder, ``fsync``, ``os.replace``,
+with the mode a plain ``open()`` gives (the umask applies: ``0o644`` under
+umask ``022``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +46,49 @@ def naming(path: str | os.PathLike):
     raise type(e)(e.errno, e.strerror, str(path)) from None
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+  """Creates ``.<name>.<random>.tmp`` next to ``path`` for writing.
+
+  Its mode is what a plain ``open(path, "w")`` would leave: the mode of the
+  file it replaces, else ``0o666`` less the process umask (``0o644`` under
+  umask ``022``, ``0o600`` under ``077``). ``tempfile.mkstemp`` would make
+  it ``0o600`` whatever the umask.
+  """
+  existing = None
+  try:
+    existing = stat.S_IMODE(os.stat(path).st_mode)
+  except OSError:
+    pass
+  flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+  for _ in range(100):
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+      fd = os.open(tmp, flags, 0o666)  # the kernel applies the umask
+    except FileExistsError:
+      continue
+    if existing is not None:
+      try:
+        os.fchmod(fd, existing)
+      except OSError:  # pragma: no cover - e.g. a file system without modes
+        pass
+    return fd, tmp
+  raise FileExistsError(  # pragma: no cover - 100 random names taken
+    errno.EEXIST, "no free temporary file name", str(path)
+  )
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes ``data`` to ``path`` so readers see the old or the new file only."""
+  """Writes ``data`` to ``path`` so readers see the old or the new file only.
+
+  The bytes go to a temporary file in the same folder, are ``fsync``-ed and
+  renamed over ``path`` (``os.replace``), then the folder is ``fsync``-ed.
+  Missing folders are made as ``mkdir`` makes them. The file gets the mode
+  a plain ``open(path, "w")`` gives: the replaced file's, or ``0o666`` less
+  the umask for a new file (``0o644`` under umask ``022``).
+  """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(
-    prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-  )
+  fd, tmp = _create_temp(path)
   try:
     with naming(path), os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -141,20 +181,19 @@ def check_identity(path: Path, meta: dict, identity: dict) -> None:
     )
 
 
-def load_checkpoint(
-  path: str | os.PathLike, target: Any, identity: dict | None = None
-) -> tuple[Any, dict]:
-  """Restores a checkpoint into the structure of ``target``.
-
-  Args:
-    path: a file written by :func:`save_checkpoint`.
-    target: a pytree with the checkpoint's structure (e.g. a freshly
-      initialised EngineState); only its structure and dtypes are used.
-    identity: compared with the identity the checkpoint recorded (see
-      :func:`check_identity`) before anything is restored.
+def read_checkpoint(path: str | os.PathLike) -> dict:
+  """The decoded payload of a checkpoint file, without a target structure.
 
   Returns:
-    ``(state, meta)`` with numpy leaves.
+    ``{"format": 1, "state": <nested dicts of numpy arrays>, "meta": {...}}``
+    as :func:`save_checkpoint` wrote it (the state's containers are the
+    ``flax.serialization`` state dicts: dataclass fields and tuple
+    positions are dict keys).
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    DamagedCheckpointError: the bytes cannot be decoded.
+    ValueError: the file is msgpack but not a fedjax_lite checkpoint.
   """
   path = Path(path)
   if not path.is_file():
@@ -172,10 +211,31 @@ def load_checkpoint(
       "start the run again."
     ) from e
   if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
     raise ValueError(
-      f"{path} is not a fedjax_lite checkpoint (format "
-      f"{FORMAT}); got keys {sorted(raw) if isinstance(raw, dict) else type(raw).__name__}."
+      f"{path} is not a fedjax_lite checkpoint (format {FORMAT}); got "
+      f"keys {got}."
     )
+  return raw
+
+
+def load_checkpoint(
+  path: str | os.PathLike, target: Any, identity: dict | None = None
+) -> tuple[Any, dict]:
+  """Restores a checkpoint into the structure of ``target``.
+
+  Args:
+    path: a file written by :func:`save_checkpoint`.
+    target: a pytree with the checkpoint's structure (e.g. a freshly
+      initialised EngineState); only its structure and dtypes are used.
+    identity: compared with the identity the checkpoint recorded (see
+      :func:`check_identity`) before anything is restored.
+
+  Returns:
+    ``(state, meta)`` with numpy leaves.
+  """
+  path = Path(path)
+  raw = read_checkpoint(path)
   if identity is not None:
     check_identity(path, dict(raw.get("meta") or {}), identity)
   host_target = _to_host(target)

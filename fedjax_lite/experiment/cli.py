@@ -2,11 +2,15 @@
 
   python -m fedjax_lite run experiments/fedavg_synthetic.py[:smoke] \\
       [--set client_lr=0.03 num_rounds=50] [--out runs] [--checkpoint-every N]
+      [--log tensorboard,wandb,mlflow]
   python -m fedjax_lite run --resume runs/fedavg_synthetic-20250101-120000
   python -m fedjax_lite sweep experiments/fedavg_synthetic.py --seeds 8 \\
       [--grid client_lr=0.01,0.03,0.1]
   python -m fedjax_lite sweep --resume runs/fedavg_synthetic-sweep-...
-  python -m fedjax_lite compare runs/a runs/b --out runs/compare
+  python -m fedjax_lite compare runs/a runs/b --out runs/compare \\
+      [--x rounds|seconds|bytes] [--smooth 0.6] [--format png|svg]
+  python -m fedjax_lite export runs/fedavg_synthetic-... --out params.msgpack \\
+      [--round N] [--format msgpack|orbax]
   python -m fedjax_lite launch --processes 2 experiments/fedavg_synthetic.py \
       [run options]        # one run as 2 processes (jax.distributed)
 
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedjax_lite._optional import MissingExtraError, require
+from fedjax_lite.experiment import export
 from fedjax_lite.experiment.config import (
   ConfigError,
   describe_config,
@@ -36,10 +41,16 @@ Experiment files define get_config(arg="") -> frozen dataclass and
 build(config) -> fedjax_lite.experiment.Experiment; ":arg" is passed to
 get_config (e.g. ":smoke" for a seconds-long run). Outputs go to
 OUT/<name>-<timestamp>/: config.json, metrics.jsonl, metrics.csv, curves.png,
-summary.json, checkpoint.msgpack. Checkpoints are written before the first
+summary.json (with the provenance: package versions, devices, CPU
+settings, the experiment file's git commit), checkpoint.msgpack.
+`python -m fedjax_lite export RUN_DIR` writes the trained model's params on
+their own. Checkpoints are written before the first
 round and at most every 60 s (--checkpoint-every-seconds), so a killed run
 (even SIGKILL) resumes with --resume; Ctrl-C or SIGTERM finishes the current
-round, checkpoints and exits with 128+signal (130/143)."""
+round, checkpoints and exits with 128+signal (130/143).
+--log tensorboard,wandb,mlflow also sends every row to those tools (files in
+the run folder: tensorboard/, wandb/ (WANDB_MODE=offline: no network),
+mlflow.db); see fedjax_lite.experiment.writers."""
 
 
 def _spec_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -65,11 +76,13 @@ def _spec_help(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
   p = argparse.ArgumentParser(
     prog="python -m fedjax_lite",
-    description="fedjax_lite experiments: run, sweep, compare and launch.",
+    description="fedjax_lite experiments: run, sweep, compare, launch and export.",
     formatter_class=argparse.RawDescriptionHelpFormatter,
     epilog="Run `python -m fedjax_lite <command> --help` for details.",
   )
-  sub = p.add_subparsers(dest="command", metavar="{run,sweep,compare,launch}")
+  sub = p.add_subparsers(
+    dest="command", metavar="{run,sweep,compare,launch,export}"
+  )
   sub.required = True
 
   r = sub.add_parser(
@@ -193,6 +206,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     help="legend labels, one per RUN_DIR (default: folder names)",
   )
   c.add_argument("--title", default=None)
+  c.add_argument(
+    "--x",
+    choices=("rounds", "seconds", "bytes"),
+    default="rounds",
+    help="x-axis: rounds (default), wall-clock seconds since the start, or "
+    "cumulative uplink bytes (the runs' uplink_bytes)",
+  )
+  c.add_argument(
+    "--smooth",
+    type=float,
+    default=0.0,
+    metavar="W",
+    help="exponential moving average weight in [0, 1) (TensorBoard's "
+    "smoothing; 0: raw curves, the default)",
+  )
+  c.add_argument(
+    "--format",
+    dest="fmt",
+    choices=("png", "svg"),
+    default="png",
+    help="figure format (default png)",
+  )
 
   la = sub.add_parser(
     "launch",
@@ -204,7 +239,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     epilog="Everything after the launcher's options goes to `run`, e.g.\n"
     "  python -m fedjax_lite launch --processes 2 --devices 4 \\\n"
     "      experiments/fedavg_synthetic.py --placement sharded --set "
-    "num_rounds=5\nOn a cluster start `run` on every host with "
+    "num_rounds=5 --log tensorboard\n(--log is checked before any process "
+    "starts; process 0 writes the metrics and the tools' files.)\n"
+    "On a cluster start `run` on every host with "
     "--coordinator/--num-processes/--process-id instead (see "
     "fedjax_lite.experiment.launch).",
   )
@@ -236,7 +273,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     metavar="RUN_ARGS",
     help="the `run` command's arguments (experiment file, options)",
   )
-  return p, {"run": r, "sweep": s, "compare": c, "launch": la}
+  ex = export.add_export_parser(sub)
+  return p, {"run": r, "sweep": s, "compare": c, "launch": la, "export": ex}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -256,6 +294,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     help="parent folder of the run folder (default: runs)",
   )
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument(
+    "--log",
+    action="append",
+    default=[],
+    metavar="WRITERS",
+    help="also send the metrics to these tools, comma-separated: "
+    "tensorboard, wandb, mlflow (jsonl, metrics.jsonl/csv, is always on; "
+    "files go to the run folder; needs fedjax_lite[tracking]). Give it "
+    "again with --resume: the tools then continue their runs",
+  )
 
 
 def _divergence_arg(p: argparse.ArgumentParser, when: str, what: str) -> None:
@@ -358,8 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       # Plots and the progress bar: refuse before any round, not after.
       require("matplotlib", "experiment")
       require("tqdm", "experiment")
+    if args.command in ("run", "sweep"):
+      args.log = _writer_spec(args.log)
     if args.command == "launch":
       return _launch_processes(args)
+    if args.command == "export":
+      return export.export_command(args)
     if args.command == "run":
       _join_processes(args)
       return _run(args)
@@ -428,9 +480,35 @@ def _split_launch_args(argv: Sequence[str]) -> tuple[list, list]:
   return own, rest
 
 
+def _writer_spec(items: Sequence[str]) -> list[str]:
+  """``--log`` values -> writer names (jsonl left out: always on), their
+  libraries imported now (a missing one: the install hint, exit 2)."""
+  from fedjax_lite.experiment import writers  # pylint: disable=g-import-not-at-top
+
+  try:
+    names = [n for n in writers.parse_spec(list(items)) if n != "jsonl"]
+  except ValueError as e:
+    raise ConfigError(f"--log: {e}") from None
+  writers.require_libraries(names)
+  return names
+
+
+def _run_args_log(run_args: Sequence[str]) -> list[str]:
+  """The ``--log`` values among a launch's run arguments."""
+  out = []
+  for i, token in enumerate(run_args):
+    if token == "--log" and i + 1 < len(run_args):
+      out.append(run_args[i + 1])
+    elif token.startswith("--log="):
+      out.append(token.split("=", 1)[1])
+  return out
+
+
 def _launch_processes(args) -> int:
   from fedjax_lite.experiment.launch import launch  # pylint: disable=g-import-not-at-top
 
+  # Check --log before starting any process (only process 0 writes).
+  _writer_spec(_run_args_log(args.run_args))
   if not args.run_args:
     raise ConfigError(
       "`launch` needs the run's arguments, e.g. `launch --processes 2 "
@@ -502,6 +580,7 @@ def _launch(args, command: str, launch, extra=dict):
     out=args.out,
     resume=args.resume,
     progress=not args.no_progress,
+    writers=args.log or None,
     **_checkpointing(args),
   )
 
@@ -554,6 +633,7 @@ def _print_final(run_dir, final: dict) -> None:
       "round",
       "train_loss",
       "train_accuracy",
+      "global_train_loss",
       "test_loss",
       "test_accuracy",
       "test_accuracy_p10",
@@ -565,6 +645,8 @@ def _print_final(run_dir, final: dict) -> None:
     + ", ".join(
       f"{k}={final[k]:.4f}"
       if isinstance(final[k], float)
+      else f"{k}=non-finite"
+      if final[k] is None
       else f"{k}={final[k]}"
       for k in keys
     )
@@ -604,7 +686,15 @@ def _sweep(args) -> int:
 def _compare(args) -> int:
   from fedjax_lite.experiment.comparison import compare  # pylint: disable=g-import-not-at-top
 
-  table = compare(args.runs, args.out, labels=args.labels, title=args.title)
+  table = compare(
+    args.runs,
+    args.out,
+    labels=args.labels,
+    title=args.title,
+    x=args.x,
+    smooth=args.smooth or None,
+    fmt=args.fmt,
+  )
   print(table)
-  print(f"wrote {args.out}/compare.png and {args.out}/compare.md")
+  print(f"wrote {args.out}/compare.{args.fmt} and {args.out}/compare.md")
   return 0

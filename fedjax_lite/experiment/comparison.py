@@ -1,9 +1,12 @@
 """``python -m fedjax_lite compare``: overlay runs and tabulate their final metrics.
 
 Accepts run folders (``run``) and sweep folders (``sweep``: each grid point is
-drawn as a mean +- std band over its seeds). Writes ``compare.png`` (train and
-test loss/accuracy vs round, one color per run) and ``compare.md`` (a markdown
-table of final metrics, mean +- std where a label has several seeds).
+drawn as a mean +- std band over its seeds). Writes ``compare.png`` (or
+``compare.svg``: the loss/accuracy of the global model on training and test
+clients, and the local-training means, against rounds, wall-clock seconds
+or cumulative uplink bytes, one color per run; see
+:mod:`fedjax_lite.experiment.plots`) and ``compare.md`` (a markdown table of
+final metrics, mean +- std where a label has several seeds).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from fedjax_lite.experiment.records import (
 KEYS = (
   "train_loss",
   "train_accuracy",
+  "global_train_loss",
+  "global_train_accuracy",
   "test_loss",
   "test_accuracy",
   "test_accuracy_p10",
@@ -75,8 +80,12 @@ def compare(
   labels: Sequence[str] | None = None,
   title: str | None = None,
   keys: Sequence[str] = KEYS,
+  *,
+  x: str = "rounds",
+  smooth: float | None = None,
+  fmt: str = "png",
 ) -> str:
-  """Writes ``out/compare.png`` and ``out/compare.md``; returns the table.
+  """Writes ``out/compare.<fmt>`` and ``out/compare.md``; returns the table.
 
   Args:
     run_dirs: run or sweep folders.
@@ -85,7 +94,21 @@ def compare(
       timestamp; full names if those collide).
     title: figure title.
     keys: metrics to tabulate.
+    x: the curves' x axis: ``"rounds"``, ``"seconds"`` (the ``wall_time``
+      column) or ``"bytes"`` (cumulative uplink bytes, ``sum_t
+      train_uplink_bytes_t * train_num_clients_t``; refused for runs that do
+      not report both).
+    smooth: exponential-moving-average weight in [0, 1) for the curves
+      (:func:`~fedjax_lite.experiment.plots.ema`; None: raw).
+    fmt: ``"png"`` or ``"svg"``.
+
+  Raises:
+    ConfigError: a folder is not a run, the labels do not match the folders,
+      or a bad ``x``/``smooth``/``fmt`` (or runs without what ``x`` needs).
   """
+  if fmt is None:
+    raise ConfigError("fmt must be 'png' or 'svg', got None.")
+  plots.check_args(x, smooth, fmt)
   if labels is not None and len(labels) != len(run_dirs):
     raise ConfigError(
       f"--labels has {len(labels)} entries for "
@@ -112,9 +135,10 @@ def compare(
         if isinstance(row.get("rounds_per_s"), (int, float))
       ]
       rates[name] = float(np.median(r)) if r else None
+  fig = plots.plot_runs(groups, None, title, x=x, smooth=smooth)
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  plots.plot_runs(groups, out / "compare.png", title)
+  plots.save(fig, out / f"compare.{fmt}", fmt)
   table = final_table(groups, keys)
   lines = table.splitlines()
   lines[0] += " rounds/s |"

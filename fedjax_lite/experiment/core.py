@@ -27,6 +27,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from fedjax_lite import checks
@@ -37,6 +38,13 @@ from fedjax_lite.models.core import Model
 
 PyTree = Any
 AlgorithmFn = Callable[[Mapping[str, Any]], FederatedAlgorithm]
+
+# train_eval_clients=None evaluates the global model on this many training
+# clients (all of them when there are fewer).
+DEFAULT_TRAIN_EVAL_CLIENTS = 100
+# Mixed into the seed of the training-evaluation sample, so the sample is
+# not drawn from the stream of the initial params or the engine.
+_TRAIN_EVAL_SALT = 0x7E5A
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +63,12 @@ class Experiment:
     num_rounds: rounds to run.
     eval_every: evaluate on ``test`` every this many rounds (and after the
       last round); 0 evaluates only after the last round.
+    train_eval_clients: how many training clients the global model is also
+      evaluated on at those rounds (the ``global_train_<metric>`` columns:
+      the global model's loss on the training data, unlike ``train_loss``,
+      the mean loss of the clients' local training). A fixed sample drawn
+      once from ``seed`` (:meth:`train_eval_sample`); None (default):
+      ``min(100, train.num_clients)``; 0: off. At most ``train.num_clients``.
     seed: seeds the initial params and the engine's sampling/client rng
       (``k_init, k_engine = split(PRNGKey(seed))``).
     init_params: initial params shared by every seed, or None (``model.init``).
@@ -77,6 +91,7 @@ class Experiment:
   round_config: RoundConfig
   num_rounds: int
   eval_every: int = 10
+  train_eval_clients: int | None = None
   seed: int = 0
   init_params: PyTree = None
   eval_batch_size: int | None = 256
@@ -138,6 +153,22 @@ class Experiment:
     checks.positive_int(
       "Experiment.eval_batch_size", self.eval_batch_size, allow_none=True
     )
+    n = self.train.num_clients
+    checks.int_at_least(
+      "Experiment.train_eval_clients",
+      self.train_eval_clients,
+      0,
+      allow_none=True,
+      hint=f" (0: off; None: min({DEFAULT_TRAIN_EVAL_CLIENTS}, the number "
+      "of training clients))",
+    )
+    if self.train_eval_clients is not None and self.train_eval_clients > n:
+      raise ValueError(
+        f"Experiment.train_eval_clients={self.train_eval_clients} exceeds "
+        f"the {n} training clients; expected at most {n} (None: "
+        f"min({DEFAULT_TRAIN_EVAL_CLIENTS}, {n}) = "
+        f"{min(DEFAULT_TRAIN_EVAL_CLIENTS, n)})."
+      )
     if self.name is not None and not isinstance(self.name, str):
       bad("name", "a str or None")
     if not isinstance(self.hparams, Mapping) or not all(
@@ -205,6 +236,26 @@ class Experiment:
         "a FederatedAlgorithm (e.g. fl.fed_avg(...))."
       )
     return alg
+
+  def train_eval_sample(self) -> np.ndarray:
+    """The training clients the global model is evaluated on (see
+    ``train_eval_clients``): sorted population indices, int64 ``[k]``.
+
+    ``k = train_eval_clients`` (None: ``min(100, n)``, ``n`` the number of
+    training clients). ``k == n`` is every client; otherwise ``k`` distinct
+    clients drawn uniformly without replacement by
+    ``np.random.default_rng((seed mod 2**64, 0x7E5A)).choice(n, k,
+    replace=False)``: the same clients at every evaluation and in every run
+    of this experiment and seed (a sweep's settings share ``exp.seed``'s
+    sample), independent of the initial params and the engine's rng.
+    """
+    n = self.train.num_clients
+    k = self.train_eval_clients
+    k = min(DEFAULT_TRAIN_EVAL_CLIENTS, n) if k is None else int(k)
+    if k >= n:
+      return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng((int(self.seed) % 2**64, _TRAIN_EVAL_SALT))
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
   def initial_params(self, seed: int | None = None) -> PyTree:
     """``init_params`` or ``model.init(k_init)`` for ``seed`` (default own)."""

@@ -15,6 +15,32 @@ round, so every round appears exactly once.
 
 SIGINT (Ctrl-C) or SIGTERM: the current chunk of rounds finishes, a
 checkpoint is written, and the loop returns ``interrupted=True``.
+
+Every round's rows go, in this order, to the metrics log, to the metric
+writers (:class:`~fedjax_lite.experiment.writers.Tracking`, flushed at
+each checkpoint before it is written) and to the callbacks.
+
+Callbacks. ``callbacks=[fn, ...]``: after each round, in order, every
+callback is called as ``fn(round, row, params)`` for every row of that
+round (a sweep: one per setting, in setting order), where ``row`` is the
+round's metric row (floats; NaN/inf as they are) and ``params()`` returns
+the global model's parameters after that round (a sweep: the row's
+setting's). Rounds run in jitted chunks and parameters exist only at a
+chunk's end, so a callback states how often it reads them:
+``fn.params_every = k`` (or :class:`Callback`) makes every ``k``-th round
+(``round % k == 0``) end a chunk, where ``params()`` is that round's
+parameters; on other rounds ``params()`` raises ValueError instead of
+returning another round's. The default, ``k = 1``, ends a chunk after
+every round; ``k = 0`` for a callback that never reads parameters leaves
+the chunks as they are. The cost: one more dispatch of the compiled
+rounds and one more host transfer of the chunk's metrics per chunk end
+(the rounds do not compile again), which matters only when rounds take
+less time than a dispatch; ``params()`` itself costs nothing until called.
+A callback that raises stops the run with :class:`CallbackError` naming the
+round; no checkpoint is written then, so the last one (before the failed
+round) and ``metrics.jsonl`` stay consistent: a resume drops the rows after
+it. The round at which a run stops as diverged is logged but not passed
+to the callbacks (its non-finite model is not kept).
 """
 
 from __future__ import annotations
@@ -38,6 +64,93 @@ from fedjax_lite.experiment.records import MetricsLog
 
 CHECKPOINT = "checkpoint.msgpack"
 MIN_GAP_SECONDS = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Callback:
+  """A per-round callback and how often it reads the global parameters.
+
+  Attributes:
+    fn: called as ``fn(round, row, params)`` after each round (see the
+      module docstring).
+    params_every: ``params()`` works every this many rounds (``round %
+      params_every == 0``), where chunks of rounds end; 0: never (chunks
+      as they would be). Default 1: every round.
+  """
+
+  fn: Callable[[int, dict, Callable[[], Any]], Any]
+  params_every: int = 1
+
+  def __post_init__(self):
+    if not callable(self.fn):
+      raise TypeError(
+        f"a callback must be callable as fn(round, row, params), got "
+        f"{self.fn!r}."
+      )
+    k = self.params_every
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+      raise ValueError(
+        f"params_every of callback {self.name} must be an int >= 0 (0: it "
+        f"never reads params), got {k!r}."
+      )
+
+  @property
+  def name(self) -> str:
+    return getattr(self.fn, "__qualname__", None) or repr(self.fn)
+
+  @classmethod
+  def of(cls, obj) -> "Callback":
+    """``obj`` as a Callback: itself, or a callable with its
+    ``params_every`` attribute (default 1)."""
+    if isinstance(obj, cls):
+      return obj
+    return cls(obj, getattr(obj, "params_every", 1))
+
+  def __call__(self, round_index: int, row: dict, params) -> Any:
+    return self.fn(round_index, row, params)
+
+
+class CallbackError(RuntimeError):
+  """A callback raised; the run stopped after the round it was told.
+
+  Attributes:
+    round: that round.
+    checkpoint_round: the round of the run folder's last checkpoint (None:
+      no run folder), from which a resume continues.
+  """
+
+  def __init__(self, message: str, round_index: int, checkpoint_round):
+    super().__init__(message)
+    self.round = round_index
+    self.checkpoint_round = checkpoint_round
+
+
+class _Params:
+  """``params()`` for one row: the parameters after the row's round, when
+  the callback may read them there (see the module docstring)."""
+
+  def __init__(self, row, state, params_of, every: int):
+    self.row, self.state, self.params_of = row, state, params_of
+    self.every = every
+
+  def __call__(self):
+    t = self.row.get("round")
+    if self.every == 0:
+      raise ValueError(
+        "this callback has params_every=0 (it never reads params); set "
+        "params_every to k >= 1 to read them every k-th round."
+      )
+    if t % self.every != 0:
+      raise ValueError(
+        f"params() at round {t}: this callback reads params every "
+        f"{self.every} rounds (params_every={self.every}), and round {t} "
+        f"is not one; call it when round % {self.every} == 0."
+      )
+    if self.state is None or self.params_of is None:
+      raise ValueError(
+        f"params() at round {t}: the parameters after this round were not kept."
+      )
+    return self.params_of(self.state, self.row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +221,7 @@ class StopOnSignal:
     if self.signum is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signum = signum
-    tqdm = require("tqdm", "experiment").tqdm
+    tqdm = require("tqdm.auto", "experiment").tqdm
 
     tqdm.write(
       f"received {signal.Signals(signum).name}: finishing the "
@@ -286,6 +399,9 @@ def run_rounds(
   desc: str = "",
   handle_signals: bool = True,
   identity: dict | None = None,
+  tracking=None,
+  callbacks: Sequence[Any] = (),
+  params_of: Callable[[Any, Mapping], Any] | None = None,
 ) -> LoopResult:
   """Advances ``state`` from round ``start`` to ``num_rounds``.
 
@@ -303,18 +419,61 @@ def run_rounds(
     handle_signals: stop cleanly on SIGINT/SIGTERM.
     identity: recorded in every checkpoint's meta (see
       :func:`~fedjax_lite.experiment.checkpoint.check_identity`).
+    tracking: a :class:`~fedjax_lite.experiment.writers.Tracking` that gets
+      every row and is flushed before each checkpoint (the caller closes
+      it), or None.
+    callbacks: called after each round (see the module docstring):
+      callables ``fn(round, row, params)`` or :class:`Callback`.
+    params_of: ``(state, row) -> params``: the global parameters of the
+      row's run in ``state`` (what callbacks' ``params()`` returns).
+
+  Raises:
+    CallbackError: a callback raised (the run stopped after that round).
   """
-  tqdm = require("tqdm", "experiment").tqdm
+  tqdm = require("tqdm.auto", "experiment").tqdm
+  callbacks = [Callback.of(c) for c in callbacks]
+  every = sorted({c.params_every for c in callbacks} - {0})
 
   t0 = time.perf_counter()
 
   written = [0, 0.0]
+  saved = [None]  # the round of the last checkpoint
+
+  def emit(rows, state_at: dict) -> None:
+    """Logs ``rows``, writes them to the tracking writers and calls the
+    callbacks; ``state_at``: {round: the state after it} where known."""
+    for row in rows:
+      log.append(row)
+      if tracking is not None:
+        tracking.write(row)
+      if not callbacks:
+        continue
+      t = row.get("round")
+      state_t = state_at.get(t)
+      for c in callbacks:
+        try:
+          c(t, dict(row), _Params(row, state_t, params_of, c.params_every))
+        except Exception as e:
+          where = (
+            ""
+            if run_dir is None
+            else f"; the last checkpoint (round {saved[0]}) in {run_dir} "
+            "resumes it"
+          )
+          raise CallbackError(
+            f"callback {c.name} raised after round {t} "
+            f"({type(e).__name__}: {e}); the run stopped there{where}.",
+            t,
+            saved[0],
+          ) from e
 
   def save(t: int) -> float:
     """Checkpoints round ``t``; returns the seconds it took."""
     tick = time.perf_counter()
     written[0] += 1
     log.sync()
+    if tracking is not None:
+      tracking.flush()
     ckpt.save_checkpoint(
       run_dir / CHECKPOINT,
       state,
@@ -327,6 +486,7 @@ def run_rounds(
       },
     )
     written[1] += time.perf_counter() - tick
+    saved[0] = t
     return time.perf_counter() - tick
 
   t = start
@@ -358,6 +518,8 @@ def run_rounds(
             max_rounds,
             checkpointing.every_rounds - t % checkpointing.every_rounds,
           )
+        for k in every:  # callbacks read params there: end a chunk
+          max_rounds = min(max_rounds, k - t % k)
         tick = time.perf_counter()
         try:
           state, rows, done = advance(state, t, max_rounds, seconds)
@@ -369,19 +531,18 @@ def run_rounds(
           if e.state is not None:
             state = e.state
           t = e.round - 1
-          for row in e.rows:
-            if row.get("round", t) <= t:
-              log.append(row)
+          emit([r for r in e.rows if r.get("round", t) <= t], {t: state})
           if run_dir is not None:
             save(t)
-          for row in e.rows:
+          for row in e.rows:  # the diverged round: no callbacks
             if row.get("round", t) > t:
               log.append(row)
+              if tracking is not None:
+                tracking.write(row)
           break
         dt = time.perf_counter() - tick
         t += done
-        for row in rows:
-          log.append(row)
+        emit(rows, {t: state})
         post = _postfix(rows, log.rows)
         post["rounds/s"] = (
           f"{bar.format_dict.get('rate') or done / max(dt, 1e-9):.1f}"

@@ -4,6 +4,16 @@
 goes; ``metrics.csv`` is rewritten from it at every checkpoint and at the end
 (its columns are the union of all keys, empty where a row has no value, e.g.
 test metrics on rounds without evaluation).
+
+Non-finite values. JSON has no NaN or infinity, so a metric whose value was
+NaN, ``+inf`` or ``-inf`` is written as ``null``: a key present with value
+``null`` means "computed, but not a finite number" (a diverged loss, an
+infinite privacy budget), while a key absent from a row means "not
+computed that round". The rows in memory (:attr:`MetricsLog.rows`) hold
+None there too, as :func:`read_jsonl` returns them; ``metrics.csv`` writes
+``nan`` for them (and leaves missing values empty). Which of NaN and
+``+-inf`` it was is not recorded: the metric writers of
+:mod:`fedjax_lite.experiment.writers` get the float itself.
 """
 
 from __future__ import annotations
@@ -25,13 +35,19 @@ TIMING_KEYS = ("rounds_per_s", "wall_time", "round_time_s")
 
 
 def _clean(v):
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)  # JSON has no NaN/inf
+  """A row value as written: non-finite floats (numpy's too) as None."""
+  if isinstance(v, (float, np.floating)) and not math.isfinite(v):
+    return None  # JSON has no NaN/inf: null (see the module docstring)
   return v
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """All rows of a JSONL file (a torn last line, from a crash, is skipped)."""
+  """All rows of a JSONL file (a torn last line, from a crash, is skipped).
+
+  A non-finite value is None (``null``; files written before null was used
+  hold the strings ``"nan"``, ``"inf"``, ``"-inf"``, which stay as they
+  are).
+  """
   path = Path(path)
   if not path.exists():
     return []
@@ -63,7 +79,7 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
   )
   w.writeheader()
   for r in rows:
-    w.writerow(r)
+    w.writerow({k: "nan" if v is None else v for k, v in r.items()})
   atomic_write_text(path, buf.getvalue())
 
 
@@ -74,18 +90,26 @@ class MetricsLog:
     run_dir: the run folder; None keeps the rows in memory only.
     keep_until_round: on resume, rows with ``round`` above this are dropped
       (they were computed after the checkpoint and will be recomputed).
+
+  Attributes:
+    rows: the rows (non-finite values as None).
+    logged_round: the last round the file held when opened, before rows
+      were dropped (None: no rows), i.e. how far the session before got.
   """
 
   def __init__(
     self, run_dir: str | os.PathLike | None, keep_until_round: int | None = None
   ):
     self.rows: list[dict] = []
+    self.logged_round: int | None = None
     self._f = None
     if run_dir is None:
       return
     self.jsonl = Path(run_dir) / "metrics.jsonl"
     self.csv = Path(run_dir) / "metrics.csv"
     self.rows = read_jsonl(self.jsonl)
+    rounds = [r["round"] for r in self.rows if isinstance(r.get("round"), int)]
+    self.logged_round = max(rounds) if rounds else None
     if keep_until_round is not None:
       kept = [r for r in self.rows if r.get("round", 0) <= keep_until_round]
       if len(kept) != len(self.rows) or self.jsonl.exists():
@@ -96,6 +120,7 @@ class MetricsLog:
     self._f = open(self.jsonl, "a", encoding="utf-8")
 
   def append(self, row: dict) -> None:
+    """Adds a row (a copy, non-finite values as None) and writes it."""
     row = {k: _clean(v) for k, v in row.items()}
     self.rows.append(row)
     if self._f is not None:
@@ -134,11 +159,11 @@ def final_values(rows: Iterable[dict], drop: Sequence[str] = ()) -> dict:
   """The last value of every metric over ``rows`` (keys in ``drop`` left out).
 
   Test metrics come from the last evaluation, since rows without evaluation
-  do not carry them.
+  do not carry them. A last value that was non-finite is None (``null``).
   """
   out: dict = {}
   for r in rows:
-    out.update({k: v for k, v in r.items() if v is not None and k not in drop})
+    out.update({k: v for k, v in r.items() if k not in drop})
   return out
 
 

@@ -13,6 +13,12 @@ holds:
   :mod:`fedjax_lite.experiment.loop`);
 * ``curves.png`` and ``summary.json`` (a sweep: ``summary.md``).
 
+``config.json``'s ``environment`` and ``summary.json``'s ``provenance`` are
+:func:`provenance`: package versions, Python, platform, devices, process
+count, CPU settings, and the experiment file's hash and git commit. Files
+and folders are made with the modes a plain ``open()``/``mkdir`` gives (the
+umask applies).
+
 This module makes folders (:func:`new_run_dir`), writes and reads their
 records (:func:`run_record`, :func:`read_record`, :func:`note_resume`,
 :func:`restart_command`), loads the checkpoint a resume continues from
@@ -24,9 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 from typing import Sequence
 
@@ -72,21 +81,183 @@ def new_run_dir(out: str | os.PathLike, name: str) -> Path:
       ) from None
 
 
-def environment() -> dict:
-  """Versions and devices, for config.json."""
-  from fedjax_lite import runtime  # pylint: disable=g-import-not-at-top
+# Distributions a run's numbers depend on (always recorded) and optional
+# ones recorded when installed (read from their metadata, never imported).
+CORE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "msgpack")
+OPTIONAL_PACKAGES = (
+  "chex",
+  "orbax-checkpoint",
+  "tensorstore",
+  "scipy",
+  "scikit-learn",
+  "dp-accounting",
+  "cryptography",
+  "phe",
+  "h5py",
+  "matplotlib",
+  "tqdm",
+  "tensorboardX",
+  "wandb",
+  "mlflow-skinny",
+  "jax-cuda12-plugin",
+  "jax-cuda12-pjrt",
+  "jax-cuda13-plugin",
+  "jax-cuda13-pjrt",
+  "libtpu",
+)
+# Environment variables that change XLA's devices, threads or numerics.
+CPU_ENV_VARS = (
+  "XLA_FLAGS",
+  "JAX_PLATFORMS",
+  "JAX_ENABLE_X64",
+  "JAX_DEFAULT_MATMUL_PRECISION",
+  "FEDJAX_LITE_CPU_TUNING",
+  "FEDJAX_LITE_LIBRARY_FUSIONS",
+  "OMP_NUM_THREADS",
+  "MKL_NUM_THREADS",
+  "OPENBLAS_NUM_THREADS",
+)
+GIT_TIMEOUT_S = 5.0
+
+
+def package_versions() -> dict:
+  """``{distribution: version}``: fedjax_lite, :data:`CORE_PACKAGES` (None
+  when one is missing) and the installed :data:`OPTIONAL_PACKAGES`, read
+  with ``importlib.metadata`` (nothing is imported)."""
   import fedjax_lite  # pylint: disable=g-import-not-at-top
 
-  devs = jax.devices()
+  versions: dict = {"fedjax_lite": getattr(fedjax_lite, "__version__", None)}
+  for name in CORE_PACKAGES + OPTIONAL_PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      if name in CORE_PACKAGES:
+        versions[name] = None
+  return versions
+
+
+def _git(folder: Path, *args: str) -> str | None:
+  """``git -C folder *args``'s stdout, or None (no git, not a checkout, an
+  error or :data:`GIT_TIMEOUT_S` passed). Takes no lock in the checkout
+  (``GIT_OPTIONAL_LOCKS=0``)."""
+  try:
+    out = subprocess.run(
+      ["git", "-C", str(folder), *args],
+      capture_output=True,
+      text=True,
+      timeout=GIT_TIMEOUT_S,
+      check=False,
+      env={**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"},
+    )
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout if out.returncode == 0 else None
+
+
+def git_state(path: str | os.PathLike) -> dict | None:
+  """The git checkout holding ``path`` (a file or folder), or None.
+
+  Returns:
+    ``{"commit": <HEAD's sha>, "dirty": <tracked files differ from HEAD>,
+    "root": <the checkout's top folder>}``; untracked files (run folders,
+    say) do not make it dirty (``git status --porcelain
+    --untracked-files=no``). None when git is missing, ``path`` is in no
+    checkout, the checkout has no commit yet, or git takes longer than
+    :data:`GIT_TIMEOUT_S` seconds.
+  """
+  path = Path(path)
+  folder = path if path.is_dir() else path.parent
+  if not folder.is_dir():
+    return None
+  commit = _git(folder, "rev-parse", "HEAD")
+  if commit is None:
+    return None
+  status = _git(folder, "status", "--porcelain", "--untracked-files=no")
+  root = _git(folder, "rev-parse", "--show-toplevel")
   return {
-    "fedjax_lite": getattr(fedjax_lite, "__version__", "?"),
-    "jax": jax.__version__,
-    "python": platform.python_version(),
-    "platform": devs[0].platform,
-    "num_devices": len(devs),
-    "machine": platform.machine(),
-    "cpu_settings": runtime.settings(),
+    "commit": commit.strip(),
+    "dirty": None if status is None else bool(status.strip()),
+    "root": None if root is None else root.strip(),
   }
+
+
+def cpu_settings() -> dict:
+  """The CPU settings in force: what :func:`fedjax_lite.runtime.
+  configure_cpu` applied (``applied``, ``num_cpu_devices``,
+  ``library_fusions``, ``xla_flags``), the usable cores, JAX's
+  ``jax_num_cpu_devices`` and the set :data:`CPU_ENV_VARS`."""
+  from fedjax_lite import runtime  # pylint: disable=g-import-not-at-top
+
+  try:
+    num_cpu = jax.config.jax_num_cpu_devices
+  except AttributeError:  # pragma: no cover - older jax
+    num_cpu = None
+  return {
+    **runtime.settings(),
+    "usable_cores": runtime.usable_cores(),
+    "jax_num_cpu_devices": num_cpu,
+    "env": {k: os.environ[k] for k in CPU_ENV_VARS if k in os.environ},
+  }
+
+
+def provenance(experiment_file: str | os.PathLike | None = None) -> dict:
+  """What a run's numbers came from: versions, machine, devices, settings.
+
+  Written to ``config.json`` (``environment``) when a run starts and to
+  ``summary.json`` (``provenance``) when it ends; JSON-serialisable, for
+  tracking tools to log as hyperparameters. It asks JAX for its devices,
+  which starts JAX's backend: outside a run, call it after
+  :func:`fedjax_lite.configure_cpu`.
+
+  Args:
+    experiment_file: the experiment file; adds its hash and, when it lies
+      in a git checkout, the commit and whether tracked files differ.
+
+  Returns:
+    ``{"packages": {distribution: version} (see :func:`package_versions`),
+    "python": "3.11.9", "python_implementation", "platform" (e.g.
+    ``Linux-6.1-x86_64-with-glibc2.36``), "machine", "backend" (``cpu``,
+    ``gpu``, ``tpu``), "device_kind" (``jax.devices()[0].device_kind``),
+    "num_devices", "num_local_devices", "process_count", "process_index",
+    "cpu_settings" (see :func:`cpu_settings`), "experiment": {"file",
+    "sha256", "git_commit", "git_dirty", "git_root"} (only with
+    ``experiment_file``; the git fields are None outside a checkout)}``.
+  """
+  devs = jax.devices()
+  out = {
+    "packages": package_versions(),
+    "python": platform.python_version(),
+    "python_implementation": platform.python_implementation(),
+    "platform": platform.platform(),
+    "machine": platform.machine(),
+    "backend": jax.default_backend(),
+    "device_kind": devs[0].device_kind,
+    "num_devices": len(devs),
+    "num_local_devices": jax.local_device_count(),
+    "process_count": jax.process_count(),
+    "process_index": jax.process_index(),
+    "cpu_settings": cpu_settings(),
+  }
+  if experiment_file is not None:
+    path = Path(experiment_file)
+    try:
+      sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+      sha = None
+    git = git_state(path) or {}
+    out["experiment"] = {
+      "file": str(path),
+      "sha256": sha,
+      "git_commit": git.get("commit"),
+      "git_dirty": git.get("dirty"),
+      "git_root": git.get("root"),
+    }
+  return out
+
+
+def environment(experiment_file: str | os.PathLike | None = None) -> dict:
+  """``config.json``'s ``environment``: :func:`provenance`."""
+  return provenance(experiment_file)
 
 
 def describe(exp: Experiment) -> dict:
@@ -101,6 +272,7 @@ def describe(exp: Experiment) -> dict:
     "round_config": json.loads(json.dumps(dataclasses.asdict(rc), default=str)),
     "num_rounds": exp.num_rounds,
     "eval_every": exp.eval_every,
+    "train_eval_clients": int(exp.train_eval_sample().size),
     "seed": exp.seed,
     "hparams": dict(exp.hparams),
   }
@@ -143,10 +315,15 @@ def finish(
   extra: dict | None = None,
 ) -> None:
   """Writes ``curves.png`` and ``summary.json`` for the rows so far
-  (``extra``: e.g. checkpoints written and their cost in this session)."""
+  (``extra``: e.g. checkpoints written and their cost in this session).
+
+  ``summary.json`` also holds :func:`provenance` (``provenance``) as of the
+  end of the run, for the experiment file that ``run_dir``'s
+  ``config.json`` names (its hash and git state may differ from the start's
+  in ``config.json``'s ``environment`` when it was edited meanwhile)."""
   title = f"{exp.name or run_dir.name}: {exp.algorithm.name}, {exp.model.name}"
   fig = plots.plot_curves(rows, None, title)
-  fig.savefig(run_dir / "curves.png", dpi=110)
+  plots.save(fig, run_dir / "curves.png")
   final = final_values(rows, TIMING_KEYS)
   rate = [r["rounds_per_s"] for r in rows[1:] if "rounds_per_s" in r]
   summary = {
@@ -157,8 +334,23 @@ def finish(
     "median_rounds_per_s": float(np.median(rate)) if rate else None,
     "wall_time": rows[-1].get("wall_time") if rows else None,
     **(extra or {}),
+    "provenance": provenance(recorded_experiment_file(run_dir)),
   }
   ckpt.atomic_write_text(run_dir / "summary.json", cfglib.dumps(summary))
+
+
+def recorded_experiment_file(run_dir: Path) -> str | None:
+  """The experiment file ``run_dir``'s ``config.json`` (or ``sweep.json``)
+  names, or None (no record, or one without it)."""
+  for name in ("config.json", "sweep.json"):
+    try:
+      record = json.loads((Path(run_dir) / name).read_text())
+    except (OSError, ValueError):
+      continue
+    file = (record.get("experiment") or {}) if isinstance(record, dict) else {}
+    if isinstance(file, dict) and isinstance(file.get("file"), str):
+      return file["file"]
+  return None
 
 
 def run_name(ef: cfglib.ExperimentFile, exp: Experiment) -> str:
@@ -251,7 +443,7 @@ def run_record(
     "overrides": over,
     **extra,
     "experiment_summary": describe(exp),
-    "environment": environment(),
+    "environment": environment(ef.path),
     "created": datetime.datetime.now().isoformat(timespec="seconds"),
     "resumes": [],
   }
@@ -262,7 +454,7 @@ def note_resume(
 ) -> None:
   """Records a resume (and warns if the experiment file changed)."""
   if record["experiment"].get("sha256") != ef.sha256():
-    tqdm = require("tqdm", "experiment").tqdm
+    tqdm = require("tqdm.auto", "experiment").tqdm
 
     tqdm.write(
       f"warning: {ef.path} changed since this run started; "

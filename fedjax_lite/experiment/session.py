@@ -5,9 +5,14 @@ A run folder ``runs/<name>-<timestamp>/`` holds:
 * ``config.json``: the experiment file, its resolved config and the
   environment (written before the first round);
 * ``metrics.jsonl`` / ``metrics.csv``: one row per round (``round``,
-  ``train_<metric>``, ``round_time_s``, ``rounds_per_s``, ``wall_time``) and,
-  on evaluation rounds, ``test_<metric>`` plus the per-client test accuracy
-  quantiles ``test_accuracy_p10 ... p90``;
+  ``train_<metric>``, ``train_num_clients``, ``round_time_s``,
+  ``rounds_per_s``, ``wall_time``) and, on evaluation rounds,
+  ``test_<metric>`` plus the per-client test accuracy quantiles
+  ``test_accuracy_p10 ... p90`` (a non-finite value is ``null``, see
+  :mod:`fedjax_lite.experiment.records`);
+* with ``writers=`` (``--log``): ``tensorboard/``, ``wandb/``, ``mlflow.db``
+  and ``tracking.json``, the same rows in experiment-tracking tools (see
+  :mod:`fedjax_lite.experiment.writers`);
 * ``curves.png``: convergence curves; ``summary.json``: final metrics;
 * ``checkpoint.msgpack``: the latest full state (see
   :mod:`fedjax_lite.experiment.checkpoint`), written before the first round,
@@ -25,6 +30,7 @@ parameters and metrics (timing columns aside).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -38,6 +44,7 @@ from fedjax_lite.engine.round import Engine, EngineState
 from fedjax_lite.experiment import checkpoint as ckpt
 from fedjax_lite.experiment import config as cfglib
 from fedjax_lite.experiment import loop
+from fedjax_lite.experiment import writers as writerlib
 from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.evaluator import Evaluator
 from fedjax_lite.experiment.loop import Checkpointing, LoopResult, run_rounds
@@ -49,6 +56,7 @@ from fedjax_lite.experiment.runs import (
 )
 from fedjax_lite.experiment.run_folder import (
   data_mb_per_device,
+  describe,
   finish,
   load_resume_state,
 )
@@ -99,11 +107,16 @@ class RunResult:
 
 
 def train_row(metrics: dict) -> dict:
-  """A round's scalar metrics as ``train_<name>`` columns (counts and
-  private entries left out)."""
+  """A round's scalar metrics as ``train_<name>`` columns (the total
+  weight and private entries left out).
+
+  ``train_num_clients`` is the engine's ``num_clients``: the clients whose
+  updates the round aggregated (sampled, minus those dropped), so the
+  uplink of a round is ``train_uplink_bytes * train_num_clients``.
+  """
   row = {}
   for k, v in metrics.items():
-    if k in ("num_clients", "total_weight") or k.startswith("_"):
+    if k == "total_weight" or k.startswith("_"):
       continue
     a = np.asarray(v)
     if a.ndim == 0:
@@ -248,7 +261,8 @@ class RunOptions:
       i.e. the most work a crash can lose (default 60; None: only at the
       start, on SIGINT/SIGTERM and at the end). Cheap checkpoints are
       written more often (see :mod:`fedjax_lite.experiment.loop`).
-    progress: show a tqdm progress bar.
+    progress: show a tqdm progress bar (``tqdm.auto``: a widget in
+      Jupyter, text elsewhere).
     handle_signals: stop cleanly on SIGINT/SIGTERM (see the module
       docstring).
     desc: progress bar label (None: the experiment's name).
@@ -265,6 +279,19 @@ class RunOptions:
       the run folder's experiment hash); the state's leaf paths, shapes and
       dtypes are added by :class:`Session`. A resume whose identity differs
       is refused before any file is touched.
+    writers: metric writers besides ``metrics.jsonl`` (always written):
+      ``"tensorboard,wandb,mlflow"`` or a subset, a list of such names,
+      and (a run, not a sweep) :class:`~fedjax_lite.experiment.writers.
+      MetricWriter` objects, which the run closes at its end. Every row
+      goes to every writer with ``step = round``; a sweep makes one
+      tracking run per setting (see :mod:`fedjax_lite.experiment.writers`,
+      also for what a resume does in each tool).
+    callbacks: called after each round as ``fn(round, row, params)``, in
+      order; ``params()`` is the global model after that round, on the
+      rounds the callback's ``params_every`` names (see
+      :mod:`fedjax_lite.experiment.loop`: chunks of rounds end there). A
+      callback that raises stops the run
+      (:class:`~fedjax_lite.experiment.loop.CallbackError`).
   """
 
   resume: bool = False
@@ -276,6 +303,8 @@ class RunOptions:
   on_ready: Callable[[], None] | None = None
   on_divergence: str = "stop"
   identity: dict | None = None
+  writers: Any = None
+  callbacks: Sequence[Any] = ()
 
   def __post_init__(self):
     if self.on_divergence not in ("stop", "continue"):
@@ -283,6 +312,29 @@ class RunOptions:
         "on_divergence must be 'stop' or 'continue', got "
         f"{self.on_divergence!r}."
       )
+    w = self.writers
+    items = [w] if isinstance(w, (str, writerlib.MetricWriter)) else w
+    if w is not None and not (
+      isinstance(items, (list, tuple))
+      and all(isinstance(x, (str, writerlib.MetricWriter)) for x in items)
+    ):
+      raise ValueError(
+        "writers must be writer names (e.g. 'tensorboard,mlflow' or "
+        "['tensorboard', 'mlflow']) or MetricWriter objects, got "
+        f"{w!r}."
+      )
+    if w is not None:
+      writerlib.parse_spec([x for x in items if isinstance(x, str)])
+    if callable(self.callbacks) or not isinstance(
+      self.callbacks, (list, tuple)
+    ):
+      raise TypeError(
+        "callbacks must be a list of callables fn(round, row, params), got "
+        f"{self.callbacks!r}."
+      )
+    object.__setattr__(
+      self, "callbacks", tuple(loop.Callback.of(c) for c in self.callbacks)
+    )
 
   @classmethod
   def of(cls, caller: str, options: dict) -> "RunOptions":
@@ -321,6 +373,8 @@ class Session:
     t0: ``time.perf_counter()`` when the session started.
     options: the run's :class:`RunOptions`.
     write: whether this process writes the run folder (process 0).
+    tracking: the metric writers of ``options.writers`` (None: none), made
+      by :meth:`open` and closed by :meth:`run`.
   """
 
   exp: Experiment
@@ -334,6 +388,7 @@ class Session:
   t0: float
   options: RunOptions = RunOptions()
   write: bool = True
+  tracking: writerlib.Tracking | None = None
 
   @property
   def start(self) -> int:
@@ -349,14 +404,27 @@ class Session:
     init: Callable[[Engine, Any], Any],
     *,
     write: bool = True,
+    settings: Sequence[dict] | None = None,
   ) -> "Session":
     """Uploads the data, makes the initial state (``init(engine, data)``) and,
     when ``options.resume``, replaces it by ``run_dir``'s checkpoint. With
     ``write`` False (processes other than 0 of a multi-process run) the
-    session reads ``run_dir``'s checkpoint but writes no file there."""
+    session reads ``run_dir``'s checkpoint but writes no file there.
+
+    It then opens the metric writers of ``options.writers`` (one set per
+    setting of a sweep: ``settings``), writes their hparams
+    (:func:`tracking_hparams`) and, on a resume, replays the rows up to
+    the checkpoint to them (each writer keeps what it lacks)."""
     resume = options.resume
     if run_dir is None and resume:
       raise ValueError("resume=True needs the run_dir holding the checkpoint.")
+    names = _writer_names(options.writers)
+    if names and run_dir is None:
+      raise ValueError(
+        f"writers={names!r} need a run folder for their files; pass run_dir "
+        "(or MetricWriter objects for an in-memory run)."
+      )
+    writerlib.require_libraries(names)  # missing: one line, before any work
     engine = engine_for(exp)
     try:
       data = engine.put_data(exp.train, placement=exp.placement)
@@ -385,6 +453,22 @@ class Session:
       options.on_ready()
     writes = run_dir if write else None
     log = MetricsLog(writes, keep_until_round=start if writes else None)
+    tracking = None
+    if write:
+      try:
+        tracking = writerlib.Tracking.open(
+          options.writers,
+          run_dir,
+          hparams=tracking_hparams(exp, run_dir, settings is not None),
+          settings=settings,
+          resume=None
+          if not resume
+          else writerlib.Resume(start, max(start, log.logged_round or 0)),
+          history=log.rows,
+        )
+      except BaseException:
+        log.close()
+        raise
     return cls(
       exp,
       run_dir,
@@ -397,31 +481,79 @@ class Session:
       time.perf_counter(),
       options,
       write,
+      tracking,
     )
 
   def wall_time(self) -> float:
     """Wall time of the run so far, sessions before this one included."""
     return self.elapsed0 + (time.perf_counter() - self.t0)
 
-  def run(self, advance, desc: str) -> LoopResult:
+  def run(
+    self,
+    advance,
+    desc: str,
+    params_of: Callable[[Any, dict], Any] | None = None,
+  ) -> LoopResult:
     """:func:`~fedjax_lite.experiment.loop.run_rounds` from :attr:`start`
     to ``exp.num_rounds`` as :attr:`options` say (``desc``: the progress
-    label when the options give none)."""
+    label when the options give none; ``params_of(state, row)``: the
+    global parameters of the row's run, for callbacks). Closes the
+    metric writers at the end, however the loop ends."""
     opts = self.options
-    return run_rounds(
-      advance,
-      self.state,
-      start=self.start,
-      num_rounds=self.exp.num_rounds,
-      log=self.log,
-      run_dir=self.run_dir if self.write else None,
-      checkpointing=opts.checkpointing(),
-      elapsed0=self.elapsed0,
-      progress=opts.progress,
-      desc=opts.desc or desc,
-      handle_signals=opts.handle_signals,
-      identity=opts.identity,
-    )
+    try:
+      return run_rounds(
+        advance,
+        self.state,
+        start=self.start,
+        num_rounds=self.exp.num_rounds,
+        log=self.log,
+        run_dir=self.run_dir if self.write else None,
+        checkpointing=opts.checkpointing(),
+        elapsed0=self.elapsed0,
+        progress=opts.progress,
+        desc=opts.desc or desc,
+        handle_signals=opts.handle_signals,
+        identity=opts.identity,
+        tracking=self.tracking,
+        callbacks=opts.callbacks,
+        params_of=params_of,
+      )
+    finally:
+      if self.tracking is not None:
+        self.tracking.close()
+
+
+def _writer_names(writers) -> list[str]:
+  """The writer names in a ``writers`` option, ``jsonl`` left out."""
+  if writers is None or isinstance(writers, writerlib.MetricWriter):
+    return []
+  items = [writers] if isinstance(writers, str) else writers
+  names = writerlib.parse_spec([w for w in items if isinstance(w, str)])
+  return [n for n in names if n != "jsonl"]
+
+
+def tracking_hparams(
+  exp: Experiment, run_dir: Path | None, sweep: bool = False
+) -> dict:
+  """What the metric writers get as hparams: :func:`~fedjax_lite.
+  experiment.run_folder.describe` of ``exp`` (model, algorithm, round
+  config, ...), the resolved config of the run folder's record
+  (``config.json``; a sweep's ``sweep.json``) when it has one, and the
+  experiment's hyperparameters (a sweep adds each setting's own), flattened
+  to ``{"a.b": scalar}``."""
+  summary = dict(describe(exp))
+  summary.pop("hparams", None)
+  out = writerlib.flatten(summary)
+  if run_dir is not None:
+    record = run_dir / ("sweep.json" if sweep else "config.json")
+    try:
+      config = json.loads(record.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+      config = None
+    if isinstance(config, dict):
+      out.update(writerlib.flatten(config))
+  out.update(writerlib.flatten(dict(exp.hparams)))
+  return out
 
 
 def train(
@@ -449,7 +581,7 @@ def train(
     placement: overrides ``exp.placement`` (``"replicated"``/``"sharded"``).
     **options: :class:`RunOptions` (``resume``, ``checkpoint_every``,
       ``checkpoint_every_seconds``, ``progress``, ``handle_signals``,
-      ``desc``, ``on_divergence``).
+      ``desc``, ``on_divergence``, ``writers``, ``callbacks``).
 
   Returns:
     A :class:`RunResult`.
@@ -465,7 +597,11 @@ def train(
     exp, run_dir, opts, lambda engine, data: runs.init(data), write=write
   )
   run_dir, log = sess.run_dir, sess.log
-  out = sess.run(advance(sess, runs), exp.name or exp.algorithm.name)
+  out = sess.run(
+    advance(sess, runs),
+    exp.name or exp.algorithm.name,
+    lambda state, row: runs.params(state),
+  )
   if run_dir is not None and write:
     finish(
       run_dir,

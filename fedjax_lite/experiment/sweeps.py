@@ -5,7 +5,11 @@ runs of one engine round (:class:`~fedjax_lite.experiment.runs.VmappedRounds`;
 see there) and records them like a run: ``sweep.json``, ``metrics.jsonl``
 with a ``setting`` column, ``curves.png`` (mean +- std over seeds per grid
 point), ``summary.md`` and a crash-safe ``checkpoint.msgpack`` of all
-settings' states (``python -m fedjax_lite sweep --resume DIR``).
+settings' states (``python -m fedjax_lite sweep --resume DIR``). With
+``writers=`` (``--log``) each setting is its own tracking run: a
+TensorBoard subfolder ``tensorboard/setting<i>_seed=..``, a W&B run in the
+group named after the sweep folder, an MLflow run in the experiment named
+after it (see :mod:`fedjax_lite.experiment.writers`).
 
 Hyperparameters must be declared by the experiment (``Experiment.hparams`` +
 ``algorithm_fn``); anything that changes shapes (clients per round, batch size,
@@ -132,7 +136,8 @@ def sweep(
     run_dir: folder for metrics, checkpoint, curves.png, summary.md (None:
       in memory only).
     **options: :class:`~fedjax_lite.experiment.session.RunOptions`, as for
-      :func:`~fedjax_lite.experiment.session.train`.
+      :func:`~fedjax_lite.experiment.session.train` (``writers`` by name
+      only; a callback's ``params()`` gives the row's setting's params).
 
   Returns:
     A :class:`SweepResult`.
@@ -148,10 +153,20 @@ def sweep(
   seeds = _seed_list(exp, seeds)
   runs = VmappedRounds(exp, seeds, grid, max_chunk(exp))
   settings = runs.settings
-  sess = Session.open(exp, run_dir, opts, lambda engine, data: runs.init(data))
+  sess = Session.open(
+    exp,
+    run_dir,
+    opts,
+    lambda engine, data: runs.init(data),
+    settings=settings,
+  )
   run_dir = sess.run_dir
   columns = [{"setting": i, **s} for i, s in enumerate(settings)]
-  out = sess.run(advance(sess, runs, columns), f"sweep x{len(settings)}")
+  out = sess.run(
+    advance(sess, runs, columns),
+    f"sweep x{len(settings)}",
+    lambda state, row: runs.state_of(runs.params(state), row["setting"]),
+  )
   res = SweepResult(
     run_dir,
     settings,
@@ -194,7 +209,7 @@ def sweep_file(
     resume: a sweep folder to continue.
     **options: the other :class:`~fedjax_lite.experiment.session.RunOptions`
       (``checkpoint_every``, ``checkpoint_every_seconds``, ``progress``,
-      ``handle_signals``).
+      ``handle_signals``, ``writers``, ``callbacks``).
   """
 
   def new_record(exp: Experiment) -> dict:

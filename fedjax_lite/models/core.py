@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -131,6 +132,32 @@ class Model:
         f"({type(e).__name__}: {first[:300]}); was the model built for "
         "another input size?"
       ) from e
+
+  def load_params(
+    self, path: str | os.PathLike, rng: jax.Array | None = None
+  ) -> Params:
+    """Parameters of this model read from ``path``, checked against its init.
+
+    Args:
+      path: a msgpack file written by
+        :func:`fedjax_lite.experiment.export_params` (or flax
+        ``msgpack_serialize`` of params), or an orbax folder
+        (``format="orbax"``).
+      rng: the key ``init`` is traced with (``jax.eval_shape``: nothing is
+        computed); default ``PRNGKey(0)``.
+
+    Returns:
+      The params in the structure of ``self.init(rng)``, numpy leaves.
+
+    Raises:
+      ValueError: naming the first leaf whose path, shape or dtype differs
+        from the model's (e.g. a model built for other sizes).
+    """
+    from fedjax_lite.models import params_io  # pylint: disable=g-import-not-at-top
+
+    key = jax.random.PRNGKey(0) if rng is None else rng
+    target = jax.eval_shape(self.init, key)
+    return params_io.read_params(path, target, what=f"model {self.name!r}")
 
   def validate_labels(self, labels: np.ndarray, where: str = "data") -> None:
     """Raises a clear error if ``labels`` are not valid class indices."""

@@ -1,0 +1,725 @@
+"""Metric writers: a run's per-round rows into experiment-tracking tools.
+
+One small interface, :class:`MetricWriter` (``write_scalars(step,
+scalars)``, ``write_hparams(hparams)``, ``flush()``, ``close()``), and one
+writer per tool, named by :func:`make_writers`'s spec
+(``"jsonl,tensorboard,wandb,mlflow"``):
+
+* ``jsonl`` (:class:`JsonlWriter`): ``metrics.jsonl`` / ``metrics.csv``
+  (:mod:`fedjax_lite.experiment.records`), always on in a run folder;
+* ``tensorboard`` (:class:`TensorBoardWriter`): event files through
+  tensorboardX in ``RUN_DIR/tensorboard/`` (a sweep: one subfolder per
+  setting): ``tensorboard --logdir RUN_DIR/tensorboard``;
+* ``wandb`` (:class:`WandbWriter`): a Weights & Biases run whose files go to
+  ``RUN_DIR/wandb/``; with ``WANDB_MODE=offline`` nothing leaves the
+  machine, and ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads later;
+* ``mlflow`` (:class:`MlflowWriter`): an MLflow run in the SQLite store
+  ``RUN_DIR/mlflow.db`` (MLflow 3 refuses its ``file:`` store unless told
+  otherwise, so the run folder holds the SQLite store it recommends):
+  ``mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db``.
+
+The tools are optional (``pip install "fedjax_lite[tracking]"``: tensorboardX,
+wandb, mlflow-skinny with sqlalchemy and alembic for its SQLite store) and
+imported when a writer is made.
+
+In a run (:func:`~fedjax_lite.experiment.session.train`, ``python -m
+fedjax_lite run --log ...``) every row written to ``metrics.jsonl`` goes to
+every writer (:class:`Tracking`) with ``step = round``: train metrics, test
+metrics and per-client quantiles, ``train_num_clients``,
+``train_uplink_bytes`` when present and the timing columns, as float64
+(non-finite values as float NaN/inf); ``write_hparams`` gets the resolved
+config, flattened (:func:`flatten`). A sweep makes one tracking run per
+setting (its seed and hyperparameter values are its hparams, not metrics):
+a TensorBoard subfolder each, W&B runs grouped by the sweep folder's name,
+MLflow runs in one experiment named after the sweep folder.
+
+Precision read back: TensorBoard stores scalars as float32
+(``simple_value``); W&B stores the JSON text of the float64 (NaN and
+infinities as ``NaN``/``Infinity``); MLflow stores float64, NaN as NaN and
+``+-inf`` as ``+-1.7976931348623157e308`` (its SQL store's rule).
+
+Resume (``--resume``: the state after the checkpoint's round ``c``; rows
+after ``c``, from before the crash, are computed again): every tool keeps
+each round once.
+
+* TensorBoard: the resumed session writes a new events file whose first
+  event purges steps ``> c`` (tensorboardX ``purge_step=c + 1``); TensorBoard
+  and its ``EventAccumulator`` then drop the earlier files' events after
+  ``c``, and the recomputed rounds replace them. The earlier files hold
+  every round up to ``c``: the writers are flushed before each checkpoint.
+* MLflow: the same run (its id is kept in ``RUN_DIR/tracking.json``) is set
+  running again; rounds up to the last step the store holds are not logged
+  again (each row is one ``log_batch``, so the store holds whole rows): the
+  recomputed rounds keep the values logged first, which equal them except
+  the timing columns.
+* W&B: a new run folder with the same run id (an offline run cannot be
+  resumed in place); rounds up to the last one ``metrics.jsonl`` held
+  before the resume are not sent again, so the folders' histories are
+  disjoint: sync the first with ``wandb sync``, the next ones with ``wandb
+  sync --append`` (``tracking.json`` lists them in order). A kill can lose the rounds W&B had not yet written
+  (its service writes them in the background): what the tool allows.
+
+A writer added on a resume (``--log`` that the first session lacked) gets
+the rows up to the checkpoint from ``metrics.jsonl`` first (a non-finite
+value there is ``null``: it arrives as NaN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from fedjax_lite._optional import require
+from fedjax_lite.experiment.checkpoint import atomic_write_text
+from fedjax_lite.experiment.config import ConfigError
+from fedjax_lite.experiment.records import MetricsLog
+
+WRITER_NAMES = ("jsonl", "tensorboard", "wandb", "mlflow")
+# Where a run folder records its tracking runs (ids to resume them).
+STATE_FILE = "tracking.json"
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_DB = "mlflow.db"
+WANDB_PROJECT = "fedjax_lite"
+
+
+class MetricWriter:
+  """Where per-round metrics go.
+
+  Subclasses implement :meth:`write_scalars`; the others default to doing
+  nothing. A writer is made for one run (one setting of a sweep).
+  """
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Records ``scalars`` (name -> float, NaN/inf allowed) at ``step``
+    (the round). Steps arrive in increasing order."""
+    raise NotImplementedError
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Records the run's hyperparameters (flat name -> bool, int, float or
+    str)."""
+
+  def flush(self) -> None:
+    """Makes everything written so far durable (called at checkpoints)."""
+
+  def close(self) -> None:
+    """Flushes and releases the writer; it takes no more writes."""
+
+
+class Resume(NamedTuple):
+  """What a resumed session tells its writers.
+
+  Attributes:
+    round: the checkpoint's round ``c``: the session recomputes from
+      ``c + 1``.
+    logged_round: the last round ``metrics.jsonl`` held before the resume
+      dropped the rows after ``c`` (``>= c``; the rounds the session before
+      wrote).
+  """
+
+  round: int
+  logged_round: int
+
+
+def parse_spec(spec: str | Sequence[str] | None) -> list[str]:
+  """``"jsonl,tensorboard"`` (or ``["jsonl", "tensorboard"]``, or several
+  comma lists) -> the writer names in order, without repeats.
+
+  Raises:
+    ValueError: an unknown name (the message lists the known ones) or a
+      spec that is not a str or a sequence of str.
+  """
+  if spec is None:
+    return []
+  items = [spec] if isinstance(spec, str) else spec
+  if not isinstance(items, (list, tuple)) or not all(
+    isinstance(s, str) for s in items
+  ):
+    raise ValueError(
+      "writers must be a comma-separated str of writer names (e.g. "
+      f"'tensorboard,mlflow') or a list of them, got {spec!r}."
+    )
+  names: list[str] = []
+  for item in items:
+    for name in item.split(","):
+      name = name.strip().lower()
+      if not name:
+        continue
+      if name not in WRITER_NAMES:
+        raise ValueError(
+          f"unknown metric writer {name!r}; expected one of "
+          f"{', '.join(WRITER_NAMES)} (comma-separated, e.g. "
+          "'tensorboard,wandb')."
+        )
+      if name not in names:
+        names.append(name)
+  return names
+
+
+def require_libraries(names: Iterable[str]) -> None:
+  """Imports the libraries the named writers need now, so a missing one is
+  the one-line ``pip install "fedjax_lite[tracking]"`` before any round."""
+  for name in names:
+    for module in _LIBRARIES.get(name, ()):
+      require(module, "tracking")
+
+
+_LIBRARIES = {
+  "tensorboard": ("tensorboardX",),
+  "wandb": ("wandb",),
+  "mlflow": ("mlflow", "sqlalchemy", "alembic"),
+}
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict:
+  """A nested mapping as flat ``{"a.b": scalar}`` (hparams for the tools).
+
+  Leaves keep bool, int, float and str values (numpy scalars become Python
+  ones); None becomes ``"None"``; lists and tuples of scalars become their
+  JSON text; anything else its ``str``.
+  """
+  out: dict = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten(value, name + "."))
+    elif isinstance(value, (bool, int, float, str)):
+      out[name] = value
+    elif isinstance(value, np.generic):
+      out[name] = value.item()
+    elif value is None:
+      out[name] = "None"
+    elif isinstance(value, (list, tuple)):
+      try:
+        out[name] = json.dumps(list(value))
+      except TypeError:
+        out[name] = str(value)
+    else:
+      out[name] = str(value)
+  return out
+
+
+def read_state(run_dir: str | os.PathLike) -> dict:
+  """``RUN_DIR/tracking.json``: the tracking runs of a run folder by tool
+  and key (``{}`` when missing)."""
+  path = Path(run_dir) / STATE_FILE
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    return {}
+  except ValueError:  # torn by a crash: the ids are lost, runs start anew
+    return {}
+
+
+def _remember(run_dir: Path, tool: str, key: str, value: dict) -> None:
+  state = read_state(run_dir)
+  state.setdefault(tool, {})[key] = value
+  atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1) + "\n")
+
+
+class JsonlWriter(MetricWriter):
+  """``metrics.jsonl`` / ``metrics.csv`` in ``run_dir``: each step one row
+  ``{"round": step, **scalars}`` (see :class:`~fedjax_lite.experiment.
+  records.MetricsLog`); hparams go to ``hparams.json``.
+
+  A run folder's own log is the session's :class:`MetricsLog`; this writer
+  is for loops of one's own.
+  """
+
+  def __init__(self, run_dir: str | os.PathLike):
+    self.run_dir = Path(run_dir)
+    self.run_dir.mkdir(parents=True, exist_ok=True)
+    self.log = MetricsLog(self.run_dir)
+
+  def write_scalars(self, step, scalars):
+    self.log.append({"round": int(step), **scalars})
+
+  def write_hparams(self, hparams):
+    atomic_write_text(
+      self.run_dir / "hparams.json",
+      json.dumps(flatten(hparams), indent=1) + "\n",
+    )
+
+  def flush(self):
+    self.log.sync()
+
+  def close(self):
+    self.log.close()
+
+
+class TensorBoardWriter(MetricWriter):
+  """TensorBoard event files in ``logdir`` through tensorboardX.
+
+  Scalars are ``add_scalar(name, value, step)`` (float32); hparams are the
+  HParams plugin's session-start summary (the plugin then lists the
+  scalars as metrics). ``resume`` writes a purge event first, so readers
+  drop the steps after the checkpoint that earlier files hold (see the
+  module docstring).
+
+  Args:
+    logdir: the folder of this run's event files.
+    resume: a resumed session's :class:`Resume`, or None.
+    flush_secs: the longest time events wait in memory.
+  """
+
+  def __init__(
+    self,
+    logdir: str | os.PathLike,
+    *,
+    resume: Resume | None = None,
+    flush_secs: int = 10,
+  ):
+    tbx = require("tensorboardX", "tracking")
+    self.logdir = Path(logdir)
+    earlier = len(list(self.logdir.glob("events.out.tfevents.*")))
+    purge = resume.round + 1 if resume is not None and earlier else None
+    # Steps up to the checkpoint are in the earlier files already.
+    self._first = purge if purge is not None else 0
+    # Event files are named by the second they were made in; the session's
+    # number keeps a resume in the same second from overwriting a file and
+    # sorts it after the earlier ones (readers load files in name order).
+    self._writer = tbx.SummaryWriter(
+      logdir=str(self.logdir),
+      purge_step=purge,
+      flush_secs=flush_secs,
+      filename_suffix=f".{earlier:04d}",
+    )
+
+  def write_scalars(self, step, scalars):
+    if step < self._first:
+      return
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, float(value), global_step=int(step))
+
+  def write_hparams(self, hparams):
+    summary = require("tensorboardX.summary", "tracking")
+    _, session_start, _ = summary.hparams(flatten(hparams), {})
+    self._writer.file_writer.add_summary(session_start)
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+class WandbWriter(MetricWriter):
+  """A Weights & Biases run whose files go to ``run_dir/wandb/``.
+
+  The mode follows wandb's own settings (``WANDB_MODE=offline``: files
+  only, no network; ``wandb login`` for online runs); ``mode`` overrides
+  them. The run's id is kept in ``run_dir/tracking.json`` under ``key``, so
+  a resumed session continues the same run (see the module docstring).
+  The writer does not capture the console (``console="off"``).
+
+  Args:
+    run_dir: the run (or sweep) folder.
+    name: the run's display name.
+    group: its group (a sweep's settings share the sweep's name).
+    key: the run's key in ``tracking.json`` (a sweep: one per setting).
+    project: the W&B project (default ``WANDB_PROJECT`` or
+      ``"fedjax_lite"``).
+    mode: ``"online"``, ``"offline"`` or ``"disabled"`` (None: wandb's
+      settings).
+    resume: a resumed session's :class:`Resume`, or None.
+  """
+
+  def __init__(
+    self,
+    run_dir: str | os.PathLike,
+    *,
+    name: str | None = None,
+    group: str | None = None,
+    key: str = "",
+    project: str | None = None,
+    mode: str | None = None,
+    resume: Resume | None = None,
+  ):
+    wandb = require("wandb", "tracking")
+    self.run_dir = Path(run_dir)
+    known = read_state(self.run_dir).get("wandb", {}).get(key)
+    run_id = known["id"] if known and resume is not None else None
+    # Rounds the session before sent (see the module docstring).
+    self._first = resume.logged_round + 1 if run_id else 0
+    try:
+      self.run = wandb.init(
+        project=project or os.environ.get("WANDB_PROJECT") or WANDB_PROJECT,
+        name=name,
+        group=group,
+        dir=str(self.run_dir),
+        id=run_id,
+        resume="allow" if run_id else None,
+        mode=mode,
+        reinit="create_new",
+        settings=wandb.Settings(console="off"),
+      )
+    except wandb.errors.Error as e:  # e.g. not logged in
+      raise ConfigError(
+        f"the wandb writer could not start a W&B run: {e} To keep the run "
+        "on this machine only, set WANDB_MODE=offline (then `wandb sync` "
+        "its folder under wandb/)."
+      ) from e
+    folder = Path(self.run.dir).parent  # .../wandb/offline-run-*/
+    try:
+      folder = folder.resolve().relative_to(self.run_dir.resolve())
+    except ValueError:  # WANDB_DIR or the like put it elsewhere
+      pass
+    # Every session's folder, in order: sync the first with `wandb sync`,
+    # the others with `wandb sync --append`.
+    dirs = (known.get("dirs", []) if run_id else []) + [str(folder)]
+    _remember(self.run_dir, "wandb", key, {"id": self.run.id, "dirs": dirs})
+
+  def write_scalars(self, step, scalars):
+    if step < self._first:
+      return
+    self.run.log({k: float(v) for k, v in scalars.items()}, step=int(step))
+
+  def write_hparams(self, hparams):
+    self.run.config.update(flatten(hparams), allow_val_change=True)
+
+  def close(self):
+    self.run.finish()
+
+
+_MLFLOW_KEY = re.compile(r"[^\w\-. /]")
+
+
+@contextlib.contextmanager
+def _quiet_mlflow():
+  """Silences the SQLite store's table creation (alembic's INFO lines and
+  SQLAlchemy's deprecation warnings) while a client opens its store."""
+  loggers = [logging.getLogger(n) for n in ("alembic", "mlflow.store.db")]
+  levels = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(logging.WARNING)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      yield
+  finally:
+    for lg, level in zip(loggers, levels):
+      lg.setLevel(level)
+
+
+class MlflowWriter(MetricWriter):
+  """An MLflow run in the SQLite store ``run_dir/mlflow.db``.
+
+  Each step is one ``log_batch`` of metrics; hparams are params (values as
+  text, at most 6000 characters; on a resume the params already set keep
+  their first values, as MLflow allows no change). The run's id is kept in
+  ``run_dir/tracking.json`` under ``key``; a resumed session continues it
+  (see the module docstring).
+
+  Args:
+    run_dir: the run (or sweep) folder.
+    experiment: the MLflow experiment's name (made when missing).
+    name: the run's name.
+    key: the run's key in ``tracking.json`` (a sweep: one per setting).
+    tags: more tags of the run.
+    tracking_uri: another store (default: ``sqlite:///run_dir/mlflow.db``).
+    resume: a resumed session's :class:`Resume`, or None.
+  """
+
+  def __init__(
+    self,
+    run_dir: str | os.PathLike,
+    *,
+    experiment: str,
+    name: str | None = None,
+    key: str = "",
+    tags: Mapping[str, str] | None = None,
+    tracking_uri: str | None = None,
+    resume: Resume | None = None,
+  ):
+    require_libraries(["mlflow"])
+    mlflow_client = require("mlflow.tracking", "tracking")
+    self.entities = require("mlflow.entities", "tracking")
+    self.run_dir = Path(run_dir).resolve()
+    uri = tracking_uri or f"sqlite:///{self.run_dir / MLFLOW_DB}"
+    with _quiet_mlflow():
+      self.client = mlflow_client.MlflowClient(tracking_uri=uri)
+    known = read_state(self.run_dir).get("mlflow", {}).get(key)
+    self._first = 0
+    if known and resume is not None:
+      self.run_id = known["run_id"]
+      self.client.update_run(self.run_id, status="RUNNING")
+      self._first = self._last_step() + 1
+    else:
+      found = self.client.get_experiment_by_name(experiment)
+      experiment_id = (
+        found.experiment_id
+        if found is not None
+        else self.client.create_experiment(
+          experiment,
+          artifact_location=(self.run_dir / "mlartifacts").as_uri(),
+        )
+      )
+      run = self.client.create_run(
+        experiment_id, run_name=name, tags=dict(tags or {})
+      )
+      self.run_id = run.info.run_id
+      _remember(
+        self.run_dir,
+        "mlflow",
+        key,
+        {"run_id": self.run_id, "experiment_id": experiment_id},
+      )
+
+  def _last_step(self) -> int:
+    """The last step any metric of the run has (-1: none)."""
+    last = -1
+    for name in self.client.get_run(self.run_id).data.metrics:
+      for m in self.client.get_metric_history(self.run_id, name):
+        last = max(last, int(m.step))
+    return last
+
+  def write_scalars(self, step, scalars):
+    if step < self._first:
+      return
+    now = int(time.time() * 1000)
+    metrics = [
+      self.entities.Metric(_MLFLOW_KEY.sub("_", k), float(v), now, int(step))
+      for k, v in scalars.items()
+    ]
+    for i in range(0, len(metrics), 1000):  # the store's batch limit
+      self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+  def write_hparams(self, hparams):
+    have = self.client.get_run(self.run_id).data.params
+    params = [
+      self.entities.Param(_MLFLOW_KEY.sub("_", k)[:250], str(v)[:6000])
+      for k, v in flatten(hparams).items()
+    ]
+    params = [p for p in params if p.key not in have]
+    for i in range(0, len(params), 100):  # the store's batch limit
+      self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+  def close(self):
+    self.client.set_terminated(self.run_id, status="FINISHED")
+
+
+def make_writers(
+  spec: str | Sequence[str] | None,
+  run_dir: str | os.PathLike,
+  *,
+  name: str | None = None,
+  group: str | None = None,
+  key: str = "",
+  resume: Resume | None = None,
+) -> list[MetricWriter]:
+  """The writers ``spec`` names (see :func:`parse_spec`), for one run.
+
+  Args:
+    spec: ``"jsonl,tensorboard,wandb,mlflow"`` or a subset (a list of names
+      works too).
+    run_dir: the run folder: ``metrics.jsonl``, ``tensorboard/[key]``,
+      ``wandb/``, ``mlflow.db`` and ``tracking.json`` go there.
+    name: the run's name in W&B and MLflow (default: the folder's name).
+    group: the W&B group (default: none) and the MLflow experiment
+      (default: the folder's name); a sweep's settings share it.
+    key: this run's key within the folder (a sweep: one per setting; its
+      TensorBoard subfolder).
+    resume: a resumed session's :class:`Resume`, or None.
+
+  Raises:
+    ValueError: an unknown writer name (listing the known ones).
+    MissingExtraError: a tool's library is not installed.
+  """
+  names = parse_spec(spec)
+  require_libraries(names)
+  run_dir = Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  out: list[MetricWriter] = []
+  for writer in names:
+    if writer == "jsonl":
+      out.append(JsonlWriter(run_dir / key if key else run_dir))
+    elif writer == "tensorboard":
+      logdir = run_dir / TENSORBOARD_DIR
+      out.append(
+        TensorBoardWriter(logdir / key if key else logdir, resume=resume)
+      )
+    elif writer == "wandb":
+      out.append(
+        WandbWriter(
+          run_dir,
+          name=name or run_dir.name,
+          group=group,
+          key=key,
+          resume=resume,
+        )
+      )
+    else:
+      out.append(
+        MlflowWriter(
+          run_dir,
+          experiment=group or run_dir.name,
+          name=name or run_dir.name,
+          key=key,
+          tags={"fedjax_lite.run_folder": str(run_dir.resolve())},
+          resume=resume,
+        )
+      )
+  return out
+
+
+def setting_key(index: int, setting: Mapping[str, Any]) -> str:
+  """A sweep setting's name in the tools: ``"setting3_seed=1_client_lr=0.1"``."""
+  parts = [
+    f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+    for k, v in setting.items()
+  ]
+  return "_".join([f"setting{index}", *parts])
+
+
+def _number(value) -> float | None:
+  """A row value as a float for the tools (None, i.e. non-finite in
+  ``metrics.jsonl``: NaN); None for what is not a number."""
+  if value is None:
+    return math.nan
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    return None
+  return float(value)
+
+
+class Tracking:
+  """Routes the metric rows of a run, or of every setting of a sweep, to
+  their writers.
+
+  ``writers[i]`` are setting ``i``'s writers (a run: one list); a row goes
+  to ``writers[row.get("setting", 0)]`` as ``write_scalars(row["round"],
+  scalars)``, where ``scalars`` are its numeric columns except ``round``
+  and ``constant`` (a sweep's setting columns).
+  """
+
+  def __init__(
+    self,
+    writers: Sequence[Sequence[MetricWriter]],
+    constant: Iterable[str] = (),
+  ):
+    self.writers = [list(w) for w in writers]
+    self.constant = {"round", "setting", *constant}
+    self._closed = False
+
+  @classmethod
+  def open(
+    cls,
+    spec: str | Sequence[Any] | None,
+    run_dir: str | os.PathLike | None,
+    *,
+    hparams: Mapping[str, Any],
+    settings: Sequence[Mapping[str, Any]] | None = None,
+    resume: Resume | None = None,
+    history: Sequence[Mapping] = (),
+  ) -> "Tracking | None":
+    """The writers ``spec`` names for a run (``settings`` None) or for
+    every setting of a sweep, with their hparams written, and the rows of
+    ``history`` (a resumed session's rows up to the checkpoint) replayed
+    to them (each keeps what it lacks; see the module docstring). ``spec``
+    may hold :class:`MetricWriter` objects too (a run only). ``jsonl`` is
+    left out: the session's log is the run folder's JSONL. None when no
+    other writer is asked for.
+
+    Raises:
+      ValueError: an unknown writer name, writer objects given to a sweep,
+        or writer names without a run folder.
+    """
+    items = (
+      []
+      if spec is None
+      else [spec]
+      if isinstance(spec, (str, MetricWriter))
+      else list(spec)
+    )
+    objects = [w for w in items if isinstance(w, MetricWriter)]
+    names = [
+      n
+      for n in parse_spec([w for w in items if not isinstance(w, MetricWriter)])
+      if n != "jsonl"
+    ]
+    if objects and settings is not None:
+      raise ValueError(
+        "sweep(writers=...) takes writer names ("
+        f"{', '.join(WRITER_NAMES)}): the sweep makes one writer per "
+        f"setting; got the object(s) {objects!r}, each of which records one "
+        "run."
+      )
+    if names and run_dir is None:
+      raise ValueError(
+        f"writers={names!r} need a run folder for their files; pass run_dir "
+        "(or MetricWriter objects for an in-memory run)."
+      )
+    if not names and not objects:
+      return None
+    run_dir = None if run_dir is None else Path(run_dir)
+    writers: list[list[MetricWriter]] = []
+    constant: set = set()
+    try:
+      if settings is None:
+        run = make_writers(names, run_dir, resume=resume) if names else []
+        for w in run + objects:
+          w.write_hparams(hparams)
+        writers.append(run + objects)
+      else:
+        for i, setting in enumerate(settings):
+          constant |= set(setting)
+          key = setting_key(i, setting)
+          run = make_writers(
+            names,
+            run_dir,
+            name=f"{run_dir.name}/{key}",
+            group=run_dir.name,
+            key=key,
+            resume=resume,
+          )
+          writers.append(run)
+          for w in run:
+            w.write_hparams({**hparams, **setting})
+    except BaseException:
+      cls(writers).close()
+      raise
+    out = cls(writers, constant)
+    for row in history:
+      out.write(row)
+    return out
+
+  def write(self, row: Mapping[str, Any]) -> None:
+    """Sends one metric row to its setting's writers."""
+    scalars = {}
+    for k, v in row.items():
+      if k in self.constant:
+        continue
+      x = _number(v)
+      if x is not None:
+        scalars[k] = x
+    for w in self.writers[int(row.get("setting", 0) or 0)]:
+      w.write_scalars(int(row["round"]), scalars)
+
+  def flush(self) -> None:
+    for ws in self.writers:
+      for w in ws:
+        w.flush()
+
+  def close(self) -> None:
+    """Closes every writer (all of them, even when one fails; the first
+    error is raised)."""
+    if self._closed:
+      return
+    self._closed = True
+    error = None
+    for ws in self.writers:
+      for w in ws:
+        try:
+          w.close()
+        except Exception as e:  # pylint: disable=broad-except
+          error = error or e
+    if error is not None:
+      raise error
