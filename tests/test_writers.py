@@ -458,3 +458,61 @@ def test_a_missing_tool_is_the_install_hint(tmp_path, monkeypatch):
     'fedjax_lite.experiment needs wandb: pip install "fedjax_lite[tracking]"'
   )
   assert not (tmp_path / "tensorboard").exists()  # refused before any file
+
+
+def test_a_tool_starting_in_the_background_gets_everything_in_order():
+  """StartInBackground: rows written while the tool starts are held and
+  handed over in order; a flush does not wait for the start; a start that
+  fails raises at the next flush."""
+  import threading  # pylint: disable=g-import-not-at-top
+
+  go = threading.Event()
+
+  class Recorder(wlib.MetricWriter):
+    def __init__(self):
+      self.calls = []
+
+    def write_scalars(self, step, scalars):
+      self.calls.append(("scalars", step, dict(scalars)))
+
+    def write_hparams(self, hparams):
+      self.calls.append(("hparams", dict(hparams)))
+
+    def flush(self):
+      self.calls.append(("flush",))
+
+    def close(self):
+      self.calls.append(("close",))
+
+  def start():
+    assert go.wait(10)
+    return Recorder()
+
+  w = wlib.StartInBackground(start)
+  w.write_hparams({"lr": 0.1})
+  w.write_scalars(1, {"loss": 2.0})
+  w.flush()  # returns while the start waits
+  assert w.writer is None
+  w.write_scalars(2, {"loss": 1.5})
+  go.set()
+  w.ready()  # waits for the start, hands over what was held
+  w.flush()
+  w.write_scalars(3, {"loss": 1.0})
+  w.close()
+  assert w.writer.calls == [
+    ("hparams", {"lr": 0.1}),
+    ("scalars", 1, {"loss": 2.0}),
+    ("scalars", 2, {"loss": 1.5}),
+    ("flush",),
+    ("scalars", 3, {"loss": 1.0}),
+    ("close",),
+  ]
+
+  def fail():
+    raise fe.ConfigError("the wandb writer could not start a W&B run: no key")
+
+  w = wlib.StartInBackground(fail)
+  w.write_scalars(1, {"loss": 2.0})
+  w._thread.join()  # pylint: disable=protected-access
+  with pytest.raises(fe.ConfigError, match="could not start a W&B run: no key"):
+    w.flush()

@@ -18,10 +18,19 @@ the machine's load hits all alike:
   chunks as without callbacks).
 
 Reports per variant the median seconds of a whole run, its ratio to
-``jsonl``, and the rows' median ``rounds_per_s``. Run::
+``jsonl``, and the rows' median ``rounds_per_s``.
+
+``--processes``: the README's main command itself, ``python -m fedjax_lite
+run experiments/fedavg_synthetic.py --no-progress [--log X]``, each run a
+fresh process (imports, compilation, the tool's start-up and its files
+included), the writer variants interleaved: the wall time a user sees.
+
+Run::
 
   python experiments/benchmarks/writers.py --repeats 3 \\
       --json experiments/results/writers.json
+  python experiments/benchmarks/writers.py --processes --repeats 4 \\
+      --json experiments/results/writers_processes.json
   python experiments/benchmarks/writers.py --rounds 5 --repeats 1  # check
 """
 
@@ -71,7 +80,14 @@ def main(argv=None):
       "callback_params_every_0",
     ],
   )
+  ap.add_argument(
+    "--processes",
+    action="store_true",
+    help="time the README command in fresh processes (writers only)",
+  )
   args = ap.parse_args(argv)
+  if args.processes:
+    return processes(args, argv)
   if args.rounds < 1 or args.repeats < 1:
     ap.error(
       f"--rounds and --repeats must be >= 1, got {args.rounds}, {args.repeats}."
@@ -127,6 +143,65 @@ def main(argv=None):
     print(
       f"{name}: {row['median_run_s']:.2f} s per run of {args.rounds} rounds"
       f"{ratio}, {row['median_rounds_per_s']:.0f} rounds/s"
+    )
+  common.write_record(results, args.json)
+
+
+def processes(args, argv) -> None:
+  """``--processes``: the README command per variant, fresh processes."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys as _sys  # pylint: disable=g-import-not-at-top
+
+  variants = [v for v in args.variants if v in WRITERS]
+  results = common.start_record(__file__, argv, peak="worker")
+  results.update(
+    mode="processes", rounds=args.rounds, repeats=args.repeats, variants={}
+  )
+  print(f"machine: {results['machine']['cpu']}")
+  with tempfile.TemporaryDirectory() as tmp:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    count = {v: 0 for v in variants}
+
+    def run(name: str) -> None:
+      count[name] += 1
+      cmd = [
+        _sys.executable,
+        "-m",
+        "fedjax_lite",
+        "run",
+        SPEC,
+        "--no-progress",
+        "--out",
+        os.path.join(tmp, f"{name}-{count[name]}"),
+        "--set",
+        f"num_rounds={args.rounds}",
+      ]
+      if WRITERS[name]:
+        cmd += ["--log", WRITERS[name]]
+      subprocess.run(
+        cmd, cwd=common.ROOT, env=env, check=True, capture_output=True
+      )
+
+    calls = {name: (lambda n=name: run(n)) for name in variants}
+    timing = common.time_calls(
+      calls, 1, warmup=1, cycles=args.repeats, alternate=True
+    )
+  base = timing["jsonl"]["seconds_per_round"] if "jsonl" in timing else None
+  for name, t in timing.items():
+    row = {
+      "median_process_s": t["seconds_per_round"],
+      "process_seconds": t["round_seconds"],
+      "min_process_s": min(t["round_seconds"]),
+      "ratio_to_jsonl": t["seconds_per_round"] / base if base else None,
+      "load_before_after": [t.get("load_before"), t.get("load_after")],
+    }
+    results["variants"][name] = row
+    ratio = (
+      "" if row["ratio_to_jsonl"] is None else f", x{row['ratio_to_jsonl']:.3f}"
+    )
+    print(
+      f"{name}: {row['median_process_s']:.2f} s per process "
+      f"(min {row['min_process_s']:.2f}){ratio}"
     )
   common.write_record(results, args.json)
 

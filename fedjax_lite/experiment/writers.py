@@ -49,9 +49,10 @@ each round once.
   every round up to ``c``: the writers are flushed before each checkpoint.
 * MLflow: the same run (its id is kept in ``RUN_DIR/tracking.json``) is set
   running again; rounds up to the last step the store holds are not logged
-  again (each row is one ``log_batch``, so the store holds whole rows): the
+  again (rows are logged whole): the
   recomputed rounds keep the values logged first, which equal them except
-  the timing columns.
+  the timing columns. Rows are logged at every flush, so the store holds
+  every round up to ``c``.
 * W&B: a new run folder with the same run id (an offline run cannot be
   resumed in place); rounds up to the last one ``metrics.jsonl`` held
   before the resume are not sent again, so the folders' histories are
@@ -67,11 +68,15 @@ value there is ``null``: it arrives as NaN).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import json
 import logging
 import math
 import os
 import re
+import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -79,7 +84,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from fedjax_lite._optional import require
+from fedjax_lite._optional import MissingExtraError, install_hint, require
 from fedjax_lite.experiment.checkpoint import atomic_write_text
 from fedjax_lite.experiment.config import ConfigError
 from fedjax_lite.experiment.records import MetricsLog
@@ -166,11 +171,19 @@ def parse_spec(spec: str | Sequence[str] | None) -> list[str]:
 
 
 def require_libraries(names: Iterable[str]) -> None:
-  """Imports the libraries the named writers need now, so a missing one is
-  the one-line ``pip install "fedjax_lite[tracking]"`` before any round."""
+  """Checks that the libraries the named writers need are installed
+  (``importlib.util.find_spec``: found, not imported), so a missing one is
+  the one-line ``pip install "fedjax_lite[tracking]"`` before any round.
+  W&B and MLflow are imported where their runs start, in the background
+  (:class:`StartInBackground`)."""
   for name in names:
     for module in _LIBRARIES.get(name, ()):
-      require(module, "tracking")
+      try:
+        found = importlib.util.find_spec(module) is not None
+      except (ImportError, ValueError):
+        found = False
+      if not found:
+        raise MissingExtraError(install_hint(module, "tracking"), name=module)
 
 
 _LIBRARIES = {
@@ -220,10 +233,84 @@ def read_state(run_dir: str | os.PathLike) -> dict:
     return {}
 
 
+_STATE_LOCK = threading.Lock()  # writers start in threads of their own
+
+
 def _remember(run_dir: Path, tool: str, key: str, value: dict) -> None:
-  state = read_state(run_dir)
-  state.setdefault(tool, {})[key] = value
-  atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1) + "\n")
+  with _STATE_LOCK:
+    state = read_state(run_dir)
+    state.setdefault(tool, {})[key] = value
+    atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1) + "\n")
+
+
+class StartInBackground(MetricWriter):
+  """A writer whose tool starts in a thread of its own, so that its start-up
+  (W&B: its service process; MLflow: importing it and creating the SQLite
+  store's tables, ~2 s each) overlaps the first round's compilation instead
+  of adding to the run's wall time.
+
+  ``start()`` makes the real writer in a daemon thread. Until it is ready,
+  ``write_hparams`` and ``write_scalars`` are held in order; ``flush``
+  hands them over and flushes once the start is done and returns at once
+  before (the tool lags; a run killed meanwhile loses no row: a resumed
+  session gives every writer the rows up to its checkpoint from
+  ``metrics.jsonl`` and each keeps what it lacks); ``close`` waits for the
+  start, hands everything over and closes. An error of the start (e.g. W&B
+  not logged in) is raised by the first ``flush`` after it or by ``close``.
+  """
+
+  def __init__(self, start):
+    self._writer: MetricWriter | None = None
+    self._error: BaseException | None = None
+    self._held: list = []
+    self._thread = threading.Thread(
+      target=self._start, args=(start,), daemon=True
+    )
+    self._thread.start()
+
+  def _start(self, start) -> None:
+    try:
+      self._writer = start()
+    except BaseException as e:  # pylint: disable=broad-except
+      self._error = e
+
+  def ready(self) -> MetricWriter:
+    """The started writer, with what was held handed over (waits)."""
+    self._thread.join()
+    if self._error is not None:
+      error, self._error = self._error, None
+      self._held = []
+      raise error
+    if self._held:
+      held, self._held = self._held, []
+      for method, args in held:
+        getattr(self._writer, method)(*args)
+    return self._writer
+
+  @property
+  def writer(self) -> MetricWriter | None:
+    """The real writer once started (None before)."""
+    return self._writer
+
+  def write_scalars(self, step, scalars):
+    if self._writer is None or self._held:
+      self._held.append(("write_scalars", (step, dict(scalars))))
+    else:
+      self.ready().write_scalars(step, scalars)
+
+  def write_hparams(self, hparams):
+    if self._writer is None or self._held:
+      self._held.append(("write_hparams", (dict(hparams),)))
+    else:
+      self.ready().write_hparams(hparams)
+
+  def flush(self):
+    if self._thread.is_alive():
+      return
+    self.ready().flush()
+
+  def close(self):
+    self.ready().close()
 
 
 class JsonlWriter(MetricWriter):
@@ -410,10 +497,57 @@ def _quiet_mlflow():
       lg.setLevel(level)
 
 
+_STORE_LOCK = threading.Lock()
+
+
+def _store_template(mlflow_client) -> Path:
+  """An empty SQLite store of this MLflow version, made once per machine
+  in ``$XDG_CACHE_HOME/fedjax_lite/mlflow/`` (default ``~/.cache``):
+  creating a store's tables runs MLflow's ~60 schema migrations (~2 s),
+  copying the empty store takes milliseconds."""
+  import mlflow  # pylint: disable=g-import-not-at-top
+
+  cache = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "fedjax_lite"
+    / "mlflow"
+  )
+  template = cache / f"empty-{mlflow.__version__}.db"
+  if not template.is_file():
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".empty-{mlflow.__version__}-{os.getpid()}.db"
+    tmp.unlink(missing_ok=True)
+    with _quiet_mlflow():
+      mlflow_client.MlflowClient(
+        tracking_uri=f"sqlite:///{tmp}"
+      ).search_experiments()
+    os.replace(tmp, template)
+  return template
+
+
+def _prepare_store(db: Path, mlflow_client) -> None:
+  """Makes ``db`` a copy of the empty store template unless it exists
+  (copied to a temporary name, then renamed: a half-copied store is never
+  seen). A template that cannot be made or copied (a read-only home, say)
+  leaves ``db`` to MLflow, which creates its tables itself."""
+  with _STORE_LOCK:
+    if db.exists():
+      return
+    try:
+      template = _store_template(mlflow_client)
+      tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+      shutil.copyfile(template, tmp)
+      os.replace(tmp, db)
+    except OSError:
+      pass
+
+
 class MlflowWriter(MetricWriter):
   """An MLflow run in the SQLite store ``run_dir/mlflow.db``.
 
-  Each step is one ``log_batch`` of metrics; hparams are params (values as
+  Rows are held in memory and logged as ``log_batch`` calls of whole rows at
+  each ``flush`` (before every checkpoint), every ``flush_secs`` and at
+  ``close`` (one SQLite transaction per row cost ~10 ms); hparams are params (values as
   text, at most 6000 characters; on a resume the params already set keep
   their first values, as MLflow allows no change). The run's id is kept in
   ``run_dir/tracking.json`` under ``key``; a resumed session continues it
@@ -427,6 +561,8 @@ class MlflowWriter(MetricWriter):
     tags: more tags of the run.
     tracking_uri: another store (default: ``sqlite:///run_dir/mlflow.db``).
     resume: a resumed session's :class:`Resume`, or None.
+    flush_secs: the longest time rows wait in memory (they are also logged
+      at every ``flush``, i.e. before each checkpoint, and at ``close``).
   """
 
   def __init__(
@@ -439,11 +575,17 @@ class MlflowWriter(MetricWriter):
     tags: Mapping[str, str] | None = None,
     tracking_uri: str | None = None,
     resume: Resume | None = None,
+    flush_secs: float = 10.0,
   ):
     require_libraries(["mlflow"])
+    self.flush_secs = float(flush_secs)
+    self._pending: list = []
+    self._flushed = time.monotonic()
     mlflow_client = require("mlflow.tracking", "tracking")
     self.entities = require("mlflow.entities", "tracking")
     self.run_dir = Path(run_dir).resolve()
+    if tracking_uri is None:
+      _prepare_store(self.run_dir / MLFLOW_DB, mlflow_client)
     uri = tracking_uri or f"sqlite:///{self.run_dir / MLFLOW_DB}"
     with _quiet_mlflow():
       self.client = mlflow_client.MlflowClient(tracking_uri=uri)
@@ -486,12 +628,20 @@ class MlflowWriter(MetricWriter):
     if step < self._first:
       return
     now = int(time.time() * 1000)
-    metrics = [
+    self._pending.extend(
       self.entities.Metric(_MLFLOW_KEY.sub("_", k), float(v), now, int(step))
       for k, v in scalars.items()
-    ]
-    for i in range(0, len(metrics), 1000):  # the store's batch limit
-      self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+    )
+    if time.monotonic() - self._flushed > self.flush_secs:
+      self.flush()
+
+  def flush(self):
+    """Logs the rows held since the last flush (whole rows, in ``log_batch``
+    calls of at most the store's 1000 metrics)."""
+    pending, self._pending = self._pending, []
+    for i in range(0, len(pending), 1000):  # the store's batch limit
+      self.client.log_batch(self.run_id, metrics=pending[i : i + 1000])
+    self._flushed = time.monotonic()
 
   def write_hparams(self, hparams):
     have = self.client.get_run(self.run_id).data.params
@@ -504,6 +654,7 @@ class MlflowWriter(MetricWriter):
       self.client.log_batch(self.run_id, params=params[i : i + 100])
 
   def close(self):
+    self.flush()
     self.client.set_terminated(self.run_id, status="FINISHED")
 
 
@@ -549,23 +700,29 @@ def make_writers(
       )
     elif writer == "wandb":
       out.append(
-        WandbWriter(
-          run_dir,
-          name=name or run_dir.name,
-          group=group,
-          key=key,
-          resume=resume,
+        StartInBackground(
+          functools.partial(
+            WandbWriter,
+            run_dir,
+            name=name or run_dir.name,
+            group=group,
+            key=key,
+            resume=resume,
+          )
         )
       )
     else:
       out.append(
-        MlflowWriter(
-          run_dir,
-          experiment=group or run_dir.name,
-          name=name or run_dir.name,
-          key=key,
-          tags={"fedjax_lite.run_folder": str(run_dir.resolve())},
-          resume=resume,
+        StartInBackground(
+          functools.partial(
+            MlflowWriter,
+            run_dir,
+            experiment=group or run_dir.name,
+            name=name or run_dir.name,
+            key=key,
+            tags={"fedjax_lite.run_folder": str(run_dir.resolve())},
+            resume=resume,
+          )
         )
       )
   return out
