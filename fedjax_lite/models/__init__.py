@@ -29,3 +29,15 @@ from fedjax_lite.models.conv import (
 )
 from fedjax_lite.models.lstm import CharLSTM, char_lstm
 from fedjax_lite.models.resnet import ResNet18GN, resnet18_gn
+from fedjax_lite.models.standard import (
+  STANDARD_MODELS,
+  emnist_cnn,
+  group_norm_cm,
+  multi_label_metrics,
+  resnet18_gn_tff,
+  sequence_metrics,
+  shakespeare_lstm,
+  sigmoid_cross_entropy,
+  stackoverflow_nwp_lstm,
+  stackoverflow_tag_lr,
+)

@@ -54,6 +54,9 @@ class Model:
     num_classes: number of classes for classification labels (used to
       validate data), or None.
     name: a short description.
+    multi_label: labels are multi-hot rows ``[..., num_classes]`` with
+      values in {0, 1} (several classes per example, e.g. tags), not
+      integer class indices.
   """
 
   init: Callable[[jax.Array], Params]
@@ -66,6 +69,7 @@ class Model:
   label_key: str = "y"
   num_classes: int | None = None
   name: str = "model"
+  multi_label: bool = False
 
   def batch_loss(
     self,
@@ -160,8 +164,12 @@ class Model:
     return params_io.read_params(path, target, what=f"model {self.name!r}")
 
   def validate_labels(self, labels: np.ndarray, where: str = "data") -> None:
-    """Raises a clear error if ``labels`` are not valid class indices."""
+    """Raises a clear error if ``labels`` are not valid class indices (or,
+    for a ``multi_label`` model, multi-hot rows of width ``num_classes``)."""
     labels = np.asarray(labels)
+    if self.multi_label:
+      self._validate_multi_hot(labels, where)
+      return
     if not np.issubdtype(labels.dtype, np.integer):
       sample = labels.reshape(-1)[:3]
       raise checks.DataError(
@@ -179,6 +187,30 @@ class Model:
         f"{where}: labels {self.label_key!r} range over "
         f"[{labels.min()}, {labels.max()}]; expected values in "
         f"[0, {self.num_classes})."
+      )
+
+  def _validate_multi_hot(self, labels: np.ndarray, where: str) -> None:
+    width = labels.shape[-1] if labels.ndim else None
+    if labels.ndim < 2 or (
+      self.num_classes is not None and width != self.num_classes
+    ):
+      raise checks.DataError(
+        f"{where}: labels {self.label_key!r} have shape {labels.shape}; "
+        f"expected multi-hot rows [n, {self.num_classes}] (one column per "
+        "class)."
+      )
+    if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
+      raise checks.DataError(
+        f"{where}: labels {self.label_key!r} have dtype {labels.dtype}; "
+        "expected multi-hot float32 rows of 0s and 1s."
+      )
+    bad = (labels != 0) & (labels != 1)
+    if bad.any():
+      sample = np.unique(labels[bad])[:3]
+      raise checks.DataError(
+        f"{where}: multi-hot labels {self.label_key!r} hold values other "
+        f"than 0 and 1 (e.g. {sample.tolist()}); expected 1 where a class "
+        "applies and 0 elsewhere (np.minimum(y, 1) caps repeated classes)."
       )
 
 
