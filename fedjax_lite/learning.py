@@ -11,6 +11,15 @@
       state, metrics = process.next(state, round_data)
     params = process.get_model_weights(state)
 
+TensorFlow Federated 0.87's names are here too:
+``fedjax_lite.learning.algorithms.build_weighted_fed_avg``,
+``build_unweighted_fed_avg``, ``build_weighted_fed_prox`` and
+``build_fed_eval`` (:mod:`fedjax_lite.learning_algorithms`), and the
+aggregators :func:`robust_aggregator`, :func:`dp_aggregator` and
+:func:`secure_aggregator` with TFF's adaptive defaults. ``next`` returns a
+:class:`LearningProcessOutput` ``(state, metrics)``, so both
+``result.state`` and ``state, metrics = process.next(...)`` work.
+
 As in TFF, ``next`` trains on exactly the clients it is given. Client data may
 be a list (or dict) of per-client feature dicts, or a
 :class:`~fedjax_lite.FederatedDataset`. A list is packed in one host pass
@@ -27,7 +36,10 @@ totals differ slightly.
 
 Privacy: :func:`build_dp_fed_avg_process` (user-level DP-FedAvg), and the
 aggregators :func:`dp_aggregator` and :func:`secure_aggregator` for any
-builder's ``model_aggregator=`` (see :mod:`fedjax_lite.privacy`).
+builder's ``model_aggregator=`` (see :mod:`fedjax_lite.privacy`). Called
+without a clip norm they take TFF's adaptive defaults (see each function);
+with one they are :func:`fedjax_lite.privacy.dp_aggregator` and
+:func:`fedjax_lite.privacy.secure_aggregation.secure_aggregator` as before.
 
 Other algorithms: :func:`build_fed_prox_process` (FedProx, arXiv:1812.06127)
 and :func:`build_iterative_process` for any stateless
@@ -39,7 +51,8 @@ and the population size: run them with :class:`~fedjax_lite.Engine`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +60,14 @@ import numpy as np
 import optax
 
 from fedjax_lite import checks
+from fedjax_lite.aggregators.base import (
+  Aggregator,
+  expand,
+  taking_part,
+  tree_norm,
+)
+from fedjax_lite.aggregators.clipping import clipped
+from fedjax_lite.aggregators.mean import unweighted_mean, weighted_mean
 from fedjax_lite.algorithms.base import FederatedAlgorithm
 from fedjax_lite.algorithms.fed_avg import fed_avg
 from fedjax_lite.algorithms.fed_prox import fed_prox
@@ -55,18 +76,36 @@ from fedjax_lite.data.federated_dataset import FederatedDataset
 from fedjax_lite.engine.evaluation import EvalResult, evaluate
 from fedjax_lite.engine.round import Engine, EngineState, RoundConfig
 from fedjax_lite.models.core import Model
-from fedjax_lite.privacy.dp import dp_aggregator, dp_fed_avg
-from fedjax_lite.privacy.secure_aggregation import secure_aggregator
+from fedjax_lite.privacy import dp as _dp
+from fedjax_lite.privacy import secure_aggregation as _secagg
+from fedjax_lite.privacy.dp import dp_fed_avg
 
 __all__ = [
   "IterativeProcess",
+  "LearningProcessOutput",
   "build_dp_fed_avg_process",
   "build_fed_prox_process",
   "build_federated_averaging_process",
   "build_iterative_process",
   "dp_aggregator",
+  "robust_aggregator",
   "secure_aggregator",
 ]
+
+
+class LearningProcessOutput(NamedTuple):
+  """What ``next`` returns, as TFF's ``LearningProcessOutput``.
+
+  A NamedTuple, so ``state, metrics = process.next(...)`` unpacks it.
+
+  Attributes:
+    state: the new process state.
+    metrics: a flat dict of Python floats (TFF nests them, e.g.
+      ``metrics["client_work"]["train"]["loss"]``; here ``metrics["loss"]``).
+  """
+
+  state: Any
+  metrics: dict
 
 
 def _check_client_data(data: Any) -> None:
@@ -337,11 +376,12 @@ class IterativeProcess:
 
   def next(
     self, state: EngineState, federated_train_data: Any
-  ) -> tuple[EngineState, dict]:
+  ) -> LearningProcessOutput:
     """Runs one round on every client of ``federated_train_data``.
 
-    Returns the new state and ``{"loss", "accuracy", ...}`` training metrics
-    (means over the examples processed in local training) as Python floats.
+    Returns ``LearningProcessOutput(state, metrics)``: the new state and
+    ``{"loss", "accuracy", ...}`` training metrics (means over the examples
+    processed in local training) as Python floats.
     """
     if not isinstance(state, EngineState):
       raise TypeError(
@@ -357,7 +397,8 @@ class IterativeProcess:
     engine = self._engine(num_clients)
     state, metrics = engine.round(state, self._device_data(engine, data))
     # One transfer for all metrics (it waits for the round).
-    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    return LearningProcessOutput(state, metrics)
 
   def get_model_weights(self, state: EngineState) -> Any:
     """The global model parameters pytree."""
@@ -579,3 +620,332 @@ def build_dp_fed_avg_process(
     **kw,
   )
   return build_iterative_process(model, algorithm, **local_work)
+
+
+# ------------------------------------------------ TFF's default aggregators
+# Constants of tensorflow_federated/python/learning/model_update_aggregator.py
+# (``_default_zeroing``, ``_default_clipping``, ``secure_aggregator``) and
+# tensorflow_federated/python/aggregators/dp_factory.py
+# (``DifferentiallyPrivateFactory.gaussian_adaptive``), TFF 0.87.
+ZEROING_INITIAL, ZEROING_QUANTILE, ZEROING_LR = 10.0, 0.98, math.log(10.0)
+ZEROING_MULTIPLIER, ZEROING_INCREMENT = 2.0, 1.0
+CLIPPING_INITIAL, CLIPPING_QUANTILE, CLIPPING_LR = 1.0, 0.8, 0.2
+SECURE_INITIAL, SECURE_QUANTILE, SECURE_LR, SECURE_MULTIPLIER = (
+  50.0,
+  0.95,
+  1.0,
+  2.0,
+)
+DP_INITIAL_CLIP, DP_TARGET_QUANTILE, DP_LR = 0.1, 0.5, 0.2
+
+
+def _linf_norm(update: Any) -> jax.Array:
+  return jnp.max(
+    jnp.stack(
+      [jnp.max(jnp.abs(u)).astype(jnp.float32) for u in jax.tree.leaves(update)]
+    )
+  )
+
+
+def _norm_quantile_bound(
+  inner: Aggregator,
+  *,
+  name: str,
+  norm: Callable[[Any], jax.Array],
+  initial: float,
+  target_quantile: float,
+  learning_rate: float,
+  multiplier: float,
+  increment: float,
+  zero_above: bool,
+) -> Aggregator:
+  r"""``inner`` behind a bound that follows a quantile of the update norms.
+
+  An estimate :math:`X_t` (``initial`` at first) of the ``target_quantile``
+  :math:`\gamma` of the clients' norms moves geometrically without noise
+  (Andrew et al. 2021, arXiv:1905.03871; TFF's
+  ``PrivateQuantileEstimationProcess.no_noise``):
+
+  .. math:: X_{t+1} = X_t \exp\big(-\eta (\bar b_t - \gamma)\big),
+            \quad \bar b_t = \tfrac{1}{|S_t|} \textstyle\sum_{k \in S_t}
+            \mathbb{1}[\|u_k\| \le X_t],
+
+  and the round's bound is :math:`B_t = m X_t + c` (``multiplier``,
+  ``increment``). ``zero_above``: an update with :math:`\|u_k\| > B_t`
+  becomes zeros (it keeps its weight, as TFF's ``zeroing_factory``);
+  metrics ``<name>_norm`` (:math:`B_t`) and ``<name>_fraction`` (the share
+  zeroed). Otherwise every update is divided by :math:`B_t` before
+  ``inner`` and the mean multiplied by it after, so an inner aggregator with
+  bound 1 (a secure sum's fixed-point range) works at bound :math:`B_t`;
+  metric ``<name>_bound``.
+  """
+
+  def wrap(inner: Aggregator) -> Aggregator:
+    def init_state(update_spec):
+      return {
+        "inner": inner.init_state(update_spec),
+        "estimate": jnp.asarray(initial, jnp.float32),
+      }
+
+    def bound(state):
+      return multiplier * state["estimate"] + increment
+
+    def init(state, update_spec, num_slots):
+      zero = jnp.zeros((), jnp.float32)
+      return {
+        "inner": inner.init(state["inner"], update_spec, num_slots),
+        "below": zero,
+        "over": zero,
+        "count": zero,
+      }
+
+    def add(state, acc, updates, weights, valid, slots):
+      b = bound(state)
+      norms = jax.vmap(norm)(updates)  # [B]
+      if zero_above:
+        keep = (norms <= b).astype(jnp.float32)
+        updates = jax.tree.map(
+          lambda u: u * expand(keep, u.ndim).astype(u.dtype), updates
+        )
+      else:
+        updates = jax.tree.map(lambda u: u / b.astype(u.dtype), updates)
+      part = taking_part(weights, valid)
+      return {
+        "inner": inner.add(
+          state["inner"], acc["inner"], updates, weights, valid, slots
+        ),
+        "below": acc["below"]
+        + jnp.sum((part & (norms <= state["estimate"])).astype(jnp.float32)),
+        "over": acc["over"] + jnp.sum((part & (norms > b)).astype(jnp.float32)),
+        "count": acc["count"] + jnp.sum(part.astype(jnp.float32)),
+      }
+
+    def merge(accs):
+      return {
+        "inner": inner.merge(accs["inner"]),
+        **{k: jnp.sum(accs[k], axis=0) for k in ("below", "over", "count")},
+      }
+
+    def finalize(state, acc, rng):
+      out, inner_state = inner.finalize(state["inner"], acc["inner"], rng)
+      b, x, n = bound(state), state["estimate"], acc["count"]
+      safe_n = jnp.where(n > 0, n, 1.0)
+      below = acc["below"] / safe_n
+      new_x = jnp.where(
+        n > 0, x * jnp.exp(-learning_rate * (below - target_quantile)), x
+      )
+      metrics = dict(out.metrics)
+      if zero_above:
+        metrics[f"{name}_norm"] = b
+        metrics[f"{name}_fraction"] = jnp.where(
+          n > 0, acc["over"] / safe_n, 0.0
+        )
+      else:
+        out = out._replace(
+          mean=jax.tree.map(lambda m: m * b.astype(m.dtype), out.mean)
+        )
+        metrics[f"{name}_bound"] = b
+      return out._replace(metrics=metrics), {
+        "inner": inner_state,
+        "estimate": new_x,
+      }
+
+    active, bind = inner.active_slots, inner.bind
+    return inner._replace(
+      active_slots=None if active is None else lambda s: active(s["inner"]),
+      init_state=init_state,
+      init=init,
+      add=add,
+      merge=merge,
+      finalize=finalize,
+      name=f"{name}({inner.name})",
+      bind=None if bind is None else lambda run: wrap(bind(run)),
+      check_output=inner.check_output,
+    )
+
+  return wrap(inner)
+
+
+def _check_flag(name: str, value: Any) -> bool:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be True or False, got {value!r}.")
+  return value
+
+
+def _zeroing(inner: Aggregator) -> Aggregator:
+  """TFF's default adaptive zeroing: updates whose largest absolute value
+  exceeds ``2 X_t + 1`` become zeros, ``X_t`` tracking the 0.98 quantile
+  (initially 10, learning rate ln 10) of that value."""
+  return _norm_quantile_bound(
+    inner,
+    name="zeroing",
+    norm=_linf_norm,
+    initial=ZEROING_INITIAL,
+    target_quantile=ZEROING_QUANTILE,
+    learning_rate=ZEROING_LR,
+    multiplier=ZEROING_MULTIPLIER,
+    increment=ZEROING_INCREMENT,
+    zero_above=True,
+  )
+
+
+def _clipping(inner: Aggregator) -> Aggregator:
+  """TFF's default adaptive clipping: L2 clip norm from 1.0 towards the 0.8
+  quantile of the update norms, learning rate 0.2."""
+  return clipped(
+    inner,
+    CLIPPING_INITIAL,
+    adaptive=True,
+    target_quantile=CLIPPING_QUANTILE,
+    learning_rate=CLIPPING_LR,
+  )
+
+
+def robust_aggregator(
+  zeroing: bool = True, clipping: bool = True, weighted: bool = True
+) -> Aggregator:
+  """TFF's ``tff.learning.robust_aggregator``: a mean behind adaptive
+  clipping and adaptive zeroing.
+
+  Order (outermost first): zeroing (an update whose largest absolute value
+  exceeds ``2 X_t + 1``, ``X_t`` tracking the 0.98 quantile of that value
+  from 10, becomes zeros), then L2 clipping at ``C_t`` (from 1.0 towards the
+  0.8 quantile of the update norms, ``eta = 0.2``,
+  :func:`fedjax_lite.aggregators.clipped`), then the example-weighted mean
+  (``weighted=False``: unweighted). Metrics: ``zeroing_norm``,
+  ``zeroing_fraction``, ``clip_norm``, ``clipped_fraction``.
+
+  Args:
+    zeroing: enable adaptive zeroing.
+    clipping: enable adaptive clipping.
+    weighted: weighted (True) or unweighted mean.
+  """
+  _check_flag("zeroing", zeroing)
+  _check_flag("clipping", clipping)
+  _check_flag("weighted", weighted)
+  agg = weighted_mean() if weighted else unweighted_mean()
+  if clipping:
+    agg = _clipping(agg)
+  if zeroing:
+    agg = _zeroing(agg)
+  return agg
+
+
+def dp_aggregator(
+  noise_multiplier: float,
+  clients_per_round: float,
+  *,
+  zeroing: bool | None = None,
+  clip: float | None = None,
+  adaptive: bool | None = None,
+  **kwargs,
+) -> Aggregator:
+  r"""TFF's ``tff.learning.dp_aggregator``, or
+  :func:`fedjax_lite.privacy.dp_aggregator` with a clip norm.
+
+  Without ``clip`` and ``adaptive`` (TFF's call,
+  ``dp_aggregator(noise_multiplier, clients_per_round)``): TFF's defaults,
+  adaptive clipping from ``C_0 = 0.1`` towards the 0.5 quantile of the update
+  norms with learning rate 0.2 (``gaussian_adaptive``), clipped-count noise
+  ``clients_per_round / 20``, behind adaptive zeroing (``zeroing=True``):
+
+  .. math:: \tilde\Delta_t = \frac{1}{D}\Big(\sum_k
+            \mathrm{clip}_{C_t}(\Delta_k) + \mathcal N(0, z^2 C_t^2 I)\Big)
+
+  (see :mod:`fedjax_lite.privacy.dp`). As in TFF, noise on the clipped count
+  needs enough clients: ``clients_per_round / 20 > noise_multiplier / 2``.
+
+  With ``clip`` (or ``adaptive``) given, the call is
+  :func:`fedjax_lite.privacy.dp_aggregator`'s: a fixed clip unless
+  ``adaptive=True``, no zeroing unless ``zeroing=True``. Before this module
+  took TFF's defaults, ``dp_aggregator(z, n)`` silently clipped at a fixed
+  1.0; pass ``clip=1.0`` for that.
+
+  Other keywords (``target_quantile``, ``learning_rate``,
+  ``clipped_count_stddev``, ``sampling``, ``population``, ``delta``, ...)
+  go to :func:`fedjax_lite.privacy.dp_aggregator`.
+  """
+  tff_defaults = clip is None and adaptive is None
+  if tff_defaults:
+    clip, adaptive = DP_INITIAL_CLIP, True
+    kwargs.setdefault("target_quantile", DP_TARGET_QUANTILE)
+    kwargs.setdefault("learning_rate", DP_LR)
+  elif adaptive is None:
+    adaptive = False
+  elif clip is None:
+    clip = DP_INITIAL_CLIP if adaptive else 1.0
+  if zeroing is None:
+    zeroing = tff_defaults
+  _check_flag("zeroing", zeroing)
+  _check_flag("adaptive", adaptive)
+  agg = _dp.dp_aggregator(
+    noise_multiplier, clients_per_round, clip, adaptive, **kwargs
+  )
+  return _zeroing(agg) if zeroing else agg
+
+
+def secure_aggregator(
+  clip_norm: float | None = None,
+  *,
+  zeroing: bool | None = None,
+  clipping: bool | None = None,
+  weighted: bool = False,
+  **kwargs,
+) -> Aggregator:
+  """TFF's ``tff.learning.secure_aggregator``, or
+  :func:`fedjax_lite.privacy.secure_aggregation.secure_aggregator` with a
+  fixed bound ``clip_norm``.
+
+  Without ``clip_norm`` (TFF's call, ``secure_aggregator()``): the secure
+  sum's bound adapts as TFF's does, ``B_t = 2 X_t`` with ``X_t`` tracking the
+  0.95 quantile of the update norms (from 50, learning rate 1.0); each
+  update is divided by ``B_t``, summed through SecAgg at bound 1 and the
+  mean multiplied by ``B_t`` (metric ``secure_bound``). In front of it, as
+  TFF's defaults, adaptive clipping (``clipping=True``, quantile 0.8) and
+  adaptive zeroing (``zeroing=True``).
+
+  With ``clip_norm``: a fixed bound, no zeroing or clipping unless asked.
+  Either way the mean is unweighted (TFF's ``weighted=False``; TFF's default
+  ``weighted=True`` is refused: a weighted secure mean would need a public
+  bound on the weights); other keywords (``bits_per_value``, ``num_neighbors``, ``dropout_rate``,
+  ``seed``, ...) go to the secure aggregator.
+  """
+  if _check_flag("weighted", weighted):
+    raise ValueError(
+      "secure_aggregator(weighted=True) is not available: the secure mean "
+      "is unweighted; pass weighted=False (TFF's unweighted variant)."
+    )
+  tff_defaults = clip_norm is None
+  zeroing = tff_defaults if zeroing is None else _check_flag("zeroing", zeroing)
+  clipping = (
+    tff_defaults if clipping is None else _check_flag("clipping", clipping)
+  )
+  if tff_defaults:
+    agg = _norm_quantile_bound(
+      _secagg.secure_aggregator(1.0, **kwargs),
+      name="secure",
+      norm=tree_norm,
+      initial=SECURE_INITIAL,
+      target_quantile=SECURE_QUANTILE,
+      learning_rate=SECURE_LR,
+      multiplier=SECURE_MULTIPLIER,
+      increment=0.0,
+      zero_above=False,
+    )
+  else:
+    agg = _secagg.secure_aggregator(clip_norm, **kwargs)
+  if clipping:
+    agg = _clipping(agg)
+  if zeroing:
+    agg = _zeroing(agg)
+  return agg
+
+
+def __getattr__(name: str) -> Any:
+  # ``fedjax_lite.learning.algorithms`` (TFF's ``tff.learning.algorithms``)
+  # is :mod:`fedjax_lite.learning_algorithms`, which builds on this module.
+  if name == "algorithms":
+    import importlib  # pylint: disable=import-outside-toplevel
+
+    return importlib.import_module("fedjax_lite.learning_algorithms")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
