@@ -121,8 +121,12 @@ def _checkpoint_round(run_dir):
   return int(raw["meta"]["round"])
 
 
+# SIGKILL (no handler runs: the run resumes from its last periodic
+# checkpoint) is the default tier's kill/resume test; SIGTERM runs with -m slow.
 @pytest.mark.parametrize(
-  "signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"]
+  "signum",
+  [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL],
+  ids=["SIGTERM", "SIGKILL"],
 )
 def test_kill_mid_run_then_resume_is_bit_identical(tiny, tmp_path, signum):
   """40 slow rounds (50 ms each) with the default checkpoint settings: run

@@ -332,8 +332,11 @@ _NOISE = (
 )
 
 
+# The default tier's two-process test is
+# test_launch_checkpoint_and_resume_equal_one_device; these run with -m slow.
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
-@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("victim", [1, 0])
 def test_launch_lost_process_then_resume(tmp_path, victim):
   """A process of a launched run is SIGKILLed after its first rounds: the
   launcher stops the other one before JAX aborts it, ends with one
