@@ -47,6 +47,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
       "evaluate",
     ),
     "experiment": (),
+    "flower": (),
     "hetero": (),
     "learning": (),
     "models": ("Model",),

@@ -62,6 +62,8 @@ EXTRAS = {
     "fedjax_lite.experiment.export",
     {"orbax": "orbax-checkpoint"},
   ),
+  # fedjax_lite/flower.py: an algorithm as a Flower ClientApp and ServerApp.
+  "flower": ("fedjax_lite.flower", {"flwr": "flwr"}),
 }
 
 

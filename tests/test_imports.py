@@ -37,6 +37,7 @@ HEAVY = (
   "wandb",
   "mlflow",
   "orbax",
+  "flwr",
 )
 LAZY_PACKAGES = (
   "fedjax_lite",

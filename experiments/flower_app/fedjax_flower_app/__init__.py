@@ -1,0 +1,1 @@
+"""A fedjax_lite FederatedAlgorithm deployed as a Flower App."""
