@@ -21,12 +21,13 @@ new split and initialization). Then two Paillier steps (two keys of
 ``key_bits`` bits, a small overlap) is timed and compared with plaintext.
 
 The runner's ``Experiment`` (engine rounds over client blocks) does not fit
-vertical training, so this file has its own ``main()``; it writes
+vertical training, so this file defines ``run(config, run_dir)``, which
+``python -m fedjax_lite run`` calls with a fresh run folder; it writes
 ``metrics.jsonl`` (the first seed's curve at the first overlap size),
 ``curves.png`` and ``summary.json`` into ``runs/ftl-<timestamp>/``::
 
-  python experiments/ftl.py            # overlaps 30/60/120 x 5 seeds
-  python experiments/ftl.py --smoke    # seconds
+  python -m fedjax_lite run experiments/ftl.py          # overlaps 30/60/120 x 5 seeds
+  python -m fedjax_lite run experiments/ftl.py:smoke    # seconds
 """
 
 import dataclasses

@@ -16,12 +16,13 @@ train/test). Bottom models ``mlp(32 -> 64 -> 16)`` per party, top model
   sent to the host (label protection).
 
 The runner's ``Experiment`` (engine rounds over client blocks) does not fit
-vertical training, so this file has its own ``main()``; it writes
+vertical training, so this file defines ``run(config, run_dir)``, which
+``python -m fedjax_lite run`` calls with a fresh run folder; it writes
 ``metrics.jsonl`` (one row per epoch and variant), ``curves.png`` (mean and
 std over seeds) and ``summary.json`` into ``runs/split_nn-<timestamp>/``::
 
-  python experiments/split_nn.py            # 40 epochs x 3 seeds
-  python experiments/split_nn.py --smoke    # seconds
+  python -m fedjax_lite run experiments/split_nn.py          # 40 epochs x 3 seeds
+  python -m fedjax_lite run experiments/split_nn.py:smoke    # seconds
 """
 
 import dataclasses

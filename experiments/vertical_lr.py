@@ -11,14 +11,15 @@ with the plaintext run's. For context the centralized logistic regression of
 scikit-learn on the joined features is reported too.
 
 The runner's ``Experiment`` (engine rounds over client blocks) does not fit
-vertical training, so this file has its own ``main()``; it writes
+vertical training, so this file defines ``run(config, run_dir)``, which
+``python -m fedjax_lite run`` calls with a fresh run folder; it writes
 ``metrics.jsonl``, ``metrics.csv``, ``curves.png`` and ``summary.json`` into
 ``runs/vertical_lr-<timestamp>/`` with fedjax_lite.experiment's record and
 plot helpers::
 
-  python experiments/vertical_lr.py            # 100 epochs + 2 Paillier epochs
-  python experiments/vertical_lr.py --smoke    # seconds
-  python experiments/vertical_lr.py --set key_bits=2048 --set seed=1
+  python -m fedjax_lite run experiments/vertical_lr.py          # 100 epochs + 2 Paillier epochs
+  python -m fedjax_lite run experiments/vertical_lr.py:smoke    # seconds
+  python -m fedjax_lite run experiments/vertical_lr.py --set key_bits=2048 seed=1
 """
 
 import dataclasses

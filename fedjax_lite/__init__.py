@@ -53,6 +53,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     "models": ("Model",),
     "privacy": (),
     "runtime": ("configure_cpu",),
+    "systems": (),
     "vertical": (),
   },
 )

@@ -588,6 +588,10 @@ def _launch(args, command: str, launch, extra=dict):
 def _run(args) -> int:
   from fedjax_lite.experiment.files import run_file  # pylint: disable=g-import-not-at-top
 
+  if args.experiment is not None and args.resume is None:
+    ef = load_experiment_file(args.experiment)
+    if ef.script:
+      return _run_script(args, ef)
   res = _launch(
     args,
     "run",
@@ -609,6 +613,36 @@ def _run(args) -> int:
     )
     return DIVERGED_EXIT
   _print_final(res.run_dir, res.final)
+  return 0
+
+
+def _run_script(args, ef) -> int:
+  """``run`` of a file that defines ``run(config, run_dir)`` (vertical FL,
+  split learning, transfer learning): the engine's options do not apply."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from fedjax_lite.experiment.files import run_script_file  # pylint: disable=g-import-not-at-top
+
+  given = [
+    name
+    for name, used in (
+      ("--log", bool(args.log)),
+      ("--placement", args.placement is not None),
+      ("--checkpoint-every", bool(args.checkpoint_every)),
+      ("--coordinator", args.coordinator is not None),
+      ("--on-divergence", args.on_divergence != "stop"),
+    )
+    if used
+  ]
+  if given:
+    raise ConfigError(
+      f"{ef.path.name} defines run(config, run_dir) (not an engine "
+      f"Experiment): {', '.join(given)} does not apply to it; use --set and "
+      "--out."
+    )
+  run_dir, summary = run_script_file(ef, args.overrides, args.out)
+  print(json.dumps(summary, indent=1, default=str))
+  print(f"run folder: {run_dir}")
   return 0
 
 

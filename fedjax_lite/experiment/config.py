@@ -88,6 +88,13 @@ class ExperimentFile:
   def spec(self) -> str:
     return f"{self.path}:{self.arg}" if self.arg else str(self.path)
 
+  @property
+  def script(self) -> bool:
+    """A script-style file: ``run(config, run_dir)`` and no ``build``."""
+    return not callable(getattr(self.module, "build", None)) and callable(
+      getattr(self.module, "run", None)
+    )
+
   def sha256(self) -> str:
     return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
@@ -110,6 +117,12 @@ class ExperimentFile:
     ValueError there (a value the experiment rejects) is a ConfigError."""
     from fedjax_lite.experiment.core import Experiment  # pylint: disable=g-import-not-at-top
 
+    if self.script:
+      raise ConfigError(
+        f"{self.path.name} defines run(config, run_dir), not build(config): "
+        "it runs with `python -m fedjax_lite run` only (no sweep, resume or "
+        "engine options)."
+      )
     try:
       exp = self.module.build(config)
     except ConfigError:
@@ -182,14 +195,22 @@ def load_experiment_file(spec: str) -> ExperimentFile:
   finally:
     if added:
       sys.path.remove(str(path.parent))
-  for fn in ("get_config", "build"):
-    if not callable(getattr(module, fn, None)):
-      raise ConfigError(
-        f"{path} has no function {fn}(); an experiment file defines "
-        "get_config(arg: str = \"\") -> <frozen dataclass> and "
-        "build(config) -> fedjax_lite.experiment.Experiment."
-      )
+  has = {fn: callable(getattr(module, fn, None)) for fn in _FUNCTIONS}
+  missing = "get_config" if not has["get_config"] else None
+  if missing is None and not (has["build"] or has["run"]):
+    missing = "build"
+  if missing is not None:
+    raise ConfigError(
+      f"{path} has no function {missing}(); an experiment file defines "
+      "get_config(arg: str = \"\") -> <frozen dataclass> and "
+      "build(config) -> fedjax_lite.experiment.Experiment (or, where an "
+      "Experiment does not fit, e.g. vertical FL, run(config, run_dir) -> "
+      "a summary dict)."
+    )
   return ExperimentFile(path=path, arg=arg, module=module, name=path.stem)
+
+
+_FUNCTIONS = ("get_config", "build", "run")
 
 
 # ----------------------------------------------------------------- configs

@@ -164,6 +164,27 @@ def launch_file(
   )
 
 
+def run_script_file(
+  ef: cfglib.ExperimentFile, overrides: Sequence[str] | dict = (), out="runs"
+) -> tuple[Path, dict]:
+  """``python -m fedjax_lite run X.py[:arg]`` for a script-style file (one
+  that defines ``run(config, run_dir)`` instead of ``build``, e.g. vertical
+  FL): ``run`` gets the resolved config and a fresh ``<out>/X-<time>/``
+  folder, whose ``config.json`` records the file, its hash and the config;
+  returns ``(run_dir, summary)``."""
+  cfg = cfglib.apply_overrides(ef.get_config(), overrides)
+  run_dir = new_run_dir(out, ef.name + (f"-{ef.arg}" if ef.arg else ""))
+  record = {
+    "experiment": {"file": str(ef.path), "arg": ef.arg, "sha256": ef.sha256()},
+    "config": cfglib.config_to_dict(cfg),
+    "overrides": list(overrides)
+    if not isinstance(overrides, dict)
+    else {k: str(v) for k, v in overrides.items()},
+  }
+  ckpt.atomic_write_text(run_dir / "config.json", cfglib.dumps(record))
+  return run_dir, ef.module.run(cfg, run_dir)
+
+
 def script_main(file: str, get_config, run, argv=None) -> dict:
   """``main()`` of a script-style experiment file (one that
   :class:`Experiment` does not fit, e.g. vertical FL): ``python
