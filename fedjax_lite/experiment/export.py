@@ -53,6 +53,7 @@ from fedjax_lite.experiment import config as cfglib
 from fedjax_lite.experiment.core import Experiment
 from fedjax_lite.experiment.loop import CHECKPOINT
 from fedjax_lite.experiment.records import read_jsonl
+from fedjax_lite.experiment.run_folder import load_record_file
 from fedjax_lite.models import params_io
 
 FORMATS = ("msgpack", "orbax")
@@ -173,27 +174,12 @@ def read_run(run_dir: Path) -> dict:
       "`python -m fedjax_lite run ... --set seed=S` and export that."
     )
   record_path = run_dir / "config.json"
-  try:
-    record = json.loads(record_path.read_text())
-  except FileNotFoundError:
+  if not record_path.is_file():
     raise cfglib.ConfigError(
       f"RUN_DIR {run_dir}: not a run folder (no config.json); expected a "
       "folder written by `python -m fedjax_lite run`."
-    ) from None
-  except (OSError, ValueError, UnicodeDecodeError) as e:
-    raise cfglib.ConfigError(
-      f"RUN_DIR {run_dir}: {record_path} is unreadable or not JSON ({e})."
-    ) from None
-  if not (
-    isinstance(record, dict)
-    and isinstance(record.get("experiment"), dict)
-    and "spec" in record["experiment"]
-    and isinstance(record.get("config"), dict)
-  ):
-    raise cfglib.ConfigError(
-      f"RUN_DIR {run_dir}: {record_path} holds no experiment spec and "
-      "config; expected the record `python -m fedjax_lite run` wrote."
     )
+  record = load_record_file(record_path, f"RUN_DIR {run_dir}")
   if not (run_dir / CHECKPOINT).is_file():
     raise cfglib.ConfigError(
       f"RUN_DIR {run_dir} has no {CHECKPOINT}: the run stopped before its "

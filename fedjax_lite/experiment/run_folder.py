@@ -371,6 +371,31 @@ def restart_command(record: dict, command: str = "run") -> str:
   return " ".join(parts)
 
 
+def load_record_file(path: Path, where: str, command: str = "run") -> dict:
+  """The record (``config.json`` / ``sweep.json``) at ``path``, checked to
+  hold an experiment spec and a config; anything else is a ConfigError
+  starting with ``where`` (e.g. ``--resume DIR``)."""
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError, UnicodeDecodeError) as e:  # JSONDecodeError
+    raise cfglib.ConfigError(
+      f"{where}: {path} is unreadable or not valid JSON ({e}); expected "
+      f"the record `python -m fedjax_lite {command}` wrote."
+    ) from None
+  if not (
+    isinstance(record, dict)
+    and isinstance(record.get("experiment"), dict)
+    and "spec" in record["experiment"]
+    and isinstance(record.get("config"), dict)
+  ):
+    raise cfglib.ConfigError(
+      f"{where}: {path} holds no experiment spec and config (a "
+      f"{type(record).__name__}); expected the record `python -m "
+      f"fedjax_lite {command}` wrote."
+    )
+  return record
+
+
 def read_record(run_dir: str | os.PathLike, command: str = "run") -> dict:
   """The saved record of a run (``config.json``) or sweep (``sweep.json``)
   folder to resume, checked: clear errors for a folder that is not one, or
@@ -395,24 +420,7 @@ def read_record(run_dir: str | os.PathLike, command: str = "run") -> dict:
       f"--resume {rdir}: not a {command} folder (no {name}); expected a "
       f"folder written by `python -m fedjax_lite {command}`."
     )
-  try:
-    record = json.loads((rdir / name).read_text())
-  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError too
-    raise cfglib.ConfigError(
-      f"--resume {rdir}: {rdir / name} is not valid JSON ({e}); expected "
-      f"the record `python -m fedjax_lite {command}` wrote."
-    ) from None
-  if not (
-    isinstance(record, dict)
-    and isinstance(record.get("experiment"), dict)
-    and "spec" in record["experiment"]
-    and isinstance(record.get("config"), dict)
-  ):
-    raise cfglib.ConfigError(
-      f"--resume {rdir}: {rdir / name} holds no experiment spec and "
-      f"config (a {type(record).__name__}); expected the record "
-      f"`python -m fedjax_lite {command}` wrote."
-    )
+  record = load_record_file(rdir / name, f"--resume {rdir}", command)
   if not (rdir / CHECKPOINT).is_file():
     raise cfglib.ConfigError(
       f"--resume {rdir}: no {CHECKPOINT} there (the {command} stopped "
