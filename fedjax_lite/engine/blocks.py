@@ -32,7 +32,7 @@ never synchronise inside the block loop. Host callbacks inside client work or
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,22 +47,54 @@ from fedjax_lite.engine.state import AXIS, EngineState, RoundConfig
 PyTree = Any
 
 
+class GivenSample(NamedTuple):
+  """A round's clients chosen by the caller instead of the ``"sample"``
+  stage (e.g. by a simulated clock: the first arrivals before a deadline,
+  the clients an asynchronous server step aggregates).
+
+  Attributes:
+    ids: int32 ``[R, m]`` client ids (``m = clients_per_round``).
+    count: int32 ``[R]``: only slots ``< count`` take part (the others are
+      not trained, as slots past ``Aggregator.active_slots``).
+    broadcast: optional table of broadcasts, leaves ``[T, ...]``, replacing
+      every run's broadcast: slot ``i`` of run ``r`` starts from row
+      ``table_index[r, i]`` (e.g. the model version a client downloaded).
+    table_index: int32 ``[R, m]``, with ``broadcast``.
+  """
+
+  ids: jax.Array
+  count: jax.Array
+  broadcast: PyTree = None
+  table_index: jax.Array | None = None
+
+
 def _spec(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
 def sorted_sample(
-  config: RoundConfig, k_sample, data: DeviceData, num_runs, num_devices, active
+  config: RoundConfig,
+  k_sample,
+  data: DeviceData,
+  num_runs,
+  num_devices,
+  active,
+  given_ids=None,
 ):
-  """Every run's sample (stage ``"sample"``) as ``(ids, slots, runs)``,
-  sorted by size bucket, and each bucket's ``(start, count)`` in that order.
+  """Every run's sample (stage ``"sample"``, or ``given_ids [R, m]``) as
+  ``(ids, slots, runs)``, sorted by size bucket, and each bucket's
+  ``(start, count)`` in that order.
 
   With ``active`` (``[R]`` counts ``K``, see ``Aggregator.active_slots``) the
   slots ``>= K`` of each run sort last and are in no bucket's count: they are
   not trained. With sharded data the groups are ``(bucket, device)``: device
   ``d`` trains the clients it holds (starts and counts ``[buckets, nd]``)."""
   m = config.clients_per_round
-  ids = jax.vmap(lambda k: stages.sample(config, k, data))(k_sample).reshape(-1)
+  if given_ids is None:
+    ids = jax.vmap(lambda k: stages.sample(config, k, data))(k_sample)
+  else:
+    ids = jnp.asarray(given_ids, jnp.int32)
+  ids = ids.reshape(-1)
   runs = jnp.repeat(jnp.arange(num_runs, dtype=jnp.int32), m)
   slots = jnp.tile(jnp.arange(m, dtype=jnp.int32), num_runs)
   nb = len(data.bucket_sizes)
@@ -86,12 +118,22 @@ class _Round:
   """What every block step of one traced round reads (fixed for the round)."""
 
   def __init__(
-    self, engine, runs, plan, sample, data, broadcast, k_clients, agg_states
+    self,
+    engine,
+    runs,
+    plan,
+    sample,
+    data,
+    broadcast,
+    k_clients,
+    agg_states,
+    table_index=None,
   ):
     self.engine, self.runs, self.plan = engine, runs, plan
     self.sample, self.data = sample, data
     self.broadcast, self.k_clients = broadcast, k_clients
     self.agg_states = agg_states
+    self.table_index = table_index
 
   def constrain(self, x, spec):
     mesh = self.engine.mesh
@@ -108,7 +150,8 @@ class _Round:
     blk, R = nd * bpd, runs.num_runs
     # One run: every client receives the same broadcast, passed unbatched
     # (its matmuls serve the whole block); pooled runs: each client its run's.
-    shared_broadcast = R == 1
+    table_index = self.table_index
+    shared_broadcast = R == 1 and table_index is None
     ids, slots, run_ids, _, _ = self.sample
     zpad = jnp.zeros((plan.pad,), jnp.int32)
     ids_pad = jnp.concatenate([ids, zpad])
@@ -176,11 +219,11 @@ class _Round:
       valid, cid, slot, run = block_clients(i, start, count)
       cid = jnp.where(valid, cid, 0)
       cstate = stages.client_states_of(clients, run, cid)
-      bcast = (
-        jax.tree.map(lambda a: a[0], self.broadcast)
-        if shared_broadcast
-        else jax.tree.map(lambda a: a[run], self.broadcast)
-      )
+      if shared_broadcast:
+        bcast = jax.tree.map(lambda a: a[0], self.broadcast)
+      else:
+        row = run if table_index is None else table_index[run, slot]
+        bcast = jax.tree.map(lambda a: a[row], self.broadcast)
       sums, (state, finite) = jax.shard_map(
         device_block,
         mesh=self.engine.mesh,
@@ -199,15 +242,23 @@ class _Round:
 
 
 def pooled_round(
-  engine, runs: stages.Runs, states: EngineState, data: DeviceData
+  engine,
+  runs: stages.Runs,
+  states: EngineState,
+  data: DeviceData,
+  given: GivenSample | None = None,
 ) -> tuple[EngineState, dict]:
   """One round of ``R`` runs (``states`` leaves ``[R, ...]``), traceable.
 
   ``engine`` provides the config, the mesh and the cached host-side block
-  plan (:meth:`Engine.block_plan`)."""
+  plan (:meth:`Engine.block_plan`); ``given`` replaces the sampled clients
+  (and optionally their broadcasts)."""
   config = engine.config
   R = runs.num_runs
   k_sample, k_clients, k_agg, broadcast = stages.begin_round(runs, states)
+  table_index = None
+  if given is not None and given.broadcast is not None:
+    broadcast, table_index = given.broadcast, given.table_index
   one_broadcast = jax.tree.map(lambda a: a[0], broadcast)
   one_cstates = (
     None
@@ -256,9 +307,23 @@ def pooled_round(
     runs, states.aggregator, out_shape.update
   )
   active = stages.active_slots(runs, agg_states)
-  sample = sorted_sample(config, k_sample, data, R, engine.num_devices, active)
+  given_ids = None
+  if given is not None:
+    given_ids, count = given.ids, jnp.asarray(given.count, jnp.int32)
+    active = count if active is None else jnp.minimum(active, count)
+  sample = sorted_sample(
+    config, k_sample, data, R, engine.num_devices, active, given_ids
+  )
   ctx = _Round(
-    engine, runs, plan, sample, data, broadcast, k_clients, agg_states
+    engine,
+    runs,
+    plan,
+    sample,
+    data,
+    broadcast,
+    k_clients,
+    agg_states,
+    table_index,
   )
   nd = engine.num_devices
   sums = stages.init_sums(

@@ -497,6 +497,7 @@ class Engine:
     data: DeviceData,
     algorithm_fn: Callable[[dict], FederatedAlgorithm] | None = None,
     hparams: dict | None = None,
+    given: blocks.GivenSample | None = None,
   ) -> tuple[EngineState, dict]:
     """One round of ``R`` independent runs as ONE pooled round (traceable).
 
@@ -516,6 +517,9 @@ class Engine:
         differ in hyperparameters (called with traced scalars); default: this
         engine's algorithm for every run.
       hparams: ``{name: [R] values}`` passed to ``algorithm_fn``.
+      given: the round's clients (and broadcasts) chosen by the caller
+        (:class:`~fedjax_lite.engine.blocks.GivenSample`, e.g. by a
+        simulated clock) instead of sampled.
     """
     if (algorithm_fn is None) != (hparams is None):
       raise ValueError("pass algorithm_fn and hparams together.")
@@ -534,7 +538,7 @@ class Engine:
       )
     self.num_traces += 1
     runs = self.runs_for(data, R, algorithm_fn, hparams)
-    return blocks.pooled_round(self, runs, states, data)
+    return blocks.pooled_round(self, runs, states, data, given)
 
   def runs_for(
     self,

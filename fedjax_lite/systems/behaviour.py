@@ -79,6 +79,8 @@ import numpy as np
 
 # Streams of per-client draws (folded into the seed's key before the id).
 _STEP, _DOWNLOAD, _UPLOAD, _ZONE, _FRACTION, _TASK = range(6)
+# fold_in data of a task key's sampling priorities.
+_SAMPLING = 0x73616D70
 
 
 def _check_finite(name: str, value) -> None:
@@ -615,6 +617,25 @@ class ClientBehaviour:
       end=jnp.where(drop, leave, finish),
       completed=~drop,
     )
+
+  def sampling_priority(self, client_ids, task) -> jax.Array:
+    r"""``u_{k,j} ~ U(0, 1)``: client ``k``'s priority in task ``j``.
+
+    The simulators sample the available clients with the smallest
+    priorities (uniform sampling without replacement from the available
+    clients): all of a synchronous round's clients in its task, one client
+    per dispatch (task = dispatch number) in asynchronous training. Drawn
+    from ``fold_in(fold_in(task_key(seed, j), SAMPLING), k)``.
+    """
+    ids = _ids(client_ids)
+    return self._priority(ids, jnp.asarray(task, jnp.int32))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _priority(self, ids, task):
+    base = jax.random.fold_in(task_key(self.seed, task), _SAMPLING)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids.ravel())
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), _float()))(keys)
+    return u.reshape(ids.shape)
 
   def latency(self, client_ids, num_steps, t_start, key) -> jax.Array:
     r"""Finish time of each client's task, ``+inf`` for a dropout.

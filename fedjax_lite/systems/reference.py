@@ -26,9 +26,16 @@ Rules common to all three:
   ``next_available`` of the eligible clients (those clients then count as
   available, whatever rounding says); if that time is ``+inf`` or beyond
   ``horizon``, a ``ValueError`` says so.
-* Sampling: uniform without replacement from the available clients with
-  ``numpy.random.default_rng([seed, task])``; ``Generator.choice`` over the
-  available ids in increasing order.
+* Sampling: uniform without replacement from the available clients: every
+  client has a priority per task (``population.priority(task)``, from
+  :meth:`~fedjax_lite.systems.ClientBehaviour.sampling_priority` with
+  :func:`from_behaviour`; default ``numpy.random.default_rng([seed,
+  task]).random(num_clients)``) and the available clients with the smallest
+  priorities are sampled, in increasing priority (ties: increasing id).
+* Clock: times are held in float32, the engine's clock (JAX's default
+  float): a round's start after a deadline is ``float32(t + deadline)`` and
+  the deadline test is ``float32(T_k - t) <= float32(deadline)``; finish
+  times come from ``population.run_task`` as they are.
 * Ties: events at equal times are handled in increasing client id.
 * Dropouts: a client that drops out is never aggregated; it frees its slot
   (asynchronous) or counts as done (synchronous) at the time it leaves. An
@@ -95,20 +102,27 @@ class Population(NamedTuple):
   is_available: ``(ids int[n], t) -> bool[n]``.
   next_available: ``(ids int[n], t) -> float[n]`` (first time >= t; inf:
     never).
+  priority: ``task -> float[num_clients]``, the sampling priorities of a
+    task (None: numpy's, seeded by the simulator's ``seed``).
   """
 
   num_clients: int
   run_task: Callable[[int, float, int], tuple[float, bool]]
   is_available: Callable[[np.ndarray, float], np.ndarray]
   next_available: Callable[[np.ndarray, float], np.ndarray]
+  priority: Callable[[int], np.ndarray] | None = None
 
 
-def from_behaviour(behaviour, num_clients: int, num_steps: int) -> Population:
+def from_behaviour(
+  behaviour, num_clients: int, num_steps: int | np.ndarray
+) -> Population:
   """A :class:`Population` reading ``behaviour``'s draws (jitted, to numpy).
 
-  ``run_task(k, t, task)`` is ``behaviour.task_times([k], num_steps, t,
+  ``run_task(k, t, task)`` is ``behaviour.task_times([k], num_steps[k], t,
   task_key(behaviour.seed, task))``: ``end`` is the finish time or, for a
-  dropout, the time the client leaves.
+  dropout, the time the client leaves. ``num_steps``: local steps of every
+  client, or an int array ``[num_clients]``. ``priority(task)`` is
+  ``behaviour.sampling_priority(arange(num_clients), task)``.
   """
   import jax
   import jax.numpy as jnp
@@ -116,12 +130,25 @@ def from_behaviour(behaviour, num_clients: int, num_steps: int) -> Population:
   from fedjax_lite.systems import behaviour as behaviour_lib
 
   _check_int("num_clients", num_clients, 1)
-  _check_int("num_steps", num_steps, 0)
+  if isinstance(num_steps, (int, np.integer)):
+    _check_int("num_steps", num_steps, 0)
+    steps = np.full(num_clients, int(num_steps), np.int64)
+  else:
+    steps = np.asarray(num_steps)
+    if steps.shape != (num_clients,) or not np.issubdtype(
+      steps.dtype, np.integer
+    ):
+      raise ValueError(
+        f"num_steps must be an int or an int array of shape "
+        f"({num_clients},), got {num_steps!r}."
+      )
+    if (steps < 0).any():
+      raise ValueError(f"num_steps must be >= 0, got {steps.min()}.")
 
   @jax.jit
-  def task(ids, t, task):
+  def task(ids, n, t, task):
     key = behaviour_lib.task_key(behaviour.seed, task)
-    out = behaviour.task_times(ids, num_steps, t, key)
+    out = behaviour.task_times(ids, n, t, key)
     return out.end, out.completed
 
   everyone = jnp.arange(num_clients)
@@ -129,8 +156,12 @@ def from_behaviour(behaviour, num_clients: int, num_steps: int) -> Population:
   next_available = jax.jit(lambda t: behaviour.next_available(everyone, t))
 
   def run_task(client, t_start, task_id):
-    end, completed = task(jnp.asarray([client]), t_start, task_id)
+    end, completed = task(
+      jnp.asarray([client]), steps[client : client + 1], t_start, task_id
+    )
     return float(np.asarray(end)[0]), bool(np.asarray(completed)[0])
+
+  priority = jax.jit(lambda task: behaviour.sampling_priority(everyone, task))
 
   # Evaluated for the whole population (one compilation), then indexed.
   return Population(
@@ -140,6 +171,7 @@ def from_behaviour(behaviour, num_clients: int, num_steps: int) -> Population:
     next_available=lambda ids, t: np.asarray(next_available(t), np.float64)[
       ids
     ],
+    priority=lambda task: np.asarray(priority(task), np.float64),
   )
 
 
@@ -149,18 +181,19 @@ def client_seed(seed: int, task: int, client: int) -> int:
 
 
 # --------------------------------------------------------------------------
-# Staleness weights s(tau)
+# Staleness weights s(tau): plain arithmetic, so the same functions take a
+# Python int (this reference) or an array of staleness values (the engine).
 
 
 def constant() -> Callable[[int], float]:
   """``s(tau) = 1``."""
-  return lambda tau: 1.0
+  return lambda tau: 1.0 + 0.0 * tau
 
 
 def polynomial(a: float) -> Callable[[int], float]:
   """``s(tau) = (1 + tau)^-a`` (Xie et al. 2019), ``a >= 0``."""
   _check_number("a", a, 0.0)
-  return lambda tau: float((1.0 + tau) ** -a)
+  return lambda tau: (1.0 + tau) ** -float(a)
 
 
 def fedbuff_staleness() -> Callable[[int], float]:
@@ -172,7 +205,12 @@ def hinge(a: float, b: float) -> Callable[[int], float]:
   """``s(tau) = 1`` if ``tau <= b`` else ``1 / (a (tau - b) + 1)`` (Xie et al.)."""
   _check_number("a", a, 0.0)
   _check_number("b", b, 0.0)
-  return lambda tau: 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1.0)
+
+  def weight(tau):
+    over = (tau - b + abs(tau - b)) / 2  # max(tau - b, 0)
+    return 1.0 / (a * over + 1.0)
+
+  return weight
 
 
 # --------------------------------------------------------------------------
@@ -279,6 +317,24 @@ def _available(population, ids, t, due=()):
   return ids[ok]
 
 
+def _clock(x) -> float:
+  """``x`` rounded to the engine's float32 clock."""
+  return float(np.float32(x))
+
+
+def _sample(population, available, seed, task, size):
+  """The ``size`` available clients of smallest priority, in that order."""
+  if population.priority is None:
+    priority = np.random.default_rng([seed, task]).random(
+      population.num_clients
+    )
+  else:
+    priority = np.asarray(population.priority(task), np.float64)
+  mine = priority[available]
+  order = np.lexsort((available, mine))
+  return available[order[:size]]
+
+
 def _as_params(params):
   return np.array(params, np.float64, copy=True)
 
@@ -325,17 +381,14 @@ def synchronous(
   w = _as_params(params)
   ids = np.arange(population.num_clients)
   num_sampled = math.ceil(over_selection * clients_per_round)
-  t = float(t_start)
+  t = _clock(t_start)
   rounds = []
   for r in range(num_rounds):
     available = _available(population, ids, t)
     if not len(available):
       t, due = _wait(population, ids, t, horizon)
       available = _available(population, ids, t, due)
-    rng = np.random.default_rng([seed, r])
-    selected = rng.choice(
-      available, size=min(num_sampled, len(available)), replace=False
-    )
+    selected = _sample(population, available, seed, r, num_sampled)
     events = []
     for k in selected:
       end, completed = population.run_task(int(k), t, r)
@@ -345,14 +398,16 @@ def synchronous(
     for end, k, completed in events:
       if len(aggregated) == clients_per_round:
         break
-      if completed and (deadline is None or end - t <= deadline):
+      if completed and (
+        deadline is None or _clock(end - t) <= _clock(deadline)
+      ):
         aggregated.append((end, k))
     if len(aggregated) == clients_per_round:
-      duration = aggregated[-1][0] - t
+      t_next = aggregated[-1][0]
     elif deadline is not None:
-      duration = float(deadline)
+      t_next = _clock(t + _clock(deadline))
     else:
-      duration = max((end for end, _, _ in events), default=t) - t
+      t_next = max((end for end, _, _ in events), default=t)
     if aggregated:
       total, weights = 0.0, 0.0
       for _, k in aggregated:
@@ -371,11 +426,11 @@ def synchronous(
         selected=np.asarray(selected, np.int64),
         client_ids=np.array([k for _, k in aggregated], np.int64),
         arrivals=np.array([e for e, _ in aggregated], np.float64),
-        duration=float(duration),
+        duration=float(t_next - t),
         params=w.copy(),
       )
     )
-    t += duration
+    t = t_next
   return rounds
 
 
@@ -404,7 +459,7 @@ def _asynchronous(
   """
   w = _as_params(params)
   num_clients = population.num_clients
-  version, task, t = 0, 0, float(t_start)
+  version, task, t = 0, 0, _clock(t_start)
   heap = []  # (end, client, task, start version, completed, payload)
   in_flight: set[int] = set()
   buffer, buffer_ids, buffer_tau = [], [], []
@@ -422,7 +477,7 @@ def _asynchronous(
       available = _available(population, idle_ids(), t, due)
       if not len(available):
         return
-      k = int(np.random.default_rng([seed, task]).choice(available))
+      k = int(_sample(population, available, seed, task, 1)[0])
       end, completed = population.run_task(k, t, task)
       payload = None
       if completed:
