@@ -223,7 +223,8 @@ def test_resume_is_bit_exact():
   s = Setup(8, 2, optax.adam(0.05), BEHAVIOUR)
   rounds = ta.fedbuff(s.engine, BEHAVIOUR, concurrency=4, tau_max=2)
   start = rounds.init(s.params, data=s.data)
-  straight, _ = rounds.run(start, s.data, 6)
+  # run() consumes the state's ring buffer (donated): copy to reuse it.
+  straight, _ = rounds.run(jax.tree.map(jnp.copy, start), s.data, 6)
   half, _ = rounds.run(start, s.data, 3)
   host = jax.device_get(half)  # as a checkpoint would hold it
   resumed, _ = rounds.run(jax.tree.map(jnp.asarray, host), s.data, 3)

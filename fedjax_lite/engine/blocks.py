@@ -171,10 +171,13 @@ class _Round:
       cut = lambda a: jax.lax.dynamic_slice(a, (lo,), (blk,))
       return valid, cut(ids_pad), cut(slots_pad), cut(runs_pad)
 
-    def device_block(features, bcast, cstate, cid, slot, run, valid, sums):
+    def device_block(features, bcast, cstate, cid, slot, run, row, valid, sums):
       """One device's ``B`` clients: gather and client work (vmapped), then
       the device's ``add_block`` (``sums``: leading axis 1). Runs under
-      ``shard_map``, so no device ever computes another's clients."""
+      ``shard_map``, so no device ever computes another's clients. With a
+      broadcast table every device reads its own clients' rows of it."""
+      if table_index is not None:
+        bcast = jax.tree.map(lambda a: a[row], bcast)
       view = data.replace(
         features=features
         if not data.sharded
@@ -212,27 +215,31 @@ class _Round:
 
     per_device = P(AXIS)
     data_spec = P(AXIS) if data.sharded else P()
-    bcast_spec = P() if shared_broadcast else per_device
+    bcast_spec = (
+      P() if shared_broadcast or table_index is not None else (per_device)
+    )
 
     def step(i, carry, start, count):
       sums, clients = carry
       valid, cid, slot, run = block_clients(i, start, count)
       cid = jnp.where(valid, cid, 0)
       cstate = stages.client_states_of(clients, run, cid)
+      row = run if table_index is None else table_index[run, slot]
       if shared_broadcast:
         bcast = jax.tree.map(lambda a: a[0], self.broadcast)
-      else:
-        row = run if table_index is None else table_index[run, slot]
+      elif table_index is None:
         bcast = jax.tree.map(lambda a: a[row], self.broadcast)
+      else:  # the whole table: each device gathers its clients' rows
+        bcast = self.broadcast
       sums, (state, finite) = jax.shard_map(
         device_block,
         mesh=self.engine.mesh,
-        in_specs=(data_spec, bcast_spec) + (per_device,) * 6,
+        in_specs=(data_spec, bcast_spec) + (per_device,) * 7,
         out_specs=per_device,
         # Client code (custom VJPs, callbacks) need not know about manual
         # axes; nothing inside communicates across devices.
         check_vma=False,
-      )(data.features, bcast, cstate, cid, slot, run, valid, sums)
+      )(data.features, bcast, cstate, cid, slot, run, row, valid, sums)
       clients = stages.store_client_states(
         clients, run, cid, state, valid & finite
       )

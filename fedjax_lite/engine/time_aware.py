@@ -203,8 +203,17 @@ class _Timed:
     _check_aggregator(engine, what, weighted=isinstance(self, AsyncRounds))
     self.behaviour = behaviour
     self.what = what
-    self._step_jit = jax.jit(self.round_body)
-    self._run_jit = jax.jit(self._run_body, static_argnums=2)
+    # The ring buffer (asynchronous rounds) is donated: its new version is
+    # written in place instead of copying tau_max + 1 models every step.
+    self._step_jit = jax.jit(
+      lambda ring, s, d: self.round_body(s.replace(ring=ring), d),
+      donate_argnums=0,
+    )
+    self._run_jit = jax.jit(
+      lambda ring, s, d, n: self._run_body(s.replace(ring=ring), d, n),
+      static_argnums=3,
+      donate_argnums=0,
+    )
 
   def _checked(self, state, data):
     if not isinstance(state, TimedState):
@@ -215,16 +224,21 @@ class _Timed:
     self.engine.check_inputs(state.engine, data)
 
   def round(self, state: TimedState, data: DeviceData):
-    """One round (or server step), jitted; metrics include the clock."""
+    """One round (or server step), jitted; metrics include the clock.
+
+    Asynchronous rounds consume ``state.ring`` (donated: updated in place);
+    keep ``jax.tree.map(jnp.copy, state)`` to reuse a state."""
     self._checked(state, data)
-    new, metrics = self._step_jit(state, data)
+    new, metrics = self._step_jit(state.ring, state.replace(ring=None), data)
     return new, self._finish(metrics, data)
 
   def run(self, state: TimedState, data: DeviceData, num_rounds: int):
     """``num_rounds`` rounds in one ``lax.scan``; metrics stacked."""
     checks.positive_int("num_rounds", num_rounds)
     self._checked(state, data)
-    new, metrics = self._run_jit(state, data, int(num_rounds))
+    new, metrics = self._run_jit(
+      state.ring, state.replace(ring=None), data, int(num_rounds)
+    )
     return new, self._finish(metrics, data)
 
   def _finish(self, metrics, data):
@@ -313,13 +327,14 @@ class DeadlineRounds(_Timed):
       params, seed, num_clients=data.num_clients, data=data
     )
     zero = jnp.zeros((), jnp.int32)
-    return TimedState(
+    state = TimedState(
       engine=engine_state,
       clock=jnp.float32(t0),
       tasks=zero,
       updates=zero,
       last_ids=jnp.full((self.engine.config.clients_per_round,), -1, jnp.int32),
     )
+    return jax.device_put(state, self.engine.replicated)
 
   def round_body(self, state: TimedState, data: DeviceData):
     """One round as a pure, traceable function."""
