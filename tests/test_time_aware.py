@@ -8,6 +8,7 @@ Every step must aggregate the same clients, at the same simulated time, to
 the same parameters (relative 1e-6).
 """
 
+import json
 import math
 
 import jax
@@ -20,7 +21,10 @@ import fedjax_lite as fl
 import reference as ref
 from fedjax_lite import systems
 from fedjax_lite.engine import time_aware as ta
+from fedjax_lite.__main__ import main
 from fedjax_lite.systems import reference as sysref
+
+from experiment_files import EXPERIMENTS, load  # pylint: disable=g-bad-import-order
 
 D, K = 4, 3
 LR, EPOCHS = 0.3, 2
@@ -306,3 +310,34 @@ def test_every_client_dropping_out_is_an_error_not_a_hang():
   rounds = ta.fedbuff(s.engine, gone, concurrency=3, tau_max=2, max_events=50)
   with pytest.raises(ValueError, match=r"handled 50 events without filling"):
     rounds.round(rounds.init(s.params, data=s.data), s.data)
+
+
+def test_experiment_time_to_target_and_configs():
+  module = load("time_aware_digits")
+  assert module.get_config("smoke") != module.get_config()
+  rows = [
+    {"test_accuracy": a, "clock": t, "client_updates": u, "client_tasks": n}
+    for a, t, u, n in [(0.1, 0, 0, 0), (0.8, 50.0, 10, 12), (0.9, 90.0, 20, 25)]
+  ]
+  assert module.time_to_target(rows, 0.85) == {
+    "seconds": 90.0,
+    "client_updates": 20,
+    "client_tasks": 25,
+  }
+  assert module.time_to_target(rows, 0.95) is None
+
+
+@pytest.mark.slow  # the notebook 10_time_aware runs the same API by default
+def test_experiment_smoke(tmp_path, capsys):
+  path = EXPERIMENTS / "time_aware_digits.py"
+  assert main(["run", f"{path}:smoke", "--out", str(tmp_path)]) == 0
+  (run_dir,) = tmp_path.iterdir()
+  summary = json.loads(capsys.readouterr().out.rsplit("run folder:", 1)[0])
+  assert set(summary["methods"]) == set(load("time_aware_digits").METHODS)
+  for f in ("metrics.jsonl", "curves.png", "summary.json"):
+    assert (run_dir / f).stat().st_size > 0, f
+  rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
+  for name in summary["methods"]:
+    mine = [r for r in rows if r["method"] == name]
+    assert mine[-1]["client_updates"] >= 40
+    assert all(np.diff([r["clock"] for r in mine]) > 0)

@@ -3,10 +3,11 @@
 The round's stages are the functions of :mod:`fedjax_lite.engine.stages`;
 :mod:`fedjax_lite.engine.blocks` runs them as one jitted round (vmapped
 blocks, sharded over devices) and :mod:`fedjax_lite.engine.debug` client by
-client in Python.
+client in Python; :mod:`fedjax_lite.engine.time_aware` runs rounds on a
+simulated clock (deadlines, FedBuff, FedAsync).
 """
 
-from fedjax_lite.engine import stages
+from fedjax_lite.engine import stages, time_aware
 from fedjax_lite.engine.debug import StageError, debug_round
 from fedjax_lite.engine.evaluation import EvalResult, evaluate
 from fedjax_lite.engine.plan import (
@@ -46,4 +47,5 @@ __all__ = [
   "finalize_metrics",
   "round_keys",
   "stages",
+  "time_aware",
 ]
