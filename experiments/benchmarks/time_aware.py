@@ -87,6 +87,7 @@ def main(argv=None):
   )
   args = ap.parse_args(argv)
   import fedjax_lite  # noqa: F401  (one CPU device per core, before any JAX work)
+
   if args.smoke:
     args.rounds, args.cycles, args.k = 1, 1, "4"
   record = common.start_record(__file__, argv, peak="here")
