@@ -51,7 +51,7 @@ class Config:
   num_clients: int = 100
   clients_per_round: int = 10
   client_updates: int = 3000
-  points: int = 30
+  points: int = 60
   hidden: int = 64
   client_lr: float = 0.1
   batch_size: int = 8

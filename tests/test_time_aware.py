@@ -78,6 +78,17 @@ BEHAVIOUR = systems.ClientBehaviour(
 )
 
 
+# Online 10% of each minute, at offsets spread over the minute: rounds often
+# find nobody online and wait.
+SPARSE = systems.ClientBehaviour(
+  seed=5,
+  step_seconds=systems.LogNormal(math.log(0.05), 1.0),
+  download_seconds=systems.Constant(0.5),
+  upload_seconds=systems.Constant(0.5),
+  availability=systems.Diurnal(0.1, period=60.0, time_zones=None),
+)
+
+
 class Setup:
   def __init__(self, num_clients, clients_per_round, server_opt, behaviour):
     self.clients = _clients(num_clients)
@@ -109,15 +120,16 @@ def _assert_params(got, want):
   )
 
 
-@pytest.mark.parametrize("variant", ["plain", "weighted_hinge"])
+@pytest.mark.parametrize("variant", ["plain", "weighted_hinge", "sparse"])
 def test_fedbuff_equals_the_reference(variant):
-  s = Setup(12, 3, optax.sgd(0.8), BEHAVIOUR)
+  behaviour = SPARSE if variant == "sparse" else BEHAVIOUR
+  s = Setup(12, 3, optax.sgd(0.8), behaviour)
   staleness, weighted = None, False
   if variant == "weighted_hinge":
     staleness, weighted = sysref.hinge(a=1.0, b=1), True
   rounds = ta.fedbuff(
     s.engine,
-    BEHAVIOUR,
+    behaviour,
     concurrency=5,
     tau_max=3,
     staleness=staleness,
@@ -143,8 +155,14 @@ def test_fedbuff_equals_the_reference(variant):
     assert float(metrics["clock"]) == step.time
     assert float(metrics["staleness_max"]) == step.staleness.max()
     _assert_params(state.engine.server.params, step.params)
-  # The draws exercised waiting, dropouts and staleness.
-  assert want.dropouts and max(st.staleness.max() for st in want.steps) >= 2
+  # The draws exercised dropouts (or waiting) and staleness.
+  stalest = max(st.staleness.max() for st in want.steps)
+  assert stalest >= (1 if behaviour is SPARSE else 2)
+  if behaviour is SPARSE:  # clients started when they came online
+    started = sorted({d[0] for d in want.dispatches})
+    assert len(started) > num
+  else:
+    assert want.dropouts
   last = got[-1][1]
   assert int(last["client_tasks"]) == len(want.dispatches)
   assert int(last["client_updates"]) == 3 * num
@@ -179,11 +197,15 @@ def test_fed_async_equals_the_reference():
   assert max(st.staleness.max() for st in want.steps) >= 2
 
 
-@pytest.mark.parametrize("deadline", [9.0, None])
-def test_deadline_rounds_equal_the_reference(deadline):
-  s = Setup(12, 3, optax.sgd(0.8), BEHAVIOUR)
+@pytest.mark.parametrize(
+  "deadline, behaviour",
+  [(9.0, BEHAVIOUR), (None, BEHAVIOUR), (2.0, SPARSE)],
+  ids=["deadline", "no_deadline", "sparse_availability"],
+)
+def test_deadline_rounds_equal_the_reference(deadline, behaviour):
+  s = Setup(12, 3, optax.sgd(0.8), behaviour)
   rounds = ta.DeadlineRounds(
-    s.engine, BEHAVIOUR, over_selection=1.7, deadline=deadline
+    s.engine, behaviour, over_selection=1.7, deadline=deadline
   )
   num = 20
   got = s.steps(rounds, rounds.init(s.params, data=s.data), num)
@@ -210,6 +232,9 @@ def test_deadline_rounds_equal_the_reference(deadline):
     _assert_params(state.engine.server.params, r.params)
   if deadline is not None:  # the deadline cut some rounds short
     assert any(len(r.client_ids) < 3 for r in want)
+  if behaviour is SPARSE:  # some rounds waited for a client to come online
+    ends = [r.start + r.duration for r in want]
+    assert any(b.start > e for e, b in zip(ends, want[1:]))
 
 
 def test_deadline_round_with_nobody_on_time_keeps_the_model():
@@ -252,6 +277,21 @@ def test_fedbuff_composes_with_clipping():
   # Three steps of clipped updates: no coordinate moves more than 3 x 0.05.
   assert 0 < moved <= 3 * 0.05 + 1e-6
   assert np.isfinite(np.asarray(metrics["clock"])).all()
+
+
+def test_fedbuff_composes_with_compression():
+  s = Setup(8, 2, optax.sgd(1.0), BEHAVIOUR)
+  alg = fl.compression.with_compression(
+    fl.fed_avg(s.model, optax.sgd(LR)), fl.compression.top_k(0.25)
+  )
+  engine = fl.Engine(alg, fl.RoundConfig(2, WORK))
+  rounds = ta.fedbuff(engine, BEHAVIOUR, concurrency=4, tau_max=3)
+  state, metrics = rounds.run(rounds.init(s.params, data=s.data), s.data, 3)
+  # Top-25% of 15 coordinates: each client sends fewer bytes than dense.
+  assert 0 < float(metrics["uplink_bytes"][-1]) < 15 * 4
+  # Sparse updates: at most 3 steps x 2 clients x 4 coordinates moved.
+  moved = np.abs(_vec(state.engine.server.params) - s.w0) > 0
+  assert 0 < moved.sum() <= 3 * 2 * 4
 
 
 def test_bad_input():

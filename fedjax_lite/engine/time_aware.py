@@ -350,7 +350,9 @@ class DeadlineRounds(_Timed):
     wait = ~avail.any()
     t_wait = jnp.min(nxt)
     t = jnp.where(wait, t_wait, t)
-    avail = jnp.where(wait, nxt <= t_wait, avail)
+    avail = jnp.where(
+      wait, (nxt <= t_wait) | b.is_available(ids, t_wait), avail
+    )
     status = jnp.where(wait & ~jnp.isfinite(t_wait), _NEVER, _DONE).astype(
       jnp.int32
     )

@@ -6,7 +6,8 @@ Layer: depends on jax and numpy only (never ``engine/`` or ``algorithms/``).
 speeds, network delays, availability (diurnal or traces) and dropout.
 :mod:`~fedjax_lite.systems.reference`: an event-driven float64 reference of
 synchronous rounds with over-selection and a deadline (Bonawitz et al. 2019),
-FedBuff (Nguyen et al. 2022) and FedAsync (Xie et al. 2019).
+FedBuff (Nguyen et al. 2022) and FedAsync (Xie et al. 2019). The jitted
+engine's rounds on this clock are :mod:`fedjax_lite.engine.time_aware`.
 """
 
 from fedjax_lite.systems.behaviour import (
