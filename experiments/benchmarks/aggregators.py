@@ -90,7 +90,9 @@ def build(workload: dict, aggregator=None):
 
 
 def round_fn(engine, data, state):
-  """One engine round per call (blocked until done), state carried."""
+  """One engine round per call (blocked until done), state carried; any
+  object with ``round(state, data) -> (state, metrics)`` (e.g. the
+  time-aware rounds of ``experiments/benchmarks/time_aware.py``)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   holder = {"s": state}

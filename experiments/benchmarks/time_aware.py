@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import benchmark as bm  # noqa: E402  (data and model builders)
 import common  # noqa: E402  (the benchmarks' shared helpers)
+from aggregators import round_fn  # noqa: E402  (one round per call, state carried)
 
 
 def build(w, k):
@@ -64,18 +65,6 @@ def build(w, k):
   }, data
 
 
-def caller(rounds, state, data):
-  import jax  # pylint: disable=g-import-not-at-top
-
-  holder = {"s": state}
-
-  def one():
-    holder["s"], _ = rounds.round(holder["s"], data)
-    jax.block_until_ready(holder["s"])
-
-  return one
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--k", default="10,50", help="comma-separated K values")
@@ -98,7 +87,7 @@ def main(argv=None):
   for k in [int(x) for x in args.k.split(",")]:
     built, data = build(w, k)
     calls = {
-      f"{name} (K={k})": caller(r, s, data) for name, (r, s) in built.items()
+      f"{name} (K={k})": round_fn(r, data, s) for name, (r, s) in built.items()
     }
     out = common.time_calls(
       calls, args.rounds, cycles=args.cycles, alternate=True

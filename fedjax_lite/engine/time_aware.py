@@ -215,6 +215,42 @@ class _Timed:
       donate_argnums=0,
     )
 
+  def init(
+    self,
+    params: PyTree,
+    seed: int = 0,
+    *,
+    data: DeviceData,
+    t_start: float = 0.0,
+  ) -> TimedState:
+    """The initial state: the engine's (``engine.init(params, seed)``), the
+    clock at ``t_start``, no task started (asynchronous rounds: version 0
+    in the ring buffer, nobody in flight)."""
+    t0 = checks.real("t_start", t_start)
+    if not math.isfinite(t0):
+      raise ValueError(f"t_start must be finite, got {t_start!r}.")
+    n = data.num_clients
+    self._check_population(n)
+    _check_behaviour(self.behaviour, n, t0)
+    engine_state = self.engine.init(params, seed, num_clients=n, data=data)
+    zero = jnp.zeros((), jnp.int32)
+    state = TimedState(
+      engine=engine_state,
+      clock=jnp.float32(t0),
+      tasks=zero,
+      updates=zero,
+      last_ids=jnp.full((self.engine.config.clients_per_round,), -1, jnp.int32),
+      **self._extra_state(engine_state, n),
+    )
+    return jax.device_put(state, self.engine.replicated)
+
+  def _check_population(self, num_clients: int) -> None:
+    del num_clients
+
+  def _extra_state(self, engine_state: EngineState, num_clients: int):
+    del engine_state, num_clients
+    return {}
+
   def _checked(self, state, data):
     if not isinstance(state, TimedState):
       raise TypeError(
@@ -309,32 +345,6 @@ class DeadlineRounds(_Timed):
     self.deadline = (
       None if deadline is None else checks.positive_float("deadline", deadline)
     )
-
-  def init(
-    self,
-    params: PyTree,
-    seed: int = 0,
-    *,
-    data: DeviceData,
-    t_start: float = 0.0,
-  ) -> TimedState:
-    """The initial state (the engine's, plus the clock at ``t_start``)."""
-    t0 = checks.real("t_start", t_start)
-    if not math.isfinite(t0):
-      raise ValueError(f"t_start must be finite, got {t_start!r}.")
-    _check_behaviour(self.behaviour, data.num_clients, t0)
-    engine_state = self.engine.init(
-      params, seed, num_clients=data.num_clients, data=data
-    )
-    zero = jnp.zeros((), jnp.int32)
-    state = TimedState(
-      engine=engine_state,
-      clock=jnp.float32(t0),
-      tasks=zero,
-      updates=zero,
-      last_ids=jnp.full((self.engine.config.clients_per_round,), -1, jnp.int32),
-    )
-    return jax.device_put(state, self.engine.replicated)
 
   def round_body(self, state: TimedState, data: DeviceData):
     """One round as a pure, traceable function."""
@@ -554,26 +564,15 @@ class AsyncRounds(_Timed):
     )
     super().__init__(engine, behaviour, what)
 
-  def init(
-    self,
-    params: PyTree,
-    seed: int = 0,
-    *,
-    data: DeviceData,
-    t_start: float = 0.0,
-  ) -> TimedState:
-    """The initial state: version 0 in the ring, nobody in flight."""
-    t0 = checks.real("t_start", t_start)
-    if not math.isfinite(t0):
-      raise ValueError(f"t_start must be finite, got {t_start!r}.")
-    n = data.num_clients
-    if self.concurrency > n:
+  def _check_population(self, num_clients: int) -> None:
+    if self.concurrency > num_clients:
       raise ValueError(
-        f"concurrency ({self.concurrency}) exceeds the population ({n} "
-        "clients)."
+        f"concurrency ({self.concurrency}) exceeds the population "
+        f"({num_clients} clients)."
       )
-    _check_behaviour(self.behaviour, n, t0)
-    engine_state = self.engine.init(params, seed, num_clients=n, data=data)
+
+  def _extra_state(self, engine_state: EngineState, num_clients: int):
+    """Version 0 in every row of the ring, nobody in flight."""
     server = engine_state.server
     if self.mixing is not None and not (
       hasattr(server, "params") and hasattr(server, "replace")
@@ -584,29 +583,20 @@ class AsyncRounds(_Timed):
       )
     bcast = self.user_engine.algorithm.broadcast(server)
     size = self.tau_max + 1
-    ring = jax.tree.map(
-      lambda a: jnp.broadcast_to(a, (size,) + jnp.shape(a)), bcast
-    )
     c = self.concurrency
-    flight = {
-      "client": jnp.zeros((c,), jnp.int32),
-      "end": jnp.full((c,), jnp.inf, jnp.float32),
-      "completed": jnp.zeros((c,), bool),
-      "version": jnp.zeros((c,), jnp.int32),
-      "used": jnp.zeros((c,), bool),
-    }
-    zero = jnp.zeros((), jnp.int32)
-    state = TimedState(
-      engine=engine_state,
-      clock=jnp.float32(t0),
-      tasks=zero,
-      updates=zero,
-      last_ids=jnp.full((self.engine.config.clients_per_round,), -1, jnp.int32),
-      ring=ring,
-      flight=flight,
-      busy=jnp.zeros((n,), bool),
+    return dict(
+      ring=jax.tree.map(
+        lambda a: jnp.broadcast_to(a, (size,) + jnp.shape(a)), bcast
+      ),
+      flight={
+        "client": jnp.zeros((c,), jnp.int32),
+        "end": jnp.full((c,), jnp.inf, jnp.float32),
+        "completed": jnp.zeros((c,), bool),
+        "version": jnp.zeros((c,), jnp.int32),
+        "used": jnp.zeros((c,), bool),
+      },
+      busy=jnp.zeros((num_clients,), bool),
     )
-    return jax.device_put(state, self.engine.replicated)
 
   # The event loop of one server step.
   def _schedule(self, state: TimedState, data: DeviceData):
