@@ -342,6 +342,31 @@ def test_bad_input():
   )
   with pytest.raises(ValueError, match=r"FedBuff does not compose with agg"):
     ta.fedbuff(median, BEHAVIOUR, concurrency=4, tau_max=3)
+  for agg, match in [
+    (fl.privacy.dp_aggregator(1.0, 3, clip=1.0), "ignores client weights"),
+    (
+      fl.privacy.dp_aggregator(1.0, 3, sampling="fixed", population=6),
+      "DP accounting assumes uniform sampling",
+    ),
+  ]:
+    dp = fl.Engine(
+      fl.fed_avg(s.model, optax.sgd(LR), aggregator=agg),
+      fl.RoundConfig(3, WORK),
+    )
+    with pytest.raises(ValueError, match=match):
+      ta.fedbuff(dp, BEHAVIOUR, concurrency=4, tau_max=3)
+  accounted = fl.Engine(
+    fl.fed_avg(
+      s.model,
+      optax.sgd(LR),
+      aggregator=fl.privacy.dp_aggregator(
+        1.0, 3, sampling="fixed", population=6
+      ),
+    ),
+    fl.RoundConfig(3, WORK),
+  )
+  with pytest.raises(ValueError, match=r"DeadlineRounds does not compose"):
+    ta.DeadlineRounds(accounted, BEHAVIOUR)
 
 
 def test_every_client_dropping_out_is_an_error_not_a_hang():

@@ -39,12 +39,15 @@ never trained. The scheduler's state is ``O(population + concurrency)``.
 
 What composes: every algorithm whose ``client_update`` returns a
 pseudo-gradient, server optimizers from optax (FedBuff), client-side
-compression, and stateless or stateful aggregators. Staleness weights enter
-through the client weights, so aggregators that ignore weights (median,
-trimmed mean, Krum) apply no staleness discount, and DP aggregators'
-accounting assumes uniform sampling of ``clients_per_round`` clients per
-round, which availability, deadlines and asynchrony do not give: both are
-refused. FedAsync mixes models, so it takes the weighted mean only.
+compression (``fl.compression.with_compression``), and streaming
+aggregators that weigh clients (the weighted mean, ``clipped``). Refused,
+with the reason: aggregators bound to the run's sampling (DP with
+accounting, whose epsilon assumes uniform sampling of ``clients_per_round``
+clients, which availability, deadlines and asynchrony do not give), and, for
+FedBuff and FedAsync, aggregators that ignore client weights (median,
+trimmed mean, Krum, geometric median, the unweighted mean, DP's fixed
+denominator), since staleness weights enter through the client weights.
+FedAsync mixes models and takes the weighted mean only.
 
 Time is float32 (JAX's default float): at about a day of simulated time the
 clock carries errors of a few milliseconds.
@@ -53,6 +56,7 @@ clock carries errors of a few milliseconds.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import flax.struct
@@ -78,6 +82,10 @@ PyTree = Any
 _BASE_WEIGHT = "_staleness_base_weight"
 # Why a step stopped (host raises for the last two).
 _RUNNING, _DONE, _NEVER, _TOO_MANY = 0, 1, 2, 3
+
+
+# Streaming aggregators whose mean ignores the client weights.
+_WEIGHT_FREE = re.compile(r"\b(unweighted_mean|dp|dp_adaptive|local_dp)\b")
 
 
 @flax.struct.dataclass
@@ -166,12 +174,14 @@ def _check_aggregator(engine: Engine, what: str, weighted: bool) -> None:
       "clients_per_round clients), which availability, deadlines and "
       "asynchrony do not give."
     )
-  if weighted and agg.materialized:
+  if weighted and (
+    agg.materialized or _WEIGHT_FREE.search(str(agg.name)) is not None
+  ):
     raise ValueError(
       f"{what} does not compose with aggregator {agg.name!r}: it ignores "
-      "client weights (order statistics of the updates), so it would drop "
-      "the staleness weights; use the weighted mean, clipping or "
-      "compression."
+      "client weights (order statistics of the updates, uniform means, DP's "
+      "fixed denominator), so it would drop the staleness weights; use the "
+      "weighted mean, clipping or compression."
     )
 
 
@@ -498,7 +508,8 @@ class AsyncRounds(_Timed):
   server steps. Metrics: the engine's, plus ``clock`` (the step's time),
   ``step_duration``, ``staleness_mean``, ``staleness_max``, ``dropouts``,
   ``stale_discarded``, ``client_tasks`` and ``client_updates``
-  (cumulative).
+  (cumulative); the engine's ``total_weight`` is :math:`\sum_i b_i
+  s(\tau_i)`.
   """
 
   def __init__(
