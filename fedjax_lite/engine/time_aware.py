@@ -498,7 +498,7 @@ def staleness_weighted(
 
 
 class AsyncRounds(_Timed):
-  """FedBuff and FedAsync as engine rounds (module docs).
+  r"""FedBuff and FedAsync as engine rounds (module docs).
 
   Use :func:`fedbuff` or :func:`fed_async` to build one. Each
   :meth:`round` is one server step: the clock runs until ``K`` accepted
