@@ -65,6 +65,7 @@ from fedjax_lite.aggregators.base import (
   expand,
   taking_part,
   tree_norm,
+  wrapper,
 )
 from fedjax_lite.aggregators.clipping import clipped
 from fedjax_lite.aggregators.mean import unweighted_mean, weighted_mean
@@ -680,6 +681,7 @@ def _norm_quantile_bound(
   metric ``<name>_bound``.
   """
 
+  @wrapper
   def wrap(inner: Aggregator) -> Aggregator:
     def init_state(update_spec):
       return {
@@ -750,18 +752,8 @@ def _norm_quantile_bound(
         "estimate": new_x,
       }
 
-    active, bind = inner.active_slots, inner.bind
-    return inner._replace(
-      active_slots=None if active is None else lambda s: active(s["inner"]),
-      init_state=init_state,
-      init=init,
-      add=add,
-      merge=merge,
-      finalize=finalize,
-      name=f"{name}({inner.name})",
-      bind=None if bind is None else lambda run: wrap(bind(run)),
-      check_output=inner.check_output,
-    )
+    label = f"{name}({inner.name})"
+    return Aggregator(init_state, init, add, merge, finalize, name=label)
 
   return wrap(inner)
 

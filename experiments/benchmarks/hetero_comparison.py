@@ -189,36 +189,23 @@ def main(argv=None):
   hetero_round = sum(2 * hetero.communication(full, r) for r in rates)
   results, t_all = {}, time.perf_counter()
 
-  results["FedAvg (full width)"] = run_engine(
-    "FedAvg (full width)",
-    full,
-    fl.fed_avg(full, sgd),
-    n * 2 * p_full,
-    budget,
-    train,
-    test,
-    args,
-  )[0]
-  results["FedAvg (1/4 width)"] = run_engine(
-    "FedAvg (1/4 width)",
-    small,
-    fl.fed_avg(small, sgd),
-    n * 2 * p_small,
-    budget,
-    train,
-    test,
-    args,
-  )[0]
-  results["HeteroFL"] = run_engine(
-    "HeteroFL",
-    full,
-    hetero.hetero_fl(full, sgd, client_rates=rates),
-    hetero_round,
-    budget,
-    train,
-    test,
-    args,
-  )[0]
+  per_round = {
+    "FedAvg (full width)": n * 2 * p_full,
+    "FedAvg (1/4 width)": n * 2 * p_small,
+    "HeteroFL": hetero_round,
+  }
+  engine_runs = {  # label: model, algorithm (built when its run starts)
+    "FedAvg (full width)": (full, lambda: fl.fed_avg(full, sgd)),
+    "FedAvg (1/4 width)": (small, lambda: fl.fed_avg(small, sgd)),
+    "HeteroFL": (
+      full,
+      lambda: hetero.hetero_fl(full, sgd, client_rates=rates),
+    ),
+  }
+  for label, (model, algorithm) in engine_runs.items():
+    results[label] = run_engine(
+      label, model, algorithm(), per_round[label], budget, train, test, args
+    )[0]
   bound = fl.models.mlp(64, 10, (args.fedma_bound,))
   results["FedMA"] = run_fed_ma(bound, widths, budget, train, test, args)
 
@@ -227,11 +214,6 @@ def main(argv=None):
     "FedAvg (1/4 width)": args.epochs,
     "HeteroFL": args.epochs,
     "FedMA": 2 * args.epochs,
-  }
-  per_round = {
-    "FedAvg (full width)": n * 2 * p_full,
-    "FedAvg (1/4 width)": n * 2 * p_small,
-    "HeteroFL": hetero_round,
   }
   summary = []
   for label, rows in results.items():

@@ -176,6 +176,32 @@ def expand(x: jax.Array, ndim: int) -> jax.Array:
   return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
+def wrapper(
+  make: Callable[[Aggregator], Aggregator],
+) -> Callable[[Aggregator], Aggregator]:
+  """An aggregator wrapper ``wrap(inner)`` from ``make(inner)``, the
+  wrapper's own functions around ``inner`` (a decorator).
+
+  ``make(inner)`` returns an :class:`Aggregator` whose functions keep
+  ``inner``'s state under ``state["inner"]``. ``wrap(inner)`` is that
+  aggregator with ``inner``'s ``materialized`` and ``check_output``, and
+  ``inner``'s ``active_slots`` read from ``state["inner"]``; a
+  run-dependent ``inner`` (``Aggregator.bind``, e.g. DP accounting) binds to
+  the run and the bound one is wrapped again.
+  """
+
+  def wrap(inner: Aggregator) -> Aggregator:
+    active, bind = inner.active_slots, inner.bind
+    return make(inner)._replace(
+      materialized=inner.materialized,
+      active_slots=None if active is None else lambda s: active(s["inner"]),
+      bind=None if bind is None else lambda run: wrap(bind(run)),
+      check_output=inner.check_output,
+    )
+
+  return wrap
+
+
 def check_float_updates(update_spec: PyTree, name: str) -> None:
   """Raises if an update leaf is not floating point (trace-time check)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(update_spec)

@@ -29,6 +29,7 @@ from fedjax_lite.aggregators.base import (
   expand,
   taking_part,
   tree_norm,
+  wrapper,
 )
 
 
@@ -72,6 +73,7 @@ def clipped(
       learning_rate, "learning_rate", "clipped", allow_zero=True
     )
 
+  @wrapper
   def wrap(inner: Aggregator) -> Aggregator:
     def init_state(update_spec):
       state = {"inner": inner.init_state(update_spec)}
@@ -132,20 +134,11 @@ def clipped(
       metrics["clipped_fraction"] = frac
       return out._replace(metrics=metrics), new_state
 
-    active, bind = inner.active_slots, inner.bind
-    # Every function wraps the inner one's; ``materialized`` is the inner's.
-    return inner._replace(
-      active_slots=None if active is None else lambda s: active(s["inner"]),
-      init_state=init_state,
-      init=init,
-      add=add,
-      merge=merge,
-      finalize=finalize,
-      name=f"clipped({inner.name})",
-      # A run-dependent inner aggregator (e.g. DP accounting) binds to the
-      # run, and the bound one is clipped again.
-      bind=None if bind is None else lambda run: wrap(bind(run)),
-      check_output=inner.check_output,
-    )
+    # Every function wraps the inner one's; ``wrapper`` keeps the inner's
+    # ``materialized``, ``active_slots`` and ``check_output``, and binds a
+    # run-dependent inner aggregator (e.g. DP accounting) to the run and
+    # clips the bound one again.
+    label = f"clipped({inner.name})"
+    return Aggregator(init_state, init, add, merge, finalize, name=label)
 
   return wrap(inner)

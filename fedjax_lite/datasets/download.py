@@ -273,6 +273,24 @@ def search_folders(search) -> list[Path]:
 
 
 # ------------------------------------------------------------- fetching
+def _pinned(
+  path: Path, remote: RemoteFile, cache: Path, otherwise: str
+) -> bool:
+  """Whether ``path`` is a file with ``remote``'s pinned SHA-256; a file
+  with another digest is reported in a warning ending with ``otherwise``
+  (what :func:`fetch` does instead), for :func:`fetch`'s caller."""
+  if not path.is_file():
+    return False
+  digest = _digest(path, cache)
+  if digest == remote.sha256:
+    return True
+  warnings.warn(
+    f"'{path}' has SHA-256 {digest}, expected {remote.sha256}; {otherwise}.",
+    stacklevel=3,
+  )
+  return False
+
+
 def fetch(
   remote: RemoteFile,
   data_dir: str | os.PathLike | None = None,
@@ -316,26 +334,12 @@ def fetch(
   cache = _cache_dir(data_dir)
   final = cache / remote.filename
   with _lock(cache / f"{remote.filename}.lock"):
-    if final.is_file():
-      digest = _digest(final, cache)
-      if digest == remote.sha256:
-        return final
-      warnings.warn(
-        f"'{final}' has SHA-256 {digest}, expected {remote.sha256}; "
-        f"downloading {remote.url} again.",
-        stacklevel=2,
-      )
+    if _pinned(final, remote, cache, f"downloading {remote.url} again"):
+      return final
     for folder in folders:
       candidate = folder / remote.filename
-      if candidate.is_file():
-        digest = _digest(candidate, cache)
-        if digest == remote.sha256:
-          return candidate
-        warnings.warn(
-          f"'{candidate}' has SHA-256 {digest}, expected {remote.sha256}; "
-          "ignoring it.",
-          stacklevel=2,
-        )
+      if _pinned(candidate, remote, cache, "ignoring it"):
+        return candidate
     _download(remote, final, cache, progress, float(timeout))
     return final
 

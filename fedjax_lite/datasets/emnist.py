@@ -203,32 +203,19 @@ def emnist(
       download.find_file(folder, f"{prefix}_{split}.h5")
       for split in ("train", "test")
     ]
-    loaded = [
-      load_tff_hdf5(
-        p,
-        transform=lambda cid, f, p=p: preprocess(
-          f"TFF HDF5 file '{p}', client {cid!r}", f
-        ),
-      )
-      for p in paths
-    ]
-    where = [f"TFF HDF5 file '{p}'" for p in paths]
+    load, kind = load_tff_hdf5, "TFF HDF5 file"
   else:
     name = "federated_emnist_digitsonly" if only_digits else "federated_emnist"
     paths = [
       _fedjax_file(f"{name}_{split}.sqlite", cache, search, progress)
       for split in ("train", "test")
     ]
-    loaded = [
-      load_fedjax_sqlite(
-        p,
-        transform=lambda cid, f, p=p: preprocess(
-          f"FedJAX SQLite file '{p}', client {cid!r}", f
-        ),
-      )
-      for p in paths
-    ]
-    where = [f"FedJAX SQLite file '{p}'" for p in paths]
+    load, kind = load_fedjax_sqlite, "FedJAX SQLite file"
+  where = [f"{kind} '{p}'" for p in paths]
+  loaded = [
+    load(p, transform=lambda cid, f, w=w: preprocess(f"{w}, client {cid!r}", f))
+    for p, w in zip(paths, where)
+  ]
   train, test = (
     _check_labels(ds, only_digits, w) for ds, w in zip(loaded, where)
   )

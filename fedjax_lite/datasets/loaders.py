@@ -26,6 +26,7 @@ skipped. Unreadable or malformed files raise ``ValueError`` (or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -448,6 +449,31 @@ def _is_utf8(b: bytes) -> bool:
 
 
 # ------------------------------------------------------------ TFF HDF5
+@contextlib.contextmanager
+def tff_examples(path, source: str, hint: str = ""):
+  """Opens TFF HDF5 file ``path`` and yields its ``/examples`` group (the
+  file stays open inside the ``with`` block).
+
+  Raises:
+    ValueError: not an HDF5 file, or no ``examples`` group (messages start
+      with ``source``; ``hint`` follows the expected layout).
+  """
+  h5py = require("h5py", "data")
+  try:
+    fh = h5py.File(path, "r")
+  except OSError as e:
+    raise ValueError(f"{source} is not a readable HDF5 file ({e}).") from None
+  with fh:
+    group = fh.get("examples")
+    if not isinstance(group, h5py.Group):
+      raise ValueError(
+        f"{source} has no 'examples' group (top-level keys: "
+        f"{sorted(fh.keys())}); expected /examples/<client_id>/"
+        f"<feature>{hint}."
+      )
+    yield group
+
+
 def load_tff_hdf5(
   path,
   *,
@@ -469,18 +495,7 @@ def load_tff_hdf5(
 
   p = _existing_file(path)
   source = f"TFF HDF5 file '{p}'"
-  try:
-    fh = h5py.File(p, "r")
-  except OSError as e:
-    raise ValueError(f"{source} is not a readable HDF5 file ({e}).") from None
-  with fh:
-    if "examples" not in fh or not isinstance(fh["examples"], h5py.Group):
-      raise ValueError(
-        f"{source} has no 'examples' group (top-level keys: "
-        f"{sorted(fh.keys())}); expected /examples/<client_id>/"
-        "<feature> as TFF's HDF5ClientData writes."
-      )
-    group = fh["examples"]
+  with tff_examples(p, source, " as TFF's HDF5ClientData writes") as group:
 
     def members(g, path: str, kind, expected: str):
       # ``(name, member)`` of HDF5 group ``g`` by sorted name, each checked

@@ -96,6 +96,7 @@ from fedjax_lite._optional import require
 from fedjax_lite.data.federated_dataset import FederatedDataset
 from fedjax_lite.datasets import download
 from fedjax_lite.datasets.download import RemoteFile
+from fedjax_lite.datasets.loaders import tff_examples
 
 # URLs and SHA-256 digests pinned by TFF,
 # tensorflow_federated/python/simulation/datasets/stackoverflow.py (the
@@ -415,17 +416,7 @@ def _read_split(
   """Preprocesses a TFF HDF5 split client by client into preallocated rows."""
   h5py = require("h5py", "data")
   source = f"TFF HDF5 file '{path}'"
-  try:
-    fh = h5py.File(path, "r")
-  except OSError as e:
-    raise ValueError(f"{source} is not a readable HDF5 file ({e}).") from None
-  with fh:
-    group = fh.get("examples")
-    if not isinstance(group, h5py.Group):
-      raise ValueError(
-        f"{source} has no 'examples' group (top-level keys: "
-        f"{sorted(fh.keys())}); expected /examples/<client_id>/<feature>."
-      )
+  with tff_examples(path, source) as group:
     ids = sorted(group.keys())[:max_clients]
     counts = np.zeros(len(ids), np.int64)
     for k, cid in enumerate(ids):

@@ -76,6 +76,31 @@ class FedAvgCNN(nn.Module):
     return Dense(self.num_classes, fast_grad=self.fast_grad, name="Dense_1")(h)
 
 
+def conv_pool_dropout(h, *, kernel_init, fast: bool, train: bool):
+  """The convolutions of :class:`SimpleCNN` and FedJAX's EMNIST CNN.
+
+  conv3x3 ``VALID`` ->32 (``Conv_0``), ReLU, conv3x3 ``VALID`` ->64
+  (``Conv_1``) with 2x2 max pooling (stride 2), ReLU, dropout 0.25 (active
+  when ``train``). Call it inside a ``nn.compact`` method: the layers
+  become the caller's submodules. ``h``: ``[C, H, W, N]`` -> ``[64, H', W',
+  N]``.
+  """
+  conv = lambda c, i, pool=None: ConvCM(
+    c,
+    (3, 3),
+    padding="VALID",
+    kernel_init=kernel_init,
+    fast=fast,
+    pool=pool,
+    name=f"Conv_{i}",
+  )
+  h = nn.relu(conv(32, 0)(h))
+  # relu(maxpool(conv) + b) = maxpool(relu(conv + b)): the bias and the
+  # ReLU act on the pooled map (ConvCM's pool).
+  h = nn.relu(conv(64, 1, ((2, 2), (2, 2), "VALID"))(h))
+  return Dropout(0.25, deterministic=not train)(h)
+
+
 class SimpleCNN(nn.Module):
   """pfl-research's CIFAR-10 CNN (see the module docstring).
 
@@ -92,20 +117,7 @@ class SimpleCNN(nn.Module):
     n = x.shape[0]
     h = images_cm(x, self.input_shape)  # [C, H, W, N]
     xavier = nn.initializers.xavier_uniform()
-    conv = lambda c, i, pool=None: ConvCM(
-      c,
-      (3, 3),
-      padding="VALID",
-      kernel_init=xavier,
-      fast=self.fast,
-      pool=pool,
-      name=f"Conv_{i}",
-    )
-    h = nn.relu(conv(32, 0)(h))
-    # relu(maxpool(conv) + b) = maxpool(relu(conv + b)): the bias and the
-    # ReLU act on the pooled map (ConvCM's pool).
-    h = nn.relu(conv(64, 1, ((2, 2), (2, 2), "VALID"))(h))
-    h = Dropout(0.25, deterministic=not train)(h)
+    h = conv_pool_dropout(h, kernel_init=xavier, fast=self.fast, train=train)
     dense = DenseCM(128, kernel_init=xavier, fast=self.fast, name="Dense_0")
     h = Dropout(0.5, deterministic=not train)(nn.relu(dense(h.reshape(-1, n))))
     return Dense(self.num_classes, kernel_init=xavier, name="Dense_1")(h)
@@ -176,10 +188,21 @@ def simple_cnn(
   """
   shape = image_shape(input_shape, min_size=6)
   checks.positive_ints(num_classes=num_classes)
+  return dropout_image_model(
+    SimpleCNN(shape, num_classes, fast), "simple_cnn", shape, num_classes
+  )
+
+
+def dropout_image_model(
+  module: nn.Module, prefix: str, shape: tuple, num_classes: int
+) -> Model:
+  """An image classifier with dropout (``module``'s ``apply`` takes
+  ``train``) as a :class:`Model` named ``<prefix><H>x<W>x<C>-<classes>``,
+  for inputs ``shape = (H, W, C)``."""
   return from_flax(
-    SimpleCNN(shape, num_classes, fast),
+    module,
     jnp.zeros((1,) + shape, jnp.float32),
     num_classes=num_classes,
     rng_collections=("dropout",),
-    name=f"simple_cnn{'x'.join(map(str, shape))}-{num_classes}",
+    name=f"{prefix}{'x'.join(map(str, shape))}-{num_classes}",
   )

@@ -57,7 +57,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lite import checks
-from fedjax_lite.models.cnn import simple_cnn
+from fedjax_lite.models.cnn import (
+  conv_pool_dropout,
+  dropout_image_model,
+  simple_cnn,
+)
 from fedjax_lite.models.conv import (
   ConvCM,
   DenseCM,
@@ -94,19 +98,7 @@ class EmnistCNN(nn.Module):
     conv_init = nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal"
     )
-    conv = lambda c, i, pool=None: ConvCM(
-      c,
-      (3, 3),
-      padding="VALID",
-      kernel_init=conv_init,
-      fast=self.fast,
-      pool=pool,
-      name=f"Conv_{i}",
-    )
-    h = nn.relu(conv(32, 0)(h))
-    # relu(maxpool(conv) + b) = maxpool(relu(conv + b)) (ConvCM's pool)
-    h = nn.relu(conv(64, 1, ((2, 2), (2, 2), "VALID"))(h))
-    h = Dropout(0.25, deterministic=not train)(h)
+    h = conv_pool_dropout(h, kernel_init=conv_init, fast=self.fast, train=train)
     h = jnp.transpose(h, (1, 2, 0, 3)).reshape(-1, n)  # [H' W' C, N]
     dense = DenseCM(
       128, kernel_init=_haiku_linear_init, fast=self.fast, name="Dense_0"
@@ -148,12 +140,8 @@ def emnist_cnn(
     raise TypeError(f"only_digits must be True or False, got {only_digits!r}.")
   shape = image_shape(input_shape, min_size=6)
   num_classes = 10 if only_digits else 62
-  return from_flax(
-    EmnistCNN(num_classes, shape, fast),
-    jnp.zeros((1,) + shape, jnp.float32),
-    num_classes=num_classes,
-    rng_collections=("dropout",),
-    name=f"emnist_cnn{'x'.join(map(str, shape))}-{num_classes}",
+  return dropout_image_model(
+    EmnistCNN(num_classes, shape, fast), "emnist_cnn", shape, num_classes
   )
 
 

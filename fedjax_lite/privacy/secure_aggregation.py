@@ -1430,14 +1430,10 @@ class SecAggHost:
     return tuple(np.stack(x).reshape(r.shape + x[0].shape) for x in out)
 
   def _failed_client_material(self) -> tuple:
-    """Zero seeds, every client dropped, fault 1."""
-    m, k = self.num_slots, self.degree
-    return (
-      np.zeros((m, 2), np.uint32),
-      np.zeros((m, k, 2), np.uint32),
-      np.zeros((m, k), np.int32),
-      np.ones((m,), bool),
-      np.int32(1),
+    """Zero seeds, every client dropped, fault 1 (as :meth:`client_shapes`)."""
+    fill = (0, 0, 0, True, 1)
+    return tuple(
+      np.full(s.shape, f, s.dtype) for s, f in zip(self.client_shapes(), fill)
     )
 
   def request_client_material(self, round_index: jax.Array) -> tuple:
