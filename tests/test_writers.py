@@ -8,8 +8,12 @@ are ``null`` in metrics.jsonl."""
 import dataclasses
 import json
 import math
+import os
+import signal
 import struct
+import subprocess
 import sys
+import time
 import zlib
 
 import jax
@@ -516,3 +520,140 @@ def test_a_tool_starting_in_the_background_gets_everything_in_order():
   w._thread.join()  # pylint: disable=protected-access
   with pytest.raises(fe.ConfigError, match="could not start a W&B run: no key"):
     w.flush()
+
+
+# ------------------------------------------------------- writer processes
+def _gone(pid: int) -> bool:
+  """Whether process ``pid`` has ended (a zombie counts as ended)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+  except FileNotFoundError:
+    return True
+  except OSError:  # no /proc: ask the kernel
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return True
+    return False
+
+
+def _wait_gone(pids, timeout=120.0) -> bool:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if all(_gone(p) for p in pids):
+      return True
+    time.sleep(0.1)
+  return False
+
+
+def test_tools_run_in_processes_of_their_own_without_jax(tmp_path):
+  """Each tool's writers run in one process per tool (a sweep's settings
+  share it), which imports the writers module without JAX; the training
+  process imports no tool; closing the last writer ends the process."""
+  code = (
+    "import sys; import fedjax_lite.experiment.writers; "
+    "print(sorted({'jax', 'mlflow', 'wandb', 'tensorboardX'} & "
+    "set(sys.modules)))"
+  )
+  env = dict(os.environ, FEDJAX_LITE_CPU_TUNING="0")
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "[]"
+  a = wlib.make_writers("tensorboard", tmp_path, key="a")
+  b = wlib.make_writers("tensorboard", tmp_path, key="b")
+  assert isinstance(a[0], wlib.ProcessWriter) and a[0].pid == b[0].pid
+  assert a[0].pid != os.getpid()
+  tracking = wlib.Tracking([a, b])
+  tracking.write({"round": 1, "loss": 0.5, "setting": 0})
+  tracking.write({"round": 1, "loss": 0.25, "setting": 1})
+  tracking.close()
+  assert _gone(a[0].pid)
+  assert tensorboard_scalars(tmp_path / "tensorboard" / "a") == {
+    1: {"loss": 0.5}
+  }
+  assert tensorboard_scalars(tmp_path / "tensorboard" / "b") == {
+    1: {"loss": 0.25}
+  }
+  # A writer made after the last one closed gets a new process.
+  (c,) = wlib.make_writers("tensorboard", tmp_path, key="c")
+  assert c.pid != a[0].pid
+  c.close()
+
+
+def test_a_failing_writer_process_raises_naming_the_tool(tmp_path):
+  """A store error in the child (a resume of an MLflow run the store
+  lacks): the next call (at the latest close) raises once, naming the tool
+  and the child's error; a child killed meanwhile: the same, with the
+  signal; neither hangs."""
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  state = {"mlflow": {"": {"run_id": "0123abc", "experiment_id": "0"}}}
+  (bad / wlib.STATE_FILE).write_text(json.dumps(state))
+  (w,) = wlib.make_writers("mlflow", bad, resume=wlib.Resume(2, 2))
+  with pytest.raises(wlib.WriterProcessError) as e:
+    w.write_hparams({"lr": 0.1})
+    w.write_scalars(3, {"loss": 1.0})
+    w.flush()
+    w.close()
+  assert "the mlflow writer failed in its process" in str(e.value)
+  assert "MlflowException: Run with id=0123abc not found" in str(e.value)
+  w.write_scalars(2, {"loss": 1.0})  # raised once: later calls do nothing
+  w.close()
+
+  (w,) = wlib.make_writers("tensorboard", tmp_path / "killed")
+  w.write_scalars(1, {"loss": 1.0})
+  os.kill(w.pid, signal.SIGKILL)
+  with pytest.raises(wlib.WriterProcessError) as e:
+    w.write_scalars(2, {"loss": 1.0})
+    w.flush()
+    w.close()
+  assert f"the tensorboard writer's process (pid {w.pid}) ended (killed " in (
+    str(e.value)
+  )
+  assert "SIGKILL" in str(e.value)
+  w.close()
+
+
+PARENT = """
+import json, os, signal, sys
+from fedjax_lite.experiment import writers as wlib
+ws = wlib.make_writers("tensorboard,mlflow", sys.argv[1])
+tracking = wlib.Tracking([ws])
+for w in ws:
+  w.write_hparams({"lr": 0.1})
+for r in (1, 2, 3):
+  tracking.write({"round": r, "loss": 1.0 / r, "nan": float("nan")})
+tracking.flush()
+print(json.dumps([w.pid for w in ws]), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_parent_leaves_the_rows_written_and_no_process(tmp_path):
+  """SIGKILL of the training process: each writer process reads EOF,
+  writes every row it was handed (all, after a flush), ends the tool's run
+  (MLflow: KILLED) and exits."""
+  out = subprocess.run(
+    [sys.executable, "-c", PARENT, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == -signal.SIGKILL, out.stderr
+  pids = json.loads(out.stdout)
+  assert _wait_gone(pids), pids
+  want = {r: {"loss": 1.0 / r} for r in (1, 2, 3)}
+  tb = tensorboard_scalars(tmp_path / "tensorboard")
+  assert {r: {"loss": v["loss"]} for r, v in tb.items()} == {
+    r: {"loss": np.float32(v["loss"])} for r, v in want.items()
+  }
+  assert all(math.isnan(v["nan"]) for v in tb.values())
+  run_id = wlib.read_state(tmp_path)["mlflow"][""]["run_id"]
+  client = mlflow_client(tmp_path)
+  ml = mlflow_history(client, run_id)
+  assert {r: {"loss": v["loss"]} for r, v in ml.items()} == want
+  assert all(math.isnan(v["nan"]) for v in ml.values())
+  assert client.get_run(run_id).info.status == "KILLED"

@@ -24,6 +24,10 @@ Reports per variant the median seconds of a whole run, its ratio to
 run experiments/fedavg_synthetic.py --no-progress [--log X]``, each run a
 fresh process (imports, compilation, the tool's start-up and its files
 included), the writer variants interleaved: the wall time a user sees.
+It also records each process's CPU seconds (user + system, its writer
+processes included: ``resource.getrusage(RUSAGE_CHILDREN)``), which a
+loaded machine disturbs less than the wall time, and the 1-minute load
+average before each.
 
 Run::
 
@@ -149,6 +153,7 @@ def main(argv=None):
 
 def processes(args, argv) -> None:
   """``--processes``: the README command per variant, fresh processes."""
+  import resource  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys as _sys  # pylint: disable=g-import-not-at-top
 
@@ -161,6 +166,8 @@ def processes(args, argv) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     count = {v: 0 for v in variants}
+    cpu = {v: [] for v in variants}  # every call's; the first: the warm-up
+    loads = {v: [] for v in variants}
 
     def run(name: str) -> None:
       count[name] += 1
@@ -178,8 +185,14 @@ def processes(args, argv) -> None:
       ]
       if WRITERS[name]:
         cmd += ["--log", WRITERS[name]]
+      loads[name].append(os.getloadavg()[0])
+      before = resource.getrusage(resource.RUSAGE_CHILDREN)
       subprocess.run(
         cmd, cwd=common.ROOT, env=env, check=True, capture_output=True
+      )
+      after = resource.getrusage(resource.RUSAGE_CHILDREN)
+      cpu[name].append(
+        after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
       )
 
     calls = {name: (lambda n=name: run(n)) for name in variants}
@@ -194,6 +207,9 @@ def processes(args, argv) -> None:
       "min_process_s": min(t["round_seconds"]),
       "ratio_to_jsonl": t["seconds_per_round"] / base if base else None,
       "load_before_after": [t.get("load_before"), t.get("load_after")],
+      "cpu_seconds": cpu[name][1:],
+      "median_cpu_s": statistics.median(cpu[name][1:] or cpu[name]),
+      "load_at_start": loads[name][1:],
     }
     results["variants"][name] = row
     ratio = (
@@ -201,7 +217,8 @@ def processes(args, argv) -> None:
     )
     print(
       f"{name}: {row['median_process_s']:.2f} s per process "
-      f"(min {row['min_process_s']:.2f}){ratio}"
+      f"(min {row['min_process_s']:.2f}){ratio}, "
+      f"{row['median_cpu_s']:.2f} CPU s"
     )
   common.write_record(results, args.json)
 

@@ -63,19 +63,74 @@ each round once.
 A writer added on a resume (``--log`` that the first session lacked) gets
 the rows up to the checkpoint from ``metrics.jsonl`` first (a non-finite
 value there is ``null``: it arrives as NaN).
+
+Where the tools run. :func:`make_writers` runs each tool's writers
+(:class:`TensorBoardWriter`, :class:`WandbWriter`, :class:`MlflowWriter`,
+the only code that talks to the tools) in a process of the tool's own
+(:mod:`fedjax_lite.experiment.writer_process`, started with the parent's
+``sys.path``), one per tool and training process (a sweep's settings share
+it), and gives the run a
+:class:`ProcessWriter` per tool that hands each call over to it. Why: the
+tools' start-up (importing mlflow ~0.75 s of CPU and opening its SQLite
+store ~0.7 s; importing wandb and ``wandb.init``; importing tensorboardX)
+and their per-row work would otherwise hold the training process's GIL
+while it traces and compiles the first rounds; in a process of its own the
+start-up runs on another core at the same time, and the training process
+only encodes rows. The child is started when the writer is made, before
+the first round compiles; it imports neither JAX nor the engine
+(``FEDJAX_LITE_CPU_TUNING=0``, and :mod:`fedjax_lite.experiment.writers`
+imports its JAX-using modules lazily).
+
+* Calls go to the child as JSON lines on its stdin (floats as Python's
+  ``json`` writes them: ``NaN``, ``Infinity`` and ``-Infinity`` stay what
+  they are), written by a thread of the parent, so a row never waits for
+  the tool; hparams are flattened (:func:`flatten`) before they go. The
+  child reads its stdin in a thread of its own (the pipe never fills while
+  the tool starts) and replies on its stdout (the tools' own output goes to
+  stderr): errors and the end of each ``close``. Each child keeps its
+  runs' ids in ``tracking.json`` itself, as soon as a run starts (under an
+  ``flock`` of the run folder: the tools' processes share the file).
+* ``flush`` (before each checkpoint) returns once the calls so far are in
+  the pipe (at most :data:`HANDOFF_TIMEOUT_S`): what is in the pipe the
+  child writes even if the parent is killed, so the tools hold every round
+  up to each checkpoint, as the resume rules above need. ``close`` waits
+  until the child has written everything and closed the tool's run, and
+  the last writer's ``close`` until the child has exited (each at most
+  :data:`CLOSE_TIMEOUT_S`; past it the child is killed and ``close`` raises
+  :class:`WriterProcessError`).
+* Errors are not lost: a child that fails (the library missing, the store
+  unusable, W&B not logged in, the process dying) makes each of its writers'
+  next ``write_scalars``, ``write_hparams`` or ``flush`` once the report has
+  arrived, at the latest its ``close``, raise once, naming the tool and the
+  child's error
+  (:class:`~fedjax_lite.experiment.config.ConfigError` or
+  :class:`~fedjax_lite._optional.MissingExtraError` when the child raised
+  one, else :class:`WriterProcessError`); later calls do nothing.
+* The child runs in a session of its own (Ctrl-C reaches the training
+  process only, which stops cleanly and closes its writers) and ignores
+  SIGINT. When the parent dies, even by SIGKILL, the child reads EOF on its
+  stdin, writes every call it got, closes each run still open (MLflow
+  status ``KILLED``, W&B exit code 1) and exits: no process is left behind,
+  and ``--resume`` goes on as above.
+
+Writers of one's own (any :class:`MetricWriter`) run in the training
+process; :class:`StartInBackground` starts a slow one in a thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -84,10 +139,10 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+# Light imports only: the writer processes import this module and must not
+# import JAX (checkpoint and records do: imported where used).
 from fedjax_lite._optional import MissingExtraError, install_hint, require
-from fedjax_lite.experiment.checkpoint import atomic_write_text
 from fedjax_lite.experiment.config import ConfigError
-from fedjax_lite.experiment.records import MetricsLog
 
 WRITER_NAMES = ("jsonl", "tensorboard", "wandb", "mlflow")
 # Where a run folder records its tracking runs (ids to resume them).
@@ -95,6 +150,11 @@ STATE_FILE = "tracking.json"
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DB = "mlflow.db"
 WANDB_PROJECT = "fedjax_lite"
+# Waits on a writer process (see the module docstring). flush: until the
+# calls so far are in its pipe; close: until it has closed the tool's run
+# (its start-up included), then until it has exited.
+HANDOFF_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 120.0
 
 
 class MetricWriter:
@@ -174,8 +234,8 @@ def require_libraries(names: Iterable[str]) -> None:
   """Checks that the libraries the named writers need are installed
   (``importlib.util.find_spec``: found, not imported), so a missing one is
   the one-line ``pip install "fedjax_lite[tracking]"`` before any round.
-  W&B and MLflow are imported where their runs start, in the background
-  (:class:`StartInBackground`)."""
+  The tools are imported in their writer processes (:class:`ProcessWriter`),
+  never in this one."""
   for name in names:
     for module in _LIBRARIES.get(name, ()):
       try:
@@ -233,21 +293,62 @@ def read_state(run_dir: str | os.PathLike) -> dict:
     return {}
 
 
-_STATE_LOCK = threading.Lock()  # writers start in threads of their own
+_STATE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _state_lock(run_dir: Path):
+  """Holds ``run_dir``'s ``tracking.json`` for a read-modify-write: a lock
+  of this process's threads and, where ``fcntl`` exists, an ``flock`` of
+  the folder itself (the writer processes of the tools update the file
+  each; no lock file is left behind)."""
+  with _STATE_LOCK:
+    try:
+      import fcntl  # pylint: disable=g-import-not-at-top
+    except ImportError:  # pragma: no cover - Windows: threads only
+      yield
+      return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+      with contextlib.suppress(OSError):  # a file system without flock
+        fcntl.flock(fd, fcntl.LOCK_EX)
+      yield
+    finally:
+      os.close(fd)  # releases the flock
 
 
 def _remember(run_dir: Path, tool: str, key: str, value: dict) -> None:
-  with _STATE_LOCK:
+  """Records a tool's run ids under ``key`` in ``run_dir/tracking.json``,
+  at once (a resume after a kill finds them): written atomically (a
+  temporary file, fsync-ed, renamed over it) by the writer process that
+  made the run. Not :func:`~fedjax_lite.experiment.checkpoint.
+  atomic_write_text`, whose module imports JAX, which the writer processes
+  do without."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  with _state_lock(run_dir):
     state = read_state(run_dir)
     state.setdefault(tool, {})[key] = value
-    atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    path = run_dir / STATE_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+      with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.unlink(tmp)
+      raise
 
 
 class StartInBackground(MetricWriter):
-  """A writer whose tool starts in a thread of its own, so that its start-up
-  (W&B: its service process; MLflow: importing it and creating the SQLite
-  store's tables, ~2 s each) overlaps the first round's compilation instead
-  of adding to the run's wall time.
+  """A writer of one's own that starts in a thread, so that a slow start-up
+  overlaps the first round's compilation instead of adding to the run's
+  wall time (the built-in tools start in processes of their own instead,
+  :class:`ProcessWriter`: a thread still holds this process's GIL while
+  it imports and starts).
 
   ``start()`` makes the real writer in a daemon thread. Until it is ready,
   ``write_hparams`` and ``write_scalars`` are held in order; ``flush``
@@ -323,6 +424,8 @@ class JsonlWriter(MetricWriter):
   """
 
   def __init__(self, run_dir: str | os.PathLike):
+    from fedjax_lite.experiment.records import MetricsLog  # pylint: disable=g-import-not-at-top
+
     self.run_dir = Path(run_dir)
     self.run_dir.mkdir(parents=True, exist_ok=True)
     self.log = MetricsLog(self.run_dir)
@@ -331,6 +434,8 @@ class JsonlWriter(MetricWriter):
     self.log.append({"round": int(step), **scalars})
 
   def write_hparams(self, hparams):
+    from fedjax_lite.experiment.checkpoint import atomic_write_text  # pylint: disable=g-import-not-at-top
+
     atomic_write_text(
       self.run_dir / "hparams.json",
       json.dumps(flatten(hparams), indent=1) + "\n",
@@ -473,8 +578,9 @@ class WandbWriter(MetricWriter):
   def write_hparams(self, hparams):
     self.run.config.update(flatten(hparams), allow_val_change=True)
 
-  def close(self):
-    self.run.finish()
+  def close(self, exit_code: int = 0):
+    """Finishes the run (``exit_code`` 1: its process was cut short)."""
+    self.run.finish(exit_code=exit_code)
 
 
 _MLFLOW_KEY = re.compile(r"[^\w\-. /]")
@@ -653,9 +759,333 @@ class MlflowWriter(MetricWriter):
     for i in range(0, len(params), 100):  # the store's batch limit
       self.client.log_batch(self.run_id, params=params[i : i + 100])
 
-  def close(self):
+  def close(self, status: str = "FINISHED"):
+    """Logs what is held and ends the run with ``status`` (``"KILLED"``:
+    its process was cut short)."""
     self.flush()
-    self.client.set_terminated(self.run_id, status="FINISHED")
+    self.client.set_terminated(self.run_id, status=status)
+
+
+# The writer class of each tool: what its writer process makes.
+TOOL_WRITERS = {
+  "tensorboard": TensorBoardWriter,
+  "wandb": WandbWriter,
+  "mlflow": MlflowWriter,
+}
+
+
+class WriterProcessError(RuntimeError):
+  """A tool's writer process failed, died or did not finish in time (the
+  message names the tool, the process and the child's error)."""
+
+
+def _child_error(tool: str, pid: int, info: Mapping[str, str]) -> Exception:
+  """The error the parent raises for a child's ``{"type", "message"}``: the
+  child's ConfigError or MissingExtraError as such (their messages name the
+  tool or its library: one line on the command line), else a
+  :class:`WriterProcessError`."""
+  kind, message = info.get("type", "Error"), info.get("message", "")
+  if kind == "ConfigError":
+    return ConfigError(message)
+  if kind == "MissingExtraError":
+    return MissingExtraError(message)
+  return WriterProcessError(
+    f"the {tool} writer failed in its process (pid {pid}): {kind}: {message}"
+  )
+
+
+def _exit_text(code: int | None) -> str:
+  if code is None:
+    return "still running"
+  if code < 0:
+    try:
+      return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+      return f"killed by signal {-code}"
+  return f"exit code {code}"
+
+
+# The bootstrap of a writer process: the parent's sys.path (as
+# multiprocessing's spawn does), then writer_process.main(tool).
+_BOOTSTRAP = (
+  "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+  "from fedjax_lite.experiment.writer_process import main; "
+  "sys.exit(main(sys.argv[2:]))"
+)
+
+
+class _ToolProcess:
+  """The parent's end of one tool's writer process (see the module
+  docstring): the child, a thread that writes the queued calls to its stdin
+  and one that reads its replies. Shared by the tool's writers in this
+  process; it ends when the last of them closes."""
+
+  def __init__(self, tool: str):
+    self.tool = tool
+    self._cond = threading.Condition()
+    self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    self._queued = 0  # calls queued (their sequence numbers)
+    self._sent = 0  # calls written to the pipe
+    self._next_id = 0
+    self.users = 0  # writers not yet closing
+    self.open_ids: set[int] = set()  # writers the child has not closed
+    self.closed: set[int] = set()
+    self.errors: dict[int, Exception] = {}
+    self.fatal: Exception | None = None  # the child's error for all
+    self.failed = False  # errors or fatal: the one check per call
+    self.exited = False  # its replies ended: the child is gone
+    self.ending = False  # the last writer closes: stdin is closed next
+    env = dict(os.environ, FEDJAX_LITE_CPU_TUNING="0")  # no JAX set-up
+    try:
+      self.proc = subprocess.Popen(
+        [sys.executable, "-c", _BOOTSTRAP, json.dumps(sys.path), tool],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        # Ctrl-C goes to the training process only (it closes the writers).
+        start_new_session=os.name == "posix",
+      )
+    except OSError as e:
+      raise WriterProcessError(
+        f"the {tool} writer's process could not start: {e}"
+      ) from e
+    self.pid = self.proc.pid
+    self._sender = threading.Thread(
+      target=self._send_loop, name=f"{tool}-writer-send", daemon=True
+    )
+    self._reader = threading.Thread(
+      target=self._read_loop, name=f"{tool}-writer-read", daemon=True
+    )
+    self._sender.start()
+    self._reader.start()
+
+  # -- main thread
+  def open(self, kwargs: Mapping[str, Any]) -> int:
+    """A new writer's id; the child makes it (its errors come later)."""
+    with self._cond:
+      self._next_id += 1
+      wid = self._next_id
+      self.users += 1
+      self.open_ids.add(wid)
+    self.send(wid, "open", kwargs=kwargs)
+    return wid
+
+  def send(self, wid: int, op: str, **fields) -> int:
+    """Queues one call (JSON: NaN and infinities as Python writes them);
+    returns its sequence number."""
+    data = json.dumps({"op": op, "id": wid, **fields}, default=str) + "\n"
+    with self._cond:
+      self._queued += 1
+      self._queue.put((self._queued, data.encode()))
+      return self._queued
+
+  def handed_over(self, seq: int, timeout: float) -> bool:
+    """Waits until call ``seq`` is in the pipe (or the child is gone)."""
+    with self._cond:
+      return self._cond.wait_for(
+        lambda: self._sent >= seq or self.exited, timeout
+      )
+
+  def error_for(self, wid: int) -> Exception | None:
+    with self._cond:
+      return self.errors.get(wid) or self.fatal
+
+  def release(self) -> None:
+    """A writer closes: when it is the last one, the child's stdin ends
+    after the calls queued (the child then exits) and new writers of the
+    tool get a new process."""
+    with _PROCESSES_LOCK, self._cond:
+      self.users -= 1
+      if self.users > 0 or self.ending:
+        return
+      self.ending = True
+      if _PROCESSES.get(self.tool) is self:
+        del _PROCESSES[self.tool]
+      self._queue.put(None)
+
+  def wait_closed(self, wid: int, timeout: float) -> bool:
+    """Waits until the child has closed writer ``wid`` (or failed)."""
+    with self._cond:
+      return self._cond.wait_for(
+        lambda: wid not in self.open_ids or self.exited, timeout
+      )
+
+  def wait_exit(self, timeout: float) -> bool:
+    """Waits until the child has exited and its replies are read."""
+    self._reader.join(timeout)
+    return not self._reader.is_alive()
+
+  def kill(self) -> None:
+    with contextlib.suppress(OSError):
+      self.proc.kill()
+
+  # -- threads
+  def _send_loop(self) -> None:
+    stdin = self.proc.stdin
+    while True:
+      item = self._queue.get()
+      if item is None:
+        break
+      seq, data = item
+      more = not self._queue.empty()  # flushed with the next call
+      if stdin is not None:
+        try:
+          stdin.write(data)
+          if not more:
+            stdin.flush()
+        except (OSError, ValueError):  # the child is gone: its replies say why
+          stdin = None
+          more = False
+      if not more:
+        with self._cond:
+          self._sent = seq  # in the pipe (or nowhere to go)
+          self._cond.notify_all()
+    with contextlib.suppress(OSError, ValueError):
+      self.proc.stdin.close()  # EOF: the child closes what is open and exits
+
+  def _read_loop(self) -> None:
+    for line in self.proc.stdout:
+      try:
+        msg = json.loads(line)
+      except ValueError:
+        continue
+      self._handle(msg)
+    try:
+      code = self.proc.wait(timeout=HANDOFF_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      code = None
+    with self._cond:
+      self.exited = True
+      if self.open_ids and self.fatal is None:
+        self.fatal = WriterProcessError(
+          f"the {self.tool} writer's process (pid {self.pid}) ended "
+          f"({_exit_text(code)}) before its writers were closed; its "
+          "output above may say why."
+        )
+      self.failed = self.failed or self.fatal is not None
+      self._cond.notify_all()
+
+  def _handle(self, msg: Mapping[str, Any]) -> None:
+    with self._cond:
+      wid = msg.get("id")
+      if "error" in msg:
+        self.errors[wid] = _child_error(self.tool, self.pid, msg["error"])
+        self.open_ids.discard(wid)
+        self.failed = True
+      elif "fatal" in msg:
+        self.fatal = _child_error(self.tool, self.pid, msg["fatal"])
+        self.failed = True
+      elif msg.get("closed"):
+        self.closed.add(wid)
+        self.open_ids.discard(wid)
+      self._cond.notify_all()
+
+
+_PROCESSES: dict[str, _ToolProcess] = {}  # tool -> its live writer process
+_PROCESSES_LOCK = threading.Lock()
+
+
+class ProcessWriter(MetricWriter):
+  """One run's writer of ``tool`` (``"tensorboard"``, ``"wandb"``,
+  ``"mlflow"``), living in the tool's writer process: there
+  ``TOOL_WRITERS[tool](**kwargs)`` is made (``kwargs``: JSON values, paths
+  as str, a :class:`Resume` as its pair) and gets every call, in order.
+  The process is started with the first such writer (so the tool's start-up
+  runs while this process compiles) and shared by the tool's writers until
+  the last one closes. See the module docstring for what waits how long
+  and how errors arrive."""
+
+  def __init__(self, tool: str, **kwargs):
+    if tool not in TOOL_WRITERS:
+      raise ValueError(
+        f"no writer process for {tool!r}; expected one of "
+        f"{', '.join(TOOL_WRITERS)}."
+      )
+    self.tool = tool
+    self._raised = False  # the child's error was raised (once)
+    self._closing = False
+    self._closed = False
+    with _PROCESSES_LOCK:
+      process = _PROCESSES.get(tool)
+      if process is None or process.exited or process.failed:
+        process = _PROCESSES[tool] = _ToolProcess(tool)
+      self._process = process
+      self._id = process.open(kwargs)
+
+  @property
+  def pid(self) -> int:
+    """The writer process's id."""
+    return self._process.pid
+
+  def _live(self) -> bool:
+    """Whether calls still go to the child; raises its error once."""
+    process = self._process
+    if not process.failed:
+      return not self._closing
+    error = process.error_for(self._id)
+    if error is None:
+      return not self._closing
+    if not self._raised:
+      self._raised = True
+      raise error
+    return False
+
+  def write_scalars(self, step, scalars):
+    if self._live():
+      self._process.send(
+        self._id,
+        "scalars",
+        step=int(step),
+        scalars={k: float(v) for k, v in scalars.items()},
+      )
+
+  def write_hparams(self, hparams):
+    if self._live():
+      self._process.send(self._id, "hparams", hparams=flatten(hparams))
+
+  def flush(self):
+    """Has the child flush the tool, once the calls so far are in its pipe
+    (waits for that: at most :data:`HANDOFF_TIMEOUT_S`)."""
+    if self._live():
+      seq = self._process.send(self._id, "flush")
+      self._process.handed_over(seq, HANDOFF_TIMEOUT_S)
+      self._live()
+
+  def start_close(self) -> None:
+    """Asks the child to close the tool's run without waiting (so that
+    :meth:`Tracking.close` closes every tool at once); :meth:`close`
+    waits."""
+    if self._closing:
+      return
+    self._closing = True
+    self._process.send(self._id, "close")
+    self._process.release()
+
+  def close(self):
+    """Closes the tool's run in the child and waits until it is written
+    (the last writer of the process: until the child has exited), at most
+    :data:`CLOSE_TIMEOUT_S` each; raises the child's error, if any was not
+    raised yet."""
+    self.start_close()
+    if self._closed:
+      return
+    self._closed = True
+    process = self._process
+    done = process.wait_closed(self._id, CLOSE_TIMEOUT_S)
+    if done and process.ending:
+      done = process.wait_exit(CLOSE_TIMEOUT_S)
+    if not done:
+      process.kill()
+      self._raised = True
+      raise WriterProcessError(
+        f"the {self.tool} writer's process (pid {process.pid}) did not "
+        f"finish writing within {CLOSE_TIMEOUT_S:g} s; it was killed, and "
+        "the tool's files may lack the last rows."
+      )
+    error = process.error_for(self._id)
+    if error is not None and not self._raised:
+      self._raised = True
+      raise error
 
 
 def make_writers(
@@ -696,33 +1126,33 @@ def make_writers(
     elif writer == "tensorboard":
       logdir = run_dir / TENSORBOARD_DIR
       out.append(
-        TensorBoardWriter(logdir / key if key else logdir, resume=resume)
+        ProcessWriter(
+          "tensorboard",
+          logdir=str(logdir / key if key else logdir),
+          resume=resume,
+        )
       )
     elif writer == "wandb":
       out.append(
-        StartInBackground(
-          functools.partial(
-            WandbWriter,
-            run_dir,
-            name=name or run_dir.name,
-            group=group,
-            key=key,
-            resume=resume,
-          )
+        ProcessWriter(
+          "wandb",
+          run_dir=str(run_dir),
+          name=name or run_dir.name,
+          group=group,
+          key=key,
+          resume=resume,
         )
       )
     else:
       out.append(
-        StartInBackground(
-          functools.partial(
-            MlflowWriter,
-            run_dir,
-            experiment=group or run_dir.name,
-            name=name or run_dir.name,
-            key=key,
-            tags={"fedjax_lite.run_folder": str(run_dir.resolve())},
-            resume=resume,
-          )
+        ProcessWriter(
+          "mlflow",
+          run_dir=str(run_dir),
+          experiment=group or run_dir.name,
+          name=name or run_dir.name,
+          key=key,
+          tags={"fedjax_lite.run_folder": str(run_dir.resolve())},
+          resume=resume,
         )
       )
   return out
@@ -872,11 +1302,17 @@ class Tracking:
       return
     self._closed = True
     error = None
-    for ws in self.writers:
-      for w in ws:
+    every = [w for ws in self.writers for w in ws]
+    for w in every:  # every tool process closes its runs at once
+      if isinstance(w, ProcessWriter):
         try:
-          w.close()
+          w.start_close()
         except Exception as e:  # pylint: disable=broad-except
           error = error or e
+    for w in every:
+      try:
+        w.close()
+      except Exception as e:  # pylint: disable=broad-except
+        error = error or e
     if error is not None:
       raise error
