@@ -411,3 +411,15 @@ def test_experiment_smoke(tmp_path, capsys):
     mine = [r for r in rows if r["method"] == name]
     assert mine[-1]["client_updates"] >= 40
     assert all(np.diff([r["clock"] for r in mine]) > 0)
+
+
+def test_a_nan_client_is_not_counted_as_an_update():
+  s = Setup(6, 6, optax.sgd(1.0), BEHAVIOUR)
+  s.clients[2]["x"][:] = 3e38  # overflows: client 2's update is NaN
+  data = s.engine.put_data(fl.FederatedDataset.from_clients(s.clients))
+  rounds = ta.DeadlineRounds(s.engine, systems.ClientBehaviour(seed=1))
+  state, metrics = rounds.round(rounds.init(s.params, data=data), data)
+  assert int(metrics["aggregated"]) == 6  # all six arrived
+  assert float(metrics["dropped_nonfinite"]) == 1
+  assert int(metrics["client_updates"]) == int(state.updates) == 5
+  assert np.isfinite(_vec(state.engine.server.params)).all()

@@ -403,12 +403,14 @@ class DeadlineRounds(_Timed):
     t_next = jnp.where(full, times.end[order[m - 1]], late_end)
     given = GivenSample(ids=given_ids[None], count=count[None])
     new_engine, metrics = self._engine_round(state.engine, data, given)
+    # Clients the engine really aggregated (a non-finite update is dropped).
+    used = jnp.asarray(metrics["num_clients"]).astype(jnp.int32)
     new_engine = new_engine.replace(
-      server=tree_select(count > 0, new_engine.server, state.engine.server)
+      server=tree_select(used > 0, new_engine.server, state.engine.server)
     )
     num_sel = jnp.sum(sel_ok).astype(jnp.int32)
     tasks = state.tasks + num_sel
-    updates = state.updates + count
+    updates = state.updates + used
     metrics = dict(metrics)
     metrics.update(
       round_start=t,
@@ -746,7 +748,9 @@ class AsyncRounds(_Timed):
     tau = (version - c["buf_version"]).astype(jnp.float32)
     metrics = dict(metrics)
     metrics.pop(_BASE_WEIGHT, None)
-    updates = state.updates + count
+    updates = state.updates + jnp.asarray(metrics["num_clients"]).astype(
+      jnp.int32
+    )
     metrics.update(
       clock=c["t"],
       step_duration=c["t"] - state.clock,
