@@ -583,6 +583,58 @@ def test_tools_run_in_processes_of_their_own_without_jax(tmp_path):
   c.close()
 
 
+def _nice_of(pid: int, want: int, timeout: float = 120.0) -> int:
+  """Process ``pid``'s nice value once it equals ``want`` (the child sets
+  it as it starts), or its value at the timeout."""
+  deadline = time.monotonic() + timeout
+  nice = os.getpriority(os.PRIO_PROCESS, pid)
+  while nice != want and time.monotonic() < deadline:
+    time.sleep(0.05)
+    nice = os.getpriority(os.PRIO_PROCESS, pid)
+  return nice
+
+
+def test_prestarted_processes_run_at_low_priority_and_serve_the_writers(
+  tmp_path, monkeypatch
+):
+  """prestart starts a tool's process before its writers exist (names
+  that are not tools skipped): at nice 19, in this session but a process
+  group of its own; the writers made later use it; an unused one ends with
+  discard_unused; FEDJAX_LITE_WRITER_NICE sets the nice value and a bad
+  value is refused."""
+  pids = wlib.prestart(["jsonl", "tensorboard"])
+  assert list(pids) == ["tensorboard"]
+  pid = pids["tensorboard"]
+  assert _nice_of(pid, 19) == 19
+  assert os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(0)
+  assert wlib.prestart(["tensorboard"]) == pids  # already running: kept
+  (w,) = wlib.make_writers("tensorboard", tmp_path)
+  assert w.pid == pid
+  w.write_scalars(1, {"loss": 0.5})
+  w.close()
+  assert _gone(pid)
+  assert tensorboard_scalars(tmp_path / "tensorboard") == {1: {"loss": 0.5}}
+
+  unused = wlib.prestart(["tensorboard"])["tensorboard"]
+  assert unused != pid
+  wlib.discard_unused()
+  assert _wait_gone([unused])
+
+  monkeypatch.setenv("FEDJAX_LITE_WRITER_NICE", "0")
+  kept = wlib.prestart(["tensorboard"])["tensorboard"]
+  mine = os.getpriority(os.PRIO_PROCESS, 0)
+  assert _nice_of(kept, mine, timeout=2.0) == mine
+  wlib.discard_unused()
+  assert _wait_gone([kept])
+  monkeypatch.setenv("FEDJAX_LITE_WRITER_NICE", "low")
+  with pytest.raises(fe.ConfigError) as e:
+    wlib.prestart(["tensorboard"])
+  assert str(e.value) == (
+    "FEDJAX_LITE_WRITER_NICE must be an integer from 0 (the training "
+    "process's priority) to 19 (the lowest), got 'low'."
+  )
+
+
 def test_a_failing_writer_process_raises_naming_the_tool(tmp_path):
   """A store error in the child (a resume of an MLflow run the store
   lacks): the next call (at the latest close) raises once, naming the tool

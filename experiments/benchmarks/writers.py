@@ -58,7 +58,12 @@ WRITERS = {
   "wandb": "wandb",
   "mlflow": "mlflow",
   "all": "tensorboard,wandb,mlflow",
+  "all_nice0": "tensorboard,wandb,mlflow",
 }
+# Variants that differ by the environment only (``--processes``):
+# ``all_nice0`` keeps the writer processes at the training process's
+# priority (FEDJAX_LITE_WRITER_NICE=0; default: nice 19).
+PROCESS_ENV = {"all_nice0": {"FEDJAX_LITE_WRITER_NICE": "0"}}
 
 
 def build(num_rounds: int):
@@ -103,6 +108,8 @@ def main(argv=None):
   results.update(rounds=args.rounds, repeats=args.repeats, variants={})
   print(f"machine: {results['machine']['cpu']}")
   exp = build(args.rounds)
+  # In this process the writers' environment is this process's.
+  args.variants = [v for v in args.variants if v not in PROCESS_ENV]
   rates: dict = {name: [] for name in args.variants}
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +195,11 @@ def processes(args, argv) -> None:
       loads[name].append(os.getloadavg()[0])
       before = resource.getrusage(resource.RUSAGE_CHILDREN)
       subprocess.run(
-        cmd, cwd=common.ROOT, env=env, check=True, capture_output=True
+        cmd,
+        cwd=common.ROOT,
+        env={**env, **PROCESS_ENV.get(name, {})},
+        check=True,
+        capture_output=True,
       )
       after = resource.getrusage(resource.RUSAGE_CHILDREN)
       cpu[name].append(

@@ -408,6 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       require("tqdm", "experiment")
     if args.command in ("run", "sweep"):
       args.log = _writer_spec(args.log)
+      if args.log and not getattr(args, "process_id", None):
+        # Only process 0 writes; the tools start while JAX is imported.
+        from fedjax_lite.experiment import writers  # pylint: disable=g-import-not-at-top
+
+        writers.prestart(args.log)
     if args.command == "launch":
       return _launch_processes(args)
     if args.command == "export":

@@ -425,6 +425,17 @@ class Session:
         "(or MetricWriter objects for an in-memory run)."
       )
     writerlib.require_libraries(names)  # missing: one line, before any work
+    if write:  # the tools start while the rounds compile
+      writerlib.prestart(names)
+    try:
+      return cls._start(exp, run_dir, options, init, write, settings)
+    except BaseException:
+      writerlib.discard_unused()
+      raise
+
+  @classmethod
+  def _start(cls, exp, run_dir, options, init, write, settings) -> "Session":
+    resume = options.resume
     engine = engine_for(exp)
     try:
       data = engine.put_data(exp.train, placement=exp.placement)

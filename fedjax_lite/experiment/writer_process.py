@@ -2,11 +2,15 @@
 
 Started by :class:`fedjax_lite.experiment.writers.ProcessWriter` (one per
 tool and training process; see :mod:`fedjax_lite.experiment.writers` for
-why and for the guarantees) as ``python -c <bootstrap> SYS_PATH TOOL``: the
-parent's ``sys.path``, then :func:`main` (``python -m
-fedjax_lite.experiment.writer_process TOOL`` runs the same). It imports the
-tool and the writer classes of :mod:`~fedjax_lite.experiment.writers`
-(the only code that talks to the tools), never JAX.
+why and for the guarantees) as ``python -c <bootstrap> SYS_PATH TOOL
+NICE``: the parent's ``sys.path``, then :func:`main` (``python -m
+fedjax_lite.experiment.writer_process TOOL [NICE]`` runs the same). It
+first raises its nice value to ``NICE`` (:func:`lower_priority`), then
+imports the tool and the writer classes of
+:mod:`~fedjax_lite.experiment.writers` (the only code that talks to the
+tools), never JAX, and starts the tool (:func:`~fedjax_lite.experiment.
+writers.preload`: W&B's service, MLflow's store modules) before the
+parent's first call arrives.
 
 Protocol, one JSON object a line (floats as Python's ``json`` writes them,
 ``NaN`` and ``Infinity`` included):
@@ -44,6 +48,31 @@ import threading
 import traceback
 
 
+def lower_priority(nice: int) -> int:
+  """Raises this process's nice value to ``nice`` (never lowers it) and
+  returns the value in force.
+
+  Why: on a machine whose cores the training process keeps busy (its XLA
+  devices wait on each other at every cross-device reduce, so one device
+  thread made to wait delays all), the tool's work should take the cycles
+  the training leaves idle (its imports and compilation, its host-side
+  steps between rounds) rather than share the cores with it. The process
+  stays in the training process's session, so the kernel's per-session
+  scheduling groups (``autogroup``) weigh it against the training
+  process's threads, not as a group of its own. Once the training process
+  waits for a ``close`` the cores are free, and the tool finishes at full
+  speed."""
+  if not hasattr(os, "nice"):  # pragma: no cover - Windows
+    return 0
+  current = os.nice(0)
+  if nice > current:
+    try:
+      return os.nice(nice - current)
+    except OSError:
+      pass
+  return current
+
+
 def _describe(e: BaseException) -> dict:
   return {"type": type(e).__name__, "message": str(e)}
 
@@ -78,11 +107,13 @@ def _read_requests(requests: queue.SimpleQueue) -> None:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  if len(argv) != 1:
-    print("usage: writer_process TOOL", file=sys.stderr)
+  if len(argv) not in (1, 2) or (len(argv) == 2 and not argv[1].isdigit()):
+    print("usage: writer_process TOOL [NICE]", file=sys.stderr)
     return 2
-  (tool,) = argv
+  tool = argv[0]
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  if len(argv) == 2:
+    lower_priority(int(argv[1]))
   # Replies keep the original stdout; whatever the tools print goes to
   # stderr (descriptor 1 becomes a copy of 2).
   replies = _Replies(os.dup(1))
@@ -99,6 +130,7 @@ def main(argv=None) -> int:
     traceback.print_exc()
     replies.send(fatal=_describe(e))
     return 1
+  writers.preload(tool)
   serve(tool, cls, writers, requests, replies)
   # Every run is closed and its files written: end now. The interpreter's
   # own exit would run the tools' atexit hooks first (MLflow's telemetry

@@ -76,10 +76,20 @@ store ~0.7 s; importing wandb and ``wandb.init``; importing tensorboardX)
 and their per-row work would otherwise hold the training process's GIL
 while it traces and compiles the first rounds; in a process of its own the
 start-up runs on another core at the same time, and the training process
-only encodes rows. The child is started when the writer is made, before
-the first round compiles; it imports neither JAX nor the engine
-(``FEDJAX_LITE_CPU_TUNING=0``, and :mod:`fedjax_lite.experiment.writers`
-imports its JAX-using modules lazily).
+only encodes rows. The child is started as early as the run allows
+(:func:`prestart`: ``python -m fedjax_lite run --log ...`` starts it right
+after parsing its arguments, before JAX is imported; ``train``/``sweep``
+before the engine is built) and starts the tool at once (:func:`preload`);
+it imports neither JAX nor the engine (``FEDJAX_LITE_CPU_TUNING=0``, and
+:mod:`fedjax_lite.experiment.writers` imports its JAX-using modules
+lazily). It runs at nice :data:`WRITER_NICE` (19; ``FEDJAX_LITE_WRITER_NICE``
+sets 0..19) in the training process's session and a process group of its
+own: the training process's XLA devices wait on each other at every
+cross-device reduce, so a core taken from one of them delays all, and at
+the lowest priority the tool uses only the cycles the training leaves
+idle. Measured on the README's main command (2 cores,
+``experiments/benchmarks/writers.py --processes``): all three tools add
+about 1% to its wall time at nice 19 (BENCHMARKS.md).
 
 * Calls go to the child as JSON lines on its stdin (floats as Python's
   ``json`` writes them: ``NaN``, ``Infinity`` and ``-Infinity`` stay what
@@ -155,6 +165,31 @@ WANDB_PROJECT = "fedjax_lite"
 # (its start-up included), then until it has exited.
 HANDOFF_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 120.0
+# The writer processes' nice value (``FEDJAX_LITE_WRITER_NICE`` overrides
+# it; 0 keeps the training process's priority). See the module docstring.
+WRITER_NICE = 19
+
+
+def writer_nice() -> int:
+  """The nice value the writer processes run at: ``FEDJAX_LITE_WRITER_NICE``
+  (an integer 0..19) or :data:`WRITER_NICE`.
+
+  Raises:
+    ConfigError: the variable is set to anything else.
+  """
+  text = os.environ.get("FEDJAX_LITE_WRITER_NICE")
+  if text is None or not text.strip():
+    return WRITER_NICE
+  try:
+    nice = int(text)
+  except ValueError:
+    nice = -1
+  if not 0 <= nice <= 19:
+    raise ConfigError(
+      "FEDJAX_LITE_WRITER_NICE must be an integer from 0 (the training "
+      f"process's priority) to 19 (the lowest), got {text!r}."
+    )
+  return nice
 
 
 class MetricWriter:
@@ -836,14 +871,18 @@ class _ToolProcess:
     self.exited = False  # its replies ended: the child is gone
     self.ending = False  # the last writer closes: stdin is closed next
     env = dict(os.environ, FEDJAX_LITE_CPU_TUNING="0")  # no JAX set-up
+    nice = str(writer_nice())
     try:
       self.proc = subprocess.Popen(
-        [sys.executable, "-c", _BOOTSTRAP, json.dumps(sys.path), tool],
+        [sys.executable, "-c", _BOOTSTRAP, json.dumps(sys.path), tool, nice],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
-        # Ctrl-C goes to the training process only (it closes the writers).
-        start_new_session=os.name == "posix",
+        # Ctrl-C goes to the training process only (it closes the writers);
+        # a process group of its own, not a session: the kernel weighs the
+        # child's (lowered) priority against the training process's
+        # threads only within one session (see writer_process).
+        process_group=0 if os.name == "posix" else None,
       )
     except OSError as e:
       raise WriterProcessError(
@@ -897,6 +936,17 @@ class _ToolProcess:
     with _PROCESSES_LOCK, self._cond:
       self.users -= 1
       if self.users > 0 or self.ending:
+        return
+      self.ending = True
+      if _PROCESSES.get(self.tool) is self:
+        del _PROCESSES[self.tool]
+      self._queue.put(None)
+
+  def end_if_unused(self) -> None:
+    """Ends the child if no writer ever used it (its stdin closes; it
+    exits)."""
+    with _PROCESSES_LOCK, self._cond:
+      if self.users > 0 or self.ending or self._next_id > 0:
         return
       self.ending = True
       if _PROCESSES.get(self.tool) is self:
@@ -1086,6 +1136,60 @@ class ProcessWriter(MetricWriter):
     if error is not None and not self._raised:
       self._raised = True
       raise error
+
+
+def preload(tool: str) -> None:
+  """Imports ``tool``'s library (and the modules its writer opens a run
+  with) in this process, and starts W&B's service: what a writer process
+  does first, so the tool's start-up runs while the training process is
+  still importing JAX and compiling. Errors are left to the writer's own
+  start, which reports them (a missing library: the install hint)."""
+  modules = {
+    "tensorboard": ("tensorboardX", "tensorboardX.summary"),
+    "wandb": ("wandb",),
+    "mlflow": (
+      "mlflow.tracking",
+      "mlflow.entities",
+      "mlflow.store.tracking.sqlalchemy_store",
+    ),
+  }.get(tool, ())
+  try:
+    for module in modules:
+      importlib.import_module(module)
+    if tool == "wandb":
+      sys.modules["wandb"].setup()
+    elif tool == "mlflow":
+      _store_template(sys.modules["mlflow.tracking"])
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def prestart(names: Iterable[str]) -> dict[str, int]:
+  """Starts the writer processes of the named tools now (names that are
+  not tools, ``jsonl`` say, are skipped), so their start-up
+  (:func:`preload`) overlaps this process's imports and compilation; the
+  writers made later (:func:`make_writers`) use them. A process started
+  here and not used ends with :func:`discard_unused` or when this process
+  exits (its stdin closes). Returns the processes' ids by tool."""
+  pids = {}
+  with _PROCESSES_LOCK:
+    for tool in names:
+      if tool not in TOOL_WRITERS:
+        continue
+      process = _PROCESSES.get(tool)
+      if process is None or process.exited or process.failed:
+        process = _PROCESSES[tool] = _ToolProcess(tool)
+      pids[tool] = process.pid
+  return pids
+
+
+def discard_unused() -> None:
+  """Ends the writer processes that :func:`prestart` started and no writer
+  uses (a run that failed before it made its writers)."""
+  with _PROCESSES_LOCK:
+    idle = [p for p in _PROCESSES.values() if p.users == 0 and not p.ending]
+  for process in idle:
+    process.end_if_unused()
 
 
 def make_writers(
