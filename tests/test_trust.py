@@ -34,36 +34,42 @@ NUM_CLIENTS, BAD = 6, (2, 4)
 @pytest.fixture(scope="module")
 def setup():
   clients = logreg_clients([5, 7, 6, 8, 5, 6], seed=3, d=4, k=3)
-  train = fl.FederatedDataset.from_clients(clients)
   model = fl.models.logistic_regression(4, 3)
   params = model.init(jax.random.PRNGKey(0))
-  return train, model, params
+  return clients, model, params
 
 
-def _with_bad_clients(alg, bad, how):
-  """``alg`` whose clients in ``bad`` send NaN (``how="nan"``), +inf
-  (``"inf"``) or keep their update but weigh zero (``"zero"``)."""
-  bad = jnp.asarray(bad, jnp.int32)
+HOW = {"none": 0, "nan": 1, "inf": 2, "zero": 3}
+
+
+def _with_bad_clients(alg):
+  """``alg`` whose clients marked in their data (feature ``how``, see
+  :data:`HOW`) send NaN (``"nan"``), +inf (``"inf"``) or keep their update
+  but weigh zero (``"zero"``). The choice is data, so one compiled round
+  serves every case."""
 
   def client_update(bcast, cstate, data, rng):
     out = alg.client_update(bcast, cstate, data, rng)
-    is_bad = jnp.any(data.client_id == bad)
-    if how == "zero":
-      return out._replace(weight=jnp.where(is_bad, 0.0, out.weight))
-    value = jnp.nan if how == "nan" else jnp.inf
+    how = jnp.max(data.batches["how"])
+    weight = jnp.where(how == HOW["zero"], 0.0, out.weight)
+    value = jnp.where(how == HOW["nan"], jnp.nan, jnp.inf)
+    send = (how == HOW["nan"]) | (how == HOW["inf"])
     update = jax.tree.map(
-      lambda u: jnp.where(is_bad, jnp.full_like(u, value), u), out.update
+      lambda u: jnp.where(send, jnp.full_like(u, value), u), out.update
     )
-    return out._replace(update=update)
+    return out._replace(update=update, weight=weight)
 
   return alg._replace(client_update=client_update)
 
 
-def _round(setup, aggregator, how, nonfinite="drop", debug=False, bad=BAD):
-  train, model, params = setup
+def _rounds(setup, aggregator, hows, nonfinite="drop", debug=False, bad=BAD):
+  """One round from the same initial state for each ``how`` in ``hows``
+  (clients ``bad`` misbehave that way), all on one engine: its round
+  compiles once. Returns ``[(params, metrics), ...]``."""
+  clients, model, params = setup
   alg = fl.fed_avg(model, optax.sgd(0.1), optax.sgd(1.0), aggregator=aggregator)
   engine = fl.Engine(
-    _with_bad_clients(alg, bad, how),
+    _with_bad_clients(alg),
     fl.RoundConfig(
       NUM_CLIENTS,
       fl.LocalWork(batch_size=3),
@@ -72,10 +78,27 @@ def _round(setup, aggregator, how, nonfinite="drop", debug=False, bad=BAD):
     ),
     debug=debug,
   )
-  data = engine.put_data(train)
-  state = engine.init(params, seed=1, data=data)
-  state, metrics = engine.round(state, data)
-  return state.server.params, jax.device_get(metrics)
+  out = []
+  for how in hows:
+    train = fl.FederatedDataset.from_clients(
+      [
+        {
+          **c,
+          "how": np.full(len(c["y"]), HOW[how] if k in bad else 0, np.int32),
+        }
+        for k, c in enumerate(clients)
+      ]
+    )
+    data = engine.put_data(train)
+    state = engine.init(params, seed=1, data=data)
+    state, metrics = engine.round(state, data)
+    out.append((state.server.params, jax.device_get(metrics)))
+  return out
+
+
+def _round(setup, aggregator, how, nonfinite="drop", debug=False, bad=BAD):
+  (out,) = _rounds(setup, aggregator, [how], nonfinite, debug, bad)
+  return out
 
 
 AGGREGATORS = {
@@ -96,9 +119,9 @@ def test_nonfinite_clients_are_dropped_before_every_aggregator(setup, name):
   """Two clients of six send NaN (or inf): the aggregate is finite and equals
   the round where those clients weigh zero; ``dropped_nonfinite`` is 2,
   ``num_clients`` counts the four others and the loss is theirs."""
-  ref, ref_metrics = _round(setup, AGGREGATORS[name](), "zero")
-  for how in ("nan", "inf"):
-    got, metrics = _round(setup, AGGREGATORS[name](), how)
+  hows = ("zero", "nan", "inf")
+  (ref, ref_metrics), *bad = _rounds(setup, AGGREGATORS[name](), hows)
+  for how, (got, metrics) in zip(hows[1:], bad):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
       assert np.all(np.isfinite(a)), (name, how)
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -122,7 +145,7 @@ def test_nonfinite_raise_names_the_client_ids(setup, debug):
     _round(setup, None, "nan", nonfinite="raise", debug=debug)
   assert "client ids [2, 4]" in str(e.value), str(e.value)
   # A round without bad clients passes.
-  _, metrics = _round(setup, None, "nan", nonfinite="raise", bad=(99,))
+  _, metrics = _round(setup, None, "none", nonfinite="raise", debug=debug)
   assert "_nonfinite_client_ids" not in metrics
 
 

@@ -88,8 +88,9 @@ own: the training process's XLA devices wait on each other at every
 cross-device reduce, so a core taken from one of them delays all, and at
 the lowest priority the tool uses only the cycles the training leaves
 idle. Measured on the README's main command (2 cores,
-``experiments/benchmarks/writers.py --processes``): all three tools add
-about 1% to its wall time at nice 19 (BENCHMARKS.md).
+``experiments/benchmarks/writers.py --processes``): each tool, and all
+three together, within 2% of its wall time (x0.978 to x1.009; at nice 0,
+all three x1.015; BENCHMARKS.md).
 
 * Calls go to the child as JSON lines on its stdin (floats as Python's
   ``json`` writes them: ``NaN``, ``Infinity`` and ``-Infinity`` stay what
