@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import signal
 import struct
 import subprocess
@@ -633,6 +634,39 @@ def test_prestarted_processes_run_at_low_priority_and_serve_the_writers(
     "FEDJAX_LITE_WRITER_NICE must be an integer from 0 (the training "
     "process's priority) to 19 (the lowest), got 'low'."
   )
+
+
+def _writer_children() -> list[int]:
+  """This process's live children that are writer processes (Linux)."""
+  pids = []
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+      cmd = (stat.parent / "cmdline").read_bytes()
+    except OSError:
+      continue
+    if int(fields[1]) == os.getpid() and fields[0] != "Z":
+      if b"writer_process" in cmd:
+        pids.append(int(stat.parent.name))
+  return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_run_refused_before_its_writers_ends_their_processes(
+  tmp_path, tiny_module, capsys
+):
+  """`run --log tensorboard` starts the tool's process before JAX is
+  imported; a run refused before it makes its writers (a bad --set) ends
+  that process instead of leaving it idle."""
+  before = set(_writer_children())  # other tests' (normally none)
+  argv = ["run", tiny_module, "--out", str(tmp_path / "runs")]
+  argv += ["--log", "tensorboard", "--set", "num_rounds=x"]
+  assert main(argv) == 2
+  assert "num_rounds" in capsys.readouterr().err
+  deadline = time.monotonic() + 60
+  while set(_writer_children()) - before and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert set(_writer_children()) - before == set()
 
 
 def test_a_failing_writer_process_raises_naming_the_tool(tmp_path):

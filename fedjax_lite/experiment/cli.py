@@ -431,6 +431,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     print(_disk_full_message(e, args.command), file=sys.stderr)
     return 2
+  finally:
+    if "fedjax_lite.experiment.writers" in sys.modules:
+      # A run that failed before making its writers: end the processes
+      # started for them (after a run they are gone already).
+      sys.modules["fedjax_lite.experiment.writers"].discard_unused()
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
