@@ -936,23 +936,25 @@ class _ToolProcess:
     tool get a new process."""
     with _PROCESSES_LOCK, self._cond:
       self.users -= 1
-      if self.users > 0 or self.ending:
-        return
-      self.ending = True
-      if _PROCESSES.get(self.tool) is self:
-        del _PROCESSES[self.tool]
-      self._queue.put(None)
+      if self.users == 0:
+        self._end()
 
   def end_if_unused(self) -> None:
     """Ends the child if no writer ever used it (its stdin closes; it
     exits)."""
     with _PROCESSES_LOCK, self._cond:
-      if self.users > 0 or self.ending or self._next_id > 0:
-        return
-      self.ending = True
-      if _PROCESSES.get(self.tool) is self:
-        del _PROCESSES[self.tool]
-      self._queue.put(None)
+      if self.users == 0 and self._next_id == 0:
+        self._end()
+
+  def _end(self) -> None:
+    """(Holding both locks.) The child's stdin ends after the calls
+    queued, and new writers of the tool get a new process."""
+    if self.ending:
+      return
+    self.ending = True
+    if _PROCESSES.get(self.tool) is self:
+      del _PROCESSES[self.tool]
+    self._queue.put(None)
 
   def wait_closed(self, wid: int, timeout: float) -> bool:
     """Waits until the child has closed writer ``wid`` (or failed)."""
@@ -1036,6 +1038,15 @@ _PROCESSES: dict[str, _ToolProcess] = {}  # tool -> its live writer process
 _PROCESSES_LOCK = threading.Lock()
 
 
+def _live_process(tool: str) -> _ToolProcess:
+  """(Holding ``_PROCESSES_LOCK``.) ``tool``'s writer process, started
+  unless a live one that has not failed is there."""
+  process = _PROCESSES.get(tool)
+  if process is None or process.exited or process.failed:
+    process = _PROCESSES[tool] = _ToolProcess(tool)
+  return process
+
+
 class ProcessWriter(MetricWriter):
   """One run's writer of ``tool`` (``"tensorboard"``, ``"wandb"``,
   ``"mlflow"``), living in the tool's writer process: there
@@ -1057,11 +1068,8 @@ class ProcessWriter(MetricWriter):
     self._closing = False
     self._closed = False
     with _PROCESSES_LOCK:
-      process = _PROCESSES.get(tool)
-      if process is None or process.exited or process.failed:
-        process = _PROCESSES[tool] = _ToolProcess(tool)
-      self._process = process
-      self._id = process.open(kwargs)
+      self._process = _live_process(tool)
+      self._id = self._process.open(kwargs)
 
   @property
   def pid(self) -> int:
@@ -1177,10 +1185,7 @@ def prestart(names: Iterable[str]) -> dict[str, int]:
     for tool in names:
       if tool not in TOOL_WRITERS:
         continue
-      process = _PROCESSES.get(tool)
-      if process is None or process.exited or process.failed:
-        process = _PROCESSES[tool] = _ToolProcess(tool)
-      pids[tool] = process.pid
+      pids[tool] = _live_process(tool).pid
   return pids
 
 
