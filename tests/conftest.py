@@ -13,8 +13,8 @@ os.environ.setdefault("FEDJAX_LITE_CPU_TUNING", "1")
 # The tests check results, not speed: XLA compiles their many small
 # programs (and those of the processes they start, which inherit the
 # variable) at LLVM optimization level 0, which cuts the suite's time by
-# about a quarter on 2 cores. Float semantics do not depend on it (XLA's CPU
-# backend uses no fast-math either way); benchmarks never run under it.
+# about a quarter on 2 cores (the whole suite passes at either level: 16:16
+# at the default, 11:42 at 0, README). Benchmarks never load this file.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
