@@ -8,17 +8,40 @@ precision (not TF32) so float64 references keep their tolerances.
 
 import importlib.util
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("FEDJAX_LITE_CPU_TUNING", "1")
-# The tests check results, not speed: XLA compiles their many small
-# programs (and those of the processes they start, which inherit the
-# variable) at LLVM optimization level 0, which cuts the suite's time by
-# about a quarter on 2 cores (the whole suite passes at either level: 16:16
-# at the default, 11:42 at 0, README). Benchmarks never load this file.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
-  ).strip()
+# The tests check results, not speed, and most of their time is XLA
+# compiling their many small programs (round programs of tiny models). They
+# compile them at LLVM optimization level 0, with XLA's older elemental
+# fusion emitters (cheaper to compile than the MLIR ones) and without two
+# loop-optimization passes; these change how fast the compiled code runs,
+# not what it computes. The processes the tests start inherit the variable.
+# Measured on 2 cores (README): 16:16 with XLA's defaults, 11:42 at level 0,
+# about 10:05 with all three. Benchmarks never load this file.
+TEST_XLA_FLAGS = (
+  "--xla_backend_optimization_level=0",
+  "--xla_cpu_use_fusion_emitters=false",
+  "--xla_disable_hlo_passes=while-loop-invariant-code-motion,"
+  "simplify-while-loops",
+)
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+  [_flags] + [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in _flags]
+).strip()
+# One persistent compilation cache per test run, shared by the xdist workers
+# and every process a test starts (they inherit the variables): a program
+# that two tests, or a run and its resume, compile identically is compiled
+# once. The controller (or the only process, with -n 0) makes the folder
+# before the workers start and removes it at the end (pytest_unconfigure).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="fedjax_lite_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+else:
+  _CACHE_DIR = None  # a worker, or a cache the caller chose: not ours
 
 import fedjax_lite  # noqa: E402  (applies CPU settings before jax initialises)
 
@@ -34,6 +57,12 @@ if any(
   for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")
 ):
   jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _CACHE_DIR is not None:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture
