@@ -99,8 +99,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent(
 
 
 def test_refusal_raises_after_the_round_on_two_devices():
-  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   # The child sets its own device count; it keeps the suite's other XLA
   # flags (conftest.TEST_XLA_FLAGS, cheaper compiles).
   env["XLA_FLAGS"] = " ".join(
