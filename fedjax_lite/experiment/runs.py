@@ -147,29 +147,33 @@ class _Program:
       self._rounds, static_argnames=("max_rounds", "stacked")
     )
 
+  def _step(self, states, data, hparams):
+    """One round of every setting, and whether each new model is finite."""
+    algorithm_fn = None if hparams is None else self.make_algorithm
+    new, m = self.engine.rounds_body(states, data, algorithm_fn, hparams)
+    m = dict(m)
+    m[PARAMS_FINITE] = jax.vmap(lambda v: tree_finite(self.get_params(v)))(
+      new.server
+    )
+    return new, m
+
   def _rounds(self, state, data, hparams, num_rounds, *, max_rounds, stacked):
     # A dynamic trip count (fori_loop) and a [max_rounds] metrics buffer: one
     # compiled program serves every chunk length up to max_rounds.
     self.num_traces += 1
     states = state if stacked else _stack1(state)
-    algorithm_fn = None if hparams is None else self.make_algorithm
-
-    def step(s):
-      new, m = self.engine.rounds_body(s, data, algorithm_fn, hparams)
-      m = dict(m)
-      m[PARAMS_FINITE] = jax.vmap(lambda v: tree_finite(self.get_params(v)))(
-        new.server
-      )
-      return new, m
-
-    shape = jax.eval_shape(step, states)[1]
+    # One trace of the round: the metrics buffer's shapes come from tracing
+    # the jitted step, and the loop body's call of it reuses that trace
+    # (same function and argument types: jit's trace cache).
+    step = jax.jit(self._step)
+    shape = jax.eval_shape(step, states, data, hparams)[1]
     buf = jax.tree.map(
       lambda d: jnp.zeros((max_rounds,) + d.shape, d.dtype), shape
     )
 
     def body(i, carry):
       s, buf = carry
-      s, m = step(s)
+      s, m = step(s, data, hparams)
       return s, jax.tree.map(lambda b, v: b.at[i].set(v), buf, m)
 
     states, buf = jax.lax.fori_loop(0, num_rounds, body, (states, buf))
