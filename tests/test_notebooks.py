@@ -4,6 +4,11 @@ Each notebook reads ``FEDJAX_LITE_SMOKE=1`` and shrinks itself to a seconds-
 long run; it is executed top to bottom with nbclient in a fresh kernel whose
 working directory is ``notebooks/`` (as when opened in Jupyter). Stored
 notebooks must have their outputs stripped.
+
+Almost all of a smoke run is JAX tracing and compiling the notebook's
+distinct programs (each engine round program ~1-2 s at the tests' XLA
+level 0), so the notebooks' smoke sizes keep those few and small: one size
+bucket of client data where the data's sizes vary, one engine per method.
 """
 
 from pathlib import Path
@@ -16,6 +21,13 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted(
   (Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")
 )
+# The test checks that every figure cell displays an image, not how it
+# looks: the kernel renders PNGs at 40 dpi without the inline backend's
+# tight bounding box (which draws every figure twice), about half of a
+# figure's rendering time at the defaults (~0.6 s -> ~0.3 s per figure).
+KERNEL_ARGS = [
+  "--InlineBackend.print_figure_kwargs={'dpi': 40, 'bbox_inches': None}"
+]
 
 
 def test_there_are_notebooks():
@@ -64,6 +76,9 @@ def test_notebook_executes_in_smoke_mode(path, monkeypatch):
     nb,
     timeout=600,
     kernel_name="python3",
+    extra_arguments=KERNEL_ARGS,
+    # The kernel is done when the last cell is: no graceful shutdown wait.
+    shutdown_kernel="immediate",
     resources={"metadata": {"path": str(path.parent)}},
   )
   client.execute()  # raises CellExecutionError with the failing cell
