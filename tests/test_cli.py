@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,27 @@ def tiny(tmp_path):
   path = tmp_path / "tiny.py"
   path.write_text(TINY_EXPERIMENT)
   return str(path)
+
+
+@pytest.fixture(scope="module")
+def one_round_run(tmp_path_factory):
+  """``(experiment file, run folder)`` of one finished 1-round run of the
+  tiny experiment, made once for the module; tests damage copies of the
+  folder (:func:`copy_run`)."""
+  from fedjax_lite.experiment.files import run_file
+
+  root = tmp_path_factory.mktemp("one_round")
+  path = root / "tiny.py"
+  path.write_text(TINY_EXPERIMENT)
+  res = run_file(str(path), ["num_rounds=1"], out=root / "runs", progress=False)
+  return str(path), res.run_dir
+
+
+def copy_run(one_round_run, tmp_path) -> pathlib.Path:
+  """A copy of the 1-round run folder in ``tmp_path`` (what
+  ``run_file(tiny, ["num_rounds=1"], out=tmp_path)`` makes)."""
+  _, run_dir = one_round_run
+  return pathlib.Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
 
 
 def test_help_lists_commands_options_and_config_fields(tiny, capsys):
@@ -234,21 +256,22 @@ def test_kill_mid_run_then_resume_is_bit_identical(tiny, tmp_path, signum):
   assert json.loads((cut_dir / "config.json").read_text())["resumes"]
 
 
-def test_resume_without_checkpoint_says_restart(tiny, tmp_path, capsys):
+def test_resume_without_checkpoint_says_restart(
+  one_round_run, tmp_path, capsys
+):
   """A run folder whose run died before its first checkpoint: one clear
   line with the command that restarts it, no traceback."""
-  from fedjax_lite.experiment.files import run_file
-
-  res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
-  (res.run_dir / "checkpoint.msgpack").unlink()
-  assert main(["run", "--resume", str(res.run_dir)]) == 2
+  tiny, _ = one_round_run
+  run_dir = copy_run(one_round_run, tmp_path)
+  (run_dir / "checkpoint.msgpack").unlink()
+  assert main(["run", "--resume", str(run_dir)]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "Traceback" not in err, err
   assert "no checkpoint.msgpack there" in err and "cannot be resumed" in err
   assert (
     f"restarted: python -m fedjax_lite run {tiny} --set num_rounds=1" in err
   )
-  assert main(["sweep", "--resume", str(res.run_dir)]) == 2
+  assert main(["sweep", "--resume", str(run_dir)]) == 2
   assert (
     "that is a run folder; resume it with `python -m fedjax_lite run "
     "--resume" in capsys.readouterr().err
@@ -279,13 +302,11 @@ def test_sweep_whose_every_setting_diverges_exits_3(tiny, tmp_path, capsys):
   assert all(r["train_dropped_nonfinite"] == 4.0 for r in rows)
 
 
-def test_damaged_checkpoint_names_the_file(tiny, tmp_path, capsys):
-  from fedjax_lite.experiment.files import run_file
-
-  res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
-  path = res.run_dir / "checkpoint.msgpack"
+def test_damaged_checkpoint_names_the_file(one_round_run, tmp_path, capsys):
+  run_dir = copy_run(one_round_run, tmp_path)
+  path = run_dir / "checkpoint.msgpack"
   path.write_bytes(path.read_bytes()[:40])  # truncated
-  assert main(["run", "--resume", str(res.run_dir)]) == 2
+  assert main(["run", "--resume", str(run_dir)]) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err and str(path) in err and "damaged" in err, err
 
@@ -350,13 +371,13 @@ def test_refused_resume_leaves_the_folder_unchanged(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
-def test_resume_with_corrupt_config_json_exits_2(tiny, tmp_path, capsys, text):
-  from fedjax_lite.experiment.files import run_file
-
-  res = run_file(tiny, ["num_rounds=1"], out=tmp_path, progress=False)
-  path = res.run_dir / "config.json"
+def test_resume_with_corrupt_config_json_exits_2(
+  one_round_run, tmp_path, capsys, text
+):
+  run_dir = copy_run(one_round_run, tmp_path)
+  path = run_dir / "config.json"
   path.write_text(text)
-  assert main(["run", "--resume", str(res.run_dir)]) == 2
+  assert main(["run", "--resume", str(run_dir)]) == 2
   err = _one_error_line(capsys)
   assert str(path) in err and "expected" in err, err
   assert path.read_text() == text

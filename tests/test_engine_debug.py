@@ -39,30 +39,83 @@ def setup(aggregator=None, stateful=False, clients_per_round=5):
   return alg, cfg, ds, params
 
 
+# The 8 clients in 2 size buckets (6 and 9 examples, padded to batches of
+# 2) in every test here: a debug round compiles its eager ops once per
+# bucket shape, and the tests of this module share those compiles.
+BUCKETS = 2
+STAGES = ("sample", "gather", "client_work", "add_block", "merge")
+
+
+def _equal_rounds(aggregator, stateful):
+  """2 jitted rounds and 2 debug rounds (``run``) of the same engine set-up
+  over 2 size buckets, with every function of STAGES wrapped to record its
+  calls (the jitted round calls them once as it traces):
+  ``(jitted state, jitted metrics per round, debug state, debug history,
+  {debug: names of the stages called})``."""
+  from fedjax_lite.engine import stages
+
+  calls = []
+  with pytest.MonkeyPatch.context() as mp:
+    for name in STAGES:
+      fn = getattr(stages, name)
+
+      def wrapped(*args, _fn=fn, _name=name):
+        calls.append(_name)
+        return _fn(*args)
+
+      mp.setattr(stages, name, wrapped)
+    alg, cfg, ds, params = setup(aggregator, stateful)
+    engine = fl.Engine(alg, cfg)
+    debug = fl.Engine(alg, cfg, debug=True)
+    data = engine.put_data(ds, buckets=BUCKETS)
+    assert len(data.bucket_sizes) == BUCKETS
+    calls.clear()
+    s1 = engine.init(params, seed=4, num_clients=len(SIZES))
+    jitted = []
+    for _ in range(2):
+      s1, m1 = engine.round(s1, data)
+      jitted.append(m1)
+    seen = {False: set(calls)}
+    calls.clear()
+    # run() in debug mode is debug rounds one by one, metrics stacked like
+    # the scanned run's.
+    s2, hist = debug.run(
+      debug.init(params, seed=4, num_clients=len(SIZES), data=data), data, 2
+    )
+    seen[True] = set(calls)
+  return s1, jitted, s2, hist, seen
+
+
+# (aggregator, stateful) of each set-up of test_debug_round_equals_jitted_round.
+SETUPS = {
+  "scaffold_fedavg": (None, True),
+  "adaptive_trimmed": (
+    agg.clipped(agg.trimmed_mean(0.2), 0.3, adaptive=True),
+    False,
+  ),
+}
+
+
+@pytest.fixture(scope="module")
+def equal_rounds():
+  """``_equal_rounds`` of a set-up of SETUPS, run once per module (the
+  adaptive_trimmed one serves two tests)."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      cache[name] = _equal_rounds(*SETUPS[name])
+    return cache[name]
+
+  return get
+
+
 @pytest.mark.parametrize(
-  "aggregator,stateful",
-  [
-    pytest.param(None, True, marks=pytest.mark.slow),
-    (agg.clipped(agg.trimmed_mean(0.2), 0.3, adaptive=True), False),
-  ],
-  ids=["scaffold_fedavg", "adaptive_trimmed"],
+  "name",
+  [pytest.param("scaffold_fedavg", marks=pytest.mark.slow), "adaptive_trimmed"],
 )
-def test_debug_round_equals_jitted_round(aggregator, stateful):
-  alg, cfg, ds, params = setup(aggregator, stateful)
-  engine = fl.Engine(alg, cfg)
-  debug = fl.Engine(alg, cfg, debug=True)
-  data = engine.put_data(ds, buckets=3)
-  assert len(data.bucket_sizes) == 3
-  s1 = engine.init(params, seed=4, num_clients=len(SIZES))
-  jitted = []
-  for _ in range(2):
-    s1, m1 = engine.round(s1, data)
-    jitted.append(m1)
-  # run() in debug mode is debug rounds one by one, metrics stacked like the
-  # scanned run's.
-  s2, hist = debug.run(
-    debug.init(params, seed=4, num_clients=len(SIZES), data=data), data, 2
-  )
+def test_debug_round_equals_jitted_round(name, equal_rounds):
+  s1, jitted, s2, hist, _ = equal_rounds(name)
   assert jax.tree.structure(s1) == jax.tree.structure(s2)
   for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
     np.testing.assert_allclose(
@@ -77,6 +130,25 @@ def test_debug_round_equals_jitted_round(aggregator, stateful):
       )
 
 
+def test_debug_and_jitted_rounds_run_the_same_stage_functions(equal_rounds):
+  """Both backends call the functions of fedjax_lite.engine.stages (no second
+  implementation of the round): patched stages are seen by both (the
+  adaptive_trimmed rounds of test_debug_round_equals_jitted_round, recorded
+  with every stage wrapped)."""
+  *_, seen = equal_rounds("adaptive_trimmed")
+  assert (
+    seen[False]
+    == seen[True]
+    == {
+      "sample",
+      "gather",
+      "client_work",
+      "add_block",
+      "merge",
+    }
+  )
+
+
 def test_print_inside_client_update_runs_once_per_client(capsys):
   alg, cfg, ds, params = setup(agg.coordinate_median())
   base_update = alg.client_update
@@ -88,7 +160,7 @@ def test_print_inside_client_update_runs_once_per_client(capsys):
 
   alg = alg._replace(client_update=client_update)
   engine = fl.Engine(alg, cfg, debug=True)
-  data = engine.put_data(ds)
+  data = engine.put_data(ds, buckets=BUCKETS)
   state = engine.init(params, seed=1)
   capsys.readouterr()
   state, _ = fl.engine.debug_round(engine, state, data)
@@ -118,7 +190,7 @@ def test_debug_round_names_the_failing_client_and_stage():
   alg, cfg, ds, params = setup(clients_per_round=len(SIZES))
   cfg = fl.RoundConfig(len(SIZES), cfg.local_work, sampling="all")
   engine = fl.Engine(_failing_client(alg, 3), cfg, debug=True)
-  data = engine.put_data(ds)
+  data = engine.put_data(ds, buckets=BUCKETS)
   state = engine.init(params, seed=0)
   with pytest.raises(ValueError) as e:
     engine.round(state, data)
@@ -146,38 +218,3 @@ def test_debug_round_names_the_failing_client_and_stage():
   )
   with pytest.raises(ZeroDivisionError, match=r"^stage 'server_update': "):
     engine.round(engine.init(params, seed=0, data=data), data)
-
-
-def test_debug_and_jitted_rounds_run_the_same_stage_functions(monkeypatch):
-  """Both backends call the functions of fedjax_lite.engine.stages (no second
-  implementation of the round): patched stages are seen by both."""
-  from fedjax_lite.engine import stages
-
-  calls = []
-  for name in ("sample", "gather", "client_work", "add_block", "merge"):
-    fn = getattr(stages, name)
-
-    def wrapped(*args, _fn=fn, _name=name):
-      calls.append(_name)
-      return _fn(*args)
-
-    monkeypatch.setattr(stages, name, wrapped)
-  alg, cfg, ds, params = setup()
-  seen = {}
-  for debug in (False, True):
-    engine = fl.Engine(alg, cfg, debug=debug)
-    data = engine.put_data(ds)
-    calls.clear()
-    engine.round(engine.init(params, seed=0), data)
-    seen[debug] = set(calls)
-  assert (
-    seen[False]
-    == seen[True]
-    == {
-      "sample",
-      "gather",
-      "client_work",
-      "add_block",
-      "merge",
-    }
-  )

@@ -93,6 +93,24 @@ def tiny_file(tmp_path):
   return path
 
 
+@pytest.fixture(scope="module")
+def tiny_exp(tmp_path_factory):
+  """The tiny experiment of its default config, built once for the module:
+  runs of it, and of ``dataclasses.replace(tiny_exp, num_rounds=...,
+  eval_every=...)`` (fields that build() does not read), share one engine
+  and its compiled rounds (``runs.engine_for`` caches by algorithm)."""
+  path = tmp_path_factory.mktemp("tiny_exp") / "tiny.py"
+  path.write_text(TINY_EXPERIMENT)
+  ef = fe.load_experiment_file(str(path))
+  return ef.build(ef.get_config())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_exp, tmp_path_factory):
+  """One uninterrupted run of ``tiny_exp`` (4 rounds) with a run folder."""
+  return fe.train(tiny_exp, tmp_path_factory.mktemp("full"), progress=False)
+
+
 def _write(tmp_path, name, src):
   p = tmp_path / name
   p.write_text(textwrap.dedent(src))
@@ -213,9 +231,8 @@ def test_missing_file_and_wrong_build_result(tmp_path):
     ef.build(ef.get_config())
 
 
-def test_experiment_validates_its_fields(tiny_file):
-  ef = fe.load_experiment_file(str(tiny_file))
-  exp = ef.build(ef.get_config())
+def test_experiment_validates_its_fields(tiny_exp):
+  exp = tiny_exp
   with pytest.raises(
     TypeError, match="Experiment.model must be a fedjax_lite Model, got str"
   ):
@@ -231,15 +248,15 @@ def test_experiment_validates_its_fields(tiny_file):
 
 
 # ---------------------------------------------------------------- checkpoints
-def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, tiny_file):
-  ef = fe.load_experiment_file(str(tiny_file))
-  exp = ef.build(ef.get_config())
+def test_checkpoint_round_trip_is_exact_and_atomic(
+  tmp_path, tiny_exp, tiny_run
+):
+  exp = tiny_exp
   engine = fl.Engine(exp.algorithm, exp.round_config)
-  state = fe.init_state(exp, engine)
-  state, _ = engine.round(state, engine.put_data(exp.train))
+  state = tiny_run.state  # after 4 rounds of the engine
   path = tmp_path / "ck" / "checkpoint.msgpack"
-  fe.save_checkpoint(path, state, {"round": 1})
-  fe.save_checkpoint(path, state, {"round": 1})  # overwrite in place
+  fe.save_checkpoint(path, state, {"round": 4})
+  fe.save_checkpoint(path, state, {"round": 4})  # overwrite in place
   assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.msgpack"]
   raw = flax.serialization.msgpack_restore(path.read_bytes())  # msgpack
   assert set(raw) == {"format", "state", "meta"}
@@ -252,9 +269,9 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, tiny_file):
   }
   template = fe.init_state(exp, engine)
   restored, meta = fe.load_checkpoint(path, template)
-  assert meta == {"round": 1}
+  assert meta == {"round": 4}
   chex.assert_trees_all_equal(jax.device_get(state), restored)
-  assert int(restored.round) == 1 and restored.clients.shape == (8,)
+  assert int(restored.round) == 4 and restored.clients.shape == (8,)
   # A different structure (another model) is refused with an explanation.
   other = dataclasses.replace(
     exp,
@@ -269,7 +286,7 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path, tiny_file):
 
 
 # ---------------------------------------------------------------------- runs
-def test_run_file_writes_the_run_folder(tmp_path, tiny_file):
+def test_run_file_writes_the_run_folder(tmp_path, tiny_file, tiny_exp):
   res = fe.run_file(
     str(tiny_file), ["num_rounds=3"], out=tmp_path / "runs", progress=False
   )
@@ -296,21 +313,15 @@ def test_run_file_writes_the_run_folder(tmp_path, tiny_file):
   assert {"test_accuracy_p10", "test_accuracy_p90"} <= set(rows[1])
   header = (d / "metrics.csv").read_text().splitlines()[0].split(",")
   assert "test_accuracy_p50" in header and header[0] == "round"
-  # The metrics match an evaluation of the final params.
-  exp = fe.load_experiment_file(str(tiny_file)).build(
-    fe.apply_overrides(
-      fe.load_experiment_file(str(tiny_file)).get_config(), ["num_rounds=3"]
-    )
-  )
-  ev = fl.evaluate(exp.model, res.params, exp.test)
+  # The metrics match an evaluation of the final params (the experiment's
+  # model and test data: num_rounds does not change them).
+  ev = fl.evaluate(tiny_exp.model, res.params, tiny_exp.test)
   assert rows[-1]["test_accuracy"] == pytest.approx(ev.mean["accuracy"])
   assert json.loads((d / "summary.json").read_text())["status"] == "finished"
 
 
-def test_resume_in_process_matches_one_run(tmp_path, tiny_file):
-  ef = fe.load_experiment_file(str(tiny_file))
-  exp = ef.build(ef.get_config())
-  full = fe.train(exp, tmp_path / "full", progress=False)
+def test_resume_in_process_matches_one_run(tmp_path, tiny_exp, tiny_run):
+  exp, full = tiny_exp, tiny_run
   part = fe.train(
     dataclasses.replace(exp, num_rounds=2), tmp_path / "part", progress=False
   )
@@ -336,8 +347,10 @@ def test_resume_in_process_matches_one_run(tmp_path, tiny_file):
 # -------------------------------------------------------------------- sweeps
 def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
   ef = fe.load_experiment_file(str(tiny_file))
+  # 2 rounds, 2 seeds x 2 learning rates: the layout of the sweeps of
+  # test_sweep_resume_matches_one_sweep (one compiled program).
   exp = ef.build(
-    fe.apply_overrides(ef.get_config(), ["num_rounds=3", "eval_every=0"])
+    fe.apply_overrides(ef.get_config(), ["num_rounds=2", "eval_every=0"])
   )
   grid = {"client_lr": [0.05, 0.2]}
   res = fe.sweep(exp, seeds=[0, 1], grid=grid, progress=False)
@@ -379,12 +392,10 @@ def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
   assert set(res.groups()) == {"client_lr=0.05", "client_lr=0.2"}
 
 
-def test_a_run_is_the_sweep_of_one_setting(tiny_file):
+def test_a_run_is_the_sweep_of_one_setting(tiny_exp, tiny_run):
   """train and a one-seed sweep run the same rounds: equal states, equal
   metric rows (the sweep's have its setting's columns in front)."""
-  ef = fe.load_experiment_file(str(tiny_file))
-  exp = ef.build(ef.get_config())
-  run = fe.train(exp, progress=False)
+  exp, run = tiny_exp, tiny_run
   swept = fe.sweep(exp, seeds=[exp.seed], progress=False)
   chex.assert_trees_all_equal(
     jax.device_get(run.state), jax.device_get(swept.state_of(0))
@@ -402,11 +413,10 @@ def test_a_run_is_the_sweep_of_one_setting(tiny_file):
   assert all(r["setting"] == 0 and r["seed"] == 0 for r in swept.rows)
 
 
-def test_sweep_carries_a_stateful_aggregator_like_separate_runs(tiny_file):
+def test_sweep_carries_a_stateful_aggregator_like_separate_runs(tiny_exp):
   """An adaptive clip norm (aggregator state) evolves in a sweep exactly as
   in separate runs of each seed."""
-  ef = fe.load_experiment_file(str(tiny_file))
-  base = ef.build(fe.apply_overrides(ef.get_config(), ["eval_every=0"]))
+  base = dataclasses.replace(tiny_exp, eval_every=0)
   aggregator = fl.aggregators.clipped(
     fl.aggregators.weighted_mean(), 0.05, adaptive=True
   )
@@ -482,10 +492,14 @@ def test_grid_points_keep_their_own_aggregation_weights(rng):
   vm = fe.VmappedRounds(exp, [0, 1], grid, 2)
   state, metrics = vm.run(vm.init(), data, 2)
   assert len(vm.settings) == 6
+  engines = {}  # one per grid point: its seeds' runs share its program
   for i, s in enumerate(vm.settings):
-    engine = fl.Engine(
-      exp.make_algorithm({"client_lr": s["client_lr"]}), exp.round_config
-    )
+    lr = s["client_lr"]
+    if lr not in engines:
+      engines[lr] = fl.Engine(
+        exp.make_algorithm({"client_lr": lr}), exp.round_config
+      )
+    engine = engines[lr]
     one = fe.init_state(exp, engine, s["seed"])
     weights, losses = [], []
     for _ in range(2):
@@ -508,14 +522,11 @@ def test_grid_points_keep_their_own_aggregation_weights(rng):
   )
 
 
-def test_sweep_counts_dropped_clients_per_setting(tiny_file):
+def test_sweep_counts_dropped_clients_per_setting(tiny_exp):
   """A grid point whose updates are NaN drops its clients (its own
   ``dropped_nonfinite``) while the others train as in their separate runs;
   the sweep stops as diverged only when every setting diverged."""
-  ef = fe.load_experiment_file(str(tiny_file))
-  exp = ef.build(
-    fe.apply_overrides(ef.get_config(), ["num_rounds=2", "eval_every=0"])
-  )
+  exp = dataclasses.replace(tiny_exp, num_rounds=2, eval_every=0)
   res = fe.sweep(
     exp, seeds=[0], grid={"client_lr": [0.1, float("nan")]}, progress=False
   )
@@ -539,9 +550,8 @@ def test_sweep_counts_dropped_clients_per_setting(tiny_file):
   assert [r["round"] for r in nan.rows] == [1, 1]
 
 
-def test_sweep_rejects_undeclared_hyperparameters(tiny_file):
-  ef = fe.load_experiment_file(str(tiny_file))
-  exp = ef.build(ef.get_config())
+def test_sweep_rejects_undeclared_hyperparameters(tiny_exp):
+  exp = tiny_exp
   with pytest.raises(
     fe.ConfigError,
     match="cannot sweep 'num_rounds'.*"

@@ -342,10 +342,15 @@ def test_engine_round_without_noise_is_the_unweighted_mean(one_device_mesh):
   assert math.isinf(float(outs[0][1]["dp_epsilon"]))  # z = 0: no privacy
 
 
-def test_engine_poisson_dp_fed_avg_reports_dp_accounting_epsilon():
-  n_pop, d, delta, rounds = 60, 6.0, 1e-3, 3
-  alg, cap, run = _poisson_runs(n_pop, d, rounds, delta=delta)
-  state, hist = run(alg)
+def test_engine_poisson_dp_fed_avg_reports_dp_accounting_epsilon(
+  poisson_runs,
+):
+  """The accounted run (40 users, 4 expected per round, delta 1e-3, 3
+  rounds) is the active-slots run of poisson_runs, which
+  test_poisson_rounds_train_only_the_sampled_clients also checks."""
+  n_pop, d, delta, rounds = 40, 4.0, POISSON_DELTA, 3
+  _, cap, _ = poisson_runs["setup"]
+  state, hist = poisson_runs["active"]
   mech = privacy.DpMechanism(1.0, "poisson", n_pop, clients_per_round=d)
   ref = [privacy.epsilon(mech, t, delta) for t in range(1, rounds + 1)]
   np.testing.assert_allclose(
@@ -480,16 +485,34 @@ def every_slot(agg):
   )
 
 
-def test_poisson_rounds_train_only_the_sampled_clients():
+# The accountant's delta of the Poisson runs shared by the tests below.
+POISSON_DELTA = 1e-3
+
+
+@pytest.fixture(scope="module")
+def poisson_runs():
+  """The Poisson DP-FedAvg runs of ``_poisson_runs()`` (accounted with
+  delta POISSON_DELTA), each run once for the module: every slot trained,
+  only the active slots, and the active slots over client-sharded data."""
+  alg, cap, run = _poisson_runs(delta=POISSON_DELTA)
+  return {
+    "setup": (alg, cap, run),
+    "all": run(alg._replace(aggregator=every_slot(alg.aggregator))),
+    "active": run(alg),
+    "sharded": run(alg, "sharded"),
+  }
+
+
+def test_poisson_rounds_train_only_the_sampled_clients(poisson_runs):
   """The engine trains only the slots < K of a Poisson round
   (Aggregator.active_slots): num_clients is the Poisson count, not the cap,
   and the result equals training every slot and discarding the unused ones
   (the aggregator masks them), with replicated or sharded data."""
-  alg, cap, run = _poisson_runs()
+  alg, cap, _ = poisson_runs["setup"]
   assert alg.aggregator.active_slots is not None
-  s_all, h_all = run(alg._replace(aggregator=every_slot(alg.aggregator)))
-  s_act, h_act = run(alg)
-  s_shd, h_shd = run(alg, "sharded")
+  s_all, h_all = poisson_runs["all"]
+  s_act, h_act = poisson_runs["active"]
+  s_shd, h_shd = poisson_runs["sharded"]
   k = np.asarray(h_act["dp_participants"])
   assert np.all(k < cap) and np.all(k > 0)
   np.testing.assert_array_equal(np.asarray(h_all["num_clients"]), cap)

@@ -130,6 +130,13 @@ def test_weighted_sampling_is_refused(sampling, population, one_device_mesh):
     match=r"^dp_aggregator cannot account RoundConfig\(sampling='weighted'\)",
   ):
     eng.round(state, data)
+
+
+# (Not parametrized by the refused sampling above: the run is the same.)
+@pytest.mark.parametrize("population", [None, N])
+def test_weighted_sampling_without_accounting_is_allowed(
+  population, one_device_mesh
+):
   # Without accounting any run is allowed.
   plain = privacy.dp_aggregator(Z, 3, clip=1.0, population=population)
   eng, state, data = setup(

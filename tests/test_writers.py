@@ -267,17 +267,20 @@ def test_sweep_writes_one_tracking_run_per_setting(
   assert rows[0]["train_loss"] != rows[1]["train_loss"]
 
 
-def _tiny(path, **overrides):
-  path.write_text(TINY_EXPERIMENT)
-  ef = fe.load_experiment_file(str(path))
-  return ef.build(dataclasses.replace(ef.get_config(), **overrides))
+@pytest.fixture(scope="module")
+def tiny_exp(tiny_module):
+  """The tiny experiment (4 rounds), built once: its runs here, and those
+  of ``dataclasses.replace(tiny_exp, num_rounds=...)``, share one engine
+  and its compiled rounds."""
+  ef = fe.load_experiment_file(tiny_module)
+  return ef.build(ef.get_config())
 
 
-def test_callbacks_get_the_params_of_their_round(tmp_path):
+def test_callbacks_get_the_params_of_their_round(tiny_exp):
   """A default callback (params every round) and one with params_every=2
   get, at each round they may read, exactly the params of a run stopped
   at that round; elsewhere params() refuses with a message."""
-  exp = _tiny(tmp_path / "tiny.py")
+  exp = tiny_exp
   every, second, refused, rows = {}, {}, [], []
 
   def each(t, row, params):
@@ -318,8 +321,10 @@ def test_callbacks_get_the_params_of_their_round(tmp_path):
   assert quiet == [1, 2, 3, 4]
 
 
-def test_a_failing_callback_stops_the_run_at_its_round_and_resumes(tmp_path):
-  exp = _tiny(tmp_path / "tiny.py")
+def test_a_failing_callback_stops_the_run_at_its_round_and_resumes(
+  tiny_exp, tmp_path
+):
+  exp = tiny_exp
   run_dir = tmp_path / "run"
 
   def boom(t, row, params):
@@ -368,8 +373,8 @@ class Recorder(wlib.MetricWriter):
     self.closed = True
 
 
-def test_a_writer_object_gets_every_row_and_the_flat_config(tmp_path):
-  exp = _tiny(tmp_path / "tiny.py", num_rounds=2)
+def test_a_writer_object_gets_every_row_and_the_flat_config(tiny_exp):
+  exp = dataclasses.replace(tiny_exp, num_rounds=2)
   rec = Recorder()
   res = fe.train(exp, None, progress=False, writers=[rec])
   assert rec.closed
