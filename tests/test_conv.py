@@ -178,9 +178,11 @@ def test_from_flax_runs_nn_conv_on_the_gemm_path():
     model = fl.models.from_flax(
       Net(), jnp.zeros((1, 8, 8, 2)), num_classes=3, fast_layers=fast
     )
-    params = model.init(jax.random.PRNGKey(0))
+    # jitted: one program each, not an op-by-op eager init and gradient
+    # (eager conv2d is test_conv2d_equals_lax_conv's)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0))
     grad = jax.grad(lambda p: model.batch_loss(p, batch, mask)[0])
-    grads.append(grad(params))
+    grads.append(jax.jit(grad)(params))
     prims.append(str(jax.make_jaxpr(grad)(params)))
   assert "conv_general_dilated" not in prims[0]
   assert "conv_general_dilated" in prims[1]
@@ -237,7 +239,7 @@ def test_cnn_fedavg_fast_equals_plain_after_3_rounds(cpu_mesh):
     offsets=[i * e for i in range(n)],
     counts=[e] * n,
   )
-  finals = []
+  inits, finals = [], []
   for fast in (True, False):
     model = fl.models.cnn((10, 10, 2), 3, channels=(4, 8), hidden=16, fast=fast)
     engine = fl.Engine(
@@ -246,13 +248,13 @@ def test_cnn_fedavg_fast_equals_plain_after_3_rounds(cpu_mesh):
       mesh=cpu_mesh,
     )
     data = engine.put_data(ds, model=model)
-    state = engine.init(model.init(jax.random.PRNGKey(0)), seed=0)
+    inits.append(jax.jit(model.init)(jax.random.PRNGKey(0)))  # not op by op
+    state = engine.init(inits[-1], seed=0)
     state, _ = engine.run(state, data, 3)
     finals.append(state.server.params)
-  moved = rel_err(
-    finals[0]["Conv_0"]["kernel"],
-    model.init(jax.random.PRNGKey(0))["Conv_0"]["kernel"],
-  )
+  for a, b in zip(jax.tree.leaves(inits[0]), jax.tree.leaves(inits[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moved = rel_err(finals[0]["Conv_0"]["kernel"], inits[0]["Conv_0"]["kernel"])
   assert moved > 1e-3  # the runs trained
   for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
     assert rel_err(a, b) < 1e-5

@@ -168,8 +168,11 @@ def test_training_metrics_are_example_weighted_means(rng):
   model, params, _, _ = logreg_setup(rng)
   clients = make_clients(rng)
   work = fl.LocalWork(batch_size=None, num_epochs=1)
+  # test_fedadam_matches_numpy's round (the metrics do not depend on the
+  # optimizers): the same program, which the test run's compilation cache
+  # then compiles once
   engine = fl.Engine(
-    fl.fed_avg(model, optax.sgd(0.1)),
+    fl.fed_avg(model, optax.sgd(0.2), optax.adam(0.05)),
     fl.RoundConfig(len(clients), work, sampling="all"),
   )
   data = engine.put_data(fl.FederatedDataset.from_clients(clients))
@@ -192,7 +195,10 @@ def test_run_scan_equals_repeated_rounds_and_compiles_once(rng):
   engine = fl.Engine(
     fl.fed_avg(model, optax.sgd(0.1)), fl.RoundConfig(3, work, block_size=1)
   )
-  data = engine.put_data(fl.FederatedDataset.from_clients(clients))
+  # two size buckets (not the four "auto" picks): one loop each in the
+  # compiled round and in the compiled scan
+  data = engine.put_data(fl.FederatedDataset.from_clients(clients), 2)
+  assert len(data.bucket_sizes) == 2
   state0 = engine.init(params, seed=3)
   state = state0
   for _ in range(4):
@@ -213,7 +219,8 @@ def test_round_traces_once_with_chex(rng):
     fl.fed_avg(model, optax.sgd(0.1)),
     fl.RoundConfig(2, fl.LocalWork(batch_size=2)),
   )
-  data = engine.put_data(fl.FederatedDataset.from_clients(clients))
+  # one size bucket: how often the round traces does not depend on it
+  data = engine.put_data(fl.FederatedDataset.from_clients(clients), 1)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -229,7 +236,7 @@ def test_round_traces_once_with_chex(rng):
 def test_sharded_equals_unsharded(rng, one_device_mesh, cpu_mesh, buckets):
   assert len(jax.devices("cpu")) == 4, "conftest forces 4 CPU devices"
   model, params, _, _ = mlp_setup(rng)
-  sizes = (2, 30, 3, 4, 25, 6, 7, 3, 2, 40, 5)
+  sizes = (2, 30, 3, 4, 40, 6, 7, 3, 2, 40, 5)  # "auto": 3 size buckets
   clients = make_clients(rng, sizes)
   ds = fl.FederatedDataset.from_clients(clients)
   work = fl.LocalWork(batch_size=4, num_epochs=2)
@@ -260,7 +267,10 @@ def test_block_size_does_not_change_result(rng):
       fl.fed_avg(model, optax.sgd(0.1)),
       fl.RoundConfig(5, work, block_size=block),
     )
-    state, _ = engine.run(engine.init(params, seed=1), engine.put_data(ds), 2)
+    # two size buckets (not the four "auto" picks), each with its blocks
+    data = engine.put_data(ds, 2)
+    assert len(data.bucket_sizes) == 2
+    state, _ = engine.run(engine.init(params, seed=1), data, 2)
     results.append(state.server.params)
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_close(results[0], results[2], rtol=1e-6, atol=1e-7)
@@ -308,10 +318,12 @@ def test_tff_process_matches_numpy(rng):
 def test_tff_process_set_model_weights_and_cached_upload(rng):
   clients = make_clients(rng)
   model, params, to_list, grad = logreg_setup(rng)
+  # test_tff_process_matches_numpy's process (local_epochs=2): the same
+  # round program, which the test run's compilation cache compiles once
   process = fl.learning.build_federated_averaging_process(
     model,
     client_optimizer_fn=lambda: optax.sgd(0.5),
-    local_epochs=1,
+    local_epochs=2,
     batch_size=None,
   )
   state = process.set_model_weights(process.initialize(seed=0), params)
@@ -322,7 +334,7 @@ def test_tff_process_set_model_weights_and_cached_upload(rng):
   for _ in range(2):
     state, _ = process.next(state, ds)
     uploads.append(process._uploaded[2])  # pylint: disable=protected-access
-    w = ref.fedavg_round(grad, w, clients, 0.5, 1)
+    w = ref.fedavg_round(grad, w, clients, 0.5, 2)
   assert uploads[0] is uploads[1]  # the same dataset is uploaded once
   assert_close(to_list(process.get_model_weights(state)), w)
   with pytest.raises(ValueError, match="shapes"):

@@ -114,14 +114,33 @@ AGGREGATORS = {
 }
 
 
+HOWS = ("zero", "nan", "inf")
+
+
+@pytest.fixture(scope="module")
+def jitted_rounds(setup):
+  """``name -> _rounds(setup, AGGREGATORS[name](), HOWS)``, each computed once
+  for the module (the weighted mean's serves two tests)."""
+  done = {}
+
+  def rounds(name):
+    if name not in done:
+      done[name] = dict(zip(HOWS, _rounds(setup, AGGREGATORS[name](), HOWS)))
+    return done[name]
+
+  return rounds
+
+
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
-def test_nonfinite_clients_are_dropped_before_every_aggregator(setup, name):
+def test_nonfinite_clients_are_dropped_before_every_aggregator(
+  jitted_rounds, name
+):
   """Two clients of six send NaN (or inf): the aggregate is finite and equals
   the round where those clients weigh zero; ``dropped_nonfinite`` is 2,
   ``num_clients`` counts the four others and the loss is theirs."""
-  hows = ("zero", "nan", "inf")
-  (ref, ref_metrics), *bad = _rounds(setup, AGGREGATORS[name](), hows)
-  for how, (got, metrics) in zip(hows[1:], bad):
+  out = jitted_rounds(name)
+  (ref, ref_metrics), *bad = (out[how] for how in HOWS)
+  for how, (got, metrics) in zip(HOWS[1:], bad):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
       assert np.all(np.isfinite(a)), (name, how)
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -131,8 +150,9 @@ def test_nonfinite_clients_are_dropped_before_every_aggregator(setup, name):
   assert float(ref_metrics["dropped_nonfinite"]) == 0.0
 
 
-def test_debug_round_drops_the_same_clients(setup):
-  jitted, jm = _round(setup, None, "nan")
+def test_debug_round_drops_the_same_clients(setup, jitted_rounds):
+  # the jitted round: _round(setup, None, "nan")
+  jitted, jm = jitted_rounds("weighted_mean")["nan"]
   debug, dm = _round(setup, None, "nan", debug=True)
   assert float(dm["dropped_nonfinite"]) == float(jm["dropped_nonfinite"]) == 2
   for a, b in zip(jax.tree.leaves(debug), jax.tree.leaves(jitted)):
@@ -356,10 +376,16 @@ MODELS_EXPERIMENT = TINY_EXPERIMENT.replace(
 )
 
 
-def _two_runs(tmp_path):
-  path = tmp_path / "models.py"
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+  """``(path, lr, mlp)``: MODELS_EXPERIMENT at ``path`` and two runs of it
+  (2 rounds each): the logistic regression's folder ``lr`` and the MLP's
+  (``hidden=3``) ``mlp``, made once for the module. Tests that change a run
+  folder or the experiment file do it on their own copy (:func:`_own_copy`)."""
+  folder = tmp_path_factory.mktemp("two_runs")
+  path = folder / "models.py"
   path.write_text(MODELS_EXPERIMENT)
-  out = tmp_path / "runs"
+  out = folder / "runs"
   argv = ["run", str(path), "--no-progress", "--set", "num_rounds=2"]
   assert main([*argv, "--out", str(out / "lr")]) == 0
   assert main([*argv, "--out", str(out / "mlp"), "--set", "hidden=3"]) == 0
@@ -368,8 +394,24 @@ def _two_runs(tmp_path):
   return path, lr, mlp
 
 
-def test_checkpoints_record_what_they_belong_to(tmp_path):
-  _, lr, _ = _two_runs(tmp_path)
+def _own_copy(two_runs, tmp_path):
+  """``(path, lr)``: copies of the experiment file (same name) and of the
+  logistic regression's run folder under ``tmp_path``; the folder's
+  config.json names the copied file, so a resume of the copy reads (and a
+  test may edit) that file as the run's own."""
+  src, lr, _ = two_runs
+  path = tmp_path / src.name
+  shutil.copy(src, path)
+  copy = tmp_path / "runs" / "lr" / lr.name
+  shutil.copytree(lr, copy)
+  record = (copy / "config.json").read_text()
+  assert str(src) in record
+  (copy / "config.json").write_text(record.replace(str(src), str(path)))
+  return path, copy
+
+
+def test_checkpoints_record_what_they_belong_to(two_runs):
+  _, lr, _ = two_runs
   raw = (lr / "checkpoint.msgpack").read_bytes()
   identity = flax.serialization.msgpack_restore(raw)["meta"]["identity"]
   record = json.loads((lr / "config.json").read_text())
@@ -381,12 +423,15 @@ def test_checkpoints_record_what_they_belong_to(tmp_path):
   ), identity["state"]
 
 
-def test_resume_of_another_models_checkpoint_changes_no_byte(tmp_path, capsys):
+def test_resume_of_another_models_checkpoint_changes_no_byte(
+  two_runs, tmp_path, capsys
+):
   """An MLP's checkpoint (first layer shaped like the logistic regression's)
   copied into the logistic-regression run's folder: the resume is refused
   with one line naming an entry the run does not have, and no file of the
   folder changes (metrics.jsonl keeps its rows, config.json its resumes)."""
-  _, lr, mlp = _two_runs(tmp_path)
+  _, lr = _own_copy(two_runs, tmp_path)
+  mlp = two_runs[2]
   shutil.copy(mlp / "checkpoint.msgpack", lr / "checkpoint.msgpack")
   before = _hashes(lr)
   capsys.readouterr()
@@ -406,12 +451,14 @@ def test_resume_of_another_models_checkpoint_changes_no_byte(tmp_path, capsys):
   assert _hashes(lr) == before
 
 
-def test_resume_with_another_experiment_file_changes_no_byte(tmp_path, capsys):
+def test_resume_with_another_experiment_file_changes_no_byte(
+  two_runs, tmp_path, capsys
+):
   """`run other.py --resume FOLDER` where other.py builds the same state
   shapes: refused (the checkpoint names the experiment file it belongs to),
   and the folder is unchanged. Editing the folder's own file still resumes,
   with a warning."""
-  path, lr, _ = _two_runs(tmp_path)
+  path, lr = _own_copy(two_runs, tmp_path)
   other = tmp_path / "other.py"
   other.write_text(MODELS_EXPERIMENT)
   before = _hashes(lr)
@@ -429,12 +476,12 @@ def test_resume_with_another_experiment_file_changes_no_byte(tmp_path, capsys):
 
 
 def test_checkpoint_of_another_run_of_the_same_file_is_refused(
-  tmp_path, capsys
+  two_runs, tmp_path, capsys
 ):
   """Two runs of different versions of one experiment file: the second's
   checkpoint copied into the first's folder is refused by the file hash it
   records, though every state entry matches."""
-  path, lr, _ = _two_runs(tmp_path)
+  path, lr = _own_copy(two_runs, tmp_path)
   path.write_text(MODELS_EXPERIMENT + "\n# another version\n")
   out = tmp_path / "runs" / "v2"
   assert (
