@@ -345,8 +345,17 @@ def test_resume_in_process_matches_one_run(tmp_path, tiny_exp, tiny_run):
 
 
 # -------------------------------------------------------------------- sweeps
-def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
+def test_vmapped_sweep_traces_once_and_matches_separate_runs(
+  tiny_file, monkeypatch
+):
   ef = fe.load_experiment_file(str(tiny_file))
+  traced = []  # the program's one trace traces the round once
+  rounds_body = fl.Engine.rounds_body
+  monkeypatch.setattr(
+    fl.Engine,
+    "rounds_body",
+    lambda self, *a, **k: traced.append(1) or rounds_body(self, *a, **k),
+  )
   # 2 rounds, 2 seeds x 2 learning rates: the layout of the sweeps of
   # test_sweep_resume_matches_one_sweep (one compiled program).
   exp = ef.build(
@@ -354,7 +363,7 @@ def test_vmapped_sweep_traces_once_and_matches_separate_runs(tiny_file):
   )
   grid = {"client_lr": [0.05, 0.2]}
   res = fe.sweep(exp, seeds=[0, 1], grid=grid, progress=False)
-  assert res.num_traces == 1
+  assert res.num_traces == 1 and len(traced) == 1
   assert [(s["seed"], s["client_lr"]) for s in res.settings] == [
     (0, 0.05),
     (1, 0.05),
